@@ -1,0 +1,3 @@
+"""Quanta: real-time endpoint management."""
+
+__version__ = "0.1.0"

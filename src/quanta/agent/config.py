@@ -1,0 +1,105 @@
+"""The agent directory and its ``agent.conf`` (``Key=Value`` lines, as the model's client uses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONF = "agent.conf"
+
+
+class AgentConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SwitchAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_switches(value: str) -> list[SwitchAddress]:
+    """``Switch=host:port[,host:port...]``; the port defaults to 4000."""
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep:
+            host, port = part, "4000"
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise AgentConfigError(f"Switch entry {part!r} is not host:port")
+        out.append(SwitchAddress(host.strip("[]"), int(port)))
+    if not out:
+        raise AgentConfigError("Switch= names no Switch")
+    return out
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    root: Path
+    device_name: str
+    switches: list[SwitchAddress]
+    background_url: str
+    retry_min: float
+    retry_max: float
+    interaction_port: int
+
+    ca = property(lambda self: self.root / "ca.crt")
+    cert = property(lambda self: self.root / "device.crt")
+    key = property(lambda self: self.root / "device.key")
+    signing_pub = property(lambda self: self.root / "signing.pub")
+    state = property(lambda self: self.root / "state")
+    conf_path = property(lambda self: self.root / CONF)
+    log_path = property(lambda self: self.root / "agent.log")
+
+
+def read_conf(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise AgentConfigError(f"{path}:{n}: expected Key=Value, got {line!r}")
+        values[key.strip()] = value.strip()
+    return values
+
+
+def load_agent_config(root: Path) -> AgentConfig:
+    root = Path(root)
+    if not (root / CONF).exists():
+        raise AgentConfigError(f"{root / CONF} not found: create it with 'quanta enroll'")
+    v = read_conf(root / CONF)
+    try:
+        return AgentConfig(
+            root=root,
+            device_name=v["DeviceName"],
+            switches=parse_switches(v["Switch"]),
+            background_url=v.get("BackgroundChannelUrl", ""),
+            retry_min=float(v.get("ConnectionRetryTimeInSecondsMin", "1")),
+            retry_max=float(v.get("ConnectionRetryTimeInSecondsMax", "60")),
+            interaction_port=int(v.get("Module.Interaction.Port", "7766")),
+        )
+    except KeyError as e:
+        raise AgentConfigError(f"{root / CONF}: missing setting {e.args[0]}") from None
+    except ValueError as e:
+        raise AgentConfigError(f"{root / CONF}: {e}") from None
+
+
+def write_conf(root: Path, *, device_name: str, switches: str, background_url: str, retry_min: int = 1,
+               retry_max: int = 60, interaction_port: int = 7766) -> None:
+    (root / CONF).write_text(
+        "# Quanta agent settings\n"
+        f"DeviceName={device_name}\n"
+        f"Switch={switches}\n"
+        f"BackgroundChannelUrl={background_url}\n"
+        f"ConnectionRetryTimeInSecondsMin={retry_min}\n"
+        f"ConnectionRetryTimeInSecondsMax={retry_max}\n"
+        f"Module.Interaction.Port={interaction_port}\n"
+    )

@@ -1,0 +1,201 @@
+"""The agent process: holds one ``wss`` connection to a Switch (mutual TLS), runs verified
+instructions, and returns their responses until they are acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import random
+import socket
+import time
+from typing import Any
+
+import msgspec
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+import quanta
+from quanta import protocol as p
+from quanta.pki import Verifier, client_context
+
+from .config import AgentConfig
+from .journal import Journal
+
+log = logging.getLogger("quanta.agent")
+
+MAX_PARALLEL = 2
+
+
+def os_name() -> str:
+    return f"{platform.system()} {platform.release()}".strip()
+
+
+def backoff(attempt: int, lo: float, hi: float, rnd: random.Random | None = None) -> float:
+    """Jittered exponential back-off: a random delay in [lo, min(hi, lo * 2**attempt)]."""
+    r = rnd or random
+    cap = min(hi, lo * (2 ** min(attempt, 30)))
+    return lo + r.random() * max(0.0, cap - lo)
+
+
+class _Link(WSListener):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.BINARY:
+            try:
+                msg = p.decode_from_switch_for_agent(frame.get_payload_as_bytes())
+            except p.ProtocolError as e:
+                log.error("closing: malformed message from switch: %s", e)
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR)
+                transport.disconnect()
+                return
+            self.agent.on_message(msg)
+        elif frame.msg_type is WSMsgType.CLOSE:
+            reason = (frame.get_close_message() or b"").decode(errors="replace")
+            log.warning("switch closed the connection: %s %s", frame.get_close_code(), reason)
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.verifier = Verifier.from_file(cfg.signing_pub)
+        self.journal = Journal(cfg.state / "journal.msgpack")
+        self.transport: WSTransport | None = None
+        self.switch: str | None = None
+        self._sem = asyncio.Semaphore(MAX_PARALLEL)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.fqdn = socket.getfqdn()
+
+    # ------------------------------------------------------------------ messages
+    def send(self, msg: Any) -> bool:
+        t = self.transport
+        if t is None or t.is_disconnected:
+            return False
+        t.send(WSMsgType.BINARY, p.encode(msg))
+        return True
+
+    def on_message(self, msg: Any) -> None:
+        if isinstance(msg, p.Deliver):
+            verdict = self.journal.judge(msg.instruction, self.verifier)
+            if verdict.action == "run":
+                assert verdict.body is not None
+                task = asyncio.create_task(self._execute(verdict.body))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            elif verdict.action == "resend" and verdict.response is not None:
+                self.send(verdict.response)
+            elif verdict.action == "refuse":
+                log.error("%s", verdict.reason)
+                if verdict.response is not None:
+                    self.journal.record(verdict.response)
+                    self.send(verdict.response)
+        elif isinstance(msg, p.ResponseAck):
+            self.journal.ack(msg.instruction_ids)
+        elif isinstance(msg, p.Cancel):
+            self.journal.cancel(msg.instruction_ids)
+        elif isinstance(msg, p.Welcome):
+            self.switch = msg.switch
+            log.info("connected to switch %s", msg.switch)
+            for r in self.journal.due(all_unacked=True):
+                self.send(r)
+
+    async def _execute(self, body: p.InstructionBody) -> None:
+        async with self._sem:
+            started = time.perf_counter()
+            response = await asyncio.to_thread(run_instruction, body, self.cfg)
+            response = msgspec.structs.replace(response, elapsed_ms=(time.perf_counter() - started) * 1000)
+        log.info("instruction %d (%s): %s", body.id, body.name, response.status)
+        self.journal.record(response)
+        self.send(response)
+
+    # ------------------------------------------------------------------ connection
+    def hello(self) -> p.Hello:
+        from quanta.scale import read_tags
+
+        return p.Hello(device_id=self.cfg.device_name, fqdn=self.fqdn, os=os_name(),
+                       agent_version=quanta.__version__, tags=read_tags(self.cfg.state))
+
+    async def connect_once(self, host: str, port: int) -> _Link:
+        ctx = client_context(self.cfg.ca, self.cfg.cert, self.cfg.key)
+        transport, link = await ws_connect(lambda: _Link(self), f"wss://{host}:{port}/agent", ssl_context=ctx,
+                                           websocket_handshake_timeout=10, enable_auto_ping=True,
+                                           auto_ping_idle_timeout=60, auto_ping_reply_timeout=30,
+                                           use_aiofastnet=False, max_frame_size=16 * 1024 * 1024,
+                                           read_buffer_init_size=4096)
+        self.transport = transport
+        self.send(self.hello())
+        return link  # type: ignore[return-value]
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        attempt = 0
+        index = random.randrange(len(self.cfg.switches))  # spread agents over the Switch list
+        housekeeping = asyncio.create_task(self._housekeeping())
+        try:
+            while not stop.is_set():
+                sw = self.cfg.switches[index % len(self.cfg.switches)]
+                try:
+                    link = await asyncio.wait_for(self.connect_once(sw.host, sw.port), 20)
+                    attempt = 0
+                    waiter = asyncio.ensure_future(stop.wait())
+                    await asyncio.wait([link.closed, waiter], return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    if stop.is_set():
+                        if self.transport is not None:
+                            self.transport.send_close(WSCloseCode.GOING_AWAY)
+                            self.transport.disconnect()
+                        break
+                    log.warning("lost connection to switch %s", sw)
+                except Exception as e:  # noqa: BLE001 - TLS refusal, timeout, refused port: back off and retry
+                    log.warning("cannot connect to switch %s: %s", sw, e or type(e).__name__)
+                    index += 1  # fail over to the next Switch in the list
+                self.transport = None
+                delay = backoff(attempt, self.cfg.retry_min, self.cfg.retry_max)
+                attempt += 1
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            housekeeping.cancel()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            for r in self.journal.due():
+                self.send(r)
+            self.journal.prune()
+
+
+def run_instruction(body: p.InstructionBody, cfg: AgentConfig) -> p.Response:
+    """Compile and run a verified instruction body; never raises."""
+    from quanta.scale import AgentContext, ScaleError, compile_scale, run_program
+
+    try:
+        program = compile_scale(body.payload, body.parameters)
+    except ScaleError as e:
+        return p.Response(instruction_id=body.id, status="error", error=str(e), error_line=e.line,
+                          error_column=e.column)
+    if program.is_action and body.kind != "action":
+        return p.Response(instruction_id=body.id, status="error",
+                          error="payload calls an action method but the instruction is a question: refused")
+    ctx = AgentContext(data_dir=cfg.state, config_path=cfg.conf_path, log_path=cfg.log_path,
+                       agent_version=quanta.__version__)
+    try:
+        result = run_program(program, context=ctx, allow_actions=body.kind == "action")
+    except Exception as e:  # the language promises not to raise; an agent must never die of a payload
+        log.exception("instruction %d crashed the evaluator", body.id)
+        return p.Response(instruction_id=body.id, status="error", error=f"internal error: {e}")
+    err = result.error
+    return p.Response(instruction_id=body.id, status=result.status, columns=list(result.columns),
+                      rows=[list(r) for r in result.rows], error=str(err) if err else None,
+                      error_line=getattr(err, "line", None), error_column=getattr(err, "column", None))

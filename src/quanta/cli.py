@@ -1,0 +1,347 @@
+"""The ``quanta`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quanta.runtime import PortError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Quanta: ask every device a question and get the answers in seconds.")
+console = Console(stderr=True)
+out = Console()
+
+DirArg = Annotated[Path, typer.Argument(help="server data directory")]
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    console.print(f"[red]{msg}[/red]", highlight=False)
+    raise typer.Exit(code)
+
+
+def _run_component(coro: Any) -> None:
+    from quanta.runtime import run
+
+    try:
+        result = run(coro)
+    except PortError as e:
+        print(str(e), file=sys.stderr)
+        raise typer.Exit(2) from None
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    if isinstance(result, int) and result:
+        raise typer.Exit(result)
+
+
+# ------------------------------------------------------------------------------------ init
+def _resolvable(name: str) -> bool:
+    try:
+        socket.getaddrinfo(name, None)
+        return True
+    except OSError:
+        return False
+
+
+@app.command()
+def init(
+    root: DirArg,
+    https_port: Annotated[Optional[int], typer.Option(help="web tier HTTPS port (HTTPSIISPORT)")] = None,
+    switch_port: Annotated[Optional[int], typer.Option(help="first Switch client port; poke = +1")] = None,
+    port: Annotated[Optional[list[str]], typer.Option(help="NAME=NUMBER for any other port (repeatable)")] = None,
+    database_url: Annotated[Optional[str], typer.Option(help="PostgreSQL URL; default: SQLite files in DIR")] = None,
+    responses_database_url: Annotated[Optional[str], typer.Option(help="separate Responses database URL")] = None,
+    server_name: Annotated[Optional[str], typer.Option(help="name agents and browsers use for this server")] = None,
+    switches: Annotated[int, typer.Option(min=1, max=64, help="Switch processes under the Switch Host")] = 1,
+    force: Annotated[bool, typer.Option(help="overwrite an existing data directory")] = False,
+) -> None:
+    """Create a server data directory: settings, PKI, databases, SwitchConfiguration, admin."""
+    from quanta import settings as st
+    from quanta.consumer_api import ADMIN_ROLE, hash_password
+    from quanta.db import make_engine, migrate, store
+    from quanta.db.tables import users
+    from quanta.pki import Pki
+
+    dd = st.DataDir(root)
+    if dd.config.exists() and not force:
+        _fail(f"{dd.config} exists: this directory is already initialised (use --force to start over)", 2)
+    ports = st.default_ports()
+    for item in port or []:
+        name, sep, number = item.partition("=")
+        if not sep or not number.strip().isdigit():
+            _fail(f"--port expects NAME=NUMBER, got {item!r}", 2)
+        ports[name.strip()] = int(number)
+    if https_port is not None:
+        ports["https"] = https_port
+    if switch_port is not None:
+        ports["switch"] = switch_port
+    name = server_name or socket.getfqdn()
+    if not _resolvable(name):
+        console.print(f"warning: {name!r} does not resolve here; using 'localhost' (set --server-name)")
+        name = "localhost"
+    try:
+        settings = st.Settings(server_name=name, ports=ports, database_url=database_url,
+                               responses_database_url=responses_database_url, switches=switches)
+    except ValueError as e:
+        _fail(f"invalid settings: {e}", 2)
+    if force and dd.root.exists():
+        for sub in ("pki", "run", "content"):
+            shutil.rmtree(dd.root / sub, ignore_errors=True)
+        for f in (dd.master_db, dd.responses_db, dd.admin_credentials):
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(f) + suffix).unlink(missing_ok=True)
+    dd.root.mkdir(parents=True, exist_ok=True)
+    st.save_settings(root, settings)
+    pki = Pki(dd.pki)
+    pki.create(name)
+    dd.secret_file.write_text(st.new_internal_secret())
+    os.chmod(dd.secret_file, 0o600)
+    migrate(dd.master_url(settings), "master")
+    migrate(dd.responses_url(settings), "responses")
+    master = make_engine(dd.master_url(settings))
+    store.set_switches(master, name, settings.ports["switch"], switches)
+    password = secrets.token_urlsafe(18)
+    with master.begin() as c:
+        c.execute(users.delete().where(users.c.username == "admin"))
+        c.execute(users.insert().values(username="admin", password_hash=hash_password(password), role=ADMIN_ROLE,
+                                        created_at=time.time()))
+    fd = os.open(dd.admin_credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"username=admin\npassword={password}\n")
+    store.audit(master, "quanta init", "init", str(dd.root), ports=settings.ports, switches=switches)
+    out.print(f"initialised {dd.root}: server name {name}, https {settings.port('https')}, "
+              f"switch {settings.port('switch')} (poke {settings.port('poke')}), "
+              f"database {'SQLite files' if not database_url else 'PostgreSQL'}; "
+              f"administrator credentials in {dd.admin_credentials}", highlight=False)
+
+
+# ------------------------------------------------------------------------------- components
+@app.command()
+def server(root: DirArg) -> None:
+    """Run a whole single server: Core, Switch Host and web tier, each its own process."""
+    from quanta.settings import DataDir, load_settings
+    from quanta.supervisor import Child, Supervisor, quanta_argv
+
+    from quanta.runtime import setup_logging
+
+    settings = load_settings(root)
+    setup_logging("server", settings.log_level)
+    import logging
+
+    log = logging.getLogger("quanta.server")
+    r = str(DataDir(root).root)
+    children = [Child("core", quanta_argv("core", r)), Child("switch-host", quanta_argv("switch-host", r)),
+                Child("web", quanta_argv("web", r))]
+    log.info("single server: https %s:%d (Consumer API), switch wss %s:%d + poke %d, core ws %s:%d",
+             settings.bind_host, settings.port("https"), settings.bind_host, settings.port("switch"),
+             settings.port("poke"), settings.internal_host, settings.port("core"))
+    _run_component(Supervisor(children).run())
+
+
+@app.command()
+def core(root: DirArg) -> None:
+    """Run the Core (internal endpoint on the core port)."""
+    from quanta.core.app import serve
+
+    _run_component(serve(root))
+
+
+@app.command()
+def switch(root: DirArg, name: Annotated[str, typer.Option(help="the Switch's SwitchConfiguration Name")] = "switch-1") -> None:
+    """Run one Switch process."""
+    from quanta.switch.main import serve
+
+    _run_component(serve(root, name))
+
+
+@app.command("switch-host")
+def switch_host(root: DirArg) -> None:
+    """Run every enabled Switch of SwitchConfiguration, restarting any that die."""
+    from quanta.runtime import setup_logging
+    from quanta.settings import load_settings
+    from quanta.switch_host import serve
+
+    setup_logging("switch-host", load_settings(root).log_level)
+    _run_component(serve(root))
+
+
+@app.command()
+def web(root: DirArg) -> None:
+    """Run the web tier (Consumer API) on the HTTPS port."""
+    from quanta.web import serve
+
+    _run_component(serve(root))
+
+
+@app.command()
+def agent(agent_dir: Annotated[Path, typer.Argument(help="agent directory from 'quanta enroll'")],
+          log_level: str = "INFO") -> None:
+    """Run an agent."""
+    from quanta.agent.config import AgentConfigError
+    from quanta.agent.main import serve
+
+    try:
+        _run_component(serve(agent_dir, log_level))
+    except AgentConfigError as e:
+        _fail(f"error: {e}", 2)
+
+
+# ---------------------------------------------------------------------------- enrol/revoke
+@app.command()
+def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (certificate CN)")],
+           out_dir: Annotated[Path, typer.Option("--out", help="agent directory to write")],
+           switch_host: Annotated[Optional[str], typer.Option(help="host agents dial; default: server name")] = None) -> None:
+    """Issue a device certificate and write an agent directory."""
+    from quanta.agent.config import write_conf
+    from quanta.db import make_engine, store
+    from quanta.pki import Pki
+    from quanta.settings import DataDir, load_settings
+
+    if not device or any(ch in device for ch in "/\\\x00") or len(device) > 255:
+        _fail(f"invalid device name {device!r}", 2)
+    settings = load_settings(root)
+    dd = DataDir(root)
+    pki = Pki(dd.pki)
+    master = make_engine(dd.master_url(settings))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cert = pki.issue(device, out_dir / "device.crt", out_dir / "device.key")
+    shutil.copy(pki.ca_crt, out_dir / "ca.crt")
+    shutil.copy(pki.signing_pub, out_dir / "signing.pub")
+    rows = store.switch_rows(master)
+    host = switch_host or settings.server_name
+    switches = ",".join(f"{host}:{r['Port']}" for r in rows if r["Enabled"]) or f"{host}:{settings.port('switch')}"
+    write_conf(out_dir, device_name=device, switches=switches,
+               background_url=f"https://{host}:{settings.port('https')}/Background",
+               interaction_port=settings.port("interaction"))
+    store.register_device(master, device, format(cert.serial_number, "x"))
+    store.audit(master, "quanta enroll", "enroll", device, serial=format(cert.serial_number, "x"))
+    out.print(f"enrolled {device}: agent directory {out_dir} (Switch={switches})", highlight=False)
+
+
+@app.command()
+def revoke(root: DirArg, device: Annotated[str, typer.Option(help="device name")]) -> None:
+    """Revoke a device's certificate. Running Switches drop it within seconds."""
+    from quanta.db import make_engine, store
+    from quanta.pki import Pki
+    from quanta.settings import DataDir, load_settings
+
+    settings = load_settings(root)
+    dd = DataDir(root)
+    master = make_engine(dd.master_url(settings))
+    serial = store.mark_revoked(master, device)
+    if serial is None:
+        _fail(f"no enrolled device named {device!r}", 2)
+    Pki(dd.pki).revoke(int(serial, 16), device)
+    store.audit(master, "quanta revoke", "revoke", device, serial=serial)
+    out.print(f"revoked {device} (certificate serial {serial})", highlight=False)
+
+
+# ---------------------------------------------------------------------------------- client
+@app.command()
+def ask(root: DirArg, payload: Annotated[str, typer.Argument(help="SCALE text")],
+        device: Annotated[Optional[list[str]], typer.Option(help="target device (repeatable); default all")] = None,
+        wait: Annotated[float, typer.Option(min=1, help="gather window and how long to wait, seconds")] = 60,
+        param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE instruction parameter")] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False) -> None:
+    """Ask a question and show the answers."""
+    from quanta.client import ApiError, ConsumerClient, parse_param
+
+    params = dict(parse_param(x) for x in param or [])
+    try:
+        with ConsumerClient.for_data_dir(root) as api:
+            issued = api.issue(payload, devices=device, instruction_ttl=int(wait), parameters=params)
+            iid = issued["id"]
+            status = api.wait(iid, wait + 5, progress=None if json_output else console)
+            results = api.all_results(iid)
+    except ApiError as e:
+        _fail(f"error: {e}", 2)
+        return
+    finished = status["status"] in ("finished", "cancelled")
+    if json_output:
+        print(json.dumps({"instruction_id": iid, "targeted": status["targeted"], "states": status["states"],
+                          "finished": finished,
+                          "responses": [{"device": r["device"], "status": r["status"],
+                                         "rows": [dict(zip(r["columns"] or [], row)) for row in r["rows"] or []],
+                                         **({"error": r["error"]} if r["error"] else {})} for r in results]},
+                         default=str))
+    else:
+        _print_results(iid, status, results)
+    raise typer.Exit(0 if finished else 1)
+
+
+def _print_results(iid: int, status: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    states = ", ".join(f"{k} {v}" for k, v in sorted(status["states"].items()))
+    out.print(f"instruction {iid}: {status['status']}; {status['targeted']} targeted; {states}", highlight=False)
+    columns: list[str] = []
+    for r in results:
+        for c in r["columns"] or []:
+            if c not in columns:
+                columns.append(c)
+    table = Table("Device", "Status", *columns, "Error")
+    for r in results:
+        cols = r["columns"] or []
+        rows = r["rows"] or [[]]
+        for row in rows:
+            vals = dict(zip(cols, row))
+            table.add_row(r["device"], r["status"], *(str(vals.get(c, "")) for c in columns), r["error"] or "")
+    out.print(table)
+
+
+@app.command()
+def devices(root: DirArg, json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List devices known to the server."""
+    from quanta.client import ApiError, ConsumerClient
+
+    try:
+        with ConsumerClient.for_data_dir(root) as api:
+            rows = api.devices()
+    except ApiError as e:
+        _fail(f"error: {e}", 2)
+        return
+    if json_output:
+        print(json.dumps(rows))
+        return
+    table = Table("Device", "Online", "OS", "FQDN", "Switch", "Agent", "Revoked")
+    for d in rows:
+        table.add_row(d["device_id"], "yes" if d["online"] else "no", d["os"], d["fqdn"], d["switch"] or "",
+                      d["agent_version"], "yes" if d["revoked"] else "")
+    out.print(table)
+
+
+def _mount_optional() -> None:
+    """Sub-commands of components that live in their own packages."""
+    try:
+        from quanta.scale.cli import app as scale_app
+        from quanta.scale.cli import methods_command
+    except ImportError:  # pragma: no cover - the scale package is part of every install
+        return
+    app.add_typer(scale_app, name="scale", help="Author and run SCALE payloads locally.")
+
+    @app.command()
+    def methods(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+        """Print the SCALE method reference."""
+        methods_command(json_output)
+
+
+_mount_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

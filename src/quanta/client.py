@@ -1,0 +1,130 @@
+"""A small Consumer API client for the CLI, tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from quanta.protocol import FINAL_STATES
+from quanta.settings import DataDir, load_settings
+
+ANSWERED = ("success", "nocontent", "error", "notapplicable")
+
+
+class ApiError(Exception):
+    pass
+
+
+def parse_param(item: str) -> tuple[str, Any]:
+    """NAME=VALUE with VALUE typed as int, float, bool or string."""
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise ApiError(f"parameter {item!r} is not NAME=VALUE")
+    v: Any = value
+    if value.lower() in ("true", "false"):
+        v = value.lower() == "true"
+    else:
+        for cast in (int, float):
+            try:
+                v = cast(value)
+                break
+            except ValueError:
+                pass
+    return name, v
+
+
+def read_credentials(path: Path) -> tuple[str, str]:
+    values = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return values["username"], values["password"]
+
+
+class ConsumerClient:
+    def __init__(self, base_url: str, ca_file: Path | None, username: str, password: str) -> None:
+        self.http = httpx.Client(base_url=base_url, verify=str(ca_file) if ca_file else True, timeout=30)
+        self._login(username, password)
+
+    @classmethod
+    def for_data_dir(cls, root: Path) -> ConsumerClient:
+        settings = load_settings(root)
+        dd = DataDir(Path(root))
+        user, password = read_credentials(dd.admin_credentials)
+        return cls(f"https://localhost:{settings.port('https')}", dd.pki / "ca.crt", user, password)
+
+    def __enter__(self) -> ConsumerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def _call(self, method: str, url: str, **kw: Any) -> Any:
+        try:
+            r = self.http.request(method, url, **kw)
+        except httpx.HTTPError as e:
+            raise ApiError(f"cannot reach the Consumer API at {self.http.base_url}: {e}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except json.JSONDecodeError:
+                detail = r.text
+            if isinstance(detail, dict) and "error" in detail:
+                detail = detail["error"]
+            raise ApiError(f"{r.status_code}: {detail}")
+        return r.json()
+
+    def _login(self, username: str, password: str) -> None:
+        t = self._call("POST", "/Consumer/Authentication/Token", json={"username": username, "password": password})
+        self.http.headers["Authorization"] = f"Bearer {t['token']}"
+
+    def issue(self, payload: str, *, devices: list[str] | None = None, instruction_ttl: int = 60,
+              parameters: dict[str, Any] | None = None, name: str = "adhoc") -> dict[str, Any]:
+        return self._call("POST", "/Consumer/Instructions", json={
+            "payload": payload, "devices": devices or None, "instruction_ttl": instruction_ttl,
+            "parameters": parameters or {}, "name": name})
+
+    def status(self, iid: int) -> dict[str, Any]:
+        return self._call("GET", f"/Consumer/Instructions/{iid}")
+
+    def wait(self, iid: int, timeout: float, progress: Console | None = None) -> dict[str, Any]:
+        """Poll until the instruction is finished or ``timeout`` passes; show a bar if asked."""
+        deadline = time.monotonic() + timeout
+        bar = None
+        if progress is not None:
+            bar = Progress(TextColumn("[bold]instruction {task.fields[iid]}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[states]}"), TimeElapsedColumn(), console=progress, transient=False)
+            bar.start()
+            task = bar.add_task("answers", total=None, iid=iid, states="")
+        try:
+            while True:
+                s = self.status(iid)
+                if bar is not None:
+                    done = sum(v for k, v in s["states"].items() if k in ANSWERED or
+                               (s["status"] != "active" and k in FINAL_STATES))
+                    states = " ".join(f"{k}={v}" for k, v in sorted(s["states"].items()))
+                    bar.update(task, total=max(s["targeted"], 1), completed=done, states=states)
+                if s["status"] != "active" and s["status"] != "created" or time.monotonic() > deadline:
+                    return s
+                time.sleep(0.2)
+        finally:
+            if bar is not None:
+                bar.stop()
+
+    def results(self, iid: int, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._call("GET", f"/Consumer/Instructions/{iid}/Responses",
+                          params={"offset": offset, "limit": limit})["items"]
+
+    def all_results(self, iid: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self.results(iid, len(out), 1000)
+            out += page
+            if len(page) < 1000:
+                return out
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/Consumer/Devices")

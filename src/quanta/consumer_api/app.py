@@ -1,0 +1,297 @@
+"""The Consumer API (``/Consumer/...``) on the web tier's HTTPS port.
+
+Authentication comes first on every route: a bearer token from
+``POST /Consumer/Authentication/Token``. Bodies are pydantic models with ``extra="forbid"``,
+so a wrong type or an unknown field is a 422 naming the field before anything else happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import httpx
+import sqlalchemy as sa
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from quanta import protocol as p
+from quanta.db import store
+from quanta.db.tables import api_tokens, instructions, users
+from quanta.pki import Signer
+
+log = logging.getLogger("quanta.consumer_api")
+
+TOKEN_TTL = 8 * 3600
+ADMIN_ROLE = "Full Administrator"
+_hasher = PasswordHasher()
+
+
+# ------------------------------------------------------------------ models
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenRequest(Strict):
+    username: str = Field(min_length=1, max_length=128)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class TokenResponse(BaseModel):
+    token: str
+    expires_at: float
+    username: str
+    role: str
+
+
+ParamValue = str | int | float | bool
+
+
+class IssueRequest(Strict):
+    payload: str = Field(min_length=1, max_length=64 * 1024, description="SCALE text")
+    name: str = Field(default="adhoc", min_length=1, max_length=255)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    devices: list[str] | None = Field(default=None, description="device names; null for every device")
+    instruction_ttl: int = Field(default=60, ge=1, le=7 * 86400, description="gather window, seconds")
+    response_ttl: int = Field(default=7 * 86400, ge=60, le=365 * 86400, description="seconds responses are kept")
+
+
+class InstructionStatus(BaseModel):
+    id: int
+    name: str
+    kind: str
+    status: str
+    targeted: int
+    states: dict[str, int]
+    created_by: str
+    issued_at: float | None
+    expires_at: float | None
+
+
+class DeviceResult(BaseModel):
+    device: str
+    status: str
+    columns: list[str] | None
+    rows: list[list[Any]] | None
+    error: str | None
+
+
+class ResultsPage(BaseModel):
+    instruction_id: int
+    offset: int
+    limit: int
+    items: list[DeviceResult]
+
+
+class Device(BaseModel):
+    device_id: str
+    fqdn: str
+    os: str
+    agent_version: str
+    tags: dict[str, str]
+    switch: str | None
+    online: bool
+    revoked: bool
+    last_seen: float | None
+
+
+# ------------------------------------------------------------------ helpers
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class User(BaseModel):
+    id: int
+    username: str
+    role: str
+
+
+class ConsumerApi:
+    def __init__(self, master: sa.Engine, responses: sa.Engine, signer: Signer, core_url: str,
+                 core_token: str, ca_file: str | None = None) -> None:
+        self.master = master
+        self.responses = responses
+        self.signer = signer
+        self.core_url = core_url.rstrip("/")
+        self.core_token = core_token
+        self.ca_file = ca_file
+
+    async def db(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.to_thread(fn, *args)
+
+    # ------------------------------------------------------------- auth
+    def login(self, username: str, password: str) -> TokenResponse | None:
+        with self.master.connect() as c:
+            row = c.execute(sa.select(users).where(users.c.username == username)).first()
+        ok = False
+        if row is not None and not row.disabled:
+            try:
+                ok = _hasher.verify(row.password_hash, password)
+            except (VerificationError, InvalidHashError):
+                ok = False
+        else:
+            _hasher.hash(password)  # same cost whether or not the user exists
+        store.audit(self.master, username, "login" if ok else "login_failed")
+        if not ok or row is None:
+            return None
+        token = secrets.token_urlsafe(32)
+        expires = time.time() + TOKEN_TTL
+        with self.master.begin() as c:
+            c.execute(api_tokens.delete().where(api_tokens.c.expires_at < time.time()))
+            c.execute(api_tokens.insert().values(token_hash=_token_hash(token), user_id=row.id, expires_at=expires))
+        return TokenResponse(token=token, expires_at=expires, username=row.username, role=row.role)
+
+    def user_for(self, token: str) -> User | None:
+        with self.master.connect() as c:
+            row = c.execute(sa.select(users.c.id, users.c.username, users.c.role)
+                            .join(api_tokens, api_tokens.c.user_id == users.c.id)
+                            .where(api_tokens.c.token_hash == _token_hash(token),
+                                   api_tokens.c.expires_at > time.time(), users.c.disabled == sa.false())).first()
+        return User(id=row.id, username=row.username, role=row.role) if row else None
+
+    # ------------------------------------------------------------- instructions
+    def create_instruction(self, user: User, req: IssueRequest, kind: str) -> int:
+        now = time.time()
+        with self.master.begin() as c:
+            iid = c.execute(instructions.insert().values(
+                name=req.name, kind=kind, payload=req.payload, parameters=req.parameters, scope=req.devices,
+                created_by=user.username, created_at=now, status="created")).inserted_primary_key[0]
+            body = p.InstructionBody(id=iid, name=req.name, kind=kind, payload=req.payload,
+                                     parameters=dict(req.parameters), issued_at=now,
+                                     expires_at=now + req.instruction_ttl)
+            raw = p.encode_body(body)
+            c.execute(instructions.update().where(instructions.c.id == iid).values(
+                body=raw, signature=self.signer.sign(raw), issued_at=now, expires_at=body.expires_at,
+                response_expires_at=now + req.response_ttl))
+        store.audit(self.master, user.username, "issue", f"instruction:{iid}", name=req.name, kind=kind,
+                    devices=req.devices)
+        return int(iid)
+
+    async def core_issue(self, iid: int) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=30, verify=self.ca_file or True) as client:
+            r = await client.post(f"{self.core_url}/Core/Instructions/{iid}/Issue",
+                                  headers={"Authorization": f"Bearer {self.core_token}"})
+        if r.status_code != 200:
+            raise HTTPException(502, f"the Core refused instruction {iid}: {r.status_code} {r.text}")
+        return r.json()
+
+    def status(self, iid: int) -> InstructionStatus | None:
+        row = store.get_instruction(self.master, iid)
+        if row is None:
+            return None
+        return InstructionStatus(id=iid, name=row["name"], kind=row["kind"], status=row["status"],
+                                 targeted=row["targeted"], states=store.state_counts(self.responses, iid),
+                                 created_by=row["created_by"], issued_at=row["issued_at"],
+                                 expires_at=row["expires_at"])
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def current_user(request: Request,
+                       cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+    """Authentication runs before the body or any parameter is looked at."""
+    api: ConsumerApi = request.app.state.api
+    if cred is None or cred.scheme.lower() != "bearer":
+        raise HTTPException(401, "authentication required: POST /Consumer/Authentication/Token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    user = await api.db(api.user_for, cred.credentials)
+    if user is None:
+        raise HTTPException(401, "invalid or expired token", headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def create_app(api: ConsumerApi) -> FastAPI:
+    app = FastAPI(title="Quanta Consumer API", version="1", openapi_url="/Consumer/openapi.json",
+                  docs_url="/Consumer/docs", redoc_url=None)
+    app.state.api = api
+
+    @app.get("/Consumer/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/Consumer/Authentication/Token", response_model=TokenResponse)
+    async def token(req: TokenRequest) -> TokenResponse:
+        t = await api.db(api.login, req.username, req.password)
+        if t is None:
+            raise HTTPException(401, "wrong username or password")
+        return t
+
+    @app.post("/Consumer/Instructions", status_code=201)
+    async def issue(req: IssueRequest, user: CurrentUser) -> dict[str, Any]:
+        from quanta.scale import ScaleError, compile_scale
+
+        if user.role != ADMIN_ROLE:
+            raise HTTPException(403, "raw SCALE questions are allowed for Full Administrators only")
+        try:
+            program = compile_scale(req.payload, dict(req.parameters))
+        except ScaleError as e:
+            raise HTTPException(422, {"message": e.message, "line": e.line, "column": e.column,
+                                      "error": str(e)}) from None
+        if program.is_action:
+            raise HTTPException(403, "this payload calls an action method; actions need a second person's "
+                                     "approval, which this server does not offer yet: refused")
+        iid = await api.db(api.create_instruction, user, req, "question")
+        issued = await api.core_issue(iid)
+        return {"id": iid, "status": issued["status"], "targeted": issued["targeted"]}
+
+    @app.get("/Consumer/Instructions/{instruction_id}", response_model=InstructionStatus)
+    async def status(instruction_id: int, user: CurrentUser) -> InstructionStatus:
+        s = await api.db(api.status, instruction_id)
+        if s is None:
+            raise HTTPException(404, f"instruction {instruction_id} not found")
+        return s
+
+    @app.get("/Consumer/Instructions/{instruction_id}/Responses", response_model=ResultsPage)
+    async def responses(instruction_id: int, user: CurrentUser, offset: Annotated[int, Query(ge=0)] = 0,
+                        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+                        state: str | None = None) -> ResultsPage:
+        if state is not None and state not in p.ALL_STATES:
+            raise HTTPException(422, f"unknown state {state!r}; known: {', '.join(p.ALL_STATES)}")
+        rows = await api.db(store.page_results, api.responses, instruction_id, offset, limit, state)
+        return ResultsPage(instruction_id=instruction_id, offset=offset, limit=limit,
+                           items=[DeviceResult(device=r["device_id"], status=r["state"], columns=r["columns"],
+                                               rows=r["rows"], error=r["error"]) for r in rows])
+
+    @app.get("/Consumer/Instructions/{instruction_id}/Stream")
+    async def stream(instruction_id: int, user: CurrentUser, request: Request) -> StreamingResponse:
+        """Server-sent events: one ``status`` event whenever the counts change, until it finishes."""
+        if await api.db(api.status, instruction_id) is None:
+            raise HTTPException(404, f"instruction {instruction_id} not found")
+
+        async def events() -> AsyncIterator[bytes]:
+            last = None
+            while not await request.is_disconnected():
+                s = await api.db(api.status, instruction_id)
+                data = s.model_dump_json()
+                if data != last:
+                    last = data
+                    yield f"event: status\ndata: {data}\n\n".encode()
+                if s.status in ("finished", "cancelled"):
+                    return
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/Consumer/Devices", response_model=list[Device])
+    async def devices(user: CurrentUser) -> list[Device]:
+        rows = await api.db(store.list_devices, api.master)
+        return [Device(**{k: r[k] for k in Device.model_fields}) for r in rows]
+
+    return app

@@ -1,0 +1,5 @@
+"""Core: instructions in, pokes out, responses into the Responses database."""
+
+from .service import Core, SwitchLink
+
+__all__ = ["Core", "SwitchLink"]

@@ -1,0 +1,108 @@
+"""The Core's internal endpoint (port ``core``, 3900): HTTP for the Consumer API, WebSocket for
+Switches. Every request must carry the internal bearer token; it is checked before anything
+else is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Header, HTTPException, WebSocket, WebSocketDisconnect
+
+from quanta import protocol as p
+from quanta.db import make_engine
+from quanta.runtime import bind_socket, setup_logging
+from quanta.settings import DataDir, core_link_max_bytes, load_settings
+
+from .service import Core
+
+log = logging.getLogger("quanta.core")
+
+
+def create_app(core: Core, token: str) -> FastAPI:
+    def authorised(value: str | None) -> bool:
+        return value is not None and hmac.compare_digest(value, f"Bearer {token}")
+
+    def require_token(authorization: str | None = Header(default=None)) -> None:
+        if not authorised(authorization):
+            raise HTTPException(401, "missing or wrong internal token")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        await core.start()
+        yield
+        await core.stop()
+
+    app = FastAPI(title="Quanta Core (internal)", lifespan=lifespan, openapi_url="/Core/openapi.json",
+                  docs_url=None, redoc_url=None)
+
+    @app.get("/Core/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "switches": sorted(core.switches), "active": sorted(core.active)}
+
+    @app.post("/Core/Instructions/{instruction_id}/Issue", dependencies=[Depends(require_token)])
+    async def issue(instruction_id: int) -> dict[str, Any]:
+        try:
+            return await core.issue(instruction_id)
+        except KeyError:
+            raise HTTPException(404, f"instruction {instruction_id} not found") from None
+        except ValueError as e:
+            raise HTTPException(409, str(e)) from None
+
+    @app.post("/Core/Instructions/{instruction_id}/Cancel", dependencies=[Depends(require_token)])
+    async def cancel(instruction_id: int) -> dict[str, Any]:
+        await core.cancel(instruction_id)
+        return {"id": instruction_id, "status": "cancelled"}
+
+    @app.websocket("/Core/Switch")
+    async def switch_link(ws: WebSocket) -> None:
+        if not authorised(ws.headers.get("authorization")):
+            log.warning("switch link from %s refused: missing or wrong internal token", ws.client)
+            await ws.close(code=1008)
+            return
+        await ws.accept()
+        send_lock = asyncio.Lock()
+
+        async def send(data: bytes) -> None:
+            async with send_lock:
+                await ws.send_bytes(data)
+
+        link = None
+        try:
+            first = await ws.receive_bytes()
+            hello = p.decode_from_switch(first)
+            if not isinstance(hello, p.SwitchHello):
+                raise p.ProtocolError("the first message must be a switch hello")
+            link = await core.switch_connected(hello, send)
+            while True:
+                await core.handle(link, p.decode_from_switch(await ws.receive_bytes()))
+        except WebSocketDisconnect:
+            pass
+        except (p.ProtocolError, KeyError) as e:
+            log.error("closing switch link %s: %s", link.name if link else ws.client, e)
+            await ws.close(code=1008)
+        finally:
+            if link is not None:
+                await core.switch_disconnected(link)
+
+    return app
+
+
+async def serve(root: Path) -> None:
+    settings = load_settings(root)
+    dd = DataDir(root)
+    setup_logging("core", settings.log_level)
+    secret = dd.internal_secret()
+    core = Core(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)), secret)
+    app = create_app(core, p.internal_token(secret))
+    sock = bind_socket(settings.internal_host, settings.port("core"), "core")
+    log.info("core listening on ws/http %s:%d", settings.internal_host, settings.port("core"))
+    config = uvicorn.Config(app, log_level="warning", loop="none", lifespan="on",
+                            ws_max_size=core_link_max_bytes(settings.max_message_bytes), ws_ping_interval=20)
+    await uvicorn.Server(config).serve(sockets=[sock])

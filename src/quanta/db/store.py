@@ -1,0 +1,220 @@
+"""Queries shared by the components. Every parameter is bound; nothing is pasted into SQL.
+
+All functions are synchronous and take an Engine; async callers run them in a worker thread.
+Writes on the response path are idempotent per (instruction, device): a state only moves
+forward, and a final state never changes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from quanta.protocol import DeviceInfo
+
+from .tables import audit_log, devices, instructions, results, switch_configuration
+
+ANSWER_STATES = ("success", "nocontent", "error", "notapplicable")
+# States a response may overwrite. Anything else is final.
+OPEN_STATES = ("pending", "sent", "offline")
+
+
+def _state_in(states: Sequence[str]) -> sa.ColumnElement[bool]:
+    """``state IN (...)`` spelled as ORs, which (unlike IN) works with executemany."""
+    return sa.or_(*(results.c.state == s for s in states))
+
+
+# ------------------------------------------------------------------------ audit
+def audit(engine: sa.Engine, actor: str, action: str, target: str = "", **details: Any) -> None:
+    with engine.begin() as c:
+        c.execute(audit_log.insert().values(at=time.time(), actor=actor, action=action, target=target,
+                                            details=details))
+
+
+# ---------------------------------------------------------------------- devices
+def register_device(engine: sa.Engine, device_id: str, cert_serial: str) -> None:
+    """Record an enrolled device (offline until it connects)."""
+    with engine.begin() as c:
+        row = c.execute(sa.select(devices.c.device_id).where(devices.c.device_id == device_id)).first()
+        if row:
+            c.execute(devices.update().where(devices.c.device_id == device_id)
+                      .values(cert_serial=cert_serial, revoked=False))
+        else:
+            c.execute(devices.insert().values(device_id=device_id, cert_serial=cert_serial, tags={},
+                                              online=False, first_seen=None))
+
+
+def devices_online(engine: sa.Engine, switch: str, infos: Sequence[DeviceInfo]) -> None:
+    if not infos:
+        return
+    now = time.time()
+    ids = [d.device_id for d in infos]
+    with engine.begin() as c:
+        known = {r[0] for r in c.execute(sa.select(devices.c.device_id).where(devices.c.device_id.in_(ids)))}
+        new = [d for d in infos if d.device_id not in known]
+        if new:
+            c.execute(devices.insert(), [dict(device_id=d.device_id, fqdn=d.fqdn, os=d.os,
+                                              agent_version=d.agent_version, tags=d.tags, switch=switch,
+                                              address=d.address, online=True, first_seen=now, last_seen=now)
+                                         for d in new])
+        old = [d for d in infos if d.device_id in known]
+        if old:
+            stmt = (devices.update().where(devices.c.device_id == sa.bindparam("b_id"))
+                    .values(fqdn=sa.bindparam("b_fqdn"), os=sa.bindparam("b_os"),
+                            agent_version=sa.bindparam("b_ver"), tags=sa.bindparam("b_tags"),
+                            switch=switch, address=sa.bindparam("b_addr"), online=True, last_seen=now,
+                            first_seen=sa.func.coalesce(devices.c.first_seen, now)))
+            c.execute(stmt, [dict(b_id=d.device_id, b_fqdn=d.fqdn, b_os=d.os, b_ver=d.agent_version,
+                                  b_tags=d.tags, b_addr=d.address) for d in old])
+
+
+def devices_offline(engine: sa.Engine, switch: str, device_ids: Iterable[str] | None) -> None:
+    """Mark devices offline; ``None`` means every device of that Switch."""
+    with engine.begin() as c:
+        stmt = devices.update().where(devices.c.switch == switch).values(online=False, last_seen=time.time())
+        if device_ids is None:
+            c.execute(stmt)
+        else:
+            ids = list(device_ids)
+            for i in range(0, len(ids), 500):
+                c.execute(stmt.where(devices.c.device_id.in_(ids[i:i + 500])))
+
+
+def list_devices(engine: sa.Engine) -> list[dict[str, Any]]:
+    with engine.connect() as c:
+        return [dict(r._mapping) for r in c.execute(sa.select(devices).order_by(devices.c.device_id))]
+
+
+def mark_revoked(engine: sa.Engine, device_id: str) -> str | None:
+    with engine.begin() as c:
+        row = c.execute(sa.select(devices.c.cert_serial).where(devices.c.device_id == device_id)).first()
+        if row is None:
+            return None
+        c.execute(devices.update().where(devices.c.device_id == device_id).values(revoked=True))
+        return row[0]
+
+
+# ------------------------------------------------------------ switch config
+def switch_rows(engine: sa.Engine) -> list[dict[str, Any]]:
+    with engine.connect() as c:
+        return [dict(r._mapping) for r in
+                c.execute(sa.select(switch_configuration).order_by(switch_configuration.c.Name))]
+
+
+def set_switches(engine: sa.Engine, host: str, first_port: int, count: int) -> None:
+    """Create ``count`` Switch rows on consecutive port pairs (client port, poke port)."""
+    with engine.begin() as c:
+        c.execute(switch_configuration.delete())
+        c.execute(switch_configuration.insert(),
+                  [dict(Name=f"switch-{i + 1}", Host=host, Port=first_port + 2 * i, Enabled=True)
+                   for i in range(count)])
+
+
+# --------------------------------------------------------------- instructions
+def get_instruction(engine: sa.Engine, instruction_id: int) -> dict[str, Any] | None:
+    with engine.connect() as c:
+        row = c.execute(sa.select(instructions).where(instructions.c.id == instruction_id)).first()
+        return dict(row._mapping) if row else None
+
+
+def active_instructions(engine: sa.Engine) -> list[dict[str, Any]]:
+    with engine.connect() as c:
+        return [dict(r._mapping) for r in c.execute(
+            sa.select(instructions).where(instructions.c.status == "active").order_by(instructions.c.id))]
+
+
+def target_devices(engine: sa.Engine, scope: list[str] | None) -> dict[str, bool]:
+    """device_id -> online, for every non-revoked device in scope."""
+    q = sa.select(devices.c.device_id, devices.c.online).where(devices.c.revoked == sa.false())
+    with engine.connect() as c:
+        rows = c.execute(q).all()
+    if scope is None:
+        return {r[0]: bool(r[1]) for r in rows}
+    wanted = set(scope)
+    return {r[0]: bool(r[1]) for r in rows if r[0] in wanted}
+
+
+# ---------------------------------------------------------------- responses
+def insert_targets(engine: sa.Engine, instruction_id: int, targets: dict[str, bool],
+                   response_expires_at: float) -> None:
+    """Create one row per targeted device; idempotent (existing rows are kept)."""
+    now = time.time()
+    with engine.begin() as c:
+        existing = {r[0] for r in c.execute(sa.select(results.c.device_id)
+                                            .where(results.c.instruction_id == instruction_id))}
+        rows = [dict(instruction_id=instruction_id, device_id=d, state="pending" if online else "offline",
+                     updated_at=now, expires_at=response_expires_at)
+                for d, online in targets.items() if d not in existing]
+        if rows:
+            c.execute(results.insert(), rows)
+
+
+def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str]) -> int:
+    stmt = (results.update()
+            .where(results.c.instruction_id == instruction_id, results.c.device_id == sa.bindparam("b_dev"),
+                   _state_in(("pending", "offline")))
+            .values(state="sent", updated_at=time.time()))
+    with engine.begin() as c:
+        r = c.execute(stmt, [{"b_dev": d} for d in device_ids])
+        return r.rowcount or 0
+
+
+def ingest(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> int:
+    """Store responses. Each row: instruction_id, device_id, state, columns, rows, error.
+
+    Only a row still open (pending, sent, offline) is updated, so a duplicate, a late answer
+    after expiry, or an answer from an untargeted device changes nothing.
+    """
+    if not rows:
+        return 0
+    stmt = (results.update()
+            .where(results.c.instruction_id == sa.bindparam("b_iid"),
+                   results.c.device_id == sa.bindparam("b_dev"),
+                   _state_in(OPEN_STATES))
+            .values(state=sa.bindparam("b_state"), columns=sa.bindparam("b_cols"),
+                    rows=sa.bindparam("b_rows"), error=sa.bindparam("b_err"), updated_at=time.time()))
+    params = [dict(b_iid=r["instruction_id"], b_dev=r["device_id"], b_state=r["state"], b_cols=r["columns"],
+                   b_rows=r["rows"], b_err=r["error"]) for r in rows]
+    with engine.begin() as c:
+        res = c.execute(stmt, params)
+        return res.rowcount if res.rowcount is not None and res.rowcount >= 0 else len(rows)
+
+
+def expire(engine: sa.Engine, instruction_id: int) -> None:
+    with engine.begin() as c:
+        c.execute(results.update().where(results.c.instruction_id == instruction_id,
+                                         results.c.state.in_(("pending", "sent")))
+                  .values(state="expired", updated_at=time.time()))
+
+
+def state_counts(engine: sa.Engine, instruction_id: int) -> dict[str, int]:
+    with engine.connect() as c:
+        rows = c.execute(sa.select(results.c.state, sa.func.count())
+                         .where(results.c.instruction_id == instruction_id).group_by(results.c.state)).all()
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def unanswered(engine: sa.Engine, instruction_id: int) -> int:
+    with engine.connect() as c:
+        return int(c.execute(sa.select(sa.func.count()).select_from(results).where(
+            results.c.instruction_id == instruction_id,
+            results.c.state.not_in(ANSWER_STATES))).scalar_one())
+
+
+def page_results(engine: sa.Engine, instruction_id: int, offset: int, limit: int,
+                 state: str | None = None) -> list[dict[str, Any]]:
+    q = (sa.select(results).where(results.c.instruction_id == instruction_id)
+         .order_by(results.c.device_id).offset(offset).limit(limit))
+    if state:
+        q = q.where(results.c.state == state)
+    with engine.connect() as c:
+        return [dict(r._mapping) for r in c.execute(q)]
+
+
+def purge_expired(engine: sa.Engine, now: float | None = None) -> int:
+    with engine.begin() as c:
+        r = c.execute(results.delete().where(results.c.expires_at < (now or time.time())))
+        return r.rowcount or 0

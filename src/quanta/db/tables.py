@@ -1,0 +1,97 @@
+"""Schema of the Master and Responses databases (SQLAlchemy Core).
+
+Migrations under ``migrations/`` create exactly these tables; a test checks they agree.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+master = sa.MetaData()
+responses = sa.MetaData()
+
+users = sa.Table(
+    "users", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.String(128), nullable=False, unique=True),
+    sa.Column("password_hash", sa.String(256), nullable=False),
+    sa.Column("role", sa.String(64), nullable=False),
+    sa.Column("email", sa.String(256), nullable=True),
+    sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+api_tokens = sa.Table(
+    "api_tokens", master,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+devices = sa.Table(
+    "devices", master,
+    sa.Column("device_id", sa.String(255), primary_key=True),
+    sa.Column("fqdn", sa.String(255), nullable=False, server_default=""),
+    sa.Column("os", sa.String(255), nullable=False, server_default=""),
+    sa.Column("agent_version", sa.String(64), nullable=False, server_default=""),
+    sa.Column("tags", sa.JSON, nullable=False, default=dict),
+    sa.Column("switch", sa.String(128), nullable=True),
+    sa.Column("address", sa.String(128), nullable=False, server_default=""),
+    sa.Column("online", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("cert_serial", sa.String(64), nullable=True),
+    sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("first_seen", sa.Float, nullable=True),
+    sa.Column("last_seen", sa.Float, nullable=True),
+)
+
+# The seed's table: a Switch's client port lives in SwitchConfiguration.Port.
+switch_configuration = sa.Table(
+    "SwitchConfiguration", master,
+    sa.Column("Name", sa.String(128), primary_key=True),
+    sa.Column("Host", sa.String(255), nullable=False),
+    sa.Column("Port", sa.Integer, nullable=False),
+    sa.Column("Enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+)
+
+instructions = sa.Table(
+    "instructions", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("parameters", sa.JSON, nullable=False, default=dict),
+    sa.Column("scope", sa.JSON, nullable=True),  # list of device ids, or null for all
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("issued_at", sa.Float, nullable=True),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("response_expires_at", sa.Float, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),  # created, active, finished, cancelled
+    sa.Column("body", sa.LargeBinary, nullable=True),  # signed InstructionBody (msgpack)
+    sa.Column("signature", sa.LargeBinary, nullable=True),
+    sa.Column("targeted", sa.Integer, nullable=False, server_default="0"),
+)
+
+audit_log = sa.Table(
+    "audit_log", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(255), nullable=False, server_default=""),
+    sa.Column("details", sa.JSON, nullable=False, default=dict),
+)
+
+# One row per (instruction, device): the idempotency key of every write on the response path.
+results = sa.Table(
+    "results", responses,
+    sa.Column("instruction_id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("device_id", sa.String(255), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("columns", sa.JSON, nullable=True),
+    sa.Column("rows", sa.JSON, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),  # response TTL
+)
+sa.Index("ix_results_state", results.c.instruction_id, results.c.state)

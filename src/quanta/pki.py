@@ -1,0 +1,228 @@
+"""Quanta's own PKI: a CA, the server certificate, device certificates, the CRL, and the
+Ed25519 key that signs every instruction the server issues.
+
+Files under ``DIR/pki``::
+
+    ca.crt ca.key            the issuing CA (keep ca.key offline in production)
+    server.crt server.key    web tier, Switch and Background Channel certificate
+    crl.pem                  certificate revocation list, re-signed on every revocation
+    revoked.json             serial -> device name, the CRL's source of truth
+    signing.key signing.pub  instruction signing key pair (Ed25519)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_DAYS = 3650
+LEAF_DAYS = 825
+CRL_DAYS = 30
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    # P-256: fast handshakes (DESIGN §6: a whole-fleet reconnect is CPU bound).
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@dataclass(frozen=True)
+class Pki:
+    root: Path  # DIR/pki
+
+    ca_crt = property(lambda self: self.root / "ca.crt")
+    ca_key = property(lambda self: self.root / "ca.key")
+    server_crt = property(lambda self: self.root / "server.crt")
+    server_key = property(lambda self: self.root / "server.key")
+    crl = property(lambda self: self.root / "crl.pem")
+    revoked_index = property(lambda self: self.root / "revoked.json")
+    signing_key = property(lambda self: self.root / "signing.key")
+    signing_pub = property(lambda self: self.root / "signing.pub")
+
+    # ---------------------------------------------------------------- creation
+    def create(self, server_name: str, extra_names: list[str] | None = None) -> None:
+        """Create the CA, server certificate, empty CRL and signing key."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        ca_key = _new_key()
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, f"Quanta CA ({server_name})")])
+        ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+        ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(_now() - dt.timedelta(minutes=5))
+              .not_valid_after(_now() + dt.timedelta(days=CA_DAYS))
+              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+              .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                           content_commitment=False, key_encipherment=False,
+                                           data_encipherment=False, key_agreement=False,
+                                           encipher_only=False, decipher_only=False), critical=True)
+              .add_extension(ski, critical=False)
+              .sign(ca_key, hashes.SHA256()))
+        _write_private(self.ca_key, _key_pem(ca_key))
+        self.ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        names = [server_name, "localhost", "127.0.0.1", *(extra_names or [])]
+        self.issue(server_name, self.server_crt, self.server_key, server=True, san=names)
+        self.revoked_index.write_text("{}")
+        self.write_crl()
+        sk = ed25519.Ed25519PrivateKey.generate()
+        _write_private(self.signing_key, _key_pem(sk))
+        self.signing_pub.write_bytes(sk.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def _load_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        ca = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
+        key = serialization.load_pem_private_key(self.ca_key.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return ca, key
+
+    def issue(self, common_name: str, crt_path: Path, key_path: Path, *, server: bool = False,
+              san: list[str] | None = None) -> x509.Certificate:
+        """Issue a leaf certificate signed by the CA; returns it."""
+        ca, ca_key = self._load_ca()
+        key = _new_key()
+        alt: list[x509.GeneralName] = []
+        for n in san or [common_name]:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                alt.append(x509.DNSName(n))
+        eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server else \
+            [ExtendedKeyUsageOID.CLIENT_AUTH]
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
+                                         x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                .issuer_name(ca.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(_now() - dt.timedelta(minutes=5))
+                .not_valid_after(_now() + dt.timedelta(days=LEAF_DAYS))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+                .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        _write_private(key_path, _key_pem(key))
+        crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cert
+
+    # ------------------------------------------------------------- revocation
+    def revoked(self) -> dict[str, str]:
+        """Serial (hex) -> device name for every revoked certificate."""
+        if not self.revoked_index.exists():
+            return {}
+        return json.loads(self.revoked_index.read_text())
+
+    def revoke(self, serial: int, device: str) -> None:
+        index = self.revoked()
+        index[format(serial, "x")] = device
+        _atomic_write(self.revoked_index, json.dumps(index, indent=1).encode())
+        self.write_crl()
+
+    def write_crl(self) -> None:
+        ca, ca_key = self._load_ca()
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+                   .last_update(_now() - dt.timedelta(minutes=1))
+                   .next_update(_now() + dt.timedelta(days=CRL_DAYS)))
+        for serial_hex in self.revoked():
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(int(serial_hex, 16))
+                .revocation_date(_now() - dt.timedelta(minutes=1)).build())
+        crl = builder.sign(ca_key, hashes.SHA256())
+        _atomic_write(self.crl, crl.public_bytes(serialization.Encoding.PEM))
+
+    # ------------------------------------------------------------ TLS contexts
+    def server_context(self, *, require_client_cert: bool) -> ssl.SSLContext:
+        """Server-side TLS; with ``require_client_cert`` it is mutual TLS with CRL checks."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.server_crt, self.server_key)
+        if require_client_cert:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=str(self.ca_crt))
+            ctx.load_verify_locations(cafile=str(self.crl))
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        return ctx
+
+
+def client_context(ca_file: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """Client-side TLS that verifies the server against ``ca_file`` and presents ``cert``."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def cert_serial_and_name(der: bytes) -> tuple[int, str]:
+    cert = x509.load_der_x509_certificate(der)
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return cert.serial_number, str(cn[0].value) if cn else ""
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+# ------------------------------------------------------------------ signing
+class Signer:
+    def __init__(self, key_pem: bytes) -> None:
+        key = serialization.load_pem_private_key(key_pem, None)
+        assert isinstance(key, ed25519.Ed25519PrivateKey)
+        self._key = key
+
+    @classmethod
+    def from_file(cls, path: Path) -> Signer:
+        return cls(path.read_bytes())
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+
+class Verifier:
+    def __init__(self, pub_pem: bytes) -> None:
+        key = serialization.load_pem_public_key(pub_pem)
+        assert isinstance(key, ed25519.Ed25519PublicKey)
+        self._key = key
+
+    @classmethod
+    def from_file(cls, path: Path) -> Verifier:
+        return cls(path.read_bytes())
+
+    def verify(self, data: bytes, signature: bytes) -> bool:
+        try:
+            self._key.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True

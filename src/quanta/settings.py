@@ -1,0 +1,202 @@
+"""One source of truth for Quanta's settings and its port table.
+
+Every listener, every client default, the ``quanta ports`` report and the docs derive their
+port numbers from :data:`PORTS` and from a :class:`Settings` instance loaded from the data
+directory's ``quanta.toml``.  The Switch poke port is never stored: it is always the Switch
+client port + 1 (see :func:`poke_port`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+CONFIG_FILE = "quanta.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class PortSpec:
+    """One row of DESIGN.md §2."""
+
+    name: str  # key in Settings.ports, and the NAME of ``quanta init --port NAME=NUMBER``
+    default: int
+    protocol: str
+    listener: str
+    clients: str
+    note: str
+    internal: bool  # bound to loopback by default
+    settable: bool = True  # False for derived ports (poke)
+
+
+PORTS: tuple[PortSpec, ...] = (
+    PortSpec("https", 443, "HTTPS", "Web tier: Consumer API, Portal, Core (/Core), Background Channel (/Background)",
+             "browsers, CLI, agents (Background), remote Consumer API to Core, DMZ Switch to Core",
+             "HTTPSIISPORT, set at install (quanta init --https-port)", internal=False),
+    PortSpec("http", 80, "HTTP", "Catalog UI/API; CRL distribution point",
+             "browsers; Switches and agents fetching the CRL", "configurable (--port http=N)", internal=False),
+    PortSpec("switch", 4000, "WSS", "Switch client port",
+             "agents", "SwitchConfiguration.Port; agent setting Switch=<host>:<port>", internal=False),
+    PortSpec("poke", 4001, "TCP", "Switch poke port (= client port + 1)",
+             "the Core, to tell a Switch that work is waiting", "derived, never set on its own",
+             internal=False, settable=False),
+    PortSpec("core", 3900, "WS", "Core internal endpoint",
+             "local Switches streaming to the Core (no TLS; loopback or LAN only)",
+             "internal; changing it is not recommended", internal=True),
+    PortSpec("hub", 3901, "WS", "Master event hub",
+             "Response Stacks and DMZ Switch Hosts (register, device state, config pushes)", "internal",
+             internal=True),
+    PortSpec("coordinator", 8081, "HTTPS", "Coordinator internal API", "Consumer API", "internal", internal=True),
+    PortSpec("integrate", 6002, "WS", "Integrate Agent", "Consumer API, local only", "local only", internal=True),
+    PortSpec("interaction", 7766, "HTTPS", "Agent interaction port (end-user prompts and answers)",
+             "the device's own user session", "Module.Interaction.Port", internal=True),
+    PortSpec("smtp", 25, "SMTP", "outgoing from the Coordinator", "",
+             "anonymous by default; authentication and TLS can be set after install", internal=False),
+    PortSpec("database", 5432, "PostgreSQL", "Master and Responses databases (embedded SQLite by default)",
+             "Master, Core, Catalog", "from --database-url; none with embedded SQLite", internal=False),
+)
+
+PORTS_BY_NAME: dict[str, PortSpec] = {p.name: p for p in PORTS}
+SETTABLE_PORTS: tuple[str, ...] = tuple(p.name for p in PORTS if p.settable)
+
+
+def poke_port(switch_port: int) -> int:
+    """The poke port is always the Switch client port + 1."""
+    return switch_port + 1
+
+
+def core_link_max_bytes(max_message_bytes: int) -> int:
+    """Largest Switch->Core frame: a response batch holds at most two agent messages' worth."""
+    return 4 * max_message_bytes
+
+
+def default_ports() -> dict[str, int]:
+    return {p.name: p.default for p in PORTS if p.settable}
+
+
+class Settings(BaseModel):
+    """Typed settings of one Quanta data directory (``DIR/quanta.toml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server_name: str = Field(default_factory=socket.getfqdn)
+    bind_host: str = "0.0.0.0"
+    internal_host: str = "127.0.0.1"
+    ports: dict[str, int] = Field(default_factory=default_ports)
+    database_url: str | None = None  # None: embedded SQLite files in DIR
+    responses_database_url: str | None = None  # None: same as database_url (or DIR/responses.db)
+    switches: int = 1  # Switch processes under the Switch Host (rows in SwitchConfiguration)
+    instruction_ttl_default: int = 60  # seconds; the gather window
+    response_ttl_default: int = 7 * 24 * 3600
+    max_message_bytes: int = 1024 * 1024
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("ports")
+    @classmethod
+    def _check_ports(cls, v: dict[str, int]) -> dict[str, int]:
+        merged = default_ports()
+        for name, number in v.items():
+            if name not in PORTS_BY_NAME:
+                raise ValueError(f"unknown port name {name!r}; known: {', '.join(SETTABLE_PORTS)}")
+            if not PORTS_BY_NAME[name].settable:
+                raise ValueError(f"port {name!r} is derived (Switch port + 1) and cannot be set on its own")
+            if not 1 <= int(number) <= 65535:
+                raise ValueError(f"port {name}={number} is out of range 1-65535")
+            merged[name] = int(number)
+        return merged
+
+    def port(self, name: str) -> int:
+        if name == "poke":
+            return poke_port(self.ports["switch"])
+        return self.ports[name]
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """Paths inside a server data directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def master_db(self) -> Path:
+        return self.root / "master.db"
+
+    @property
+    def responses_db(self) -> Path:
+        return self.root / "responses.db"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.root / "pki" / "internal.secret"
+
+    @property
+    def content(self) -> Path:
+        return self.root / "content"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def admin_credentials(self) -> Path:
+        return self.root / "admin.credentials"
+
+    def master_url(self, s: Settings) -> str:
+        return s.database_url or f"sqlite:///{self.master_db}"
+
+    def responses_url(self, s: Settings) -> str:
+        return s.responses_database_url or s.database_url or f"sqlite:///{self.responses_db}"
+
+    def internal_secret(self) -> bytes:
+        return bytes.fromhex(self.secret_file.read_text().strip())
+
+
+def new_internal_secret() -> str:
+    return secrets.token_hex(32)
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(type(v))
+
+
+def dump_settings(s: Settings) -> str:
+    """Serialise settings as TOML (flat keys plus a [ports] table)."""
+    lines = ["# Quanta settings. Ports follow DESIGN.md §2; the poke port is always switch + 1.", ""]
+    for key, value in s.model_dump().items():
+        if key == "ports" or value is None:
+            continue
+        lines.append(f"{key} = {_toml_value(value)}")
+    lines += ["", "[ports]"]
+    for name, number in s.ports.items():
+        lines.append(f"{name} = {number}")
+    return "\n".join(lines) + "\n"
+
+
+def load_settings(root: Path | str) -> Settings:
+    path = DataDir(Path(root)).config
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run 'quanta init {root}' first")
+    return Settings.model_validate(tomllib.loads(path.read_text()))
+
+
+def save_settings(root: Path | str, s: Settings) -> None:
+    DataDir(Path(root)).config.write_text(dump_settings(s))

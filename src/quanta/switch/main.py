@@ -1,0 +1,38 @@
+"""``quanta switch DIR --name NAME``: one Switch process, configured by its SwitchConfiguration row."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from quanta.db import make_engine, store
+from quanta.pki import Pki
+from quanta.runtime import setup_logging, wait_for_signal
+from quanta.settings import DataDir, load_settings
+
+from .service import Switch
+
+log = logging.getLogger("quanta.switch")
+
+
+def switch_row(root: Path, name: str) -> dict:
+    settings = load_settings(root)
+    rows = {r["Name"]: r for r in store.switch_rows(make_engine(DataDir(root).master_url(settings)))}
+    if name not in rows:
+        raise SystemExit(f"error: no Switch named {name!r} in SwitchConfiguration (have: {', '.join(rows) or 'none'})")
+    return rows[name]
+
+
+async def serve(root: Path, name: str) -> None:
+    settings = load_settings(root)
+    dd = DataDir(root)
+    setup_logging(f"switch:{name}", settings.log_level)
+    row = switch_row(root, name)
+    switch = Switch(name=name, host=row["Host"], port=row["Port"], bind_host=settings.bind_host,
+                    pki=Pki(dd.pki), core_url=f"ws://{settings.internal_host}:{settings.port('core')}/Core/Switch",
+                    secret=dd.internal_secret(), max_message_bytes=settings.max_message_bytes)
+    stop = asyncio.Event()
+    waiter = asyncio.create_task(wait_for_signal())
+    waiter.add_done_callback(lambda _: stop.set())
+    await switch.serve(stop)

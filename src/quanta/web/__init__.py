@@ -1,0 +1,40 @@
+"""The web tier on the HTTPS port: Consumer API (/Consumer), and the other /paths as they land."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from quanta import protocol as p
+from quanta.consumer_api import ConsumerApi, create_app
+from quanta.db import make_engine
+from quanta.pki import Pki, Signer
+from quanta.runtime import bind_socket, setup_logging
+from quanta.settings import DataDir, Settings, load_settings
+
+log = logging.getLogger("quanta.web")
+
+
+def build_app(root: Path, settings: Settings) -> FastAPI:
+    dd = DataDir(root)
+    pki = Pki(dd.pki)
+    api = ConsumerApi(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)),
+                      Signer.from_file(pki.signing_key),
+                      core_url=f"http://{settings.internal_host}:{settings.port('core')}",
+                      core_token=p.internal_token(dd.internal_secret()))
+    return create_app(api)
+
+
+async def serve(root: Path) -> None:
+    settings = load_settings(root)
+    setup_logging("web", settings.log_level)
+    pki = Pki(DataDir(root).pki)
+    app = build_app(root, settings)
+    sock = bind_socket(settings.bind_host, settings.port("https"), "https")
+    log.info("web tier listening on https %s:%d (/Consumer)", settings.bind_host, settings.port("https"))
+    config = uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
+                            ssl_keyfile=str(pki.server_key), proxy_headers=False)
+    await uvicorn.Server(config).serve(sockets=[sock])

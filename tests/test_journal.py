@@ -1,0 +1,59 @@
+import time
+
+from quanta import protocol as p
+from quanta.agent.journal import Journal
+from quanta.pki import Pki, Signer, Verifier
+
+
+def _signed(pki: Pki, iid: int, ttl: float = 60) -> p.SignedInstruction:
+    body = p.encode_body(p.InstructionBody(id=iid, name="q", kind="question", payload="SELECT 1;", parameters={},
+                                           issued_at=time.time(), expires_at=time.time() + ttl))
+    return p.SignedInstruction(body=body, signature=Signer.from_file(pki.signing_key).sign(body))
+
+
+def test_run_once_then_resend(tmp_path):
+    pki = Pki(tmp_path / "pki")
+    pki.create("localhost")
+    v = Verifier.from_file(pki.signing_pub)
+    j = Journal(tmp_path / "j")
+    s = _signed(pki, 7)
+    assert j.judge(s, v).action == "run"
+    assert j.judge(s, v).action == "ignore"  # still running: not run twice
+    resp = p.Response(instruction_id=7, status="success", columns=["A"], rows=[[1]])
+    j.record(resp)
+    again = j.judge(s, v)
+    assert again.action == "resend" and again.response == resp
+    # the journal survives a restart of the agent
+    j2 = Journal(tmp_path / "j")
+    assert j2.judge(s, v).action == "resend"
+    assert j2.due(all_unacked=True) == [resp]
+    j2.ack([7])
+    assert j2.due(all_unacked=True) == []
+
+
+def test_tampered_and_foreign_signatures_are_refused(tmp_path):
+    pki = Pki(tmp_path / "pki")
+    pki.create("localhost")
+    other = Pki(tmp_path / "other")
+    other.create("localhost")
+    v = Verifier.from_file(pki.signing_pub)
+    j = Journal(None)
+    s = _signed(pki, 8)
+    tampered = p.SignedInstruction(body=s.body.replace(b"SELECT 1;", b"SELECT 2;"), signature=s.signature)
+    verdict = j.judge(tampered, v)
+    assert verdict.action == "refuse" and verdict.response.status == "error"
+    assert "signature" in verdict.response.error
+    assert j.judge(_signed(other, 9), v).action == "refuse"
+    assert j.judge(p.SignedInstruction(body=s.body, signature=b""), v).action == "refuse"
+    assert 8 not in j.entries and 9 not in j.entries
+
+
+def test_expired_instruction_is_not_run(tmp_path):
+    pki = Pki(tmp_path / "pki")
+    pki.create("localhost")
+    assert Journal(None).judge(_signed(pki, 1, ttl=-1), Verifier.from_file(pki.signing_pub)).action == "ignore"
+
+
+def test_corrupt_journal_is_discarded(tmp_path):
+    (tmp_path / "j").write_bytes(b"\x00garbage")
+    assert Journal(tmp_path / "j").entries == {}

@@ -1,0 +1,79 @@
+"""The databases: migrations and the idempotent response path, on SQLite and PostgreSQL."""
+
+import time
+
+import sqlalchemy as sa
+
+from quanta.db import make_engine, migrate, store, tables
+from quanta.protocol import DeviceInfo
+
+
+def _engines(db_url):
+    migrate(db_url, "master")
+    migrate(db_url, "responses")
+    e = make_engine(db_url)
+    return e, e
+
+
+def test_migrations_create_the_declared_schema(db_url):
+    master, _ = _engines(db_url)
+    names = set(sa.inspect(master).get_table_names())
+    assert {t.name for t in tables.master.sorted_tables} | {"results"} <= names
+    assert "SwitchConfiguration" in names
+    migrate(db_url, "master")  # running again is a no-op
+    cols = {c["name"] for c in sa.inspect(master).get_columns("SwitchConfiguration")}
+    assert {"Name", "Host", "Port", "Enabled"} <= cols
+
+
+def test_ingest_is_idempotent_per_instruction_and_device(db_url):
+    master, responses = _engines(db_url)
+    store.insert_targets(responses, 1, {"a": True, "b": True, "c": False}, time.time() + 3600)
+    store.insert_targets(responses, 1, {"a": True, "b": True, "c": False}, time.time() + 3600)  # retry
+    assert store.state_counts(responses, 1) == {"pending": 2, "offline": 1}
+    assert store.mark_sent(responses, 1, ["a", "b"]) == 2
+    row = dict(instruction_id=1, device_id="a", state="success", columns=["X"], rows=[[1]], error=None)
+    store.ingest(responses, [row])
+    store.ingest(responses, [row, {**row, "state": "error", "error": "late duplicate"}])
+    counts = store.state_counts(responses, 1)
+    assert counts == {"success": 1, "sent": 1, "offline": 1}
+    page = store.page_results(responses, 1, 0, 10)
+    assert [r["device_id"] for r in page] == ["a", "b", "c"]
+    assert page[0]["rows"] == [[1]] and page[0]["error"] is None
+    # an answer from a device that was not targeted is not counted
+    store.ingest(responses, [{**row, "device_id": "zzz"}])
+    assert sum(store.state_counts(responses, 1).values()) == 3
+
+
+def test_expiry_gives_every_device_one_final_state(db_url):
+    _, responses = _engines(db_url)
+    store.insert_targets(responses, 2, {"a": True, "b": True, "c": False}, time.time() + 3600)
+    store.mark_sent(responses, 2, ["a"])
+    store.ingest(responses, [dict(instruction_id=2, device_id="b", state="nocontent", columns=[], rows=[], error=None)])
+    store.expire(responses, 2)
+    assert store.state_counts(responses, 2) == {"expired": 1, "nocontent": 1, "offline": 1}
+    # a late answer after the window changes nothing
+    store.ingest(responses, [dict(instruction_id=2, device_id="a", state="success", columns=[], rows=[], error=None)])
+    assert store.state_counts(responses, 2) == {"expired": 1, "nocontent": 1, "offline": 1}
+
+
+def test_response_ttl_purge(db_url):
+    _, responses = _engines(db_url)
+    store.insert_targets(responses, 3, {"a": True}, time.time() - 1)
+    store.insert_targets(responses, 4, {"a": True}, time.time() + 3600)
+    assert store.purge_expired(responses) == 1
+    assert store.state_counts(responses, 3) == {} and store.state_counts(responses, 4) == {"pending": 1}
+
+
+def test_device_presence(db_url):
+    master, _ = _engines(db_url)
+    store.register_device(master, "d1", "abc")
+    store.devices_online(master, "switch-1", [DeviceInfo(device_id="d1", fqdn="d1.x", os="Linux", agent_version="1"),
+                                              DeviceInfo(device_id="d2", fqdn="d2.x", os="Linux", agent_version="1")])
+    devs = {d["device_id"]: d for d in store.list_devices(master)}
+    assert devs["d1"]["online"] and devs["d2"]["online"] and devs["d1"]["fqdn"] == "d1.x"
+    store.devices_offline(master, "switch-1", ["d2"])
+    assert store.target_devices(master, None) == {"d1": True, "d2": False}
+    store.devices_offline(master, "switch-1", None)
+    assert store.target_devices(master, ["d1"]) == {"d1": False}
+    assert store.mark_revoked(master, "d1") == "abc"
+    assert store.target_devices(master, None) == {"d2": False}
