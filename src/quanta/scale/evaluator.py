@@ -1,0 +1,565 @@
+"""Evaluator: runs a checked :class:`Program` against the live system."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import math
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Literal
+
+import psutil
+
+from . import ast as A
+from .compiler import Program, type_name
+from .errors import ScaleError
+from .spec import MethodEnv, MethodError, MethodSpec, ParamSpec, current_platform, lookup
+from .sqlfuncs import regexp, regexp_replace
+
+if TYPE_CHECKING:  # pragma: no cover
+    from . import AgentContext, Limits
+
+Status = Literal["success", "nocontent", "error", "notimplemented"]
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[object]]
+    size: int = -1  # approximate bytes, computed lazily
+
+    def nbytes(self) -> int:
+        if self.size < 0:
+            total = 64 + 16 * len(self.columns)
+            for row in self.rows:
+                total += 56 + 8 * len(row)
+                for v in row:
+                    if isinstance(v, (str, bytes)):
+                        total += 49 + len(v)
+                    else:
+                        total += 24
+            self.size = total
+        return self.size
+
+
+@dataclass
+class RunResult:
+    status: Status
+    columns: list[str] = field(default_factory=list)
+    rows: list[list[object]] = field(default_factory=list)
+    error: ScaleError | None = None
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "status": self.status,
+            "columns": list(self.columns),
+            "rows": [[json_value(v) for v in row] for row in self.rows],
+        }
+        if self.error is not None:
+            out["error"] = self.error.to_json()
+        return out
+
+
+def json_value(v: object) -> object:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    return v
+
+
+def normalize(v: object) -> object:
+    """Bring a method's output value to an SQLite-storable, JSON-friendly value."""
+    if v is None or isinstance(v, (str, float, bool)):
+        return v
+    if isinstance(v, int):
+        return v if -(2**63) <= v < 2**63 else str(v)
+    if isinstance(v, _dt.datetime):
+        if v.tzinfo is None:
+            v = v.replace(tzinfo=_dt.timezone.utc)
+        return v.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(v, PurePath):
+        return str(v)
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    return str(v)
+
+
+class _Exit(Exception):
+    def __init__(self, status: Status, table: Table | None = None, error: ScaleError | None = None) -> None:
+        self.status = status
+        self.table = table
+        self.error = error
+
+
+class _Abort(Exception):
+    """Raised from the progress handler path to distinguish time and memory breaches."""
+
+
+def _qi(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+_DENIED_NAMES = {
+    sqlite3.SQLITE_PRAGMA: "PRAGMA",
+    sqlite3.SQLITE_ATTACH: "ATTACH",
+    sqlite3.SQLITE_DETACH: "DETACH",
+    sqlite3.SQLITE_INSERT: "INSERT",
+    sqlite3.SQLITE_UPDATE: "UPDATE",
+    sqlite3.SQLITE_DELETE: "DELETE",
+    sqlite3.SQLITE_TRANSACTION: "a transaction",
+}
+
+
+class Evaluator:
+    def __init__(
+        self,
+        program: Program,
+        context: "AgentContext",
+        limits: "Limits",
+        allow_actions: bool,
+        initial: dict[str, Table] | None = None,
+    ) -> None:
+        self.program = program
+        self.context = context
+        self.limits = limits
+        self.allow_actions = allow_actions
+        self.vars: dict[str, Table] = dict(initial or {})
+        self.last: Table | None = None
+        self.start = time.monotonic()
+        self.deadline = self.start + limits.timeout_seconds
+        self.conn: sqlite3.Connection | None = None
+        self.loaded: dict[int, tuple[str, Table]] = {}
+        self.builtins: dict[str, str] = {}
+        self.counter = itertools.count(1)
+        self.abort_reason: str | None = None
+        self.allowed: set[str] = set()
+        self.denied: str | None = None
+        self._proc = psutil.Process()
+        self._rss0 = self._proc.memory_info().rss
+        self._ticks = 0
+
+    # limits ------------------------------------------------------------------------------
+    def time_error(self, pos: A.Pos) -> ScaleError:
+        return ScaleError(f"Time limit of {self.limits.timeout_seconds:g} seconds exceeded", pos.line, pos.column)
+
+    def memory_error(self, pos: A.Pos) -> ScaleError:
+        return ScaleError(
+            f"Memory limit of {self.limits.max_memory_bytes} bytes exceeded", pos.line, pos.column
+        )
+
+    def check_time(self, pos: A.Pos) -> None:
+        if time.monotonic() > self.deadline:
+            raise self.time_error(pos)
+
+    def check_rows(self, n: int, pos: A.Pos) -> None:
+        if n > self.limits.max_rows:
+            raise ScaleError(f"Result exceeds the row limit of {self.limits.max_rows} rows", pos.line, pos.column)
+
+    def check_memory(self, pos: A.Pos) -> None:
+        seen: set[int] = set()
+        total = 0
+        for t in itertools.chain(self.vars.values(), [self.last] if self.last else []):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.nbytes()
+        if total > self.limits.max_memory_bytes:
+            raise self.memory_error(pos)
+
+    def _progress(self) -> int:
+        if time.monotonic() > self.deadline:
+            self.abort_reason = "time"
+            return 1
+        self._ticks += 1
+        if self._ticks % 64 == 0:
+            rss = self._proc.memory_info().rss
+            if rss - self._rss0 > self.limits.max_memory_bytes:
+                self.abort_reason = "memory"
+                return 1
+        return 0
+
+    # sqlite ------------------------------------------------------------------------------
+    def _authorize(self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
+        if action == sqlite3.SQLITE_READ:
+            if arg1 in self.allowed and db in ("main", None):
+                return sqlite3.SQLITE_OK
+            self.denied = f"reading {arg1}"
+            return sqlite3.SQLITE_DENY
+        if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE):
+            if action == sqlite3.SQLITE_FUNCTION and arg2 and arg2.lower() == "load_extension":
+                self.denied = "load_extension"
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+        self.denied = _DENIED_NAMES.get(action, f"operation {action}")
+        return sqlite3.SQLITE_DENY
+
+    def connection(self) -> sqlite3.Connection:
+        if self.conn is None:
+            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            conn.create_function("REGEXP", 2, regexp, deterministic=True)
+            conn.create_function("REGEXPREPLACE", 3, regexp_replace, deterministic=True)
+            length = max(1_000_000, min(self.limits.max_memory_bytes, 1_000_000_000))
+            conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, length)
+            conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+            conn.set_progress_handler(self._progress, 1000)
+            self.conn = conn
+        return self.conn
+
+    def load_table(self, table: Table, label: str, pos: A.Pos) -> str:
+        entry = self.loaded.get(id(table))
+        if entry is not None and entry[1] is table:
+            return entry[0]
+        if not table.columns:
+            raise ScaleError(f"Table {label} has no columns and cannot be used in a SELECT", pos.line, pos.column)
+        conn = self.connection()
+        name = f"t{next(self.counter)}"
+        cols = ", ".join(_qi(c) for c in table.columns)
+        conn.execute(f"CREATE TABLE {_qi(name)} ({cols})")
+        if table.rows:
+            marks = ", ".join("?" * len(table.columns))
+            conn.executemany(f"INSERT INTO {_qi(name)} VALUES ({marks})", table.rows)
+        self.loaded[id(table)] = (name, table)
+        return name
+
+    def load_builtin(self, name: str, pos: A.Pos) -> str:
+        if name in self.builtins:
+            return self.builtins[name]
+        from .methods import builtins
+
+        env = MethodEnv(self.context, self.limits, self.deadline)
+        try:
+            columns, rows = builtins.BUILTINS[name](env)
+        except MethodError as e:
+            raise ScaleError(f"{e} (in built-in table ${name})", pos.line, pos.column) from None
+        sql_name = self.load_table(Table(columns, [[normalize(v) for v in r] for r in rows]), f"${name}", pos)
+        self.builtins[name] = sql_name
+        return sql_name
+
+    def drop_unused(self) -> None:
+        if self.conn is None or len(self.loaded) < 16:
+            return
+        live = {id(t) for t in self.vars.values()}
+        for key in [k for k, (_, t) in self.loaded.items() if k not in live and t is not self.last]:
+            name, _ = self.loaded.pop(key)
+            if name not in self.builtins.values():
+                self.conn.execute(f"DROP TABLE {_qi(name)}")
+
+    def run_select(self, sel: A.Select) -> Table:
+        self.check_time(sel.pos)
+        sql: list[str] = []
+        allowed: set[str] = set()
+        for part in sel.parts:
+            if isinstance(part, A.SqlCode):
+                sql.append(part.text)
+            elif isinstance(part, A.SqlString):
+                sql.append("'" + part.value.replace("'", "''") + "'")
+            elif isinstance(part, A.SqlLiteral):
+                sql.append(part.sql)
+            elif isinstance(part, A.SqlVar):
+                table = self.vars.get(part.name)
+                if table is None:
+                    raise ScaleError(f"Unknown variable @{part.name}", part.pos.line, part.pos.column)
+                name = self.load_table(table, f"@{part.name}", part.pos)
+                allowed.add(name)
+                sql.append(_qi(name))
+            elif isinstance(part, A.SqlBuiltin):
+                name = self.load_builtin(part.name, part.pos)
+                allowed.add(name)
+                sql.append(_qi(name))
+            else:  # pragma: no cover - SqlParam is substituted at compile time
+                raise ScaleError("Unsubstituted instruction parameter", sel.pos.line, sel.pos.column)
+        text = "".join(sql)
+        if "\x00" in text:
+            raise ScaleError("SELECT contains a NUL character", sel.pos.line, sel.pos.column)
+        conn = self.connection()
+        self.allowed = allowed
+        self.denied = None
+        self.abort_reason = None
+        conn.set_authorizer(self._authorize)
+        try:
+            cur = conn.execute(text)
+            columns = [d[0] for d in cur.description] if cur.description else []
+            rows: list[list[object]] = []
+            limit = self.limits.max_rows
+            while True:
+                chunk = cur.fetchmany(1000)
+                if not chunk:
+                    break
+                rows.extend(list(r) for r in chunk)
+                if len(rows) > limit:
+                    cur.close()
+                    self.check_rows(len(rows), sel.pos)
+        except sqlite3.Error as e:
+            if self.abort_reason == "time":
+                raise self.time_error(sel.pos) from None
+            if self.abort_reason == "memory":
+                raise self.memory_error(sel.pos) from None
+            msg = str(e)
+            if "not authorized" in msg and self.denied:
+                msg = f"not authorized: {self.denied} is not allowed in a SELECT"
+            if "too big" in msg:
+                raise ScaleError(f"Memory limit exceeded: {msg}", sel.pos.line, sel.pos.column) from None
+            raise ScaleError(f"SQL error: {msg}", sel.pos.line, sel.pos.column) from None
+        except (ValueError, OverflowError, MemoryError) as e:
+            raise ScaleError(f"SQL error: {e}", sel.pos.line, sel.pos.column) from None
+        finally:
+            conn.set_authorizer(None)
+        if not columns and rows == []:
+            columns = []
+        return Table(_dedupe(columns), rows)
+
+    # methods -----------------------------------------------------------------------------
+    def coerce(self, p: ParamSpec, value: object, where: str, pos: A.Pos) -> object:
+        ok = False
+        if p.type == "string":
+            ok = isinstance(value, str)
+        elif p.type == "integer":
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif p.type == "number":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif p.type == "boolean":
+            if isinstance(value, bool):
+                ok = True
+            elif isinstance(value, int) and value in (0, 1):
+                value, ok = bool(value), True
+            elif isinstance(value, str) and value.lower() in ("true", "false"):
+                value, ok = value.lower() == "true", True
+        if not ok:
+            raise ScaleError(
+                f"Parameter '{p.name}' expects {p.type}, got {type_name(value)} {where}", pos.line, pos.column
+            )
+        return value
+
+    def run_call(self, call: A.Call) -> Table:
+        self.check_time(call.pos)
+        spec: MethodSpec = lookup(
+            call.module, call.method, call.pos.line, call.pos.column, call.method_pos.line, call.method_pos.column
+        )
+        where = f"(in call to {spec.full_name})"
+        if spec.is_action and not self.allow_actions:
+            raise ScaleError(
+                f"Action method {spec.full_name} is not allowed: actions are not enabled", call.pos.line, call.pos.column
+            )
+        plat = current_platform()
+        if plat not in spec.platforms:
+            raise ScaleError(f"{spec.full_name} is not supported on this platform ({plat})", call.pos.line, call.pos.column)
+        # Resolve arguments. Column references make one call per row of their table.
+        fixed: dict[str, object] = {}
+        per_row: dict[str, tuple[ParamSpec, list[object], A.Pos]] = {}
+        for arg in call.args:
+            p = spec.param(arg.name)
+            assert p is not None
+            v = arg.value
+            if isinstance(v, A.ColumnRef):
+                table = self.vars.get(v.var)
+                if table is None:
+                    raise ScaleError(f"Unknown variable @{v.var}", v.pos.line, v.pos.column)
+                if v.column not in table.columns:
+                    raise ScaleError(f"Unknown column '{v.column}' in @{v.var} {where}", v.pos.line, v.pos.column)
+                idx = table.columns.index(v.column)
+                per_row[p.name] = (p, [r[idx] for r in table.rows], v.pos)
+            else:
+                assert isinstance(v, A.Literal)
+                fixed[p.name] = v.value
+        for p in spec.params:
+            if p.name not in fixed and p.name not in per_row:
+                fixed[p.name] = p.default
+        if per_row:
+            lengths = {len(vals) for (_, vals, _) in per_row.values()} - {1}
+            if len(lengths) > 1:
+                raise ScaleError(
+                    f"Column references in one call must come from tables of the same length {where}",
+                    call.pos.line, call.pos.column,
+                )
+            n = lengths.pop() if lengths else 1
+            arg_sets = []
+            for i in range(n):
+                args = dict(fixed)
+                for name, (p, vals, pos) in per_row.items():
+                    args[name] = self.coerce(p, vals[i] if len(vals) > 1 else vals[0], where, pos)
+                arg_sets.append(args)
+        else:
+            arg_sets = [fixed]
+        columns: list[str] = spec.column_names
+        rows: list[list[object]] = []
+        env = MethodEnv(self.context, self.limits, self.deadline)
+        for args in arg_sets:
+            self.check_time(call.pos)
+            try:
+                assert spec.impl is not None
+                out = spec.impl(env, args)
+            except MethodError as e:
+                if time.monotonic() > self.deadline:
+                    raise self.time_error(call.pos) from None
+                raise ScaleError(f"{e} {where}", call.pos.line, call.pos.column) from None
+            except ScaleError:
+                raise
+            except Exception as e:  # a method must never take the agent down
+                raise ScaleError(f"{spec.full_name} failed: {type(e).__name__}: {e}", call.pos.line, call.pos.column) from None
+            if isinstance(out, tuple):
+                out_cols, out_rows = list(out[0]), out[1]
+            else:
+                out_cols, out_rows = columns, out
+            norm = [[normalize(v) for v in r] for r in out_rows]
+            if out_cols != columns:
+                if rows:
+                    columns, rows = _merge(columns, rows, out_cols, norm)
+                else:
+                    columns, rows = out_cols, norm
+            else:
+                rows.extend(norm)
+            self.check_rows(len(rows), call.pos)
+        self.check_time(call.pos)
+        return Table(columns, rows)
+
+    # statements --------------------------------------------------------------------------
+    def produce(self, t: Table, pos: A.Pos) -> Table:
+        self.check_rows(len(t.rows), pos)
+        self.last = t
+        self.check_memory(pos)
+        return t
+
+    def exec_block(self, stmts: list[A.Statement]) -> Table | None:
+        out: Table | None = None
+        for s in stmts:
+            r = self.exec_stmt(s)
+            if r is not None:
+                out = r
+        return out
+
+    def exec_stmt(self, s: A.Statement) -> Table | None:
+        if isinstance(s, A.Assign):
+            v = s.value
+            if isinstance(v, A.Literal):
+                t: Table | None = Table(["Value"], [[v.value]])
+            else:
+                t = self.exec_stmt(v)  # type: ignore[arg-type]
+                if t is None:
+                    t = Table([], [])
+            self.vars[s.target] = t
+            self.drop_unused()
+            return self.produce(t, s.pos)
+        if isinstance(s, A.Call):
+            return self.produce(self.run_call(s), s.pos)
+        if isinstance(s, A.Select):
+            return self.produce(self.run_select(s), s.pos)
+        if isinstance(s, A.Foreach):
+            return self.exec_foreach(s)
+        if isinstance(s, A.If):
+            table = self.vars.get(s.var)
+            if table is None:
+                raise ScaleError(f"Unknown variable @{s.var}", s.var_pos.line, s.var_pos.column)
+            cond = bool(table.rows) != s.negate
+            if cond:
+                return self.exec_block(s.then)
+            if s.otherwise is not None:
+                return self.exec_block(s.otherwise)
+            return None
+        if isinstance(s, A.Evaluate):
+            if self.last is None or not self.last.rows:
+                raise _Exit("nocontent", self.last)
+            return None
+        if isinstance(s, A.Exit):
+            if s.kind == "NOCONTENT":
+                raise _Exit("nocontent")
+            if s.kind == "ERROR":
+                raise _Exit("error", error=ScaleError(s.message or "Error", s.pos.line, s.pos.column))
+            if s.kind == "NOTIMPLEMENTED":
+                raise _Exit(
+                    "notimplemented", error=ScaleError(s.message or "Not implemented", s.pos.line, s.pos.column)
+                )
+            table = self.last
+            if s.var is not None:
+                table = self.vars.get(s.var)
+                if table is None:
+                    assert s.var_pos is not None
+                    raise ScaleError(f"Unknown variable @{s.var}", s.var_pos.line, s.var_pos.column)
+            raise _Exit("success", table)
+        raise TypeError(s)  # pragma: no cover
+
+    def exec_foreach(self, s: A.Foreach) -> Table:
+        source = self.vars.get(s.table_var)
+        if source is None:
+            raise ScaleError(f"Unknown variable @{s.table_var}", s.table_pos.line, s.table_pos.column)
+        columns: list[str] = []
+        rows: list[list[object]] = []
+        for row in list(source.rows):
+            self.check_time(s.pos)
+            self.vars[s.row_var] = Table(list(source.columns), [list(row)])
+            out = self.exec_block(s.body)
+            if out is not None:
+                if out.columns != columns:
+                    columns, rows = _merge(columns, rows, out.columns, out.rows)
+                else:
+                    rows.extend(out.rows)
+                self.check_rows(len(rows), s.pos)
+        return self.produce(Table(columns, rows), s.pos)
+
+    def run(self) -> RunResult:
+        try:
+            if self.program.is_action and not self.allow_actions:
+                a = self.program.actions[0]
+                raise ScaleError(
+                    f"Action method {a.method} is not allowed: actions are not enabled", a.line, a.column
+                )
+            self.exec_block(self.program.script.statements)
+            result = self.last
+            status: Status = "success" if result is not None and result.rows else "nocontent"
+        except _Exit as e:
+            if e.status in ("error", "notimplemented"):
+                return RunResult(e.status, [], [], e.error)
+            result = e.table if e.status == "success" else None
+            if e.status == "nocontent":
+                return RunResult("nocontent", list(e.table.columns) if e.table else [], [])
+            status = "success" if result is not None and result.rows else "nocontent"
+        except ScaleError as e:
+            return RunResult("error", [], [], e)
+        except RecursionError:
+            return RunResult("error", [], [], ScaleError("Payload nested too deeply", 1, 1))
+        except MemoryError:
+            return RunResult("error", [], [], ScaleError(f"Memory limit of {self.limits.max_memory_bytes} bytes exceeded", 1, 1))
+        finally:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+        if result is None:
+            return RunResult(status, [], [])
+        return RunResult(status, list(result.columns), [list(r) for r in result.rows])
+
+
+def _dedupe(columns: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for c in columns:
+        key = c.lower()
+        if key in seen:
+            seen[key] += 1
+            name = f"{c}_{seen[key]}"
+            while name.lower() in seen:
+                seen[key] += 1
+                name = f"{c}_{seen[key]}"
+            seen[name.lower()] = 0
+            out.append(name)
+        else:
+            seen[key] = 0
+            out.append(c)
+    return out
+
+
+def _union(a: list[str], b: list[str]) -> list[str]:
+    return a + [c for c in b if c not in a]
+
+
+def _reshape(cols: list[str], rows: list[list[object]], target: list[str]) -> list[list[object]]:
+    idx = [cols.index(c) if c in cols else -1 for c in target]
+    return [[r[i] if i >= 0 else None for i in idx] for r in rows]
+
+
+def _merge(cols_a: list[str], rows_a: list[list[object]], cols_b: list[str], rows_b: list[list[object]]):
+    cols = _union(cols_a, cols_b)
+    return cols, _reshape(cols_a, rows_a, cols) + _reshape(cols_b, rows_b, cols)

@@ -1,0 +1,16 @@
+"""SCALE method library: one module per SCALE module. Importing this package registers them."""
+
+from . import (  # noqa: F401
+    agent,
+    device,
+    filesystem,
+    interaction,
+    nativeservices,
+    network,
+    operatingsystem,
+    scripting,
+    software,
+    tagging,
+    users,
+    utilities,
+)

@@ -1,0 +1,171 @@
+"""SCALE module FileSystem: file contents, details and directory listings, with limits."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from ..spec import ColumnSpec as C
+from ..spec import MethodEnv, MethodError, method
+from ..spec import ParamSpec as P
+from ._common import group_name, iso, user_name
+
+MAX_LINES = 50_000
+MAX_FILE_BYTES = 10 * 1024 * 1024
+MAX_DEPTH = 32
+MAX_COUNT = 100_000
+
+_FILE_PARAM = P("FileName", "string", required=True, description="full path of the file", aliases=("FilePath",))
+
+
+def _path(args: dict[str, object]) -> Path:
+    p = Path(str(args["FileName"])).expanduser()
+    if not p.is_absolute():
+        raise MethodError(f"FileName must be an absolute path, got '{args['FileName']}'")
+    return p
+
+
+@method(
+    "FileSystem", "GetFileByLine",
+    f"A text file, one row per line (LF or CRLF). At most {MAX_LINES:,} lines are read. A missing file gives an empty table.",
+    params=(_FILE_PARAM,),
+    columns=(C("LineNumber", "integer"), C("Content", "string")),
+)
+def get_file_by_line(env: MethodEnv, args: dict[str, object]):
+    path = _path(args)
+    rows = []
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            for n, line in enumerate(f, 1):
+                if n > MAX_LINES:
+                    break
+                rows.append([n, line.rstrip("\r\n")])
+                if n % 4096 == 0:
+                    env.check_time()
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except IsADirectoryError:
+        raise MethodError(f"'{path}' is a directory") from None
+    except PermissionError:
+        raise MethodError(f"Permission denied reading '{path}'") from None
+    return rows
+
+
+@method(
+    "FileSystem", "GetFile",
+    f"The whole content of a text file as one row. Files over {MAX_FILE_BYTES // (1024 * 1024)} MB are refused. A missing file gives an empty table.",
+    params=(_FILE_PARAM,),
+    columns=(C("FileName", "string"), C("Size", "integer"), C("Content", "string")),
+)
+def get_file(env: MethodEnv, args: dict[str, object]):
+    path = _path(args)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except IsADirectoryError:
+        raise MethodError(f"'{path}' is a directory") from None
+    except PermissionError:
+        raise MethodError(f"Permission denied reading '{path}'") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise MethodError(f"File '{path}' exceeds the {MAX_FILE_BYTES // (1024 * 1024)} MB limit")
+    return [[str(path), len(data), data.decode("utf-8", errors="replace")]]
+
+
+def _sha256(path: Path, env: MethodEnv) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                env.check_time()
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+@method(
+    "FileSystem", "GetFileDetails",
+    "Size, times, owner, mode and SHA-256 of one file. A missing file gives an empty table.",
+    params=(_FILE_PARAM,),
+    columns=(
+        C("FileName", "string"), C("Name", "string"), C("Directory", "string"), C("Size", "integer"),
+        C("CreationTime", "datetime", "birth time where the platform records it, else inode change time"),
+        C("LastModified", "datetime"), C("LastAccessed", "datetime"), C("Owner", "string"), C("Group", "string"),
+        C("Mode", "string"), C("IsDirectory", "boolean"), C("Sha256", "string", "empty for directories"),
+    ),
+)
+def get_file_details(env: MethodEnv, args: dict[str, object]):
+    path = _path(args)
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except PermissionError:
+        raise MethodError(f"Permission denied reading '{path}'") from None
+    created = getattr(st, "st_birthtime", None) or st.st_ctime
+    is_dir = stat.S_ISDIR(st.st_mode)
+    owner = user_name(st.st_uid) if hasattr(os, "getuid") else None
+    group = group_name(st.st_gid) if hasattr(os, "getuid") else None
+    return [[
+        str(path), path.name, str(path.parent), st.st_size, iso(created), iso(st.st_mtime), iso(st.st_atime),
+        owner, group, stat.filemode(st.st_mode), is_dir, None if is_dir else _sha256(path, env),
+    ]]
+
+
+@method(
+    "FileSystem", "GetFiles",
+    f"A directory listing. Depth 0 lists the folder itself; deeper levels recurse (at most {MAX_DEPTH}). "
+    f"At most MaxCount entries (default 10,000, at most {MAX_COUNT:,}); symbolic links are not followed.",
+    params=(
+        P("Folder", "string", required=True, description="full path of the directory", aliases=("Directory", "FolderPath")),
+        P("Depth", "integer", default=0, description="levels of subdirectories to descend"),
+        P("MaxCount", "integer", default=10_000, description="maximum entries returned"),
+        P("Pattern", "string", default="*", description="glob pattern matched against entry names"),
+    ),
+    columns=(
+        C("Name", "string"), C("Path", "string"), C("Directory", "string"), C("IsDirectory", "boolean"),
+        C("Size", "integer"), C("LastModified", "datetime"), C("Depth", "integer"),
+    ),
+)
+def get_files(env: MethodEnv, args: dict[str, object]):
+    root = Path(str(args["Folder"])).expanduser()
+    depth = int(args["Depth"])  # type: ignore[arg-type]
+    count = int(args["MaxCount"])  # type: ignore[arg-type]
+    pattern = str(args["Pattern"])
+    if not root.is_absolute():
+        raise MethodError(f"Folder must be an absolute path, got '{root}'")
+    if not 0 <= depth <= MAX_DEPTH:
+        raise MethodError(f"Depth must be between 0 and {MAX_DEPTH}")
+    if not 1 <= count <= MAX_COUNT:
+        raise MethodError(f"MaxCount must be between 1 and {MAX_COUNT}")
+    if not root.is_dir():
+        return []
+    rows: list[list[object]] = []
+    stack: list[tuple[Path, int]] = [(root, 0)]
+    while stack:
+        d, level = stack.pop()
+        env.check_time()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir(follow_symlinks=False)
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if fnmatch.fnmatchcase(e.name, pattern):
+                rows.append([e.name, e.path, str(d), is_dir, None if is_dir else st.st_size, iso(st.st_mtime), level])
+                if len(rows) >= count:
+                    return rows
+            if is_dir and level < depth:
+                subdirs.append((Path(e.path), level + 1))
+        stack.extend(reversed(subdirs))
+    return rows
