@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -126,6 +125,15 @@ def init(
               f"switch {settings.port('switch')} (poke {settings.port('poke')}), "
               f"database {'SQLite files' if not database_url else 'PostgreSQL'}; "
               f"administrator credentials in {dd.admin_credentials}", highlight=False)
+
+
+@app.command()
+def demo(root: Annotated[Path, typer.Argument(help="data directory to create or reuse")] = Path("quanta-data"),
+         keep_running: Annotated[bool, typer.Option(help="leave the server running after the answer")] = False) -> None:
+    """Start a single server (SQLite) with a local agent and answer a real question."""
+    from quanta.demo import run_demo
+
+    raise typer.Exit(run_demo(root, keep_running))
 
 
 # ------------------------------------------------------------------------------- components
@@ -321,22 +329,32 @@ def devices(root: DirArg, json_output: Annotated[bool, typer.Option("--json")] =
     out.print(table)
 
 
-def _mount_optional() -> None:
-    """Sub-commands of components that live in their own packages."""
-    try:
-        from quanta.scale.cli import app as scale_app
-        from quanta.scale.cli import methods_command
-    except ImportError:  # pragma: no cover - the scale package is part of every install
-        return
-    app.add_typer(scale_app, name="scale", help="Author and run SCALE payloads locally.")
+# Sub-commands that live with their components. Each module has ``register(app)``.
+COMMAND_MODULES = ("quanta.ports.cli", "quanta.simulate.cli")
+
+
+def _register_component_commands() -> None:
+    import importlib
+    import importlib.util
+
+    from quanta.scale.cli import app as scale_app
+    from quanta.scale.cli import methods_command
+
+    app.add_typer(scale_app, name="scale", help="Author and run SCALE payloads locally (no server).")
 
     @app.command()
     def methods(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
         """Print the SCALE method reference."""
         methods_command(json_output)
 
+    for name in COMMAND_MODULES:
+        package = name.rsplit(".", 1)[0]
+        # a component not installed is skipped; one that is installed but broken fails loudly
+        if importlib.util.find_spec(package) is not None and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(app)
 
-_mount_optional()
+
+_register_component_commands()
 
 
 def main() -> None:
