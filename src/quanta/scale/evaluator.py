@@ -137,6 +137,7 @@ class Evaluator:
         self.counter = itertools.count(1)
         self.abort_reason: str | None = None
         self.allowed: set[str] = set()
+        self.real_tables: set[str] = set()
         self.denied: str | None = None
         self._proc = psutil.Process()
         self._rss0 = self._proc.memory_info().rss
@@ -184,7 +185,12 @@ class Evaluator:
     # sqlite ------------------------------------------------------------------------------
     def _authorize(self, action: int, arg1: str | None, arg2: str | None, db: str | None, trigger: str | None) -> int:
         if action == sqlite3.SQLITE_READ:
-            if arg1 in self.allowed and db in ("main", None):
+            # Reads of CTEs and subqueries arrive with their own names; only real tables are
+            # restricted: the statement's own @tables are allowed, every other table is not.
+            name = (arg1 or "").lower()
+            if arg1 in self.allowed or not (
+                name in self.real_tables or name.startswith(("sqlite_", "pragma_")) or (db not in ("main", None))
+            ):
                 return sqlite3.SQLITE_OK
             self.denied = f"reading {arg1}"
             return sqlite3.SQLITE_DENY
@@ -222,6 +228,7 @@ class Evaluator:
             marks = ", ".join("?" * len(table.columns))
             conn.executemany(f"INSERT INTO {_qi(name)} VALUES ({marks})", table.rows)
         self.loaded[id(table)] = (name, table)
+        self.real_tables.add(name)
         return name
 
     def load_builtin(self, name: str, pos: A.Pos) -> str:
@@ -246,6 +253,7 @@ class Evaluator:
             name, _ = self.loaded.pop(key)
             if name not in self.builtins.values():
                 self.conn.execute(f"DROP TABLE {_qi(name)}")
+                self.real_tables.discard(name)
 
     def run_select(self, sel: A.Select) -> Table:
         self.check_time(sel.pos)
@@ -298,7 +306,7 @@ class Evaluator:
             if self.abort_reason == "memory":
                 raise self.memory_error(sel.pos) from None
             msg = str(e)
-            if "not authorized" in msg and self.denied:
+            if self.denied:
                 msg = f"not authorized: {self.denied} is not allowed in a SELECT"
             if "too big" in msg:
                 raise ScaleError(f"Memory limit exceeded: {msg}", sel.pos.line, sel.pos.column) from None

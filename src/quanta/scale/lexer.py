@@ -247,6 +247,7 @@ def tokenize(text: str) -> list[Token]:
             prev = tokens[-1] if tokens else None
             if upper in ("SELECT", "WITH") and (
                 prev is None
+                or prev.kind == "SQL"
                 or (prev.kind == "PUNCT" and prev.value in (";", "=", ")"))
                 or (prev.kind == "IDENT" and str(prev.value).upper() in _SQL_AFTER_KEYWORDS)
             ):
