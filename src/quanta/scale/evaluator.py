@@ -32,16 +32,17 @@ class Table:
     size: int = -1  # approximate bytes, computed lazily
 
     def nbytes(self) -> int:
+        """Approximate memory held by the table (sampled for large tables)."""
         if self.size < 0:
-            total = 64 + 16 * len(self.columns)
-            for row in self.rows:
-                total += 56 + 8 * len(row)
+            n = len(self.rows)
+            step = max(1, n // 512)
+            sample = self.rows[::step]
+            per_rows = 0
+            for row in sample:
+                per_rows += 56 + 8 * len(row)
                 for v in row:
-                    if isinstance(v, (str, bytes)):
-                        total += 49 + len(v)
-                    else:
-                        total += 24
-            self.size = total
+                    per_rows += 49 + len(v) if isinstance(v, (str, bytes)) else 24
+            self.size = 64 + 16 * len(self.columns) + (per_rows * n // len(sample) if sample else 0)
         return self.size
 
 
