@@ -47,6 +47,27 @@ def register_device(engine: sa.Engine, device_id: str, cert_serial: str) -> None
                                               online=False, first_seen=None))
 
 
+def register_devices(engine: sa.Engine, pairs: Sequence[tuple[str, str]], chunk: int = 5000) -> None:
+    """Record many enrolled devices at once: ``(device_id, cert_serial)`` pairs (batch enrolment).
+
+    Re-enrolling a known device replaces its serial and clears ``revoked``, as
+    :func:`register_device` does; a new device is stored offline.
+    """
+    with engine.begin() as c:
+        for i in range(0, len(pairs), chunk):
+            part = pairs[i:i + chunk]
+            ids = [d for d, _ in part]
+            known = {r[0] for r in c.execute(sa.select(devices.c.device_id).where(devices.c.device_id.in_(ids)))}
+            new = [dict(device_id=d, cert_serial=s, tags={}, online=False, first_seen=None)
+                   for d, s in part if d not in known]
+            if new:
+                c.execute(devices.insert(), new)
+            old = [dict(b_id=d, b_serial=s) for d, s in part if d in known]
+            if old:
+                c.execute(devices.update().where(devices.c.device_id == sa.bindparam("b_id"))
+                          .values(cert_serial=sa.bindparam("b_serial"), revoked=False), old)
+
+
 def devices_online(engine: sa.Engine, switch: str, infos: Sequence[DeviceInfo]) -> None:
     if not infos:
         return

@@ -1,0 +1,419 @@
+"""One simulator worker process: thousands of protocol-true agents on one uvloop.
+
+Each simulated device is exactly what a real agent is on the wire: its own TLS client
+certificate (mutual TLS, the Switch is verified against the CA), the real :class:`Hello`, the
+instruction's Ed25519 signature checked against ``signing.pub``, real :class:`Response`
+messages, kept until a :class:`ResponseAck` arrives and re-sent after a reconnect or a timeout,
+and never executed twice (the agent journal's rules, in memory).
+
+Only the answer is synthetic: ``rows`` rows of ``row_size`` bytes, after a latency drawn from a
+configurable distribution, with configurable failure and no-content rates.
+
+Signature checks are memoised per exact ``(body, signature)`` bytes within a process: the
+verdict for identical bytes is identical, and this keeps the simulator's CPU for the
+measurement, not for repeating the same Ed25519 check 10,000 times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+import quanta
+from quanta import protocol as p
+from quanta.pki import Verifier
+
+from .enroll import Fleet
+
+log = logging.getLogger("quanta.simulate")
+
+RESEND_AFTER = 30.0
+# Shared counters, one block per worker (see runner.py).
+COUNTERS = ("connected", "connects", "connect_failures", "deliveries", "executions", "responses",
+            "resends", "acks", "disconnects", "churned", "resumed")
+C = {name: i for i, name in enumerate(COUNTERS)}
+
+
+class SimConfig(msgspec.Struct, frozen=True):
+    rows: int = 1
+    row_size: int = 32
+    latency: str = "0"  # "0", "fixed:S", "uniform:A:B", "exp:MEAN", "lognormal:MU:SIGMA"
+    failure_rate: float = 0.0
+    nocontent_rate: float = 0.0
+    churn: float = 0.0  # fraction of the fleet that leaves per minute
+    churn_downtime: float = 5.0
+    connect_concurrency: int = 256
+    retry_min: float = 1.0
+    retry_max: float = 60.0
+    resume: bool = True  # offer the last TLS session on reconnect (TLS 1.3 tickets)
+    seed: int | None = None
+
+
+def latency_sampler(spec: str, rnd: random.Random) -> Callable[[], float]:
+    """Parse a latency spec into a sampler returning seconds."""
+    kind, _, rest = spec.partition(":")
+    args = [float(x) for x in rest.split(":")] if rest else []
+    try:
+        if kind in ("0", "none", ""):
+            return lambda: 0.0
+        if kind == "fixed":
+            (s,) = args
+            return lambda: s
+        if kind == "uniform":
+            a, b = args
+            return lambda: rnd.uniform(a, b)
+        if kind == "exp":
+            (mean,) = args
+            return lambda: rnd.expovariate(1.0 / mean) if mean > 0 else 0.0
+        if kind == "lognormal":
+            mu, sigma = args
+            return lambda: rnd.lognormvariate(mu, sigma)
+        float(spec)
+        return lambda: float(spec)
+    except ValueError:
+        pass
+    raise ValueError(f"latency {spec!r}: expected 0, fixed:S, uniform:A:B, exp:MEAN or lognormal:MU:SIGMA")
+
+
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers the session of its device's previous connection."""
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):  # type: ignore[no-untyped-def,override]
+        return super().wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
+                                session=session or self.session)
+
+
+class Entry:
+    __slots__ = ("response", "acked", "sent_at", "expires_at")
+
+    def __init__(self, expires_at: float) -> None:
+        self.response: bytes | None = None
+        self.acked = False
+        self.sent_at = 0.0
+        self.expires_at = expires_at
+
+
+class SimDevice(WSListener):
+    def __init__(self, sim: Simulator, name: str, index: int) -> None:
+        self.sim = sim
+        self.name = name
+        self.switch_index = index % len(sim.switches)
+        self.transport: WSTransport | None = None
+        self.ctx: ResumingContext | None = None
+        self.up = False  # welcomed by a Switch
+        self.journal: dict[int, Entry] = {}
+        self.attempt = 0
+        self.away_until = 0.0
+
+    # --------------------------------------------------------------- picows callbacks
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        transport.send(WSMsgType.BINARY, self.sim.hello(self.name))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        t = frame.msg_type
+        if t is WSMsgType.BINARY:
+            try:
+                msg = p.decode_from_switch_for_agent(frame.get_payload_as_memoryview())
+            except p.ProtocolError as e:
+                log.error("%s: malformed message from switch: %s", self.name, e)
+                transport.send_close(WSCloseCode.PROTOCOL_ERROR)
+                transport.disconnect()
+                return
+            if isinstance(msg, p.Deliver):
+                self.on_deliver(msg.instruction)
+            elif isinstance(msg, p.ResponseAck):
+                self.on_ack(msg.instruction_ids)
+            elif isinstance(msg, p.Welcome):
+                self.on_welcome(transport)
+            elif isinstance(msg, p.Cancel):
+                for iid in msg.instruction_ids:
+                    if iid not in self.journal:
+                        e = self.journal[iid] = Entry(time.time() + 60)
+                        e.acked = True
+        elif t is WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if transport is not self.transport:
+            return
+        self.transport = None
+        sim = self.sim
+        if self.up:
+            self.up = False
+            sim.count(C["connected"], -1)
+            sim.count(C["disconnects"])
+        if not sim.stopping:
+            sim.schedule_connect(self, max(self.away_until - time.time(), sim.backoff(self.attempt)))
+            self.attempt += 1
+
+    # ---------------------------------------------------------------------- protocol
+    def send(self, data: bytes) -> bool:
+        t = self.transport
+        if t is None or not self.up or t.is_disconnected:
+            return False
+        t.send(WSMsgType.BINARY, data)
+        return True
+
+    def on_welcome(self, transport: WSTransport) -> None:
+        if self.up:
+            return
+        self.up = True
+        self.attempt = 0
+        sim = self.sim
+        sim.count(C["connected"])
+        sim.count(C["connects"])
+        if self.ctx is not None:
+            ssl_obj = transport.underlying_transport.get_extra_info("ssl_object")
+            if ssl_obj is not None:
+                if ssl_obj.session_reused:
+                    sim.count(C["resumed"])
+                if sim.cfg.resume:
+                    self.ctx.session = ssl_obj.session
+        now = time.time()
+        for e in self.journal.values():  # everything not yet acknowledged goes again
+            if e.response is not None and not e.acked:
+                e.sent_at = now
+                self.send(e.response)
+                sim.count(C["resends"])
+
+    def on_deliver(self, signed: p.SignedInstruction) -> None:
+        sim = self.sim
+        sim.count(C["deliveries"])
+        body = sim.verify(signed)
+        if body is None:
+            iid = _unverified_id(signed.body)
+            if iid is not None:
+                self.send(p.encode(p.Response(instruction_id=iid, status="error",
+                                              error="instruction signature verification failed: refused")))
+            return
+        e = self.journal.get(body.id)
+        if e is not None:
+            if e.response is not None:
+                self.send(e.response)  # delivered again (e.g. after a reconnect): answer from the journal
+                sim.count(C["resends"])
+            return
+        if body.expires_at <= time.time():
+            return
+        self.journal[body.id] = Entry(body.expires_at)
+        delay = sim.latency()
+        if delay <= 0:
+            self.answer(body.id)
+        else:
+            sim.loop.call_later(delay, self.answer, body.id)
+
+    def answer(self, iid: int) -> None:
+        e = self.journal.get(iid)
+        if e is None or e.response is not None:
+            return
+        sim = self.sim
+        sim.count(C["executions"])
+        e.response = sim.response(iid, self.name)
+        e.sent_at = time.time()
+        sim.unacked.add(self)
+        if self.send(e.response):
+            sim.count(C["responses"])
+
+    def on_ack(self, ids: list[int]) -> None:
+        for iid in ids:
+            e = self.journal.get(iid)
+            if e is not None and not e.acked:
+                e.acked = True
+                self.sim.count(C["acks"])
+
+    def due(self, now: float) -> None:
+        pending = False
+        for e in self.journal.values():
+            if e.response is not None and not e.acked:
+                pending = True
+                if now - e.sent_at >= RESEND_AFTER and self.send(e.response):
+                    e.sent_at = now
+                    self.sim.count(C["resends"])
+        if not pending:
+            self.sim.unacked.discard(self)
+
+
+def _unverified_id(body: bytes) -> int | None:
+    try:
+        return p.decode_body(body).id
+    except p.ProtocolError:
+        return None
+
+
+class Simulator:
+    def __init__(self, fleet: Fleet, names: list[str], first_index: int, cfg: SimConfig,
+                 counters: Any, offset: int) -> None:
+        self.fleet = fleet
+        self.cfg = cfg
+        self.switches = fleet.switches
+        self.rnd = random.Random(cfg.seed)
+        self.latency = latency_sampler(cfg.latency, self.rnd)
+        self.verifier = Verifier.from_file(fleet.signing_pub)
+        self.cadata = fleet.ca.read_text()
+        self.devices = [SimDevice(self, n, first_index + i) for i, n in enumerate(names)]
+        self.counters = counters
+        self.offset = offset
+        self.stopping = False
+        self.unacked: set[SimDevice] = set()
+        self._verified: dict[tuple[bytes, bytes], p.InstructionBody | None] = {}
+        self._sem: asyncio.Semaphore | None = None
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._payload = "x" * cfg.row_size
+        self._hello_extra = dict(fqdn_suffix=".sim", os="Simulated 1.0", agent_version=quanta.__version__)
+
+    # ------------------------------------------------------------------ helpers
+    def count(self, i: int, n: int = 1) -> None:
+        self.counters[self.offset + i] += n
+
+    def backoff(self, attempt: int) -> float:
+        lo, hi = self.cfg.retry_min, self.cfg.retry_max
+        cap = min(hi, lo * (2 ** min(attempt, 30)))
+        return lo + self.rnd.random() * max(0.0, cap - lo)
+
+    def hello(self, name: str) -> bytes:
+        return p.encode(p.Hello(device_id=name, fqdn=f"{name}.sim", os="Simulated 1.0",
+                                agent_version=quanta.__version__, tags={"simulated": "true"}))
+
+    def verify(self, signed: p.SignedInstruction) -> p.InstructionBody | None:
+        key = (signed.body, signed.signature)
+        if key not in self._verified:
+            ok = self.verifier.verify(signed.body, signed.signature)
+            self._verified[key] = p.decode_body(signed.body) if ok else None
+        return self._verified[key]
+
+    def response(self, iid: int, name: str) -> bytes:
+        r = self.rnd.random()
+        cfg = self.cfg
+        if r < cfg.failure_rate:
+            msg = p.Response(instruction_id=iid, status="error", error="simulated failure")
+        elif r < cfg.failure_rate + cfg.nocontent_rate:
+            msg = p.Response(instruction_id=iid, status="nocontent", columns=["Device", "Row", "Data"])
+        else:
+            msg = p.Response(instruction_id=iid, status="success", columns=["Device", "Row", "Data"],
+                             rows=[[name, i, self._payload] for i in range(cfg.rows)])
+        return p.encode(msg)
+
+    def context(self, dev: SimDevice) -> ResumingContext:
+        if dev.ctx is None:
+            ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_verify_locations(cadata=self.cadata)
+            ctx.load_cert_chain(self.fleet.pem(dev.name))
+            dev.ctx = ctx
+        return dev.ctx
+
+    # ------------------------------------------------------------------ connecting
+    def schedule_connect(self, dev: SimDevice, delay: float) -> None:
+        def go() -> None:
+            if not self.stopping and dev.transport is None:
+                asyncio.ensure_future(self.connect(dev))
+        self.loop.call_later(max(0.0, delay), go)
+
+    async def connect(self, dev: SimDevice) -> None:
+        assert self._sem is not None
+        async with self._sem:
+            if self.stopping or dev.transport is not None:
+                return
+            host, port = self.switches[dev.switch_index % len(self.switches)]
+            try:
+                await asyncio.wait_for(ws_connect(
+                    lambda: dev, f"wss://{host}:{port}/agent", ssl_context=self.context(dev),
+                    websocket_handshake_timeout=20, enable_auto_ping=True, auto_ping_idle_timeout=60,
+                    auto_ping_reply_timeout=30, use_aiofastnet=False, max_frame_size=16 * 1024 * 1024,
+                    read_buffer_init_size=1024), 30)
+                return
+            except Exception as e:  # noqa: BLE001 - refused, TLS failure, timeout: fail over and back off
+                log.debug("%s: cannot connect to %s:%d: %s", dev.name, host, port, e)
+                self.count(C["connect_failures"])
+                dev.switch_index += 1
+                if dev.ctx is not None:
+                    dev.ctx.session = None
+        self.schedule_connect(dev, self.backoff(dev.attempt))
+        dev.attempt += 1
+
+    # ------------------------------------------------------------------ loops
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            now = time.time()
+            for dev in list(self.unacked):
+                dev.due(now)
+            for dev in self.devices:  # forget instructions long past their window
+                if dev.journal:
+                    for iid in [i for i, e in dev.journal.items() if e.expires_at + 3600 < now]:
+                        del dev.journal[iid]
+
+    async def _churn(self) -> None:
+        carry = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            carry += self.cfg.churn * len(self.devices) / 60.0
+            k, carry = int(carry), carry - int(carry)
+            if k <= 0:
+                continue
+            up = [d for d in self.devices if d.up]
+            for dev in self.rnd.sample(up, min(k, len(up))):
+                dev.away_until = time.time() + self.cfg.churn_downtime
+                self.count(C["churned"])
+                if dev.transport is not None:
+                    dev.transport.send_close(WSCloseCode.GOING_AWAY)
+                    dev.transport.disconnect()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._sem = asyncio.Semaphore(self.cfg.connect_concurrency)
+        tasks = [asyncio.create_task(self._housekeeping())]
+        if self.cfg.churn > 0:
+            tasks.append(asyncio.create_task(self._churn()))
+        for dev in self.devices:
+            asyncio.ensure_future(self.connect(dev))
+        await stop.wait()
+        self.stopping = True
+        for t in tasks:
+            t.cancel()
+        for dev in self.devices:
+            if dev.transport is not None:
+                dev.transport.send_close(WSCloseCode.GOING_AWAY)
+                dev.transport.disconnect()
+        await asyncio.sleep(0.2)
+
+
+def worker_main(fleet_root: str, names: list[str], first_index: int, cfg_bytes: bytes, counters: Any,
+                offset: int, stop_event: Any, log_level: str) -> None:
+    """Entry point of one simulator process (multiprocessing, spawn)."""
+    import uvloop
+
+    logging.basicConfig(level=getattr(logging, log_level, logging.WARNING),
+                        format="%(asctime)s %(levelname)s simulate[%(process)d] %(name)s: %(message)s")
+    logging.getLogger("picows").setLevel(logging.CRITICAL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
+    cfg = msgspec.msgpack.decode(cfg_bytes, type=SimConfig)
+    fleet = Fleet.load(fleet_root)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+        async def watch() -> None:
+            while not stop_event.is_set():
+                await asyncio.sleep(0.1)
+            stop.set()
+
+        watcher = asyncio.create_task(watch())
+        await Simulator(fleet, names, first_index, cfg, counters, offset).run(stop)
+        watcher.cancel()
+
+    uvloop.run(main())
