@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,8 @@ def read_credentials(path: Path) -> tuple[str, str]:
 
 class ConsumerClient:
     def __init__(self, base_url: str, ca_file: Path | None, username: str, password: str) -> None:
-        self.http = httpx.Client(base_url=base_url, verify=str(ca_file) if ca_file else True, timeout=30)
+        verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        self.http = httpx.Client(base_url=base_url, verify=verify, timeout=30)
         self._login(username, password)
 
     @classmethod
