@@ -19,7 +19,14 @@ ANSWERED = ("success", "nocontent", "error", "notapplicable")
 
 
 class ApiError(Exception):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """The server is there but a dependency (its database) is not: worth retrying."""
+        return self.status == 503
 
 
 def parse_param(item: str) -> tuple[str, Any]:
@@ -76,7 +83,7 @@ class ConsumerClient:
                 detail = r.text
             if isinstance(detail, dict) and "error" in detail:
                 detail = detail["error"]
-            raise ApiError(f"{r.status_code}: {detail}")
+            raise ApiError(f"{r.status_code}: {detail}", r.status_code)
         return r.json()
 
     def _login(self, username: str, password: str) -> None:
@@ -103,7 +110,13 @@ class ConsumerClient:
             task = bar.add_task("answers", total=None, iid=iid, states="")
         try:
             while True:
-                s = self.status(iid)
+                try:
+                    s = self.status(iid)
+                except ApiError as e:
+                    if not e.transient or time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+                    continue
                 if bar is not None:
                     done = sum(v for k, v in s["states"].items() if k in ANSWERED or
                                (s["status"] != "active" and k in FINAL_STATES))
@@ -123,10 +136,20 @@ class ConsumerClient:
     def all_results(self, iid: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         while True:
-            page = self.results(iid, len(out), 1000)
+            page = self._retrying(self.results, iid, len(out), 1000)
             out += page
             if len(page) < 1000:
                 return out
+
+    @staticmethod
+    def _retrying(fn: Any, *args: Any, attempts: int = 30) -> Any:
+        for i in range(attempts):
+            try:
+                return fn(*args)
+            except ApiError as e:
+                if not e.transient or i == attempts - 1:
+                    raise
+                time.sleep(1)
 
     def devices(self) -> list[dict[str, Any]]:
         return self._call("GET", "/Consumer/Devices")

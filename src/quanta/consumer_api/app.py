@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -221,6 +221,13 @@ def create_app(api: ConsumerApi) -> FastAPI:
     app = FastAPI(title="Quanta Consumer API", version="1", openapi_url="/Consumer/openapi.json",
                   docs_url="/Consumer/docs", redoc_url=None)
     app.state.api = api
+
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(sa.exc.InterfaceError)
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.error("database unavailable for %s %s: %s", request.method, request.url.path,
+                  str(getattr(exc, "orig", exc)).strip()[:200])
+        return JSONResponse({"detail": "database unavailable; nothing was changed, retry later"}, status_code=503)
 
     @app.get("/Consumer/health")
     async def health() -> dict[str, str]:

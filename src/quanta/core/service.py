@@ -53,7 +53,25 @@ class Core:
         self._finish_lock = asyncio.Lock()
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+        """Run a database call on the writer thread. If the database is unreachable, wait and
+        retry: nothing is acknowledged until it is committed, so an outage delays, never loses."""
+        delay = 0.5
+        failing_since = None
+        while True:
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                log.error("database unavailable during %s: %s; retrying in %.1fs (nothing is acknowledged "
+                          "until it is committed)", getattr(fn, "__name__", fn), str(e.orig or e).strip()[:200],
+                          delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if failing_since is not None:
+                log.warning("database back after %.1fs", time.monotonic() - failing_since)
+            return result
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
