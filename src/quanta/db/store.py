@@ -11,11 +11,14 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import msgspec
 import sqlalchemy as sa
 
 from quanta.protocol import DeviceInfo
 
 from .tables import audit_log, devices, instructions, results, switch_configuration
+
+_json_encode = msgspec.json.Encoder().encode
 
 ANSWER_STATES = ("success", "nocontent", "error", "notapplicable")
 # States a response may overwrite. Anything else is final.
@@ -174,13 +177,19 @@ def insert_targets(engine: sa.Engine, instruction_id: int, targets: dict[str, bo
 
 
 def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str]) -> int:
-    stmt = (results.update()
-            .where(results.c.instruction_id == instruction_id, results.c.device_id == sa.bindparam("b_dev"),
-                   _state_in(("pending", "offline")))
-            .values(state="sent", updated_at=time.time()))
+    """pending/offline -> sent for the devices a Switch delivered to (one driver executemany)."""
+    if not device_ids:
+        return 0
+    if engine.dialect.name == "postgresql":
+        sql = ("UPDATE results SET state = 'sent', updated_at = %(t)s WHERE instruction_id = %(i)s "
+               "AND device_id = %(d)s AND (state = 'pending' OR state = 'offline')")
+    else:
+        sql = ("UPDATE results SET state = 'sent', updated_at = :t WHERE instruction_id = :i "
+               "AND device_id = :d AND (state = 'pending' OR state = 'offline')")
+    now = time.time()
     with engine.begin() as c:
-        r = c.execute(stmt, [{"b_dev": d} for d in device_ids])
-        return r.rowcount or 0
+        r = c.exec_driver_sql(sql, [{"t": now, "i": instruction_id, "d": d} for d in device_ids])
+        return r.rowcount if r.rowcount is not None and r.rowcount >= 0 else 0
 
 
 def ingest(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> int:
@@ -188,20 +197,35 @@ def ingest(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> int:
 
     Only a row still open (pending, sent, offline) is updated, so a duplicate, a late answer
     after expiry, or an answer from an untargeted device changes nothing.
+
+    This is the hot path (one call per Switch batch): it runs one driver-level ``executemany``
+    with the JSON pre-encoded by msgspec, which is what the ``results`` JSON columns store.
     """
     if not rows:
         return 0
-    stmt = (results.update()
-            .where(results.c.instruction_id == sa.bindparam("b_iid"),
-                   results.c.device_id == sa.bindparam("b_dev"),
-                   _state_in(OPEN_STATES))
-            .values(state=sa.bindparam("b_state"), columns=sa.bindparam("b_cols"),
-                    rows=sa.bindparam("b_rows"), error=sa.bindparam("b_err"), updated_at=time.time()))
-    params = [dict(b_iid=r["instruction_id"], b_dev=r["device_id"], b_state=r["state"], b_cols=r["columns"],
-                   b_rows=r["rows"], b_err=r["error"]) for r in rows]
+    pg = engine.dialect.name == "postgresql"
+
+    def ph(name: str, json: bool = False) -> str:
+        if not pg:
+            return f":{name}"
+        return f"CAST(%({name})s AS JSON)" if json else f"%({name})s"
+
+    opened = " OR ".join(f"state = '{s}'" for s in OPEN_STATES)  # constants, not input
+    sql = (f"UPDATE results SET state = {ph('s')}, columns = {ph('c', True)}, rows = {ph('r', True)}, "
+           f"error = {ph('e')}, updated_at = {ph('t')} "
+           f"WHERE instruction_id = {ph('i')} AND device_id = {ph('d')} AND ({opened})")
+    now = time.time()
+    enc = _json_text
+    params = [{"s": r["state"], "c": enc(r["columns"]), "r": enc(r["rows"]), "e": r["error"], "t": now,
+               "i": r["instruction_id"], "d": r["device_id"]} for r in rows]
     with engine.begin() as c:
-        res = c.execute(stmt, params)
+        res = c.exec_driver_sql(sql, params)
         return res.rowcount if res.rowcount is not None and res.rowcount >= 0 else len(rows)
+
+
+def _json_text(value: Any) -> str | None:
+    # SQLAlchemy's JSON type stores NULL for None and json text otherwise; match it.
+    return None if value is None else _json_encode(value).decode()
 
 
 def expire(engine: sa.Engine, instruction_id: int) -> None:

@@ -1,0 +1,163 @@
+"""Shared by the benchmarks: a throw-away Quanta server with S Switches, a simulated fleet,
+and CPU/RSS accounting per component (psutil)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+PY = sys.executable
+
+
+def free_port(pair: bool = False) -> int:
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 64000:
+            continue
+        if not pair:
+            return port
+        ok = True
+        for extra in range(1, 8):  # room for several Switches: port, port+1, port+2, ...
+            with socket.socket() as s2:
+                try:
+                    s2.bind(("0.0.0.0", port + extra))
+                except OSError:
+                    ok = False
+        if ok:
+            return port
+    raise RuntimeError("no free port")
+
+
+def quanta(*args: str, **kw) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    r = subprocess.run([PY, "-m", "quanta", *args], capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"quanta {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def wait_until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class BenchServer:
+    root: Path
+    switches: int
+    database_url: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def init(self) -> None:
+        self.https, self.switch, self.core = free_port(), free_port(pair=True), free_port()
+        args = ["init", str(self.root), "--https-port", str(self.https), "--switch-port", str(self.switch),
+                "--port", f"core={self.core}", "--switches", str(self.switches), "--server-name", "localhost"]
+        if self.database_url:
+            args += ["--database-url", self.database_url]
+        quanta(*args)
+        self.log = self.root / "server.log"
+
+    def start(self) -> None:
+        env = dict(os.environ, QUANTA_LOG_LEVEL="WARNING")
+        self.proc = subprocess.Popen([PY, "-m", "quanta", "server", str(self.root)], stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        wait_until(lambda: self.log_text().count("linked to core") >= self.switches, 60, "switches linked")
+        wait_until(self._https_ok, 30, "web tier")
+
+    def _https_ok(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"https://127.0.0.1:{self.https}/Consumer/health", verify=False, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def components(self) -> dict[str, psutil.Process]:
+        """name -> process for core, web and each switch."""
+        assert self.proc is not None
+        out = {}
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                argv = child.cmdline()
+            except psutil.Error:
+                continue
+            if "quanta" not in argv:
+                continue
+            rest = argv[argv.index("quanta") + 1:]
+            if rest[:1] == ["switch"]:
+                out[f"switch:{rest[-1]}"] = child
+            elif rest[:1] in (["core"], ["web"]):
+                out[rest[0]] = child
+        return out
+
+    def switch_pids(self) -> list[int]:
+        return [p.pid for n, p in self.components().items() if n.startswith("switch:")]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def cpu_of(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    out = {}
+    for name, p in procs.items():
+        try:
+            t = p.cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            out[name] = 0.0
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after.get(k, 0.0) - v for k, v in before.items()}
+
+
+def sim_procs(runner) -> dict[str, psutil.Process]:  # type: ignore[no-untyped-def]
+    return {f"simulate-{i}": psutil.Process(p.pid) for i, p in enumerate(runner.procs)}
+
+
+def machine() -> str:
+    import platform
+
+    import picows
+    import uvloop
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{os.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+            f"Python {platform.python_version()}, picows {picows.__version__}, uvloop {uvloop.__version__}, "
+            f"OpenSSL {__import__('ssl').OPENSSL_VERSION.split()[1]}")

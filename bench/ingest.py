@@ -1,0 +1,193 @@
+"""Responses per second committed by the Core, on SQLite and on PostgreSQL.
+
+    python bench/ingest.py [--n 50000] [--batch 2000] [--database-url postgresql://...] [--quick]
+
+The Quanta side is the Core's own path for what a Switch sends: decode each ``ResponseBatch``
+(msgpack, as it arrives on the link), ``Core.ingest`` (idempotent UPDATE of the open
+(instruction, device) rows on the Core's writer thread, commit, BatchAck, the "everyone
+answered?" count) until the instruction finishes. N target rows are inserted first, as
+``issue`` does.
+
+The baseline, in the same run and the same database: a bare DBAPI ``executemany`` INSERT of the
+same rows (JSON-encoded columns and rows, same batches, one commit per batch) into a plain table.
+Both run ``--repeat`` times, interleaved; medians are compared. PostgreSQL is used when
+``--database-url`` or ``QUANTA_TEST_PG_URL`` names a server (a scratch database is created and
+dropped). ``--quick``: N = 1,000. The last line holds ``ratio=`` = Quanta rate / bare rate,
+the lower of the databases measured (target ≥ 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness  # noqa: E402,F401  (puts src/ on the path)
+
+from _harness import machine  # noqa: E402
+
+COLUMNS = ["Device", "Row", "Data"]
+
+
+def batches(n: int, size: int, iid: int) -> list[bytes]:
+    from quanta import protocol as p
+
+    out = []
+    for b, lo in enumerate(range(0, n, size)):
+        rs = [p.DeviceResponse(device_id=f"sim-{i:06d}", response=p.Response(
+            instruction_id=iid, status="success", columns=COLUMNS, rows=[[f"sim-{i:06d}", 0, "x" * 32]]))
+            for i in range(lo, min(n, lo + size))]
+        out.append(p.encode(p.ResponseBatch(batch_id=b + 1, responses=rs)))
+    return out
+
+
+async def quanta_once(master_url: str, responses_url: str, n: int, size: int, iid: int) -> float:
+    from quanta import protocol as p
+    from quanta.core.service import Core, SwitchLink
+    from quanta.db import make_engine, store
+
+    master, responses = make_engine(master_url), make_engine(responses_url)
+    store.insert_targets(responses, iid, {f"sim-{i:06d}": True for i in range(n)}, time.time() + 3600)
+    store.mark_sent(responses, iid, [f"sim-{i:06d}" for i in range(n)])
+    core = Core(master, responses, b"s" * 32, expiry_interval=3600, purge_interval=3600)
+    acks = []
+
+    async def send(data: bytes) -> None:
+        acks.append(data)
+
+    link = SwitchLink("bench", "localhost", 1, "x", send)
+    core.active[iid] = p.WorkItem(instruction=p.SignedInstruction(body=b"", signature=b""), id=iid,
+                                  expires_at=time.time() + 3600, devices=None)
+    frames = batches(n, size, iid)
+    t0 = time.perf_counter()
+    for f in frames:
+        await core.handle(link, p.decode_from_switch(f))
+    dt = time.perf_counter() - t0
+    assert iid not in core.active, "instruction did not finish"
+    assert store.state_counts(responses, iid) == {"success": n}
+    await core.stop()
+    master.dispose()
+    responses.dispose()
+    return dt
+
+
+def bare_once(url: str, n: int, size: int, table: str) -> float:
+    from quanta import protocol as p
+    from quanta.db import is_sqlite
+
+    frames = batches(n, size, 1)
+    if is_sqlite(url):
+        import sqlite3
+
+        conn = sqlite3.connect(url.split("///", 1)[1])
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        ph = "?"
+    else:
+        import psycopg
+
+        conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+        ph = "%s"
+    cur = conn.cursor()
+    cur.execute(f"DROP TABLE IF EXISTS {table}")
+    cur.execute(f"CREATE TABLE {table} (instruction_id INTEGER, device_id VARCHAR(255), state VARCHAR(16), "
+                f"columns TEXT, rows TEXT, error TEXT, updated_at FLOAT, PRIMARY KEY (instruction_id, device_id))")
+    conn.commit()
+    sql = f"INSERT INTO {table} VALUES ({', '.join([ph] * 7)})"
+    t0 = time.perf_counter()
+    for f in frames:
+        b = p.decode_from_switch(f)
+        now = time.time()
+        cur.executemany(sql, [(r.response.instruction_id, r.device_id, r.response.status,
+                               json.dumps(r.response.columns), json.dumps(r.response.rows), r.response.error, now)
+                              for r in b.responses])
+        conn.commit()
+    dt = time.perf_counter() - t0
+    cur.execute(f"DROP TABLE {table}")
+    conn.commit()
+    conn.close()
+    return dt
+
+
+def pg_database(server_url: str):  # type: ignore[no-untyped-def]
+    import contextlib
+
+    import sqlalchemy as sa
+
+    from quanta.db import normalise_url
+
+    @contextlib.contextmanager
+    def cm():  # type: ignore[no-untyped-def]
+        name = f"quanta_bench_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(normalise_url(server_url), isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield sa.engine.make_url(normalise_url(server_url)).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as c:
+                c.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
+                          {"n": name})
+                c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+            admin.dispose()
+    return cm()
+
+
+def measure(kind: str, master_url: str, responses_url: str, n: int, size: int, repeat: int) -> dict:
+    q, b = [], []
+    asyncio.run(quanta_once(master_url, responses_url, min(n, 500), min(size, 500), iid=10_000))  # warm-up
+    bare_once(responses_url, min(n, 500), min(size, 500), "bare_results")
+    for r in range(repeat):
+        q.append(asyncio.run(quanta_once(master_url, responses_url, n, size, iid=r + 1)))
+        b.append(bare_once(responses_url, n, size, "bare_results"))
+    qm, bm = statistics.median(q), statistics.median(b)
+    return {"db": kind, "n": n, "quanta_s": qm, "bare_s": bm, "quanta_rate": n / qm, "bare_rate": n / bm,
+            "ratio": bm / qm}
+
+
+def main() -> None:
+    from quanta.db import migrate
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=50000)
+    ap.add_argument("--batch", type=int, default=2000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--database-url", default=os.environ.get("QUANTA_TEST_PG_URL"))
+    ap.add_argument("--quick", action="store_true", help="N = 1,000")
+    a = ap.parse_args()
+    n = 1000 if a.quick else a.n
+    size = min(a.batch, n)
+    print(f"# {machine()}")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        m, r = f"sqlite:///{d}/master.db", f"sqlite:///{d}/responses.db"
+        migrate(m, "master")
+        migrate(r, "responses")
+        rows.append(measure("SQLite", m, r, n, size, a.repeat))
+    if a.database_url:
+        with pg_database(a.database_url) as url:
+            migrate(url, "master")
+            migrate(url, "responses")
+            rows.append(measure("PostgreSQL", url, url, n, size, a.repeat))
+    else:
+        print("# PostgreSQL skipped: pass --database-url or set QUANTA_TEST_PG_URL")
+    print("| Database | N | batch | Core ingest | responses/s | bare executemany | rows/s | ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for x in rows:
+        print(f"| {x['db']} | {x['n']:,} | {size:,} | {x['quanta_s']:.3f} s | {x['quanta_rate']:,.0f} | "
+              f"{x['bare_s']:.3f} s | {x['bare_rate']:,.0f} | {x['ratio']:.2f} |")
+    worst = min(rows, key=lambda x: x["ratio"])
+    print(f"ingest N={n} " + " ".join(f"{x['db']}={x['quanta_rate']:.0f}/s(bare {x['bare_rate']:.0f}/s, "
+                                       f"{x['ratio']:.2f})" for x in rows) + f" ratio={worst['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

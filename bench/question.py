@@ -1,0 +1,144 @@
+"""End to end: from issuing a question through the Consumer API until every device has a final
+state and all responses are committed in the Responses database.
+
+    python bench/question.py [--n 1000 10000 50000] [--switches S] [--rounds 5] [--quick]
+                             [--database-url postgresql://...]
+
+For each N: measures the floor (bench/floor.py) for each Switch's share of the devices, starts a
+``quanta server`` with S Switches (default: 1 up to 15,000 devices, else 3), enrols N simulated
+devices with ``quanta enroll-batch``, connects them with the fleet simulator, then asks
+``@x = Device.GetSummary();`` ``--rounds`` times. Reports the median, time to first response
+and to 50/95/100 % committed (from the rows' ``updated_at``), and CPU seconds per component.
+The last line holds ``ratio=`` = median / (sum of the per-Switch floors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import BenchServer, cpu_delta, cpu_of, machine, sim_procs, wait_until  # noqa: E402
+from floor import measure_floor  # noqa: E402
+
+PAYLOAD = "@x = Device.GetSummary();"
+
+
+def commit_times(server: BenchServer, iid: int, t0: float) -> list[float]:
+    import sqlalchemy as sa
+
+    from quanta.db import make_engine
+    from quanta.db.tables import results
+    from quanta.settings import DataDir, load_settings
+
+    s = load_settings(server.root)
+    eng = make_engine(DataDir(server.root).responses_url(s))
+    with eng.connect() as c:
+        ts = sorted(r[0] - t0 for r in c.execute(sa.select(results.c.updated_at).where(
+            results.c.instruction_id == iid, results.c.state == "success")))
+    eng.dispose()
+    return ts
+
+
+def pct(ts: list[float], q: float) -> float:
+    return ts[min(len(ts) - 1, max(0, int(round(q * len(ts))) - 1))]
+
+
+def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: bool = True) -> dict:
+    from quanta.client import ConsumerClient
+    from quanta.simulate import Fleet, FleetRunner, SimConfig
+    from quanta.simulate.enroll import enroll_batch
+
+    share = -(-n // switches)
+    fl = measure_floor(share, rounds)
+    floor_sum = fl["median"] * switches
+    if verbose:
+        print(f"# floor at {share:,} connections: median {fl['median']:.3f}s; x{switches} switches = {floor_sum:.3f}s",
+              flush=True)
+    with tempfile.TemporaryDirectory(prefix="quanta-bench-") as d:
+        server = BenchServer(Path(d) / "server", switches, database_url)
+        server.init()
+        t = time.perf_counter()
+        enroll_batch(server.root, "sim-", n, Path(d) / "fleet")
+        enrol_s = time.perf_counter() - t
+        server.start()
+        runner = FleetRunner(Fleet.load(Path(d) / "fleet"), SimConfig(seed=1))
+        runner.start()
+        try:
+            wait_until(lambda: runner.poll()["connected"] >= n, 60 + n / 200, f"{n} devices connected")
+            connect_s = runner.connected_at - runner.started
+            procs = {**server.components(), **sim_procs(runner)}
+            time.sleep(1.0)
+            out = []
+            with ConsumerClient.for_data_dir(server.root) as api:
+                for r in range(rounds):
+                    c0 = cpu_of(procs)
+                    t0 = time.time()
+                    iid = api.issue(PAYLOAD, instruction_ttl=max(60, n // 500))["id"]
+                    issued = time.time() - t0
+                    while True:
+                        s = api.status(iid)
+                        if s["status"] != "active":
+                            break
+                        time.sleep(0.02)
+                    e2e = time.time() - t0
+                    cpu = cpu_delta(c0, cpu_of(procs))
+                    assert s["states"] == {"success": n}, s
+                    ts = commit_times(server, iid, t0)
+                    assert len(ts) == n
+                    row = {"e2e": e2e, "issue": issued, "first": ts[0], "p50": pct(ts, .5), "p95": pct(ts, .95),
+                           "p100": ts[-1], "cpu": cpu}
+                    out.append(row)
+                    if verbose:
+                        print(f"#  round {r + 1}: {e2e:.3f}s (issue call {issued:.3f}s, first {ts[0]:.3f}, "
+                              f"50% {row['p50']:.3f}, 95% {row['p95']:.3f}, 100% {ts[-1]:.3f}); CPU " +
+                              ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())), flush=True)
+                    time.sleep(0.5)
+        finally:
+            runner.stop()
+            server.stop()
+    med = statistics.median(r["e2e"] for r in out)
+    mid = sorted(out, key=lambda r: r["e2e"])[len(out) // 2]
+    return {"n": n, "switches": switches, "median": med, "floor_share": fl["median"], "floor_sum": floor_sum,
+            "ratio": med / floor_sum, "rounds": out, "mid": mid, "connect_s": connect_s, "enrol_s": enrol_s,
+            "floor": fl}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="*", default=[1000, 10000, 50000])
+    ap.add_argument("--switches", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--database-url", default=None)
+    ap.add_argument("--quick", action="store_true", help="N = 1,000")
+    a = ap.parse_args()
+    ns = [1000] if a.quick else a.n
+    print(f"# {machine()}")
+    results = []
+    for n in ns:
+        sw = a.switches or (1 if n <= 15000 else 3)
+        results.append(run(n, sw, a.rounds, a.database_url))
+    print("| N | Switches | median end-to-end | floor (sum of per-Switch) | ratio | first | 50% | 95% | 100% "
+          "| CPU s (median round) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        m = r["mid"]
+        cpu = {}
+        for k, v in m["cpu"].items():
+            key = "switches" if k.startswith("switch:") else "simulator" if k.startswith("simulate") else k
+            cpu[key] = cpu.get(key, 0.0) + v
+        print(f"| {r['n']:,} | {r['switches']} | {r['median']:.3f} s | {r['floor_sum']:.3f} s | {r['ratio']:.2f} | "
+              f"{m['first']:.3f} | {m['p50']:.3f} | {m['p95']:.3f} | {m['p100']:.3f} | " +
+              ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())) + " |")
+    r = results[-1]
+    print(f"question N={r['n']} switches={r['switches']} median={r['median']:.3f}s floor={r['floor_sum']:.3f}s "
+          f"ratio={r['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
