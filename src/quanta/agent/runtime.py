@@ -19,6 +19,7 @@ import quanta
 from quanta import protocol as p
 from quanta.pki import Verifier, client_context
 
+from .background import BackgroundFetcher
 from .config import AgentConfig
 from .journal import Journal
 
@@ -189,7 +190,7 @@ def run_instruction(body: p.InstructionBody, cfg: AgentConfig) -> p.Response:
         return p.Response(instruction_id=body.id, status="error",
                           error="payload calls an action method but the instruction is a question: refused")
     ctx = AgentContext(data_dir=cfg.state, config_path=cfg.conf_path, log_path=cfg.log_path,
-                       agent_version=quanta.__version__)
+                       agent_version=quanta.__version__, fetch_resource=BackgroundFetcher(cfg))
     try:
         result = run_program(program, context=ctx, allow_actions=body.kind == "action")
     except Exception as e:  # the language promises not to raise; an agent must never die of a payload

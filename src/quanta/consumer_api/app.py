@@ -25,6 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from quanta import protocol as p
+from quanta.background import MAX_CONTENT_BYTES, ContentError, ContentStore
 from quanta.db import store
 from quanta.db.tables import api_tokens, instructions, users
 from quanta.pki import Signer
@@ -121,7 +122,8 @@ class User(BaseModel):
 
 class ConsumerApi:
     def __init__(self, master: sa.Engine, responses: sa.Engine, signer: Signer, core_url: str,
-                 core_token: str, ca_file: str | None = None) -> None:
+                 core_token: str, ca_file: str | None = None, content: ContentStore | None = None) -> None:
+        self.content = content
         self.master = master
         self.responses = responses
         self.signer = signer
@@ -129,8 +131,8 @@ class ConsumerApi:
         self.core_token = core_token
         self.ca_file = ca_file
 
-    async def db(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.to_thread(fn, *args)
+    async def db(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kw)
 
     # ------------------------------------------------------------- auth
     def login(self, username: str, password: str) -> TokenResponse | None:
@@ -295,6 +297,34 @@ def create_app(api: ConsumerApi) -> FastAPI:
                 await asyncio.sleep(0.2)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/Consumer/Content", status_code=201)
+    async def upload_content(request: Request, user: CurrentUser) -> dict[str, Any]:
+        """Store a resource (script, file) in the Background Channel; returns its SHA-256."""
+        if user.role != ADMIN_ROLE:
+            raise HTTPException(403, "uploading content is for Full Administrators")
+        if api.content is None:
+            raise HTTPException(503, "no Background Channel on this server")
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > MAX_CONTENT_BYTES:
+            raise HTTPException(413, f"content exceeds {MAX_CONTENT_BYTES} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_CONTENT_BYTES:
+                raise HTTPException(413, f"content exceeds {MAX_CONTENT_BYTES} bytes")
+        if not data:
+            raise HTTPException(422, "empty content")
+        try:
+            digest = await api.db(api.content.put, bytes(data))
+        except ContentError as e:
+            raise HTTPException(422, str(e)) from None
+        await api.db(store.audit, api.master, user.username, "content_upload", digest, size=len(data))
+        return {"sha256": digest, "size": len(data), "url": f"/Background/{digest}"}
+
+    @app.get("/Consumer/Content")
+    async def list_content(user: CurrentUser) -> list[dict[str, Any]]:
+        return api.content.list() if api.content is not None else []
 
     @app.get("/Consumer/Devices", response_model=list[Device])
     async def devices(user: CurrentUser) -> list[Device]:

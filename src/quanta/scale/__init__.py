@@ -8,6 +8,7 @@ line and a column.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from .compiler import Program
@@ -50,6 +51,8 @@ class AgentContext:
     log_path: Path | None = None
     executable: str | None = None
     agent_version: str = "0.1.0"
+    # Downloads a Background Channel resource by SHA-256, verifies it, returns its local path.
+    fetch_resource: Callable[[str], Path] | None = None
 
 
 def compile_scale(text: str, parameters: dict[str, object] | None = None) -> Program:

@@ -1,4 +1,4 @@
-"""The web tier on the HTTPS port: Consumer API (/Consumer), and the other /paths as they land."""
+"""The web tier on the HTTPS port: Consumer API (/Consumer) and Background Channel (/Background)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from quanta import background
 from quanta import protocol as p
+from quanta.background import ContentStore
 from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
 from quanta.pki import Pki, Signer
@@ -21,11 +23,14 @@ log = logging.getLogger("quanta.web")
 def build_app(root: Path, settings: Settings) -> FastAPI:
     dd = DataDir(root)
     pki = Pki(dd.pki)
+    content = ContentStore(dd.content)
     api = ConsumerApi(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)),
                       Signer.from_file(pki.signing_key),
                       core_url=f"http://{settings.internal_host}:{settings.port('core')}",
-                      core_token=p.internal_token(dd.internal_secret()))
-    return create_app(api)
+                      core_token=p.internal_token(dd.internal_secret()), content=content)
+    app = create_app(api)
+    app.include_router(background.router(content, background.DeviceVerifier(pki.ca_crt, pki.crl)))
+    return app
 
 
 async def serve(root: Path) -> None:
@@ -34,7 +39,7 @@ async def serve(root: Path) -> None:
     pki = Pki(DataDir(root).pki)
     app = build_app(root, settings)
     sock = bind_socket(settings.bind_host, settings.port("https"), "https")
-    log.info("web tier listening on https %s:%d (/Consumer)", settings.bind_host, settings.port("https"))
+    log.info("web tier listening on https %s:%d (/Consumer, /Background)", settings.bind_host, settings.port("https"))
     config = uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
                             ssl_keyfile=str(pki.server_key), proxy_headers=False)
     await uvicorn.Server(config).serve(sockets=[sock])

@@ -1,0 +1,107 @@
+"""Device authentication for HTTPS requests to the Background Channel (sans-I/O).
+
+The web tier serves browsers too, so its TLS does not demand client certificates. A device
+proves itself per request instead: it sends its certificate and an ECDSA signature, made with
+its private key, over the method, the path and a timestamp. The server checks, before it looks
+at anything else, that the certificate was issued by the installation's CA, is within its
+validity, is not on the CRL, and that the signature is fresh and valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+H_CERT = "X-Quanta-Certificate"
+H_TIME = "X-Quanta-Timestamp"
+H_SIG = "X-Quanta-Signature"
+MAX_SKEW = 300.0
+
+
+class AuthError(Exception):
+    pass
+
+
+def _message(method: str, path: str, stamp: str) -> bytes:
+    return f"{method.upper()}\n{path}\n{stamp}".encode()
+
+
+def sign_request(method: str, path: str, cert_pem: bytes, key_pem: bytes, now: float | None = None) -> dict[str, str]:
+    key = serialization.load_pem_private_key(key_pem, None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise AuthError("device key must be an EC key")
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    stamp = str(int(time.time() if now is None else now))
+    sig = key.sign(_message(method, path, stamp), ec.ECDSA(hashes.SHA256()))
+    return {H_CERT: base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode(),
+            H_TIME: stamp, H_SIG: base64.b64encode(sig).decode()}
+
+
+@dataclass
+class DeviceVerifier:
+    ca_file: Path
+    crl_file: Path
+
+    def __post_init__(self) -> None:
+        self._ca = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
+        self._crl_mtime = -1.0
+        self._revoked: set[int] = set()
+
+    def _revoked_serials(self) -> set[int]:
+        mtime = self.crl_file.stat().st_mtime
+        if mtime != self._crl_mtime:
+            crl = x509.load_pem_x509_crl(self.crl_file.read_bytes())
+            if not crl.is_signature_valid(self._ca.public_key()):  # type: ignore[arg-type]
+                raise AuthError("CRL signature invalid")
+            self._revoked = {r.serial_number for r in crl}
+            self._crl_mtime = mtime
+        return self._revoked
+
+    def verify(self, method: str, path: str, headers: dict[str, str], now: float | None = None) -> str:
+        """Return the device name, or raise :class:`AuthError` saying why not."""
+        h = {k.lower(): v for k, v in headers.items()}  # HTTP header names are case-insensitive
+        try:
+            der = base64.b64decode(h[H_CERT.lower()], validate=True)
+            stamp = h[H_TIME.lower()]
+            sig = base64.b64decode(h[H_SIG.lower()], validate=True)
+        except KeyError as e:
+            raise AuthError(f"missing device authentication header {e.args[0]}") from None
+        except (binascii.Error, ValueError):
+            raise AuthError("device authentication headers are not valid base64") from None
+        if len(der) > 8192 or len(sig) > 256 or not stamp.isdigit():
+            raise AuthError("malformed device authentication headers")
+        now = time.time() if now is None else now
+        if abs(now - int(stamp)) > MAX_SKEW:
+            raise AuthError("request timestamp too far from the server's clock")
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise AuthError("device certificate cannot be parsed") from None
+        try:
+            cert.verify_directly_issued_by(self._ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise AuthError("device certificate was not issued by this installation's CA") from None
+        t = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        if not cert.not_valid_before_utc <= t <= cert.not_valid_after_utc:
+            raise AuthError("device certificate expired or not yet valid")
+        if cert.serial_number in self._revoked_serials():
+            raise AuthError("device certificate revoked")
+        pub = cert.public_key()
+        if not isinstance(pub, ec.EllipticCurvePublicKey):
+            raise AuthError("device certificate must hold an EC key")
+        try:
+            pub.verify(sig, _message(method, path, stamp), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise AuthError("request signature invalid") from None
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(cn[0].value) if cn else ""
