@@ -34,7 +34,7 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self._stopping = False
 
-    async def _run_child(self, child: Child) -> None:
+    async def _run_child(self, child: Child) -> int:
         delay = 0.5
         while not self._stopping:
             child.proc = await asyncio.create_subprocess_exec(*child.argv)
@@ -42,17 +42,17 @@ class Supervisor:
             log.info("started %s (pid %d)", child.name, child.proc.pid)
             rc = await child.proc.wait()
             if self._stopping:
-                return
+                return 0
             if rc == 2:  # configuration error (e.g. a port that cannot be bound): restarting will not help
                 log.error("%s exited with a configuration error (code 2); not restarting", child.name)
-                self._stopping = True
-                raise SystemExit(2)
+                return 2
             child.restarts += 1
             if time.monotonic() - child.started_at > 30:
                 delay = 0.5
             log.warning("%s (pid %d) exited with code %s; restarting in %.1fs", child.name, child.proc.pid, rc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+        return 0
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -64,8 +64,8 @@ class Supervisor:
         done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
         code = 0
         for t in done:
-            if t is not stopper and isinstance(t.exception(), SystemExit):
-                code = 2
+            if t is not stopper and t.result():
+                code = t.result()
         await self.stop()
         for t in tasks:
             t.cancel()
