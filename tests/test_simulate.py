@@ -1,0 +1,89 @@
+"""The fleet simulator and batch enrolment: real certificates, protocol-true agents, synthetic
+answers with the configured mix, churn, and the CLI's one-line summary."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from conftest import make_server, quanta, wait_until
+from quanta.client import ConsumerClient
+from quanta.simulate import Fleet, FleetRunner, SimConfig, enroll_batch, latency_sampler
+
+
+def test_latency_specs() -> None:
+    rnd = random.Random(1)
+    assert latency_sampler("0", rnd)() == 0
+    assert latency_sampler("fixed:0.5", rnd)() == 0.5
+    assert all(1 <= latency_sampler("uniform:1:2", rnd)() <= 2 for _ in range(100))
+    assert latency_sampler("exp:0.1", rnd)() >= 0
+    assert latency_sampler("lognormal:0:0.5", rnd)() > 0
+    for bad in ("uniform:1", "bogus:1", "exp:x"):
+        with pytest.raises(ValueError):
+            latency_sampler(bad, rnd)
+
+
+def test_enroll_batch_issues_one_certificate_per_device(tmp_path: Path) -> None:
+    server = make_server(tmp_path, "--switches", "2")
+    fleet, _ = enroll_batch(server.root, "unit-", 25, tmp_path / "fleet")
+    assert len(fleet.names) == 25 and len(fleet.switches) == 2
+    serials, names = set(), set()
+    for n in fleet.names:
+        pem = fleet.pem(n).read_bytes()
+        assert b"PRIVATE KEY" in pem
+        cert = x509.load_pem_x509_certificate(pem[pem.index(b"-----BEGIN CERTIFICATE"):])
+        names.add(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        serials.add(cert.serial_number)
+    assert names == set(fleet.names) and len(serials) == 25
+    with sqlite3.connect(server.root / "master.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM devices WHERE device_id LIKE 'unit-%'").fetchone()[0] == 25
+    # Enrolling more keeps the earlier devices in the fleet file.
+    enroll_batch(server.root, "unit-", 5, tmp_path / "fleet", start=26)
+    assert len(Fleet.load(tmp_path / "fleet").names) == 30
+
+
+def test_simulated_answers_follow_the_configured_mix(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+    fleet, _ = enroll_batch(server.root, "mix-", 200, tmp_path / "fleet")
+    server.start()
+    cfg = SimConfig(rows=3, row_size=10, latency="uniform:0:0.3", failure_rate=0.2, nocontent_rate=0.2, seed=7)
+    runner = FleetRunner(fleet, cfg, processes=2)
+    runner.start()
+    try:
+        wait_until(lambda: runner.poll()["connected"] == 200, 30, "200 connected", server)
+        with ConsumerClient.for_data_dir(server.root) as api:
+            iid = api.issue("@x = Device.GetSummary();", instruction_ttl=30)["id"]
+            status = api.wait(iid, 30)
+            results = api.all_results(iid)
+        states = status["states"]
+        assert status["status"] == "finished" and sum(states.values()) == 200, status
+        assert 15 <= states.get("error", 0) <= 70 and 15 <= states.get("nocontent", 0) <= 70, states
+        for r in results:
+            if r["status"] == "success":
+                assert len(r["rows"]) == 3 and r["rows"][0][0] == r["device"] and len(r["rows"][0][2]) == 10
+        assert runner.poll()["executions"] == 200
+    finally:
+        runner.stop()
+        server.stop()
+
+
+def test_churn_and_the_cli_summary(tmp_path: Path) -> None:
+    server = make_server(tmp_path)
+    quanta("enroll-batch", str(server.root), "--count", "60", "--prefix", "churn-", "--out", str(tmp_path / "fleet"))
+    server.start()
+    status = tmp_path / "status.json"
+    r = quanta("simulate", str(tmp_path / "fleet"), "--duration", "8", "--churn", "6", "--churn-downtime", "0.5",
+               "--retry-min", "0.2", "--retry-max", "0.5", "--status-file", str(status), "--no-progress",
+               timeout=60)
+    server.stop()
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("simulate: ") and "/60 devices connected" in line, line
+    s = json.loads(status.read_text())
+    assert s["connect_seconds"] is not None, s  # all 60 connected at some point
+    assert s["churned"] >= 10 and s["connects"] > 60, s  # devices left and came back
