@@ -5,15 +5,13 @@ veth pairs. The server namespace gets a default-drop input policy plus exactly t
 ``quanta ports DIR --format nftables`` prints for it. Then:
 
 1. the full flow works: both agents connect to the Switch, a question is answered, and an agent
-   host fetches over https from the web tier (the Background Channel's port) and fetches the CRL
-   from the HTTP tier;
+   host fetches a resource from the Background Channel and the CRL from the HTTP tier;
 2. each generated rule is removed in turn, and the flow that rule is for breaks (while the others
    keep working), so every rule is necessary;
 3. with the whole ruleset back, every flow works again.
 
-The https-flow probe is ``GET /Consumer/health`` on the web tier's port from an agent host (the
-same listener and port as the Background Channel, ``BackgroundChannelUrl``); when a
-``/Background/health`` route exists it is used instead.
+The https flow is a real Background Channel fetch: a resource is put in the content store and an
+agent host downloads it with the agent's own fetch code (device-signed, SHA-256 verified).
 
 Runs as root (CI runs it as root and sets QUANTA_CI=1; .ci/run installs ip and nft). It skips only
 when not root outside CI.
@@ -180,18 +178,24 @@ def test_generated_rules_are_sufficient_and_necessary(lab: Lab, tmp_path: Path) 
         sh(*quanta_argv("enroll", str(root), "--device", name, "--out", str(out), "--switch-host", lab.server_ip),
            timeout=60)
         agents[name] = (ns, out)
-    ca = str(root / "pki" / "ca.crt")
 
     # ---- flow probes, each from an agent host, each a fresh connection with a short time limit
+    from quanta.background import ContentStore
+    from quanta.settings import DataDir
+
+    resource = b"conformance resource\n"
+    sha = ContentStore(DataDir(root).content).put(resource)
+
     def https_probe(ns: str = lab.a1) -> bool:
-        for path in ("/Background/health", "/Consumer/health"):
-            r = in_ns(ns, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", "--cacert", ca,
-                      f"https://{lab.server_ip}:{https}{path}", check=False)
-            if r.stdout == "200":
-                return True
-            if r.stdout == "000":  # no HTTP answer at all: the connection itself failed
-                return False
-        return False
+        # an agent fetches a resource from the Background Channel, with the agent's own fetch code
+        # (device-signed request, SHA-256 verified); a fresh cache each time, so it really goes out
+        out = agents["pc1"][1]
+        shutil.rmtree(out / "state" / "content", ignore_errors=True)
+        code = ("import sys\nfrom pathlib import Path\nfrom quanta.agent.config import load_agent_config\n"
+                "from quanta.agent.background import BackgroundFetcher\n"
+                "print(BackgroundFetcher(load_agent_config(Path(sys.argv[1])), timeout=3).fetch(sys.argv[2]))\n")
+        r = in_ns(ns, sys.executable, "-c", code, str(out), sha, check=False)
+        return r.returncode == 0 and Path(r.stdout.strip()).read_bytes() == resource
 
     def crl_probe(ns: str = lab.a2) -> bool:
         r = in_ns(ns, "curl", "-sS", "--max-time", "3", f"http://{lab.server_ip}:{http}/crl.pem", check=False)

@@ -185,9 +185,29 @@ def run_probe(p: Probe, timeout: float) -> Check:
     try:
         sock = _connect(p, timeout)
         check.detail = "TCP connect ok"
-        if p.service in ("https", "wss", "tls"):
+        if p.service in ("https", "wss", "tls", "background"):
             sock = _tls(p, sock, timeout)
             check.detail = "TCP, TLS (certificate and name verified)"
+        if p.service == "background":
+            # the Background Channel authenticates every request: sign one as the device would and ask
+            # for content that does not exist; 404 means TLS, device authentication and the store answered
+            from quanta.background.auth import sign_request
+
+            path = p.path.rstrip("/") + "/" + "0" * 64
+            headers = sign_request("GET", path, p.cert.read_bytes(), p.key.read_bytes()) if p.cert and p.key else {}
+            extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {p.host}:{p.port}\r\n{extra}User-Agent: quanta-preflight\r\n"
+                         f"Connection: close\r\n\r\n".encode())
+            code, line = _status(_read_head(sock, p))
+            if code == 401:
+                raise Failed(f"GET {path} answered {line!r}",
+                             "the Background Channel refused this device's certificate (revoked, or issued by "
+                             "another installation's CA?)")
+            if code not in (200, 404):
+                raise Failed(f"GET {path} answered {line!r}",
+                             f"TCP {p.port} on {p.host} answers, but not as the {p.component}: is BackgroundChannelUrl "
+                             "right?")
+            check.detail += f", device-authenticated GET {p.path}/<sha256> answered {code}"
         if p.service in ("https", "http"):
             code, line = _http(p, sock, p.path)
             if code == 404 and p.extra.get("fallback"):
@@ -327,9 +347,8 @@ def _agent_plan(root: Path) -> tuple[list[Probe], list[Any]]:
     if background:
         u = urlsplit(background)
         host, port = u.hostname or "", u.port or 443
-        probes.append(Probe("Background Channel (https)", host, port, "https", "web tier (Background Channel)", src,
-                            "Quanta Server", path=u.path.rstrip("/") + "/health", ca=ca, cert=cert, key=key,
-                            extra={"fallback": "/Consumer/health"}))
+        probes.append(Probe("Background Channel (https)", host, port, "background", "web tier (Background Channel)",
+                            src, "Quanta Server", path=u.path.rstrip("/") or "/Background", ca=ca, cert=cert, key=key))
     if crl:
         probes.append(Probe("CRL distribution point (http)", crl[0], crl[1], "http",
                             "HTTP tier (CRL distribution point, quanta http)", src, "Quanta Server", path="/crl.pem"))
