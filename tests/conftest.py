@@ -180,8 +180,10 @@ def wait_until(cond, timeout: float, what: str, server: Server | None = None) ->
 def make_server(tmp_path: Path, *extra: str) -> Server:
     root = tmp_path / "server"
     https, switch, core = free_port(), free_port(pair=True), free_port()
+    # every listener on its own free port, so tests can run in parallel
+    others = [f"{name}={free_port()}" for name in ("http", "hub", "coordinator", "integrate", "interaction")]
     quanta("init", str(root), "--https-port", str(https), "--switch-port", str(switch), "--port", f"core={core}",
-           "--server-name", "localhost", *extra)
+           *(x for o in others for x in ("--port", o)), "--server-name", "localhost", *extra)
     return Server(root, https, switch, core)
 
 

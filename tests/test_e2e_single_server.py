@@ -193,11 +193,12 @@ def test_consumer_api_boundaries(server: Server) -> None:
         # unknown method
         r = c.post("/Consumer/Instructions", json={"payload": "@x = Device.getdisks();"})
         assert r.status_code == 422 and "Unsupported method 'getdisks'" in r.json()["detail"]["error"]
-        # actions are refused until approvals exist
-        r = c.post("/Consumer/Instructions", json={"payload": '@k = OperatingSystem.KillProcess(ProcessId: "1");'})
-        assert r.status_code == 403 and "approval" in r.text
         # nothing was stored for the refused requests
         assert c.get("/Consumer/Instructions/1").status_code == 404
+        # an action is stored, but waits for a second person
+        r = c.post("/Consumer/Instructions", json={"payload": '@k = OperatingSystem.KillProcess(ProcessId: "1");'})
+        assert r.status_code == 201 and r.json()["status"] == "pending_approval"
+        assert c.get(f"/Consumer/Instructions/{r.json()['id']}").json()["status"] == "pending_approval"
     import sqlalchemy as sa
 
     from quanta.db import make_engine
@@ -205,4 +206,4 @@ def test_consumer_api_boundaries(server: Server) -> None:
 
     with make_engine(f"sqlite:///{server.root / 'master.db'}").connect() as conn:
         actions = [r[0] for r in conn.execute(sa.select(audit_log.c.action))]
-    assert "login_failed" in actions and "login" in actions and "issue" not in actions
+    assert "login_failed" in actions and "login" in actions and actions.count("issue") == 1

@@ -23,12 +23,12 @@ def test_sigterm_stops_every_component(server: Server) -> None:
     log = server.log_text()
     for what in ("core listening on", "switch switch-1 listening", "web tier listening on https"):
         assert what in log, log
-    children = server.pids(f"quanta (core|switch|switch-host|web) {server.root}")
-    assert len(children) >= 4, children
+    children = server.pids(f"quanta (core|switch|switch-host|web|coordinator|http) {server.root}")
+    assert len(children) >= 6, children
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(20) == 0
     time.sleep(0.5)
-    assert server.pids(f"quanta (core|switch|switch-host|web) {server.root}") == []
+    assert server.pids(f"quanta (core|switch|switch-host|web|coordinator|http) {server.root}") == []
     assert "all components stopped" in server.log_text()
 
 
@@ -44,7 +44,7 @@ def test_taken_port_stops_the_server_with_the_setting_named(tmp_path) -> None:
     err = proc.stderr
     assert f"port {s.https}" in err and "already in use" in err and "--https-port" in err, err
     # nothing keeps running after the refusal
-    assert subprocess.run(["pgrep", "-f", f"quanta (core|switch|web) {s.root}"], capture_output=True).stdout == b""
+    assert subprocess.run(["pgrep", "-f", f"quanta (core|switch|web|coordinator|http) {s.root}"], capture_output=True).stdout == b""
 
 
 def test_progress_stream_until_finished(server: Server) -> None:

@@ -112,6 +112,11 @@ def init(
     migrate(dd.responses_url(settings), "responses")
     master = make_engine(dd.master_url(settings))
     store.set_switches(master, name, settings.ports["switch"], switches)
+    from quanta.coordinator import SmtpConfig, save_smtp
+
+    save_smtp(master, SmtpConfig(enabled=True, host="localhost", port=settings.port("smtp"), username=None,
+                                 password=None, starttls=False, from_addr=f"quanta@{name}",
+                                 require_approval_code=False))
     password = secrets.token_urlsafe(18)
     with master.begin() as c:
         c.execute(users.delete().where(users.c.username == "admin"))
@@ -139,7 +144,7 @@ def demo(root: Annotated[Path, typer.Argument(help="data directory to create or 
 # ------------------------------------------------------------------------------- components
 @app.command()
 def server(root: DirArg) -> None:
-    """Run a whole single server: Core, Switch Host and web tier, each its own process."""
+    """Run a whole single server: Core, Switch Host, Coordinator, web tier and HTTP tier, each its own process."""
     from quanta.settings import DataDir, load_settings
     from quanta.supervisor import Child, Supervisor, quanta_argv
 
@@ -152,10 +157,12 @@ def server(root: DirArg) -> None:
     log = logging.getLogger("quanta.server")
     r = str(DataDir(root).root)
     children = [Child("core", quanta_argv("core", r)), Child("switch-host", quanta_argv("switch-host", r)),
-                Child("web", quanta_argv("web", r))]
-    log.info("single server: https %s:%d (Consumer API), switch wss %s:%d + poke %d, core ws %s:%d",
-             settings.bind_host, settings.port("https"), settings.bind_host, settings.port("switch"),
-             settings.port("poke"), settings.internal_host, settings.port("core"))
+                Child("coordinator", quanta_argv("coordinator", r)), Child("web", quanta_argv("web", r)),
+                Child("http", quanta_argv("http", r))]
+    log.info("single server: https %s:%d (Consumer API, Background), http %d (CRL), switch wss %s:%d + poke %d, "
+             "core ws %s:%d, coordinator https %d", settings.bind_host, settings.port("https"), settings.port("http"),
+             settings.bind_host, settings.port("switch"), settings.port("poke"), settings.internal_host,
+             settings.port("core"), settings.port("coordinator"))
     _run_component(Supervisor(children).run())
 
 
@@ -183,6 +190,14 @@ def switch_host(root: DirArg) -> None:
     from quanta.switch_host import serve
 
     setup_logging("switch-host", load_settings(root).log_level)
+    _run_component(serve(root))
+
+
+@app.command()
+def coordinator(root: DirArg) -> None:
+    """Run the Coordinator (approvals, schedules, email) on the coordinator port."""
+    from quanta.coordinator.app import serve
+
     _run_component(serve(root))
 
 
@@ -272,15 +287,18 @@ def ask(root: DirArg, payload: Annotated[str, typer.Argument(help="SCALE text")]
         with ConsumerClient.for_data_dir(root) as api:
             issued = api.issue(payload, devices=device, instruction_ttl=int(wait), parameters=params)
             iid = issued["id"]
+            if issued["status"] == "pending_approval":
+                console.print(f"instruction {iid} is an action: waiting for a second person to approve it "
+                              f"(quanta approve {root} {iid})", highlight=False)
             status = api.wait(iid, wait + 5, progress=None if json_output else console)
             results = api.all_results(iid)
     except ApiError as e:
         _fail(f"error: {e}", 2)
         return
-    finished = status["status"] in ("finished", "cancelled")
+    finished = status["status"] == "finished"
     if json_output:
-        print(json.dumps({"instruction_id": iid, "targeted": status["targeted"], "states": status["states"],
-                          "finished": finished,
+        print(json.dumps({"instruction_id": iid, "status": status["status"], "targeted": status["targeted"],
+                          "states": status["states"], "finished": finished,
                           "responses": [{"device": r["device"], "status": r["status"],
                                          "rows": [dict(zip(r["columns"] or [], row)) for row in r["rows"] or []],
                                          **({"error": r["error"]} if r["error"] else {})} for r in results]},
@@ -288,6 +306,117 @@ def ask(root: DirArg, payload: Annotated[str, typer.Argument(help="SCALE text")]
     else:
         _print_results(iid, status, results)
     raise typer.Exit(0 if finished else 1)
+
+
+UserOpt = Annotated[Optional[str], typer.Option("--user", help="act as this user (default: the administrator)")]
+PasswordOpt = Annotated[Optional[Path], typer.Option("--password-file", help="file holding the user's password "
+                                                                         "(or set QUANTA_PASSWORD)")]
+
+
+def _as_user(root: Path, user: str | None, password_file: Path | None):  # type: ignore[no-untyped-def]
+    from quanta.client import ConsumerClient
+
+    if user is None:
+        return ConsumerClient.for_data_dir(root)
+    pw = password_file.read_text().strip() if password_file else os.environ.get("QUANTA_PASSWORD", "")
+    return ConsumerClient.for_data_dir(root, user, pw)
+
+
+def _decide(root: Path, iid: int, verb: str, user: str | None, password_file: Path | None, **kw: Any) -> None:
+    from quanta.client import ApiError
+
+    try:
+        with _as_user(root, user, password_file) as api:
+            result = api.decide(iid, verb, **kw)
+    except ApiError as e:
+        _fail(f"error: {e}", 2)
+        return
+    out.print(json.dumps(result), highlight=False)
+
+
+@app.command()
+def approve(root: DirArg, instruction_id: int, user: UserOpt = None, password_file: PasswordOpt = None,
+            code: Annotated[Optional[str], typer.Option(help="one-time code from the approval email")] = None,
+            reason: Optional[str] = None) -> None:
+    """Approve someone else's action instruction."""
+    _decide(root, instruction_id, "Approve", user, password_file, code=code, reason=reason)
+
+
+@app.command()
+def reject(root: DirArg, instruction_id: int, reason: Annotated[str, typer.Option(help="why")],
+           user: UserOpt = None, password_file: PasswordOpt = None) -> None:
+    """Reject someone else's action instruction."""
+    _decide(root, instruction_id, "Reject", user, password_file, reason=reason)
+
+
+@app.command("approval-code")
+def approval_code(root: DirArg, instruction_id: int, user: UserOpt = None, password_file: PasswordOpt = None) -> None:
+    """Email yourself a one-time code for approving an instruction."""
+    _decide(root, instruction_id, "ApprovalCode", user, password_file)
+
+
+user_app = typer.Typer(help="Manage users and roles.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+ROLES = ("Full Administrator", "Questioner", "Actioner", "Approver", "Viewer")
+
+
+@user_app.command("add")
+def user_add(root: DirArg, username: Annotated[str, typer.Option()], role: Annotated[str, typer.Option(help=", ".join(ROLES))],
+             email: Annotated[Optional[str], typer.Option()] = None,
+             password_file: Annotated[Optional[Path], typer.Option(help="file with the password; default: generate")] = None) -> None:
+    """Add a user (prints a generated password unless --password-file is given)."""
+    import sqlalchemy as sa
+
+    from quanta.consumer_api import hash_password
+    from quanta.db import make_engine, store
+    from quanta.db.tables import users
+    from quanta.settings import DataDir, load_settings
+
+    if role not in ROLES:
+        _fail(f"unknown role {role!r}; roles: {', '.join(ROLES)}", 2)
+    password = password_file.read_text().strip() if password_file else secrets.token_urlsafe(15)
+    master = make_engine(DataDir(root).master_url(load_settings(root)))
+    with master.begin() as c:
+        if c.execute(sa.select(users.c.id).where(users.c.username == username)).first():
+            _fail(f"user {username!r} exists", 2)
+        c.execute(users.insert().values(username=username, password_hash=hash_password(password), role=role,
+                                        email=email, created_at=time.time()))
+    store.audit(master, "quanta user add", "user_add", username, role=role)
+    out.print(f"added {username} ({role})" + ("" if password_file else f"; password: {password}"), highlight=False)
+
+
+@app.command()
+def smtp(root: DirArg, host: Annotated[Optional[str], typer.Option()] = None,
+         port: Annotated[Optional[int], typer.Option()] = None,
+         username: Annotated[Optional[str], typer.Option(help="SMTP login (anonymous if unset)")] = None,
+         password_file: Annotated[Optional[Path], typer.Option()] = None,
+         starttls: Annotated[Optional[bool], typer.Option("--starttls/--no-starttls")] = None,
+         from_addr: Annotated[Optional[str], typer.Option("--from")] = None,
+         require_approval_code: Annotated[Optional[bool], typer.Option("--require-approval-code/--no-approval-code")] = None,
+         enabled: Annotated[Optional[bool], typer.Option("--enable/--disable")] = None) -> None:
+    """Show or change how the Coordinator sends email (anonymous on port 25 by default)."""
+    import dataclasses
+
+    from quanta.coordinator import load_smtp, save_smtp
+    from quanta.db import make_engine, store
+    from quanta.settings import DataDir, load_settings
+
+    master = make_engine(DataDir(root).master_url(load_settings(root)))
+    cfg = load_smtp(master)
+    if cfg is None:
+        _fail("no SMTP settings row; run quanta init", 2)
+        return
+    changes = {k: v for k, v in dict(host=host, port=port, username=username, starttls=starttls, from_addr=from_addr,
+                                     require_approval_code=require_approval_code, enabled=enabled).items()
+               if v is not None}
+    if password_file is not None:
+        changes["password"] = password_file.read_text().strip()
+    if changes:
+        cfg = dataclasses.replace(cfg, **changes)
+        save_smtp(master, cfg)
+        store.audit(master, "quanta smtp", "smtp_change", cfg.host, fields=sorted(changes))  # never the password
+    shown = dataclasses.asdict(cfg) | {"password": "***" if cfg.password else None}
+    out.print(json.dumps(shown), highlight=False)
 
 
 def _print_results(iid: int, status: dict[str, Any], results: list[dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from quanta.instructions import DONE_STATES
 from quanta.protocol import FINAL_STATES
 from quanta.settings import DataDir, load_settings
 
@@ -59,10 +60,14 @@ class ConsumerClient:
         self._login(username, password)
 
     @classmethod
-    def for_data_dir(cls, root: Path) -> ConsumerClient:
+    def for_data_dir(cls, root: Path, username: str | None = None, password: str | None = None) -> ConsumerClient:
+        """Log in as ``username`` or, by default, as the administrator created at init."""
         settings = load_settings(root)
         dd = DataDir(Path(root))
-        user, password = read_credentials(dd.admin_credentials)
+        user, pw = read_credentials(dd.admin_credentials)
+        if username is not None:
+            user, pw = username, password or ""
+        password = pw
         return cls(f"https://localhost:{settings.port('https')}", dd.pki / "ca.crt", user, password)
 
     def __enter__(self) -> ConsumerClient:
@@ -122,12 +127,17 @@ class ConsumerClient:
                                (s["status"] != "active" and k in FINAL_STATES))
                     states = " ".join(f"{k}={v}" for k, v in sorted(s["states"].items()))
                     bar.update(task, total=max(s["targeted"], 1), completed=done, states=states)
-                if s["status"] != "active" and s["status"] != "created" or time.monotonic() > deadline:
+                if s["status"] in DONE_STATES or time.monotonic() > deadline:
                     return s
                 time.sleep(0.2)
         finally:
             if bar is not None:
                 bar.stop()
+
+    def decide(self, iid: int, verb: str, *, code: str | None = None, reason: str | None = None) -> dict[str, Any]:
+        """verb: Approve, Reject or ApprovalCode."""
+        body = {} if verb == "ApprovalCode" else {"code": code, "reason": reason}
+        return self._call("POST", f"/Consumer/Instructions/{iid}/{verb}", json=body)
 
     def results(self, iid: int, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
         return self._call("GET", f"/Consumer/Instructions/{iid}/Responses",

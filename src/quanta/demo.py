@@ -46,6 +46,8 @@ def run_demo(root: Path, keep_running: bool) -> int:
         https, switch, core = _pick(18443), _pick(14000, pair=True), _pick(13900)
         subprocess.run(_quanta("init", str(root), "--https-port", str(https), "--switch-port", str(switch),
                                "--port", f"core={core}", "--port", f"interaction={_pick(17766)}",
+                               "--port", f"coordinator={_pick(18081)}", "--port", f"http={_pick(18080)}",
+                               "--port", f"hub={_pick(13901)}", "--port", f"integrate={_pick(16002)}",
                                "--server-name", "localhost"), check=True)
     from quanta.settings import load_settings
 

@@ -93,6 +93,7 @@ class Settings(BaseModel):
     switches: int = 1  # Switch processes under the Switch Host (rows in SwitchConfiguration)
     instruction_ttl_default: int = 60  # seconds; the gather window
     response_ttl_default: int = 7 * 24 * 3600
+    approval_ttl: int = 24 * 3600  # an action nobody approves within this expires
     max_message_bytes: int = 1024 * 1024
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

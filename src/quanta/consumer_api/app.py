@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quanta import protocol as p
 from quanta.background import MAX_CONTENT_BYTES, ContentError, ContentStore
+from quanta import instructions as ins
 from quanta.db import store
-from quanta.db.tables import api_tokens, instructions, users
+from quanta.db.tables import api_tokens, users
 from quanta.pki import Signer
 
 log = logging.getLogger("quanta.consumer_api")
@@ -64,6 +65,12 @@ class IssueRequest(Strict):
     devices: list[str] | None = Field(default=None, description="device names; null for every device")
     instruction_ttl: int = Field(default=60, ge=1, le=7 * 86400, description="gather window, seconds")
     response_ttl: int = Field(default=7 * 86400, ge=60, le=365 * 86400, description="seconds responses are kept")
+    scheduled_at: float | None = Field(default=None, description="unix time to issue it; default now")
+
+
+class DecisionRequest(Strict):
+    code: str | None = Field(default=None, max_length=16, description="one-time code, when required")
+    reason: str | None = Field(default=None, max_length=2000)
 
 
 class InstructionStatus(BaseModel):
@@ -76,6 +83,9 @@ class InstructionStatus(BaseModel):
     created_by: str
     issued_at: float | None
     expires_at: float | None
+    scheduled_at: float | None = None
+    decided_by: str | None = None
+    decision_reason: str | None = None
 
 
 class DeviceResult(BaseModel):
@@ -122,8 +132,11 @@ class User(BaseModel):
 
 class ConsumerApi:
     def __init__(self, master: sa.Engine, responses: sa.Engine, signer: Signer, core_url: str,
-                 core_token: str, ca_file: str | None = None, content: ContentStore | None = None) -> None:
+                 core_token: str, ca_file: str | None = None, content: ContentStore | None = None,
+                 coordinator_url: str | None = None, approval_ttl: float = 24 * 3600) -> None:
         self.content = content
+        self.coordinator_url = coordinator_url
+        self.approval_ttl = approval_ttl
         self.master = master
         self.responses = responses
         self.signer = signer
@@ -165,29 +178,43 @@ class ConsumerApi:
         return User(id=row.id, username=row.username, role=row.role) if row else None
 
     # ------------------------------------------------------------- instructions
-    def create_instruction(self, user: User, req: IssueRequest, kind: str) -> int:
+    def create_instruction(self, user: User, req: IssueRequest, kind: str) -> tuple[int, str]:
         now = time.time()
-        with self.master.begin() as c:
-            iid = c.execute(instructions.insert().values(
-                name=req.name, kind=kind, payload=req.payload, parameters=req.parameters, scope=req.devices,
-                created_by=user.username, created_at=now, status="created")).inserted_primary_key[0]
-            body = p.InstructionBody(id=iid, name=req.name, kind=kind, payload=req.payload,
-                                     parameters=dict(req.parameters), issued_at=now,
-                                     expires_at=now + req.instruction_ttl)
-            raw = p.encode_body(body)
-            c.execute(instructions.update().where(instructions.c.id == iid).values(
-                body=raw, signature=self.signer.sign(raw), issued_at=now, expires_at=body.expires_at,
-                response_expires_at=now + req.response_ttl))
+        if kind == "action":
+            status = ins.PENDING_APPROVAL
+        elif req.scheduled_at and req.scheduled_at > now:
+            status = ins.SCHEDULED
+        else:
+            status = ins.NEW
+        iid = ins.create(self.master, created_by=user.username, name=req.name, kind=kind, payload=req.payload,
+                         parameters=dict(req.parameters), devices=req.devices, instruction_ttl=req.instruction_ttl,
+                         response_ttl=req.response_ttl, status=status, scheduled_at=req.scheduled_at,
+                         approval_expires_at=now + self.approval_ttl if kind == "action" else None)
+        if status == ins.NEW:
+            ins.sign(self.master, self.signer, iid, expect=(ins.NEW,))
+            status = ins.READY
         store.audit(self.master, user.username, "issue", f"instruction:{iid}", name=req.name, kind=kind,
-                    devices=req.devices)
-        return int(iid)
+                    devices=req.devices, status=status)
+        return iid, status
 
     async def core_issue(self, iid: int) -> dict[str, Any]:
+        try:
+            return await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file or True)
+        except ins.CoreError as e:
+            raise HTTPException(502, str(e)) from None
+
+    async def coordinator(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.coordinator_url is None:
+            raise HTTPException(503, "no Coordinator is configured on this server")
         async with httpx.AsyncClient(timeout=30, verify=self.ca_file or True) as client:
-            r = await client.post(f"{self.core_url}/Core/Instructions/{iid}/Issue",
-                                  headers={"Authorization": f"Bearer {self.core_token}"})
-        if r.status_code != 200:
-            raise HTTPException(502, f"the Core refused instruction {iid}: {r.status_code} {r.text}")
+            try:
+                r = await client.post(f"{self.coordinator_url}{path}", json=body or {},
+                                      headers={"Authorization": f"Bearer {self.core_token}"})
+            except httpx.HTTPError as e:
+                raise HTTPException(503, f"the Coordinator is unreachable: {e}") from None
+        if r.status_code >= 400:
+            detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
+            raise HTTPException(r.status_code, detail)
         return r.json()
 
     def status(self, iid: int) -> InstructionStatus | None:
@@ -197,7 +224,8 @@ class ConsumerApi:
         return InstructionStatus(id=iid, name=row["name"], kind=row["kind"], status=row["status"],
                                  targeted=row["targeted"], states=store.state_counts(self.responses, iid),
                                  created_by=row["created_by"], issued_at=row["issued_at"],
-                                 expires_at=row["expires_at"])
+                                 expires_at=row["expires_at"], scheduled_at=row["scheduled_at"],
+                                 decided_by=row["decided_by"], decision_reason=row["decision_reason"])
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -253,12 +281,36 @@ def create_app(api: ConsumerApi) -> FastAPI:
         except ScaleError as e:
             raise HTTPException(422, {"message": e.message, "line": e.line, "column": e.column,
                                       "error": str(e)}) from None
-        if program.is_action:
-            raise HTTPException(403, "this payload calls an action method; actions need a second person's "
-                                     "approval, which this server does not offer yet: refused")
-        iid = await api.db(api.create_instruction, user, req, "question")
+        kind = "action" if program.is_action else "question"
+        iid, status = await api.db(api.create_instruction, user, req, kind)
+        if status == ins.PENDING_APPROVAL:
+            try:
+                await api.coordinator(f"/Coordinator/Instructions/{iid}/Submitted")
+            except HTTPException as e:  # stored and pending either way; approvers can still find it
+                log.warning("could not notify the Coordinator about instruction %d: %s", iid, e.detail)
+            return {"id": iid, "status": status, "targeted": 0,
+                    "message": "actions need a second person's approval before they run"}
+        if status == ins.SCHEDULED:
+            return {"id": iid, "status": status, "targeted": 0}
         issued = await api.core_issue(iid)
         return {"id": iid, "status": issued["status"], "targeted": issued["targeted"]}
+
+    @app.post("/Consumer/Instructions/{instruction_id}/ApprovalCode")
+    async def approval_code(instruction_id: int, user: CurrentUser) -> dict[str, Any]:
+        """Email the caller a one-time code to approve this instruction with."""
+        return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Code",
+                                     {"username": user.username, "role": user.role})
+
+    @app.post("/Consumer/Instructions/{instruction_id}/Approve")
+    async def approve(instruction_id: int, d: DecisionRequest, user: CurrentUser) -> dict[str, Any]:
+        return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Approve",
+                                     {"username": user.username, "role": user.role, "code": d.code,
+                                      "reason": d.reason})
+
+    @app.post("/Consumer/Instructions/{instruction_id}/Reject")
+    async def reject(instruction_id: int, d: DecisionRequest, user: CurrentUser) -> dict[str, Any]:
+        return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Reject",
+                                     {"username": user.username, "role": user.role, "reason": d.reason})
 
     @app.get("/Consumer/Instructions/{instruction_id}", response_model=InstructionStatus)
     async def status(instruction_id: int, user: CurrentUser) -> InstructionStatus:
@@ -292,7 +344,7 @@ def create_app(api: ConsumerApi) -> FastAPI:
                 if data != last:
                     last = data
                     yield f"event: status\ndata: {data}\n\n".encode()
-                if s.status in ("finished", "cancelled"):
+                if s.status in ins.DONE_STATES:
                     return
                 await asyncio.sleep(0.2)
 

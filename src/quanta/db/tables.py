@@ -70,6 +70,38 @@ instructions = sa.Table(
     sa.Column("body", sa.LargeBinary, nullable=True),  # signed InstructionBody (msgpack)
     sa.Column("signature", sa.LargeBinary, nullable=True),
     sa.Column("targeted", sa.Integer, nullable=False, server_default="0"),
+    # Coordinator workflow (actions): who decided, when, why; TTLs to apply when finally issued.
+    sa.Column("instruction_ttl", sa.Integer, nullable=True),
+    sa.Column("response_ttl", sa.Integer, nullable=True),
+    sa.Column("scheduled_at", sa.Float, nullable=True),
+    sa.Column("approval_expires_at", sa.Float, nullable=True),
+    sa.Column("decided_by", sa.String(128), nullable=True),
+    sa.Column("decided_at", sa.Float, nullable=True),
+    sa.Column("decision_reason", sa.Text, nullable=True),
+)
+
+# One row (Id = 1): how the Coordinator sends email. Anonymous on port 25 by default, as in the seed.
+smtp_settings = sa.Table(
+    "smtp_settings", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("host", sa.String(255), nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("username", sa.String(255), nullable=True),
+    sa.Column("password", sa.String(255), nullable=True),
+    sa.Column("starttls", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("from_addr", sa.String(255), nullable=False),
+    sa.Column("require_approval_code", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+
+approval_codes = sa.Table(
+    "approval_codes", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("instruction_id", sa.Integer, nullable=False),
+    sa.Column("username", sa.String(128), nullable=False),
+    sa.Column("code_hash", sa.String(64), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("used", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 audit_log = sa.Table(

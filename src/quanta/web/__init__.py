@@ -20,6 +20,11 @@ from quanta.settings import DataDir, Settings, load_settings
 log = logging.getLogger("quanta.web")
 
 
+def _loopback_name(host: str) -> str:
+    """The server certificate names localhost and 127.0.0.1; use a name it covers."""
+    return "localhost" if host in ("127.0.0.1", "localhost", "0.0.0.0") else host
+
+
 def build_app(root: Path, settings: Settings) -> FastAPI:
     dd = DataDir(root)
     pki = Pki(dd.pki)
@@ -27,7 +32,10 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
     api = ConsumerApi(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)),
                       Signer.from_file(pki.signing_key),
                       core_url=f"http://{settings.internal_host}:{settings.port('core')}",
-                      core_token=p.internal_token(dd.internal_secret()), content=content)
+                      core_token=p.internal_token(dd.internal_secret()), content=content,
+                      ca_file=str(pki.ca_crt),
+                      coordinator_url=f"https://{_loopback_name(settings.internal_host)}:{settings.port('coordinator')}",
+                      approval_ttl=settings.approval_ttl)
     app = create_app(api)
     app.include_router(background.router(content, background.DeviceVerifier(pki.ca_crt, pki.crl)))
     return app

@@ -1,0 +1,98 @@
+"""The Coordinator's internal API (port ``coordinator``, 8081, HTTPS), called by the Consumer API
+with the internal token. The Consumer API has already authenticated the user; it passes who
+they are, and the Coordinator enforces the workflow rules."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from quanta import protocol as p
+from quanta.db import make_engine
+from quanta.pki import Pki, Signer
+from quanta.runtime import bind_socket, setup_logging
+from quanta.settings import DataDir, load_settings
+
+from .service import Coordinator, WorkflowError
+
+log = logging.getLogger("quanta.coordinator")
+
+
+class Actor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    username: str = Field(min_length=1, max_length=128)
+    role: str = Field(min_length=1, max_length=64)
+
+
+class Decision(Actor):
+    code: str | None = Field(default=None, max_length=16)
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+def create_app(coord: Coordinator, token: str) -> FastAPI:
+    def require_token(authorization: str | None = Header(default=None)) -> None:
+        if authorization is None or not hmac.compare_digest(authorization, f"Bearer {token}"):
+            raise HTTPException(401, "missing or wrong internal token")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coord.run())
+        yield
+        task.cancel()
+
+    app = FastAPI(title="Quanta Coordinator (internal)", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url="/Coordinator/openapi.json", dependencies=[Depends(require_token)])
+
+    @app.exception_handler(WorkflowError)
+    async def refused(_request: Any, exc: WorkflowError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.get("/Coordinator/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/Coordinator/Instructions/{iid}/Submitted")
+    async def submitted(iid: int) -> dict[str, Any]:
+        await coord.submitted(iid)
+        return {"id": iid}
+
+    @app.post("/Coordinator/Instructions/{iid}/Code")
+    async def code(iid: int, actor: Actor) -> dict[str, Any]:
+        return await coord.request_code(iid, actor.username, actor.role)
+
+    @app.post("/Coordinator/Instructions/{iid}/Approve")
+    async def approve(iid: int, d: Decision) -> dict[str, Any]:
+        return await coord.approve(iid, d.username, d.role, d.code, d.reason)
+
+    @app.post("/Coordinator/Instructions/{iid}/Reject")
+    async def reject(iid: int, d: Decision) -> dict[str, Any]:
+        if not d.reason:
+            raise HTTPException(422, "a rejection needs a reason")
+        return await coord.reject(iid, d.username, d.role, d.reason)
+
+    return app
+
+
+async def serve(root: Path) -> None:
+    settings = load_settings(root)
+    dd = DataDir(root)
+    setup_logging("coordinator", settings.log_level)
+    pki = Pki(dd.pki)
+    token = p.internal_token(dd.internal_secret())
+    coord = Coordinator(make_engine(dd.master_url(settings)), Signer.from_file(pki.signing_key),
+                        core_url=f"http://{settings.internal_host}:{settings.port('core')}", core_token=token,
+                        approval_ttl=settings.approval_ttl)
+    sock = bind_socket(settings.internal_host, settings.port("coordinator"), "coordinator")
+    log.info("coordinator listening on https %s:%d", settings.internal_host, settings.port("coordinator"))
+    config = uvicorn.Config(create_app(coord, token), log_level="warning", loop="none",
+                            ssl_certfile=str(pki.server_crt), ssl_keyfile=str(pki.server_key))
+    await uvicorn.Server(config).serve(sockets=[sock])
