@@ -61,7 +61,7 @@ def alembic_config(url: str, which: str) -> Config:
 
 def migrate(url: str, which: str) -> None:
     """Upgrade database ``which`` ("master" or "responses") at ``url`` to the latest schema."""
-    command.upgrade(alembic_config(url, which), "head")
+    command.upgrade(alembic_config(url, which), "heads")  # independent branches may coexist
 
 
 __all__ = ["make_engine", "migrate", "normalise_url", "is_sqlite", "tables"]

@@ -127,3 +127,48 @@ results = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=True),  # response TTL
 )
 sa.Index("ix_results_state", results.c.instruction_id, results.c.state)
+
+
+# --------------------------------------------------------------- definitions, packs, RBAC
+# Trusted publishers: only packs signed by one of these keys are imported.
+publishers = sa.Table(
+    "publishers", master,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("public_key", sa.Text, nullable=False),  # Ed25519, PEM
+    sa.Column("added_at", sa.Float, nullable=False),
+)
+
+definitions = sa.Table(
+    "definitions", master,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("instruction_set", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("spec", sa.JSON, nullable=False),  # the whole validated definition
+    sa.Column("checksum", sa.String(64), nullable=False),  # SHA-256 of the canonical spec, re-checked at issue
+    sa.Column("pack", sa.String(255), nullable=False),
+    sa.Column("publisher", sa.String(128), nullable=False),
+    sa.Column("imported_at", sa.Float, nullable=False),
+)
+
+# A role for one instruction set, or for all ("*").
+role_assignments = sa.Table(
+    "role_assignments", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("username", sa.String(128), nullable=False),
+    sa.Column("role", sa.String(64), nullable=False),
+    sa.Column("instruction_set", sa.String(128), nullable=False),
+    sa.UniqueConstraint("username", "role", "instruction_set", name="uq_role_assignment"),
+)
+
+# Management groups scope which devices a user may reach.
+management_groups = sa.Table(
+    "management_groups", master,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("rule", sa.JSON, nullable=False),  # {"devices": [...], "os_like": "...", "tags": {k: v}}
+)
+
+user_groups = sa.Table(
+    "user_groups", master,
+    sa.Column("username", sa.String(128), primary_key=True),
+    sa.Column("group_name", sa.String(128), primary_key=True),
+)
