@@ -274,7 +274,8 @@ def revoke(root: DirArg, device: Annotated[str, typer.Option(help="device name")
 
 # ---------------------------------------------------------------------------------- client
 @app.command()
-def ask(root: DirArg, payload: Annotated[str, typer.Argument(help="SCALE text")],
+def ask(root: DirArg, payload: Annotated[Optional[str], typer.Argument(help="SCALE text (or use --definition)")] = None,
+        definition: Annotated[Optional[str], typer.Option(help="issue an imported instruction definition")] = None,
         device: Annotated[Optional[list[str]], typer.Option(help="target device (repeatable); default all")] = None,
         wait: Annotated[float, typer.Option(min=1, help="gather window and how long to wait, seconds")] = 60,
         param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE instruction parameter")] = None,
@@ -285,7 +286,10 @@ def ask(root: DirArg, payload: Annotated[str, typer.Argument(help="SCALE text")]
     params = dict(parse_param(x) for x in param or [])
     try:
         with ConsumerClient.for_data_dir(root) as api:
-            issued = api.issue(payload, devices=device, instruction_ttl=int(wait), parameters=params)
+            if (payload is None) == (definition is None):
+                _fail("give a SCALE payload or --definition NAME (not both)", 2)
+            issued = api.issue(payload, devices=device, instruction_ttl=int(wait), parameters=params,
+                               definition=definition)
             iid = issued["id"]
             if issued["status"] == "pending_approval":
                 console.print(f"instruction {iid} is an action: waiting for a second person to approve it "
@@ -357,7 +361,7 @@ def approval_code(root: DirArg, instruction_id: int, user: UserOpt = None, passw
 
 user_app = typer.Typer(help="Manage users and roles.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
-ROLES = ("Full Administrator", "Questioner", "Actioner", "Approver", "Viewer")
+from quanta.rbac import ROLES  # noqa: E402
 
 
 @user_app.command("add")
@@ -419,6 +423,139 @@ def smtp(root: DirArg, host: Annotated[Optional[str], typer.Option()] = None,
     out.print(json.dumps(shown), highlight=False)
 
 
+pack_app = typer.Typer(help="Signed product packs of instruction definitions.", no_args_is_help=True)
+app.add_typer(pack_app, name="pack")
+
+
+@pack_app.command("keygen")
+def pack_keygen(name: Annotated[str, typer.Option(help="publisher name")],
+                out_dir: Annotated[Path, typer.Option("--out")] = Path(".")) -> None:
+    """Create a publisher key pair (NAME.key stays with the publisher; NAME.pub goes to servers)."""
+    from quanta.definitions import keygen
+
+    priv, pub = keygen(out_dir, name)
+    out.print(f"wrote {priv} (keep it secret) and {pub}", highlight=False)
+
+
+@pack_app.command("build")
+def pack_build(source: Path, key: Annotated[Path, typer.Option(help="publisher private key")],
+               out_file: Annotated[Path, typer.Option("--out")]) -> None:
+    """Sign a pack directory (pack.toml, definitions/, resources/) into a zip."""
+    from quanta.definitions import PackError, build
+
+    try:
+        build(source, key, out_file)
+    except PackError as e:
+        _fail(f"error: {e}", 2)
+    out.print(f"signed pack written to {out_file}", highlight=False)
+
+
+@pack_app.command("trust")
+def pack_trust(root: DirArg, name: Annotated[str, typer.Option(help="publisher name")],
+               key: Annotated[Path, typer.Option(help="publisher public key (PEM)")]) -> None:
+    """Trust a publisher: packs it signs may be imported."""
+    from quanta.db import make_engine, store
+    from quanta.definitions import PackError, trust
+    from quanta.settings import DataDir, load_settings
+
+    master = make_engine(DataDir(root).master_url(load_settings(root)))
+    try:
+        trust(master, name, key.read_bytes())
+    except (PackError, ValueError) as e:
+        _fail(f"error: {e}", 2)
+    store.audit(master, "quanta pack trust", "publisher_trust", name)
+    out.print(f"trusting publisher {name}", highlight=False)
+
+
+@pack_app.command("import")
+def pack_import(root: DirArg, pack_file: Path) -> None:
+    """Verify and import a signed pack (all or nothing)."""
+    from quanta.background import ContentStore
+    from quanta.db import make_engine, store
+    from quanta.definitions import PackError, import_pack
+    from quanta.settings import DataDir, load_settings
+
+    dd = DataDir(root)
+    master = make_engine(dd.master_url(load_settings(root)))
+    try:
+        pack = import_pack(master, pack_file.read_bytes(), ContentStore(dd.content))
+    except PackError as e:
+        store.audit(master, "quanta pack import", "pack_refused", str(pack_file), reason=str(e))
+        _fail(f"pack refused: {e}", 2)
+        return
+    store.audit(master, "quanta pack import", "pack_import", pack.info.name, version=pack.info.version,
+                publisher=pack.info.publisher)
+    out.print(f"imported {pack.info.name} {pack.info.version} from {pack.info.publisher}: "
+              f"{', '.join(d.name for d in pack.definitions)}", highlight=False)
+
+
+role_app = typer.Typer(help="Roles per instruction set.", no_args_is_help=True)
+app.add_typer(role_app, name="role")
+
+
+@role_app.command("assign")
+def role_assign(root: DirArg, username: Annotated[str, typer.Option()], role: Annotated[str, typer.Option()],
+                instruction_set: Annotated[str, typer.Option(help="an instruction set, or * for all")] = "*") -> None:
+    """Give a user a role for one instruction set (or all)."""
+    from quanta import rbac
+    from quanta.db import make_engine, store
+    from quanta.settings import DataDir, load_settings
+
+    master = make_engine(DataDir(root).master_url(load_settings(root)))
+    try:
+        rbac.assign(master, username, role, instruction_set)
+    except ValueError as e:
+        _fail(f"error: {e}", 2)
+    store.audit(master, "quanta role assign", "role_assign", username, role=role, instruction_set=instruction_set)
+    out.print(f"{username} is {role} for {instruction_set}", highlight=False)
+
+
+group_app = typer.Typer(help="Management groups: which devices a user may reach.", no_args_is_help=True)
+app.add_typer(group_app, name="group")
+
+
+@group_app.command("set")
+def group_set(root: DirArg, name: Annotated[str, typer.Option()],
+              device: Annotated[Optional[list[str]], typer.Option(help="member device (repeatable)")] = None,
+              os_like: Annotated[Optional[str], typer.Option(help="OS glob, e.g. 'linux*'")] = None,
+              tag: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE tag every member has")] = None) -> None:
+    """Create or replace a management group's rule."""
+    from quanta import rbac
+    from quanta.db import make_engine, store
+    from quanta.settings import DataDir, load_settings
+
+    rule: dict[str, Any] = {}
+    if device:
+        rule["devices"] = device
+    if os_like:
+        rule["os_like"] = os_like
+    if tag:
+        rule["tags"] = dict(t.split("=", 1) for t in tag)
+    if not rule:
+        _fail("a group needs at least one of --device, --os-like, --tag", 2)
+    master = make_engine(DataDir(root).master_url(load_settings(root)))
+    rbac.set_group(master, name, rule)
+    store.audit(master, "quanta group set", "group_set", name, rule=rule)
+    out.print(f"group {name}: {json.dumps(rule)}", highlight=False)
+
+
+@group_app.command("add-member")
+def group_add_member(root: DirArg, name: Annotated[str, typer.Option()],
+                     username: Annotated[str, typer.Option()]) -> None:
+    """Limit a user to the devices of this group (and any other groups they are in)."""
+    from quanta import rbac
+    from quanta.db import make_engine, store
+    from quanta.settings import DataDir, load_settings
+
+    master = make_engine(DataDir(root).master_url(load_settings(root)))
+    try:
+        rbac.add_member(master, username, name)
+    except ValueError as e:
+        _fail(f"error: {e}", 2)
+    store.audit(master, "quanta group add-member", "group_member", name, username=username)
+    out.print(f"{username} now reaches the devices of group {name}", highlight=False)
+
+
 def _print_results(iid: int, status: dict[str, Any], results: list[dict[str, Any]]) -> None:
     states = ", ".join(f"{k} {v}" for k, v in sorted(status["states"].items()))
     out.print(f"instruction {iid}: {status['status']}; {status['targeted']} targeted; {states}", highlight=False)
@@ -459,7 +596,7 @@ def devices(root: DirArg, json_output: Annotated[bool, typer.Option("--json")] =
 
 
 # Sub-commands that live with their components. Each module has ``register(app)``.
-COMMAND_MODULES = ("quanta.ports.cli", "quanta.simulate.cli")
+COMMAND_MODULES = ("quanta.ports.cli", "quanta.simulate.cli", "quanta.catalog.cli", "quanta.integrate.cli")
 
 
 def _register_component_commands() -> None:

@@ -95,11 +95,16 @@ class ConsumerClient:
         t = self._call("POST", "/Consumer/Authentication/Token", json={"username": username, "password": password})
         self.http.headers["Authorization"] = f"Bearer {t['token']}"
 
-    def issue(self, payload: str, *, devices: list[str] | None = None, instruction_ttl: int = 60,
-              parameters: dict[str, Any] | None = None, name: str = "adhoc") -> dict[str, Any]:
-        return self._call("POST", "/Consumer/Instructions", json={
-            "payload": payload, "devices": devices or None, "instruction_ttl": instruction_ttl,
-            "parameters": parameters or {}, "name": name})
+    def issue(self, payload: str | None, *, devices: list[str] | None = None, instruction_ttl: int | None = 60,
+              parameters: dict[str, Any] | None = None, name: str = "adhoc",
+              definition: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"devices": devices or None, "instruction_ttl": instruction_ttl,
+                                "parameters": parameters or {}}
+        if definition is not None:
+            body["definition"] = definition
+        else:
+            body |= {"payload": payload, "name": name}
+        return self._call("POST", "/Consumer/Instructions", json=body)
 
     def status(self, iid: int) -> dict[str, Any]:
         return self._call("GET", f"/Consumer/Instructions/{iid}")

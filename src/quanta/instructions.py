@@ -34,12 +34,14 @@ class CoreError(RuntimeError):
 
 def create(engine: sa.Engine, *, created_by: str, name: str, kind: str, payload: str, parameters: dict[str, Any],
            devices: list[str] | None, instruction_ttl: int, response_ttl: int, status: str,
-           scheduled_at: float | None = None, approval_expires_at: float | None = None) -> int:
+           scheduled_at: float | None = None, approval_expires_at: float | None = None,
+           instruction_set: str | None = None) -> int:
     with engine.begin() as c:
         iid = c.execute(instructions.insert().values(
             name=name, kind=kind, payload=payload, parameters=parameters, scope=devices, created_by=created_by,
             created_at=time.time(), status=status, instruction_ttl=instruction_ttl, response_ttl=response_ttl,
-            scheduled_at=scheduled_at, approval_expires_at=approval_expires_at)).inserted_primary_key[0]
+            scheduled_at=scheduled_at, approval_expires_at=approval_expires_at,
+            instruction_set=instruction_set)).inserted_primary_key[0]
     return int(iid)
 
 

@@ -13,6 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import httpx
@@ -22,13 +23,17 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quanta import protocol as p
 from quanta.background import MAX_CONTENT_BYTES, ContentError, ContentStore
 from quanta import instructions as ins
+from quanta import rbac
 from quanta.db import store
-from quanta.db.tables import api_tokens, users
+from quanta.definitions import DefinitionError, bind_parameters, load_definition
+from quanta.definitions import packs
+from quanta.definitions.packs import MAX_PACK_BYTES
+from quanta.db.tables import api_tokens, definitions, users
 from quanta.pki import Signer
 
 log = logging.getLogger("quanta.consumer_api")
@@ -59,13 +64,37 @@ ParamValue = str | int | float | bool
 
 
 class IssueRequest(Strict):
-    payload: str = Field(min_length=1, max_length=64 * 1024, description="SCALE text")
+    payload: str | None = Field(default=None, min_length=1, max_length=64 * 1024,
+                                description="raw SCALE text (Full Administrators only)")
+    definition: str | None = Field(default=None, min_length=1, max_length=255,
+                                   description="name of an imported instruction definition")
     name: str = Field(default="adhoc", min_length=1, max_length=255)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     devices: list[str] | None = Field(default=None, description="device names; null for every device")
-    instruction_ttl: int = Field(default=60, ge=1, le=7 * 86400, description="gather window, seconds")
-    response_ttl: int = Field(default=7 * 86400, ge=60, le=365 * 86400, description="seconds responses are kept")
+    instruction_ttl: int | None = Field(default=None, ge=1, le=7 * 86400, description="gather window, seconds")
+    response_ttl: int | None = Field(default=None, ge=60, le=365 * 86400, description="seconds responses are kept")
     scheduled_at: float | None = Field(default=None, description="unix time to issue it; default now")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IssueRequest:
+        if (self.payload is None) == (self.definition is None):
+            raise ValueError("give exactly one of payload (raw SCALE) or definition")
+        return self
+
+
+@dataclass
+class Plan:
+    """An issue request resolved against its definition, the user's rights and groups."""
+
+    name: str
+    kind: str
+    payload: str
+    parameters: dict[str, Any]
+    devices: list[str] | None
+    instruction_ttl: int
+    response_ttl: int
+    instruction_set: str | None
+    scheduled_at: float | None
 
 
 class DecisionRequest(Strict):
@@ -113,6 +142,43 @@ class Device(BaseModel):
     online: bool
     revoked: bool
     last_seen: float | None
+
+
+class InstructionSummary(BaseModel):
+    id: int
+    name: str
+    kind: str
+    status: str
+    payload: str
+    parameters: dict[str, Any]
+    devices: list[str] | None
+    targeted: int
+    states: dict[str, int]
+    created_by: str
+    created_at: float
+    issued_at: float | None
+    expires_at: float | None
+    scheduled_at: float | None = None
+    approval_expires_at: float | None = None
+    decided_by: str | None = None
+    decision_reason: str | None = None
+
+
+class InstructionPage(BaseModel):
+    offset: int
+    limit: int
+    total: int
+    items: list[InstructionSummary]
+
+
+class SwitchInfo(BaseModel):
+    name: str
+    host: str
+    port: int
+    poke_port: int
+    enabled: bool
+    online_devices: int
+    devices: int
 
 
 # ------------------------------------------------------------------ helpers
@@ -178,23 +244,68 @@ class ConsumerApi:
         return User(id=row.id, username=row.username, role=row.role) if row else None
 
     # ------------------------------------------------------------- instructions
-    def create_instruction(self, user: User, req: IssueRequest, kind: str) -> tuple[int, str]:
+    def plan(self, user: User, req: IssueRequest) -> Plan:
+        """Everything checked before anything is stored: rights, definition checksum, typed
+        parameters, TTL bounds, management-group scope, and a compile of the final payload."""
+        from quanta.scale import ScaleError, compile_scale
+
+        if req.payload is not None:
+            if user.role != ADMIN_ROLE:
+                raise HTTPException(403, "raw SCALE is allowed for Full Administrators only; "
+                                         "ask with an instruction definition")
+            payload, params, iset, name = req.payload, dict(req.parameters), None, req.name
+            ittl, rttl = req.instruction_ttl or 60, req.response_ttl or 7 * 86400
+        else:
+            try:
+                d = load_definition(self.master, req.definition or "")
+                params = bind_parameters(d, dict(req.parameters))
+            except DefinitionError as e:
+                raise HTTPException(404 if "no instruction definition" in str(e) else 422, str(e)) from None
+            if not rbac.allowed(self.master, user.username, "act" if d.type == "action" else "ask",
+                                d.instruction_set):
+                raise HTTPException(403, f"{user.username} may not issue {d.type}s of instruction set "
+                                         f"{d.instruction_set!r}")
+            ittl = req.instruction_ttl or d.ttl.instruction_default
+            rttl = req.response_ttl or d.ttl.response_default
+            if not d.ttl.instruction_min <= ittl <= d.ttl.instruction_max:
+                raise HTTPException(422, f"instruction_ttl must be within {d.ttl.instruction_min}-"
+                                         f"{d.ttl.instruction_max} s for {d.name}")
+            if not d.ttl.response_min <= rttl <= d.ttl.response_max:
+                raise HTTPException(422, f"response_ttl must be within {d.ttl.response_min}-{d.ttl.response_max} s "
+                                         f"for {d.name}")
+            payload, iset, name = d.payload, d.instruction_set, d.name
+        try:
+            program = compile_scale(payload, params)
+        except ScaleError as e:
+            raise HTTPException(422, {"message": e.message, "line": e.line, "column": e.column,
+                                      "error": str(e)}) from None
+        kind = "action" if program.is_action else "question"
+        if req.definition is not None and kind == "action" and not rbac.allowed(
+                self.master, user.username, "act", iset or "*"):
+            raise HTTPException(403, f"{user.username} may not issue actions")
+        devices = rbac.scope_for(self.master, user.username, req.devices)
+        if devices is not None and not devices:
+            raise HTTPException(422, "none of the requested devices is in your management groups")
+        return Plan(name, kind, payload, params, devices, ittl, rttl, iset, req.scheduled_at)
+
+    def create_instruction(self, user: User, plan: Plan) -> tuple[int, str]:
         now = time.time()
-        if kind == "action":
+        if plan.kind == "action":
             status = ins.PENDING_APPROVAL
-        elif req.scheduled_at and req.scheduled_at > now:
+        elif plan.scheduled_at and plan.scheduled_at > now:
             status = ins.SCHEDULED
         else:
             status = ins.NEW
-        iid = ins.create(self.master, created_by=user.username, name=req.name, kind=kind, payload=req.payload,
-                         parameters=dict(req.parameters), devices=req.devices, instruction_ttl=req.instruction_ttl,
-                         response_ttl=req.response_ttl, status=status, scheduled_at=req.scheduled_at,
-                         approval_expires_at=now + self.approval_ttl if kind == "action" else None)
+        iid = ins.create(self.master, created_by=user.username, name=plan.name, kind=plan.kind, payload=plan.payload,
+                         parameters=plan.parameters, devices=plan.devices, instruction_ttl=plan.instruction_ttl,
+                         response_ttl=plan.response_ttl, status=status, scheduled_at=plan.scheduled_at,
+                         approval_expires_at=now + self.approval_ttl if plan.kind == "action" else None,
+                         instruction_set=plan.instruction_set)
         if status == ins.NEW:
             ins.sign(self.master, self.signer, iid, expect=(ins.NEW,))
             status = ins.READY
-        store.audit(self.master, user.username, "issue", f"instruction:{iid}", name=req.name, kind=kind,
-                    devices=req.devices, status=status)
+        store.audit(self.master, user.username, "issue", f"instruction:{iid}", name=plan.name, kind=plan.kind,
+                    devices=plan.devices, status=status, instruction_set=plan.instruction_set)
         return iid, status
 
     async def core_issue(self, iid: int) -> dict[str, Any]:
@@ -272,17 +383,8 @@ def create_app(api: ConsumerApi) -> FastAPI:
 
     @app.post("/Consumer/Instructions", status_code=201)
     async def issue(req: IssueRequest, user: CurrentUser) -> dict[str, Any]:
-        from quanta.scale import ScaleError, compile_scale
-
-        if user.role != ADMIN_ROLE:
-            raise HTTPException(403, "raw SCALE questions are allowed for Full Administrators only")
-        try:
-            program = compile_scale(req.payload, dict(req.parameters))
-        except ScaleError as e:
-            raise HTTPException(422, {"message": e.message, "line": e.line, "column": e.column,
-                                      "error": str(e)}) from None
-        kind = "action" if program.is_action else "question"
-        iid, status = await api.db(api.create_instruction, user, req, kind)
+        plan = await api.db(api.plan, user, req)
+        iid, status = await api.db(api.create_instruction, user, plan)
         if status == ins.PENDING_APPROVAL:
             try:
                 await api.coordinator(f"/Coordinator/Instructions/{iid}/Submitted")
@@ -378,9 +480,81 @@ def create_app(api: ConsumerApi) -> FastAPI:
     async def list_content(user: CurrentUser) -> list[dict[str, Any]]:
         return api.content.list() if api.content is not None else []
 
+    @app.get("/Consumer/InstructionDefinitions")
+    async def list_definitions(user: CurrentUser, instruction_set: str | None = None) -> list[dict[str, Any]]:
+        """Definitions the caller may issue (or see), with their typed parameters."""
+        def visible() -> list[dict[str, Any]]:
+            with api.master.connect() as c:
+                q = sa.select(definitions)
+                if instruction_set:
+                    q = q.where(definitions.c.instruction_set == instruction_set)
+                rows = [dict(r._mapping) for r in c.execute(q.order_by(definitions.c.name))]
+            return [{"name": r["name"], "type": r["kind"], "instruction_set": r["instruction_set"],
+                     "description": r["spec"]["description"], "parameters": r["spec"]["parameters"],
+                     "schema": r["spec"]["schema"], "aggregation": r["spec"]["aggregation"], "ttl": r["spec"]["ttl"],
+                     "pack": r["pack"], "publisher": r["publisher"]}
+                    for r in rows if rbac.allowed(api.master, user.username, "view", r["instruction_set"])]
+
+        return await api.db(visible)
+
+    @app.post("/Consumer/Packs", status_code=201)
+    async def import_pack(request: Request, user: CurrentUser) -> dict[str, Any]:
+        """Import a signed product pack (zip body). Only packs from trusted publishers are accepted."""
+        if user.role != ADMIN_ROLE:
+            raise HTTPException(403, "importing packs is for Full Administrators")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_PACK_BYTES:
+                raise HTTPException(413, f"pack exceeds {MAX_PACK_BYTES} bytes")
+        try:
+            pack = await api.db(packs.import_pack, api.master, bytes(data), api.content)
+        except packs.PackError as e:
+            await api.db(store.audit, api.master, user.username, "pack_refused", "", reason=str(e))
+            raise HTTPException(422, f"pack refused: {e}") from None
+        await api.db(store.audit, api.master, user.username, "pack_import", pack.info.name,
+                     version=pack.info.version, publisher=pack.info.publisher,
+                     definitions=[d.name for d in pack.definitions])
+        return {"pack": pack.info.name, "version": pack.info.version, "publisher": pack.info.publisher,
+                "definitions": [d.name for d in pack.definitions], "resources": len(pack.resources)}
+
     @app.get("/Consumer/Devices", response_model=list[Device])
     async def devices(user: CurrentUser) -> list[Device]:
         rows = await api.db(store.list_devices, api.master)
-        return [Device(**{k: r[k] for k in Device.model_fields}) for r in rows]
+        reach = await api.db(rbac.reachable_devices, api.master, user.username)  # management groups
+        return [Device(**{k: r[k] for k in Device.model_fields}) for r in rows if reach is None or r["device_id"] in reach]
+
+    @app.get("/Consumer/Instructions", response_model=InstructionPage)
+    async def list_instructions(user: CurrentUser, offset: Annotated[int, Query(ge=0)] = 0,
+                                limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                                status: Annotated[str | None, Query(description="comma-separated statuses")] = None
+                                ) -> InstructionPage:
+        """Recent instructions, newest first, with their counts per state (read-only; for the portal)."""
+        statuses = [x.strip() for x in status.split(",") if x.strip()] if status else None
+
+        def load() -> InstructionPage:
+            total, rows = store.list_instructions(api.master, offset, limit, statuses)
+            counts = store.state_counts_many(api.responses, [r["id"] for r in rows])
+            return InstructionPage(offset=offset, limit=limit, total=total, items=[InstructionSummary(
+                id=r["id"], name=r["name"], kind=r["kind"], status=r["status"], payload=r["payload"],
+                parameters=r["parameters"] or {}, devices=r["scope"], targeted=r["targeted"],
+                states=counts.get(r["id"], {}), created_by=r["created_by"], created_at=r["created_at"],
+                issued_at=r["issued_at"], expires_at=r["expires_at"], scheduled_at=r["scheduled_at"],
+                approval_expires_at=r["approval_expires_at"], decided_by=r["decided_by"],
+                decision_reason=r["decision_reason"]) for r in rows])
+
+        return await api.db(load)
+
+    @app.get("/Consumer/Switches", response_model=list[SwitchInfo])
+    async def switches(user: CurrentUser) -> list[SwitchInfo]:
+        """The SwitchConfiguration rows, with the devices last seen on each and how many are online."""
+        def load() -> list[SwitchInfo]:
+            counts = store.switch_device_counts(api.master)
+            return [SwitchInfo(name=r["Name"], host=r["Host"], port=r["Port"], poke_port=r["Port"] + 1,
+                               enabled=bool(r["Enabled"]), online_devices=counts.get(r["Name"], {}).get("online", 0),
+                               devices=counts.get(r["Name"], {}).get("devices", 0))
+                    for r in store.switch_rows(api.master)]
+
+        return await api.db(load)
 
     return app

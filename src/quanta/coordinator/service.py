@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from quanta import instructions as ins
+from quanta import rbac
 from quanta.db import store
 from quanta.db.tables import approval_codes, instructions, smtp_settings, users
 from quanta.pki import Signer
@@ -155,8 +156,9 @@ class Coordinator:
             raise WorkflowError(409, f"instruction {row['id']} is {row['status']}, not pending approval")
         if username == row["created_by"]:
             raise WorkflowError(403, "you cannot approve or reject your own instruction: a second person must")
-        if role not in APPROVER_ROLES:
-            raise WorkflowError(403, f"role {role!r} may not approve instructions")
+        iset = row.get("instruction_set") or "*"
+        if not rbac.allowed(self.master, username, "approve", iset):
+            raise WorkflowError(403, f"{username} ({role}) may not approve instructions of set {iset!r}")
 
     async def request_code(self, iid: int, username: str, role: str) -> dict[str, Any]:
         row = await self.db(self._instruction, iid)

@@ -42,6 +42,8 @@ devices = sa.Table(
     sa.Column("revoked", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("first_seen", sa.Float, nullable=True),
     sa.Column("last_seen", sa.Float, nullable=True),
+    # null: known from an agent (enrolment/hello); otherwise the Integrate connector that imported it
+    sa.Column("source", sa.String(128), nullable=True),
 )
 
 # The seed's table: a Switch's client port lives in SwitchConfiguration.Port.
@@ -78,6 +80,7 @@ instructions = sa.Table(
     sa.Column("decided_by", sa.String(128), nullable=True),
     sa.Column("decided_at", sa.Float, nullable=True),
     sa.Column("decision_reason", sa.Text, nullable=True),
+    sa.Column("instruction_set", sa.String(128), nullable=True),  # of its definition; null for raw SCALE
 )
 
 # One row (Id = 1): how the Coordinator sends email. Anonymous on port 25 by default, as in the seed.
@@ -113,6 +116,24 @@ audit_log = sa.Table(
     sa.Column("target", sa.String(255), nullable=False, server_default=""),
     sa.Column("details", sa.JSON, nullable=False, default=dict),
 )
+
+# One row per Integrate Agent connector run (scheduled or on demand), successful or not.
+integrate_runs = sa.Table(
+    "integrate_runs", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("connector", sa.String(128), nullable=False),
+    sa.Column("trigger", sa.String(32), nullable=False),  # schedule | demand
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=False),
+    sa.Column("ok", sa.Boolean, nullable=False),
+    sa.Column("created", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("updated", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("unchanged", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("removed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text, nullable=True),
+)
+sa.Index("ix_integrate_runs_connector", integrate_runs.c.connector, integrate_runs.c.id)
 
 # One row per (instruction, device): the idempotency key of every write on the response path.
 results = sa.Table(

@@ -14,6 +14,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table('instructions', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('instruction_set', sa.String(length=128), nullable=True))
 
     op.create_table('definitions',
     sa.Column('name', sa.String(length=255), nullable=False),
@@ -54,6 +56,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('instructions', schema=None) as batch_op:
+        batch_op.drop_column('instruction_set')
 
     op.drop_table('user_groups')
     op.drop_table('role_assignments')
