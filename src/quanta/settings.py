@@ -96,6 +96,10 @@ class Settings(BaseModel):
     approval_ttl: int = 24 * 3600  # an action nobody approves within this expires
     max_message_bytes: int = 1024 * 1024
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Catalog: where the master reaches it (None: this host's http port, /Catalog), and its database
+    # (None: the master database). A Remote Catalog host sets catalog_database_url for its own database.
+    catalog_url: str | None = None
+    catalog_database_url: str | None = None
 
     @field_validator("ports")
     @classmethod

@@ -47,6 +47,10 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
         return Response(data, media_type="application/pkix-crl", headers={"Cache-Control": "no-cache"})
 
     # --- Catalog UI/API goes here: app.include_router(catalog_router, prefix="/Catalog") ---
+    if settings.catalog_url is None:  # co-located Catalog (a Remote Catalog host runs its own http tier)
+        from quanta.catalog.app import catalog_router
+
+        app.include_router(catalog_router(root, settings), prefix="/Catalog")
     return app
 
 
