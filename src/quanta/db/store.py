@@ -128,6 +128,21 @@ def switch_rows(engine: sa.Engine) -> list[dict[str, Any]]:
                 c.execute(sa.select(switch_configuration).order_by(switch_configuration.c.Name))]
 
 
+def switch_device_counts(engine: sa.Engine) -> dict[str, dict[str, int]]:
+    """switch name -> {"online": n, "devices": n}, counting non-revoked devices last seen on it."""
+    q = (sa.select(devices.c.switch, devices.c.online, sa.func.count())
+         .where(devices.c.revoked == sa.false(), devices.c.switch.is_not(None))
+         .group_by(devices.c.switch, devices.c.online))
+    out: dict[str, dict[str, int]] = {}
+    with engine.connect() as c:
+        for name, online, n in c.execute(q):
+            d = out.setdefault(name, {"online": 0, "devices": 0})
+            d["devices"] += int(n)
+            if online:
+                d["online"] += int(n)
+    return out
+
+
 def set_switches(engine: sa.Engine, host: str, first_port: int, count: int) -> None:
     """Create ``count`` Switch rows on consecutive port pairs (client port, poke port)."""
     with engine.begin() as c:
@@ -142,6 +157,19 @@ def get_instruction(engine: sa.Engine, instruction_id: int) -> dict[str, Any] | 
     with engine.connect() as c:
         row = c.execute(sa.select(instructions).where(instructions.c.id == instruction_id)).first()
         return dict(row._mapping) if row else None
+
+
+def list_instructions(engine: sa.Engine, offset: int, limit: int,
+                      statuses: Sequence[str] | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """(total, newest first page) of instructions, optionally only those in ``statuses``."""
+    cols = [c for c in instructions.c if c.name not in ("body", "signature")]
+    q = sa.select(*cols).order_by(instructions.c.id.desc()).offset(offset).limit(limit)
+    n = sa.select(sa.func.count()).select_from(instructions)
+    if statuses:
+        q = q.where(instructions.c.status.in_(list(statuses)))
+        n = n.where(instructions.c.status.in_(list(statuses)))
+    with engine.connect() as c:
+        return int(c.execute(n).scalar_one()), [dict(r._mapping) for r in c.execute(q)]
 
 
 def active_instructions(engine: sa.Engine) -> list[dict[str, Any]]:
@@ -240,6 +268,20 @@ def state_counts(engine: sa.Engine, instruction_id: int) -> dict[str, int]:
         rows = c.execute(sa.select(results.c.state, sa.func.count())
                          .where(results.c.instruction_id == instruction_id).group_by(results.c.state)).all()
     return {r[0]: int(r[1]) for r in rows}
+
+
+def state_counts_many(engine: sa.Engine, instruction_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """instruction id -> {state: count}, in one grouped query."""
+    out: dict[int, dict[str, int]] = {i: {} for i in instruction_ids}
+    if not out:
+        return out
+    with engine.connect() as c:
+        rows = c.execute(sa.select(results.c.instruction_id, results.c.state, sa.func.count())
+                         .where(results.c.instruction_id.in_(list(out)))
+                         .group_by(results.c.instruction_id, results.c.state)).all()
+    for iid, state, n in rows:
+        out[int(iid)][state] = int(n)
+    return out
 
 
 def unanswered(engine: sa.Engine, instruction_id: int) -> int:

@@ -1,4 +1,4 @@
-"""The web tier on the HTTPS port: Consumer API (/Consumer) and Background Channel (/Background)."""
+"""The web tier on the HTTPS port: Consumer API (/Consumer), portal (/Explorer) and Background Channel (/Background)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
-from quanta import background
+from quanta import background, portal
 from quanta import protocol as p
 from quanta.background import ContentStore
 from quanta.consumer_api import ConsumerApi, create_app
@@ -38,6 +38,7 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
                       approval_ttl=settings.approval_ttl)
     app = create_app(api)
     app.include_router(background.router(content, background.DeviceVerifier(pki.ca_crt, pki.crl)))
+    portal.mount(app)
     return app
 
 
@@ -47,7 +48,7 @@ async def serve(root: Path) -> None:
     pki = Pki(DataDir(root).pki)
     app = build_app(root, settings)
     sock = bind_socket(settings.bind_host, settings.port("https"), "https")
-    log.info("web tier listening on https %s:%d (/Consumer, /Background)", settings.bind_host, settings.port("https"))
+    log.info("web tier listening on https %s:%d (/Consumer, /Explorer, /Background)", settings.bind_host, settings.port("https"))
     config = uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
                             ssl_keyfile=str(pki.server_key), proxy_headers=False)
     await uvicorn.Server(config).serve(sockets=[sock])

@@ -1,0 +1,226 @@
+import { api, stream } from "../api.js";
+import { cellText, clear, fmtTime, h, kindBadge, message, pager, stateBadge, STATE_LABEL, STATES, statusBadge } from "../dom.js";
+
+const DONE = ["finished", "cancelled", "rejected", "approval_expired"];
+const AGG_LIMIT = 20000; // devices fetched for an aggregate
+
+const SIZES = [10, 25, 100, 500];
+
+export async function render(main, args, signal, query = new URLSearchParams()) {
+  const id = Number(args[0]);
+  if (!Number.isInteger(id) || id <= 0) throw new Error("no such instruction");
+  let st = await api("GET", `/Instructions/${id}`, undefined, { signal });
+  let detail = null; // payload etc., from the history listing
+  // The view's state lives in the fragment's query, so a results page can be linked to.
+  const int = (k, d) => { const v = query.has(k) ? Number(query.get(k)) : NaN; return Number.isInteger(v) && v >= 0 ? v : d; };
+  const view = { mode: query.get("view") === "aggregate" ? "agg" : "rows", state: STATES.includes(query.get("state")) ? query.get("state") : "",
+    offset: int("offset", 0), limit: Math.min(Math.max(int("limit", 25), 1), 1000), aggColumn: query.get("by") || "", columns: [] };
+  function remember() {
+    const q = new URLSearchParams();
+    if (view.mode === "agg") { q.set("view", "aggregate"); if (view.aggColumn) q.set("by", view.aggColumn); }
+    if (view.state) q.set("state", view.state);
+    if (view.mode === "rows" && view.offset) q.set("offset", String(view.offset));
+    if (view.mode === "rows" && view.limit !== 25) q.set("limit", String(view.limit));
+    const hash = `#/i/${id}${[...q].length ? `?${q}` : ""}`;
+    if (location.hash !== hash) history.replaceState(null, "", hash); // no hashchange: the view stays
+  }
+
+  const head = h("div", { class: "page-head" });
+  const progress = h("section", { class: "card progress-card", id: "progress" });
+  const results = h("section", { class: "card", id: "results" });
+  const liveNote = h("span", { class: "live", id: "live" });
+  clear(main, head, progress, results);
+
+  function drawHead() {
+    clear(head,
+      h("h1", {}, `#${st.id} `, h("span", { class: "title-name" }, st.name)),
+      h("div", { class: "meta" }, kindBadge(st.kind), " ", h("span", { id: "status" }, statusBadge(st.status)), " ", liveNote,
+        h("span", { class: "muted" }, ` requested by ${st.created_by}`),
+        st.issued_at ? h("span", { class: "muted" }, ` · issued ${fmtTime(st.issued_at)}`) : null,
+        st.expires_at ? h("span", { class: "muted" }, ` · window ${DONE.includes(st.status) ? "closed" : "closes"} ${fmtTime(st.expires_at)}`) : null,
+        st.decided_by ? h("span", { class: "muted" }, ` · decided by ${st.decided_by}${st.decision_reason ? ` (“${st.decision_reason}”)` : ""}`) : null),
+      detail ? h("details", { class: "payload" }, h("summary", {}, "Payload"), h("pre", { class: "code-block" }, detail.payload),
+        Object.keys(detail.parameters || {}).length ? h("p", { class: "muted" }, `Parameters: ${JSON.stringify(detail.parameters)}`) : null,
+        h("p", { class: "muted" }, `Devices: ${detail.devices ? detail.devices.join(", ") : "all"}`)) : null);
+  }
+
+  function total() {
+    return Object.values(st.states).reduce((a, b) => a + b, 0);
+  }
+
+  function drawProgress() {
+    const n = Math.max(st.targeted, total());
+    const answered = ["success", "nocontent", "error", "notapplicable"].reduce((a, k) => a + (st.states[k] || 0), 0);
+    const bar = h("div", { class: "bar", role: "img", "aria-label": "responses by state" },
+      ...STATES.filter((k) => st.states[k]).map((k) =>
+        h("span", { class: `seg st-${k}`, style: null, title: `${STATE_LABEL[k]}: ${st.states[k]}`, "data-width": String(st.states[k] / (n || 1)) })));
+    for (const seg of bar.children) seg.style.width = `${(Number(seg.dataset.width) * 100).toFixed(2)}%`;
+    clear(progress,
+      h("div", { class: "progress-head" },
+        h("div", { class: "big" }, h("span", { id: "answered" }, String(answered)), h("span", { class: "muted" }, ` of ${n} answered`)),
+        st.status === "pending_approval" ? message("info", "This action waits for a second person's approval. ",
+          h("a", { href: "#/approvals" }, "Approvals")) : null,
+        st.status === "scheduled" ? message("info", `Scheduled for ${fmtTime(st.scheduled_at)}.`) : null),
+      bar,
+      h("div", { class: "counts", id: "counts" },
+        h("div", { class: "count", "data-state": "targeted" }, h("span", { class: "num" }, String(st.targeted)), h("span", { class: "lbl" }, "Targeted")),
+        ...STATES.map((k) => h("div", { class: `count st-border-${k}${st.states[k] ? "" : " zero"}`, "data-state": k },
+          h("span", { class: "num" }, String(st.states[k] || 0)), h("span", { class: "lbl" }, STATE_LABEL[k])))));
+  }
+
+  // ------------------------------------------------------------- results
+  async function loadRows() {
+    const q = new URLSearchParams({ offset: String(view.offset), limit: String(view.limit) });
+    if (view.state) q.set("state", view.state);
+    const page = await api("GET", `/Instructions/${id}/Responses?${q}`, undefined, { signal });
+    return page.items;
+  }
+
+  async function loadAll() {
+    const items = [];
+    for (let offset = 0; offset < AGG_LIMIT; offset += 1000) {
+      const q = new URLSearchParams({ offset: String(offset), limit: "1000" });
+      if (view.state) q.set("state", view.state);
+      const page = await api("GET", `/Instructions/${id}/Responses?${q}`, undefined, { signal });
+      items.push(...page.items);
+      if (page.items.length < 1000) return { items, truncated: false };
+    }
+    return { items, truncated: true };
+  }
+
+  function columnsOf(items) {
+    const cols = [];
+    for (const it of items) for (const c of it.columns || []) if (!cols.includes(c)) cols.push(c);
+    for (const c of cols) if (!view.columns.includes(c)) view.columns.push(c);
+    return cols;
+  }
+
+  function toolbar() {
+    const stateSel = h("select", { id: "state-filter", "aria-label": "state", onchange: () => { view.state = stateSel.value; view.offset = 0; drawResults(); } },
+      h("option", { value: "" }, "All states"),
+      ...STATES.map((k) => h("option", { value: k, selected: view.state === k }, `${STATE_LABEL[k]} (${st.states[k] || 0})`)));
+    const sizeSel = h("select", { id: "page-size", "aria-label": "page size", onchange: () => { view.limit = Number(sizeSel.value); view.offset = 0; drawResults(); } },
+      ...[...new Set([...SIZES, view.limit])].sort((a, b) => a - b).map((n) => h("option", { value: String(n), selected: view.limit === n }, `${n} device${n === 1 ? "" : "s"} per page`)));
+    const tabs = h("div", { class: "tabs", role: "tablist" },
+      h("button", { type: "button", role: "tab", class: view.mode === "rows" ? "tab active" : "tab", id: "tab-rows",
+        onclick: () => { view.mode = "rows"; drawResults(); } }, "Results"),
+      h("button", { type: "button", role: "tab", class: view.mode === "agg" ? "tab active" : "tab", id: "tab-agg",
+        onclick: () => { view.mode = "agg"; drawResults(); } }, "Aggregate"));
+    return h("div", { class: "toolbar" }, tabs, h("div", { class: "spacer" }), stateSel, view.mode === "rows" ? sizeSel : null);
+  }
+
+  let drawing = null;
+  async function drawResults() {
+    const mine = {};
+    drawing = mine;
+    remember();
+    const body = h("div", { class: "results-body" }, h("div", { class: "loading" }, "Loading…"));
+    if (!results.firstChild) clear(results, toolbar(), body);
+    let content;
+    try {
+      content = view.mode === "rows" ? await rowsView() : await aggView();
+    } catch (e) {
+      if (signal.aborted) return;
+      content = message("error", e.message);
+    }
+    if (drawing !== mine) return; // a newer draw won
+    clear(results, toolbar(), h("div", { class: "results-body" }, content));
+  }
+
+  async function rowsView() {
+    const items = await loadRows();
+    const cols = columnsOf(items);
+    const n = view.state ? (st.states[view.state] || 0) : total();
+    const trs = [];
+    for (const it of items) {
+      const base = [h("td", { class: "device" }, it.device), h("td", {}, stateBadge(it.status))];
+      if (it.rows && it.rows.length) {
+        for (const row of it.rows) {
+          const byName = Object.fromEntries((it.columns || []).map((c, i) => [c, row[i]]));
+          trs.push(h("tr", {}, ...base.map((td) => td.cloneNode(true)), ...cols.map((c) => h("td", {}, cellText(byName[c]))), h("td", {})));
+        }
+      } else {
+        trs.push(h("tr", {}, ...base, ...cols.map(() => h("td", { class: "muted" }, "")), h("td", { class: it.error ? "err" : "muted" }, it.error || "")));
+      }
+    }
+    if (!trs.length) return h("p", { class: "empty" }, st.status === "pending_approval" ? "No responses until the action is approved." : "No responses yet.");
+    return h("div", {},
+      h("div", { class: "table-wrap" }, h("table", { class: "data", id: "results-table" },
+        h("thead", {}, h("tr", {}, h("th", {}, "Device"), h("th", {}, "State"), ...cols.map((c) => h("th", {}, c)), h("th", {}, "Error"))),
+        h("tbody", {}, ...trs))),
+      pager({ offset: view.offset, limit: view.limit, total: n, onPage: (o) => { view.offset = o; drawResults(); } }));
+  }
+
+  async function aggView() {
+    const { items, truncated } = await loadAll();
+    columnsOf(items);
+    const options = ["Device state", ...view.columns];
+    if (!options.includes(view.aggColumn)) view.aggColumn = view.columns[0] || "Device state";
+    const sel = h("select", { id: "agg-column", "aria-label": "group by", onchange: () => { view.aggColumn = sel.value; drawResults(); } },
+      ...options.map((c) => h("option", { value: c, selected: c === view.aggColumn }, c)));
+    const groups = new Map();
+    const bump = (k, dev) => {
+      const g = groups.get(k) || { count: 0, devices: new Set() };
+      g.count += 1; g.devices.add(dev); groups.set(k, g);
+    };
+    for (const it of items) {
+      if (view.aggColumn === "Device state") { bump(STATE_LABEL[it.status] || it.status, it.device); continue; }
+      const i = (it.columns || []).indexOf(view.aggColumn);
+      if (i < 0) continue;
+      for (const row of it.rows || []) bump(cellText(row[i]), it.device);
+    }
+    const sorted = [...groups.entries()].sort((a, b) => b[1].count - a[1].count || a[0].localeCompare(b[0]));
+    const max = sorted.length ? sorted[0][1].count : 1;
+    const rows = sorted.map(([k, g]) => {
+      const meter = h("span", { class: "meter-fill" });
+      meter.style.width = `${((g.count / max) * 100).toFixed(1)}%`;
+      return h("tr", {}, h("td", { class: k === "" ? "muted" : null }, k === "" ? "(empty)" : k),
+        h("td", { class: "num" }, String(g.count)), h("td", { class: "num" }, String(g.devices.size)),
+        h("td", { class: "meter-cell" }, h("span", { class: "meter" }, meter)));
+    });
+    return h("div", {},
+      h("div", { class: "agg-controls" }, h("label", { for: "agg-column" }, "Group by"), sel,
+        h("span", { class: "muted" }, `${items.length} device responses${truncated ? ` (first ${AGG_LIMIT} only)` : ""}`)),
+      rows.length ? h("div", { class: "table-wrap" }, h("table", { class: "data agg", id: "agg-table" },
+        h("thead", {}, h("tr", {}, h("th", {}, view.aggColumn), h("th", { class: "num" }, "Rows"), h("th", { class: "num" }, "Devices"), h("th", {}, ""))),
+        h("tbody", {}, ...rows))) : h("p", { class: "empty" }, "Nothing to aggregate yet."));
+  }
+
+  // ------------------------------------------------------------- live
+  drawHead();
+  drawProgress();
+  drawResults();
+  api("GET", `/Instructions?limit=500`, undefined, { signal }).then((page) => {
+    detail = page.items.find((x) => x.id === id) || null;
+    if (detail) drawHead();
+  }).catch(() => {});
+
+  let lastCounts = JSON.stringify(st.states);
+  let pending = null;
+  const refresh = () => { // at most one results reload per 700 ms while answers arrive
+    if (pending) return;
+    pending = setTimeout(() => { pending = null; if (!signal.aborted) drawResults(); }, 700);
+  };
+  if (!DONE.includes(st.status)) {
+    liveNote.textContent = "● live";
+    try {
+      await stream(`/Instructions/${id}/Stream`, (name, data) => {
+        if (name !== "status") return;
+        const statusChanged = data.status !== st.status;
+        st = data;
+        if (statusChanged) drawHead();
+        drawProgress();
+        const c = JSON.stringify(st.states);
+        if (c !== lastCounts) { lastCounts = c; refresh(); }
+      }, signal);
+    } catch (e) {
+      if (signal.aborted || e.name === "AbortError") return;
+      progress.append(message("error", `Live updates stopped: ${e.message}`));
+    }
+    if (signal.aborted) return;
+    liveNote.textContent = "";
+    drawHead();
+    drawProgress();
+    drawResults();
+  }
+}
