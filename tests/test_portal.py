@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, make_server, quanta
+from conftest import Server, make_server, quanta, wait_until
 
 try:
     from playwright.sync_api import expect
@@ -336,7 +336,19 @@ def test_hostile_result_values_render_as_text(tab: Page, portal_server: Server) 
 
 
 def test_devices_and_switches_views(tab: Page, portal_server: Server) -> None:
-    user, password = portal_server.admin  # type: ignore[attr-defined]
+    from quanta.scale.methods.tagging import save_tags
+
+    s = portal_server
+    # a device reports a hostile tag (as Tagging.Set would write it) in its hello
+    save_tags(s.root.parent / "agents" / "a1" / "state", {"owner": {"value": HOSTILE, "scopable": False}})
+    s.stop_agent("a1")
+    s.start_agent("a1")
+    with httpx.Client(verify=False, base_url=s.base, headers={"Authorization": f"Bearer {admin_token(s)}"}) as c:  # type: ignore[attr-defined]
+        def tagged() -> bool:
+            return any(d["device_id"] == "a1" and d["online"] and d["tags"].get("owner") == HOSTILE
+                       for d in c.get("/Consumer/Devices").json())
+        wait_until(tagged, 30, "a1 online with its new tag", s)
+    user, password = s.admin  # type: ignore[attr-defined]
     tab.login(user, password)
     pg = tab.page
     pg.click("#nav a[data-route=devices]")
@@ -348,6 +360,8 @@ def test_devices_and_switches_views(tab: Page, portal_server: Server) -> None:
     assert rows.locator("td:nth-child(2)").all_text_contents() == ["Online", "Online"]
     assert all(os_ for os_ in rows.locator("td:nth-child(3)").all_text_contents())
     assert rows.locator("td:nth-child(4)").all_text_contents() == ["switch-1", "switch-1"]
+    assert rows.first.locator(".chip").text_content() == f"owner={HOSTILE}"
+    assert pg.evaluate("document.querySelectorAll('img').length") == 0 and pg.evaluate("window.__pwned") is None
     pg.fill("#device-filter", "a2")
     expect(pg.locator("#devices-table tbody tr")).to_have_count(1)
     pg.click("#nav a[data-route=switches]")
