@@ -1,3 +1,3 @@
-from quanta.cli import main
+from quanta.entry import main
 
 main()

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from quanta.signing import Signer, Verifier, client_context  # re-exported: one import for server code
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -176,15 +177,6 @@ class Pki:
         return ctx
 
 
-def client_context(ca_file: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """Client-side TLS that verifies the server against ``ca_file`` and presents ``cert``."""
-    ctx = ssl.create_default_context(cafile=str(ca_file))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert is not None and key is not None:
-        ctx.load_cert_chain(cert, key)
-    return ctx
-
-
 def cert_serial_and_name(der: bytes) -> tuple[int, str]:
     cert = x509.load_der_x509_certificate(der)
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -193,36 +185,3 @@ def cert_serial_and_name(der: bytes) -> tuple[int, str]:
 
 def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-# ------------------------------------------------------------------ signing
-class Signer:
-    def __init__(self, key_pem: bytes) -> None:
-        key = serialization.load_pem_private_key(key_pem, None)
-        assert isinstance(key, ed25519.Ed25519PrivateKey)
-        self._key = key
-
-    @classmethod
-    def from_file(cls, path: Path) -> Signer:
-        return cls(path.read_bytes())
-
-    def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data)
-
-
-class Verifier:
-    def __init__(self, pub_pem: bytes) -> None:
-        key = serialization.load_pem_public_key(pub_pem)
-        assert isinstance(key, ed25519.Ed25519PublicKey)
-        self._key = key
-
-    @classmethod
-    def from_file(cls, path: Path) -> Verifier:
-        return cls(path.read_bytes())
-
-    def verify(self, data: bytes, signature: bytes) -> bool:
-        try:
-            self._key.verify(signature, data)
-        except InvalidSignature:
-            return False
-        return True

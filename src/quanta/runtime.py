@@ -11,10 +11,6 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-import uvloop
-
-from quanta.settings import PORTS_BY_NAME
-
 log = logging.getLogger("quanta")
 
 
@@ -50,6 +46,8 @@ def bind_socket(host: str, port: int, port_name: str, *, backlog: int = 4096) ->
     try:
         sock.bind((host, port))
     except OSError as e:
+        from quanta.settings import PORTS_BY_NAME
+
         sock.close()
         spec = PORTS_BY_NAME.get(port_name)
         what = f"{spec.protocol} {spec.listener}" if spec else port_name
@@ -67,7 +65,9 @@ def bind_socket(host: str, port: int, port_name: str, *, backlog: int = 4096) ->
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
-    """Run a component's main coroutine on uvloop (DESIGN §6: small per-connection memory)."""
+    """Run a server component's main coroutine on uvloop (DESIGN §6: small per-connection memory)."""
+    import uvloop
+
     return uvloop.run(main)
 
 

@@ -9,10 +9,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
-
 from quanta.background import SHA256_RE
-from quanta.background.auth import sign_request
 from quanta.scale.spec import MethodError
 
 from .config import AgentConfig
@@ -38,6 +35,10 @@ class BackgroundFetcher:
         cached = self.cache / sha256
         if cached.exists() and _digest(cached) == sha256:
             return cached
+        import httpx  # only when a resource is needed: an idle agent stays small
+
+        from quanta.background.auth import sign_request
+
         if not self.cfg.background_url:
             raise ResourceError("BackgroundChannelUrl is not set in agent.conf")
         url = f"{self.cfg.background_url.rstrip('/')}/{sha256}"

@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 
 from quanta import protocol as p
-from quanta.pki import Verifier
+from quanta.signing import Verifier
 
 RESEND_AFTER = 30.0
 KEEP_AFTER_EXPIRY = 3600.0

@@ -17,7 +17,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 import quanta
 from quanta import protocol as p
-from quanta.pki import Verifier, client_context
+from quanta.signing import Verifier, client_context
 
 from .background import BackgroundFetcher
 from .config import AgentConfig

@@ -14,10 +14,12 @@ import re
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse
+from typing import TYPE_CHECKING
 
-from .auth import AuthError, DeviceVerifier
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+    from .auth import DeviceVerifier
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 MAX_CONTENT_BYTES = 256 * 1024 * 1024
@@ -64,25 +66,10 @@ class ContentStore:
 
 
 def router(store: ContentStore, verifier: DeviceVerifier) -> APIRouter:
-    r = APIRouter()
+    """The ``/Background`` routes for the web tier (FastAPI is imported only here, not by agents)."""
+    from .app import router as make_router
 
-    @r.get("/Background/{sha256}", response_class=FileResponse, include_in_schema=False)
-    async def fetch(sha256: str, request: Request) -> FileResponse:
-        try:  # authentication first, before the path parameter is even validated
-            device = verifier.verify("GET", request.url.path, dict(request.headers))
-        except AuthError as e:
-            raise HTTPException(401, f"device authentication failed: {e}") from None
-        try:
-            path = store.get(sha256)
-        except ContentError as e:
-            raise HTTPException(422, str(e)) from None
-        if path is None:
-            raise HTTPException(404, f"no content {sha256}")
-        request.state.device = device
-        return FileResponse(path, media_type="application/octet-stream",
-                            headers={"X-Content-SHA256": sha256, "Cache-Control": "private, max-age=31536000, immutable"})
-
-    return r
+    return make_router(store, verifier)
 
 
-__all__ = ["ContentStore", "ContentError", "DeviceVerifier", "AuthError", "router"]
+__all__ = ["ContentStore", "ContentError", "SHA256_RE", "MAX_CONTENT_BYTES", "router"]
