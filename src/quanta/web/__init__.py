@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from quanta import background, portal
 from quanta import protocol as p
 from quanta.background import ContentStore
+from quanta.background.auth import DeviceVerifier
 from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
 from quanta.pki import Pki, Signer
@@ -37,7 +38,7 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
                       coordinator_url=f"https://{_loopback_name(settings.internal_host)}:{settings.port('coordinator')}",
                       approval_ttl=settings.approval_ttl)
     app = create_app(api)
-    app.include_router(background.router(content, background.DeviceVerifier(pki.ca_crt, pki.crl)))
+    app.include_router(background.router(content, DeviceVerifier(pki.ca_crt, pki.crl)))
     portal.mount(app)
     return app
 
