@@ -87,3 +87,49 @@ def test_churn_and_the_cli_summary(tmp_path: Path) -> None:
     s = json.loads(status.read_text())
     assert s["connect_seconds"] is not None, s  # all 60 connected at some point
     assert s["churned"] >= 10 and s["connects"] > 60, s  # devices left and came back
+
+
+def test_a_connection_never_welcomed_is_dropped_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device whose WebSocket opened but whose Welcome never arrived must not stay 'connecting'
+    forever: the watchdog drops it after WELCOME_TIMEOUT and dials again, until it is welcomed."""
+    import asyncio
+
+    from quanta.simulate import fleet as sf
+
+    server = make_server(tmp_path)
+    fleet, _ = enroll_batch(server.root, "nowel-", 20, tmp_path / "fleet")
+    server.start()
+    monkeypatch.setattr(sf, "WELCOME_TIMEOUT", 1.0)
+    monkeypatch.setattr(sf, "WATCHDOG_INTERVAL", 0.2)
+    lost: set[str] = set()
+    real_on_welcome = sf.SimDevice.on_welcome
+
+    def lose_first_welcome(self, transport):  # type: ignore[no-untyped-def]
+        if self.name not in lost:  # the first Welcome of every device goes missing
+            lost.add(self.name)
+            return
+        real_on_welcome(self, transport)
+
+    monkeypatch.setattr(sf.SimDevice, "on_welcome", lose_first_welcome)
+    counters = [0] * len(sf.COUNTERS)
+    cfg = SimConfig(retry_min=0.05, retry_max=0.2, seed=3)
+    sim = sf.Simulator(fleet, fleet.names, 0, cfg, counters, 0)
+    welcomed: list[str] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(sim.run(stop))
+        deadline = asyncio.get_running_loop().time() + 30
+        while counters[sf.C["connected"]] < 20 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        welcomed.extend(d.name for d in sim.devices if d.up)
+        stop.set()
+        await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.stop()
+    assert sorted(welcomed) == sorted(fleet.names), counters
+    assert counters[sf.C["connects"]] == 20, counters
+    assert counters[sf.C["welcome_timeouts"]] >= 20 and len(lost) == 20, counters

@@ -158,7 +158,7 @@ def server(root: DirArg) -> None:
     r = str(DataDir(root).root)
     children = [Child("core", quanta_argv("core", r)), Child("switch-host", quanta_argv("switch-host", r)),
                 Child("coordinator", quanta_argv("coordinator", r)), Child("web", quanta_argv("web", r)),
-                Child("http", quanta_argv("http", r))]
+                Child("http", quanta_argv("http", r)), Child("integrate", quanta_argv("integrate", r))]
     log.info("single server: https %s:%d (Consumer API, Background), http %d (CRL), switch wss %s:%d + poke %d, "
              "core ws %s:%d, coordinator https %d", settings.bind_host, settings.port("https"), settings.port("http"),
              settings.bind_host, settings.port("switch"), settings.port("poke"), settings.internal_host,

@@ -142,6 +142,7 @@ class Device(BaseModel):
     online: bool
     revoked: bool
     last_seen: float | None
+    source: str | None = Field(default=None, description="Integrate connector that imported it; null: agent only")
 
 
 class InstructionSummary(BaseModel):

@@ -179,8 +179,13 @@ def active_instructions(engine: sa.Engine) -> list[dict[str, Any]]:
 
 
 def target_devices(engine: sa.Engine, scope: list[str] | None) -> dict[str, bool]:
-    """device_id -> online, for every non-revoked device in scope."""
-    q = sa.select(devices.c.device_id, devices.c.online).where(devices.c.revoked == sa.false())
+    """device_id -> online, for every non-revoked device in scope.
+
+    Inventory-only devices (imported by an Integrate connector, never enrolled nor connected) have no
+    agent to answer and are not targeted."""
+    q = sa.select(devices.c.device_id, devices.c.online).where(
+        devices.c.revoked == sa.false(),
+        sa.or_(devices.c.source.is_(None), devices.c.cert_serial.is_not(None), devices.c.first_seen.is_not(None)))
     with engine.connect() as c:
         rows = c.execute(q).all()
     if scope is None:

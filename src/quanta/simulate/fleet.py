@@ -37,9 +37,13 @@ from .enroll import Fleet
 log = logging.getLogger("quanta.simulate")
 
 RESEND_AFTER = 30.0
+# A connection whose WebSocket opened but that got no Welcome within this many seconds is dropped
+# and dialled again (the Switch may have lost the hello, or closed without the close reaching us).
+WELCOME_TIMEOUT = 30.0
+WATCHDOG_INTERVAL = 5.0
 # Shared counters, one block per worker (see runner.py).
 COUNTERS = ("connected", "connects", "connect_failures", "deliveries", "executions", "responses",
-            "resends", "acks", "disconnects", "churned", "resumed")
+            "resends", "acks", "disconnects", "churned", "resumed", "welcome_timeouts")
 C = {name: i for i, name in enumerate(COUNTERS)}
 
 
@@ -115,10 +119,13 @@ class SimDevice(WSListener):
         self.journal: dict[int, Entry] = {}
         self.attempt = 0
         self.away_until = 0.0
+        self.opened_at = 0.0  # when the current transport opened (monotonic)
+        self.pending = False  # a connect is scheduled or in flight
 
     # --------------------------------------------------------------- picows callbacks
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        self.opened_at = time.monotonic()
         transport.send(WSMsgType.BINARY, self.sim.hello(self.name))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -233,6 +240,21 @@ class SimDevice(WSListener):
                 e.acked = True
                 self.sim.count(C["acks"])
 
+    def drop_unwelcomed(self) -> None:
+        """Give up on an opened connection that was never welcomed, and dial again."""
+        t, self.transport = self.transport, None
+        sim = self.sim
+        sim.count(C["welcome_timeouts"])
+        log.debug("%s: no welcome within %.0fs; reconnecting", self.name, WELCOME_TIMEOUT)
+        if t is not None and not t.is_disconnected:
+            t.disconnect()  # its on_ws_disconnected sees another transport and does nothing
+        self.switch_index += 1  # try the next Switch, as after a failed connect
+        if self.ctx is not None:
+            self.ctx.session = None
+        if not sim.stopping:
+            sim.schedule_connect(self, sim.backoff(self.attempt))
+            self.attempt += 1
+
     def due(self, now: float) -> None:
         pending = False
         for e in self.journal.values():
@@ -319,9 +341,20 @@ class Simulator:
         def go() -> None:
             if not self.stopping and dev.transport is None:
                 asyncio.ensure_future(self.connect(dev))
+            else:
+                dev.pending = False
+        dev.pending = True
         self.loop.call_later(max(0.0, delay), go)
 
     async def connect(self, dev: SimDevice) -> None:
+        dev.pending = True
+        try:
+            await self._connect(dev)
+        finally:
+            if dev.transport is not None:
+                dev.pending = False
+
+    async def _connect(self, dev: SimDevice) -> None:
         assert self._sem is not None
         async with self._sem:
             if self.stopping or dev.transport is not None:
@@ -344,9 +377,31 @@ class Simulator:
         dev.attempt += 1
 
     # ------------------------------------------------------------------ loops
+    def watchdog(self) -> None:
+        """Every device is welcomed, or on its way to a (re)connect: a connection opened but never
+        welcomed within WELCOME_TIMEOUT is dropped and retried, and a device with neither a
+        connection nor a pending connect is dialled again."""
+        if self.stopping:
+            return
+        mono = time.monotonic()
+        for dev in self.devices:
+            if dev.up:
+                continue
+            if dev.transport is not None:
+                if mono - dev.opened_at >= WELCOME_TIMEOUT:
+                    dev.drop_unwelcomed()
+            elif not dev.pending:
+                self.schedule_connect(dev, self.backoff(dev.attempt))
+                dev.attempt += 1
+
     async def _housekeeping(self) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            self.watchdog()
+            if time.monotonic() - last < 5:
+                continue
+            last = time.monotonic()
             now = time.time()
             for dev in list(self.unacked):
                 dev.due(now)

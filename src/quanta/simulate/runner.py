@@ -48,7 +48,8 @@ class Summary:
         return (f"simulate: {self.connected}/{self.devices} devices connected {ct} over {self.switches} switches "
                 f"by {self.processes} processes; {t['executions']} executed, {t['responses']} responses, "
                 f"{t['acks']} acked, {t['resends']} resent, {t['disconnects']} disconnects, "
-                f"{t['churned']} churned, {t['resumed']} TLS resumed, {t['connect_failures']} failed connects; "
+                f"{t['churned']} churned, {t['resumed']} TLS resumed, {t['connect_failures']} failed connects, "
+                f"{t['welcome_timeouts']} never welcomed (retried); "
                 f"ran {self.elapsed:.1f}s")
 
 
