@@ -46,6 +46,10 @@ class Core:
         self.secret = secret
         self.switches: dict[str, SwitchLink] = {}
         self.active: dict[int, p.WorkItem] = {}
+        # Active instruction -> target rows not yet answered. Set at issue (and recomputed from the
+        # database at start), lowered by each committed batch; when it reaches 0 the database
+        # confirms with one COUNT before the instruction finishes. Replaces a COUNT per batch.
+        self.unanswered: dict[int, int] = {}
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core-db")
         self._expiry_interval = expiry_interval
         self._purge_interval = purge_interval
@@ -77,6 +81,7 @@ class Core:
     async def start(self) -> None:
         for row in await self.db(store.active_instructions, self.master):
             self._cache(row)
+        self.unanswered = await self.db(store.unanswered_many, self.responses, list(self.active))
         log.info("core started with %d active instructions", len(self.active))
         self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop())]
 
@@ -101,14 +106,18 @@ class Core:
             if row["body"] is None or row["signature"] is None:
                 raise ValueError(f"instruction {instruction_id} is not signed")
             targets = await self.db(store.target_devices, self.master, row["scope"])
-            await self.db(store.insert_targets, self.responses, instruction_id, targets,
-                          row["response_expires_at"])
+            existed = await self.db(store.insert_targets, self.responses, instruction_id, targets,
+                                    row["response_expires_at"])
+            if existed == 0:  # fresh rows, none answered yet (the instruction was never active)
+                self.unanswered[instruction_id] = len(targets)
             await self.db(self._set_status, instruction_id, "active", len(targets))
             row["status"] = "active"
             row["targeted"] = len(targets)
             log.info("instruction %d issued: %d devices targeted (%d online)", instruction_id, len(targets),
                      sum(targets.values()))
         if row["status"] == "active":
+            if instruction_id not in self.unanswered:
+                self.unanswered[instruction_id] = await self.db(store.unanswered, self.responses, instruction_id)
             self._cache(row)
             if row["targeted"] == 0:
                 await self.finish(instruction_id, "no devices in scope")
@@ -127,6 +136,7 @@ class Core:
 
     async def finish(self, instruction_id: int, why: str) -> None:
         async with self._finish_lock:
+            self.unanswered.pop(instruction_id, None)
             if self.active.pop(instruction_id, None) is None:
                 row = await self.db(store.get_instruction, self.master, instruction_id)
                 if row is None or row["status"] != "active":
@@ -203,12 +213,20 @@ class Core:
         rows = [dict(instruction_id=r.response.instruction_id, device_id=r.device_id,
                      state=STATUS_TO_STATE[r.response.status], columns=r.response.columns,
                      rows=r.response.rows, error=r.response.error) for r in batch.responses]
-        await self.db(store.ingest, self.responses, rows)
+        answered = await self.db(store.ingest_counted, self.responses, rows)
         # Committed: only now may the Switch (and through it the agent) forget these responses.
         await self._safe_send(link, p.encode(p.BatchAck(batch_id=batch.batch_id)))
-        for iid in {r["instruction_id"] for r in rows}:
-            if iid in self.active and await self.db(store.unanswered, self.responses, iid) == 0:
-                await self.finish(iid, "every targeted device answered")
+        for iid, n in answered.items():
+            if iid not in self.active:
+                continue
+            left = self.unanswered.get(iid)
+            left = None if left is None or n < 0 else left - n
+            if left is None or left <= 0:  # unknown, or apparently done: the database decides
+                left = await self.db(store.unanswered, self.responses, iid)
+            if iid in self.active:
+                self.unanswered[iid] = left
+                if left == 0:
+                    await self.finish(iid, "every targeted device answered")
 
     async def _safe_send(self, link: SwitchLink, data: bytes) -> None:
         try:

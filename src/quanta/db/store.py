@@ -196,17 +196,27 @@ def target_devices(engine: sa.Engine, scope: list[str] | None) -> dict[str, bool
 
 # ---------------------------------------------------------------- responses
 def insert_targets(engine: sa.Engine, instruction_id: int, targets: dict[str, bool],
-                   response_expires_at: float) -> None:
-    """Create one row per targeted device; idempotent (existing rows are kept)."""
+                   response_expires_at: float) -> int:
+    """Create one row per targeted device; idempotent (existing rows are kept).
+
+    Returns how many target rows already existed (0 on a first issue). The insert is one
+    driver-level ``executemany`` (this runs before the Switches are poked, on the question's
+    critical path)."""
     now = time.time()
     with engine.begin() as c:
         existing = {r[0] for r in c.execute(sa.select(results.c.device_id)
                                             .where(results.c.instruction_id == instruction_id))}
-        rows = [dict(instruction_id=instruction_id, device_id=d, state="pending" if online else "offline",
-                     updated_at=now, expires_at=response_expires_at)
-                for d, online in targets.items() if d not in existing]
-        if rows:
-            c.execute(results.insert(), rows)
+        if engine.dialect.name == "postgresql":
+            sql = ("INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
+                   "VALUES (%(i)s, %(d)s, %(s)s, %(t)s, %(x)s)")
+        else:
+            sql = ("INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
+                   "VALUES (:i, :d, :s, :t, :x)")
+        params = [{"i": instruction_id, "d": d, "s": "pending" if online else "offline", "t": now,
+                   "x": response_expires_at} for d, online in targets.items() if d not in existing]
+        if params:
+            c.exec_driver_sql(sql, params)
+        return len(existing)
 
 
 def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str]) -> int:
@@ -226,10 +236,19 @@ def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str])
 
 
 def ingest(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> int:
+    """Store responses; returns how many target rows moved to an answered state.
+    See :func:`ingest_counted`."""
+    return sum(ingest_counted(engine, rows).values())
+
+
+def ingest_counted(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[int, int]:
     """Store responses. Each row: instruction_id, device_id, state, columns, rows, error.
 
     Only a row still open (pending, sent, offline) is updated, so a duplicate, a late answer
     after expiry, or an answer from an untargeted device changes nothing.
+
+    Returns, per instruction, how many rows moved from an open to an answered state (the
+    driver's ``executemany`` rowcount), or -1 where the driver cannot tell.
 
     This is the hot path (one call per Switch batch): it runs one driver-level ``executemany``
     with the JSON pre-encoded by msgspec, which is what the ``results`` JSON columns store.
@@ -251,9 +270,15 @@ def ingest(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> int:
     enc = _json_text
     params = [{"s": r["state"], "c": enc(r["columns"]), "r": enc(r["rows"]), "e": r["error"], "t": now,
                "i": r["instruction_id"], "d": r["device_id"]} for r in rows]
-    with engine.begin() as c:
-        res = c.exec_driver_sql(sql, params)
-        return res.rowcount if res.rowcount is not None and res.rowcount >= 0 else len(rows)
+    by_instruction: dict[int, list[dict[str, Any]]] = {}
+    for prm in params:
+        by_instruction.setdefault(prm["i"], []).append(prm)
+    out: dict[int, int] = {}
+    with engine.begin() as c:  # one transaction, one executemany per instruction (usually one)
+        for iid, prms in by_instruction.items():
+            res = c.exec_driver_sql(sql, prms)
+            out[iid] = res.rowcount if res.rowcount is not None and res.rowcount >= 0 else -1
+    return out
 
 
 def _json_text(value: Any) -> str | None:
@@ -294,6 +319,19 @@ def unanswered(engine: sa.Engine, instruction_id: int) -> int:
         return int(c.execute(sa.select(sa.func.count()).select_from(results).where(
             results.c.instruction_id == instruction_id,
             results.c.state.not_in(ANSWER_STATES))).scalar_one())
+
+
+def unanswered_many(engine: sa.Engine, instruction_ids: Sequence[int]) -> dict[int, int]:
+    """instruction id -> number of target rows not in an answered state, in one grouped query."""
+    out = {int(i): 0 for i in instruction_ids}
+    if not out:
+        return out
+    with engine.connect() as c:
+        for iid, n in c.execute(sa.select(results.c.instruction_id, sa.func.count()).where(
+                results.c.instruction_id.in_(list(out)), results.c.state.not_in(ANSWER_STATES))
+                .group_by(results.c.instruction_id)):
+            out[int(iid)] = int(n)
+    return out
 
 
 def page_results(engine: sa.Engine, instruction_id: int, offset: int, limit: int,

@@ -35,6 +35,11 @@ log = logging.getLogger("quanta.switch")
 HELLO_TIMEOUT = 10.0
 HEARTBEAT = 60.0
 FLUSH_INTERVAL = 0.02
+# A delivery is reported to the Core (pending -> sent) only once it is this old and its device has
+# not answered meanwhile: an answer supersedes it, so most devices never cost a 'sent' write, and
+# the Core commits answers first. (The Core's write is state-guarded, so the order is free.)
+DELIVERED_HOLD = 1.0
+ACK_SLICE = 256  # ResponseAcks sent per loop turn, so acknowledging never stalls reading answers
 
 
 @dataclass
@@ -43,6 +48,7 @@ class ActiveInstruction:
     frame: bytes  # the encoded Deliver message, built once
     scope: frozenset[str] | None
     delivered: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)  # a Cancel is only for devices not in here
 
 
 class AgentConnection(WSListener):
@@ -162,11 +168,13 @@ class Switch:
         # outgoing buffers towards the Core
         self._online: dict[str, p.DeviceInfo] = {}
         self._offline: set[str] = set()
-        self._delivered: dict[int, list[str]] = defaultdict(list)
+        self._delivered: dict[int, dict[str, float]] = defaultdict(dict)  # instruction -> device -> when
         self._responses: list[p.DeviceResponse] = []
         self._sizes: list[int] = []
         self._responses_bytes = 0
         self._unacked: dict[int, p.ResponseBatch] = {}
+        self._acks: dict[str, list[int]] = {}  # device -> instruction ids the Core committed, to send
+        self._ack_now = asyncio.Event()
         self._batch_seq = 0
         self._flush_now = asyncio.Event()
         self._fetch = asyncio.Event()
@@ -222,11 +230,14 @@ class Switch:
         self._offline.discard(conn.device_id)
         self._online[conn.device_id] = conn.info
         conn.send(p.encode(p.Welcome(switch=self.name, heartbeat_seconds=HEARTBEAT)))
+        now = time.monotonic()
         for iid, act in self.active.items():
             if act.scope is None or conn.device_id in act.scope:
                 conn.send(act.frame)
                 act.delivered.add(conn.device_id)
-                self._delivered[iid].append(conn.device_id)
+                pending = self._delivered[iid]
+                pending.pop(conn.device_id, None)  # keep each dict in time order
+                pending[conn.device_id] = now
 
     def on_disconnected(self, conn: AgentConnection) -> None:
         dev = conn.device_id
@@ -236,6 +247,12 @@ class Switch:
             self._offline.add(dev)
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
+        pending = self._delivered.get(resp.instruction_id)
+        if pending is not None:
+            pending.pop(device_id, None)  # answered: its 'sent' need not be reported
+        act = self.active.get(resp.instruction_id)
+        if act is not None:
+            act.answered.add(device_id)
         self._responses.append(p.DeviceResponse(device_id=device_id, response=resp))
         self._sizes.append(size)
         self._responses_bytes += size
@@ -262,7 +279,8 @@ class Switch:
                 conn.send(act.frame)
                 sent.append(conn.device_id)
             act.delivered.update(sent)
-            self._delivered[item.id].extend(sent)  # type: ignore[arg-type]
+            pending = self._delivered[item.id]  # a new instruction: nothing pending yet
+            pending.update(dict.fromkeys(sent, time.monotonic()))  # type: ignore[arg-type]
             log.info("instruction %d delivered to %d connected devices", item.id, len(sent))
         self._flush_now.set()
 
@@ -270,13 +288,28 @@ class Switch:
         batch = self._unacked.pop(ack.batch_id, None)
         if batch is None:
             return
-        per_device: dict[str, list[int]] = defaultdict(list)
+        acks = self._acks
         for r in batch.responses:
-            per_device[r.device_id].append(r.response.instruction_id)
-        for dev, ids in per_device.items():
-            conn = self.conns.get(dev)
-            if conn is not None:
-                conn.send(p.encode(p.ResponseAck(instruction_ids=ids)))
+            ids = acks.get(r.device_id)
+            if ids is None:
+                acks[r.device_id] = [r.response.instruction_id]
+            else:
+                ids.append(r.response.instruction_id)
+        self._ack_now.set()
+
+    async def _acker(self) -> None:
+        """Send the queued ResponseAcks, ACK_SLICE per loop turn (answers keep flowing meanwhile)."""
+        while True:
+            await self._ack_now.wait()
+            self._ack_now.clear()
+            while self._acks:
+                for _ in range(min(ACK_SLICE, len(self._acks))):
+                    dev = next(iter(self._acks))
+                    ids = self._acks.pop(dev)
+                    conn = self.conns.get(dev)
+                    if conn is not None:
+                        conn.send(p.encode(p.ResponseAck(instruction_ids=ids)))
+                await asyncio.sleep(0)
 
     def on_cancel(self, cancel: p.Cancel) -> None:
         for iid in cancel.instruction_ids:
@@ -284,7 +317,7 @@ class Switch:
             if act is None:
                 continue
             frame = p.encode(p.Cancel(instruction_ids=[iid]))
-            for dev in act.delivered:
+            for dev in act.delivered - act.answered:  # those that answered have nothing to cancel
                 conn = self.conns.get(dev)
                 if conn is not None:
                     conn.send(frame)
@@ -313,10 +346,6 @@ class Switch:
         if self._offline:
             gone, self._offline = sorted(self._offline), set()
             await self._send_core(p.DevicesOffline(device_ids=gone))
-        if self._delivered:
-            delivered, self._delivered = self._delivered, defaultdict(list)
-            for iid, devs in delivered.items():
-                await self._send_core(p.Delivered(instruction_id=iid, device_ids=devs))
         while self._responses:
             # Cut a batch of at most max_message_bytes (but at least one response) or 2000 responses.
             n, size = 0, 0
@@ -329,6 +358,21 @@ class Switch:
             batch = p.ResponseBatch(batch_id=self._batch_seq, responses=chunk)
             self._unacked[batch.batch_id] = batch
             await self._send_core(batch)
+        if self._delivered:  # after the answers: see DELIVERED_HOLD
+            cutoff = time.monotonic() - DELIVERED_HOLD
+            for iid in list(self._delivered):
+                pending = self._delivered[iid]
+                due = []
+                for d, t in pending.items():  # in time order
+                    if t > cutoff:
+                        break
+                    due.append(d)
+                for d in due:
+                    del pending[d]
+                if not pending:
+                    del self._delivered[iid]
+                if due:
+                    await self._send_core(p.Delivered(instruction_id=iid, device_ids=due))
 
     async def _core_link(self) -> None:
         headers = {"Authorization": f"Bearer {p.internal_token(self.secret)}"}
@@ -407,7 +451,7 @@ class Switch:
         poke_server = await asyncio.start_server(self._on_poke, sock=poke_sock)
         log.info("switch %s listening: wss %s:%d (agents), poke tcp %s:%d (core)", self.name, self.bind_host,
                  self.port, self.bind_host, self.port + 1)
-        tasks = [asyncio.create_task(c) for c in (self._core_link(), self._flusher(), self._fetcher(),
+        tasks = [asyncio.create_task(c) for c in (self._core_link(), self._flusher(), self._fetcher(), self._acker(),
                                                    self._watch_crl())]
         try:
             await stop.wait()

@@ -1,0 +1,102 @@
+"""The Core's in-memory count of unanswered targets per active instruction: set at issue,
+lowered by each committed batch (duplicates do not count), recomputed from the database after a
+Core restart, and an instruction finishes exactly when its last target answers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from quanta import protocol as p
+from quanta.core.service import Core
+from quanta.db import make_engine, migrate, store, tables
+
+
+def _setup(db_url: str, devices: list[str]):  # type: ignore[no-untyped-def]
+    migrate(db_url, "master")
+    migrate(db_url, "responses")
+    e = make_engine(db_url)
+    now = time.time()
+    with e.begin() as c:
+        for d in devices:
+            c.execute(tables.devices.insert().values(device_id=d, cert_serial=f"s-{d}", tags={}, online=True,
+                                                     first_seen=now))
+        c.execute(tables.instructions.insert().values(
+            id=7, name="q", kind="question", payload="@x = Device.GetSummary();", parameters={}, scope=devices,
+            created_by="t", created_at=now, expires_at=now + 600, response_expires_at=now + 3600,
+            status="created", body=b"body", signature=b"sig"))
+    return e
+
+
+class _Link:
+    name = "sw"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    async def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def _batch(bid: int, devs: list[str]) -> p.ResponseBatch:
+    return p.ResponseBatch(batch_id=bid, responses=[
+        p.DeviceResponse(device_id=d, response=p.Response(instruction_id=7, status="success", columns=["X"],
+                                                          rows=[[1]])) for d in devs])
+
+
+def test_unanswered_counter_survives_a_core_restart(db_url: str) -> None:
+    devs = [f"d{i}" for i in range(10)]
+    engine = _setup(db_url, devs)
+
+    async def first_life() -> None:
+        core = Core(engine, engine, b"s" * 32)
+        await core.start()
+        core.poke_all = _nothing  # type: ignore[method-assign]  # no Switches in this test
+        assert (await core.issue(7))["targeted"] == 10
+        assert core.unanswered[7] == 10
+        link = _Link()
+        await core.ingest(link, _batch(1, devs[:4]))
+        await core.ingest(link, _batch(2, devs[2:6]))  # d2, d3 again: duplicates count once
+        assert core.unanswered[7] == 4 and 7 in core.active
+        assert len(link.sent) == 2  # every batch acknowledged
+        await core.stop()
+
+    async def second_life() -> None:
+        core = Core(engine, engine, b"s" * 32)
+        await core.start()  # the count comes back from the database
+        assert 7 in core.active and core.unanswered[7] == 4
+        link = _Link()
+        await core.ingest(link, _batch(3, devs[6:9]))
+        assert core.unanswered[7] == 1 and 7 in core.active
+        await core.ingest(link, _batch(4, devs[9:]))
+        assert 7 not in core.active and 7 not in core.unanswered
+        await core.stop()
+
+    asyncio.run(first_life())
+    asyncio.run(second_life())
+    assert store.state_counts(engine, 7) == {"success": 10}
+    assert store.get_instruction(engine, 7)["status"] == "finished"
+
+
+def test_a_wrong_count_never_finishes_early(db_url: str) -> None:
+    """If the counter says 0 but the database still has open rows, the database wins."""
+    devs = ["a", "b", "c"]
+    engine = _setup(db_url, devs)
+
+    async def run() -> None:
+        core = Core(engine, engine, b"s" * 32)
+        await core.start()
+        core.poke_all = _nothing  # type: ignore[method-assign]
+        await core.issue(7)
+        core.unanswered[7] = 1  # corrupt it
+        await core.ingest(_Link(), _batch(1, ["a"]))
+        assert 7 in core.active and core.unanswered[7] == 2
+        await core.ingest(_Link(), _batch(2, ["b", "c"]))
+        assert 7 not in core.active
+        await core.stop()
+
+    asyncio.run(run())
+
+
+async def _nothing() -> None:
+    return None
