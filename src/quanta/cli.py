@@ -156,10 +156,15 @@ def server(root: DirArg) -> None:
 
     log = logging.getLogger("quanta.server")
     r = str(DataDir(root).root)
-    children = [Child("core", quanta_argv("core", r)), Child("switch-host", quanta_argv("switch-host", r)),
-                Child("coordinator", quanta_argv("coordinator", r)), Child("web", quanta_argv("web", r)),
-                Child("http", quanta_argv("http", r)), Child("integrate", quanta_argv("integrate", r))]
-    log.info("single server: https %s:%d (Consumer API, Background), http %d (CRL), switch wss %s:%d + poke %d, "
+    by_role = {  # DESIGN §2 topologies: which components run on this host
+        "single": ("core", "switch-host", "coordinator", "web", "http", "integrate"),
+        "master": ("coordinator", "web", "http", "hub", "integrate"),
+        "response": ("core", "switch-host", "web", "hub-client"),
+        "dmz": ("switch-host", "web", "hub-client"),
+    }
+    children = [Child(name, quanta_argv(name, r)) for name in by_role[settings.role]]
+    log.info("%s server: %s", settings.role, ", ".join(c.name for c in children))
+    log.info("ports: https %s:%d (Consumer API, Background), http %d (CRL), switch wss %s:%d + poke %d, "
              "core ws %s:%d, coordinator https %d", settings.bind_host, settings.port("https"), settings.port("http"),
              settings.bind_host, settings.port("switch"), settings.port("poke"), settings.internal_host,
              settings.port("core"), settings.port("coordinator"))
@@ -202,6 +207,57 @@ def coordinator(root: DirArg) -> None:
 
 
 @app.command()
+def hub(root: DirArg) -> None:
+    """Run the Master hub (remote Response Stacks and DMZ servers register here)."""
+    from quanta.hub import serve_hub
+
+    _run_component(serve_hub(root))
+
+
+@app.command("hub-client")
+def hub_client(root: DirArg) -> None:
+    """On a Response Stack or DMZ server: stay registered with the Master hub, keep the CRL current."""
+    from quanta.hub import run_client
+
+    _run_component(run_client(root))
+
+
+host_app = typer.Typer(help="Remote hosts: Response Stacks and DMZ servers.", no_args_is_help=True)
+app.add_typer(host_app, name="host")
+
+
+@host_app.command("export")
+def host_export(master_root: Annotated[Path, typer.Argument(help="the Master's data directory")],
+                role: Annotated[str, typer.Option(help="response or dmz")],
+                server_name: Annotated[str, typer.Option(help="the remote host's name (its certificate's name)")],
+                out_dir: Annotated[Path, typer.Option("--out", help="data directory to write for that host")],
+                https_port: Annotated[int, typer.Option()] = 443,
+                switch_port: Annotated[int, typer.Option()] = 4000,
+                switches: Annotated[int, typer.Option(min=1, max=64)] = 1,
+                port: Annotated[Optional[list[str]], typer.Option(help="NAME=NUMBER for any other port")] = None,
+                response_url: Annotated[Optional[str], typer.Option(help="dmz: https://<response stack>:<port>")] = None) -> None:
+    """Write the data directory of a remote Response Stack or DMZ server, and tell the Master."""
+    from quanta.db import make_engine, store
+    from quanta.settings import DataDir, load_settings
+    from quanta.topology import TopologyError, export_host
+
+    extra = {}
+    for item in port or []:
+        name, _, number = item.partition("=")
+        extra[name] = int(number)
+    try:
+        s = export_host(master_root, out_dir, role=role, server_name=server_name, https_port=https_port,
+                        switch_port=switch_port, switches=switches, ports=extra, response_url=response_url)
+    except (TopologyError, ValueError) as e:
+        _fail(f"error: {e}", 2)
+        return
+    master = make_engine(DataDir(master_root).master_url(load_settings(master_root)))
+    store.audit(master, "quanta host export", "host_export", server_name, role=role)
+    out.print(f"wrote {out_dir} for {role} host {server_name} (https {s.port('https')}, switch {s.port('switch')}, "
+              f"poke {s.port('poke')}); copy it there and run 'quanta server {out_dir}'", highlight=False)
+
+
+@app.command()
 def web(root: DirArg) -> None:
     """Run the web tier (Consumer API) on the HTTPS port."""
     from quanta.web import serve
@@ -226,7 +282,9 @@ def agent(agent_dir: Annotated[Path, typer.Argument(help="agent directory from '
 @app.command()
 def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (certificate CN)")],
            out_dir: Annotated[Path, typer.Option("--out", help="agent directory to write")],
-           switch_host: Annotated[Optional[str], typer.Option(help="host agents dial; default: server name")] = None) -> None:
+           switch_host: Annotated[Optional[str], typer.Option(help="host agents dial; default: server name")] = None,
+           switch: Annotated[Optional[str], typer.Option(help="Switch=host:port[,host:port] for the agent (e.g. a DMZ Switch)")] = None,
+           background_url: Annotated[Optional[str], typer.Option(help="BackgroundChannelUrl for the agent")] = None) -> None:
     """Issue a device certificate and write an agent directory."""
     from quanta.agent.config import write_conf
     from quanta.db import make_engine, store
@@ -245,9 +303,10 @@ def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (
     shutil.copy(pki.signing_pub, out_dir / "signing.pub")
     rows = store.switch_rows(master)
     host = switch_host or settings.server_name
-    switches = ",".join(f"{host}:{r['Port']}" for r in rows if r["Enabled"]) or f"{host}:{settings.port('switch')}"
+    switches = switch or ",".join(f"{switch_host or r['Host']}:{r['Port']}" for r in rows if r["Enabled"]) \
+        or f"{host}:{settings.port('switch')}"
     write_conf(out_dir, device_name=device, switches=switches,
-               background_url=f"https://{host}:{settings.port('https')}/Background",
+               background_url=background_url or f"https://{host}:{settings.port('https')}/Background",
                interaction_port=settings.port("interaction"))
     store.register_device(master, device, format(cert.serial_number, "x"))
     store.audit(master, "quanta enroll", "enroll", device, serial=format(cert.serial_number, "x"))

@@ -80,8 +80,14 @@ def mark_approved(engine: sa.Engine, iid: int, by: str, reason: str | None) -> N
                   .values(decided_by=by, decided_at=time.time(), decision_reason=reason))
 
 
-async def issue_at_core(core_url: str, core_token: str, iid: int, verify: Any = True) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=30, verify=verify) as client:
+async def issue_at_core(core_url: str, core_token: str, iid: int, verify: Any = None) -> dict[str, Any]:
+    """POST to the Core's issue endpoint: local (http, core port) or a remote Response Stack's
+    web tier (https, /Core), verified against the installation CA when ``verify`` is a CA path."""
+    if isinstance(verify, str):
+        import ssl
+
+        verify = ssl.create_default_context(cafile=verify)
+    async with httpx.AsyncClient(timeout=30, verify=verify if verify is not None else True) as client:
         try:
             r = await client.post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/Issue",
                                   headers={"Authorization": f"Bearer {core_token}"})

@@ -94,6 +94,16 @@ class Settings(BaseModel):
     instruction_ttl_default: int = 60  # seconds; the gather window
     response_ttl_default: int = 7 * 24 * 3600
     approval_ttl: int = 24 * 3600  # an action nobody approves within this expires
+    # Topology (DESIGN §2). single: everything here. master: Master stack + hub for remote hosts.
+    # response: a remote Response Stack (Core, Switches, /Core and /Background on https).
+    # dmz: Switches and a Background Channel for internet-facing agents.
+    role: Literal["single", "master", "response", "dmz"] = "single"
+    core_url: str | None = None  # where the Consumer API and Coordinator reach the Core
+    switch_core_url: str | None = None  # where this host's Switches reach the Core
+    hub_url: str | None = None  # response/dmz: the Master hub (ws://master:3901/Hub)
+    crl_url: str | None = None  # dmz: the CRL distribution point (http://master:80/crl.pem)
+    replicate_to: list[str] = []  # master: DMZ web tiers that receive Background content
+    local_switches: list[dict[str, str | int]] = []  # dmz: its Switches (it has no database)
     max_message_bytes: int = 1024 * 1024
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Catalog: where the master reaches it (None: this host's http port, /Catalog), and its database
@@ -114,6 +124,12 @@ class Settings(BaseModel):
                 raise ValueError(f"port {name}={number} is out of range 1-65535")
             merged[name] = int(number)
         return merged
+
+    def core_http_url(self) -> str:
+        return self.core_url or f"http://{self.internal_host}:{self.port('core')}"
+
+    def core_link_url(self) -> str:
+        return self.switch_core_url or f"ws://{self.internal_host}:{self.port('core')}/Core/Switch"
 
     def port(self, name: str) -> int:
         if name == "poke":
@@ -174,6 +190,10 @@ def new_internal_secret() -> str:
 
 
 def _toml_value(v: object) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):

@@ -65,11 +65,11 @@ class ContentStore:
         return out
 
 
-def router(store: ContentStore, verifier: DeviceVerifier) -> APIRouter:
+def router(store: ContentStore, verifier: DeviceVerifier, replication_token: str | None = None) -> APIRouter:
     """The ``/Background`` routes for the web tier (FastAPI is imported only here, not by agents)."""
     from .app import router as make_router
 
-    return make_router(store, verifier)
+    return make_router(store, verifier, replication_token)
 
 
 __all__ = ["ContentStore", "ContentError", "SHA256_RE", "MAX_CONTENT_BYTES", "router"]

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 
-from . import ContentError, ContentStore
+from . import MAX_CONTENT_BYTES, ContentError, ContentStore
 from .auth import AuthError, DeviceVerifier
 
 
-def router(store: ContentStore, verifier: DeviceVerifier) -> APIRouter:
+def router(store: ContentStore, verifier: DeviceVerifier, replication_token: str | None = None) -> APIRouter:
     r = APIRouter()
+
+    if replication_token is not None:
+        expected = f"Bearer {replication_token}"
+
+        @r.put("/Background/{sha256}", include_in_schema=False, status_code=201)
+        async def replicate(sha256: str, request: Request) -> dict[str, object]:
+            """Content replication from the Master (Master -> DMZ web tier on 443)."""
+            auth = request.headers.get("authorization") or ""
+            if not hmac.compare_digest(auth, expected):
+                raise HTTPException(401, "missing or wrong internal token")
+            try:
+                store.path(sha256)
+            except ContentError as e:
+                raise HTTPException(422, str(e)) from None
+            data = await request.body()
+            if len(data) > MAX_CONTENT_BYTES:
+                raise HTTPException(413, "content too large")
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise HTTPException(422, "content does not hash to the SHA-256 in the path")
+            store.put(data)
+            return {"sha256": sha256, "size": len(data)}
 
     @r.get("/Background/{sha256}", response_class=FileResponse, include_in_schema=False)
     async def fetch(sha256: str, request: Request) -> FileResponse:

@@ -200,8 +200,10 @@ class User(BaseModel):
 class ConsumerApi:
     def __init__(self, master: sa.Engine, responses: sa.Engine, signer: Signer, core_url: str,
                  core_token: str, ca_file: str | None = None, content: ContentStore | None = None,
-                 coordinator_url: str | None = None, approval_ttl: float = 24 * 3600) -> None:
+                 coordinator_url: str | None = None, approval_ttl: float = 24 * 3600,
+                 replicate_to: list[str] | None = None) -> None:
         self.content = content
+        self.replicate_to = list(replicate_to or [])
         self.coordinator_url = coordinator_url
         self.approval_ttl = approval_ttl
         self.master = master
@@ -311,9 +313,28 @@ class ConsumerApi:
 
     async def core_issue(self, iid: int) -> dict[str, Any]:
         try:
-            return await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file or True)
+            return await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file)
         except ins.CoreError as e:
             raise HTTPException(502, str(e)) from None
+
+    async def replicate(self, digest: str, data: bytes) -> list[str]:
+        """Copy content to every DMZ Background Channel (Master -> DMZ web tier, 443)."""
+        done = []
+        async with httpx.AsyncClient(timeout=60, verify=self._verify()) as client:
+            for base in self.replicate_to:
+                try:
+                    r = await client.put(f"{base.rstrip('/')}/Background/{digest}", content=data,
+                                         headers={"Authorization": f"Bearer {self.core_token}"})
+                    r.raise_for_status()
+                    done.append(base)
+                except httpx.HTTPError as e:
+                    log.error("replicating %s to %s failed: %s", digest, base, e)
+        return done
+
+    def _verify(self) -> Any:
+        import ssl
+
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
 
     async def coordinator(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.coordinator_url is None:
@@ -475,7 +496,8 @@ def create_app(api: ConsumerApi) -> FastAPI:
         except ContentError as e:
             raise HTTPException(422, str(e)) from None
         await api.db(store.audit, api.master, user.username, "content_upload", digest, size=len(data))
-        return {"sha256": digest, "size": len(data), "url": f"/Background/{digest}"}
+        replicated = await api.replicate(digest, bytes(data))
+        return {"sha256": digest, "size": len(data), "url": f"/Background/{digest}", "replicated_to": replicated}
 
     @app.get("/Consumer/Content")
     async def list_content(user: CurrentUser) -> list[dict[str, Any]]:

@@ -89,8 +89,8 @@ async def serve(root: Path) -> None:
     pki = Pki(dd.pki)
     token = p.internal_token(dd.internal_secret())
     coord = Coordinator(make_engine(dd.master_url(settings)), Signer.from_file(pki.signing_key),
-                        core_url=f"http://{settings.internal_host}:{settings.port('core')}", core_token=token,
-                        approval_ttl=settings.approval_ttl)
+                        core_url=settings.core_http_url(), core_token=token,
+                        approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt))
     sock = bind_socket(settings.internal_host, settings.port("coordinator"), "coordinator")
     log.info("coordinator listening on https %s:%d", settings.internal_host, settings.port("coordinator"))
     config = uvicorn.Config(create_app(coord, token), log_level="warning", loop="none",

@@ -91,7 +91,8 @@ def _code_hash(code: str) -> str:
 
 class Coordinator:
     def __init__(self, master: sa.Engine, signer: Signer, core_url: str, core_token: str, *,
-                 approval_ttl: float = 24 * 3600, loop_interval: float = 1.0) -> None:
+                 approval_ttl: float = 24 * 3600, loop_interval: float = 1.0, ca_file: str | None = None) -> None:
+        self.ca_file = ca_file
         self.master = master
         self.signer = signer
         self.core_url = core_url
@@ -209,7 +210,7 @@ class Coordinator:
         if not await self.db(ins.sign, self.master, self.signer, iid, expect=(ins.PENDING_APPROVAL,)):
             raise WorkflowError(409, f"instruction {iid} was decided by someone else meanwhile")
         await self.db(store.audit, self.master, username, "approve", f"instruction:{iid}", reason=reason)
-        issued = await ins.issue_at_core(self.core_url, self.core_token, iid)
+        issued = await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file)
         await self.notify([await self.db(self._email_of, row["created_by"])],
                           f"Quanta: instruction {iid} approved", f"{username} approved instruction {iid} "
                           f"'{row['name']}'. It was sent to {issued['targeted']} device(s).\n")
@@ -249,14 +250,14 @@ class Coordinator:
         for row in scheduled:
             if await self.db(ins.sign, self.master, self.signer, row["id"], expect=(ins.SCHEDULED,)):
                 try:
-                    issued = await ins.issue_at_core(self.core_url, self.core_token, row["id"])
+                    issued = await ins.issue_at_core(self.core_url, self.core_token, row["id"], verify=self.ca_file)
                     log.info("scheduled instruction %d issued to %d devices", row["id"], issued["targeted"])
                 except ins.CoreError as e:
                     log.error("scheduled instruction %d: %s; the Core will be asked again", row["id"], e)
                     # it is 'created' and signed; the next tick retries the Core (idempotent issue)
         for row in await self.db(self._stuck_ready):
             try:
-                await ins.issue_at_core(self.core_url, self.core_token, row)
+                await ins.issue_at_core(self.core_url, self.core_token, row, verify=self.ca_file)
             except ins.CoreError as e:
                 log.warning("instruction %d still waiting for the Core: %s", row, e)
 

@@ -16,9 +16,18 @@ from .service import Switch
 log = logging.getLogger("quanta.switch")
 
 
-def switch_row(root: Path, name: str) -> dict:
+def local_switch_rows(root: Path) -> list[dict]:
+    """This host's Switches: its rows of SwitchConfiguration (Host = this server's name), or, on a
+    DMZ server, which has no database, the rows its settings carry."""
     settings = load_settings(root)
-    rows = {r["Name"]: r for r in store.switch_rows(make_engine(DataDir(root).master_url(settings)))}
+    if settings.role == "dmz":
+        return [dict(Name=r["Name"], Host=r["Host"], Port=int(r["Port"]), Enabled=True) for r in settings.local_switches]
+    rows = store.switch_rows(make_engine(DataDir(root).master_url(settings)))
+    return [r for r in rows if r["Host"] == settings.server_name]
+
+
+def switch_row(root: Path, name: str) -> dict:
+    rows = {r["Name"]: r for r in local_switch_rows(root)}
     if name not in rows:
         raise SystemExit(f"error: no Switch named {name!r} in SwitchConfiguration (have: {', '.join(rows) or 'none'})")
     return rows[name]
@@ -30,7 +39,7 @@ async def serve(root: Path, name: str) -> None:
     setup_logging(f"switch:{name}", settings.log_level)
     row = switch_row(root, name)
     switch = Switch(name=name, host=row["Host"], port=row["Port"], bind_host=settings.bind_host,
-                    pki=Pki(dd.pki), core_url=f"ws://{settings.internal_host}:{settings.port('core')}/Core/Switch",
+                    pki=Pki(dd.pki), core_url=settings.core_link_url(),
                     secret=dd.internal_secret(), max_message_bytes=settings.max_message_bytes)
     stop = asyncio.Event()
     waiter = asyncio.create_task(wait_for_signal())

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quanta.db import make_engine, store
-from quanta.settings import DataDir, load_settings
 from quanta.supervisor import Child, Supervisor, quanta_argv
 
 
 def switch_children(root: Path) -> list[Child]:
-    settings = load_settings(root)
-    rows = [r for r in store.switch_rows(make_engine(DataDir(root).master_url(settings))) if r["Enabled"]]
+    from quanta.switch.main import local_switch_rows
+
+    rows = [r for r in local_switch_rows(root) if r["Enabled"]]
     return [Child(f"switch:{r['Name']}", quanta_argv("switch", str(root), "--name", r["Name"])) for r in rows]
 
 

@@ -16,7 +16,9 @@ from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
 from quanta.pki import Pki, Signer
 from quanta.runtime import bind_socket, setup_logging
-from quanta.settings import DataDir, Settings, load_settings
+from quanta.settings import DataDir, Settings, core_link_max_bytes, load_settings
+
+from . import core_proxy
 
 log = logging.getLogger("quanta.web")
 
@@ -27,19 +29,28 @@ def _loopback_name(host: str) -> str:
 
 
 def build_app(root: Path, settings: Settings) -> FastAPI:
+    """What this host's web tier serves depends on its role (DESIGN §2 topologies):
+    the Master parts (/Consumer, /Explorer) on single and master hosts, /Core where a Core runs
+    (single, response), and the Background Channel everywhere agents fetch content."""
     dd = DataDir(root)
     pki = Pki(dd.pki)
     content = ContentStore(dd.content)
-    api = ConsumerApi(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)),
-                      Signer.from_file(pki.signing_key),
-                      core_url=f"http://{settings.internal_host}:{settings.port('core')}",
-                      core_token=p.internal_token(dd.internal_secret()), content=content,
-                      ca_file=str(pki.ca_crt),
-                      coordinator_url=f"https://{_loopback_name(settings.internal_host)}:{settings.port('coordinator')}",
-                      approval_ttl=settings.approval_ttl)
-    app = create_app(api)
-    app.include_router(background.router(content, DeviceVerifier(pki.ca_crt, pki.crl)))
-    portal.mount(app)
+    token = p.internal_token(dd.internal_secret())
+    if settings.role in ("single", "master"):
+        api = ConsumerApi(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)),
+                          Signer.from_file(pki.signing_key), core_url=settings.core_http_url(), core_token=token,
+                          content=content, ca_file=str(pki.ca_crt),
+                          coordinator_url=f"https://{_loopback_name(settings.internal_host)}:{settings.port('coordinator')}",
+                          approval_ttl=settings.approval_ttl, replicate_to=settings.replicate_to)
+        app = create_app(api)
+        portal.mount(app)
+    else:
+        app = FastAPI(title=f"Quanta web tier ({settings.role})", docs_url=None, redoc_url=None, openapi_url=None)
+    if settings.role in ("single", "response"):
+        app.include_router(core_proxy.router(f"http://{settings.internal_host}:{settings.port('core')}",
+                                             f"ws://{settings.internal_host}:{settings.port('core')}/Core/Switch",
+                                             token, core_link_max_bytes(settings.max_message_bytes)))
+    app.include_router(background.router(content, DeviceVerifier(pki.ca_crt, pki.crl), replication_token=token))
     return app
 
 
@@ -49,7 +60,9 @@ async def serve(root: Path) -> None:
     pki = Pki(DataDir(root).pki)
     app = build_app(root, settings)
     sock = bind_socket(settings.bind_host, settings.port("https"), "https")
-    log.info("web tier listening on https %s:%d (/Consumer, /Explorer, /Background)", settings.bind_host, settings.port("https"))
+    paths = [r.path for r in app.routes if hasattr(r, "path")]
+    served = [x for x in ("/Consumer", "/Explorer", "/Core", "/Background") if any(q.startswith(x) for q in paths)]
+    log.info("web tier listening on https %s:%d (%s)", settings.bind_host, settings.port("https"), ", ".join(served))
     config = uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
                             ssl_keyfile=str(pki.server_key), proxy_headers=False)
     await uvicorn.Server(config).serve(sockets=[sock])
