@@ -171,7 +171,6 @@ def test_generated_rules_are_sufficient_and_necessary(lab: Lab, tmp_path: Path) 
     assert "policy drop" in listed and all(f"dport {ln.split()[2]} accept" in listed for ln in rules)
 
     lab.start(lab.srv, ["server", str(root)], "server.log")
-    lab.start(lab.srv, ["http", str(root)], "http.log")  # the HTTP tier (CRL distribution point)
     agents = {}
     for name, ns in (("pc1", lab.a1), ("pc2", lab.a2)):
         out = tmp_path / "agents" / name
