@@ -20,22 +20,40 @@ import pytest
 PG_ENV = "QUANTA_TEST_PG_URL"
 
 
-def free_port(pair: bool = False) -> int:
-    """A free TCP port (and, with ``pair``, its successor free too)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65000:
-            continue
-        if not pair:
+_EPHEMERAL = (32768, 60999)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return _EPHEMERAL
+
+
+def free_port(pair: bool = False, span: int = 1) -> int:
+    """A free TCP port for a test listener, chosen BELOW the kernel's ephemeral range, so that no
+    outgoing connection can take it between this check and the server binding it. With ``pair``
+    (a Switch: client port + poke port) or ``span`` the following ports are free too."""
+    import random
+
+    span = max(span, 2 if pair else 1)
+    lo = 10000
+    hi = min(_ephemeral_range()[0], 32768) - span - 1
+    for _ in range(500):
+        port = random.randrange(lo, hi)
+        socks = []
+        try:
+            for p in range(port, port + span):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("0.0.0.0", p))
             return port
-        with socket.socket() as s2:
-            try:
-                s2.bind(("0.0.0.0", port + 1))
-                return port
-            except OSError:
-                continue
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
     raise RuntimeError("no free port")
 
 
@@ -179,7 +197,8 @@ def wait_until(cond, timeout: float, what: str, server: Server | None = None) ->
 
 def make_server(tmp_path: Path, *extra: str) -> Server:
     root = tmp_path / "server"
-    https, switch, core = free_port(), free_port(pair=True), free_port()
+    switches = int(extra[extra.index("--switches") + 1]) if "--switches" in extra else 1
+    https, switch, core = free_port(), free_port(span=2 * switches), free_port()
     # every listener on its own free port, so tests can run in parallel
     others = [f"{name}={free_port()}" for name in ("http", "hub", "coordinator", "integrate", "interaction")]
     quanta("init", str(root), "--https-port", str(https), "--switch-port", str(switch), "--port", f"core={core}",

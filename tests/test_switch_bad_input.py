@@ -30,7 +30,7 @@ def _ctx(server: Server, name: str) -> ssl.SSLContext:
 
 
 def _closed_with(server: Server, name: str, send, max_size=None) -> tuple[int | None, str]:  # type: ignore[no-untyped-def]
-    with connect(f"wss://localhost:{server.switch}/agent", ssl=_ctx(server, name), open_timeout=10,
+    with connect(f"wss://localhost:{server.switch}/agent", ssl=_ctx(server, name), open_timeout=30,
                  max_size=None) as ws:
         send(ws)
         try:

@@ -60,8 +60,8 @@ async def serve(root: Path) -> None:
     pki = Pki(DataDir(root).pki)
     app = build_app(root, settings)
     sock = bind_socket(settings.bind_host, settings.port("https"), "https")
-    paths = [r.path for r in app.routes if hasattr(r, "path")]
-    served = [x for x in ("/Consumer", "/Explorer", "/Core", "/Background") if any(q.startswith(x) for q in paths)]
+    served = (["/Consumer", "/Explorer"] if settings.role in ("single", "master") else []) + \
+        (["/Core"] if settings.role in ("single", "response") else []) + ["/Background"]
     log.info("web tier listening on https %s:%d (%s)", settings.bind_host, settings.port("https"), ", ".join(served))
     config = uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
                             ssl_keyfile=str(pki.server_key), proxy_headers=False)
