@@ -456,6 +456,9 @@ def worker_main(fleet_root: str, names: list[str], first_index: int, cfg_bytes: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us
     cfg = msgspec.msgpack.decode(cfg_bytes, type=SimConfig)
     fleet = Fleet.load(fleet_root)
+    import gc
+
+    gc.set_threshold(10_000, 20, 1_000)  # thousands of long-lived devices: rare full collections (cf. the Switch)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -11,6 +11,7 @@ closed with a logged reason; nothing else is affected.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import ssl
@@ -26,7 +27,7 @@ from cryptography import x509
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
 from quanta import protocol as p
-from quanta.pki import Pki, cert_serial_and_name, client_context
+from quanta.pki import Pki, cert_serial_and_name
 from quanta.runtime import bind_socket
 from quanta.settings import core_link_max_bytes
 
@@ -40,6 +41,15 @@ FLUSH_INTERVAL = 0.02
 # the Core commits answers first. (The Core's write is state-guarded, so the order is free.)
 DELIVERED_HOLD = 1.0
 ACK_SLICE = 256  # ResponseAcks sent per loop turn, so acknowledging never stalls reading answers
+# Answers first: while answers keep arriving (one in the last ACK_IDLE seconds), committed
+# ResponseAcks wait, for at most ACK_MAX_DELAY. An unacknowledged agent only resends after 30 s.
+ACK_IDLE = 0.02
+ACK_MAX_DELAY = 1.0
+# Tens of thousands of long-lived connection objects make every full (generation 2) garbage
+# collection a pause of a few hundred ms, and each question's responses (held until the Core
+# acknowledges them) promote enough objects to trigger one every few questions. Full collections
+# are made rarer; young cyclic garbage is still collected as before.
+GC_THRESHOLDS = (10_000, 20, 1_000)
 
 
 @dataclass
@@ -175,6 +185,7 @@ class Switch:
         self._unacked: dict[int, p.ResponseBatch] = {}
         self._acks: dict[str, list[int]] = {}  # device -> instruction ids the Core committed, to send
         self._ack_now = asyncio.Event()
+        self._last_response = 0.0
         self._batch_seq = 0
         self._flush_now = asyncio.Event()
         self._fetch = asyncio.Event()
@@ -247,6 +258,7 @@ class Switch:
             self._offline.add(dev)
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
+        self._last_response = time.monotonic()
         pending = self._delivered.get(resp.instruction_id)
         if pending is not None:
             pending.pop(device_id, None)  # answered: its 'sent' need not be reported
@@ -298,11 +310,16 @@ class Switch:
         self._ack_now.set()
 
     async def _acker(self) -> None:
-        """Send the queued ResponseAcks, ACK_SLICE per loop turn (answers keep flowing meanwhile)."""
+        """Send the queued ResponseAcks, ACK_SLICE per loop turn, when answers pause (see ACK_IDLE)."""
         while True:
             await self._ack_now.wait()
             self._ack_now.clear()
+            since = time.monotonic()
             while self._acks:
+                now = time.monotonic()
+                if now - self._last_response < ACK_IDLE and now - since < ACK_MAX_DELAY:
+                    await asyncio.sleep(ACK_IDLE)
+                    continue
                 for _ in range(min(ACK_SLICE, len(self._acks))):
                     dev = next(iter(self._acks))
                     ids = self._acks.pop(dev)
@@ -379,8 +396,7 @@ class Switch:
         delay = 0.2
         while True:
             try:
-                tls = client_context(self.pki.ca_crt) if self.core_url.startswith("wss:") else None
-                async with websockets.connect(self.core_url, additional_headers=headers, ssl=tls,
+                async with websockets.connect(self.core_url, additional_headers=headers,
                                               max_size=core_link_max_bytes(self.max_message_bytes),
                                               ping_interval=20, open_timeout=10) as ws:
                     self._link = ws
@@ -439,6 +455,7 @@ class Switch:
 
     # ------------------------------------------------------------------ run
     async def serve(self, stop: asyncio.Event) -> None:
+        gc.set_threshold(*GC_THRESHOLDS)
         self.reload_crl()
         base = self._build_context()
         base.sni_callback = self._sni
