@@ -278,6 +278,36 @@ def agent(agent_dir: Annotated[Path, typer.Argument(help="agent directory from '
         _fail(f"error: {e}", 2)
 
 
+@app.command()
+def prompt(agent_dir: Annotated[Path, typer.Argument(help="the agent directory on this device")],
+           answer: Annotated[Optional[str], typer.Option(help="answer every prompt with Yes or No (no questions asked)")] = None,
+           once: Annotated[bool, typer.Option(help="exit after the first prompt")] = False) -> None:
+    """The user session's client of the agent's interaction port: show prompts, send answers."""
+    import asyncio
+
+    from quanta.agent.config import load_agent_config
+    from quanta.agent.interaction import prompt_client
+
+    cfg = load_agent_config(agent_dir)
+    if answer is not None and answer not in ("Yes", "No"):
+        _fail("--answer must be Yes or No", 2)
+
+    def decide(p) -> str:  # type: ignore[no-untyped-def]
+        out.print(f"[bold]{p.title}[/bold]: {p.description}", highlight=False)
+        if p.kind == "announcement":
+            return "Acknowledged"
+        if answer is not None:
+            return answer
+        return "Yes" if typer.confirm("Answer yes?", default=False) else "No"
+
+    try:
+        n = asyncio.run(prompt_client(cfg.state, cfg.ca, cfg.device_name, cfg.interaction_port, decide, once))
+    except OSError as e:
+        _fail(f"cannot reach the agent's interaction port {cfg.interaction_port}: {e}", 2)
+        return
+    out.print(f"answered {n} prompt(s)", highlight=False)
+
+
 # ---------------------------------------------------------------------------- enrol/revoke
 @app.command()
 def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (certificate CN)")],
@@ -299,6 +329,10 @@ def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (
     master = make_engine(dd.master_url(settings))
     out_dir.mkdir(parents=True, exist_ok=True)
     cert = pki.issue(device, out_dir / "device.crt", out_dir / "device.key")
+    from quanta.agent.config import interaction_name
+
+    pki.issue(interaction_name(device), out_dir / "interaction.crt", out_dir / "interaction.key", server=True,
+              san=[interaction_name(device)])
     shutil.copy(pki.ca_crt, out_dir / "ca.crt")
     shutil.copy(pki.signing_pub, out_dir / "signing.pub")
     rows = store.switch_rows(master)

@@ -12,6 +12,11 @@ class AgentConfigError(ValueError):
     pass
 
 
+def interaction_name(device: str) -> str:
+    """The name on the interaction port's certificate: not a host anyone else would dial."""
+    return f"quanta-interaction.{device}"
+
+
 @dataclass(frozen=True)
 class SwitchAddress:
     host: str
@@ -53,6 +58,9 @@ class AgentConfig:
     cert = property(lambda self: self.root / "device.crt")
     key = property(lambda self: self.root / "device.key")
     signing_pub = property(lambda self: self.root / "signing.pub")
+    # TLS certificate of the local interaction port; its only name is interaction_name(device)
+    interaction_cert = property(lambda self: self.root / "interaction.crt")
+    interaction_key = property(lambda self: self.root / "interaction.key")
     state = property(lambda self: self.root / "state")
     conf_path = property(lambda self: self.root / CONF)
     log_path = property(lambda self: self.root / "agent.log")

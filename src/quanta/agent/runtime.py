@@ -21,6 +21,7 @@ from quanta.signing import Verifier, client_context
 
 from .background import BackgroundFetcher
 from .config import AgentConfig
+from .interaction import InteractionHub, ensure_token, serve_interaction
 from .journal import Journal
 
 log = logging.getLogger("quanta.agent")
@@ -75,6 +76,7 @@ class Agent:
         self._sem = asyncio.Semaphore(MAX_PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
         self.fqdn = socket.getfqdn()
+        self.interaction = InteractionHub(ensure_token(cfg.state))
 
     # ------------------------------------------------------------------ messages
     def send(self, msg: Any) -> bool:
@@ -112,7 +114,8 @@ class Agent:
     async def _execute(self, body: p.InstructionBody) -> None:
         async with self._sem:
             started = time.perf_counter()
-            response = await asyncio.to_thread(run_instruction, body, self.cfg)
+            interact = self.interaction.ask if self.interaction.loop is not None else None
+            response = await asyncio.to_thread(run_instruction, body, self.cfg, interact)
             response = msgspec.structs.replace(response, elapsed_ms=(time.perf_counter() - started) * 1000)
         log.info("instruction %d (%s): %s", body.id, body.name, response.status)
         self.journal.record(response)
@@ -141,6 +144,14 @@ class Agent:
         attempt = 0
         index = random.randrange(len(self.cfg.switches))  # spread agents over the Switch list
         housekeeping = asyncio.create_task(self._housekeeping())
+        try:
+            await serve_interaction(self.interaction, self.cfg.interaction_port, self.cfg.interaction_cert,
+                                    self.cfg.interaction_key)
+            log.info("interaction port listening on https 127.0.0.1:%d", self.cfg.interaction_port)
+        except OSError as e:  # e.g. another agent on this host holds it: prompts are unavailable, nothing else
+            log.warning("interaction port %d unavailable (%s); Interaction methods will fail until it is free",
+                        self.cfg.interaction_port, e.strerror or e)
+            self.interaction.loop = None
         try:
             while not stop.is_set():
                 sw = self.cfg.switches[index % len(self.cfg.switches)]
@@ -177,7 +188,7 @@ class Agent:
             self.journal.prune()
 
 
-def run_instruction(body: p.InstructionBody, cfg: AgentConfig) -> p.Response:
+def run_instruction(body: p.InstructionBody, cfg: AgentConfig, interact: Any = None) -> p.Response:
     """Compile and run a verified instruction body; never raises."""
     from quanta.scale import AgentContext, ScaleError, compile_scale, run_program
 
@@ -190,7 +201,7 @@ def run_instruction(body: p.InstructionBody, cfg: AgentConfig) -> p.Response:
         return p.Response(instruction_id=body.id, status="error",
                           error="payload calls an action method but the instruction is a question: refused")
     ctx = AgentContext(data_dir=cfg.state, config_path=cfg.conf_path, log_path=cfg.log_path,
-                       agent_version=quanta.__version__, fetch_resource=BackgroundFetcher(cfg))
+                       agent_version=quanta.__version__, fetch_resource=BackgroundFetcher(cfg), interact=interact)
     try:
         result = run_program(program, context=ctx, allow_actions=body.kind == "action")
     except Exception as e:  # the language promises not to raise; an agent must never die of a payload

@@ -53,6 +53,9 @@ class AgentContext:
     agent_version: str = "0.1.0"
     # Downloads a Background Channel resource by SHA-256, verifies it, returns its local path.
     fetch_resource: Callable[[str], Path] | None = None
+    # Shows a prompt to the logged-on user through the agent's interaction port:
+    # interact(kind, title, description, timeout_seconds, wait) -> "Yes" | "No" | "Acknowledged" | "TimedOut" | "Queued"
+    interact: Callable[[str, str, str, float, bool], str] | None = None
 
 
 def compile_scale(text: str, parameters: dict[str, object] | None = None) -> Program:
