@@ -15,7 +15,8 @@ from conftest import free_port, quanta, wait_until
 
 
 class Components:
-    """core, web, http and switch-host as separate processes, so one can be stopped alone."""
+    """core, web, http, switch-host, coordinator and integrate as separate processes, so one can be
+    stopped alone."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -43,6 +44,7 @@ class Components:
 def _preflight(*args: str) -> tuple[int, dict, float]:
     started = time.monotonic()
     r = quanta("preflight", *args, "--json", check=False, timeout=60)
+    assert r.stdout.strip(), f"preflight printed nothing (exit {r.returncode}): {r.stderr[-2000:]}"
     return r.returncode, json.loads(r.stdout), time.monotonic() - started
 
 
@@ -51,9 +53,11 @@ def running(tmp_path):
     root = tmp_path / "server"
     https, switch, core, http = free_port(), free_port(pair=True), free_port(), free_port()
     quanta("init", str(root), "--https-port", str(https), "--switch-port", str(switch), "--port", f"core={core}",
-           "--port", f"http={http}", "--server-name", "localhost")
+           "--port", f"http={http}", "--port", f"coordinator={free_port()}", "--port", f"integrate={free_port()}",
+           "--port", f"hub={free_port()}", "--port", f"interaction={free_port()}", "--server-name", "localhost")
     c = Components(root)
-    for name in ("core", "web", "http", "switch-host"):
+    quanta("smtp", str(root), "--disable")  # no mail server in this test; preflight then skips email
+    for name in ("core", "web", "http", "switch-host", "coordinator", "integrate"):
         c.start(name)
     agent = tmp_path / "agents" / "pc1"
     quanta("enroll", str(root), "--device", "pc1", "--out", str(agent))
@@ -119,3 +123,41 @@ def test_certificate_name_mismatch_is_named(running):
                             ca=agent / "ca.crt", cert=agent / "device.crt", key=agent / "device.key"), timeout=3)
     assert check.status == "fail"
     assert "certificate name mismatch: expected 127.0.0.2, got" in check.hint and "localhost" in check.hint
+
+
+def test_smtp_banner_and_postgresql_login_are_checked(tmp_path, pg_url):
+    """The Coordinator's mail server (from the live SMTP settings) must answer with an SMTP banner,
+    and the database login must succeed; both fail with a hint otherwise."""
+    from aiosmtpd.controller import Controller
+
+    class Sink:
+        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+            return "250 OK"
+
+    mail_port = free_port()
+    controller = Controller(Sink(), hostname="127.0.0.1", port=mail_port)
+    controller.start()
+    try:
+        root = tmp_path / "srv"
+        quanta("init", str(root), "--https-port", str(free_port()), "--switch-port", str(free_port(pair=True)),
+               "--server-name", "localhost", "--database-url", pg_url, "--port", f"smtp={mail_port}")
+        quanta("smtp", str(root), "--host", "127.0.0.1")
+        _, out, _ = _preflight(str(root), "--role", "master")
+        checks = {c["name"]: c for c in out["checks"]}
+        smtp = next(c for n, c in checks.items() if "SMTP" in n)
+        assert smtp["status"] == "pass" and "SMTP banner" in smtp["detail"], smtp
+        db = [c for c in out["checks"] if c["target"].startswith("postgresql") or "database" in c["name"].lower()]
+        assert db and all(c["status"] == "pass" for c in db), db
+        # a wrong mail port fails with a hint
+        quanta("smtp", str(root), "--port", str(free_port()))
+        rc, out, _ = _preflight(str(root), "--role", "master")
+        bad = {c["name"]: c for c in out["checks"] if c["status"] == "fail"}
+        assert rc != 0 and any("SMTP" in n and c["hint"] for n, c in bad.items()), bad
+        # an unreachable database is reported (not a crash), with a hint
+        settings = (root / "quanta.toml").read_text()
+        (root / "quanta.toml").write_text(settings.replace(pg_url, pg_url.rsplit("/", 1)[0] + "/no_such_db"))
+        rc, out, _ = _preflight(str(root), "--role", "master")
+        failed_db = [c for c in out["checks"] if c["status"] == "fail" and "no_such_db" in (c["detail"] + c["target"])]
+        assert rc != 0 and failed_db and failed_db[0]["hint"], out["checks"]
+    finally:
+        controller.stop()

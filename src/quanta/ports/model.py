@@ -57,7 +57,9 @@ ROLE_COMPONENT = {"master": "web", "response": "core", "dmz": "dmz_switch", "cat
 
 # Components with a listener in this version of Quanta (preflight checks that these are bound;
 # the others are Quanta's port assignments for components still to come).
-IMPLEMENTED_LISTENERS = {"web", "background", "http", "switch", "poke", "core"}
+IMPLEMENTED_LISTENERS = {"web", "background", "http", "switch", "poke", "core", "coordinator", "integrate"}
+# The hub runs on a Master that has remote Response Stacks or DMZ servers (role "master").
+REMOTE_ONLY_LISTENERS = {"hub"}
 
 NOT_USED = "Not used by Quanta"
 
@@ -140,15 +142,26 @@ def load_live(root: Path | str | None) -> LiveConfig:
         return LiveConfig(s, sw, databases(s, None), "defaults")
     from quanta.db import make_engine, store
 
+    import sqlalchemy as sa
+
     root = Path(root)
     s = load_settings(root)
-    engine = make_engine(DataDir(root).master_url(s))
-    try:
-        rows = store.switch_rows(engine)
-    finally:
-        engine.dispose()
-    sw = tuple(SwitchRow(r["Name"], r["Host"], int(r["Port"]), bool(r["Enabled"])) for r in rows)
-    return LiveConfig(s, sw, databases(s, root), str(root))
+    source = str(root)
+    if s.role == "dmz":  # a DMZ server has no database: its Switches are in its settings
+        rows = [dict(r, Enabled=True) for r in s.local_switches]
+    else:
+        engine = make_engine(DataDir(root).master_url(s))
+        try:
+            rows = store.switch_rows(engine)
+        except sa.exc.SQLAlchemyError as e:
+            # still print/check what the settings say; the database check reports the outage
+            rows = [dict(Name=f"switch-{i + 1}", Host=s.server_name, Port=s.port("switch") + 2 * i, Enabled=True)
+                    for i in range(s.switches)]
+            source = f"{root} (database unreachable: {type(e.orig or e).__name__}; Switch ports from quanta.toml)"
+        finally:
+            engine.dispose()
+    sw = tuple(SwitchRow(str(r["Name"]), str(r["Host"]), int(r["Port"]), bool(r["Enabled"])) for r in rows)
+    return LiveConfig(s, sw, databases(s, root), source)
 
 
 # ------------------------------------------------------------------------------- rows

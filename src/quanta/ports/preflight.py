@@ -371,6 +371,8 @@ def plan(root: Path, role: str, topology: str, peers: dict[str, str]) -> tuple[l
     skips: list[Check] = []
     listeners: list[tuple] = []
     implemented = set(m.IMPLEMENTED_LISTENERS) | {"dmz_switch", "dmz_background", "https"}
+    if topology != "single-server":
+        implemented |= m.REMOTE_ONLY_LISTENERS
     if placement.get("catalog") == placement.get("http"):
         implemented.add("catalog")
     seen: set[tuple[str, int]] = set()
@@ -407,6 +409,23 @@ def plan(root: Path, role: str, topology: str, peers: dict[str, str]) -> tuple[l
         peer_key = PEER_ROLE.get(r.peer_device, r.peer_device)
         peer_host = peers.get(peer_key)
         n = r.numbers[0]
+        if peer_key == "smtp" and not peer_host:
+            # the live mail settings (quanta smtp) say where the Coordinator sends email
+            from quanta.coordinator import load_smtp
+            from quanta.db import make_engine
+
+            import sqlalchemy as sa
+
+            try:
+                smtp = load_smtp(make_engine(DataDir(root).master_url(s)))
+            except sa.exc.SQLAlchemyError:
+                smtp = None  # the database check below reports why
+            if smtp is not None and smtp.enabled:
+                peer_host, n = smtp.host, smtp.port
+            elif smtp is not None:
+                skips.append(Check(f"{r.label} ({r.protocol})", "outgoing", f"{smtp.host}:{smtp.port}", "skip",
+                                   "email is disabled (quanta smtp DIR --enable)"))
+                continue
         name = f"{r.label} ({r.protocol})"
         if not peer_host:
             skips.append(Check(name, "outgoing", f"?:{n}", "skip",
