@@ -44,6 +44,9 @@ max = 100
 name = "Matching"
 type = "integer"
 
+[aggregation]
+group_by = ["Matching"]
+
 [ttl]
 instruction_default = 20
 instruction_min = 5
@@ -255,3 +258,10 @@ def test_questioner_issues_definitions_within_their_rights_and_groups(server: Se
         assert [d["device_id"] for d in quinn.devices()] == ["d2"]
     out = json.loads(quanta("ask", str(server.root), "--definition", "Quanta-ProcessCount", "--json", "--wait", "20").stdout)
     assert out["states"] == {"success": 2}  # the administrator reaches both
+    # server-side aggregation: the definition's group_by by default, or any column
+    with ConsumerClient.for_data_dir(server.root) as admin:
+        agg = admin.http.get(f"/Consumer/Instructions/{out['instruction_id']}/Aggregate").json()
+        assert agg["by"] == ["Matching"] and agg["devices"] == 2
+        assert sum(g["devices"] for g in agg["groups"]) == 2 and all(g["values"][0] >= 1 for g in agg["groups"])
+        assert admin.http.get(f"/Consumer/Instructions/{issued['id']}/Aggregate",
+                              params={"by": "Nope"}).json()["missing"] == 1

@@ -77,3 +77,19 @@ def test_device_presence(db_url):
     assert store.target_devices(master, ["d1"]) == {"d1": False}
     assert store.mark_revoked(master, "d1") == "abc"
     assert store.target_devices(master, None) == {"d2": False}
+
+
+def test_aggregate_groups_answered_rows(db_url):
+    _, responses = _engines(db_url)
+    store.insert_targets(responses, 9, {"a": True, "b": True, "c": True, "d": True}, time.time() + 3600)
+    store.ingest(responses, [
+        dict(instruction_id=9, device_id="a", state="success", columns=["Exe", "N"], rows=[["ssh", 1], ["bash", 2]], error=None),
+        dict(instruction_id=9, device_id="b", state="success", columns=["Exe", "N"], rows=[["ssh", 3], ["ssh", 4]], error=None),
+        dict(instruction_id=9, device_id="c", state="success", columns=["Other"], rows=[["x"]], error=None),
+        dict(instruction_id=9, device_id="d", state="error", columns=None, rows=None, error="boom"),
+    ])
+    agg = store.aggregate(responses, 9, ["Exe"])
+    assert agg["groups"][0] == {"values": ["ssh"], "rows": 3, "devices": 2}
+    assert agg["groups"][1] == {"values": ["bash"], "rows": 1, "devices": 1}
+    assert agg["devices"] == 3 and agg["missing"] == 1 and not agg["truncated"]
+    assert store.aggregate(responses, 9, ["Exe"], limit=1)["truncated"]

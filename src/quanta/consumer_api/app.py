@@ -443,6 +443,24 @@ def create_app(api: ConsumerApi) -> FastAPI:
             raise HTTPException(404, f"instruction {instruction_id} not found")
         return s
 
+    @app.get("/Consumer/Instructions/{instruction_id}/Aggregate")
+    async def aggregate(instruction_id: int, user: CurrentUser,
+                        by: Annotated[list[str] | None, Query(max_length=8)] = None,
+                        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> dict[str, Any]:
+        """Rows of every successful answer grouped by columns (default: the definition's aggregation)."""
+        row = await api.db(store.get_instruction, api.master, instruction_id)
+        if row is None:
+            raise HTTPException(404, f"instruction {instruction_id} not found")
+        if not by:
+            try:
+                d = await api.db(load_definition, api.master, row["name"]) if row["instruction_set"] else None
+            except DefinitionError:
+                d = None
+            if d is None or d.aggregation is None:
+                raise HTTPException(422, "give by=COLUMN (this instruction's definition declares no aggregation)")
+            by = list(d.aggregation.group_by)
+        return await api.db(store.aggregate, api.responses, instruction_id, by, limit)
+
     @app.get("/Consumer/Instructions/{instruction_id}/Responses", response_model=ResultsPage)
     async def responses(instruction_id: int, user: CurrentUser, offset: Annotated[int, Query(ge=0)] = 0,
                         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,

@@ -359,6 +359,40 @@ def page_results(engine: sa.Engine, instruction_id: int, offset: int, limit: int
         return [dict(r._mapping) for r in c.execute(q)]
 
 
+def aggregate(engine: sa.Engine, instruction_id: int, by: Sequence[str], limit: int = 1000) -> dict[str, Any]:
+    """Group every answered row of an instruction by the ``by`` columns.
+
+    Returns {"groups": [{"values": [...], "rows": n, "devices": m}], "devices": answered devices,
+    "missing": devices whose answer lacks one of the columns}; largest groups first.
+    """
+    from collections import Counter
+
+    rows_per: Counter[tuple[Any, ...]] = Counter()
+    devices_per: Counter[tuple[Any, ...]] = Counter()
+    answered = missing = 0
+    q = (sa.select(results.c.columns, results.c.rows)
+         .where(results.c.instruction_id == instruction_id, results.c.state == "success"))
+    with engine.connect() as c:
+        for cols, data in c.execute(q):
+            answered += 1
+            cols = list(cols or [])
+            try:
+                idx = [cols.index(b) for b in by]
+            except ValueError:
+                missing += 1
+                continue
+            seen = set()
+            for row in data or []:
+                key = tuple(row[i] for i in idx)
+                rows_per[key] += 1
+                seen.add(key)
+            for key in seen:
+                devices_per[key] += 1
+    groups = [{"values": list(k), "rows": n, "devices": devices_per[k]} for k, n in rows_per.most_common(limit)]
+    return {"by": list(by), "groups": groups, "devices": answered, "missing": missing,
+            "truncated": len(rows_per) > limit}
+
+
 def purge_expired(engine: sa.Engine, now: float | None = None) -> int:
     with engine.begin() as c:
         r = c.execute(results.delete().where(results.c.expires_at < (now or time.time())))
