@@ -22,8 +22,11 @@ PY = sys.executable
 
 
 def free_port(pair: bool = False) -> int:
+    # SO_REUSEADDR as the servers themselves bind: a port with connections in TIME_WAIT (plenty
+    # after a 10,000-connection run) is free for them.
     for _ in range(200):
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         if port >= 64000:
@@ -33,6 +36,7 @@ def free_port(pair: bool = False) -> int:
         ok = True
         for extra in range(1, 8):  # room for several Switches: port, port+1, port+2, ...
             with socket.socket() as s2:
+                s2.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     s2.bind(("0.0.0.0", port + extra))
                 except OSError:

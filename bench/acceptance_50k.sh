@@ -7,11 +7,15 @@ S=${2:-3}
 Q="${QUANTA:-$(dirname "$0")/../.venv/bin/quanta}"
 W=$(mktemp -d /tmp/quanta-50k-XXXX)
 trap 'kill $SIM $SRV 2>/dev/null; wait 2>/dev/null; rm -rf "$W"' EXIT
-$Q init "$W/srv" --https-port 28443 --switch-port 28000 --port core=28900 --port http=28080 --switches "$S" --server-name localhost
+P=${PORT_BASE:-28000}  # every listener in P..P+999: Switches P, P+1 (poke), P+2, ...
+$Q init "$W/srv" --https-port $((P+443)) --switch-port $P --port core=$((P+900)) --port http=$((P+80)) \
+  --port hub=$((P+901)) --port coordinator=$((P+902)) --port integrate=$((P+903)) --port interaction=$((P+904)) \
+  --switches "$S" --server-name localhost
 /usr/bin/time -f "enroll-batch: %e s wall, %M KiB max RSS" $Q enroll-batch "$W/srv" --count "$N" --out "$W/fleet"
 $Q server "$W/srv" > "$W/server.log" 2>&1 & SRV=$!
 until [ "$(grep -c 'linked to core' "$W/server.log")" -ge "$S" ]; do sleep 0.5; done
-$Q simulate "$W/fleet" --status-file "$W/status.json" > "$W/sim.log" 2>&1 & SIM=$!
+# Worker W binds its connections to 127.0.0.(2+W), so 127.0.0.1's ports stay free for everyone else.
+$Q simulate "$W/fleet" --status-file "$W/status.json" --source-ip 127.0.0.2 --no-progress > "$W/sim.log" 2>&1 & SIM=$!
 start=$(date +%s.%N)
 until python3 -c "import json,sys; d=json.load(open('$W/status.json')); sys.exit(0 if d['connected']>=$N else 1)" 2>/dev/null; do sleep 1; done
 echo "connected $N devices in $(python3 -c "print(round($(date +%s.%N)-$start,1))") s: $(cat "$W/status.json")"

@@ -8,7 +8,8 @@ Quanta's), on first use. Both sides run on this machine: a salt-master with K sa
 processes (auto-accepted keys, loopback), and a ``quanta server`` with K ``quanta agent``
 processes (real certificates, real TLS). Each side is timed from its own CLI, wall clock:
 ``salt '*' test.ping`` and ``quanta ask DIR '@x = Agent.GetSummary();'``, median of
-``--rounds``; memory per agent is the idle RSS of each minion / agent process (its whole process
+``--rounds``; also the same question through the Consumer API from an already logged-in client
+(no CLI start-up), as ``api_ratio``; memory per agent is the idle RSS of each minion / agent process (its whole process
 tree). ``--quick``: K = 10. The last line holds ``ratio=`` = Salt time / Quanta time at the
 largest K (target ≥ 50 at K = 100).
 """
@@ -168,6 +169,20 @@ class QuantaSide:
             return dt, 0
         return dt, states.get("success", 0)
 
+    def ask_api(self) -> tuple[float, int]:
+        """The same question through the Consumer API from a logged-in client (no CLI start-up,
+        no login): issue until every agent has a final state, polled every 10 ms."""
+        from quanta.client import ConsumerClient
+
+        if getattr(self, "api", None) is None:
+            self.api = ConsumerClient.for_data_dir(self.server.root)
+            self.api.status(self.api.issue("@x = Agent.GetSummary();", instruction_ttl=60)["id"])  # log in, warm up
+        t0 = time.perf_counter()
+        iid = self.api.issue("@x = Agent.GetSummary();", instruction_ttl=60)["id"]
+        while (st := self.api.status(iid))["status"] == "active" and time.perf_counter() - t0 < 60:
+            time.sleep(0.01)
+        return time.perf_counter() - t0, st["states"].get("success", 0)
+
     def wait_ready(self) -> None:
         import json
 
@@ -182,6 +197,8 @@ class QuantaSide:
         return statistics.mean(tree_rss(p.pid) for p in self.agents)
 
     def stop(self) -> None:
+        if getattr(self, "api", None) is not None:
+            self.api.__exit__()
         for p in self.agents:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
@@ -198,7 +215,7 @@ def run(k: int, rounds: int, bin_dir: Path) -> dict:
             qa.wait_ready()
             time.sleep(2)
             salt_rss, qa_rss = salt.rss_per_agent(), qa.rss_per_agent()
-            st, qt = [], []
+            st, qt, at = [], [], []
             for _ in range(rounds):  # interleaved
                 t, n = salt.ping()
                 assert n == k, f"salt: {n}/{k} answered"
@@ -206,12 +223,15 @@ def run(k: int, rounds: int, bin_dir: Path) -> dict:
                 t, n = qa.ask()
                 assert n == k, f"quanta: {n}/{k} answered"
                 qt.append(t)
+                t, n = qa.ask_api()
+                assert n == k, f"quanta (API): {n}/{k} answered"
+                at.append(t)
         finally:
             salt.stop()
             qa.stop()
-    s, q = statistics.median(st), statistics.median(qt)
+    s, q, a = statistics.median(st), statistics.median(qt), statistics.median(at)
     return {"k": k, "salt": s, "quanta": q, "ratio": s / q, "salt_rss": salt_rss, "quanta_rss": qa_rss,
-            "salt_rounds": st, "quanta_rounds": qt}
+            "salt_rounds": st, "quanta_rounds": qt, "api": a, "api_ratio": s / a}
 
 
 def main() -> None:
@@ -225,14 +245,17 @@ def main() -> None:
     ver = subprocess.run([str(bin_dir / "salt"), "--version"], capture_output=True, text=True).stdout.strip()
     print(f"# {machine()}; {ver}")
     rs = [run(k, a.rounds, bin_dir) for k in ks]
-    print("| K | salt '*' test.ping | quanta ask | Salt / Quanta | RSS per salt-minion | RSS per quanta agent |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| K | salt '*' test.ping | quanta ask (CLI) | Salt / quanta ask | Consumer API question | Salt / API "
+          "| RSS per salt-minion | RSS per quanta agent |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rs:
-        print(f"| {r['k']} | {r['salt']:.2f} s | {r['quanta']:.2f} s | {r['ratio']:.1f} | "
+        print(f"| {r['k']} | {r['salt']:.2f} s | {r['quanta']:.2f} s | {r['ratio']:.1f} | {r['api']:.3f} s | "
+              f"{r['api_ratio']:.1f} | "
               f"{r['salt_rss'] / 2**20:.0f} MB | {r['quanta_rss'] / 2**20:.0f} MB |")
     r = rs[-1]
     print(f"peer_salt K={r['k']} salt={r['salt']:.2f}s quanta={r['quanta']:.2f}s "
-          f"agent_rss={r['quanta_rss'] / 2**20:.0f}MB minion_rss={r['salt_rss'] / 2**20:.0f}MB ratio={r['ratio']:.1f}")
+          f"api={r['api']:.3f}s api_ratio={r['api_ratio']:.1f} agent_rss={r['quanta_rss'] / 2**20:.0f}MB "
+          f"minion_rss={r['salt_rss'] / 2**20:.0f}MB ratio={r['ratio']:.1f}")
 
 
 if __name__ == "__main__":

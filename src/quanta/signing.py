@@ -6,12 +6,14 @@ does not need: an idle agent should cost little memory.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ssl
 from pathlib import Path
+from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+# An Ed25519 SubjectPublicKeyInfo is this 12-byte DER prefix and the 32-byte key.
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 
 
 def client_context(ca_file: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
@@ -25,6 +27,9 @@ def client_context(ca_file: Path, cert: Path | None = None, key: Path | None = N
 
 class Signer:
     def __init__(self, key_pem: bytes) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
         key = serialization.load_pem_private_key(key_pem, None)
         assert isinstance(key, ed25519.Ed25519PrivateKey)
         self._key = key
@@ -38,18 +43,40 @@ class Signer:
 
 
 class Verifier:
+    """Ed25519 verification. The PEM is checked at construction; ``cryptography`` (several MB) is
+    loaded at the first verification, so an idle agent does not carry it."""
+
     def __init__(self, pub_pem: bytes) -> None:
-        key = serialization.load_pem_public_key(pub_pem)
-        assert isinstance(key, ed25519.Ed25519PublicKey)
-        self._key = key
+        self._raw = _ed25519_public_raw(pub_pem)
+        self._key: Any = None
 
     @classmethod
     def from_file(cls, path: Path) -> Verifier:
         return cls(path.read_bytes())
 
     def verify(self, data: bytes, signature: bytes) -> bool:
+        from cryptography.exceptions import InvalidSignature
+
+        if self._key is None:
+            from cryptography.hazmat.primitives.asymmetric import ed25519
+
+            self._key = ed25519.Ed25519PublicKey.from_public_bytes(self._raw)
         try:
             self._key.verify(signature, data)
         except InvalidSignature:
             return False
         return True
+
+
+def _ed25519_public_raw(pem: bytes) -> bytes:
+    """The 32 raw key bytes of a PEM ``PUBLIC KEY`` holding an Ed25519 key; ValueError otherwise."""
+    lines = pem.decode("ascii", "replace").strip().splitlines()
+    if len(lines) < 3 or lines[0].strip() != "-----BEGIN PUBLIC KEY-----" or lines[-1].strip() != "-----END PUBLIC KEY-----":
+        raise ValueError("not a PEM public key")
+    try:
+        der = base64.b64decode("".join(x.strip() for x in lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not a PEM public key: bad base64") from None
+    if len(der) != 44 or not der.startswith(_ED25519_SPKI_PREFIX):
+        raise ValueError("not an Ed25519 public key")
+    return der[12:]

@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         connect_concurrency: Annotated[int, typer.Option(min=1, help="handshakes in flight per process")] = 256,
         resume: Annotated[bool, typer.Option(help="offer the previous TLS session on reconnect")] = True,
         seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+        source_ip: Annotated[Optional[str], typer.Option(help="bind worker W's connections to this IPv4 address + W "
+                                                                "(e.g. 127.0.0.2: spares 127.0.0.1's ports)")] = None,
         status_file: Annotated[Optional[Path], typer.Option(help="keep a JSON status file updated")] = None,
         progress: Annotated[bool, typer.Option(help="show a progress bar while connecting")] = True,
         log_level: Annotated[str, typer.Option(help="worker log level")] = "WARNING",
@@ -56,6 +58,13 @@ def register(app: typer.Typer) -> None:
 
         import random
 
+        if source_ip is not None:
+            import ipaddress
+
+            try:
+                ipaddress.IPv4Address(source_ip)
+            except ValueError:
+                raise typer.BadParameter(f"--source-ip {source_ip!r} is not an IPv4 address") from None
         if failure_rate + nocontent_rate > 1:
             raise typer.BadParameter("failure-rate + nocontent-rate must be at most 1")
         try:
@@ -65,7 +74,7 @@ def register(app: typer.Typer) -> None:
         cfg = SimConfig(rows=rows, row_size=row_size, latency=latency, failure_rate=failure_rate,
                         nocontent_rate=nocontent_rate, churn=churn, churn_downtime=churn_downtime,
                         connect_concurrency=connect_concurrency, retry_min=retry_min, retry_max=retry_max,
-                        resume=resume, seed=seed)
+                        resume=resume, seed=seed, source_ip=source_ip)
         try:
             summary = run_simulation(fleet_dir, cfg, count=count, processes=processes, duration=duration,
                                      status_file=status_file, progress=progress, log_level=log_level.upper())

@@ -59,6 +59,10 @@ class SimConfig(msgspec.Struct, frozen=True):
     retry_min: float = 1.0
     retry_max: float = 60.0
     resume: bool = True  # offer the last TLS session on reconnect (TLS 1.3 tickets)
+    # Bind each worker's connections to this IPv4 address plus the worker's index (127.0.0.2,
+    # 127.0.0.3, ... on loopback): tens of thousands of local connections then do not use up
+    # 127.0.0.1's ports, which every other local program needs too.
+    source_ip: str | None = None
     seed: int | None = None
 
 
@@ -287,6 +291,12 @@ class Simulator:
         self.devices = [SimDevice(self, n, first_index + i) for i, n in enumerate(names)]
         self.counters = counters
         self.offset = offset
+        self.connect_kw: dict[str, Any] = {}
+        if cfg.source_ip:
+            import ipaddress
+
+            ip = ipaddress.IPv4Address(cfg.source_ip) + offset // len(COUNTERS)
+            self.connect_kw["local_addr"] = (str(ip), 0)
         self.stopping = False
         self.unacked: set[SimDevice] = set()
         self._verified: dict[tuple[bytes, bytes], p.InstructionBody | None] = {}
@@ -365,7 +375,7 @@ class Simulator:
                     lambda: dev, f"wss://{host}:{port}/agent", ssl_context=self.context(dev),
                     websocket_handshake_timeout=20, enable_auto_ping=True, auto_ping_idle_timeout=60,
                     auto_ping_reply_timeout=30, use_aiofastnet=False, max_frame_size=16 * 1024 * 1024,
-                    read_buffer_init_size=1024), 30)
+                    read_buffer_init_size=1024, **self.connect_kw), 30)
                 return
             except Exception as e:  # noqa: BLE001 - refused, TLS failure, timeout: fail over and back off
                 log.debug("%s: cannot connect to %s:%d: %s", dev.name, host, port, e)
