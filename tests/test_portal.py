@@ -30,6 +30,51 @@ PASSWORD = "correct horse battery staple"
 # Device-controlled text that would run script if it were ever parsed as markup.
 HOSTILE = '<img src=x onerror="window.__pwned=1">'
 HOSTILE_SQL = HOSTILE.replace("'", "''")
+QUESTIONER = "quinn"
+# An instruction definition with one parameter of each kind (imported in a signed pack).
+COUNT_DEF = '''
+name = "Portal-ProcessCount"
+type = "question"
+instruction_set = "Processes"
+description = "How many processes match %Pattern% (label %Label%, up to %Limit%, verbose %Verbose%)?"
+payload = """
+@p = OperatingSystem.GetProcesses();
+SELECT COUNT(*) AS Matching, %Label% AS Label FROM @p WHERE Executable LIKE %Pattern%;
+"""
+[[parameters]]
+name = "Pattern"
+type = "string"
+default = "%"
+max_length = 100
+pattern = "[%a-z0-9._-]+"
+description = "SQL LIKE pattern on the executable path"
+
+[[parameters]]
+name = "Label"
+type = "string"
+allowed = ["alpha", "beta"]
+default = "alpha"
+
+[[parameters]]
+name = "Limit"
+type = "integer"
+default = 10
+min = 1
+max = 100
+
+[[parameters]]
+name = "Verbose"
+type = "boolean"
+default = false
+
+[aggregation]
+group_by = ["Label"]
+
+[ttl]
+instruction_default = 20
+instruction_min = 5
+instruction_max = 120
+'''
 
 
 def _need_browser() -> None:
@@ -55,8 +100,10 @@ def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     pw.write_text(PASSWORD)
     quanta("user", "add", str(s.root), "--username", "bob", "--role", "Approver", "--email", "bob@example.com",
            "--password-file", str(pw))
+    quanta("user", "add", str(s.root), "--username", QUESTIONER, "--role", "Questioner", "--password-file", str(pw))
     s.start()
     try:
+        _import_pack(s, tmp)
         for n in ("a1", "a2"):
             s.enroll(n)
             s.start_agent(n)
@@ -67,6 +114,21 @@ def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
     finally:
         s.stop()
+
+
+def _import_pack(s: Server, tmp: Path) -> None:
+    """A signed pack from a trusted publisher, built and imported like tests/test_definitions.py does."""
+    from test_definitions import KILL, make_pack
+
+    keys = tmp / "pk"
+    keys.mkdir()
+    pack, _ = make_pack(keys, {"count": COUNT_DEF, "kill": KILL})
+    quanta("pack", "trust", str(s.root), "--name", "Acme", "--key", str(keys / "keys" / "Acme.pub"))
+    from quanta.client import ConsumerClient
+
+    with ConsumerClient.for_data_dir(s.root) as admin:
+        r = admin.http.post("/Consumer/Packs", content=pack.read_bytes())
+        assert r.status_code == 201, r.text
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +376,70 @@ def test_action_needs_a_second_person_and_hostile_data_stays_text(browser, porta
     finally:
         admin.close()
         bob.close()
+
+
+def test_questioner_asks_through_a_definition(tab: Page, portal_server: Server) -> None:
+    tab.login(QUESTIONER, PASSWORD)
+    pg = tab.page
+    pg.goto("/Explorer/#/ask")
+    pg.wait_for_selector("#def-select")
+    # no raw SCALE for a Questioner: only the definitions
+    assert pg.locator("#scale").is_hidden() and pg.locator("#mode-raw").count() == 0
+    groups = pg.locator("#def-select optgroup")
+    assert groups.evaluate_all("gs => gs.map(g => g.label)") == ["Processes"]
+    pg.select_option("#def-select", "Portal-ProcessCount")
+    readable = pg.locator("#def-readable")
+    expect(readable).to_have_text("How many processes match % (label alpha, up to 10, verbose false)?")
+    # a typed field per parameter
+    assert pg.get_attribute("#dparam-Limit", "type") == "number"
+    assert (pg.get_attribute("#dparam-Limit", "min"), pg.get_attribute("#dparam-Limit", "max")) == ("1", "100")
+    assert pg.locator("#dparam-Label option").all_text_contents() == ["alpha", "beta"]
+    assert pg.get_attribute("#dparam-Verbose", "type") == "checkbox"
+    assert "must match [%a-z0-9._-]+" in pg.text_content("#def-params")
+    assert (pg.get_attribute("#def-ttl", "min"), pg.get_attribute("#def-ttl", "max")) == ("5", "120")
+    assert pg.input_value("#def-ttl") == "20" and pg.text_content("#def-ttl-bounds") == "5–120 s"
+    pg.fill("#dparam-Pattern", "%python%")
+    pg.select_option("#dparam-Label", "beta")
+    pg.check("#dparam-Verbose")
+    pg.fill("#dparam-Limit", "500")
+    expect(readable).to_have_text("How many processes match %python% (label beta, up to 500, verbose true)?")
+    # the server's refusal of a wrong parameter is shown as it comes
+    pg.click("#ask-submit")
+    expect(pg.locator("#ask-status .msg-error")).to_have_text("parameter Limit must be <= 100")
+    assert pg.get_attribute("#ask-status .msg-error", "data-status") == "422"
+    pg.fill("#dparam-Limit", "5")
+    pg.fill("#def-ttl", "3")
+    pg.click("#ask-submit")
+    expect(pg.locator("#ask-status .msg-error")).to_have_text("instruction_ttl must be within 5-120 s for Portal-ProcessCount")
+    pg.fill("#def-ttl", "30")
+    pg.click("#ask-submit")
+    pg.wait_for_url("**/Explorer/#/i/*")
+    iid = int(pg.url.split("#/i/")[1].split("?")[0])
+    tab.wait_count("success", 2)
+    pg.wait_for_selector("#status >> text=Finished")
+    expect(pg.locator("#results-table thead th")).to_have_text(["Device", "State", "Matching", "Label", "Error"])
+    expect(pg.locator("#results-table tbody tr")).to_have_count(2)
+    assert pg.locator("#results-table tbody td:nth-child(4)").all_text_contents() == ["beta", "beta"]
+    assert all(int(x) >= 1 for x in pg.locator("#results-table tbody td:nth-child(3)").all_text_contents())
+    # an action of the set is refused to a Questioner: the server's words
+    pg.goto("/Explorer/#/ask")
+    pg.select_option("#def-select", "Quanta-KillProcess")
+    expect(pg.locator("#ask-submit")).to_have_text("Request action")
+    pg.fill("#dparam-Pid", "1")
+    pg.click("#ask-submit")
+    expect(pg.locator("#ask-status .msg-error")).to_have_text(
+        f"{QUESTIONER} may not issue actions of instruction set 'Processes'")
+    assert pg.get_attribute("#ask-status .msg-error", "data-status") == "403"
+    # and so is a raw payload sent with the same session
+    refused = pg.evaluate("""async () => {
+        const s = JSON.parse(sessionStorage.getItem("quanta.explorer.session"));
+        const r = await fetch("/Consumer/Instructions", {method: "POST", body: JSON.stringify({payload: "SELECT 1 AS One;"}),
+            headers: {"Content-Type": "application/json", Authorization: `Bearer ${s.token}`}});
+        return [r.status, (await r.json()).detail];
+    }""")
+    assert refused == [403, "raw SCALE is allowed for Full Administrators only; ask with an instruction definition"]
+    assert pg.url.endswith("#/ask")
+    _ = iid
 
 
 def test_hostile_result_values_render_as_text(tab: Page, portal_server: Server) -> None:
