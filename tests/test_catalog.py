@@ -204,3 +204,26 @@ def test_remote_catalog_server_with_its_own_database(tmp_path):
                           {"n": name})
                 c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
             admin.dispose()
+
+
+@pytest.mark.slow
+def test_software_inventory_normalised_through_the_catalog(server) -> None:
+    """Real installed packages from a real agent, normalised by the co-located Catalog."""
+    from quanta.client import ConsumerClient
+
+    server.enroll("inv1")
+    server.start_agent("inv1")
+    server.wait_online({"inv1"})
+    with ConsumerClient.for_data_dir(server.root) as api:
+        iid = api.issue("@s = Software.GetInstallations(); SELECT * FROM @s;", instruction_ttl=30)["id"]
+        assert api.wait(iid, 40)["states"] == {"success": 1}
+        sw = api.http.get(f"/Consumer/Instructions/{iid}/Software").json()
+        assert sw["devices"] == 1 and sw["raw_entries"] > 10, sw  # a Debian machine has many packages
+        assert sw["normalised"], "no installed package matched the shipped rules"
+        assert all(item["installations"] >= 1 and item["vendor"] and item["product"] for item in sw["normalised"])
+        assert sw["unmatched_installations"] + sum(i["installations"] for i in sw["normalised"]) == sw["raw_entries"]
+        # a question without software columns is refused plainly
+        iid2 = api.issue("@s = Device.GetSummary(); SELECT * FROM @s;", instruction_ttl=30)["id"]
+        api.wait(iid2, 40)
+        r = api.http.get(f"/Consumer/Instructions/{iid2}/Software")
+        assert r.status_code == 422 and "Publisher" in r.text

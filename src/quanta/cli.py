@@ -122,6 +122,14 @@ def init(
         c.execute(users.delete().where(users.c.username == "admin"))
         c.execute(users.insert().values(username="admin", password_hash=hash_password(password), role=ADMIN_ROLE,
                                         created_at=time.time()))
+    # a key for this Master's own use of the co-located Catalog (software normalisation)
+    from quanta.catalog.app import KEY_FILE
+    from quanta.catalog.db import catalog_db_url, open_catalog
+    from quanta.catalog.store import add_key
+
+    fd = os.open(dd.root / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(add_key(open_catalog(catalog_db_url(dd.root, settings)), "master") + "\n")
     fd = os.open(dd.admin_credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(f"username=admin\npassword={password}\n")

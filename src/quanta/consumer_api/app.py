@@ -201,7 +201,8 @@ class ConsumerApi:
     def __init__(self, master: sa.Engine, responses: sa.Engine, signer: Signer, core_url: str,
                  core_token: str, ca_file: str | None = None, content: ContentStore | None = None,
                  coordinator_url: str | None = None, approval_ttl: float = 24 * 3600,
-                 replicate_to: list[str] | None = None) -> None:
+                 replicate_to: list[str] | None = None, catalog: Any = None) -> None:
+        self.catalog = catalog  # () -> CatalogClient, for normalising software inventory
         self.content = content
         self.replicate_to = list(replicate_to or [])
         self.coordinator_url = coordinator_url
@@ -460,6 +461,45 @@ def create_app(api: ConsumerApi) -> FastAPI:
                 raise HTTPException(422, "give by=COLUMN (this instruction's definition declares no aggregation)")
             by = list(d.aggregation.group_by)
         return await api.db(store.aggregate, api.responses, instruction_id, by, limit)
+
+    @app.get("/Consumer/Instructions/{instruction_id}/Software")
+    async def software(instruction_id: int, user: CurrentUser,
+                       limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000) -> dict[str, Any]:
+        """Software inventory normalised by the Catalog: the answers' (Publisher, Product, Version)
+        rows (e.g. from Software.GetInstallations) mapped to vendor/product/version/category,
+        with how many devices have each."""
+        if api.catalog is None:
+            raise HTTPException(503, "no Catalog is configured for this server")
+        agg = await api.db(store.aggregate, api.responses, instruction_id, ["Publisher", "Product", "Version"], limit)
+        if agg["devices"] and agg["missing"] == agg["devices"]:
+            raise HTTPException(422, "the answers have no Publisher, Product and Version columns")
+        entries = [{"publisher": g["values"][0] or "", "title": g["values"][1] or "", "version": g["values"][2] or ""}
+                   for g in agg["groups"]]
+
+        def normalise() -> list[dict[str, Any]]:
+            with api.catalog() as catalog:
+                out: list[dict[str, Any]] = []
+                for i in range(0, len(entries), 1000):
+                    out += catalog.normalize(entries[i:i + 1000])
+                return out
+
+        try:
+            normalised = await api.db(normalise) if entries else []
+        except Exception as e:  # CatalogError: unreachable Catalog, missing key
+            raise HTTPException(503, f"Catalog: {e}") from None
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        unmatched = 0
+        for g, n in zip(agg["groups"], normalised):
+            if not n["matched"]:
+                unmatched += g["devices"]
+                continue
+            key = (n["vendor"], n["product"], n["version"], n["category"])
+            m = merged.setdefault(key, {"vendor": key[0], "product": key[1], "version": key[2], "category": key[3],
+                                        "installations": 0})
+            m["installations"] += g["devices"]
+        items = sorted(merged.values(), key=lambda m: (-m["installations"], str(m["product"])))
+        return {"instruction_id": instruction_id, "devices": agg["devices"], "normalised": items,
+                "unmatched_installations": unmatched, "raw_entries": len(entries), "truncated": agg["truncated"]}
 
     @app.get("/Consumer/Instructions/{instruction_id}/Responses", response_model=ResultsPage)
     async def responses(instruction_id: int, user: CurrentUser, offset: Annotated[int, Query(ge=0)] = 0,

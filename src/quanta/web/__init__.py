@@ -12,6 +12,7 @@ from quanta import background, portal
 from quanta import protocol as p
 from quanta.background import ContentStore
 from quanta.background.auth import DeviceVerifier
+from quanta.catalog.app import CatalogClient
 from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
 from quanta.pki import Pki, Signer
@@ -41,7 +42,8 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
                           Signer.from_file(pki.signing_key), core_url=settings.core_http_url(), core_token=token,
                           content=content, ca_file=str(pki.ca_crt),
                           coordinator_url=f"https://{_loopback_name(settings.internal_host)}:{settings.port('coordinator')}",
-                          approval_ttl=settings.approval_ttl, replicate_to=settings.replicate_to)
+                          approval_ttl=settings.approval_ttl, replicate_to=settings.replicate_to,
+                          catalog=lambda: CatalogClient.for_data_dir(root))
         app = create_app(api)
         portal.mount(app)
     else:
