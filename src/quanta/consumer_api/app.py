@@ -467,7 +467,7 @@ def create_app(api: ConsumerApi) -> FastAPI:
                        limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000) -> dict[str, Any]:
         """Software inventory normalised by the Catalog: the answers' (Publisher, Product, Version)
         rows (e.g. from Software.GetInstallations) mapped to vendor/product/version/category,
-        with how many devices have each."""
+        counting installations (a device with two packages of one product counts twice)."""
         if api.catalog is None:
             raise HTTPException(503, "no Catalog is configured for this server")
         agg = await api.db(store.aggregate, api.responses, instruction_id, ["Publisher", "Product", "Version"], limit)
