@@ -421,6 +421,20 @@ def test_questioner_asks_through_a_definition(tab: Page, portal_server: Server) 
     expect(pg.locator("#results-table tbody tr")).to_have_count(2)
     assert pg.locator("#results-table tbody td:nth-child(4)").all_text_contents() == ["beta", "beta"]
     assert all(int(x) >= 1 for x in pg.locator("#results-table tbody td:nth-child(3)").all_text_contents())
+    # the aggregate is the server's, grouped by the definition's aggregation unless another is chosen
+    pg.click("#tab-agg")
+    expect(pg.locator("#agg-table thead th")).to_have_text(["Label", "Rows", "Devices", ""])
+    assert pg.locator("#agg-table tbody td").all_text_contents()[:3] == ["beta", "2", "2"]
+    assert pg.url.endswith(f"#/i/{iid}?view=aggregate&by=Label")
+    assert pg.text_content("#agg-summary") == "2 answering devices"
+    pg.select_option("#agg-then", "Matching")
+    expect(pg.locator("#agg-table thead th")).to_have_text(["Label", "Matching", "Rows", "Devices", ""])
+    assert pg.url.endswith("by=Label&by=Matching")
+    assert sum(int(x) for x in pg.locator("#agg-table tbody td:nth-child(4)").all_text_contents()) == 2
+    pg.click("#agg-default")
+    expect(pg.locator("#agg-table thead th")).to_have_text(["Label", "Rows", "Devices", ""])
+    pg.select_option("#agg-column", "Device state")
+    expect(pg.locator("#agg-table tbody td").first).to_have_text("Success")
     # an action of the set is refused to a Questioner: the server's words
     pg.goto("/Explorer/#/ask")
     pg.select_option("#def-select", "Quanta-KillProcess")

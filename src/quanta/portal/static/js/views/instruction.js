@@ -2,7 +2,8 @@ import { api, stream } from "../api.js";
 import { cellText, clear, fmtTime, h, kindBadge, message, pager, stateBadge, STATE_LABEL, STATES, statusBadge } from "../dom.js";
 
 const DONE = ["finished", "cancelled", "rejected", "approval_expired"];
-const AGG_LIMIT = 20000; // devices fetched for an aggregate
+const AGG_GROUPS = 1000; // groups the server returns for an aggregate (largest first)
+const BY_STATE = "Device state"; // grouped from the counts per state, not from rows
 
 const SIZES = [10, 25, 100, 500];
 
@@ -14,11 +15,12 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
   // The view's state lives in the fragment's query, so a results page can be linked to.
   const int = (k, d) => { const v = query.has(k) ? Number(query.get(k)) : NaN; return Number.isInteger(v) && v >= 0 ? v : d; };
   const view = { mode: query.get("view") === "aggregate" ? "agg" : "rows", state: STATES.includes(query.get("state")) ? query.get("state") : "",
-    offset: int("offset", 0), limit: Math.min(Math.max(int("limit", 25), 1), 1000), aggColumn: query.get("by") || "", columns: [] };
+    offset: int("offset", 0), limit: Math.min(Math.max(int("limit", 25), 1), 1000), aggBy: query.getAll("by").filter(Boolean).slice(0, 8),
+    defaultBy: undefined, columns: [] }; // defaultBy: the definition's aggregation (null: none; undefined: not asked yet)
   function remember() {
     const q = new URLSearchParams();
-    if (view.mode === "agg") { q.set("view", "aggregate"); if (view.aggColumn) q.set("by", view.aggColumn); }
-    if (view.state) q.set("state", view.state);
+    if (view.mode === "agg") { q.set("view", "aggregate"); for (const b of view.aggBy) q.append("by", b); }
+    if (view.state && view.mode === "rows") q.set("state", view.state);
     if (view.mode === "rows" && view.offset) q.set("offset", String(view.offset));
     if (view.mode === "rows" && view.limit !== 25) q.set("limit", String(view.limit));
     const hash = `#/i/${id}${[...q].length ? `?${q}` : ""}`;
@@ -76,16 +78,11 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
     return page.items;
   }
 
-  async function loadAll() {
-    const items = [];
-    for (let offset = 0; offset < AGG_LIMIT; offset += 1000) {
-      const q = new URLSearchParams({ offset: String(offset), limit: "1000" });
-      if (view.state) q.set("state", view.state);
-      const page = await api("GET", `/Instructions/${id}/Responses?${q}`, undefined, { signal });
-      items.push(...page.items);
-      if (page.items.length < 1000) return { items, truncated: false };
-    }
-    return { items, truncated: true };
+  // The columns answers have (from a first page of successful answers), for the group-by choices.
+  async function sampleColumns() {
+    if (view.columns.length) return;
+    const page = await api("GET", `/Instructions/${id}/Responses?state=success&limit=50`, undefined, { signal });
+    columnsOf(page.items);
   }
 
   function columnsOf(items) {
@@ -106,7 +103,7 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
         onclick: () => { view.mode = "rows"; drawResults(); } }, "Results"),
       h("button", { type: "button", role: "tab", class: view.mode === "agg" ? "tab active" : "tab", id: "tab-agg",
         onclick: () => { view.mode = "agg"; drawResults(); } }, "Aggregate"));
-    return h("div", { class: "toolbar" }, tabs, h("div", { class: "spacer" }), stateSel, view.mode === "rows" ? sizeSel : null);
+    return h("div", { class: "toolbar" }, tabs, h("div", { class: "spacer" }), view.mode === "rows" ? stateSel : null, view.mode === "rows" ? sizeSel : null);
   }
 
   let drawing = null;
@@ -151,38 +148,82 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
       pager({ offset: view.offset, limit: view.limit, total: n, onPage: (o) => { view.offset = o; drawResults(); } }));
   }
 
+  // Aggregates are computed by the server over every answer (GET .../Aggregate): by default
+  // the definition's aggregation, else the first column; "Device state" uses the counts.
   async function aggView() {
-    const { items, truncated } = await loadAll();
-    columnsOf(items);
-    const options = ["Device state", ...view.columns];
-    if (!options.includes(view.aggColumn)) view.aggColumn = view.columns[0] || "Device state";
-    const sel = h("select", { id: "agg-column", "aria-label": "group by", onchange: () => { view.aggColumn = sel.value; drawResults(); } },
-      ...options.map((c) => h("option", { value: c, selected: c === view.aggColumn }, c)));
-    const groups = new Map();
-    const bump = (k, dev) => {
-      const g = groups.get(k) || { count: 0, devices: new Set() };
-      g.count += 1; g.devices.add(dev); groups.set(k, g);
-    };
-    for (const it of items) {
-      if (view.aggColumn === "Device state") { bump(STATE_LABEL[it.status] || it.status, it.device); continue; }
-      const i = (it.columns || []).indexOf(view.aggColumn);
-      if (i < 0) continue;
-      for (const row of it.rows || []) bump(cellText(row[i]), it.device);
+    let agg = null;
+    if (view.defaultBy === undefined) {
+      try {
+        agg = await api("GET", `/Instructions/${id}/Aggregate?limit=${AGG_GROUPS}`, undefined, { signal });
+        view.defaultBy = agg.by;
+      } catch (e) {
+        if (e.status !== 422) throw e;
+        view.defaultBy = null; // no definition aggregation: the user picks a column
+      }
     }
-    const sorted = [...groups.entries()].sort((a, b) => b[1].count - a[1].count || a[0].localeCompare(b[0]));
-    const max = sorted.length ? sorted[0][1].count : 1;
-    const rows = sorted.map(([k, g]) => {
+    if (!view.aggBy.length && view.defaultBy) view.aggBy = [...view.defaultBy];
+    await sampleColumns();
+    for (const c of [...(view.defaultBy || []), ...view.aggBy]) if (c !== BY_STATE && !view.columns.includes(c)) view.columns.push(c);
+    if (view.aggAuto && view.columns.length) view.aggBy = []; // picked before any answer had columns
+    view.aggAuto = !view.aggBy.length && !view.columns.length;
+    if (!view.aggBy.length) view.aggBy = [view.columns[0] || BY_STATE];
+    if (view.aggBy[0] === BY_STATE) view.aggBy = [BY_STATE];
+    remember();
+    const byState = view.aggBy[0] === BY_STATE;
+    if (!byState && !(agg && JSON.stringify(agg.by) === JSON.stringify(view.aggBy))) {
+      const q = new URLSearchParams({ limit: String(AGG_GROUPS) });
+      for (const b of view.aggBy) q.append("by", b);
+      agg = await api("GET", `/Instructions/${id}/Aggregate?${q}`, undefined, { signal });
+    }
+    const groups = byState
+      ? STATES.filter((k) => st.states[k]).map((k) => ({ values: [STATE_LABEL[k]], rows: st.states[k], devices: st.states[k] }))
+        .sort((a, b) => b.rows - a.rows)
+      : agg.groups;
+
+    const setBy = (i, v) => {
+      const next = view.aggBy.slice(0, i);
+      if (v) next.push(v, ...view.aggBy.slice(i + 1).filter((x) => x !== v));
+      else next.push(...view.aggBy.slice(i + 1));
+      view.aggBy = next.length ? next : [view.columns[0] || BY_STATE];
+      view.aggAuto = false;
+      drawResults();
+    };
+    const selects = view.aggBy.map((b, i) => {
+      const sel = h("select", { id: i === 0 ? "agg-column" : `agg-column-${i + 1}`, "aria-label": i === 0 ? "group by" : `then by (${i + 1})`,
+        onchange: () => setBy(i, sel.value) },
+        i === 0 ? h("option", { value: BY_STATE, selected: byState }, BY_STATE) : h("option", { value: "" }, "— remove —"),
+        ...view.columns.map((c) => h("option", { value: c, selected: c === b }, c)));
+      return sel;
+    });
+    const more = view.columns.filter((c) => !view.aggBy.includes(c));
+    const thenSel = !byState && more.length && view.aggBy.length < 8
+      ? h("select", { id: "agg-then", "aria-label": "then by", onchange: () => { if (thenSel.value) { view.aggBy = [...view.aggBy, thenSel.value]; drawResults(); } } },
+        h("option", { value: "" }, "then by…"), ...more.map((c) => h("option", { value: c }, c)))
+      : null;
+    const isDefault = view.defaultBy && JSON.stringify(view.defaultBy) === JSON.stringify(view.aggBy);
+    const summary = byState ? `${total()} devices by state`
+      : `${agg.devices} answering device${agg.devices === 1 ? "" : "s"}`
+        + (agg.missing ? `, ${agg.missing} without ${view.aggBy.join(" or ")}` : "")
+        + (agg.truncated ? ` · the largest ${groups.length} groups` : "");
+
+    const max = groups.length ? Math.max(...groups.map((g) => g.rows)) : 1;
+    const rows = groups.map((g) => {
       const meter = h("span", { class: "meter-fill" });
-      meter.style.width = `${((g.count / max) * 100).toFixed(1)}%`;
-      return h("tr", {}, h("td", { class: k === "" ? "muted" : null }, k === "" ? "(empty)" : k),
-        h("td", { class: "num" }, String(g.count)), h("td", { class: "num" }, String(g.devices.size)),
-        h("td", { class: "meter-cell" }, h("span", { class: "meter" }, meter)));
+      meter.style.width = `${((g.rows / max) * 100).toFixed(1)}%`;
+      return h("tr", {}, ...g.values.map((v) => {
+        const t = cellText(v);
+        return h("td", { class: t === "" ? "muted" : null }, t === "" ? "(empty)" : t);
+      }),
+      h("td", { class: "num" }, String(g.rows)), h("td", { class: "num" }, String(g.devices)),
+      h("td", { class: "meter-cell" }, h("span", { class: "meter" }, meter)));
     });
     return h("div", {},
-      h("div", { class: "agg-controls" }, h("label", { for: "agg-column" }, "Group by"), sel,
-        h("span", { class: "muted" }, `${items.length} device responses${truncated ? ` (first ${AGG_LIMIT} only)` : ""}`)),
+      h("div", { class: "agg-controls" }, h("label", { for: "agg-column" }, "Group by"), ...selects, thenSel,
+        view.defaultBy && !isDefault ? h("button", { type: "button", class: "btn btn-link", id: "agg-default",
+          onclick: () => { view.aggBy = [...view.defaultBy]; drawResults(); } }, `Definition's grouping (${view.defaultBy.join(", ")})`) : null,
+        h("span", { class: "muted", id: "agg-summary" }, summary)),
       rows.length ? h("div", { class: "table-wrap" }, h("table", { class: "data agg", id: "agg-table" },
-        h("thead", {}, h("tr", {}, h("th", {}, view.aggColumn), h("th", { class: "num" }, "Rows"), h("th", { class: "num" }, "Devices"), h("th", {}, ""))),
+        h("thead", {}, h("tr", {}, ...view.aggBy.map((b) => h("th", {}, b)), h("th", { class: "num" }, "Rows"), h("th", { class: "num" }, "Devices"), h("th", {}, ""))),
         h("tbody", {}, ...rows))) : h("p", { class: "empty" }, "Nothing to aggregate yet."));
   }
 
