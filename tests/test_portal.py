@@ -254,6 +254,17 @@ def test_instruction_list_and_switches_endpoints(portal_server: Server) -> None:
         assert mine["name"] == "list-me" and mine["payload"] == "SELECT 1 AS One;" and mine["kind"] == "question"
         assert mine["states"] == {"success": 2} and mine["targeted"] == 2 and mine["devices"] is None
         assert mine["status"] == "finished"
+        # the instruction itself carries its payload, parameters and instruction set (null: raw SCALE)
+        one = c.get(f"/Consumer/Instructions/{iid}").json()
+        assert one["payload"] == "SELECT 1 AS One;" and one["parameters"] == {} and one["instruction_set"] is None
+        assert one["devices"] is None and one["states"] == {"success": 2}
+        r = c.post("/Consumer/Instructions", json={"definition": "Portal-ProcessCount", "parameters": {"Limit": 3},
+                                                   "devices": ["a2"], "instruction_ttl": 10})
+        assert r.status_code == 201, r.text
+        one = c.get(f"/Consumer/Instructions/{r.json()['id']}").json()
+        assert one["instruction_set"] == "Processes" and one["name"] == "Portal-ProcessCount" and one["devices"] == ["a2"]
+        assert one["parameters"] == {"Pattern": "%", "Label": "alpha", "Limit": 3, "Verbose": False}
+        assert "OperatingSystem.GetProcesses()" in one["payload"]
         only = c.get("/Consumer/Instructions", params={"status": "pending_approval,rejected"}).json()
         assert all(x["status"] in ("pending_approval", "rejected") for x in only["items"])
         assert iid not in [x["id"] for x in only["items"]]
@@ -421,6 +432,11 @@ def test_questioner_asks_through_a_definition(tab: Page, portal_server: Server) 
     expect(pg.locator("#results-table tbody tr")).to_have_count(2)
     assert pg.locator("#results-table tbody td:nth-child(4)").all_text_contents() == ["beta", "beta"]
     assert all(int(x) >= 1 for x in pg.locator("#results-table tbody td:nth-child(3)").all_text_contents())
+    # the instruction page shows the definition, its payload and the parameters it was asked with
+    assert pg.text_content("#definition-note") == "Instruction definition Portal-ProcessCount (instruction set Processes)"
+    assert "OperatingSystem.GetProcesses()" in pg.text_content("#payload pre")
+    assert pg.text_content("#payload-parameters") == (
+        'Parameters: {"Pattern":"%python%","Label":"beta","Limit":5,"Verbose":true}')
     # the aggregate is the server's, grouped by the definition's aggregation unless another is chosen
     pg.click("#tab-agg")
     expect(pg.locator("#agg-table thead th")).to_have_text(["Label", "Rows", "Devices", ""])

@@ -115,6 +115,14 @@ class InstructionStatus(BaseModel):
     scheduled_at: float | None = None
     decided_by: str | None = None
     decision_reason: str | None = None
+    payload: str | None = Field(default=None, description="the SCALE payload (the definition's, for a definition)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="typed parameter values it was issued with")
+    instruction_set: str | None = Field(default=None, description="the definition's instruction set; null: raw SCALE")
+    devices: list[str] | None = Field(default=None, description="requested device names; null: every device")
+
+
+# fields of InstructionStatus the progress stream leaves out (they do not change; the payload may be large)
+STATIC_STATUS_FIELDS = {"payload", "parameters", "instruction_set", "devices"}
 
 
 class DeviceResult(BaseModel):
@@ -359,7 +367,9 @@ class ConsumerApi:
                                  targeted=row["targeted"], states=store.state_counts(self.responses, iid),
                                  created_by=row["created_by"], issued_at=row["issued_at"],
                                  expires_at=row["expires_at"], scheduled_at=row["scheduled_at"],
-                                 decided_by=row["decided_by"], decision_reason=row["decision_reason"])
+                                 decided_by=row["decided_by"], decision_reason=row["decision_reason"],
+                                 payload=row["payload"], parameters=row["parameters"] or {},
+                                 instruction_set=row["instruction_set"], devices=row["scope"])
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -522,7 +532,7 @@ def create_app(api: ConsumerApi) -> FastAPI:
             last = None
             while not await request.is_disconnected():
                 s = await api.db(api.status, instruction_id)
-                data = s.model_dump_json()
+                data = s.model_dump_json(exclude=STATIC_STATUS_FIELDS)
                 if data != last:
                     last = data
                     yield f"event: status\ndata: {data}\n\n".encode()

@@ -11,7 +11,6 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
   const id = Number(args[0]);
   if (!Number.isInteger(id) || id <= 0) throw new Error("no such instruction");
   let st = await api("GET", `/Instructions/${id}`, undefined, { signal });
-  let detail = null; // payload etc., from the history listing
   // The view's state lives in the fragment's query, so a results page can be linked to.
   const int = (k, d) => { const v = query.has(k) ? Number(query.get(k)) : NaN; return Number.isInteger(v) && v >= 0 ? v : d; };
   const view = { mode: query.get("view") === "aggregate" ? "agg" : "rows", state: STATES.includes(query.get("state")) ? query.get("state") : "",
@@ -34,6 +33,7 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
   clear(main, head, progress, results);
 
   function drawHead() {
+    const wasOpen = Boolean(head.querySelector("#payload") && head.querySelector("#payload").open);
     clear(head,
       h("h1", {}, `#${st.id} `, h("span", { class: "title-name" }, st.name)),
       h("div", { class: "meta" }, kindBadge(st.kind), " ", h("span", { id: "status" }, statusBadge(st.status)), " ", liveNote,
@@ -41,9 +41,13 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
         st.issued_at ? h("span", { class: "muted" }, ` · issued ${fmtTime(st.issued_at)}`) : null,
         st.expires_at ? h("span", { class: "muted" }, ` · window ${DONE.includes(st.status) ? "closed" : "closes"} ${fmtTime(st.expires_at)}`) : null,
         st.decided_by ? h("span", { class: "muted" }, ` · decided by ${st.decided_by}${st.decision_reason ? ` (“${st.decision_reason}”)` : ""}`) : null),
-      detail ? h("details", { class: "payload" }, h("summary", {}, "Payload"), h("pre", { class: "code-block" }, detail.payload),
-        Object.keys(detail.parameters || {}).length ? h("p", { class: "muted" }, `Parameters: ${JSON.stringify(detail.parameters)}`) : null,
-        h("p", { class: "muted" }, `Devices: ${detail.devices ? detail.devices.join(", ") : "all"}`)) : null);
+      st.instruction_set ? h("p", { class: "muted", id: "definition-note" }, "Instruction definition ",
+        h("a", { href: `#/ask?definition=${encodeURIComponent(st.name)}` }, st.name), ` (instruction set ${st.instruction_set})`) : null,
+      typeof st.payload === "string" ? h("details", { class: "payload", id: "payload" }, h("summary", {}, "Payload"),
+        h("pre", { class: "code-block" }, st.payload),
+        Object.keys(st.parameters || {}).length ? h("p", { class: "muted", id: "payload-parameters" }, `Parameters: ${JSON.stringify(st.parameters)}`) : null,
+        h("p", { class: "muted" }, `Devices: ${st.devices ? st.devices.join(", ") : "all"}`)) : null);
+    if (wasOpen && head.querySelector("#payload")) head.querySelector("#payload").open = true;
   }
 
   function total() {
@@ -231,10 +235,6 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
   drawHead();
   drawProgress();
   drawResults();
-  api("GET", `/Instructions?limit=500`, undefined, { signal }).then((page) => {
-    detail = page.items.find((x) => x.id === id) || null;
-    if (detail) drawHead();
-  }).catch(() => {});
 
   let lastCounts = JSON.stringify(st.states);
   let pending = null;
@@ -248,7 +248,7 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
       await stream(`/Instructions/${id}/Stream`, (name, data) => {
         if (name !== "status") return;
         const statusChanged = data.status !== st.status;
-        st = data;
+        st = { ...st, ...data }; // the stream leaves out what does not change (payload, parameters)
         if (statusChanged) drawHead();
         drawProgress();
         const c = JSON.stringify(st.states);
