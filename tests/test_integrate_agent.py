@@ -118,7 +118,8 @@ def test_single_server_devices_have_a_source_and_catalog_answers(server, tmp_pat
     # the Catalog on the http port (browsers reach it on 80 by default)
     http = _port(server.root, "http")
     assert httpx.get(f"http://127.0.0.1:{http}/Catalog/Products").status_code == 401
-    quanta("catalog", "key", "add", str(server.root), "--name", "master", "--save")
+    # quanta init already saved the Master's own key (DIR/catalog.key) for the CLI and the Consumer API
+    assert (server.root / "catalog.key").exists()
     out = json.loads(quanta("catalog", "normalize", str(server.root), "--title", "openssl",
                             "--version", "1:3.0.11-1~deb12u2").stdout)
     assert out[0]["vendor"] == "OpenSSL Project" and out[0]["version"] == "3.0.11"
