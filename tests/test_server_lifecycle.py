@@ -78,3 +78,27 @@ def test_backoff_is_jittered_and_bounded() -> None:
     assert max(delays[:2]) <= 2 and max(delays[8:]) > 10  # grows with the attempt number
     assert len({round(backoff(5, 1, 60, rnd), 6) for _ in range(20)}) > 15  # jitter spreads a storm
     _ = quanta
+
+
+def test_cancel_stops_a_gathering_instruction_and_a_pending_action(server: Server) -> None:
+    import json
+
+    from quanta.client import ApiError, ConsumerClient
+
+    server.enroll("c1")
+    server.enroll("c2")  # never started: keeps the question gathering
+    server.start_agent("c1")
+    server.wait_online({"c1"})
+    with ConsumerClient.for_data_dir(server.root) as api:
+        iid = api.issue("@s = Device.GetSummary(); SELECT * FROM @s;", instruction_ttl=300)["id"]
+        time.sleep(1.5)
+        assert api.status(iid)["status"] == "active"
+        r = json.loads(quanta("cancel", str(server.root), str(iid)).stdout)
+        assert r["status"] == "cancelled"
+        st = api.status(iid)
+        assert st["status"] == "cancelled" and st["states"] == {"success": 1, "offline": 1}  # every device final
+        with pytest.raises(ApiError, match="nothing to cancel"):
+            api._call("POST", f"/Consumer/Instructions/{iid}/Cancel")
+        action = api.issue('@k = OperatingSystem.KillProcess(ProcessId: "1");')["id"]
+        assert api._call("POST", f"/Consumer/Instructions/{action}/Cancel")["status"] == "cancelled"
+        assert api.status(action)["status"] == "cancelled"

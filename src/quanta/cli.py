@@ -454,6 +454,20 @@ def reject(root: DirArg, instruction_id: int, reason: Annotated[str, typer.Optio
     _decide(root, instruction_id, "Reject", user, password_file, reason=reason)
 
 
+@app.command()
+def cancel(root: DirArg, instruction_id: int, user: UserOpt = None, password_file: PasswordOpt = None) -> None:
+    """Cancel an instruction that waits for approval, is scheduled, or is still gathering."""
+    from quanta.client import ApiError
+
+    try:
+        with _as_user(root, user, password_file) as api:
+            result = api._call("POST", f"/Consumer/Instructions/{instruction_id}/Cancel")
+    except ApiError as e:
+        _fail(f"error: {e}", 2)
+        return
+    out.print(json.dumps(result), highlight=False)
+
+
 @app.command("approval-code")
 def approval_code(root: DirArg, instruction_id: int, user: UserOpt = None, password_file: PasswordOpt = None) -> None:
     """Email yourself a one-time code for approving an instruction."""

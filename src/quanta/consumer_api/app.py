@@ -430,6 +430,33 @@ def create_app(api: ConsumerApi) -> FastAPI:
         issued = await api.core_issue(iid)
         return {"id": iid, "status": issued["status"], "targeted": issued["targeted"]}
 
+    @app.post("/Consumer/Instructions/{instruction_id}/Cancel")
+    async def cancel(instruction_id: int, user: CurrentUser) -> dict[str, Any]:
+        """Stop an instruction: before it runs (pending approval, scheduled) or while it gathers."""
+        row = await api.db(store.get_instruction, api.master, instruction_id)
+        if row is None:
+            raise HTTPException(404, f"instruction {instruction_id} not found")
+        if user.role != ADMIN_ROLE and user.username != row["created_by"]:
+            raise HTTPException(403, "only the requester or a Full Administrator may cancel an instruction")
+        if row["status"] in (ins.PENDING_APPROVAL, ins.SCHEDULED):
+            if not await api.db(ins.decide, api.master, instruction_id, status="cancelled", by=user.username,
+                                reason="cancelled before it ran", expect=row["status"]):
+                raise HTTPException(409, f"instruction {instruction_id} changed meanwhile; look again")
+        elif row["status"] == "active":
+            async with httpx.AsyncClient(timeout=30, verify=api._verify()) as client:
+                try:
+                    r = await client.post(f"{api.core_url}/Core/Instructions/{instruction_id}/Cancel",
+                                          headers={"Authorization": f"Bearer {api.core_token}"})
+                except httpx.HTTPError as e:
+                    raise HTTPException(502, f"the Core is unreachable: {e}") from None
+            if r.status_code != 200:
+                raise HTTPException(409, f"instruction {instruction_id} is no longer active")
+        else:
+            raise HTTPException(409, f"instruction {instruction_id} is {row['status']}: nothing to cancel")
+        await api.db(store.audit, api.master, user.username, "cancel", f"instruction:{instruction_id}",
+                     was=row["status"])
+        return {"id": instruction_id, "status": "cancelled"}
+
     @app.post("/Consumer/Instructions/{instruction_id}/ApprovalCode")
     async def approval_code(instruction_id: int, user: CurrentUser) -> dict[str, Any]:
         """Email the caller a one-time code to approve this instruction with."""

@@ -57,7 +57,8 @@ def create_app(core: Core, token: str) -> FastAPI:
 
     @app.post("/Core/Instructions/{instruction_id}/Cancel", dependencies=[Depends(require_token)])
     async def cancel(instruction_id: int) -> dict[str, Any]:
-        await core.cancel(instruction_id)
+        if not await core.cancel(instruction_id):
+            raise HTTPException(409, f"instruction {instruction_id} is not active")
         return {"id": instruction_id, "status": "cancelled"}
 
     @app.websocket("/Core/Switch")

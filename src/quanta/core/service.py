@@ -148,9 +148,15 @@ class Core:
         for link in list(self.switches.values()):
             await self._safe_send(link, msg)
 
-    async def cancel(self, instruction_id: int) -> None:
+    async def cancel(self, instruction_id: int) -> bool:
+        """Stop an active instruction now: open devices end as expired, the status says cancelled.
+        An instruction that already finished is left as it is (returns False)."""
+        row = await self.db(store.get_instruction, self.master, instruction_id)
+        if row is None or row["status"] != "active":
+            return False
         await self.finish(instruction_id, "cancelled")
         await self.db(self._set_status, instruction_id, "cancelled")
+        return True
 
     # ---------------------------------------------------------------- pokes
     async def poke_all(self) -> None:
