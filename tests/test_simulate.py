@@ -133,3 +133,24 @@ def test_a_connection_never_welcomed_is_dropped_and_retried(tmp_path: Path, monk
     assert sorted(welcomed) == sorted(fleet.names), counters
     assert counters[sf.C["connects"]] == 20, counters
     assert counters[sf.C["welcome_timeouts"]] >= 20 and len(lost) == 20, counters
+
+
+def test_source_ip_binds_each_worker_to_its_own_loopback_address(tmp_path: Path) -> None:
+    """--source-ip 127.0.0.5: worker 0 connects from 127.0.0.5, worker 1 from 127.0.0.6, so large
+    local runs do not use up 127.0.0.1's ports."""
+    server = make_server(tmp_path)
+    fleet, _ = enroll_batch(server.root, "src-", 10, tmp_path / "fleet")
+    server.start()
+    runner = FleetRunner(fleet, SimConfig(source_ip="127.0.0.5", seed=1), processes=2)
+    runner.start()
+    try:
+        wait_until(lambda: runner.poll()["connected"] == 10, 30, "10 connected", server)
+
+        def addresses() -> set[str]:
+            with sqlite3.connect(server.root / "master.db") as db:
+                return {r[0] for r in db.execute("SELECT address FROM devices WHERE device_id LIKE 'src-%'")}
+
+        wait_until(lambda: addresses() == {"127.0.0.5", "127.0.0.6"}, 15, "addresses recorded", server)
+    finally:
+        runner.stop()
+        server.stop()
