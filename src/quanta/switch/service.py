@@ -27,7 +27,7 @@ from cryptography import x509
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
 from quanta import protocol as p
-from quanta.pki import Pki, cert_serial_and_name
+from quanta.pki import Pki, cert_serial_and_name, client_context
 from quanta.runtime import bind_socket
 from quanta.settings import core_link_max_bytes
 
@@ -396,7 +396,8 @@ class Switch:
         delay = 0.2
         while True:
             try:
-                async with websockets.connect(self.core_url, additional_headers=headers,
+                tls = client_context(self.pki.ca_crt) if self.core_url.startswith("wss:") else None
+                async with websockets.connect(self.core_url, additional_headers=headers, ssl=tls,
                                               max_size=core_link_max_bytes(self.max_message_bytes),
                                               ping_interval=20, open_timeout=10) as ws:
                     self._link = ws
