@@ -379,8 +379,7 @@ def test_action_needs_a_second_person_and_hostile_data_stays_text(browser, porta
         bp.wait_for_selector("#status >> text=Finished")
         bp.wait_for_selector("text=decided by bob")
         expect(bp.locator("#results-table tbody tr")).to_have_count(2)
-        cells = bp.locator("#results-table tbody td:nth-child(4)").all_text_contents()
-        assert cells == [HOSTILE.replace('"', "'")] * 2
+        expect(bp.locator("#results-table tbody td:nth-child(4)")).to_have_text([HOSTILE.replace('"', "'")] * 2)
         for p in (pg, bp):
             assert p.evaluate("document.querySelectorAll('img').length") == 0
             assert p.evaluate("window.__pwned") is None
@@ -430,7 +429,7 @@ def test_questioner_asks_through_a_definition(tab: Page, portal_server: Server) 
     pg.wait_for_selector("#status >> text=Finished")
     expect(pg.locator("#results-table thead th")).to_have_text(["Device", "State", "Matching", "Label", "Error"])
     expect(pg.locator("#results-table tbody tr")).to_have_count(2)
-    assert pg.locator("#results-table tbody td:nth-child(4)").all_text_contents() == ["beta", "beta"]
+    expect(pg.locator("#results-table tbody td:nth-child(4)")).to_have_text(["beta", "beta"])
     assert all(int(x) >= 1 for x in pg.locator("#results-table tbody td:nth-child(3)").all_text_contents())
     # the instruction page shows the definition, its payload and the parameters it was asked with
     assert pg.text_content("#definition-note") == "Instruction definition Portal-ProcessCount (instruction set Processes)"
