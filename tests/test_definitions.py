@@ -80,6 +80,22 @@ def make_pack(tmp: Path, defs: dict[str, str], publisher: str = "Acme", key: Pat
     return build(src, key, tmp / f"{src.name}.zip"), key
 
 
+def import_signed_pack(root: Path, tmp: Path, defs: dict[str, str]) -> dict:
+    """Build a pack signed by a new publisher "Acme", trust it on the server at ``root`` and
+    import it through the Consumer API; returns the API's answer."""
+    from quanta.client import ConsumerClient
+
+    keys = tmp / "pk"
+    keys.mkdir()
+    pack, _ = make_pack(keys, defs)
+    quanta("pack", "trust", str(root), "--name", "Acme", "--key", str(keys / "keys" / "Acme.pub"))
+    with ConsumerClient.for_data_dir(root) as admin:
+        r = admin.http.post("/Consumer/Packs", content=pack.read_bytes())
+        assert r.status_code == 201, r.text
+        assert admin.http.post("/Consumer/Packs", content=b"junk").status_code == 422
+        return r.json()
+
+
 # ----------------------------------------------------------------------------- definitions
 def test_definition_parsing_and_typed_parameters() -> None:
     d = parse_definition(PROCS)
@@ -219,15 +235,8 @@ def test_roles_per_instruction_set_and_management_groups(db_url: str) -> None:
 def test_questioner_issues_definitions_within_their_rights_and_groups(server: Server, tmp_path: Path) -> None:
     from quanta.client import ApiError, ConsumerClient
 
-    keys = tmp_path / "pk"
-    keys.mkdir()
-    pack, _ = make_pack(keys, {"procs": PROCS, "kill": KILL})
-    quanta("pack", "trust", str(server.root), "--name", "Acme", "--key", str(keys / "keys" / "Acme.pub"))
-    with ConsumerClient.for_data_dir(server.root) as admin:
-        r = admin.http.post("/Consumer/Packs", content=pack.read_bytes())
-        assert r.status_code == 201, r.text
-        assert sorted(r.json()["definitions"]) == ["Quanta-KillProcess", "Quanta-ProcessCount"]
-        assert admin.http.post("/Consumer/Packs", content=b"junk").status_code == 422
+    imported = import_signed_pack(server.root, tmp_path, {"procs": PROCS, "kill": KILL})
+    assert sorted(imported["definitions"]) == ["Quanta-KillProcess", "Quanta-ProcessCount"]
     pw = tmp_path / "pw"
     pw.write_text("a long enough password")
     quanta("user", "add", str(server.root), "--username", "quinn", "--role", "Questioner", "--password-file", str(pw))

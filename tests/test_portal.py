@@ -117,18 +117,10 @@ def portal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _import_pack(s: Server, tmp: Path) -> None:
-    """A signed pack from a trusted publisher, built and imported like tests/test_definitions.py does."""
-    from test_definitions import KILL, make_pack
+    """A signed pack from a trusted publisher, built and imported as in tests/test_definitions.py."""
+    from test_definitions import KILL, import_signed_pack
 
-    keys = tmp / "pk"
-    keys.mkdir()
-    pack, _ = make_pack(keys, {"count": COUNT_DEF, "kill": KILL})
-    quanta("pack", "trust", str(s.root), "--name", "Acme", "--key", str(keys / "keys" / "Acme.pub"))
-    from quanta.client import ConsumerClient
-
-    with ConsumerClient.for_data_dir(s.root) as admin:
-        r = admin.http.post("/Consumer/Packs", content=pack.read_bytes())
-        assert r.status_code == 201, r.text
+    import_signed_pack(s.root, tmp, {"count": COUNT_DEF, "kill": KILL})
 
 
 @pytest.fixture(scope="module")
