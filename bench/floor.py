@@ -109,9 +109,16 @@ def _clients(ca: str, crt: str, key: str, port: int, n: int, q: mp.Queue) -> Non
         sem = asyncio.Semaphore(256)
 
         async def one() -> None:
-            async with sem:
-                await ws_connect(C, f"wss://localhost:{port}/", ssl_context=ctx, use_aiofastnet=False,
-                                 read_buffer_init_size=1024, websocket_handshake_timeout=60)
+            # a reset or timeout under a connect burst (full accept backlog) is retried, as an agent would
+            for attempt in range(20):
+                try:
+                    async with sem:
+                        await ws_connect(C, f"wss://localhost:{port}/", ssl_context=ctx, use_aiofastnet=False,
+                                         read_buffer_init_size=1024, websocket_handshake_timeout=60)
+                    return
+                except (OSError, asyncio.TimeoutError):
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            raise RuntimeError("floor client could not connect after 20 attempts")
 
         await asyncio.gather(*(one() for _ in range(n)))
         q.put(("clients", n))

@@ -67,7 +67,9 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
         enroll_batch(server.root, "sim-", n, Path(d) / "fleet")
         enrol_s = time.perf_counter() - t
         server.start()
-        runner = FleetRunner(Fleet.load(Path(d) / "fleet"), SimConfig(seed=1))
+        # above ~15,000 devices the simulator connects from 127.0.0.2+ so 127.0.0.1 keeps free ports
+        runner = FleetRunner(Fleet.load(Path(d) / "fleet"),
+                             SimConfig(seed=1, source_ip="127.0.0.2" if n > 15000 else None))
         runner.start()
         try:
             wait_until(lambda: runner.poll()["connected"] >= n, 60 + n / 200, f"{n} devices connected")
