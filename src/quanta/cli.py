@@ -476,7 +476,7 @@ def approval_code(root: DirArg, instruction_id: int, user: UserOpt = None, passw
 
 user_app = typer.Typer(help="Manage users and roles.", no_args_is_help=True)
 app.add_typer(user_app, name="user")
-from quanta.rbac import ROLES  # noqa: E402
+from quanta.roles import ROLES  # noqa: E402
 
 
 @user_app.command("add")

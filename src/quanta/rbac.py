@@ -8,24 +8,13 @@ reach; a user in no group reaches every device, a Full Administrator always does
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 
 from quanta.db.tables import devices, management_groups, role_assignments, user_groups, users
 
-FULL_ADMIN = "Full Administrator"
-ROLES = (FULL_ADMIN, "Questioner", "Actioner", "Approver", "Viewer", "Group Administrator")
-Permission = Literal["ask", "act", "approve", "view", "groups"]
-
-GRANTS: dict[str, frozenset[str]] = {
-    FULL_ADMIN: frozenset({"ask", "act", "approve", "view", "groups"}),
-    "Questioner": frozenset({"ask", "view"}),
-    "Actioner": frozenset({"ask", "act", "view"}),
-    "Approver": frozenset({"approve", "view"}),
-    "Viewer": frozenset({"view"}),
-    "Group Administrator": frozenset({"groups", "view"}),
-}
+from quanta.roles import FULL_ADMIN, GRANTS, ROLES, Permission  # noqa: F401 - re-exported
 
 
 def roles_for(engine: sa.Engine, username: str, instruction_set: str) -> set[str]:

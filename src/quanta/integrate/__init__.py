@@ -6,16 +6,27 @@ Public interface: :class:`DeviceRecord`, :func:`load_config` / :class:`Integrate
 :func:`request` (the client of the agent's WebSocket on the integrate port).
 """
 
-from .config import ConfigError, IntegrateConfig, load_config
-from .connectors import DeviceRecord, SourceError
+from __future__ import annotations
 
-__all__ = ["ConfigError", "IntegrateConfig", "load_config", "DeviceRecord", "SourceError", "IntegrateAgent",
-           "request"]
+import importlib
+from typing import Any
+
+# Imported on first use, so that `quanta --help` and `quanta ask` do not pay for this package.
+_WHERE = {
+    "ConfigError": ".config",
+    "DeviceRecord": ".connectors",
+    "IntegrateAgent": ".service",
+    "IntegrateConfig": ".config",
+    "SourceError": ".connectors",
+    "load_config": ".config",
+    "request": ".service",
+}
+
+__all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):  # type: ignore[no-untyped-def]
-    if name in ("IntegrateAgent", "request"):
-        from . import service
-
-        return getattr(service, name)
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)

@@ -6,8 +6,27 @@ directory), :class:`SimConfig` (synthetic answers, latency, failure and churn), 
 ``quanta simulate`` are in :mod:`quanta.simulate.cli`.
 """
 
-from .enroll import Fleet, enroll_batch
-from .fleet import SimConfig, latency_sampler
-from .runner import FleetRunner, Summary, run_simulation
+from __future__ import annotations
 
-__all__ = ["Fleet", "FleetRunner", "SimConfig", "Summary", "enroll_batch", "latency_sampler", "run_simulation"]
+import importlib
+from typing import Any
+
+# Imported on first use, so that `quanta --help` and `quanta ask` do not pay for this package.
+_WHERE = {
+    "Fleet": ".enroll",
+    "FleetRunner": ".runner",
+    "SimConfig": ".fleet",
+    "Summary": ".runner",
+    "enroll_batch": ".enroll",
+    "latency_sampler": ".fleet",
+    "run_simulation": ".runner",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
