@@ -8,11 +8,10 @@ Public interface: :class:`DeviceRecord`, :func:`load_config` / :class:`Integrate
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from quanta.lazy import lazy_exports
 
 # Imported on first use, so that `quanta --help` and `quanta ask` do not pay for this package.
-_WHERE = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "ConfigError": ".config",
     "DeviceRecord": ".connectors",
     "IntegrateAgent": ".service",
@@ -20,13 +19,4 @@ _WHERE = {
     "SourceError": ".connectors",
     "load_config": ".config",
     "request": ".service",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)
+})

@@ -8,11 +8,10 @@ directory), :class:`SimConfig` (synthetic answers, latency, failure and churn), 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from quanta.lazy import lazy_exports
 
 # Imported on first use, so that `quanta --help` and `quanta ask` do not pay for this package.
-_WHERE = {
+__all__, __getattr__ = lazy_exports(__name__, {
     "Fleet": ".enroll",
     "FleetRunner": ".runner",
     "SimConfig": ".fleet",
@@ -20,13 +19,4 @@ _WHERE = {
     "enroll_batch": ".enroll",
     "latency_sampler": ".fleet",
     "run_simulation": ".runner",
-}
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)
+})
