@@ -7,6 +7,7 @@ forward, and a final state never changes.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -221,12 +222,8 @@ def insert_targets(engine: sa.Engine, instruction_id: int, targets: dict[str, bo
     with engine.begin() as c:
         existing = {r[0] for r in c.execute(sa.select(results.c.device_id)
                                             .where(results.c.instruction_id == instruction_id))}
-        if engine.dialect.name == "postgresql":
-            sql = ("INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
-                   "VALUES (%(i)s, %(d)s, %(s)s, %(t)s, %(x)s)")
-        else:
-            sql = ("INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
-                   "VALUES (:i, :d, :s, :t, :x)")
+        sql = _driver_sql(engine, "INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
+                                  "VALUES (:i, :d, :s, :t, :x)")
         params = [{"i": instruction_id, "d": d, "s": "pending" if online else "offline", "t": now,
                    "x": response_expires_at} for d, online in targets.items() if d not in existing]
         if params:
@@ -238,12 +235,8 @@ def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str])
     """pending/offline -> sent for the devices a Switch delivered to (one driver executemany)."""
     if not device_ids:
         return 0
-    if engine.dialect.name == "postgresql":
-        sql = ("UPDATE results SET state = 'sent', updated_at = %(t)s WHERE instruction_id = %(i)s "
-               "AND device_id = %(d)s AND (state = 'pending' OR state = 'offline')")
-    else:
-        sql = ("UPDATE results SET state = 'sent', updated_at = :t WHERE instruction_id = :i "
-               "AND device_id = :d AND (state = 'pending' OR state = 'offline')")
+    sql = _driver_sql(engine, "UPDATE results SET state = 'sent', updated_at = :t WHERE instruction_id = :i "
+                              "AND device_id = :d AND (state = 'pending' OR state = 'offline')")
     now = time.time()
     with engine.begin() as c:
         r = c.exec_driver_sql(sql, [{"t": now, "i": instruction_id, "d": d} for d in device_ids])
@@ -269,18 +262,10 @@ def ingest_counted(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[in
     with the JSON pre-encoded by msgspec, which is what the ``results`` JSON columns store.
     """
     if not rows:
-        return 0
-    pg = engine.dialect.name == "postgresql"
-
-    def ph(name: str, json: bool = False) -> str:
-        if not pg:
-            return f":{name}"
-        return f"CAST(%({name})s AS JSON)" if json else f"%({name})s"
-
+        return {}
     opened = " OR ".join(f"state = '{s}'" for s in OPEN_STATES)  # constants, not input
-    sql = (f"UPDATE results SET state = {ph('s')}, columns = {ph('c', True)}, rows = {ph('r', True)}, "
-           f"error = {ph('e')}, updated_at = {ph('t')} "
-           f"WHERE instruction_id = {ph('i')} AND device_id = {ph('d')} AND ({opened})")
+    sql = _driver_sql(engine, "UPDATE results SET state = :s, columns = :c, rows = :r, error = :e, updated_at = :t "
+                              f"WHERE instruction_id = :i AND device_id = :d AND ({opened})", json_params=("c", "r"))
     now = time.time()
     enc = _json_text
     params = [{"s": r["state"], "c": enc(r["columns"]), "r": enc(r["rows"]), "e": r["error"], "t": now,
@@ -294,6 +279,20 @@ def ingest_counted(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[in
             res = c.exec_driver_sql(sql, prms)
             out[iid] = res.rowcount if res.rowcount is not None and res.rowcount >= 0 else -1
     return out
+
+
+def _driver_sql(engine: sa.Engine, template: str, json_params: Sequence[str] = ()) -> str:
+    """SQL for ``exec_driver_sql`` from one template with ``:name`` placeholders (sqlite3's named
+    style); for psycopg they become ``%(name)s``, JSON parameters cast to JSON. Hot-path writes use
+    this to skip SQLAlchemy's per-row parameter processing."""
+    if engine.dialect.name != "postgresql":
+        return template
+
+    def placeholder(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return f"CAST(%({name})s AS JSON)" if name in json_params else f"%({name})s"
+
+    return re.sub(r":([A-Za-z_]\w*)", placeholder, template)
 
 
 def _json_text(value: Any) -> str | None:
