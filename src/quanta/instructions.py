@@ -80,19 +80,31 @@ def mark_approved(engine: sa.Engine, iid: int, by: str, reason: str | None) -> N
                   .values(decided_by=by, decided_at=time.time(), decision_reason=reason))
 
 
-async def issue_at_core(core_url: str, core_token: str, iid: int, verify: Any = None) -> dict[str, Any]:
-    """POST to the Core's issue endpoint: local (http, core port) or a remote Response Stack's
-    web tier (https, /Core), verified against the installation CA when ``verify`` is a CA path."""
+class CoreRefused(CoreError):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def call_core(core_url: str, core_token: str, iid: int, verb: str, verify: Any = None) -> dict[str, Any]:
+    """POST ``/Core/Instructions/{iid}/{verb}`` (Issue, Cancel) at the Core: local (http, core
+    port) or a remote Response Stack's web tier (https, /Core), verified against the installation
+    CA when ``verify`` is a CA path. Raises CoreError if unreachable, CoreRefused if refused."""
     if isinstance(verify, str):
         import ssl
 
         verify = ssl.create_default_context(cafile=verify)
     async with httpx.AsyncClient(timeout=30, verify=verify if verify is not None else True) as client:
         try:
-            r = await client.post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/Issue",
+            r = await client.post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/{verb}",
                                   headers={"Authorization": f"Bearer {core_token}"})
         except httpx.HTTPError as e:
             raise CoreError(f"the Core at {core_url} is unreachable: {e}") from None
     if r.status_code != 200:
-        raise CoreError(f"the Core refused instruction {iid}: {r.status_code} {r.text}")
+        raise CoreRefused(f"the Core refused to {verb.lower()} instruction {iid}: {r.status_code} {r.text}",
+                          r.status_code)
     return r.json()
+
+
+async def issue_at_core(core_url: str, core_token: str, iid: int, verify: Any = None) -> dict[str, Any]:
+    return await call_core(core_url, core_token, iid, "Issue", verify)

@@ -443,14 +443,12 @@ def create_app(api: ConsumerApi) -> FastAPI:
                                 reason="cancelled before it ran", expect=row["status"]):
                 raise HTTPException(409, f"instruction {instruction_id} changed meanwhile; look again")
         elif row["status"] == "active":
-            async with httpx.AsyncClient(timeout=30, verify=api._verify()) as client:
-                try:
-                    r = await client.post(f"{api.core_url}/Core/Instructions/{instruction_id}/Cancel",
-                                          headers={"Authorization": f"Bearer {api.core_token}"})
-                except httpx.HTTPError as e:
-                    raise HTTPException(502, f"the Core is unreachable: {e}") from None
-            if r.status_code != 200:
-                raise HTTPException(409, f"instruction {instruction_id} is no longer active")
+            try:
+                await ins.call_core(api.core_url, api.core_token, instruction_id, "Cancel", verify=api.ca_file)
+            except ins.CoreRefused:
+                raise HTTPException(409, f"instruction {instruction_id} is no longer active") from None
+            except ins.CoreError as e:
+                raise HTTPException(502, str(e)) from None
         else:
             raise HTTPException(409, f"instruction {instruction_id} is {row['status']}: nothing to cancel")
         await api.db(store.audit, api.master, user.username, "cancel", f"instruction:{instruction_id}",
