@@ -7,6 +7,8 @@ instruction is about to be issued, so its gather window starts then, not at requ
 
 from __future__ import annotations
 
+import functools
+import ssl
 import time
 from typing import Any
 
@@ -86,15 +88,22 @@ class CoreRefused(CoreError):
         self.status = status
 
 
+@functools.lru_cache(maxsize=8)
+def _tls_context(verify: Any) -> Any:
+    """The TLS context of a Core call, built once per CA path (None/True: the system store).
+    Building one loads a CA bundle (~50 ms with the system store): paid per question before."""
+    if isinstance(verify, str):
+        return ssl.create_default_context(cafile=verify)
+    if verify is None or verify is True:
+        return ssl.create_default_context()
+    return verify  # an SSLContext (or False) given by the caller
+
+
 async def call_core(core_url: str, core_token: str, iid: int, verb: str, verify: Any = None) -> dict[str, Any]:
     """POST ``/Core/Instructions/{iid}/{verb}`` (Issue, Cancel) at the Core: local (http, core
     port) or a remote Response Stack's web tier (https, /Core), verified against the installation
     CA when ``verify`` is a CA path. Raises CoreError if unreachable, CoreRefused if refused."""
-    if isinstance(verify, str):
-        import ssl
-
-        verify = ssl.create_default_context(cafile=verify)
-    async with httpx.AsyncClient(timeout=30, verify=verify if verify is not None else True) as client:
+    async with httpx.AsyncClient(timeout=30, verify=_tls_context(verify)) as client:
         try:
             r = await client.post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/{verb}",
                                   headers={"Authorization": f"Bearer {core_token}"})
