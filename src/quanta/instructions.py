@@ -18,16 +18,8 @@ import sqlalchemy as sa
 from quanta import protocol as p
 from quanta.db.tables import instructions
 from quanta.pki import Signer
-
-# Workflow states before the Core takes over ("active", then "finished"/"cancelled").
-NEW = "new"  # stored, not yet signed
-PENDING_APPROVAL = "pending_approval"
-SCHEDULED = "scheduled"
-REJECTED = "rejected"
-APPROVAL_EXPIRED = "approval_expired"
-READY = "created"
-# No further change will happen to an instruction in one of these.
-DONE_STATES = ("finished", "cancelled", REJECTED, APPROVAL_EXPIRED)
+from quanta.states import (APPROVAL_EXPIRED, DONE_STATES, NEW, PENDING_APPROVAL, READY,  # noqa: F401
+                           REJECTED, SCHEDULED)
 
 
 class CoreError(RuntimeError):

@@ -27,9 +27,7 @@ PROTOCOL_VERSION = 1
 
 Status = Literal["success", "nocontent", "error", "notapplicable", "notimplemented"]
 # Per-(instruction, device) states kept by the Core.
-FINAL_STATES = ("success", "nocontent", "error", "notapplicable", "offline", "expired")
-LIVE_STATES = ("pending", "sent")
-ALL_STATES = ("pending", "sent", *FINAL_STATES)
+from quanta.states import ALL_STATES, FINAL_STATES, LIVE_STATES  # noqa: E402,F401
 
 
 class ProtocolError(Exception):

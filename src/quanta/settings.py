@@ -17,7 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-CONFIG_FILE = "quanta.toml"
+from quanta.datadir import CONFIG_FILE, DataDir  # noqa: F401  (re-exported)
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,54 +136,6 @@ class Settings(BaseModel):
         if name == "poke":
             return poke_port(self.ports["switch"])
         return self.ports[name]
-
-
-@dataclass(frozen=True)
-class DataDir:
-    """Paths inside a server data directory."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILE
-
-    @property
-    def pki(self) -> Path:
-        return self.root / "pki"
-
-    @property
-    def master_db(self) -> Path:
-        return self.root / "master.db"
-
-    @property
-    def responses_db(self) -> Path:
-        return self.root / "responses.db"
-
-    @property
-    def secret_file(self) -> Path:
-        return self.root / "pki" / "internal.secret"
-
-    @property
-    def content(self) -> Path:
-        return self.root / "content"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def admin_credentials(self) -> Path:
-        return self.root / "admin.credentials"
-
-    def master_url(self, s: Settings) -> str:
-        return s.database_url or f"sqlite:///{self.master_db}"
-
-    def responses_url(self, s: Settings) -> str:
-        return s.responses_database_url or s.database_url or f"sqlite:///{self.responses_db}"
-
-    def internal_secret(self) -> bytes:
-        return bytes.fromhex(self.secret_file.read_text().strip())
 
 
 def new_internal_secret() -> str:

@@ -1,0 +1,19 @@
+"""Instruction and per-device state names (no I/O, cheap to import: the ``quanta ask`` client
+uses them without loading the SQL toolkit or the wire protocol)."""
+
+from __future__ import annotations
+
+# Workflow states of an instruction before the Core takes over ("active", then "finished"/"cancelled").
+NEW = "new"  # stored, not yet signed
+PENDING_APPROVAL = "pending_approval"
+SCHEDULED = "scheduled"
+REJECTED = "rejected"
+APPROVAL_EXPIRED = "approval_expired"
+READY = "created"
+# No further change will happen to an instruction in one of these.
+DONE_STATES = ("finished", "cancelled", REJECTED, APPROVAL_EXPIRED)
+
+# A targeted device's state for one instruction.
+FINAL_STATES = ("success", "nocontent", "error", "notapplicable", "offline", "expired")
+LIVE_STATES = ("pending", "sent")
+ALL_STATES = ("pending", "sent", *FINAL_STATES)
