@@ -382,35 +382,9 @@ def ask(root: DirArg, payload: Annotated[Optional[str], typer.Argument(help="SCA
         param: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE instruction parameter")] = None,
         json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False) -> None:
     """Ask a question and show the answers."""
-    from quanta.client import ApiError, ConsumerClient, parse_param
+    from quanta.ask import run
 
-    params = dict(parse_param(x) for x in param or [])
-    try:
-        with ConsumerClient.for_data_dir(root) as api:
-            if (payload is None) == (definition is None):
-                _fail("give a SCALE payload or --definition NAME (not both)", 2)
-            issued = api.issue(payload, devices=device, instruction_ttl=int(wait), parameters=params,
-                               definition=definition)
-            iid = issued["id"]
-            if issued["status"] == "pending_approval":
-                console.print(f"instruction {iid} is an action: waiting for a second person to approve it "
-                              f"(quanta approve {root} {iid})", highlight=False)
-            status = api.wait(iid, wait + 5, progress=None if json_output else console)
-            results = api.all_results(iid)
-    except ApiError as e:
-        _fail(f"error: {e}", 2)
-        return
-    finished = status["status"] == "finished"
-    if json_output:
-        print(json.dumps({"instruction_id": iid, "status": status["status"], "targeted": status["targeted"],
-                          "states": status["states"], "finished": finished,
-                          "responses": [{"device": r["device"], "status": r["status"],
-                                         "rows": [dict(zip(r["columns"] or [], row)) for row in r["rows"] or []],
-                                         **({"error": r["error"]} if r["error"] else {})} for r in results]},
-                         default=str))
-    else:
-        _print_results(iid, status, results)
-    raise typer.Exit(0 if finished else 1)
+    raise typer.Exit(run(root, payload, definition, device, wait, param, json_output))
 
 
 UserOpt = Annotated[Optional[str], typer.Option("--user", help="act as this user (default: the administrator)")]
@@ -669,24 +643,6 @@ def group_add_member(root: DirArg, name: Annotated[str, typer.Option()],
         _fail(f"error: {e}", 2)
     store.audit(master, "quanta group add-member", "group_member", name, username=username)
     out.print(f"{username} now reaches the devices of group {name}", highlight=False)
-
-
-def _print_results(iid: int, status: dict[str, Any], results: list[dict[str, Any]]) -> None:
-    states = ", ".join(f"{k} {v}" for k, v in sorted(status["states"].items()))
-    out.print(f"instruction {iid}: {status['status']}; {status['targeted']} targeted; {states}", highlight=False)
-    columns: list[str] = []
-    for r in results:
-        for c in r["columns"] or []:
-            if c not in columns:
-                columns.append(c)
-    table = Table("Device", "Status", *columns, "Error")
-    for r in results:
-        cols = r["columns"] or []
-        rows = r["rows"] or [[]]
-        for row in rows:
-            vals = dict(zip(cols, row))
-            table.add_row(r["device"], r["status"], *(str(vals.get(c, "")) for c in columns), r["error"] or "")
-    out.print(table)
 
 
 @app.command()

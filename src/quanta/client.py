@@ -1,22 +1,34 @@
-"""A small Consumer API client for the CLI, tests and benchmarks."""
+"""A small Consumer API client for the CLI, tests and benchmarks.
+
+It is light on purpose: ``quanta ask`` loads it before anything else (see :mod:`quanta.entry`),
+so it uses the standard library's ``http.client`` over one kept-alive TLS connection, and loads
+neither httpx, nor rich (only for a progress bar), nor the settings model.
+
+Logging in as the installation's administrator (the default, from ``DIR/admin.credentials``)
+verifies a deliberately slow password hash on the server, so the token is cached in
+``DIR/consumer.token`` (mode 0600, like the credentials next to it) and reused until it expires or
+the server refuses it; then the client logs in again. Explicit ``--user`` logins are not cached.
+"""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import ssl
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
-import httpx
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-from quanta.instructions import DONE_STATES
-from quanta.protocol import FINAL_STATES
-from quanta.settings import DataDir, load_settings
+from quanta.datadir import DataDir
+from quanta.states import DONE_STATES, FINAL_STATES
 
 ANSWERED = ("success", "nocontent", "error", "notapplicable")
+TOKEN_FILE = "consumer.token"
+TOKEN_MARGIN = 60.0  # a cached token this close to its expiry is not used
+json_loads = json.loads  # ConsumerClient._call takes a ``json`` argument, as httpx does
 
 
 class ApiError(Exception):
@@ -53,48 +65,203 @@ def read_credentials(path: Path) -> tuple[str, str]:
     return values["username"], values["password"]
 
 
+def consumer_port(root: Path) -> int:
+    """The web tier's HTTPS port from ``DIR/quanta.toml`` (``quanta init`` writes every port)."""
+    path = DataDir(Path(root)).config
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run 'quanta init {root}' first")
+    ports = tomllib.loads(path.read_text()).get("ports", {})
+    if "https" in ports:
+        return int(ports["https"])
+    from quanta.settings import load_settings  # a hand-written file without the port: its default
+
+    return load_settings(root).port("https")
+
+
+class TokenCache:
+    """One cached API token in a file readable by its owner only."""
+
+    def __init__(self, path: Path, base_url: str, username: str) -> None:
+        self.path, self.base_url, self.username = path, base_url, username
+
+    def load(self, now: float | None = None) -> str | None:
+        try:
+            d = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        now = time.time() if now is None else now
+        if (not isinstance(d, dict) or d.get("url") != self.base_url or d.get("username") != self.username
+                or not isinstance(d.get("token"), str) or not isinstance(d.get("expires_at"), (int, float))
+                or d["expires_at"] - TOKEN_MARGIN <= now):
+            return None
+        return d["token"]
+
+    def store(self, token: str, expires_at: float) -> None:
+        """Write atomically with mode 0600 from the start; a read-only data directory only
+        means no caching."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        data = json.dumps({"url": self.base_url, "username": self.username, "token": token,
+                           "expires_at": expires_at}).encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink()
+        except OSError:
+            pass
+
+
 class ConsumerClient:
-    def __init__(self, base_url: str, ca_file: Path | None, username: str, password: str) -> None:
-        verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
-        self.http = httpx.Client(base_url=base_url, verify=verify, timeout=30)
-        self._login(username, password)
+    def __init__(self, base_url: str, ca_file: Path | None, username: str, password: str,
+                 token_cache: TokenCache | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        scheme, _, rest = self.base_url.partition("://")
+        host, _, port = rest.partition(":")
+        self._host, self._port = host, int(port or (443 if scheme == "https" else 80))
+        self._tls = scheme == "https"
+        self._ca_file = ca_file
+        self._ctx = (ssl.create_default_context(cafile=str(ca_file)) if ca_file else
+                     ssl.create_default_context()) if self._tls else None
+        self._conn: http.client.HTTPConnection | None = None
+        self._http: Any = None
+        self._username, self._password = username, password
+        self._cache = token_cache
+        self.token: str | None = token_cache.load() if token_cache else None
+        self.token_from_cache = self.token is not None
+        if self.token is None:
+            self._login()
 
     @classmethod
-    def for_data_dir(cls, root: Path, username: str | None = None, password: str | None = None) -> ConsumerClient:
-        """Log in as ``username`` or, by default, as the administrator created at init."""
-        settings = load_settings(root)
+    def for_data_dir(cls, root: Path, username: str | None = None, password: str | None = None,
+                     cache_token: bool = True) -> ConsumerClient:
+        """Log in as ``username`` or, by default, as the administrator created at init (whose
+        token is cached in the data directory unless ``cache_token`` is false)."""
         dd = DataDir(Path(root))
+        base_url = f"https://localhost:{consumer_port(root)}"
         user, pw = read_credentials(dd.admin_credentials)
+        cache = TokenCache(Path(root) / TOKEN_FILE, base_url, user) if cache_token else None
         if username is not None:
-            user, pw = username, password or ""
-        password = pw
-        return cls(f"https://localhost:{settings.port('https')}", dd.pki / "ca.crt", user, password)
+            user, pw, cache = username, password or "", None
+        return cls(base_url, dd.pki / "ca.crt", user, pw, token_cache=cache)
 
     def __enter__(self) -> ConsumerClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.http.close()
+        self.close()
 
-    def _call(self, method: str, url: str, **kw: Any) -> Any:
-        try:
-            r = self.http.request(method, url, **kw)
-        except httpx.HTTPError as e:
-            raise ApiError(f"cannot reach the Consumer API at {self.http.base_url}: {e}") from None
-        if r.status_code >= 400:
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    @property
+    def http(self) -> Any:
+        """An ``httpx.Client`` on the same server with this client's token, for calls this class
+        has no method for (loaded on first use)."""
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.Client(base_url=self.base_url, verify=self._ctx or True, timeout=30)
+            self._http.headers["Authorization"] = f"Bearer {self.token}"
+        return self._http
+
+    # -------------------------------------------------------------------- transport
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._tls:
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=30, context=self._ctx)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=30)
+        return self._conn
+
+    def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
+        """One request on the kept-alive connection; a connection the server closed while idle
+        is reopened once."""
+        for attempt in (0, 1):
+            conn = self._connection()
             try:
-                detail = r.json().get("detail", r.text)
-            except json.JSONDecodeError:
-                detail = r.text
+                conn.request(method, url, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                if r.will_close:
+                    self._conn = None
+                    conn.close()
+                return r.status, data
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                conn.close()
+                self._conn = None
+                if attempt:
+                    raise ApiError(f"cannot reach the Consumer API at {self.base_url}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                self._conn = None
+                raise ApiError(f"cannot reach the Consumer API at {self.base_url}: {e}") from None
+        raise AssertionError("unreachable")
+
+    def _request(self, method: str, url: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
+                 auth: bool = True) -> tuple[int, bytes]:
+        if params:
+            url = f"{url}?{urlencode(params)}"
+        headers = {"Accept": "application/json"}
+        body = None
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            headers["Content-Type"] = "application/json"
+        if auth and self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return self._send(method, url, body, headers)
+
+    def _call(self, method: str, url: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        status, data = self._request(method, url, json_body=json, params=params)
+        if status == 401 and self.token_from_cache:
+            # The cached token expired early or was revoked: log in once and repeat the request
+            # (authentication runs first on every route, so the refused request changed nothing).
+            self._login()
+            status, data = self._request(method, url, json_body=json, params=params)
+        return self._decode(status, data)
+
+    @staticmethod
+    def _decode(status: int, data: bytes) -> Any:
+        text = data.decode("utf-8", "replace")
+        if status >= 400:
+            try:
+                detail = json_loads(text).get("detail", text)
+            except (ValueError, AttributeError):
+                detail = text
             if isinstance(detail, dict) and "error" in detail:
                 detail = detail["error"]
-            raise ApiError(f"{r.status_code}: {detail}", r.status_code)
-        return r.json()
+            raise ApiError(f"{status}: {detail}", status)
+        return json_loads(text)
 
-    def _login(self, username: str, password: str) -> None:
-        t = self._call("POST", "/Consumer/Authentication/Token", json={"username": username, "password": password})
-        self.http.headers["Authorization"] = f"Bearer {t['token']}"
+    def _login(self) -> None:
+        self.token, self.token_from_cache = None, False
+        if self._cache is not None:
+            self._cache.clear()
+        status, data = self._request("POST", "/Consumer/Authentication/Token", auth=False,
+                                     json_body={"username": self._username, "password": self._password})
+        t = self._decode(status, data)
+        self.token = t["token"]
+        if self._http is not None:
+            self._http.headers["Authorization"] = f"Bearer {self.token}"
+        if self._cache is not None:
+            self._cache.store(t["token"], float(t["expires_at"]))
 
+    # -------------------------------------------------------------------- API
     def issue(self, payload: str | None, *, devices: list[str] | None = None, instruction_ttl: int | None = 60,
               parameters: dict[str, Any] | None = None, name: str = "adhoc",
               definition: str | None = None) -> dict[str, Any]:
@@ -109,15 +276,20 @@ class ConsumerClient:
     def status(self, iid: int) -> dict[str, Any]:
         return self._call("GET", f"/Consumer/Instructions/{iid}")
 
-    def wait(self, iid: int, timeout: float, progress: Console | None = None) -> dict[str, Any]:
-        """Poll until the instruction is finished or ``timeout`` passes; show a bar if asked."""
+    def wait(self, iid: int, timeout: float, progress: Any = None) -> dict[str, Any]:
+        """Poll until the instruction is finished or ``timeout`` passes; show a bar on the rich
+        Console ``progress`` if given. Polls every 10 ms at first, backing off to 200 ms: most
+        questions finish within a fraction of a second, and a poll is one small request."""
         deadline = time.monotonic() + timeout
         bar = None
         if progress is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
             bar = Progress(TextColumn("[bold]instruction {task.fields[iid]}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[states]}"), TimeElapsedColumn(), console=progress, transient=False)
             bar.start()
             task = bar.add_task("answers", total=None, iid=iid, states="")
+        interval = 0.01
         try:
             while True:
                 try:
@@ -134,7 +306,8 @@ class ConsumerClient:
                     bar.update(task, total=max(s["targeted"], 1), completed=done, states=states)
                 if s["status"] in DONE_STATES or time.monotonic() > deadline:
                     return s
-                time.sleep(0.2)
+                time.sleep(interval)
+                interval = min(interval * 1.25, 0.2)
         finally:
             if bar is not None:
                 bar.stop()
@@ -168,3 +341,4 @@ class ConsumerClient:
 
     def devices(self) -> list[dict[str, Any]]:
         return self._call("GET", "/Consumer/Devices")
+

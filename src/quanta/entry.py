@@ -1,7 +1,9 @@
 """Entry point of the ``quanta`` command.
 
-``quanta agent`` is dispatched before the full CLI is imported: the agent runs on every device
-and must stay small (the server-side CLI pulls in the web framework and the SQL toolkit).
+``quanta agent`` and ``quanta ask`` are dispatched before the full CLI is imported: the agent
+runs on every device and must stay small, and ``quanta ask`` is timed end to end by whoever asks
+(the server-side CLI pulls in the web framework and the SQL toolkit). ``quanta ask`` hands what it
+does not parse itself (``--help``, usage errors) to the full CLI.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ def main() -> None:
         from quanta.agent.main import cli_main
 
         raise SystemExit(cli_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "ask":
+        from quanta.ask import main as ask
+
+        code = ask(sys.argv[2:])
+        if code is not None:
+            raise SystemExit(code)
     from quanta.cli import main as cli
 
     cli()
