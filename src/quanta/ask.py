@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+TYPE_CHECKING = False  # typing itself is a noticeable part of this module's import time
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _err_console() -> Any:
