@@ -53,6 +53,35 @@ def test_device_request_signatures(pki: Pki, tmp_path: Path) -> None:
         v.verify("GET", "/Background/x", _headers(tmp_path))
 
 
+def test_device_keys_of_both_kinds_authenticate(pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """New device certificates hold Ed25519 keys; ones issued before (ECDSA P-256) keep working."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    import quanta.pki as qpki
+
+    assert isinstance(load_cert(tmp_path / "dev1.crt").public_key(), ed25519.Ed25519PublicKey)
+    monkeypatch.setattr(qpki, "new_client_key", lambda: ec.generate_private_key(ec.SECP256R1()))
+    pki.issue("legacy", tmp_path / "legacy.crt", tmp_path / "legacy.key")
+    assert isinstance(load_cert(tmp_path / "legacy.crt").public_key(), ec.EllipticCurvePublicKey)
+    v = DeviceVerifier(pki.ca_crt, pki.crl)
+    assert v.verify("GET", "/Background/x", _headers(tmp_path, "legacy")) == "legacy"
+    assert v.verify("GET", "/Background/x", _headers(tmp_path)) == "dev1"
+    with pytest.raises(AuthError, match="signature invalid"):
+        v.verify("GET", "/Background/y", _headers(tmp_path, "legacy"))
+
+
+def test_each_crl_is_later_than_the_last(pki: Pki) -> None:
+    """A Switch adds a new CRL to its live store, where OpenSSL uses the one with the latest
+    thisUpdate, so two revocations in the same second must still give increasing thisUpdates."""
+    from cryptography import x509
+
+    stamps = []
+    for i in range(3):
+        pki.revoke(1000 + i, f"d{i}")
+        stamps.append(x509.load_pem_x509_crl(pki.crl.read_bytes()).last_update_utc)
+    assert stamps[0] < stamps[1] < stamps[2]
+
+
 def test_content_store(tmp_path: Path) -> None:
     s = ContentStore(tmp_path / "c")
     digest = s.put(b"echo hi\n")

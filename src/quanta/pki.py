@@ -55,8 +55,19 @@ def _key_pem(key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey) -> byt
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
-    # P-256: fast handshakes (DESIGN §6: a whole-fleet reconnect is CPU bound).
+    # P-256 for the CA and server certificates: fast handshakes (DESIGN §6: a whole-fleet
+    # reconnect is CPU bound) and what every TLS client accepts.
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def new_client_key() -> ed25519.Ed25519PrivateKey:
+    """Key for a client-only certificate (devices, Switches' and tools' client certificates).
+
+    Ed25519: a Switch keeps every connected device's certificate parsed for the connection's
+    life, and an Ed25519 public key is a 32-byte value where a P-256 key carries a copy of its
+    curve group (about 2 KiB less per connection); signing and verifying cost about the same.
+    """
+    return ed25519.Ed25519PrivateKey.generate()
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,7 @@ class Pki:
               san: list[str] | None = None) -> x509.Certificate:
         """Issue a leaf certificate signed by the CA; returns it."""
         ca, ca_key = self._load_ca()
-        key = _new_key()
+        key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey = _new_key() if server else new_client_key()
         alt: list[x509.GeneralName] = []
         for n in san or [common_name]:
             try:
@@ -121,15 +132,19 @@ class Pki:
                 alt.append(x509.DNSName(n))
         eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server else \
             [ExtendedKeyUsageOID.CLIENT_AUTH]
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
-                                         x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-                .issuer_name(ca.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(_now() - dt.timedelta(minutes=5))
-                .not_valid_after(_now() + dt.timedelta(days=LEAF_DAYS))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
+                                            x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                   .issuer_name(ca.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(_now() - dt.timedelta(minutes=5))
+                   .not_valid_after(_now() + dt.timedelta(days=LEAF_DAYS))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+        if server or san:
+            # the names a server is checked against; a device is known by its CN, and a Switch keeps every
+            # device certificate parsed, so a client-only certificate carries no SAN it never uses
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        cert = (builder
                 .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                                critical=False)
@@ -152,9 +167,22 @@ class Pki:
         self.write_crl()
 
     def write_crl(self) -> None:
+        """Sign and write the CRL.
+
+        Each CRL's ``thisUpdate`` is later than the previous one's (back-dated by up to a minute
+        against clock skew, then at least a second after the last), so a server that adds the new
+        CRL to a live certificate store, where OpenSSL uses the latest, applies it at once.
+        """
         ca, ca_key = self._load_ca()
+        this_update = (_now() - dt.timedelta(minutes=1)).replace(microsecond=0)
+        if self.crl.exists():
+            try:
+                previous = x509.load_pem_x509_crl(self.crl.read_bytes()).last_update_utc
+                this_update = min(max(this_update, previous + dt.timedelta(seconds=1)), _now().replace(microsecond=0))
+            except ValueError:
+                pass  # an unreadable CRL is replaced
         builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
-                   .last_update(_now() - dt.timedelta(minutes=1))
+                   .last_update(this_update)
                    .next_update(_now() + dt.timedelta(days=CRL_DAYS)))
         for serial_hex in self.revoked():
             builder = builder.add_revoked_certificate(

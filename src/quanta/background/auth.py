@@ -1,9 +1,10 @@
 """Device authentication for HTTPS requests to the Background Channel (sans-I/O).
 
 The web tier serves browsers too, so its TLS does not demand client certificates. A device
-proves itself per request instead: it sends its certificate and an ECDSA signature, made with
-its private key, over the method, the path and a timestamp. The server checks, before it looks
-at anything else, that the certificate was issued by the installation's CA, is within its
+proves itself per request instead: it sends its certificate and a signature, made with its
+private key (Ed25519; ECDSA P-256/SHA-256 for certificates issued before devices got Ed25519
+keys), over the method, the path and a timestamp. The server checks, before it looks at
+anything else, that the certificate was issued by the installation's CA, is within its
 validity, is not on the CRL, and that the signature is fresh and valid.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 H_CERT = "X-Quanta-Certificate"
@@ -38,11 +39,15 @@ def _message(method: str, path: str, stamp: str) -> bytes:
 
 def sign_request(method: str, path: str, cert_pem: bytes, key_pem: bytes, now: float | None = None) -> dict[str, str]:
     key = serialization.load_pem_private_key(key_pem, None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise AuthError("device key must be an EC key")
     cert = x509.load_pem_x509_certificate(cert_pem)
     stamp = str(int(time.time() if now is None else now))
-    sig = key.sign(_message(method, path, stamp), ec.ECDSA(hashes.SHA256()))
+    msg = _message(method, path, stamp)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        sig = key.sign(msg)
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        sig = key.sign(msg, ec.ECDSA(hashes.SHA256()))
+    else:
+        raise AuthError("device key must be an Ed25519 or EC key")
     return {H_CERT: base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode(),
             H_TIME: stamp, H_SIG: base64.b64encode(sig).decode()}
 
@@ -97,10 +102,14 @@ class DeviceVerifier:
         if cert.serial_number in self._revoked_serials():
             raise AuthError("device certificate revoked")
         pub = cert.public_key()
-        if not isinstance(pub, ec.EllipticCurvePublicKey):
-            raise AuthError("device certificate must hold an EC key")
+        msg = _message(method, path, stamp)
         try:
-            pub.verify(sig, _message(method, path, stamp), ec.ECDSA(hashes.SHA256()))
+            if isinstance(pub, ed25519.Ed25519PublicKey):
+                pub.verify(sig, msg)
+            elif isinstance(pub, ec.EllipticCurvePublicKey):
+                pub.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
+            else:
+                raise AuthError("device certificate must hold an Ed25519 or EC key")
         except InvalidSignature:
             raise AuthError("request signature invalid") from None
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
