@@ -1,4 +1,5 @@
-"""The physical floor: bare picows + uvloop WebSocket server over mutual TLS, doing nothing but
+"""The physical floor: bare picows + uvloop WebSocket server over mutual TLS (the Switch's TLS
+engine: aiofastnet's direct OpenSSL engine on the socket BIO), doing nothing but
 fan-out (one ~300-byte message to every connection) and fan-in (one ~100-byte reply from each).
 
     python bench/floor.py [--n 10000] [--rounds 5] [--quick]
@@ -45,6 +46,7 @@ def _server(pki_root: str, port: int, n: int, rounds: int, q: mp.Queue) -> None:
     from picows import WSListener, WSMsgType, ws_create_server
 
     from quanta.pki import Pki
+    from quanta.switch.tls import lean_tls
 
     def cpu() -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
@@ -68,9 +70,10 @@ def _server(pki_root: str, port: int, n: int, rounds: int, q: mp.Queue) -> None:
                         state["done"].set()
 
         all_in = asyncio.Event()
-        ctx = Pki(Path(pki_root)).server_context(require_client_cert=True)
+        # the Switch's TLS stack: aiofastnet's direct OpenSSL engine on the socket BIO (quanta.switch.tls)
+        ctx = lean_tls(Pki(Path(pki_root)).server_context(require_client_cert=True))
         await ws_create_server(lambda _r: L(), "127.0.0.1", port, ssl=ctx, read_buffer_init_size=1024,
-                               use_aiofastnet=False, max_frame_size=1 << 20)
+                               use_aiofastnet=True, max_frame_size=1 << 20)
         q.put(("ready", None))
         cpu0, t0 = cpu(), None
         await all_in.wait()

@@ -16,9 +16,24 @@ from typing import Any
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 
 
-def client_context(ca_file: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
-    """Client-side TLS that verifies the server against ``ca_file`` and presents ``cert``."""
-    ctx = ssl.create_default_context(cafile=str(ca_file))
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers the TLS session of its previous connection (set ``session``
+    after a connection is up; with TLS 1.3 the ticket arrives after the handshake, so read it
+    once the first message has come)."""
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):  # type: ignore[no-untyped-def,override]
+        return super().wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
+                                session=session or self.session)
+
+
+def client_context(ca_file: Path, cert: Path | None = None, key: Path | None = None, *,
+                   resuming: bool = False) -> ssl.SSLContext:
+    """Client-side TLS that verifies the server against ``ca_file`` and presents ``cert``;
+    ``resuming``: a :class:`ResumingContext`."""
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT) if resuming else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None and key is not None:
         ctx.load_cert_chain(cert, key)

@@ -31,6 +31,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 import quanta
 from quanta import protocol as p
 from quanta.pki import Verifier
+from quanta.signing import ResumingContext
 
 from .enroll import Fleet
 
@@ -90,16 +91,6 @@ def latency_sampler(spec: str, rnd: random.Random) -> Callable[[], float]:
     except ValueError:
         pass
     raise ValueError(f"latency {spec!r}: expected 0, fixed:S, uniform:A:B, exp:MEAN or lognormal:MU:SIGMA")
-
-
-class ResumingContext(ssl.SSLContext):
-    """A client context that offers the session of its device's previous connection."""
-
-    session: ssl.SSLSession | None = None
-
-    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):  # type: ignore[no-untyped-def,override]
-        return super().wrap_bio(incoming, outgoing, server_side=server_side, server_hostname=server_hostname,
-                                session=session or self.session)
 
 
 class Entry:

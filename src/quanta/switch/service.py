@@ -28,6 +28,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 from quanta import protocol as p
 from quanta.pki import Pki, cert_serial_and_name, client_context
+from quanta.switch.tls import TicketKeys, lean_tls
 from quanta.runtime import bind_socket
 from quanta.settings import core_link_max_bytes
 
@@ -35,6 +36,13 @@ log = logging.getLogger("quanta.switch")
 
 HELLO_TIMEOUT = 10.0
 HEARTBEAT = 60.0
+# Liveness without a timer per connection (picows' auto-ping runs a task per connection, ~2 KiB
+# each): every frame, pings included, stamps the connection with the Switch's sweep tick; every
+# SWEEP seconds one pass pings the connections silent for two ticks and closes those silent for
+# STALE_TICKS (an agent that answers no ping within a minute or more is gone).
+SWEEP = HEARTBEAT / 2
+STALE_TICKS = 5
+NO_TAGS: dict[str, str] = {}  # shared by every device that reports no tags; never mutated
 FLUSH_INTERVAL = 0.02
 # A delivery is reported to the Core (pending -> sent) only once it is this old and its device has
 # not answered meanwhile: an answer supersedes it, so most devices never cost a 'sent' write, and
@@ -62,7 +70,7 @@ class ActiveInstruction:
 
 
 class AgentConnection(WSListener):
-    __slots__ = ("switch", "transport", "device_id", "serial", "info", "peer", "_cn", "_hello_timer")
+    __slots__ = ("switch", "transport", "device_id", "serial", "info", "peer", "seen", "_cn", "_hello_timer")
 
     def __init__(self, switch: Switch) -> None:
         self.switch = switch
@@ -71,15 +79,20 @@ class AgentConnection(WSListener):
         self.serial = 0
         self._cn = ""
         self.info: p.DeviceInfo | None = None
-        self.peer = ""
+        self.peer: tuple[Any, ...] = ()  # (address, port): the transport's own tuple, not a copy
+        self.seen = switch.tick  # the sweep tick of the last frame received
         self._hello_timer: asyncio.TimerHandle | None = None
 
     # picows callbacks -------------------------------------------------------------
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        # The upgrade's header dictionaries stay referenced by the transport for the connection's
+        # life; nothing reads them after the upgrade, and they are ~2 KiB of every connection.
+        transport.request.headers.clear()
+        transport.response.headers.clear()
         under = transport.underlying_transport
         peer = under.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer = peer or ("?", 0)
         ssl_obj = under.get_extra_info("ssl_object")
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
         if not der:  # cannot happen with CERT_REQUIRED, but never trust a path we did not test
@@ -92,6 +105,7 @@ class AgentConnection(WSListener):
         self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._hello_timeout)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.seen = self.switch.tick
         t = frame.msg_type
         if t is WSMsgType.BINARY:
             if not frame.fin:
@@ -112,8 +126,10 @@ class AgentConnection(WSListener):
         elif t is WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
-        elif t is WSMsgType.PING or t is WSMsgType.PONG:
-            pass  # picows answers pings itself
+        elif t is WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+        elif t is WSMsgType.PONG:
+            pass  # an answer to the sweep's ping: ``seen`` is stamped above
         else:
             self.close(WSCloseCode.UNSUPPORTED_DATA, f"unexpected {t.name} frame")
 
@@ -135,10 +151,14 @@ class AgentConnection(WSListener):
         if self._hello_timer is not None:
             self._hello_timer.cancel()
             self._hello_timer = None
-        self.device_id = hello.device_id
-        self.info = p.DeviceInfo(device_id=hello.device_id, fqdn=hello.fqdn, os=hello.os,
-                                 agent_version=hello.agent_version, tags=hello.tags,
-                                 address=self.peer.rsplit(":", 1)[0])
+        # Held for the connection's life, so shared where the fleet repeats itself: the device id is
+        # the certificate's CN object, the OS and agent version strings and an empty tag map are
+        # one object per distinct value.
+        self.device_id = self._cn
+        share = self.switch.share
+        self.info = p.DeviceInfo(device_id=self._cn, fqdn=hello.fqdn, os=share(hello.os),
+                                 agent_version=share(hello.agent_version), tags=hello.tags or NO_TAGS,
+                                 address=str(self.peer[0]))
         self.switch.on_hello(self)
 
     def send(self, data: bytes) -> None:
@@ -146,7 +166,8 @@ class AgentConnection(WSListener):
             self.transport.send(WSMsgType.BINARY, data)
 
     def close(self, code: WSCloseCode, reason: str) -> None:
-        log.warning("closing connection from %s (device %s): %s", self.peer,
+        log.warning("closing connection from %s:%s (device %s): %s", self.peer[0] if self.peer else "?",
+                    self.peer[1] if self.peer else 0,
                     self.device_id or self._cn or "?", reason)
         if self.transport is not None:
             self.transport.send_close(code, reason.encode()[:120])
@@ -172,6 +193,8 @@ class Switch:
         self.secret = secret
         self.max_message_bytes = max_message_bytes
         self.incarnation = uuid.uuid4().hex
+        self.tick = 0  # advanced by the liveness sweep every SWEEP seconds
+        self._common: dict[str, str] = {}  # one object per distinct OS / agent version string
         self.conns: dict[str, AgentConnection] = {}
         self.active: dict[int, ActiveInstruction] = {}
         self.revoked_serials: set[int] = set()
@@ -191,13 +214,15 @@ class Switch:
         self._fetch = asyncio.Event()
         self._link: Any = None
         self._link_up = asyncio.Event()
-        self._ctx_current: ssl.SSLContext | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._tickets: TicketKeys | None = None
         self._crl_mtime = 0.0
         self.stats = {"connects": 0, "responses": 0, "closed_bad_input": 0}
 
     # ------------------------------------------------------------------ TLS / CRL
     def _build_context(self) -> ssl.SSLContext:
         ctx = self.pki.server_context(require_client_cert=True)
+        lean_tls(ctx)
         return ctx
 
     def _load_revoked(self) -> None:
@@ -205,20 +230,48 @@ class Switch:
         self.revoked_serials = {r.serial_number for r in crl}
 
     def reload_crl(self) -> None:
-        """Swap in a context holding the new CRL and drop connections of revoked devices."""
+        """Apply a new CRL without a restart: to handshakes, to new connections and to live ones.
+
+        The CRL is added to the live context's certificate store, where OpenSSL checks a client
+        certificate against the issuer's CRL with the latest ``thisUpdate`` (``Pki.write_crl`` makes
+        each one later than the last). Every new connection is also checked against the revoked
+        serials before its first frame is read (``on_ws_connected``), and live connections of
+        newly revoked devices are closed here.
+        """
         self._crl_mtime = self.pki.crl.stat().st_mtime
-        self._ctx_current = self._build_context()
+        if self._tls is not None:
+            self._tls.load_verify_locations(cafile=str(self.pki.crl))
         self._load_revoked()
         for conn in list(self.conns.values()):
             if conn.serial in self.revoked_serials:
                 conn.close(WSCloseCode.POLICY_VIOLATION, "certificate revoked")
         log.info("CRL loaded: %d revoked certificates", len(self.revoked_serials))
 
-    def _sni(self, obj: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
-        # Called for every handshake, before the client certificate is verified: hand the
-        # connection the context with the newest CRL, so revocations apply without a restart.
-        if self._ctx_current is not None:
-            obj.context = self._ctx_current
+    def share(self, value: str) -> str:
+        """The one object for a value many devices report (bounded: a device names its own OS)."""
+        got = self._common.get(value)
+        if got is None:
+            if len(self._common) >= 4096:
+                return value
+            got = self._common[value] = value
+        return got
+
+    def sweep(self) -> None:
+        """One liveness pass: ping the quiet connections, close the silent ones."""
+        self.tick += 1
+        for conn in list(self.conns.values()):
+            idle = self.tick - conn.seen
+            if idle >= STALE_TICKS:
+                conn.close(WSCloseCode.GOING_AWAY, f"no traffic for {idle * SWEEP:.0f}s")
+            elif idle >= 2 and conn.transport is not None and not conn.transport.is_disconnected:
+                conn.transport.send_ping()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP)
+            self.sweep()
+            if self._tickets is not None:
+                self._tickets.refresh()
 
     async def _watch_crl(self) -> None:
         while True:
@@ -457,21 +510,23 @@ class Switch:
     # ------------------------------------------------------------------ run
     async def serve(self, stop: asyncio.Event) -> None:
         gc.set_threshold(*GC_THRESHOLDS)
+        self._tls = self._build_context()
+        self._tls.num_tickets = 1  # an agent offers only its latest ticket
+        self._tickets = TicketKeys(self._tls, self.pki.root / "ticket.secret")
+        self._tickets.refresh()
         self.reload_crl()
-        base = self._build_context()
-        base.sni_callback = self._sni
         client_sock = bind_socket(self.bind_host, self.port, "switch")
         poke_sock = bind_socket(self.bind_host, self.port + 1, "poke")
         server = await ws_create_server(
-            lambda _req: AgentConnection(self), sock=client_sock, ssl=base, use_aiofastnet=False,
+            lambda _req: AgentConnection(self), sock=client_sock, ssl=self._tls, use_aiofastnet=True,
             max_frame_size=self.max_message_bytes, read_buffer_init_size=1024,
-            enable_auto_ping=True, auto_ping_idle_timeout=HEARTBEAT * 2, auto_ping_reply_timeout=30,
+            enable_auto_ping=False, enable_auto_pong=False,  # liveness: see SWEEP
             websocket_handshake_timeout=10, ssl_handshake_timeout=15)
         poke_server = await asyncio.start_server(self._on_poke, sock=poke_sock)
         log.info("switch %s listening: wss %s:%d (agents), poke tcp %s:%d (core)", self.name, self.bind_host,
                  self.port, self.bind_host, self.port + 1)
         tasks = [asyncio.create_task(c) for c in (self._core_link(), self._flusher(), self._fetcher(), self._acker(),
-                                                   self._watch_crl())]
+                                                   self._watch_crl(), self._sweeper())]
         try:
             await stop.wait()
         finally:

@@ -1,0 +1,177 @@
+"""Switch liveness without a timer per connection: one sweep pings the quiet connections and
+closes the ones that stay silent. And the Switch's lean TLS engine still applies a CRL written
+after it started, at the handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+from picows import WSListener, WSMsgType, ws_connect
+
+from conftest import free_port
+from quanta import protocol as p
+from quanta.pki import Pki, load_cert
+from quanta.switch.service import STALE_TICKS, Switch
+
+
+class Agent(WSListener):
+    def __init__(self) -> None:
+        self.frames: list[WSMsgType] = []
+        self.closed = asyncio.Event()
+
+    def on_ws_frame(self, transport, frame) -> None:  # type: ignore[no-untyped-def]
+        self.frames.append(frame.msg_type)
+
+    def on_ws_disconnected(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.closed.set()
+
+
+def _ctx(pki: Pki, tmp: Path, name: str) -> ssl.SSLContext:
+    if not (tmp / f"{name}.crt").exists():
+        pki.issue(name, tmp / f"{name}.crt", tmp / f"{name}.key")
+    ctx = ssl.create_default_context(cafile=str(pki.ca_crt))
+    ctx.load_cert_chain(tmp / f"{name}.crt", tmp / f"{name}.key")
+    return ctx
+
+
+async def _connect(pki: Pki, tmp: Path, port: int, name: str, *, answers_pings: bool) -> tuple[object, Agent]:
+    transport, agent = await ws_connect(Agent, f"wss://localhost:{port}/agent", ssl_context=_ctx(pki, tmp, name),
+                                        enable_auto_pong=answers_pings, use_aiofastnet=False)
+    transport.send(WSMsgType.BINARY, p.encode(p.Hello(device_id=name, fqdn=name, os="Linux", agent_version="t")))
+    return transport, agent  # type: ignore[return-value]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    pki = Pki(tmp_path / "pki")
+    pki.create("localhost")
+    pki.write_crl()
+    return pki
+
+
+def _switch(pki: Pki, port: int) -> Switch:
+    # the Core link points at a closed port: the Switch keeps retrying it, which this test does not need
+    return Switch(name="s1", host="localhost", port=port, bind_host="127.0.0.1", pki=pki,
+                  core_url=f"ws://127.0.0.1:{free_port()}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 20)
+
+
+def test_sweep_pings_quiet_connections_and_closes_silent_ones(pki: Pki, tmp_path: Path) -> None:
+    async def main() -> None:
+        port = free_port()
+        sw = _switch(pki, port)
+        stop = asyncio.Event()
+        task = asyncio.create_task(sw.serve(stop))
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if sw._tls is not None:
+                break
+        await asyncio.sleep(0.2)
+        _, live = await _connect(pki, tmp_path, port, "live", answers_pings=True)
+        _, dead = await _connect(pki, tmp_path, port, "dead", answers_pings=False)
+        for _ in range(100):
+            if {"live", "dead"} <= set(sw.conns):
+                break
+            await asyncio.sleep(0.05)
+        assert {"live", "dead"} <= set(sw.conns)
+        sw.sweep()  # one tick: everyone has been heard from within it, no ping yet
+        await asyncio.sleep(0.3)
+        assert WSMsgType.PING not in live.frames and WSMsgType.PING not in dead.frames
+        for _ in range(STALE_TICKS):
+            sw.sweep()
+            await asyncio.sleep(0.3)  # the live agent's pong arrives before the next sweep
+        assert dead.frames.count(WSMsgType.PING) >= 2  # pinged, did not answer, pinged again, closed
+        # (the live agent's picows answers pings itself and does not show them to its listener)
+        await asyncio.wait_for(dead.closed.wait(), 5)
+        assert "dead" not in sw.conns
+        assert "live" in sw.conns and not live.closed.is_set()
+        stop.set()
+        await task
+
+    asyncio.run(main())
+
+
+def test_crl_written_after_start_refuses_the_handshake(pki: Pki, tmp_path: Path) -> None:
+    async def main() -> None:
+        port = free_port()
+        sw = _switch(pki, port)
+        stop = asyncio.Event()
+        task = asyncio.create_task(sw.serve(stop))
+        await asyncio.sleep(0.5)
+        transport, _ = await _connect(pki, tmp_path, port, "dev1", answers_pings=True)
+        transport.disconnect()
+        pki.revoke(load_cert(tmp_path / "dev1.crt").serial_number, "dev1")
+        sw.reload_crl()  # what the CRL watcher does within a second
+        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REVOKED"):
+            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=_ctx(pki, tmp_path, "dev1"),
+                                                 server_hostname="localhost")
+            w.write(b"GET /agent HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            await asyncio.wait_for(r.read(100), 5)  # TLS 1.3: the refusal arrives after the client's Finished
+        stop.set()
+        await task
+
+    asyncio.run(main())
+
+
+def test_tls_session_resumes_across_a_switch_restart_and_revocation_still_applies(pki: Pki, tmp_path: Path) -> None:
+    """A restarted Switch (a new process in production: here a new Switch and a new TLS context)
+    accepts the ticket its predecessor issued, and a resumed session of a revoked device is closed."""
+    from quanta.signing import ResumingContext, client_context
+
+    async def one_switch(port: int, ctx: ResumingContext, name: str) -> tuple[bool, Agent]:
+        sw = _switch(pki, port)
+        stop = asyncio.Event()
+        task = asyncio.create_task(sw.serve(stop))
+        await asyncio.sleep(0.5)
+        assert sw._tickets is not None and sw._tickets.shared
+        transport, agent = await ws_connect(Agent, f"wss://localhost:{port}/agent", ssl_context=ctx,
+                                            use_aiofastnet=False)
+        transport.send(WSMsgType.BINARY, p.encode(p.Hello(device_id=name, fqdn=name, os="Linux", agent_version="t")))
+        for _ in range(100):  # the Welcome, after which the TLS 1.3 ticket has arrived too
+            if agent.frames or agent.closed.is_set():
+                break
+            await asyncio.sleep(0.05)
+        ssl_obj = transport.underlying_transport.get_extra_info("ssl_object")
+        reused = ssl_obj.session_reused
+        ctx.session = ssl_obj.session
+        await asyncio.sleep(0.2)
+        stop.set()
+        await task
+        return reused, agent
+
+    async def main() -> None:
+        _ctx(pki, tmp_path, "dev1")
+        ctx = client_context(pki.ca_crt, tmp_path / "dev1.crt", tmp_path / "dev1.key", resuming=True)
+        assert isinstance(ctx, ResumingContext)
+        port = free_port()
+        reused, agent = await one_switch(port, ctx, "dev1")
+        assert not reused and agent.frames == [WSMsgType.BINARY]  # full handshake, welcomed
+        reused, agent = await one_switch(port, ctx, "dev1")
+        assert reused and agent.frames == [WSMsgType.BINARY]  # resumed at the restarted Switch, welcomed
+        pki.revoke(load_cert(tmp_path / "dev1.crt").serial_number, "dev1")
+        reused, agent = await one_switch(port, ctx, "dev1")
+        assert reused  # the ticket is still good for TLS...
+        assert agent.frames == [WSMsgType.CLOSE] and agent.closed.is_set()  # ...but the revoked device is closed, not welcomed
+
+    asyncio.run(main())
+
+
+def test_ticket_keys_are_shared_and_rotate(tmp_path: Path) -> None:
+    from quanta.switch.tls import TICKET_PERIOD, TicketKeys, load_ticket_secret, ticket_keys
+
+    secret = load_ticket_secret(tmp_path / "ticket.secret")
+    assert len(secret) == 32 and (tmp_path / "ticket.secret").stat().st_mode & 0o777 == 0o600
+    assert load_ticket_secret(tmp_path / "ticket.secret") == secret  # the second Switch reads the first's
+    assert ticket_keys(secret, 7) == ticket_keys(secret, 7) and len(ticket_keys(secret, 7)) == 80
+    assert ticket_keys(secret, 7) != ticket_keys(secret, 8)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    keys = TicketKeys(ctx, tmp_path / "ticket.secret")
+    keys.refresh(now=7 * TICKET_PERIOD)
+    assert keys.shared and keys.period == 7
+    keys.refresh(now=8 * TICKET_PERIOD + 1)
+    assert keys.period == 8
+    (tmp_path / "bad.secret").write_bytes(b"short")
+    with pytest.raises(ValueError, match="32 bytes"):
+        load_ticket_secret(tmp_path / "bad.secret")
