@@ -166,6 +166,10 @@ def test_switch_killed_mid_instruction_loses_and_duplicates_nothing(server: Serv
     # each agent ran the instruction at most once (its journal dedups re-delivery)
     for n in names:
         assert server.agent_log(n).count("(adhoc): success") == 1, server.agent_log(n)
+    # and they came back to the new Switch process on the TLS sessions the killed one issued
+    # (shared session-ticket keys): no full handshake, no certificate exchange
+    for n in names:
+        assert "(TLS session resumed)" in server.agent_log(n), server.agent_log(n)
 
 
 def test_consumer_api_boundaries(server: Server) -> None:

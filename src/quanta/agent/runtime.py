@@ -17,7 +17,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 import quanta
 from quanta import protocol as p
-from quanta.signing import Verifier, client_context
+from quanta.signing import ResumingContext, Verifier, client_context
 
 from .background import BackgroundFetcher
 from .config import AgentConfig
@@ -77,6 +77,8 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self.fqdn = socket.getfqdn()
         self.interaction = InteractionHub(ensure_token(cfg.state))
+        self._tls: ResumingContext | None = None
+        self._tls_stamp: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ messages
     def send(self, msg: Any) -> bool:
@@ -107,7 +109,12 @@ class Agent:
             self.journal.cancel(msg.instruction_ids)
         elif isinstance(msg, p.Welcome):
             self.switch = msg.switch
-            log.info("connected to switch %s", msg.switch)
+            t = self.transport
+            ssl_obj = t.underlying_transport.get_extra_info("ssl_object") if t is not None else None
+            resumed = ssl_obj is not None and ssl_obj.session_reused
+            if ssl_obj is not None and self._tls is not None:
+                self._tls.session = ssl_obj.session  # TLS 1.3: its ticket came right after the handshake
+            log.info("connected to switch %s%s", msg.switch, " (TLS session resumed)" if resumed else "")
             for r in self.journal.due(all_unacked=True):
                 self.send(r)
 
@@ -128,8 +135,19 @@ class Agent:
         return p.Hello(device_id=self.cfg.device_name, fqdn=self.fqdn, os=os_name(),
                        agent_version=quanta.__version__, tags=read_tags(self.cfg.state))
 
+    def tls(self) -> ResumingContext:
+        """One client context across reconnects, so the next connection offers this one's TLS
+        session (a Switch, restarted or not, then skips the certificate exchange); a new one when
+        the certificate or key files change."""
+        stamp = tuple(f.stat().st_mtime_ns for f in (self.cfg.ca, self.cfg.cert, self.cfg.key))
+        if self._tls is None or stamp != self._tls_stamp:
+            ctx = client_context(self.cfg.ca, self.cfg.cert, self.cfg.key, resuming=True)
+            assert isinstance(ctx, ResumingContext)
+            self._tls, self._tls_stamp = ctx, stamp
+        return self._tls
+
     async def connect_once(self, host: str, port: int) -> _Link:
-        ctx = client_context(self.cfg.ca, self.cfg.cert, self.cfg.key)
+        ctx = self.tls()
         transport, link = await ws_connect(lambda: _Link(self), f"wss://{host}:{port}/agent", ssl_context=ctx,
                                            websocket_handshake_timeout=10, enable_auto_ping=True,
                                            auto_ping_idle_timeout=60, auto_ping_reply_timeout=30,
