@@ -10,7 +10,8 @@ certificate, mutual TLS):
 * the storm: every Switch process is SIGKILLed at once, the Switch Host restarts them, and every
   device reconnects with the agent's jittered back-off (1 s minimum, like a real agent); time
   from the kill until all N are connected again, with the Switches' CPU for it;
-* how many reconnects resumed a TLS session.
+* how many reconnects resumed a TLS session, and the Switch CPU per reconnect against per first
+  connect (the restarted Switches' CPU, less their start-up CPU, / N).
 
 Baselines measured in the same run: ``bench/floor.py``'s bare picows TLS server connecting the
 same number of clients per Switch. The last line holds ``ratio=`` = connect time / floor
@@ -81,6 +82,8 @@ def run(n: int, switches: int) -> dict:
     return {"n": n, "switches": switches, "connect_s": connect_s, "connect_cpu": connect_cpu,
             "rss_per_conn": per_conn, "storm_s": storm_s, "storm_cpu": storm_cpu, "storm_cpu_reconnect": storm_cpu - sum(c1.values()) * 0,
             "resumed": after["resumed"] - before["resumed"], "floor_connect": fl["connect_seconds"],
+            # a restarted Switch's CPU less what starting a Switch costs (its CPU before any device came)
+            "storm_cpu_per_reconnect": (storm_cpu - sum(c0.values())) / n,
             "floor_handshake_ms": fl["handshake_cpu_ms"], "ratio": connect_s / fl["connect_seconds"],
             "storm_ratio": storm_s / connect_s}
 
@@ -98,17 +101,20 @@ def main() -> None:
         sw = a.switches or (1 if n <= 15000 else 3)
         rs.append(run(n, sw))
     print("| N | Switches | connect | Switch CPU | per handshake | floor connect (per Switch share) | ratio "
-          "| Switch RSS / connection | storm settle | storm / connect | Switch CPU in storm | TLS resumed |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| Switch RSS / connection | storm settle | storm / connect | Switch CPU in storm | per reconnect "
+          "| TLS resumed |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rs:
         print(f"| {r['n']:,} | {r['switches']} | {r['connect_s']:.2f} s | {r['connect_cpu']:.2f} s | "
               f"{r['connect_cpu'] / r['n'] * 1000:.2f} ms | {r['floor_connect']:.2f} s | {r['ratio']:.2f} | "
               f"{r['rss_per_conn'] / 1024:.1f} KiB | {r['storm_s']:.2f} s | {r['storm_ratio']:.2f} | "
-              f"{r['storm_cpu']:.2f} s | {r['resumed']} |")
+              f"{r['storm_cpu']:.2f} s | {r['storm_cpu_per_reconnect'] * 1000:.2f} ms | {r['resumed']:,} |")
     r = rs[-1]
     print(f"connect N={r['n']} connect={r['connect_s']:.2f}s floor_connect={r['floor_connect']:.2f}s "
           f"storm={r['storm_s']:.2f}s storm_ratio={r['storm_ratio']:.2f} "
-          f"rss_per_conn={r['rss_per_conn'] / 1024:.1f}KiB ratio={r['ratio']:.2f}")
+          f"rss_per_conn={r['rss_per_conn'] / 1024:.1f}KiB resumed={r['resumed']} "
+          f"reconnect_cpu_vs_connect={r['storm_cpu_per_reconnect'] / (r['connect_cpu'] / r['n']):.2f} "
+          f"ratio={r['ratio']:.2f}")
 
 
 if __name__ == "__main__":

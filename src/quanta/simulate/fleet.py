@@ -372,7 +372,9 @@ class Simulator:
                 log.debug("%s: cannot connect to %s:%d: %s", dev.name, host, port, e)
                 self.count(C["connect_failures"])
                 dev.switch_index += 1
-                if dev.ctx is not None:
+                if dev.ctx is not None and isinstance(e, ssl.SSLError):
+                    # a refused or timed-out connect keeps the session: the Switch that issued it
+                    # (or its restarted successor) takes it back once it is up; a TLS failure does not
                     dev.ctx.session = None
         self.schedule_connect(dev, self.backoff(dev.attempt))
         dev.attempt += 1
