@@ -102,7 +102,10 @@ class SaltSide:
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 120 + self.k * 2
         while time.monotonic() < deadline:
-            _, n = self.ping(timeout=10)
+            try:
+                _, n = self.ping(timeout=10)
+            except subprocess.TimeoutExpired:  # the salt CLI itself can hang while the minions start
+                n = 0
             if n >= self.k:
                 return
             time.sleep(2)
