@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-TYPE_CHECKING = False  # typing itself is a noticeable part of this module's import time
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
 
 
 def _err_console() -> Any:

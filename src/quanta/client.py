@@ -1,9 +1,8 @@
 """A small Consumer API client for the CLI, tests and benchmarks.
 
 It is light on purpose: ``quanta ask`` loads it before anything else (see :mod:`quanta.entry`),
-so it speaks HTTP/1.1 itself over one kept-alive TLS socket (``http.client`` alone would double
-its import time), and loads neither httpx, nor rich (only for a progress bar), nor the settings
-model nor a TOML parser for a data directory that ``quanta init`` wrote.
+so it uses the standard library's ``http.client`` over one kept-alive TLS connection, and loads
+neither httpx, nor rich (only for a progress bar), nor the settings model.
 
 Logging in as the installation's administrator (the default, from ``DIR/admin.credentials``)
 verifies a deliberately slow password hash on the server, so the token is cached in
@@ -13,16 +12,15 @@ the server refuses it; then the client logs in again. Explicit ``--user`` logins
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
-import re
-import socket
 import ssl
 import time
+import tomllib
 from pathlib import Path
-TYPE_CHECKING = False  # typing itself is a noticeable part of this module's import time
-if TYPE_CHECKING:
-    from typing import Any
+from typing import Any
+from urllib.parse import urlencode
 
 from quanta.datadir import DataDir
 from quanta.states import DONE_STATES, FINAL_STATES
@@ -67,21 +65,15 @@ def read_credentials(path: Path) -> tuple[str, str]:
     return values["username"], values["password"]
 
 
-_PORTS_TABLE = re.compile(r"^\[ports\][ \t]*$(.*?)(?=^\[|\Z)", re.MULTILINE | re.DOTALL)
-_HTTPS_PORT = re.compile(r"^[ \t]*https[ \t]*=[ \t]*(\d+)[ \t]*(?:#.*)?$", re.MULTILINE)
-
-
 def consumer_port(root: Path) -> int:
-    """The web tier's HTTPS port from ``DIR/quanta.toml``: read from its ``[ports]`` table as
-    ``quanta init`` writes it, or by the settings model for a file written otherwise."""
+    """The web tier's HTTPS port from ``DIR/quanta.toml`` (``quanta init`` writes every port)."""
     path = DataDir(Path(root)).config
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run 'quanta init {root}' first")
-    table = _PORTS_TABLE.search(path.read_text())
-    found = _HTTPS_PORT.findall(table.group(1)) if table else []
-    if len(found) == 1:
-        return int(found[0])
-    from quanta.settings import load_settings
+    ports = tomllib.loads(path.read_text()).get("ports", {})
+    if "https" in ports:
+        return int(ports["https"])
+    from quanta.settings import load_settings  # a hand-written file without the port: its default
 
     return load_settings(root).port("https")
 
@@ -141,7 +133,7 @@ class ConsumerClient:
         self._ca_file = ca_file
         self._ctx = (ssl.create_default_context(cafile=str(ca_file)) if ca_file else
                      ssl.create_default_context()) if self._tls else None
-        self._conn: socket.socket | None = None
+        self._conn: http.client.HTTPConnection | None = None
         self._http: Any = None
         self._username, self._password = username, password
         self._cache = token_cache
@@ -170,7 +162,9 @@ class ConsumerClient:
         self.close()
 
     def close(self) -> None:
-        self._drop()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
         if self._http is not None:
             self._http.close()
             self._http = None
@@ -187,97 +181,41 @@ class ConsumerClient:
         return self._http
 
     # -------------------------------------------------------------------- transport
-    def _connect(self) -> socket.socket:
-        sock = socket.create_connection((self._host, self._port), timeout=30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._ctx is not None:
-            sock = self._ctx.wrap_socket(sock, server_hostname=self._host)
-        return sock
-
-    def _exchange(self, sock: socket.socket, request: bytes) -> tuple[int, bytes, bool]:
-        """Send one request, read its response: (status, body, the server keeps the connection)."""
-        sock.sendall(request)
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("the server closed the connection")
-            buf += chunk
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        version, status = lines[0].split(" ", 2)[:2]
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = b""
-            while True:
-                while b"\r\n" not in buf:
-                    buf += self._recv(sock)
-                size_line, _, buf = buf.partition(b"\r\n")
-                size = int(size_line.split(b";")[0], 16)
-                while len(buf) < size + 2:
-                    buf += self._recv(sock)
-                body, buf = body + buf[:size], buf[size + 2:]
-                if size == 0:
-                    break
-        elif "content-length" in headers:
-            n = int(headers["content-length"])
-            while len(buf) < n:
-                buf += self._recv(sock)
-            body = buf[:n]
-        else:  # delimited by the end of the connection
-            keep = False
-            while chunk := sock.recv(65536):
-                buf += chunk
-            body = buf
-        return int(status), body, keep
-
-    @staticmethod
-    def _recv(sock: socket.socket) -> bytes:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionResetError("the server closed the connection mid-response")
-        return chunk
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self._tls:
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=30, context=self._ctx)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=30)
+        return self._conn
 
     def _send(self, method: str, url: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes]:
         """One request on the kept-alive connection; a connection the server closed while idle
         is reopened once."""
-        head = [f"{method} {url} HTTP/1.1", f"Host: {self._host}:{self._port}", "Accept-Encoding: identity",
-                f"Content-Length: {len(body or b'')}"]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        request = ("\r\n".join(head) + "\r\n\r\n").encode() + (body or b"")
         for attempt in (0, 1):
-            reused = self._conn is not None
+            conn = self._connection()
             try:
-                if self._conn is None:
-                    self._conn = self._connect()
-                status, data, keep = self._exchange(self._conn, request)
-            except (OSError, ValueError, IndexError) as e:
-                self._drop()
-                if reused and attempt == 0 and isinstance(e, (ConnectionError, BrokenPipeError)):
-                    continue  # the server closed the idle connection: once more on a new one
+                conn.request(method, url, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                if r.will_close:
+                    self._conn = None
+                    conn.close()
+                return r.status, data
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                conn.close()
+                self._conn = None
+                if attempt:
+                    raise ApiError(f"cannot reach the Consumer API at {self.base_url}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                self._conn = None
                 raise ApiError(f"cannot reach the Consumer API at {self.base_url}: {e}") from None
-            if not keep:
-                self._drop()
-            return status, data
         raise AssertionError("unreachable")
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except OSError:
-                pass
-            self._conn = None
 
     def _request(self, method: str, url: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
                  auth: bool = True) -> tuple[int, bytes]:
         if params:
-            from urllib.parse import urlencode
-
             url = f"{url}?{urlencode(params)}"
         headers = {"Accept": "application/json"}
         body = None
@@ -380,8 +318,8 @@ class ConsumerClient:
         return self._call("POST", f"/Consumer/Instructions/{iid}/{verb}", json=body)
 
     def results(self, iid: int, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        return self._call("GET", f"/Consumer/Instructions/{iid}/Responses?offset={int(offset)}&limit={int(limit)}")[
-            "items"]
+        return self._call("GET", f"/Consumer/Instructions/{iid}/Responses",
+                          params={"offset": offset, "limit": limit})["items"]
 
     def all_results(self, iid: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -3,34 +3,21 @@ finds its credentials and CA here without loading the settings model)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-TYPE_CHECKING = False  # importing typing costs the light client start-up time
+from typing import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from quanta.settings import Settings
 
 CONFIG_FILE = "quanta.toml"
 
 
+@dataclass(frozen=True)
 class DataDir:
-    """Paths inside a server data directory (a plain class: ``dataclasses`` costs the light
-    client a noticeable part of its start-up)."""
+    """Paths inside a server data directory."""
 
-    __slots__ = ("root",)
-
-    def __init__(self, root: Path) -> None:
-        object.__setattr__(self, "root", root)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("DataDir is immutable")
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DataDir) and other.root == self.root
-
-    def __hash__(self) -> int:
-        return hash(self.root)
-
-    def __repr__(self) -> str:
-        return f"DataDir(root={self.root!r})"
+    root: Path
 
     @property
     def config(self) -> Path:
