@@ -83,7 +83,7 @@ class BenchServer:
         env = dict(os.environ, QUANTA_LOG_LEVEL="WARNING")
         self.proc = subprocess.Popen([PY, "-m", "quanta", "server", str(self.root)], stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        wait_until(lambda: self.log_text().count("linked to core") >= self.switches, 60, "switches linked")
+        wait_until(lambda: self.log_text().count("linked to core") >= self.switches, 180, "switches linked")
         wait_until(self._https_ok, 30, "web tier")
 
     def _https_ok(self) -> bool:

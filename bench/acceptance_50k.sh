@@ -15,7 +15,7 @@ $Q init "$W/srv" --https-port $((P+443)) --switch-port $P --port core=$((P+900))
   --switches "$S" --server-name localhost
 /usr/bin/time -f "enroll-batch: %e s wall, %M KiB max RSS" $Q enroll-batch "$W/srv" --count "$N" --out "$W/fleet"
 $Q server "$W/srv" > "$W/server.log" 2>&1 & SRV=$!
-until [ "$(grep -c 'linked to core' "$W/server.log")" -ge "$S" ]; do sleep 0.5; done
+until [ "$(cat "$W/server.log" 2>/dev/null | grep -c 'linked to core')" -ge "$S" ]; do sleep 0.5; done
 # Worker W binds its connections to 127.0.0.(2+W), so 127.0.0.1's ports stay free for everyone else.
 $Q simulate "$W/fleet" --status-file "$W/status.json" --source-ip 127.0.0.2 --no-progress > "$W/sim.log" 2>&1 & SIM=$!
 start=$(date +%s.%N)

@@ -72,7 +72,7 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                              SimConfig(seed=1, source_ip="127.0.0.2" if n > 15000 else None))
         runner.start()
         try:
-            wait_until(lambda: runner.poll()["connected"] >= n, 60 + n / 200, f"{n} devices connected")
+            wait_until(lambda: runner.poll()["connected"] >= n, 120 + n / 50, f"{n} devices connected")
             connect_s = runner.connected_at - runner.started
             procs = {**server.components(), **sim_procs(runner)}
             time.sleep(1.0)
