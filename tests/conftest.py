@@ -119,8 +119,12 @@ class Server:
         self.proc = subprocess.Popen([sys.executable, "-m", "quanta", "server", str(self.root)],
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_until(lambda: _https_ok(self.https), 30, f"web tier on {self.https}", self)
-        wait_until(lambda: "linked to core" in self.log_text(), 30, "switch linked to core", self)
+        try:
+            wait_until(lambda: _https_ok(self.https), 60, f"web tier on {self.https}", self)
+            wait_until(lambda: "linked to core" in self.log_text(), 60, "switch linked to core", self)
+        except BaseException:
+            self.stop()  # a server that did not come up is not left running behind a failed setup
+            raise
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
