@@ -5,7 +5,9 @@ after it started, at the handshake."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -52,43 +54,48 @@ def pki(tmp_path: Path) -> Pki:
     return pki
 
 
-def _switch(pki: Pki, port: int) -> Switch:
-    # the Core link points at a closed port: the Switch keeps retrying it, which this test does not need
-    return Switch(name="s1", host="localhost", port=port, bind_host="127.0.0.1", pki=pki,
-                  core_url=f"ws://127.0.0.1:{free_port()}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 20)
+@contextlib.asynccontextmanager
+async def _running_switch(pki: Pki, port: int) -> AsyncIterator[Switch]:
+    """A Switch serving on ``port`` until the block ends. Its Core link points at a closed port:
+    it keeps retrying it, which these tests do not need."""
+    sw = Switch(name="s1", host="localhost", port=port, bind_host="127.0.0.1", pki=pki,
+                core_url=f"ws://127.0.0.1:{free_port()}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 20)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sw.serve(stop))
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if sw._tls is not None:
+            break
+    await asyncio.sleep(0.2)
+    try:
+        yield sw
+    finally:
+        stop.set()
+        await task
 
 
 def test_sweep_pings_quiet_connections_and_closes_silent_ones(pki: Pki, tmp_path: Path) -> None:
     async def main() -> None:
         port = free_port()
-        sw = _switch(pki, port)
-        stop = asyncio.Event()
-        task = asyncio.create_task(sw.serve(stop))
-        for _ in range(100):
-            await asyncio.sleep(0.05)
-            if sw._tls is not None:
-                break
-        await asyncio.sleep(0.2)
-        _, live = await _connect(pki, tmp_path, port, "live", answers_pings=True)
-        _, dead = await _connect(pki, tmp_path, port, "dead", answers_pings=False)
-        for _ in range(100):
-            if {"live", "dead"} <= set(sw.conns):
-                break
-            await asyncio.sleep(0.05)
-        assert {"live", "dead"} <= set(sw.conns)
-        sw.sweep()  # one tick: everyone has been heard from within it, no ping yet
-        await asyncio.sleep(0.3)
-        assert WSMsgType.PING not in live.frames and WSMsgType.PING not in dead.frames
-        for _ in range(STALE_TICKS):
-            sw.sweep()
-            await asyncio.sleep(0.3)  # the live agent's pong arrives before the next sweep
-        assert dead.frames.count(WSMsgType.PING) >= 2  # pinged, did not answer, pinged again, closed
-        # (the live agent's picows answers pings itself and does not show them to its listener)
-        await asyncio.wait_for(dead.closed.wait(), 5)
-        assert "dead" not in sw.conns
-        assert "live" in sw.conns and not live.closed.is_set()
-        stop.set()
-        await task
+        async with _running_switch(pki, port) as sw:
+            _, live = await _connect(pki, tmp_path, port, "live", answers_pings=True)
+            _, dead = await _connect(pki, tmp_path, port, "dead", answers_pings=False)
+            for _ in range(100):
+                if {"live", "dead"} <= set(sw.conns):
+                    break
+                await asyncio.sleep(0.05)
+            assert {"live", "dead"} <= set(sw.conns)
+            sw.sweep()  # one tick: everyone has been heard from within it, no ping yet
+            await asyncio.sleep(0.3)
+            assert WSMsgType.PING not in live.frames and WSMsgType.PING not in dead.frames
+            for _ in range(STALE_TICKS):
+                sw.sweep()
+                await asyncio.sleep(0.3)  # the live agent's pong arrives before the next sweep
+            assert dead.frames.count(WSMsgType.PING) >= 2  # pinged, did not answer, pinged again, closed
+            # (the live agent's picows answers pings itself and does not show them to its listener)
+            await asyncio.wait_for(dead.closed.wait(), 5)
+            assert "dead" not in sw.conns
+            assert "live" in sw.conns and not live.closed.is_set()
 
     asyncio.run(main())
 
@@ -96,21 +103,16 @@ def test_sweep_pings_quiet_connections_and_closes_silent_ones(pki: Pki, tmp_path
 def test_crl_written_after_start_refuses_the_handshake(pki: Pki, tmp_path: Path) -> None:
     async def main() -> None:
         port = free_port()
-        sw = _switch(pki, port)
-        stop = asyncio.Event()
-        task = asyncio.create_task(sw.serve(stop))
-        await asyncio.sleep(0.5)
-        transport, _ = await _connect(pki, tmp_path, port, "dev1", answers_pings=True)
-        transport.disconnect()
-        pki.revoke(load_cert(tmp_path / "dev1.crt").serial_number, "dev1")
-        sw.reload_crl()  # what the CRL watcher does within a second
-        with pytest.raises(ssl.SSLError, match="CERTIFICATE_REVOKED"):
-            r, w = await asyncio.open_connection("127.0.0.1", port, ssl=_ctx(pki, tmp_path, "dev1"),
-                                                 server_hostname="localhost")
-            w.write(b"GET /agent HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            await asyncio.wait_for(r.read(100), 5)  # TLS 1.3: the refusal arrives after the client's Finished
-        stop.set()
-        await task
+        async with _running_switch(pki, port) as sw:
+            transport, _ = await _connect(pki, tmp_path, port, "dev1", answers_pings=True)
+            transport.disconnect()
+            pki.revoke(load_cert(tmp_path / "dev1.crt").serial_number, "dev1")
+            sw.reload_crl()  # what the CRL watcher does within a second
+            with pytest.raises(ssl.SSLError, match="CERTIFICATE_REVOKED"):
+                r, w = await asyncio.open_connection("127.0.0.1", port, ssl=_ctx(pki, tmp_path, "dev1"),
+                                                     server_hostname="localhost")
+                w.write(b"GET /agent HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                await asyncio.wait_for(r.read(100), 5)  # TLS 1.3: the refusal arrives after the client's Finished
 
     asyncio.run(main())
 
@@ -121,25 +123,20 @@ def test_tls_session_resumes_across_a_switch_restart_and_revocation_still_applie
     from quanta.signing import ResumingContext, client_context
 
     async def one_switch(port: int, ctx: ResumingContext, name: str) -> tuple[bool, Agent]:
-        sw = _switch(pki, port)
-        stop = asyncio.Event()
-        task = asyncio.create_task(sw.serve(stop))
-        await asyncio.sleep(0.5)
-        assert sw._tickets is not None and sw._tickets.shared
-        transport, agent = await ws_connect(Agent, f"wss://localhost:{port}/agent", ssl_context=ctx,
-                                            use_aiofastnet=False)
-        transport.send(WSMsgType.BINARY, p.encode(p.Hello(device_id=name, fqdn=name, os="Linux", agent_version="t")))
-        for _ in range(100):  # the Welcome, after which the TLS 1.3 ticket has arrived too
-            if agent.frames or agent.closed.is_set():
-                break
-            await asyncio.sleep(0.05)
-        ssl_obj = transport.underlying_transport.get_extra_info("ssl_object")
-        reused = ssl_obj.session_reused
-        ctx.session = ssl_obj.session
-        await asyncio.sleep(0.2)
-        stop.set()
-        await task
-        return reused, agent
+        async with _running_switch(pki, port) as sw:
+            assert sw._tickets is not None and sw._tickets.shared
+            transport, agent = await ws_connect(Agent, f"wss://localhost:{port}/agent", ssl_context=ctx,
+                                                use_aiofastnet=False)
+            transport.send(WSMsgType.BINARY,
+                           p.encode(p.Hello(device_id=name, fqdn=name, os="Linux", agent_version="t")))
+            for _ in range(100):  # the Welcome, after which the TLS 1.3 ticket has arrived too
+                if agent.frames or agent.closed.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            ssl_obj = transport.underlying_transport.get_extra_info("ssl_object")
+            ctx.session = ssl_obj.session
+            await asyncio.sleep(0.2)
+            return ssl_obj.session_reused, agent
 
     async def main() -> None:
         _ctx(pki, tmp_path, "dev1")

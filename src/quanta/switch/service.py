@@ -79,7 +79,7 @@ class AgentConnection(WSListener):
         self.serial = 0
         self._cn = ""
         self.info: p.DeviceInfo | None = None
-        self.peer: tuple[Any, ...] = ()  # (address, port): the transport's own tuple, not a copy
+        self.peer: tuple[Any, ...] = ("?", 0)  # (address, port): the transport's own tuple, not a copy
         self.seen = switch.tick  # the sweep tick of the last frame received
         self._hello_timer: asyncio.TimerHandle | None = None
 
@@ -166,8 +166,7 @@ class AgentConnection(WSListener):
             self.transport.send(WSMsgType.BINARY, data)
 
     def close(self, code: WSCloseCode, reason: str) -> None:
-        log.warning("closing connection from %s:%s (device %s): %s", self.peer[0] if self.peer else "?",
-                    self.peer[1] if self.peer else 0,
+        log.warning("closing connection from %s:%s (device %s): %s", self.peer[0], self.peer[1],
                     self.device_id or self._cn or "?", reason)
         if self.transport is not None:
             self.transport.send_close(code, reason.encode()[:120])
