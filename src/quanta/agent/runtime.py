@@ -27,6 +27,11 @@ from .journal import Journal
 log = logging.getLogger("quanta.agent")
 
 MAX_PARALLEL = 2
+# A payload up to this size is compiled on the event loop (well under a millisecond); if it is
+# quick (only quick method calls: Program.quick) it also runs there. Anything else runs on a
+# worker thread, so a slow method never stalls the connection. Handing a question to a thread
+# and back costs about 0.35 ms of CPU per question, more than a quick payload takes to run.
+QUICK_PAYLOAD = 4096
 
 
 def os_name() -> str:
@@ -122,7 +127,13 @@ class Agent:
         async with self._sem:
             started = time.perf_counter()
             interact = self.interaction.ask if self.interaction.loop is not None else None
-            response = await asyncio.to_thread(run_instruction, body, self.cfg, interact)
+            program = compile_instruction(body) if len(body.payload) <= QUICK_PAYLOAD else None
+            if isinstance(program, p.Response):  # did not compile
+                response = program
+            elif program is not None and program.quick:
+                response = run_instruction(body, self.cfg, interact, program)
+            else:
+                response = await asyncio.to_thread(run_instruction, body, self.cfg, interact, program)
             response = msgspec.structs.replace(response, elapsed_ms=(time.perf_counter() - started) * 1000)
         log.info("instruction %d (%s): %s", body.id, body.name, response.status)
         self.journal.record(response)
@@ -206,9 +217,9 @@ class Agent:
             self.journal.prune()
 
 
-def run_instruction(body: p.InstructionBody, cfg: AgentConfig, interact: Any = None) -> p.Response:
-    """Compile and run a verified instruction body; never raises."""
-    from quanta.scale import AgentContext, ScaleError, compile_scale, run_program
+def compile_instruction(body: p.InstructionBody) -> Any:
+    """The verified body's payload compiled (a ``Program``), or the error Response to send."""
+    from quanta.scale import ScaleError, compile_scale
 
     try:
         program = compile_scale(body.payload, body.parameters)
@@ -218,6 +229,18 @@ def run_instruction(body: p.InstructionBody, cfg: AgentConfig, interact: Any = N
     if program.is_action and body.kind != "action":
         return p.Response(instruction_id=body.id, status="error",
                           error="payload calls an action method but the instruction is a question: refused")
+    return program
+
+
+def run_instruction(body: p.InstructionBody, cfg: AgentConfig, interact: Any = None,
+                    program: Any = None) -> p.Response:
+    """Compile (unless ``program`` is given) and run a verified instruction body; never raises."""
+    from quanta.scale import AgentContext, run_program
+
+    if program is None:
+        program = compile_instruction(body)
+        if isinstance(program, p.Response):
+            return program
     ctx = AgentContext(data_dir=cfg.state, config_path=cfg.conf_path, log_path=cfg.log_path,
                        agent_version=quanta.__version__, fetch_resource=BackgroundFetcher(cfg), interact=interact)
     try:

@@ -53,6 +53,9 @@ class Program:
     actions: list[ActionUse] = field(default_factory=list)
     methods: list[str] = field(default_factory=list)  # every Module.Method called, in order
     predefined: frozenset[str] = frozenset()
+    # Only quick method calls (see MethodSpec.quick), assignments, IF and exits: no SELECT, no
+    # FOREACH. Such a payload runs in well under a millisecond and never blocks.
+    quick: bool = False
 
     def __repr__(self) -> str:
         return f"Program(is_action={self.is_action}, methods={self.methods!r})"
@@ -130,6 +133,7 @@ class Checker:
         self.known: set[str] = set(predefined)
         self.actions: list[ActionUse] = []
         self.methods: list[str] = []
+        self.slow_calls = 0  # calls of methods not declared quick
 
     # substitution ------------------------------------------------------------------------
     def subst_value(self, v: A.Value) -> A.Value:
@@ -187,6 +191,8 @@ class Checker:
                     v.pos.column,
                 )
         self.methods.append(spec.full_name)
+        if not spec.quick:
+            self.slow_calls += 1
         if spec.is_action:
             self.actions.append(ActionUse(spec.full_name, call.pos.line, call.pos.column))
         return spec
@@ -248,4 +254,17 @@ def compile_program(
         actions=checker.actions,
         methods=checker.methods,
         predefined=predefined,
+        quick=checker.slow_calls == 0 and _straight(script.statements),
     )
+
+
+def _straight(statements: list[A.Statement]) -> bool:
+    """No SELECT and no FOREACH anywhere: what runs is a bounded sequence of method calls."""
+    for st in statements:
+        if isinstance(st, (A.Select, A.Foreach)):
+            return False
+        if isinstance(st, A.Assign) and isinstance(st.value, (A.Select, A.Foreach)):
+            return False
+        if isinstance(st, A.If) and not (_straight(st.then) and _straight(st.otherwise or [])):
+            return False
+    return True

@@ -70,6 +70,9 @@ class MethodSpec:
     platforms: tuple[Platform, ...] = ALL_PLATFORMS
     is_action: bool = False
     dynamic_columns: bool = False  # output columns depend on arguments (e.g. InterpretAsJson)
+    # Answers from the agent's memory or one small local file and never blocks: the agent may run
+    # a payload made only of such calls on its event loop instead of handing it to a worker thread.
+    quick: bool = False
     impl: Impl | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -108,11 +111,13 @@ def method(
     platforms: tuple[Platform, ...] = ALL_PLATFORMS,
     is_action: bool = False,
     dynamic_columns: bool = False,
+    quick: bool = False,
 ) -> Callable[[Impl], Impl]:
     """Decorator declaring a SCALE method implemented by the decorated function."""
 
     def deco(fn: Impl) -> Impl:
-        spec = MethodSpec(module, name, description, params, columns, platforms, is_action, dynamic_columns, fn)
+        spec = MethodSpec(module, name, description, params, columns, platforms, is_action, dynamic_columns, quick,
+                          fn)
         _REGISTRY.setdefault(module, {})[name] = spec
         return fn
 

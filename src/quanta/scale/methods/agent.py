@@ -21,6 +21,7 @@ from ._common import env_tmp, iso, os_type
         C("ProcessId", "integer"), C("StartTime", "datetime"), C("PythonVersion", "string"),
         C("DataRootDirectory", "string"), C("Executable", "string"),
     ),
+    quick=True,
 )
 def get_summary(env: MethodEnv, args: dict[str, object]):
     ctx = env.context
@@ -38,6 +39,7 @@ def get_summary(env: MethodEnv, args: dict[str, object]):
         C("Executable", "string"), C("Log", "string"), C("DataRootDirectory", "string"),
         C("TemporaryDirectory", "string"),
     ),
+    quick=True,
 )
 def get_key_files(env: MethodEnv, args: dict[str, object]):
     ctx = env.context

@@ -82,7 +82,8 @@ def set_tag(env: MethodEnv, args: dict[str, object]):
     return [[name, value, scopable]]
 
 
-@method("Tagging", "Get", "One tag by name (empty table when not set).", params=(P("Name", "string", required=True),), columns=_COLUMNS)
+@method("Tagging", "Get", "One tag by name (empty table when not set).", params=(P("Name", "string", required=True),), columns=_COLUMNS,
+        quick=True)
 def get_tag(env: MethodEnv, args: dict[str, object]):
     t = load_tags(env.context.data_dir).get(str(args["Name"]))
     return [[str(args["Name"]), t["value"], t["scopable"]]] if t else []
@@ -91,6 +92,7 @@ def get_tag(env: MethodEnv, args: dict[str, object]):
 @method(
     "Tagging", "GetAll", "All tags, optionally only scopable (true) or non-scopable (false) ones.",
     params=(P("Scopable", "boolean", default=None),), columns=_COLUMNS,
+    quick=True,
 )
 def get_all(env: MethodEnv, args: dict[str, object]):
     want = args.get("Scopable")
