@@ -172,3 +172,49 @@ def test_ticket_keys_are_shared_and_rotate(tmp_path: Path) -> None:
     (tmp_path / "bad.secret").write_bytes(b"short")
     with pytest.raises(ValueError, match="32 bytes"):
         load_ticket_secret(tmp_path / "bad.secret")
+
+
+class _CoreLink:
+    """Stands in for the websocket to the Core: records what the Switch sends."""
+
+    def __init__(self) -> None:
+        self.batches: list[p.ResponseBatch] = []
+
+    async def send(self, data: bytes) -> None:
+        msg = p.decode_from_switch(data)
+        if isinstance(msg, p.ResponseBatch):
+            self.batches.append(msg)
+
+
+def test_answers_go_at_once_on_an_idle_link_and_gather_while_a_batch_is_unacknowledged(pki: Pki) -> None:
+    """No timer wait for the first or last answers of a question; under load, batches grow while
+    the Core commits the one in flight. Every answer is sent exactly once, in order."""
+    sw = Switch(name="s1", host="localhost", port=1, bind_host="127.0.0.1", pki=pki,
+                core_url="ws://127.0.0.1:1/Core/Switch", secret=b"k" * 32, max_message_bytes=1 << 20)
+    link = _CoreLink()
+    sw._link = link
+
+    def answer(dev: str) -> None:
+        sw.on_response(dev, p.Response(instruction_id=1, status="success", columns=["X"], rows=[[1]]), 40)
+
+    async def run() -> None:
+        answer("a")
+        assert sw._flush_now.is_set()  # nothing awaits an ack: flush now
+        sw._flush_now.clear()
+        await sw._flush_once()
+        assert [len(b.responses) for b in link.batches] == [1]
+        for dev in ("b", "c", "d"):
+            answer(dev)
+        assert not sw._flush_now.is_set()  # batch 1 unacknowledged: gather (or FLUSH_INTERVAL)
+        sw.on_batch_ack(p.BatchAck(batch_id=999))  # an unknown ack changes nothing
+        assert not sw._flush_now.is_set()
+        sw.on_batch_ack(p.BatchAck(batch_id=link.batches[0].batch_id))
+        assert sw._flush_now.is_set()  # acknowledged with answers waiting: flush now
+        sw._flush_now.clear()
+        await sw._flush_once()
+        assert [[r.device_id for r in b.responses] for b in link.batches] == [["a"], ["b", "c", "d"]]
+        sw.on_batch_ack(p.BatchAck(batch_id=link.batches[1].batch_id))
+        assert not sw._flush_now.is_set()  # nothing waiting: no empty flush
+        assert sw._unacked == {}
+
+    asyncio.run(run())

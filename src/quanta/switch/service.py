@@ -43,6 +43,10 @@ HEARTBEAT = 60.0
 SWEEP = HEARTBEAT / 2
 STALE_TICKS = 5
 NO_TAGS: dict[str, str] = {}  # shared by every device that reports no tags; never mutated
+# Answers go to the Core in batches: at once while no batch awaits the Core's acknowledgement (an
+# idle link: the first answers of a question, or the last ones, wait for nothing), else gathered
+# until that acknowledgement, FLUSH_INTERVAL or a full batch, whichever comes first. Under load the
+# batches grow with the Core's commit time; at rest an answer costs no timer wait.
 FLUSH_INTERVAL = 0.02
 # A delivery is reported to the Core (pending -> sent) only once it is this old and its device has
 # not answered meanwhile: an answer supersedes it, so most devices never cost a 'sent' write, and
@@ -321,7 +325,7 @@ class Switch:
         self._sizes.append(size)
         self._responses_bytes += size
         self.stats["responses"] += 1
-        if self._responses_bytes >= self.max_message_bytes or len(self._responses) >= 2000:
+        if not self._unacked or self._responses_bytes >= self.max_message_bytes or len(self._responses) >= 2000:
             self._flush_now.set()
 
     # ------------------------------------------------------------------ core events
@@ -352,6 +356,8 @@ class Switch:
         batch = self._unacked.pop(ack.batch_id, None)
         if batch is None:
             return
+        if self._responses and not self._unacked:
+            self._flush_now.set()
         acks = self._acks
         for r in batch.responses:
             ids = acks.get(r.device_id)
