@@ -98,5 +98,58 @@ def test_a_wrong_count_never_finishes_early(db_url: str) -> None:
     asyncio.run(run())
 
 
+def test_wait_returns_the_moment_the_instruction_ends(db_url: str) -> None:
+    """Core.wait (the Consumer API's long poll): times out while answers are missing, returns as
+    soon as the last one is committed (the status already final in the database), and returns at
+    once for an instruction that is not active; a cancel ends a wait too."""
+    devs = ["a", "b"]
+    engine = _setup(db_url, devs)
+
+    async def run() -> None:
+        core = Core(engine, engine, b"s" * 32)
+        await core.start()
+        core.poke_all = _nothing  # type: ignore[method-assign]
+        await core.issue(7)
+        t = time.monotonic()
+        assert await core.wait(7, 0.2) is False  # nobody answered: the whole timeout
+        assert time.monotonic() - t >= 0.19
+        waiter = asyncio.create_task(core.wait(7, 30))
+        await core.ingest(_Link(), _batch(1, ["a"]))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # one answer missing
+        t = time.monotonic()
+        await core.ingest(_Link(), _batch(2, ["b"]))
+        assert await asyncio.wait_for(waiter, 5) is True
+        assert time.monotonic() - t < 1
+        assert store.get_instruction(engine, 7)["status"] == "finished"
+        assert await core.wait(7, 30) is True  # not active: at once
+        assert await core.wait(12345, 30) is True  # unknown here: at once
+        assert core._ended == {}  # nothing left behind
+        await core.stop()
+
+    asyncio.run(run())
+
+
+def test_cancel_ends_a_wait_with_status_cancelled(db_url: str) -> None:
+    engine = _setup(db_url, ["a", "b"])
+
+    async def run() -> None:
+        core = Core(engine, engine, b"s" * 32)
+        await core.start()
+        core.poke_all = _nothing  # type: ignore[method-assign]
+        await core.issue(7)
+        waiter = asyncio.create_task(core.wait(7, 30))
+        await asyncio.sleep(0.05)
+        assert await core.cancel(7) is True
+        assert await asyncio.wait_for(waiter, 5) is True
+        # the waiter's next look finds the final status, never an intermediate 'finished'
+        assert store.get_instruction(engine, 7)["status"] == "cancelled"
+        assert store.state_counts(engine, 7) == {"expired": 2}
+        assert await core.cancel(7) is False  # already ended
+        await core.stop()
+
+    asyncio.run(run())
+
+
 async def _nothing() -> None:
     return None

@@ -202,7 +202,20 @@ def test_consumer_api_boundaries(server: Server) -> None:
         # an action is stored, but waits for a second person
         r = c.post("/Consumer/Instructions", json={"payload": '@k = OperatingSystem.KillProcess(ProcessId: "1");'})
         assert r.status_code == 201 and r.json()["status"] == "pending_approval"
-        assert c.get(f"/Consumer/Instructions/{r.json()['id']}").json()["status"] == "pending_approval"
+        pending = r.json()["id"]
+        assert c.get(f"/Consumer/Instructions/{pending}").json()["status"] == "pending_approval"
+        # the long poll: returns the status as it is once its timeout passes (nobody approved)
+        t = time.monotonic()
+        r = c.get(f"/Consumer/Instructions/{pending}/Wait", params={"timeout": 0.4})
+        assert r.status_code == 200 and r.json()["status"] == "pending_approval"
+        assert time.monotonic() - t >= 0.39
+        for bad in ("-1", "61", "soon", "nan"):
+            r = c.get(f"/Consumer/Instructions/{pending}/Wait", params={"timeout": bad})
+            assert r.status_code == 422 and "timeout" in r.text, (bad, r.text)
+        assert c.get("/Consumer/Instructions/999/Wait", params={"timeout": 0}).status_code == 404
+        # authentication comes first, before the parameters are read
+        r = c.get(f"/Consumer/Instructions/{pending}/Wait", params={"timeout": "soon"}, headers={"Authorization": ""})
+        assert r.status_code == 401
     import sqlalchemy as sa
 
     from quanta.db import make_engine

@@ -122,6 +122,9 @@ class TokenCache:
             pass
 
 
+WAIT_STEP = 25.0  # longest single long poll; the HTTP timeout is 30 s
+
+
 class ConsumerClient:
     def __init__(self, base_url: str, ca_file: Path | None, username: str, password: str,
                  token_cache: TokenCache | None = None) -> None:
@@ -277,9 +280,9 @@ class ConsumerClient:
         return self._call("GET", f"/Consumer/Instructions/{iid}")
 
     def wait(self, iid: int, timeout: float, progress: Any = None) -> dict[str, Any]:
-        """Poll until the instruction is finished or ``timeout`` passes; show a bar on the rich
-        Console ``progress`` if given. Polls every 10 ms at first, backing off to 200 ms: most
-        questions finish within a fraction of a second, and a poll is one small request."""
+        """The status once the instruction is done or ``timeout`` passes, by long poll (the
+        server answers the moment it ends). With a rich Console ``progress``, a bar shows the
+        answers so far, refreshed every half second."""
         deadline = time.monotonic() + timeout
         bar = None
         if progress is not None:
@@ -289,11 +292,11 @@ class ConsumerClient:
                            TextColumn("{task.fields[states]}"), TimeElapsedColumn(), console=progress, transient=False)
             bar.start()
             task = bar.add_task("answers", total=None, iid=iid, states="")
-        interval = 0.01
         try:
             while True:
+                step = max(0.0, min(deadline - time.monotonic(), 0.5 if bar is not None else WAIT_STEP))
                 try:
-                    s = self.status(iid)
+                    s = self._call("GET", f"/Consumer/Instructions/{iid}/Wait", params={"timeout": f"{step:.3f}"})
                 except ApiError as e:
                     if not e.transient or time.monotonic() > deadline:
                         raise
@@ -304,10 +307,8 @@ class ConsumerClient:
                                (s["status"] != "active" and k in FINAL_STATES))
                     states = " ".join(f"{k}={v}" for k, v in sorted(s["states"].items()))
                     bar.update(task, total=max(s["targeted"], 1), completed=done, states=states)
-                if s["status"] in DONE_STATES or time.monotonic() > deadline:
+                if s["status"] in DONE_STATES or time.monotonic() >= deadline:
                     return s
-                time.sleep(interval)
-                interval = min(interval * 1.25, 0.2)
         finally:
             if bar is not None:
                 bar.stop()

@@ -91,13 +91,15 @@ def _tls_context(verify: Any) -> Any:
     return verify  # an SSLContext (or False) given by the caller
 
 
-async def call_core(core_url: str, core_token: str, iid: int, verb: str, verify: Any = None) -> dict[str, Any]:
-    """POST ``/Core/Instructions/{iid}/{verb}`` (Issue, Cancel) at the Core: local (http, core
-    port) or a remote Response Stack's web tier (https, /Core), verified against the installation
-    CA when ``verify`` is a CA path. Raises CoreError if unreachable, CoreRefused if refused."""
-    async with httpx.AsyncClient(timeout=30, verify=_tls_context(verify)) as client:
+async def call_core(core_url: str, core_token: str, iid: int, verb: str, verify: Any = None,
+                    params: dict[str, Any] | None = None, timeout: float = 30) -> dict[str, Any]:
+    """POST ``/Core/Instructions/{iid}/{verb}`` (Issue, Cancel, Wait) at the Core: local (http,
+    core port) or a remote Response Stack's web tier (https, /Core), verified against the
+    installation CA when ``verify`` is a CA path. Raises CoreError if unreachable, CoreRefused if
+    refused."""
+    async with httpx.AsyncClient(timeout=timeout, verify=_tls_context(verify)) as client:
         try:
-            r = await client.post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/{verb}",
+            r = await client.post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/{verb}", params=params,
                                   headers={"Authorization": f"Bearer {core_token}"})
         except httpx.HTTPError as e:
             raise CoreError(f"the Core at {core_url} is unreachable: {e}") from None

@@ -37,6 +37,8 @@ from quanta.db.tables import api_tokens, definitions, users
 from quanta.pki import Signer
 
 log = logging.getLogger("quanta.consumer_api")
+WAIT_MAX = 60.0  # longest long poll (GET .../Wait) a client may ask for
+CORE_WAIT = 25.0  # longest single Wait asked of the Core (its own limit is 30 s)
 
 TOKEN_TTL = 8 * 3600
 ADMIN_ROLE = "Full Administrator"
@@ -478,6 +480,36 @@ def create_app(api: ConsumerApi) -> FastAPI:
         if s is None:
             raise HTTPException(404, f"instruction {instruction_id} not found")
         return s
+
+    @app.get("/Consumer/Instructions/{instruction_id}/Wait", response_model=InstructionStatus)
+    async def wait(instruction_id: int, user: CurrentUser,
+                   timeout: Annotated[float, Query(ge=0, le=WAIT_MAX)] = 25.0) -> InstructionStatus:
+        """The instruction's status once it is done (finished, cancelled, rejected, approval
+        expired) or after ``timeout`` seconds, whichever comes first: a long poll. While it is
+        active the Core tells the moment it ends; before it runs (approval, schedule) the status
+        is looked at twice a second."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        core_ended = False
+        while True:
+            s = await api.db(api.status, instruction_id)
+            if s is None:
+                raise HTTPException(404, f"instruction {instruction_id} not found")
+            left = deadline - loop.time()
+            if s.status in ins.DONE_STATES or left <= 0:
+                return s
+            if s.status == "active" and not core_ended:
+                try:
+                    r = await ins.call_core(api.core_url, api.core_token, instruction_id, "Wait",
+                                            verify=api.ca_file, params={"timeout": round(min(left, CORE_WAIT), 3)},
+                                            timeout=CORE_WAIT + 10)
+                    # Ended there: the status says so now, unless this Core does not hold it (a
+                    # Core restarting, another Response Stack's): then look at the status below.
+                    core_ended = bool(r.get("ended"))
+                    continue
+                except ins.CoreError as e:  # Core away or restarting: fall back to looking
+                    log.debug("Wait on instruction %d at the Core failed: %s", instruction_id, e)
+            await asyncio.sleep(min(left, 0.5 if s.status != "active" else 0.2))
 
     @app.get("/Consumer/Instructions/{instruction_id}/Aggregate")
     async def aggregate(instruction_id: int, user: CurrentUser,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, WebSocket, WebSocketDisconnect
 
 from quanta import protocol as p
 from quanta.db import make_engine
@@ -23,6 +23,7 @@ from quanta.settings import DataDir, core_link_max_bytes, load_settings
 from .service import Core
 
 log = logging.getLogger("quanta.core")
+WAIT_MAX = 30.0  # longest Wait the Core holds; the web tier's /Core relay allows 60 s
 
 
 def create_app(core: Core, token: str) -> FastAPI:
@@ -60,6 +61,12 @@ def create_app(core: Core, token: str) -> FastAPI:
         if not await core.cancel(instruction_id):
             raise HTTPException(409, f"instruction {instruction_id} is not active")
         return {"id": instruction_id, "status": "cancelled"}
+
+    @app.post("/Core/Instructions/{instruction_id}/Wait", dependencies=[Depends(require_token)])
+    async def wait(instruction_id: int, timeout: float = Query(25.0, ge=0, le=WAIT_MAX)) -> dict[str, Any]:
+        """Return when the instruction is no longer active here, or after ``timeout`` seconds:
+        the Consumer API's long poll (its final status is in the database by then)."""
+        return {"id": instruction_id, "ended": await core.wait(instruction_id, timeout)}
 
     @app.websocket("/Core/Switch")
     async def switch_link(ws: WebSocket) -> None:

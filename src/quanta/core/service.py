@@ -55,6 +55,7 @@ class Core:
         self._purge_interval = purge_interval
         self._tasks: list[asyncio.Task[None]] = []
         self._finish_lock = asyncio.Lock()
+        self._ended: dict[int, asyncio.Event] = {}  # active instruction -> set when it ends (see wait)
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
@@ -134,19 +135,37 @@ class Core:
         with self.master.begin() as c:
             c.execute(t.update().where(t.c.id == instruction_id).values(**values))
 
-    async def finish(self, instruction_id: int, why: str) -> None:
+    async def finish(self, instruction_id: int, why: str, status: str = "finished") -> bool:
+        """End an active instruction with ``status`` (finished, or cancelled): open devices end
+        as expired. False if it was not active."""
         async with self._finish_lock:
             self.unanswered.pop(instruction_id, None)
             if self.active.pop(instruction_id, None) is None:
                 row = await self.db(store.get_instruction, self.master, instruction_id)
                 if row is None or row["status"] != "active":
-                    return
+                    return False
             await self.db(store.expire, self.responses, instruction_id)
-            await self.db(self._set_status, instruction_id, "finished")
-        log.info("instruction %d finished: %s", instruction_id, why)
+            await self.db(self._set_status, instruction_id, status)
+            ended = self._ended.pop(instruction_id, None)
+            if ended is not None:
+                ended.set()
+        log.info("instruction %d %s: %s", instruction_id, status, why)
         msg = p.encode(p.Cancel(instruction_ids=[instruction_id]))
         for link in list(self.switches.values()):
             await self._safe_send(link, msg)
+        return True
+
+    async def wait(self, instruction_id: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for an active instruction to end; True once it is not
+        (or no longer) active here. Its final status is in the database before this returns."""
+        if instruction_id not in self.active:
+            return True
+        ended = self._ended.setdefault(instruction_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(ended.wait(), timeout)
+        except asyncio.TimeoutError:
+            return instruction_id not in self.active
+        return True
 
     async def cancel(self, instruction_id: int) -> bool:
         """Stop an active instruction now: open devices end as expired, the status says cancelled.
@@ -154,9 +173,7 @@ class Core:
         row = await self.db(store.get_instruction, self.master, instruction_id)
         if row is None or row["status"] != "active":
             return False
-        await self.finish(instruction_id, "cancelled")
-        await self.db(self._set_status, instruction_id, "cancelled")
-        return True
+        return await self.finish(instruction_id, "by request", status="cancelled")
 
     # ---------------------------------------------------------------- pokes
     async def poke_all(self) -> None:

@@ -33,6 +33,7 @@ def router(core_http: str, core_ws: str, token: str, max_frame: int) -> APIRoute
         async with httpx.AsyncClient(timeout=60) as client:
             try:
                 upstream = await client.request(request.method, f"{core_http}/Core/{path}", content=body,
+                                                params=request.query_params,
                                                 headers={"authorization": expected,
                                                          "content-type": request.headers.get("content-type", "")})
             except httpx.HTTPError as e:
