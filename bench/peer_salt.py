@@ -164,8 +164,12 @@ class QuantaSide:
     def ask(self) -> tuple[float, int]:
         import json
 
-        dt, r = timed([PY, "-m", "quanta", "ask", str(self.server.root), "@x = Agent.GetSummary();", "--wait", "60",
-                       "--json"], timeout=120)
+        # the ``quanta`` command as an operator types it (its console script; ``python -m quanta`` if
+        # this Python has none)
+        script = Path(PY).parent / "quanta"
+        cmd = [str(script)] if script.exists() else [PY, "-m", "quanta"]
+        dt, r = timed([*cmd, "ask", str(self.server.root), "@x = Agent.GetSummary();", "--wait", "60", "--json"],
+                      timeout=120)
         try:
             states = json.loads(r.stdout)["states"]
         except (ValueError, KeyError):
@@ -174,7 +178,7 @@ class QuantaSide:
 
     def ask_api(self) -> tuple[float, int]:
         """The same question through the Consumer API from a logged-in client (no CLI start-up,
-        no login): issue until every agent has a final state, polled every 10 ms."""
+        no login): issue, then wait (long poll) until every agent has a final state."""
         from quanta.client import ConsumerClient
 
         if getattr(self, "api", None) is None:
@@ -182,8 +186,7 @@ class QuantaSide:
             self.api.status(self.api.issue("@x = Agent.GetSummary();", instruction_ttl=60)["id"])  # log in, warm up
         t0 = time.perf_counter()
         iid = self.api.issue("@x = Agent.GetSummary();", instruction_ttl=60)["id"]
-        while (st := self.api.status(iid))["status"] == "active" and time.perf_counter() - t0 < 60:
-            time.sleep(0.01)
+        st = self.api.wait(iid, 60)
         return time.perf_counter() - t0, st["states"].get("success", 0)
 
     def wait_ready(self) -> None:

@@ -83,11 +83,7 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                     t0 = time.time()
                     iid = api.issue(PAYLOAD, instruction_ttl=max(60, n // 500))["id"]
                     issued = time.time() - t0
-                    while True:
-                        s = api.status(iid)
-                        if s["status"] != "active":
-                            break
-                        time.sleep(0.02)
+                    s = api.wait(iid, max(60, n // 500) + 30)  # long poll: no status polling load
                     e2e = time.time() - t0
                     cpu = cpu_delta(c0, cpu_of(procs))
                     assert s["states"] == {"success": n}, s
