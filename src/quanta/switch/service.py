@@ -55,7 +55,9 @@ DELIVERED_HOLD = 1.0
 ACK_SLICE = 256  # ResponseAcks sent per loop turn, so acknowledging never stalls reading answers
 # Answers first: while answers keep arriving (one in the last ACK_IDLE seconds), committed
 # ResponseAcks wait, for at most ACK_MAX_DELAY. An unacknowledged agent only resends after 30 s.
-ACK_IDLE = 0.02
+# Waking every device to acknowledge costs about as much CPU as the question itself did, so the
+# pause is long enough for the asker to read the finished status and the answers first.
+ACK_IDLE = 0.25
 ACK_MAX_DELAY = 1.0
 # Tens of thousands of long-lived connection objects make every full (generation 2) garbage
 # collection a pause of a few hundred ms, and each question's responses (held until the Core
