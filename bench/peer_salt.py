@@ -4,14 +4,16 @@ at K real agent processes each, side by side in the same run.
     python bench/peer_salt.py [--k 10 50 100] [--rounds 3] [--quick]
 
 Salt is installed with pip into its own virtual environment, ``bench/.venv-salt`` (never into
-Quanta's), on first use. Both sides run on this machine: a salt-master with K salt-minion
-processes (auto-accepted keys, loopback), and a ``quanta server`` with K ``quanta agent``
-processes (real certificates, real TLS). Each side is timed from its own CLI, wall clock:
-``salt '*' test.ping`` and ``quanta ask DIR '@x = Agent.GetSummary();'``, median of
+Quanta's), on first use. Both sides run on this machine, one after the other in the same run,
+each with the machine to itself: a salt-master with K salt-minion processes (auto-accepted keys,
+loopback), then a ``quanta server`` with K ``quanta agent`` processes (real certificates, real
+TLS). Each side is timed from its own CLI, wall clock, after 2 s of rest: ``salt '*' test.ping``
+and ``quanta ask DIR '@x = Agent.GetSummary();'`` (the ``quanta`` console script), median of
 ``--rounds``; also the same question through the Consumer API from an already logged-in client
-(no CLI start-up), as ``api_ratio``; memory per agent is the idle RSS of each minion / agent process (its whole process
-tree). ``--quick``: K = 10. The last line holds ``ratio=`` = Salt time / Quanta time at the
-largest K (target ≥ 50 at K = 100).
+(no CLI start-up), as ``api_ratio``. Memory per agent is the idle RSS of each minion / agent
+process (its whole process tree); idle CPU is what each fleet uses while nobody asks.
+``--quick``: K = 10. The last line holds ``ratio=`` = Salt time / Quanta time at the largest K
+(target >= 50 at K = 100).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from _harness import PY, BenchServer, free_port, machine, wait_until  # noqa: E4
 HERE = Path(__file__).resolve().parent
 SALT_VENV = HERE / ".venv-salt"
 SALT_SPEC = "salt>=3006"
+SETTLE = 2.0  # seconds of rest before each timed command
+IDLE_WINDOW = 5.0  # seconds over which a fleet's idle CPU is measured
 
 
 def ensure_salt() -> Path:
@@ -115,9 +119,21 @@ class SaltSide:
         return statistics.mean(tree_rss(p.pid) for p in self.minions)
 
     def stop(self) -> None:
+        # Salt's daemons fork workers that may leave the process group: collect every
+        # descendant first, kill them all, and wait until they are gone, so that nothing of
+        # Salt still runs while the Quanta side is measured.
+        tree: list[psutil.Process] = []
+        for p in self.minions + self.procs:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(p.pid)
+                tree += [root, *root.children(recursive=True)]
         for p in self.minions + self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
+        for x in tree:
+            with contextlib.suppress(psutil.Error):
+                x.kill()
+        psutil.wait_procs(tree, timeout=30)
         for p in self.minions + self.procs:
             with contextlib.suppress(Exception):
                 p.wait(5)
@@ -198,6 +214,11 @@ class QuantaSide:
             return sum(1 for d in json.loads(r.stdout or "[]") if d["online"]) if r.returncode == 0 else 0
 
         wait_until(lambda: online() >= self.k, 60 + self.k, f"{self.k} agents online")
+        # as Salt's readiness pings warm its minions: one question, so that every agent has loaded
+        # its SCALE evaluator and the CLI has its cached token before anything is timed
+        _, n = self.ask()
+        if n != self.k:
+            raise TimeoutError(f"only {n} of {self.k} agents answered the warm-up question")
 
     def rss_per_agent(self) -> float:
         return statistics.mean(tree_rss(p.pid) for p in self.agents)
@@ -211,33 +232,68 @@ class QuantaSide:
         self.server.stop()
 
 
+def tree_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            for x in [p, *p.children(recursive=True)]:
+                c = x.cpu_times()
+                total += c.user + c.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def idle_cpu(pids: list[int], seconds: float = IDLE_WINDOW) -> float:
+    """CPU seconds per second that the fleet's processes use while nobody asks anything."""
+    c0 = tree_cpu(pids)
+    time.sleep(seconds)
+    return (tree_cpu(pids) - c0) / seconds
+
+
+def measure(side: SaltSide | QuantaSide, k: int, rounds: int, timed_calls: list) -> dict:  # type: ignore[type-arg]
+    """Start one side's fleet, wait until all K answer, measure, stop it. Each side has the
+    machine to itself: the other's idle fleet (Salt's minions keep the CPU busy for a while after
+    they start) does not run meanwhile."""
+    try:
+        side.start()
+        side.wait_ready()
+        time.sleep(SETTLE)
+        pids = [p.pid for p in (side.minions if isinstance(side, SaltSide) else side.agents)]
+        out: dict = {"rss": side.rss_per_agent(), "idle_cpu": idle_cpu(pids)}  # type: ignore[type-arg]
+        out["busy"] = []
+        for name, call in timed_calls:
+            out[name] = []
+        for _ in range(rounds):
+            for name, call in timed_calls:
+                # let the previous command's aftermath (returns, acks, logs) pass; note how busy
+                # the machine was meanwhile (% of all cores)
+                out["busy"].append(psutil.cpu_percent(interval=SETTLE))
+                t, n = call()
+                assert n == k, f"{name}: {n}/{k} answered"
+                out[name].append(t)
+        return out
+    finally:
+        side.stop()
+
+
 def run(k: int, rounds: int, bin_dir: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="quanta-salt-") as d:
         salt, qa = SaltSide(Path(d) / "salt", k, bin_dir), QuantaSide(Path(d) / "quanta", k)
-        try:
-            salt.start()
-            qa.start()
-            salt.wait_ready()
-            qa.wait_ready()
-            time.sleep(2)
-            salt_rss, qa_rss = salt.rss_per_agent(), qa.rss_per_agent()
-            st, qt, at = [], [], []
-            for _ in range(rounds):  # interleaved
-                t, n = salt.ping()
-                assert n == k, f"salt: {n}/{k} answered"
-                st.append(t)
-                t, n = qa.ask()
-                assert n == k, f"quanta: {n}/{k} answered"
-                qt.append(t)
-                t, n = qa.ask_api()
-                assert n == k, f"quanta (API): {n}/{k} answered"
-                at.append(t)
-        finally:
-            salt.stop()
-            qa.stop()
+        so = measure(salt, k, rounds, [("salt", salt.ping)])
+        qo = measure(qa, k, rounds, [("quanta", qa.ask), ("api", qa.ask_api)])
+    st, qt, at = so["salt"], qo["quanta"], qo["api"]
+    print(f"# K={k} rounds: salt " + " ".join(f"{x:.2f}" for x in st) + "; quanta ask " +
+          " ".join(f"{x:.3f}" for x in qt) + "; API " + " ".join(f"{x:.3f}" for x in at) +
+          f"; idle CPU: {k} minions {so['idle_cpu']:.2f} CPU s/s, {k} agents {qo['idle_cpu']:.3f} CPU s/s"
+          f"; machine busy before each command: Salt side {' '.join(f'{x:.0f}%' for x in so['busy'])}, "
+          f"Quanta side {' '.join(f'{x:.0f}%' for x in qo['busy'])}",
+          flush=True)
     s, q, a = statistics.median(st), statistics.median(qt), statistics.median(at)
-    return {"k": k, "salt": s, "quanta": q, "ratio": s / q, "salt_rss": salt_rss, "quanta_rss": qa_rss,
-            "salt_rounds": st, "quanta_rounds": qt, "api": a, "api_ratio": s / a}
+    return {"k": k, "salt": s, "quanta": q, "ratio": s / q, "salt_rss": so["rss"], "quanta_rss": qo["rss"],
+            "salt_rounds": st, "quanta_rounds": qt, "api": a, "api_ratio": s / a,
+            "salt_idle": so["idle_cpu"], "quanta_idle": qo["idle_cpu"]}
 
 
 def main() -> None:
@@ -252,12 +308,13 @@ def main() -> None:
     print(f"# {machine()}; {ver}")
     rs = [run(k, a.rounds, bin_dir) for k in ks]
     print("| K | salt '*' test.ping | quanta ask (CLI) | Salt / quanta ask | Consumer API question | Salt / API "
-          "| RSS per salt-minion | RSS per quanta agent |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| RSS per salt-minion | RSS per quanta agent | idle CPU, K minions | idle CPU, K agents |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rs:
         print(f"| {r['k']} | {r['salt']:.2f} s | {r['quanta']:.2f} s | {r['ratio']:.1f} | {r['api']:.3f} s | "
               f"{r['api_ratio']:.1f} | "
-              f"{r['salt_rss'] / 2**20:.0f} MB | {r['quanta_rss'] / 2**20:.0f} MB |")
+              f"{r['salt_rss'] / 2**20:.0f} MB | {r['quanta_rss'] / 2**20:.0f} MB | "
+              f"{r['salt_idle']:.2f} CPU s/s | {r['quanta_idle']:.3f} CPU s/s |")
     r = rs[-1]
     print(f"peer_salt K={r['k']} salt={r['salt']:.2f}s quanta={r['quanta']:.2f}s "
           f"api={r['api']:.3f}s api_ratio={r['api_ratio']:.1f} agent_rss={r['quanta_rss'] / 2**20:.0f}MB "
