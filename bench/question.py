@@ -27,6 +27,8 @@ from _harness import BenchServer, cpu_delta, cpu_of, machine, sim_procs, wait_un
 from floor import measure_floor  # noqa: E402
 
 PAYLOAD = "@x = Device.GetSummary();"
+SETTLE = 2.0  # seconds between rounds: the Switch acknowledges answers once they pause (250 ms), and
+# those acknowledgements belong to the round that caused them, not to the next one
 
 
 def commit_times(server: BenchServer, iid: int, t0: float) -> list[float]:
@@ -96,7 +98,7 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                         print(f"#  round {r + 1}: {e2e:.3f}s (issue call {issued:.3f}s, first {ts[0]:.3f}, "
                               f"50% {row['p50']:.3f}, 95% {row['p95']:.3f}, 100% {ts[-1]:.3f}); CPU " +
                               ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())), flush=True)
-                    time.sleep(0.5)
+                    time.sleep(SETTLE)  # let the previous round's acknowledgements (sent when answers pause) pass
         finally:
             runner.stop()
             server.stop()
