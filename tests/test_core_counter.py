@@ -84,10 +84,7 @@ def test_a_wrong_count_never_finishes_early(db_url: str) -> None:
     engine = _setup(db_url, devs)
 
     async def run() -> None:
-        core = Core(engine, engine, b"s" * 32)
-        await core.start()
-        core.poke_all = _nothing  # type: ignore[method-assign]
-        await core.issue(7)
+        core = await _issued_core(engine)
         core.unanswered[7] = 1  # corrupt it
         await core.ingest(_Link(), _batch(1, ["a"]))
         assert 7 in core.active and core.unanswered[7] == 2
@@ -106,10 +103,7 @@ def test_wait_returns_the_moment_the_instruction_ends(db_url: str) -> None:
     engine = _setup(db_url, devs)
 
     async def run() -> None:
-        core = Core(engine, engine, b"s" * 32)
-        await core.start()
-        core.poke_all = _nothing  # type: ignore[method-assign]
-        await core.issue(7)
+        core = await _issued_core(engine)
         t = time.monotonic()
         assert await core.wait(7, 0.2) is False  # nobody answered: the whole timeout
         assert time.monotonic() - t >= 0.19
@@ -134,10 +128,7 @@ def test_cancel_ends_a_wait_with_status_cancelled(db_url: str) -> None:
     engine = _setup(db_url, ["a", "b"])
 
     async def run() -> None:
-        core = Core(engine, engine, b"s" * 32)
-        await core.start()
-        core.poke_all = _nothing  # type: ignore[method-assign]
-        await core.issue(7)
+        core = await _issued_core(engine)
         waiter = asyncio.create_task(core.wait(7, 30))
         await asyncio.sleep(0.05)
         assert await core.cancel(7) is True
@@ -153,3 +144,12 @@ def test_cancel_ends_a_wait_with_status_cancelled(db_url: str) -> None:
 
 async def _nothing() -> None:
     return None
+
+
+async def _issued_core(engine):  # type: ignore[no-untyped-def]
+    """A started Core (no Switches to poke) with instruction 7 issued."""
+    core = Core(engine, engine, b"s" * 32)
+    await core.start()
+    core.poke_all = _nothing  # type: ignore[method-assign]
+    await core.issue(7)
+    return core
