@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import psutil  # noqa: E402
 
-from _harness import PY, BenchServer, free_port, machine, wait_until  # noqa: E402
+from _harness import PY, BenchServer, cpu_of, free_port, machine, wait_until  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SALT_VENV = HERE / ".venv-salt"
@@ -54,12 +54,32 @@ def ensure_salt() -> Path:
     return bin_dir
 
 
-def tree_rss(pid: int) -> int:
-    try:
-        p = psutil.Process(pid)
-        return sum(x.memory_info().rss for x in [p, *p.children(recursive=True)])
-    except psutil.Error:
+def process_tree(procs: list[subprocess.Popen[bytes]]) -> list[psutil.Process]:
+    """Each process with every descendant it has now (gone ones left out)."""
+    out: list[psutil.Process] = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(p.pid)
+            out += [root, *root.children(recursive=True)]
+    return out
+
+
+def rss_per_agent(fleet: list[subprocess.Popen[bytes]]) -> float:
+    """Mean RSS of one fleet member with its whole process tree."""
+    def rss(p: subprocess.Popen[bytes]) -> int:
+        with contextlib.suppress(psutil.Error):
+            return sum(x.memory_info().rss for x in process_tree([p]))
         return 0
+
+    return statistics.mean(rss(p) for p in fleet)
+
+
+def idle_cpu(fleet: list[subprocess.Popen[bytes]], seconds: float = IDLE_WINDOW) -> float:
+    """CPU seconds per second that a fleet's processes use while nobody asks anything."""
+    procs = {str(x.pid): x for x in process_tree(fleet)}
+    c0 = sum(cpu_of(procs).values())
+    time.sleep(seconds)
+    return (sum(cpu_of(procs).values()) - c0) / seconds
 
 
 def timed(argv: list[str], **kw) -> tuple[float, subprocess.CompletedProcess[str]]:  # type: ignore[no-untyped-def]
@@ -115,18 +135,15 @@ class SaltSide:
             time.sleep(2)
         raise TimeoutError(f"only some of {self.k} salt minions answer")
 
-    def rss_per_agent(self) -> float:
-        return statistics.mean(tree_rss(p.pid) for p in self.minions)
+    @property
+    def fleet(self) -> list[subprocess.Popen[bytes]]:
+        return self.minions
 
     def stop(self) -> None:
         # Salt's daemons fork workers that may leave the process group: collect every
         # descendant first, kill them all, and wait until they are gone, so that nothing of
         # Salt still runs while the Quanta side is measured.
-        tree: list[psutil.Process] = []
-        for p in self.minions + self.procs:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(p.pid)
-                tree += [root, *root.children(recursive=True)]
+        tree = process_tree(self.minions + self.procs)
         for p in self.minions + self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
@@ -220,8 +237,9 @@ class QuantaSide:
         if n != self.k:
             raise TimeoutError(f"only {n} of {self.k} agents answered the warm-up question")
 
-    def rss_per_agent(self) -> float:
-        return statistics.mean(tree_rss(p.pid) for p in self.agents)
+    @property
+    def fleet(self) -> list[subprocess.Popen[bytes]]:
+        return self.agents
 
     def stop(self) -> None:
         if getattr(self, "api", None) is not None:
@@ -232,26 +250,6 @@ class QuantaSide:
         self.server.stop()
 
 
-def tree_cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            for x in [p, *p.children(recursive=True)]:
-                c = x.cpu_times()
-                total += c.user + c.system
-        except psutil.Error:
-            pass
-    return total
-
-
-def idle_cpu(pids: list[int], seconds: float = IDLE_WINDOW) -> float:
-    """CPU seconds per second that the fleet's processes use while nobody asks anything."""
-    c0 = tree_cpu(pids)
-    time.sleep(seconds)
-    return (tree_cpu(pids) - c0) / seconds
-
-
 def measure(side: SaltSide | QuantaSide, k: int, rounds: int, timed_calls: list) -> dict:  # type: ignore[type-arg]
     """Start one side's fleet, wait until all K answer, measure, stop it. Each side has the
     machine to itself: the other's idle fleet (Salt's minions keep the CPU busy for a while after
@@ -260,8 +258,7 @@ def measure(side: SaltSide | QuantaSide, k: int, rounds: int, timed_calls: list)
         side.start()
         side.wait_ready()
         time.sleep(SETTLE)
-        pids = [p.pid for p in (side.minions if isinstance(side, SaltSide) else side.agents)]
-        out: dict = {"rss": side.rss_per_agent(), "idle_cpu": idle_cpu(pids)}  # type: ignore[type-arg]
+        out: dict = {"rss": rss_per_agent(side.fleet), "idle_cpu": idle_cpu(side.fleet)}  # type: ignore[type-arg]
         out["busy"] = []
         for name, call in timed_calls:
             out[name] = []

@@ -79,13 +79,14 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
             procs = {**server.components(), **sim_procs(runner)}
             time.sleep(1.0)
             out = []
+            ttl = max(60, n // 500)  # gather window
             with ConsumerClient.for_data_dir(server.root) as api:
                 for r in range(rounds):
                     c0 = cpu_of(procs)
                     t0 = time.time()
-                    iid = api.issue(PAYLOAD, instruction_ttl=max(60, n // 500))["id"]
+                    iid = api.issue(PAYLOAD, instruction_ttl=ttl)["id"]
                     issued = time.time() - t0
-                    s = api.wait(iid, max(60, n // 500) + 30)  # long poll: no status polling load
+                    s = api.wait(iid, ttl + 30)  # long poll: no status polling load
                     e2e = time.time() - t0
                     cpu = cpu_delta(c0, cpu_of(procs))
                     assert s["states"] == {"success": n}, s

@@ -54,12 +54,16 @@ def pki(tmp_path: Path) -> Pki:
     return pki
 
 
+def _switch(pki: Pki, port: int) -> Switch:
+    """A Switch whose Core link points at a closed port (it would keep retrying it)."""
+    return Switch(name="s1", host="localhost", port=port, bind_host="127.0.0.1", pki=pki,
+                  core_url=f"ws://127.0.0.1:{free_port()}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 20)
+
+
 @contextlib.asynccontextmanager
 async def _running_switch(pki: Pki, port: int) -> AsyncIterator[Switch]:
-    """A Switch serving on ``port`` until the block ends. Its Core link points at a closed port:
-    it keeps retrying it, which these tests do not need."""
-    sw = Switch(name="s1", host="localhost", port=port, bind_host="127.0.0.1", pki=pki,
-                core_url=f"ws://127.0.0.1:{free_port()}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 20)
+    """A Switch serving on ``port`` until the block ends; these tests do not need its Core link."""
+    sw = _switch(pki, port)
     stop = asyncio.Event()
     task = asyncio.create_task(sw.serve(stop))
     for _ in range(100):
@@ -189,8 +193,7 @@ class _CoreLink:
 def test_answers_go_at_once_on_an_idle_link_and_gather_while_a_batch_is_unacknowledged(pki: Pki) -> None:
     """No timer wait for the first or last answers of a question; under load, batches grow while
     the Core commits the one in flight. Every answer is sent exactly once, in order."""
-    sw = Switch(name="s1", host="localhost", port=1, bind_host="127.0.0.1", pki=pki,
-                core_url="ws://127.0.0.1:1/Core/Switch", secret=b"k" * 32, max_message_bytes=1 << 20)
+    sw = _switch(pki, 1)  # never served: its Core link is the stand-in below
     link = _CoreLink()
     sw._link = link
 

@@ -322,9 +322,13 @@ class ConsumerApi:
                     devices=plan.devices, status=status, instruction_set=plan.instruction_set)
         return iid, status
 
+    async def call_core(self, iid: int, verb: str, **kw: Any) -> dict[str, Any]:
+        """``POST /Core/Instructions/{iid}/{verb}`` at this stack's Core (see ins.call_core)."""
+        return await ins.call_core(self.core_url, self.core_token, iid, verb, verify=self.ca_file, **kw)
+
     async def core_issue(self, iid: int) -> dict[str, Any]:
         try:
-            return await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file)
+            return await self.call_core(iid, "Issue")
         except ins.CoreError as e:
             raise HTTPException(502, str(e)) from None
 
@@ -446,7 +450,7 @@ def create_app(api: ConsumerApi) -> FastAPI:
                 raise HTTPException(409, f"instruction {instruction_id} changed meanwhile; look again")
         elif row["status"] == "active":
             try:
-                await ins.call_core(api.core_url, api.core_token, instruction_id, "Cancel", verify=api.ca_file)
+                await api.call_core(instruction_id, "Cancel")
             except ins.CoreRefused:
                 raise HTTPException(409, f"instruction {instruction_id} is no longer active") from None
             except ins.CoreError as e:
@@ -500,8 +504,7 @@ def create_app(api: ConsumerApi) -> FastAPI:
                 return s
             if s.status == "active" and not core_ended:
                 try:
-                    r = await ins.call_core(api.core_url, api.core_token, instruction_id, "Wait",
-                                            verify=api.ca_file, params={"timeout": round(min(left, CORE_WAIT), 3)},
+                    r = await api.call_core(instruction_id, "Wait", params={"timeout": round(min(left, CORE_WAIT), 3)},
                                             timeout=CORE_WAIT + 10)
                     # Ended there: the status says so now, unless this Core does not hold it (a
                     # Core restarting, another Response Stack's): then look at the status below.
