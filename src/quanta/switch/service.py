@@ -298,7 +298,8 @@ class Switch:
         self.stats["connects"] += 1
         self._offline.discard(conn.device_id)
         self._online[conn.device_id] = conn.info
-        conn.send(p.encode(p.Welcome(switch=self.name, heartbeat_seconds=HEARTBEAT)))
+        conn.send(p.encode(p.Welcome(switch=self.name, heartbeat_seconds=HEARTBEAT,
+                                     max_message_bytes=self.max_message_bytes)))
         now = time.monotonic()
         for iid, act in self.active.items():
             if act.scope is None or conn.device_id in act.scope:

@@ -23,6 +23,50 @@ from typing import Any, Literal
 
 import msgspec
 
+__all__ = [
+    "ProtocolError",
+    "Hello",
+    "Welcome",
+    "SignedInstruction",
+    "InstructionBody",
+    "Deliver",
+    "Response",
+    "ResponseAck",
+    "Cancel",
+    "DeviceInfo",
+    "SwitchHello",
+    "DevicesOnline",
+    "DevicesOffline",
+    "FetchWork",
+    "WorkItem",
+    "Work",
+    "Delivered",
+    "DeviceResponse",
+    "ResponseBatch",
+    "BatchAck",
+    "decode_from_agent",
+    "decode_from_switch_for_agent",
+    "decode_from_switch",
+    "decode_from_core",
+    "encode_body",
+    "decode_body",
+    "make_poke",
+    "check_poke",
+    "internal_token",
+    "PROTOCOL_VERSION",
+    "Status",
+    "AgentToSwitch",
+    "SwitchToAgent",
+    "SwitchToCore",
+    "CoreToSwitch",
+    "encode",
+    "POKE_SIZE",
+    "POKE_MAX_SKEW_MS",
+    "ALL_STATES",
+    "FINAL_STATES",
+    "LIVE_STATES",
+]
+
 PROTOCOL_VERSION = 1
 
 Status = Literal["success", "nocontent", "error", "notapplicable", "notimplemented"]
@@ -47,6 +91,9 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     switch: str
     heartbeat_seconds: float
+    # The largest message the Switch accepts from this agent: a response whose encoding is larger
+    # is never sent as it is (the agent answers with an error instead; see the agent runtime).
+    max_message_bytes: int = 1024 * 1024
 
 
 class SignedInstruction(msgspec.Struct, frozen=True):
