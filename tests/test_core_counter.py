@@ -19,7 +19,7 @@ def _setup(db_url: str, devices: list[str]):  # type: ignore[no-untyped-def]
     now = time.time()
     with e.begin() as c:
         for d in devices:
-            c.execute(tables.devices.insert().values(device_id=d, cert_serial=f"s-{d}", tags={}, online=True,
+            c.execute(tables.devices.insert().values(device_id=d, cert_serial=f"s-{d}", tags={}, online=True, switch="sw",
                                                      first_seen=now))
         c.execute(tables.instructions.insert().values(
             id=7, name="q", kind="question", payload="@x = Device.GetSummary();", parameters={}, scope=devices,
@@ -28,11 +28,12 @@ def _setup(db_url: str, devices: list[str]):  # type: ignore[no-untyped-def]
     return e
 
 
-class _Link:
+class _Link:  # a Switch link whose devices said hello through switch "sw" (see _setup)
     name = "sw"
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
+        self.devices: set[str] = set()  # announced on this link: none (the database knows their Switch)
 
     async def send(self, data: bytes) -> None:
         self.sent.append(data)

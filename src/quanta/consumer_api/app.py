@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import sqlalchemy as sa
@@ -29,6 +29,7 @@ from quanta import protocol as p
 from quanta.background import MAX_CONTENT_BYTES, ContentError, ContentStore
 from quanta import instructions as ins
 from quanta import rbac
+from quanta.db import held as held_store
 from quanta.db import store
 from quanta.definitions import DefinitionError, bind_parameters, load_definition
 from quanta.definitions import packs
@@ -140,6 +141,27 @@ class ResultsPage(BaseModel):
     offset: int
     limit: int
     items: list[DeviceResult]
+    # Answers kept but not counted, by kind (late: after the instruction ended; refused: see
+    # /Held). Their rows are at /Consumer/Instructions/{id}/Held.
+    held: dict[str, int] = {}
+
+
+class HeldAnswer(BaseModel):
+    id: int
+    kind: str
+    device: str
+    switch: str
+    status: str
+    reason: str
+    received_at: float
+    columns: list[str] = []
+    rows: list[list[Any]] = []
+    error: str | None = None
+
+
+class HeldPage(BaseModel):
+    instruction_id: int
+    items: list[HeldAnswer]
 
 
 class Device(BaseModel):
@@ -578,9 +600,27 @@ def create_app(api: ConsumerApi) -> FastAPI:
         if state is not None and state not in p.ALL_STATES:
             raise HTTPException(422, f"unknown state {state!r}; known: {', '.join(p.ALL_STATES)}")
         rows = await api.db(store.page_results, api.responses, instruction_id, offset, limit, state)
-        return ResultsPage(instruction_id=instruction_id, offset=offset, limit=limit,
+        held = await api.db(held_store.held_counts, api.responses, instruction_id)
+        return ResultsPage(instruction_id=instruction_id, offset=offset, limit=limit, held=held,
                            items=[DeviceResult(device=r["device_id"], status=r["state"], columns=r["columns"],
                                                rows=r["rows"], error=r["error"]) for r in rows])
+
+    @app.get("/Consumer/Instructions/{instruction_id}/Held", response_model=HeldPage)
+    async def held(instruction_id: int, user: CurrentUser,
+                   kind: Annotated[Literal["late", "refused"], Query()] = "late",
+                   offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+                   limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> HeldPage:
+        """Answers the Core kept without counting them: late ones (after the instruction ended), or,
+        for Full Administrators, refused ones (not storable, from the wrong Switch, or for an unknown
+        instruction; their content came from a device and may be hostile)."""
+        if kind == "refused" and user.role != ADMIN_ROLE:
+            raise HTTPException(403, "refused answers are for Full Administrators")
+        rows = await api.db(held_store.list_held, api.responses, instruction_id=instruction_id, kind=kind,
+                            offset=offset, limit=limit)
+        return HeldPage(instruction_id=instruction_id, items=[
+            HeldAnswer(id=r["id"], kind=r["kind"], device=r["device_id"], switch=r["switch"], status=r["state"],
+                       reason=r["reason"], received_at=r["received_at"], columns=r["response"].get("columns", []),
+                       rows=r["response"].get("rows", []), error=r["response"].get("error")) for r in rows])
 
     @app.get("/Consumer/Instructions/{instruction_id}/Stream")
     async def stream(instruction_id: int, user: CurrentUser, request: Request) -> StreamingResponse:

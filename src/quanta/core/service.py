@@ -12,17 +12,27 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
 from quanta import protocol as p
+from quanta.db import held as held_store
 from quanta.db import store
 from quanta.settings import poke_port
 
 log = logging.getLogger("quanta.core")
 T = TypeVar("T")
+
+HELD_LOG_INTERVAL = 10.0  # held answers are logged at most this often (with their counts)
+
+
+def _short(e: BaseException) -> str:
+    text = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
 
 STATUS_TO_STATE = {"success": "success", "nocontent": "nocontent", "error": "error",
                    "notapplicable": "notapplicable", "notimplemented": "notapplicable"}
@@ -56,6 +66,8 @@ class Core:
         self._tasks: list[asyncio.Task[None]] = []
         self._finish_lock = asyncio.Lock()
         self._ended: dict[int, asyncio.Event] = {}  # active instruction -> set when it ends (see wait)
+        self.stats: Counter[str] = Counter()  # held_late, held_refused, devices_refused
+        self._held_logged = -HELD_LOG_INTERVAL
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
@@ -213,8 +225,7 @@ class Core:
 
     async def handle(self, link: SwitchLink, msg: Any) -> None:
         if isinstance(msg, p.DevicesOnline):
-            link.devices.update(d.device_id for d in msg.devices)
-            await self.db(store.devices_online, self.master, link.name, msg.devices)
+            await self.devices_online(link, msg)
         elif isinstance(msg, p.DevicesOffline):
             link.devices.difference_update(msg.device_ids)
             await self.db(store.devices_offline, self.master, link.name, msg.device_ids)
@@ -227,16 +238,56 @@ class Core:
         elif isinstance(msg, p.SwitchHello):
             raise p.ProtocolError("duplicate switch hello")
 
+    async def devices_online(self, link: SwitchLink, msg: p.DevicesOnline) -> None:
+        """Register the devices a Switch announces (enrolled ones only) and tell it, per device, which
+        active instructions are already answered, so that none is delivered to it again."""
+        refused = list(await self.db(store.devices_online, self.master, link.name, msg.devices) or ())
+        if refused:
+            self.stats["devices_refused"] += len(refused)
+            log.warning("switch %s announced %d devices that are not enrolled (or are revoked); refused, "
+                        "not registered: %s", link.name, len(refused), ", ".join(refused[:10]) +
+                        (" ..." if len(refused) > 10 else ""))
+        gone = set(refused)
+        ids = [d.device_id for d in msg.devices if d.device_id not in gone]
+        link.devices.update(ids)
+        answered: dict[str, list[int]] = {}
+        if self.active and ids:
+            answered = await self.db(store.answered_by_device, self.responses, list(self.active), ids)
+        if msg.seq:
+            await self._safe_send(link, p.encode(p.OnlineAck(seq=msg.seq, answered=answered, refused=refused)))
+
     async def _send_work(self, link: SwitchLink, known: Any) -> None:
         known_set = set(known)
         items = [w for i, w in self.active.items() if i not in known_set]
         await self._safe_send(link, p.encode(p.Work(items=items, active=list(self.active))))
 
     async def ingest(self, link: SwitchLink, batch: p.ResponseBatch) -> None:
-        rows = [dict(instruction_id=r.response.instruction_id, device_id=r.device_id,
-                     state=STATUS_TO_STATE[r.response.status], columns=r.response.columns,
-                     rows=r.response.rows, error=r.response.error) for r in batch.responses]
-        answered = await self.db(store.ingest_counted, self.responses, rows)
+        """Commit a batch of answers, then acknowledge it. Nothing in one answer can stop the batch
+        or the link: an answer is *held* instead of counted when its instruction has ended (late:
+        final counts stay final), when its device is not on this Switch's link, when its
+        instruction is unknown, or when the database refuses it (see ``quanta.db.held``)."""
+        held: list[dict[str, Any]] = []
+        responses = await self._from_this_link(link, batch.responses, held)
+        ended = await self._ended_instructions(responses)
+        # Split by the instruction being active here with no await before the write is queued on
+        # the writer thread: finish() removes an instruction from ``active`` before it queues the
+        # expiry, so every answer counted was queued before its instruction ended.
+        rows: list[dict[str, Any]] = []
+        for r in responses:
+            iid = r.response.instruction_id
+            if iid in self.active:
+                rows.append(dict(instruction_id=iid, device_id=r.device_id, state=STATUS_TO_STATE[r.response.status],
+                                 columns=r.response.columns, rows=r.response.rows, error=r.response.error,
+                                 _response=r.response))
+            else:
+                status = ended.get(iid)
+                held.append(self._held("late" if status else "refused", link, r,
+                                       f"instruction {iid} had already ended ({status})" if status
+                                       else f"instruction {iid} is unknown"))
+        answered, refused = await self.db(self._store_answers, link.name, rows)
+        held += refused
+        if held:
+            await self._hold(link, held)
         # Committed: only now may the Switch (and through it the agent) forget these responses.
         await self._safe_send(link, p.encode(p.BatchAck(batch_id=batch.batch_id)))
         for iid, n in answered.items():
@@ -250,6 +301,84 @@ class Core:
                 self.unanswered[iid] = left
                 if left == 0:
                     await self.finish(iid, "every targeted device answered")
+
+    async def _from_this_link(self, link: SwitchLink, responses: list[p.DeviceResponse],
+                              held: list[dict[str, Any]]) -> list[p.DeviceResponse]:
+        """The answers of devices that said hello through this link (or whose last hello was through
+        this Switch: an answer may be re-sent after its device went away). The others are held."""
+        strangers = {r.device_id for r in responses if r.device_id not in link.devices}
+        if not strangers:
+            return responses
+        last = await self.db(store.device_switches, self.master, list(strangers))
+        strangers = {d for d in strangers if last.get(d) != link.name}
+        if not strangers:
+            return responses
+        for r in responses:
+            if r.device_id in strangers:
+                held.append(self._held("refused", link, r, f"device {r.device_id!r} is not connected "
+                                                             f"through switch {link.name!r}"))
+        return [r for r in responses if r.device_id not in strangers]
+
+    async def _ended_instructions(self, responses: list[p.DeviceResponse]) -> dict[int, str]:
+        """Status of each answered instruction that is not active here (ended, or unknown: absent)."""
+        others = {r.response.instruction_id for r in responses} - self.active.keys()
+        if not others:
+            return {}
+        return await self.db(store.instruction_statuses, self.master, list(others))
+
+    @staticmethod
+    def _held(kind: str, link: SwitchLink, r: p.DeviceResponse, reason: str) -> dict[str, Any]:
+        return dict(kind=kind, instruction_id=r.response.instruction_id, device_id=r.device_id, switch=link.name,
+                    state=STATUS_TO_STATE[r.response.status], reason=reason, response=r.response)
+
+    def _store_answers(self, switch: str, rows: list[dict[str, Any]]
+                       ) -> tuple[dict[int, int], list[dict[str, Any]]]:
+        """On the writer thread: the batch in one transaction; if the database refuses it (not an
+        outage: those are retried by ``db``), each answer alone, so only the ones it refuses are held
+        (returned), each replaced by an ``error`` naming why, so that its device still ends in a final
+        state. Returns the answered counts per instruction (see ``store.ingest_counted``)."""
+        try:
+            return store.ingest_counted(self.responses, rows), []
+        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a value the database cannot take
+            log.warning("switch %s: the database refused a batch of %d answers (%s); storing them one by one",
+                        switch, len(rows), _short(e))
+        out: dict[int, int] = {}
+        held: list[dict[str, Any]] = []
+        for row in rows:
+            try:
+                got = store.ingest_counted(self.responses, [row])
+            except (sa.exc.OperationalError, sa.exc.InterfaceError):
+                raise
+            except Exception as e:  # noqa: BLE001
+                reason = f"the database refused it: {_short(e)}"
+                held.append(dict(kind="refused", instruction_id=row["instruction_id"], device_id=row["device_id"],
+                                 switch=switch, state=row["state"], reason=reason, response=row["_response"]))
+                got = store.ingest_counted(self.responses, [dict(
+                    row, state="error", columns=[], rows=[], error=f"answer could not be stored ({reason}); "
+                                                                  "held for administrators")])
+            for iid, n in got.items():
+                out[iid] = -1 if n < 0 or out.get(iid, 0) < 0 else out.get(iid, 0) + n
+        return out, held
+
+    async def _hold(self, link: SwitchLink, held: list[dict[str, Any]]) -> None:
+        try:
+            await self.db(held_store.hold, self.responses, held)
+        except Exception as e:  # noqa: BLE001 - never let keeping a bad answer stop the good ones
+            log.error("switch %s: could not keep %d held answers: %s", link.name, len(held), _short(e))
+            return
+        kinds: dict[str, int] = {}
+        for h in held:
+            kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
+            self.stats[f"held_{h['kind']}"] += 1
+        now = time.monotonic()
+        if now - self._held_logged >= HELD_LOG_INTERVAL:  # one line per interval, whatever the flood
+            self._held_logged = now
+            first = held[0]
+            log.warning("switch %s: held %s answers (not counted); e.g. device %s, instruction %d: %s",
+                        link.name, ", ".join(f"{n} {k}" for k, n in kinds.items()), first["device_id"],
+                        first["instruction_id"], first["reason"])
 
     async def _safe_send(self, link: SwitchLink, data: bytes) -> None:
         try:
@@ -275,6 +404,9 @@ class Core:
                 n = await self.db(store.purge_expired, self.responses)
                 if n:
                     log.info("purged %d responses past their response TTL", n)
+                n = await self.db(held_store.purge_held, self.responses)
+                if n:
+                    log.info("purged %d held answers past their keeping time", n)
             except Exception:
                 log.exception("purge failed; will retry")
             await asyncio.sleep(self._purge_interval)

@@ -348,6 +348,49 @@ def unanswered_many(engine: sa.Engine, instruction_ids: Sequence[int]) -> dict[i
     return out
 
 
+def answered_by_device(engine: sa.Engine, instruction_ids: Sequence[int], device_ids: Sequence[str],
+                       chunk: int = 500) -> dict[str, list[int]]:
+    """device id -> which of ``instruction_ids`` it has already answered (an answered state is
+    committed). The Switch uses it not to deliver an instruction again to a device whose journal was
+    lost, so that an action never runs twice."""
+    out: dict[str, list[int]] = {}
+    if not instruction_ids or not device_ids:
+        return out
+    iids = list(instruction_ids)
+    with engine.connect() as c:
+        for i in range(0, len(device_ids), chunk):
+            part = list(device_ids[i:i + chunk])
+            for iid, dev in c.execute(sa.select(results.c.instruction_id, results.c.device_id).where(
+                    results.c.instruction_id.in_(iids), results.c.device_id.in_(part),
+                    results.c.state.in_(ANSWER_STATES))):
+                out.setdefault(dev, []).append(int(iid))
+    return out
+
+
+def device_switches(engine: sa.Engine, device_ids: Sequence[str]) -> dict[str, str | None]:
+    """device id -> the Switch it last said hello through (None: never), for known devices."""
+    out: dict[str, str | None] = {}
+    ids = list(device_ids)
+    with engine.connect() as c:
+        for i in range(0, len(ids), 500):
+            for dev, sw in c.execute(sa.select(devices.c.device_id, devices.c.switch)
+                                     .where(devices.c.device_id.in_(ids[i:i + 500]))):
+                out[dev] = sw
+    return out
+
+
+def instruction_statuses(engine: sa.Engine, instruction_ids: Sequence[int]) -> dict[int, str]:
+    """instruction id -> status, for those that exist."""
+    ids = list(instruction_ids)
+    out: dict[int, str] = {}
+    with engine.connect() as c:
+        for i in range(0, len(ids), 500):
+            for iid, status in c.execute(sa.select(instructions.c.id, instructions.c.status)
+                                         .where(instructions.c.id.in_(ids[i:i + 500]))):
+                out[int(iid)] = status
+    return out
+
+
 def page_results(engine: sa.Engine, instruction_id: int, offset: int, limit: int,
                  state: str | None = None) -> list[dict[str, Any]]:
     q = (sa.select(results).where(results.c.instruction_id == instruction_id)

@@ -149,6 +149,25 @@ results = sa.Table(
 )
 sa.Index("ix_results_state", results.c.instruction_id, results.c.state)
 
+# Answers the Core kept but did not count: "late" (the instruction had already ended: its final
+# counts stay final) or "refused" (it could not be stored, came through a Switch link the device
+# is not on, or names an unknown instruction). Kept for administrators until ``expires_at``.
+held_responses = sa.Table(
+    "held_responses", responses,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # late | refused
+    sa.Column("instruction_id", sa.Integer, nullable=False),
+    sa.Column("device_id", sa.String(255), nullable=False),
+    sa.Column("switch", sa.String(128), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # the state the answer carried
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("response", sa.LargeBinary, nullable=False),  # the Response as msgpack
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+sa.Index("ix_held_responses_instruction", held_responses.c.instruction_id, held_responses.c.kind)
+sa.Index("ix_held_responses_expires", held_responses.c.expires_at)
+
 
 # --------------------------------------------------------------- definitions, packs, RBAC
 # Trusted publishers: only packs signed by one of these keys are imported.

@@ -10,7 +10,7 @@ Flows:
 * Switch -> agent : :class:`Welcome`, :class:`Deliver`, :class:`ResponseAck`, :class:`Cancel`
 * Switch -> Core  : :class:`SwitchHello`, :class:`DevicesOnline`, :class:`DevicesOffline`,
   :class:`FetchWork`, :class:`Delivered`, :class:`ResponseBatch`
-* Core  -> Switch : :class:`Work`, :class:`BatchAck`, :class:`Cancel`
+* Core  -> Switch : :class:`Work`, :class:`BatchAck`, :class:`Cancel`, :class:`OnlineAck`
 """
 
 from __future__ import annotations
@@ -19,12 +19,18 @@ import hashlib
 import hmac
 import struct
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 __all__ = [
     "ProtocolError",
+    "ResponseRefused",
+    "MAX_ID",
+    "MAX_ROWS",
+    "MAX_COLUMNS",
+    "MAX_TAGS",
     "Hello",
     "Welcome",
     "SignedInstruction",
@@ -36,6 +42,7 @@ __all__ = [
     "DeviceInfo",
     "SwitchHello",
     "DevicesOnline",
+    "OnlineAck",
     "DevicesOffline",
     "FetchWork",
     "WorkItem",
@@ -74,18 +81,47 @@ Status = Literal["success", "nocontent", "error", "notapplicable", "notimplement
 from quanta.states import ALL_STATES, FINAL_STATES, LIVE_STATES  # noqa: E402,F401
 
 
+# ------------------------------------------------------------------------ bounds
+# Every field a device can fill is typed and bounded here, at decode: a message that does not fit
+# is refused where it arrives (see ``decode_from_agent``), so nothing a device sends can raise
+# further in (in the Core's ingest, in the database, in the JSON encoder).
+MAX_ID = 2**31 - 1  # instruction ids are the Master database's INTEGER keys
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"  # no NUL, no control characters (names, versions, headers)
+_NO_NUL = r"^[^\x00]*$"  # no NUL (PostgreSQL text refuses it): error texts, column names
+MAX_ROWS = 100_000
+MAX_COLUMNS = 256
+MAX_TAGS = 64
+
+InstructionId = Annotated[int, Meta(ge=0, le=MAX_ID)]
+DeviceId = Annotated[str, Meta(min_length=1, max_length=255, pattern=_NO_CONTROL)]
+Name255 = Annotated[str, Meta(max_length=255, pattern=_NO_CONTROL)]
+Version = Annotated[str, Meta(max_length=64, pattern=_NO_CONTROL)]
+TagKey = Annotated[str, Meta(min_length=1, max_length=128, pattern=_NO_CONTROL)]
+TagValue = Annotated[str, Meta(max_length=1024, pattern=_NO_CONTROL)]
+Tags = Annotated[dict[TagKey, TagValue], Meta(max_length=MAX_TAGS)]
+ColumnName = Annotated[str, Meta(max_length=255, pattern=_NO_NUL)]
+ErrorText = Annotated[str, Meta(max_length=8192, pattern=_NO_NUL)]
+Position = Annotated[int, Meta(ge=0, le=MAX_ID)]
+# A result cell is a scalar: no maps (so no non-string keys), no nested arrays, no extension types,
+# no binary (a blob travels as its hex string, as ``quanta scale run --json`` shows it). Cell strings
+# may hold any Unicode (rows are stored as JSON, where NUL is an escape).
+Cell = None | bool | Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)] | float | str
+Row = Annotated[list[Cell], Meta(max_length=MAX_COLUMNS)]
+
+
 class ProtocolError(Exception):
     """A frame that is not a valid message; the connection that sent it is closed."""
 
 
 # --------------------------------------------------------------------- agent <-> Switch
 class Hello(msgspec.Struct, tag="hello", frozen=True):
-    device_id: str
-    fqdn: str
-    os: str
-    agent_version: str
-    tags: dict[str, str] = {}
-    protocol: int = PROTOCOL_VERSION
+    device_id: DeviceId
+    fqdn: Name255
+    os: Name255
+    agent_version: Version
+    tags: Tags = {}
+    protocol: Annotated[int, Meta(ge=0, le=2**16)] = PROTOCOL_VERSION
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):
@@ -118,22 +154,22 @@ class Deliver(msgspec.Struct, tag="deliver", frozen=True):
 
 
 class Response(msgspec.Struct, tag="response", frozen=True):
-    instruction_id: int
+    instruction_id: InstructionId
     status: Status
-    columns: list[str] = []
-    rows: list[list[Any]] = []
-    error: str | None = None
-    error_line: int | None = None
-    error_column: int | None = None
-    elapsed_ms: float = 0.0
+    columns: Annotated[list[ColumnName], Meta(max_length=MAX_COLUMNS)] = []
+    rows: Annotated[list[Row], Meta(max_length=MAX_ROWS)] = []
+    error: ErrorText | None = None
+    error_line: Position | None = None
+    error_column: Position | None = None
+    elapsed_ms: Annotated[float, Meta(ge=0, le=1e12)] = 0.0
 
 
 class ResponseAck(msgspec.Struct, tag="response_ack", frozen=True):
-    instruction_ids: list[int]
+    instruction_ids: list[InstructionId]
 
 
 class Cancel(msgspec.Struct, tag="cancel", frozen=True):
-    instruction_ids: list[int]
+    instruction_ids: list[InstructionId]
 
 
 AgentToSwitch = Hello | Response
@@ -142,31 +178,45 @@ SwitchToAgent = Welcome | Deliver | ResponseAck | Cancel
 
 # --------------------------------------------------------------------- Switch <-> Core
 class DeviceInfo(msgspec.Struct, frozen=True):
-    device_id: str
-    fqdn: str
-    os: str
-    agent_version: str
-    tags: dict[str, str] = {}
-    address: str = ""
+    device_id: DeviceId
+    fqdn: Name255
+    os: Name255
+    agent_version: Version
+    tags: Tags = {}
+    address: Annotated[str, Meta(max_length=128, pattern=_NO_CONTROL)] = ""
 
 
 class SwitchHello(msgspec.Struct, tag="switch_hello", frozen=True):
-    name: str
-    host: str
-    port: int
-    incarnation: str  # changes on every Switch start, so the Core can reset its view
+    name: Annotated[str, Meta(min_length=1, max_length=128, pattern=_NO_CONTROL)]
+    host: Name255
+    port: Annotated[int, Meta(ge=1, le=65535)]
+    incarnation: Annotated[str, Meta(max_length=64, pattern=_NO_CONTROL)]  # changes on every Switch start, so the Core can reset its view
 
 
 class DevicesOnline(msgspec.Struct, tag="online", frozen=True):
     devices: list[DeviceInfo]
+    # Non-zero: the Core answers with an OnlineAck of this number. The Switch delivers nothing to
+    # these devices until then (see OnlineAck).
+    seq: Annotated[int, Meta(ge=0, le=INT64_MAX)] = 0
+
+
+class OnlineAck(msgspec.Struct, tag="online_ack", frozen=True):
+    """The Core's answer to a DevicesOnline: which of the Core's active instructions each of those
+    devices has already answered (committed), so a device that lost its journal is never given an
+    action again; and which devices it refused (not enrolled, or revoked), whose connections the
+    Switch closes."""
+
+    seq: Annotated[int, Meta(ge=0, le=INT64_MAX)]
+    answered: dict[DeviceId, list[InstructionId]] = {}
+    refused: list[DeviceId] = []
 
 
 class DevicesOffline(msgspec.Struct, tag="offline", frozen=True):
-    device_ids: list[str]
+    device_ids: list[DeviceId]
 
 
 class FetchWork(msgspec.Struct, tag="fetch", frozen=True):
-    known: list[int] = []  # instruction ids the Switch already holds
+    known: list[InstructionId] = []  # instruction ids the Switch already holds
 
 
 class WorkItem(msgspec.Struct, frozen=True):
@@ -182,12 +232,12 @@ class Work(msgspec.Struct, tag="work", frozen=True):
 
 
 class Delivered(msgspec.Struct, tag="delivered", frozen=True):
-    instruction_id: int
-    device_ids: list[str]
+    instruction_id: InstructionId
+    device_ids: list[DeviceId]
 
 
 class DeviceResponse(msgspec.Struct, frozen=True):
-    device_id: str
+    device_id: DeviceId
     response: Response
 
 
@@ -201,7 +251,7 @@ class BatchAck(msgspec.Struct, tag="batch_ack", frozen=True):
 
 
 SwitchToCore = SwitchHello | DevicesOnline | DevicesOffline | FetchWork | Delivered | ResponseBatch
-CoreToSwitch = Work | BatchAck | Cancel
+CoreToSwitch = Work | BatchAck | Cancel | OnlineAck
 
 _enc = msgspec.msgpack.Encoder()
 encode = _enc.encode
@@ -220,8 +270,42 @@ def _decode(decoder: msgspec.msgpack.Decoder, data: bytes | memoryview) -> Any:
         raise ProtocolError(f"malformed message: {e}") from None
 
 
+class ResponseRefused(ProtocolError):
+    """A ``Response`` that does not fit its bounds (a value out of range, an extension type, a
+    map for a cell, a NUL in its error text, ...) but whose instruction id does.
+
+    It is refused as one message, not as a connection: the Switch records :attr:`response` in its
+    place (an ``error`` naming the reason), so the device's state for that instruction becomes
+    final, the Core acknowledges it, the agent's journal forgets the bad answer, and nothing is
+    re-sent in a loop.
+    """
+
+    def __init__(self, instruction_id: int, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response = Response(instruction_id=instruction_id, status="error",
+                                 error=f"response refused by the switch: {reason}")
+
+
+class _ResponseHead(msgspec.Struct, tag="response"):
+    instruction_id: InstructionId  # every other field is skipped, undecoded
+
+
+_dec_response_head = msgspec.msgpack.Decoder(_ResponseHead)
+
+
 def decode_from_agent(data: bytes | memoryview) -> Hello | Response:
-    return _decode(_dec_agent, data)
+    """One agent message. Raises :class:`ResponseRefused` for a response whose content is out of
+    bounds but whose instruction id is valid, :class:`ProtocolError` for anything else malformed."""
+    try:
+        return _dec_agent.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        reason = str(e)[:300]
+        try:
+            head = _dec_response_head.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise ProtocolError(f"malformed message: {reason}") from None
+        raise ResponseRefused(head.instruction_id, reason) from None
 
 
 def decode_from_switch_for_agent(data: bytes | memoryview) -> Welcome | Deliver | ResponseAck | Cancel:
@@ -232,7 +316,7 @@ def decode_from_switch(data: bytes | memoryview) -> Any:
     return _decode(_dec_core_side, data)
 
 
-def decode_from_core(data: bytes | memoryview) -> Work | BatchAck | Cancel:
+def decode_from_core(data: bytes | memoryview) -> Work | BatchAck | Cancel | OnlineAck:
     return _decode(_dec_switch_side, data)
 
 

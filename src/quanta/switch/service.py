@@ -64,6 +64,9 @@ ACK_MAX_DELAY = 1.0
 # acknowledges them) promote enough objects to trigger one every few questions. Full collections
 # are made rarer; young cyclic garbage is still collected as before.
 GC_THRESHOLDS = (10_000, 20, 1_000)
+# A device's answer refused for its content is logged at most this often (with a count), so a
+# fleet sending bad answers cannot flood the log.
+REFUSED_LOG_INTERVAL = 10.0
 
 
 @dataclass
@@ -119,6 +122,12 @@ class AgentConnection(WSListener):
                 return
             try:
                 msg = p.decode_from_agent(frame.get_payload_as_memoryview())
+            except p.ResponseRefused as e:  # one message refused, not the connection: see ResponseRefused
+                if self.device_id is None:
+                    self.close(WSCloseCode.PROTOCOL_ERROR, "response before hello")
+                    return
+                self.switch.refused_response(self, e)
+                return
             except p.ProtocolError as e:
                 self.close(WSCloseCode.PROTOCOL_ERROR, str(e))
                 return
@@ -205,6 +214,11 @@ class Switch:
         self.revoked_serials: set[int] = set()
         # outgoing buffers towards the Core
         self._online: dict[str, p.DeviceInfo] = {}
+        # Connected devices given nothing yet: device -> the DevicesOnline number whose OnlineAck they
+        # wait for (0: not announced yet). See on_online_ack.
+        self._unready: dict[str, int] = {}
+        self._online_seq = 0
+        self._answered_early: dict[int, set[str]] = {}  # instruction not held yet -> devices that answered it
         self._offline: set[str] = set()
         self._delivered: dict[int, dict[str, float]] = defaultdict(dict)  # instruction -> device -> when
         self._responses: list[p.DeviceResponse] = []
@@ -222,7 +236,9 @@ class Switch:
         self._tls: ssl.SSLContext | None = None
         self._tickets: TicketKeys | None = None
         self._crl_mtime = 0.0
-        self.stats = {"connects": 0, "responses": 0, "closed_bad_input": 0}
+        self.stats = {"connects": 0, "responses": 0, "closed_bad_input": 0, "refused_responses": 0}
+        self._refused_logged = -REFUSED_LOG_INTERVAL
+        self._refused_since_log = 0
 
     # ------------------------------------------------------------------ TLS / CRL
     def _build_context(self) -> ssl.SSLContext:
@@ -300,21 +316,65 @@ class Switch:
         self._online[conn.device_id] = conn.info
         conn.send(p.encode(p.Welcome(switch=self.name, heartbeat_seconds=HEARTBEAT,
                                      max_message_bytes=self.max_message_bytes)))
-        now = time.monotonic()
-        for iid, act in self.active.items():
-            if act.scope is None or conn.device_id in act.scope:
-                conn.send(act.frame)
-                act.delivered.add(conn.device_id)
-                pending = self._delivered[iid]
-                pending.pop(conn.device_id, None)  # keep each dict in time order
-                pending[conn.device_id] = now
+        # A new connection: what earlier ones were given may not have arrived. Nothing is delivered
+        # to it until the Core has said which active instructions this device already answered
+        # (OnlineAck): a device whose journal was lost must not run an action twice.
+        for act in self.active.values():
+            act.delivered.discard(conn.device_id)
+        self._unready[conn.device_id] = 0  # announced with the next DevicesOnline (see _announce)
 
     def on_disconnected(self, conn: AgentConnection) -> None:
         dev = conn.device_id
         if dev is not None and self.conns.get(dev) is conn:
             del self.conns[dev]
             self._online.pop(dev, None)
+            self._unready.pop(dev, None)
             self._offline.add(dev)
+
+    def _announce(self, infos: list[p.DeviceInfo]) -> p.DevicesOnline:
+        """The DevicesOnline for these devices, numbered: each waits for its OnlineAck."""
+        self._online_seq += 1
+        seq = self._online_seq
+        for info in infos:
+            if info.device_id in self._unready:
+                self._unready[info.device_id] = seq
+        return p.DevicesOnline(devices=infos, seq=seq)
+
+    def on_online_ack(self, ack: p.OnlineAck) -> None:
+        """The Core's word on devices announced with DevicesOnline ``ack.seq``: record what they have
+        already answered, close the refused ones, and deliver the rest what is due."""
+        for dev, iids in ack.answered.items():
+            for iid in iids:
+                act = self.active.get(iid)
+                if act is not None:
+                    act.answered.add(dev)
+                else:  # its Work has not arrived yet (e.g. after a Switch restart)
+                    self._answered_early.setdefault(iid, set()).add(dev)
+        refused = set(ack.refused)
+        for dev in refused:
+            conn = self.conns.get(dev)
+            if conn is not None:
+                conn.close(WSCloseCode.POLICY_VIOLATION, "device refused by the core: not enrolled, or revoked")
+        ready = [d for d, seq in self._unready.items() if seq == ack.seq]
+        for dev in ready:
+            del self._unready[dev]
+            conn = self.conns.get(dev)
+            if conn is not None and dev not in refused:
+                self._deliver_due(conn)
+
+    def _deliver_due(self, conn: AgentConnection) -> None:
+        """Send a ready connection every active instruction in its scope that its device has neither
+        answered nor been given on this connection."""
+        dev = conn.device_id
+        assert dev is not None
+        now = time.monotonic()
+        for iid, act in self.active.items():
+            if (act.scope is None or dev in act.scope) and dev not in act.answered and dev not in act.delivered:
+                conn.send(act.frame)
+                act.delivered.add(dev)
+                pending = self._delivered[iid]
+                pending.pop(dev, None)  # keep each dict in time order
+                pending[dev] = now
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
         self._last_response = time.monotonic()
@@ -331,24 +391,46 @@ class Switch:
         if not self._unacked or self._responses_bytes >= self.max_message_bytes or len(self._responses) >= 2000:
             self._flush_now.set()
 
+    def refused_response(self, conn: AgentConnection, refused: p.ResponseRefused) -> None:
+        """A device's answer that does not fit the protocol's bounds: recorded as that device's
+        ``error`` for the instruction (so it is final, acknowledged and never re-sent), logged at most
+        once per REFUSED_LOG_INTERVAL with the count since the last line."""
+        assert conn.device_id is not None
+        self.stats["refused_responses"] += 1
+        self._refused_since_log += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_LOG_INTERVAL:
+            log.warning("refused a response from device %s (%s:%s) for instruction %d: %s "
+                        "(%d refused since the last such line)", conn.device_id, conn.peer[0], conn.peer[1],
+                        refused.response.instruction_id, refused.reason, self._refused_since_log)
+            self._refused_logged, self._refused_since_log = now, 0
+        self.on_response(conn.device_id, refused.response, len(p.encode(refused.response)))
+
     # ------------------------------------------------------------------ core events
     def on_work(self, work: p.Work) -> None:
         live = set(work.active)
         for iid in [i for i in self.active if i not in live]:
             del self.active[iid]
+        for iid in [i for i in self._answered_early if i not in live]:
+            del self._answered_early[iid]
         now = time.time()
         for item in work.items:
             if item.id in self.active or item.expires_at <= now:
                 continue
             scope = frozenset(item.devices) if item.devices is not None else None
             act = ActiveInstruction(item, p.encode(p.Deliver(instruction=item.instruction)), scope)
+            act.answered.update(self._answered_early.pop(item.id, ()))
             self.active[item.id] = act
             targets = (self.conns.values() if scope is None else
                        (self.conns[d] for d in scope if d in self.conns))
             sent = []
+            unready, answered = self._unready, act.answered
             for conn in targets:
+                dev = conn.device_id
+                if dev in unready or dev in answered:  # see on_online_ack
+                    continue
                 conn.send(act.frame)
-                sent.append(conn.device_id)
+                sent.append(dev)
             act.delivered.update(sent)
             pending = self._delivered[item.id]  # a new instruction: nothing pending yet
             pending.update(dict.fromkeys(sent, time.monotonic()))  # type: ignore[arg-type]
@@ -420,7 +502,7 @@ class Switch:
     async def _flush_once(self) -> None:
         if self._online:
             infos, self._online = list(self._online.values()), {}
-            await self._send_core(p.DevicesOnline(devices=infos))
+            await self._send_core(self._announce(infos))
         if self._offline:
             gone, self._offline = sorted(self._offline), set()
             await self._send_core(p.DevicesOffline(device_ids=gone))
@@ -464,8 +546,11 @@ class Switch:
                     self._link = ws
                     await ws.send(p.encode(p.SwitchHello(name=self.name, host=self.host, port=self.port,
                                                          incarnation=self.incarnation)))
-                    await ws.send(p.encode(p.DevicesOnline(devices=[c.info for c in self.conns.values()
-                                                                    if c.info is not None])))
+                    # Everyone again, and every connection waits for this announcement's OnlineAck:
+                    # acknowledgements of earlier ones were lost with the old link.
+                    self._unready = dict.fromkeys(self.conns, 0)
+                    await ws.send(p.encode(self._announce([c.info for c in self.conns.values()
+                                                           if c.info is not None])))
                     self._online.clear()
                     self._offline.clear()
                     for batch in list(self._unacked.values()):  # the Core dedups by (instruction, device)
@@ -484,6 +569,8 @@ class Switch:
                             self.on_batch_ack(msg)
                         elif isinstance(msg, p.Cancel):
                             self.on_cancel(msg)
+                        elif isinstance(msg, p.OnlineAck):
+                            self.on_online_ack(msg)
             except (OSError, websockets.WebSocketException, asyncio.TimeoutError, p.ProtocolError) as e:
                 log.warning("core link down (%s); retrying in %.1fs", e, delay)
             finally:
