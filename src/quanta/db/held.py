@@ -26,14 +26,20 @@ def hold(engine: sa.Engine, rows: Sequence[dict[str, Any]], now: float | None = 
     if not rows:
         return 0
     now = time.time() if now is None else now
-    enc = msgspec.msgpack.encode
     with engine.begin() as c:
         c.execute(held_responses.insert(), [
             dict(kind=r["kind"], instruction_id=r["instruction_id"], device_id=r["device_id"][:255],
                  switch=r["switch"][:128], state=r["state"][:16], reason=r["reason"][:2000],
-                 response=enc(r["response"]), received_at=now, expires_at=now + HOLD_SECONDS)
+                 response=_encode(r["response"]), received_at=now, expires_at=now + HOLD_SECONDS)
             for r in rows])
     return len(rows)
+
+
+def _encode(response: Any) -> bytes:
+    try:
+        return msgspec.msgpack.encode(response)
+    except (TypeError, msgspec.EncodeError) as e:  # keep the fact, if not the content
+        return msgspec.msgpack.encode({"error": f"content could not be encoded: {e}"[:500]})
 
 
 def list_held(engine: sa.Engine, *, instruction_id: int | None = None, kind: str | None = None,

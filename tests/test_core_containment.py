@@ -1,0 +1,139 @@
+"""The Core's containment of what devices send, on SQLite and PostgreSQL: final counts stay final,
+an answer the Core cannot count is *held* (kept, visible, not counted) and its batch is still
+acknowledged, and a Switch link answers only for devices whose hello came through it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+
+
+from quanta import protocol as p
+from quanta.core.service import Core, SwitchLink
+from quanta.db import held, store
+from test_core_counter import _nothing, _setup
+
+
+class Link(SwitchLink):
+    """A real SwitchLink whose ``send`` records what the Core sent to the Switch."""
+
+    def __init__(self, name: str = "sw", devices: set[str] | None = None) -> None:
+        self.sent: list[Any] = []
+
+        async def send(data: bytes) -> None:
+            self.sent.append(p.decode_from_core(data))
+
+        super().__init__(name, "127.0.0.1", 4000, "inc", send, set(devices or ()))
+
+    def acks(self) -> list[int]:
+        return [m.batch_id for m in self.sent if isinstance(m, p.BatchAck)]
+
+
+def _answer(dev: str, iid: int = 7, **kw: Any) -> p.DeviceResponse:
+    fields: dict[str, Any] = dict(instruction_id=iid, status="success", columns=["X"], rows=[[1]]) | kw
+    return p.DeviceResponse(device_id=dev, response=p.Response(**fields))
+
+
+async def _core(engine: Any) -> Core:
+    core = Core(engine, engine, b"s" * 32)
+    await core.start()
+    core.poke_all = _nothing  # type: ignore[method-assign]
+    await core.issue(7)
+    return core
+
+
+def test_an_answer_after_the_end_is_held_as_late_and_changes_no_count(db_url: str) -> None:
+    engine = _setup(db_url, ["a", "b", "c", "late"])
+    store.devices_offline(engine, "sw", ["late"])  # its row starts 'offline'
+
+    async def run() -> None:
+        core = await _core(engine)
+        link = Link()
+        await core.ingest(link, p.ResponseBatch(batch_id=1, responses=[_answer(d) for d in "abc"]))
+        await core.finish(7, "gather window closed")
+        before = store.state_counts(engine, 7)
+        await core.ingest(link, p.ResponseBatch(batch_id=2, responses=[_answer("late", rows=[["after"]])]))
+        assert link.acks() == [1, 2]  # acknowledged: the Switch and the agent may forget it
+        assert store.state_counts(engine, 7) == before
+        await core.stop()
+
+    asyncio.run(run())
+    counts = store.state_counts(engine, 7)
+    assert counts["success"] == 3 and sum(counts.values()) == 4 and "late" not in counts
+    [h] = held.list_held(engine, instruction_id=7)
+    assert h["kind"] == "late" and h["device_id"] == "late" and h["response"]["rows"] == [["after"]]
+    assert "had already ended (finished)" in h["reason"]
+    assert held.held_counts(engine, 7) == {"late": 1}
+
+
+def test_an_answer_the_database_refuses_is_held_and_the_batch_goes_on(db_url: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A value that cannot be stored (here: a msgpack extension value where a cell belongs, built
+    past the decoder, which refuses it: whatever the database or the JSON encoder refuses, the Core
+    must hold it and go on)."""
+    engine = _setup(db_url, ["a", "b", "c"])
+
+    async def run() -> None:
+        core = await _core(engine)
+        link = Link()
+        bad = _answer("b", rows=[[msgspec.msgpack.Ext(1, b"x")]])
+        await core.ingest(link, p.ResponseBatch(batch_id=1, responses=[_answer("a"), bad, _answer("c")]))
+        assert link.acks() == [1]
+        await core.stop()
+
+    asyncio.run(run())
+    page = {r["device_id"]: r for r in store.page_results(engine, 7, 0, 10)}
+    assert page["a"]["state"] == page["c"]["state"] == "success"
+    assert page["b"]["state"] == "error" and "held for administrators" in page["b"]["error"]
+    [h] = held.list_held(engine, instruction_id=7, kind="refused")
+    assert h["device_id"] == "b" and "the database refused it" in h["reason"]
+    assert "storing them one by one" in caplog.text
+
+
+def test_answers_for_unknown_instructions_and_from_other_links_are_held(db_url: str) -> None:
+    engine = _setup(db_url, ["a", "b"])
+
+    async def run() -> None:
+        core = await _core(engine)
+        dmz = Link("dmz-switch")  # "a" and "b" said hello through "sw", never through this link
+        await core.ingest(dmz, p.ResponseBatch(batch_id=1, responses=[_answer("a")]))
+        sw = Link()
+        await core.ingest(sw, p.ResponseBatch(batch_id=1, responses=[_answer("b", iid=p.MAX_ID)]))
+        assert dmz.acks() == [1] and sw.acks() == [1]
+        await core.stop()
+
+    asyncio.run(run())
+    assert store.state_counts(engine, 7) == {"pending": 2}
+    reasons = sorted(h["reason"] for h in held.list_held(engine, kind="refused"))
+    assert reasons == [f"device 'a' is not connected through switch 'dmz-switch'",
+                       f"instruction {p.MAX_ID} is unknown"]
+
+
+def test_online_ack_names_what_each_device_already_answered(db_url: str) -> None:
+    engine = _setup(db_url, ["a", "b"])
+    info = lambda d: p.DeviceInfo(device_id=d, fqdn=d, os="Linux", agent_version="1")  # noqa: E731
+
+    async def run() -> None:
+        core = await _core(engine)
+        link = Link()
+        await core.ingest(link, p.ResponseBatch(batch_id=1, responses=[_answer("a")]))
+        await core.handle(link, p.DevicesOnline(devices=[info("a"), info("b")], seq=5))
+        [ack] = [m for m in link.sent if isinstance(m, p.OnlineAck)]
+        assert ack.seq == 5 and ack.answered == {"a": [7]}
+        assert {"a", "b"} <= link.devices
+        await core.handle(link, p.DevicesOnline(devices=[info("b")]))  # seq 0: no acknowledgement wanted
+        assert sum(isinstance(m, p.OnlineAck) for m in link.sent) == 1
+        await core.stop()
+
+    asyncio.run(run())
+
+
+def test_held_answers_are_purged_after_their_keeping_time(db_url: str) -> None:
+    engine = _setup(db_url, ["a"])
+    resp = p.Response(instruction_id=7, status="success")
+    held.hold(engine, [dict(kind="late", instruction_id=7, device_id="a", switch="sw", state="success",
+                            reason="r", response=resp)], now=time.time() - held.HOLD_SECONDS - 10)
+    assert held.held_counts(engine, 7) == {"late": 1}
+    assert held.purge_held(engine) == 1 and held.held_counts(engine, 7) == {}
