@@ -54,23 +54,23 @@ def test_unanswered_counter_survives_a_core_restart(db_url: str) -> None:
         await core.start()
         core.poke_all = _nothing  # type: ignore[method-assign]  # no Switches in this test
         assert (await core.issue(7))["targeted"] == 10
-        assert core.unanswered[7] == 10
+        assert core.ledger.unanswered(7) == 10
         link = _Link()
         await core.ingest(link, _batch(1, devs[:4]))
         await core.ingest(link, _batch(2, devs[2:6]))  # d2, d3 again: duplicates count once
-        assert core.unanswered[7] == 4 and 7 in core.active
+        assert core.ledger.unanswered(7) == 4 and 7 in core.active
         assert len(link.sent) == 2  # every batch acknowledged
         await core.stop()
 
     async def second_life() -> None:
         core = Core(engine, engine, b"s" * 32)
         await core.start()  # the count comes back from the database
-        assert 7 in core.active and core.unanswered[7] == 4
+        assert 7 in core.active and core.ledger.unanswered(7) == 4
         link = _Link()
         await core.ingest(link, _batch(3, devs[6:9]))
-        assert core.unanswered[7] == 1 and 7 in core.active
+        assert core.ledger.unanswered(7) == 1 and 7 in core.active
         await core.ingest(link, _batch(4, devs[9:]))
-        assert 7 not in core.active and 7 not in core.unanswered
+        assert 7 not in core.active and core.ledger.unanswered(7) is None
         await core.stop()
 
     asyncio.run(first_life())
@@ -86,9 +86,9 @@ def test_a_wrong_count_never_finishes_early(db_url: str) -> None:
 
     async def run() -> None:
         core = await _issued_core(engine)
-        core.unanswered[7] = 1  # corrupt it
+        core.ledger._open[7].unanswered = 1  # corrupt the hint
         await core.ingest(_Link(), _batch(1, ["a"]))
-        assert 7 in core.active and core.unanswered[7] == 2
+        assert 7 in core.active and core.ledger.unanswered(7) == 2
         await core.ingest(_Link(), _batch(2, ["b", "c"]))
         assert 7 not in core.active
         await core.stop()

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from quanta import protocol as p
+from quanta.protocol.core_ledger import CoreLedger, Effect, Recount
 from quanta.db import held as held_store
 from quanta.db import store
 from quanta.settings import poke_port
@@ -55,11 +56,10 @@ class Core:
         self.responses = responses
         self.secret = secret
         self.switches: dict[str, SwitchLink] = {}
-        self.active: dict[int, p.WorkItem] = {}
-        # Active instruction -> target rows not yet answered. Set at issue (and recomputed from the
-        # database at start), lowered by each committed batch; when it reaches 0 the database
-        # confirms with one COUNT before the instruction finishes. Replaces a COUNT per batch.
-        self.unanswered: dict[int, int] = {}
+        # Which instructions are active, their open-target hints, which answers count: the pure rules
+        # (quanta.protocol.core_ledger); this class is the shell around it (databases, Switch links).
+        self.ledger = CoreLedger()
+        self.active = self.ledger  # `iid in core.active`, len(), iteration, .items()
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core-db")
         self._expiry_interval = expiry_interval
         self._purge_interval = purge_interval
@@ -94,19 +94,22 @@ class Core:
     async def start(self) -> None:
         for row in await self.db(store.active_instructions, self.master):
             self._cache(row)
-        self.unanswered = await self.db(store.unanswered_many, self.responses, list(self.active))
+        effects: list[Effect] = []
+        for iid, left in (await self.db(store.unanswered_many, self.responses, list(self.active))).items():
+            effects += self.ledger.recounted(iid, left)  # 0: answered in full before a crash, not yet ended
         log.info("core started with %d active instructions", len(self.active))
         self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop())]
+        await self._apply(effects)
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         self._db.shutdown(wait=True)
 
-    def _cache(self, row: dict[str, Any]) -> p.WorkItem:
+    def _cache(self, row: dict[str, Any], unanswered: int | None = None) -> p.WorkItem:
         item = p.WorkItem(instruction=p.SignedInstruction(body=row["body"], signature=row["signature"]),
                           id=row["id"], expires_at=row["expires_at"], devices=row["scope"])
-        self.active[row["id"]] = item
+        self.ledger.open(item, unanswered)
         return item
 
     # -------------------------------------------------------------- issuing
@@ -115,23 +118,25 @@ class Core:
         row = await self.db(store.get_instruction, self.master, instruction_id)
         if row is None:
             raise KeyError(instruction_id)
+        unanswered: int | None = None
         if row["status"] == "created":
             if row["body"] is None or row["signature"] is None:
                 raise ValueError(f"instruction {instruction_id} is not signed")
             targets = await self.db(store.target_devices, self.master, row["scope"])
             existed = await self.db(store.insert_targets, self.responses, instruction_id, targets,
                                     row["response_expires_at"])
-            if existed == 0:  # fresh rows, none answered yet (the instruction was never active)
-                self.unanswered[instruction_id] = len(targets)
+            # fresh rows, none answered yet (the instruction was never active): the hint is exact
+            unanswered = len(targets) if existed == 0 else None
             await self.db(self._set_status, instruction_id, "active", len(targets))
             row["status"] = "active"
             row["targeted"] = len(targets)
             log.info("instruction %d issued: %d devices targeted (%d online)", instruction_id, len(targets),
                      sum(targets.values()))
         if row["status"] == "active":
-            if instruction_id not in self.unanswered:
-                self.unanswered[instruction_id] = await self.db(store.unanswered, self.responses, instruction_id)
-            self._cache(row)
+            if instruction_id not in self.active:
+                if unanswered is None:
+                    unanswered = await self.db(store.unanswered, self.responses, instruction_id)
+                self._cache(row, unanswered)
             if row["targeted"] == 0:
                 await self.finish(instruction_id, "no devices in scope")
             else:
@@ -151,8 +156,7 @@ class Core:
         """End an active instruction with ``status`` (finished, or cancelled): open devices end
         as expired. False if it was not active."""
         async with self._finish_lock:
-            self.unanswered.pop(instruction_id, None)
-            if self.active.pop(instruction_id, None) is None:
+            if not self.ledger.close(instruction_id):  # closed before the expiry is queued: see CoreLedger
                 row = await self.db(store.get_instruction, self.master, instruction_id)
                 if row is None or row["status"] != "active":
                     return False
@@ -266,65 +270,34 @@ class Core:
         or the link: an answer is *held* instead of counted when its instruction has ended (late:
         final counts stay final), when its device is not on this Switch's link, when its
         instruction is unknown, or when the database refuses it (see ``quanta.db.held``)."""
-        held: list[dict[str, Any]] = []
-        responses = await self._from_this_link(link, batch.responses, held)
-        ended = await self._ended_instructions(responses)
-        # Split by the instruction being active here with no await before the write is queued on
-        # the writer thread: finish() removes an instruction from ``active`` before it queues the
-        # expiry, so every answer counted was queued before its instruction ended.
-        rows: list[dict[str, Any]] = []
-        for r in responses:
-            iid = r.response.instruction_id
-            if iid in self.active:
-                rows.append(dict(instruction_id=iid, device_id=r.device_id, state=STATUS_TO_STATE[r.response.status],
-                                 columns=r.response.columns, rows=r.response.rows, error=r.response.error,
-                                 _response=r.response))
-            else:
-                status = ended.get(iid)
-                held.append(self._held("late" if status else "refused", link, r,
-                                       f"instruction {iid} had already ended ({status})" if status
-                                       else f"instruction {iid} is unknown"))
-        answered, refused = await self.db(self._store_answers, link.name, rows)
-        held += refused
+        answers = batch.responses
+        refused_devices: set[str] = set()
+        strangers = self.ledger.strangers(answers, link.devices)
+        if strangers:  # an answer may be re-sent after its device went away: ask where it last was
+            last = await self.db(store.device_switches, self.master, list(strangers))
+            refused_devices = {d for d in strangers if last.get(d) != link.name}
+        others = self.ledger.not_active(answers)
+        statuses = await self.db(store.instruction_statuses, self.master, list(others)) if others else {}
+        # No await between sorting and queuing the write (see CoreLedger).
+        sorted_ = self.ledger.sort(answers, link=link.name, refused_devices=refused_devices, statuses=statuses)
+        rows = [dict(instruction_id=a.response.instruction_id, device_id=a.device_id,
+                     state=STATUS_TO_STATE[a.response.status], columns=a.response.columns, rows=a.response.rows,
+                     error=a.response.error, _response=a.response) for a in sorted_.count]
+        moved, refused = await self.db(self._store_answers, link.name, rows)
+        held = [self._held(h.kind, link, h.answer, h.reason) for h in sorted_.held] + refused
         if held:
             await self._hold(link, held)
         # Committed: only now may the Switch (and through it the agent) forget these responses.
         await self._safe_send(link, p.encode(p.BatchAck(batch_id=batch.batch_id)))
-        for iid, n in answered.items():
-            if iid not in self.active:
-                continue
-            left = self.unanswered.get(iid)
-            left = None if left is None or n < 0 else left - n
-            if left is None or left <= 0:  # unknown, or apparently done: the database decides
-                left = await self.db(store.unanswered, self.responses, iid)
-            if iid in self.active:
-                self.unanswered[iid] = left
-                if left == 0:
-                    await self.finish(iid, "every targeted device answered")
+        await self._apply(self.ledger.committed(moved))
 
-    async def _from_this_link(self, link: SwitchLink, responses: list[p.DeviceResponse],
-                              held: list[dict[str, Any]]) -> list[p.DeviceResponse]:
-        """The answers of devices that said hello through this link (or whose last hello was through
-        this Switch: an answer may be re-sent after its device went away). The others are held."""
-        strangers = {r.device_id for r in responses if r.device_id not in link.devices}
-        if not strangers:
-            return responses
-        last = await self.db(store.device_switches, self.master, list(strangers))
-        strangers = {d for d in strangers if last.get(d) != link.name}
-        if not strangers:
-            return responses
-        for r in responses:
-            if r.device_id in strangers:
-                held.append(self._held("refused", link, r, f"device {r.device_id!r} is not connected "
-                                                             f"through switch {link.name!r}"))
-        return [r for r in responses if r.device_id not in strangers]
-
-    async def _ended_instructions(self, responses: list[p.DeviceResponse]) -> dict[int, str]:
-        """Status of each answered instruction that is not active here (ended, or unknown: absent)."""
-        others = {r.response.instruction_id for r in responses} - self.active.keys()
-        if not others:
-            return {}
-        return await self.db(store.instruction_statuses, self.master, list(others))
+    async def _apply(self, effects: list[Effect]) -> None:
+        for e in effects:
+            if isinstance(e, Recount):
+                left = await self.db(store.unanswered, self.responses, e.instruction_id)
+                await self._apply(self.ledger.recounted(e.instruction_id, left))
+            else:
+                await self.finish(e.instruction_id, e.why)
 
     @staticmethod
     def _held(kind: str, link: SwitchLink, r: p.DeviceResponse, reason: str) -> dict[str, Any]:
@@ -390,13 +363,11 @@ class Core:
     async def _expiry_loop(self) -> None:
         while True:
             await asyncio.sleep(self._expiry_interval)
-            now = time.time()
-            for iid, item in list(self.active.items()):
-                if item.expires_at <= now:
-                    try:
-                        await self.finish(iid, "gather window closed")
-                    except Exception:
-                        log.exception("could not close instruction %d; will retry", iid)
+            for due in self.ledger.due(time.time()):
+                try:
+                    await self.finish(due.instruction_id, due.why)
+                except Exception:
+                    log.exception("could not close instruction %d; will retry", due.instruction_id)
 
     async def _purge_loop(self) -> None:
         while True:
