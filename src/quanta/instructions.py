@@ -7,8 +7,6 @@ instruction is about to be issued, so its gather window starts then, not at requ
 
 from __future__ import annotations
 
-import functools
-import ssl
 import time
 from typing import Any
 
@@ -17,6 +15,7 @@ import sqlalchemy as sa
 
 from quanta import protocol as p
 from quanta.db.tables import instructions
+from quanta.internal import bearer, http_client
 from quanta.pki import Signer
 from quanta.states import (APPROVAL_EXPIRED, DONE_STATES, NEW, PENDING_APPROVAL, READY,  # noqa: F401
                            REJECTED, SCHEDULED)
@@ -80,29 +79,17 @@ class CoreRefused(CoreError):
         self.status = status
 
 
-@functools.lru_cache(maxsize=8)
-def _tls_context(verify: Any) -> Any:
-    """The TLS context of a Core call, built once per CA path (None/True: the system store).
-    Building one loads a CA bundle (~50 ms with the system store): paid per question before."""
-    if isinstance(verify, str):
-        return ssl.create_default_context(cafile=verify)
-    if verify is None or verify is True:
-        return ssl.create_default_context()
-    return verify  # an SSLContext (or False) given by the caller
-
-
 async def call_core(core_url: str, core_token: str, iid: int, verb: str, verify: Any = None,
                     params: dict[str, Any] | None = None, timeout: float = 30) -> dict[str, Any]:
     """POST ``/Core/Instructions/{iid}/{verb}`` (Issue, Cancel, Wait) at the Core: local (http,
     core port) or a remote Response Stack's web tier (https, /Core), verified against the
     installation CA when ``verify`` is a CA path. Raises CoreError if unreachable, CoreRefused if
     refused."""
-    async with httpx.AsyncClient(timeout=timeout, verify=_tls_context(verify)) as client:
-        try:
-            r = await client.post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/{verb}", params=params,
-                                  headers={"Authorization": f"Bearer {core_token}"})
-        except httpx.HTTPError as e:
-            raise CoreError(f"the Core at {core_url} is unreachable: {e}") from None
+    try:
+        r = await http_client(verify).post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/{verb}",
+                                                         params=params, headers=bearer(core_token), timeout=timeout)
+    except httpx.HTTPError as e:
+        raise CoreError(f"the Core at {core_url} is unreachable: {e}") from None
     if r.status_code != 200:
         raise CoreRefused(f"the Core refused to {verb.lower()} instruction {iid}: {r.status_code} {r.text}",
                           r.status_code)

@@ -30,6 +30,7 @@ from quanta.background import MAX_CONTENT_BYTES, ContentError, ContentStore
 from quanta import instructions as ins
 from quanta import rbac
 from quanta.db import held as held_store
+from quanta.internal import bearer, http_client
 from quanta.db import store
 from quanta.definitions import DefinitionError, bind_parameters, load_definition
 from quanta.definitions import packs
@@ -357,31 +358,25 @@ class ConsumerApi:
     async def replicate(self, digest: str, data: bytes) -> list[str]:
         """Copy content to every DMZ Background Channel (Master -> DMZ web tier, 443)."""
         done = []
-        async with httpx.AsyncClient(timeout=60, verify=self._verify()) as client:
-            for base in self.replicate_to:
-                try:
-                    r = await client.put(f"{base.rstrip('/')}/Background/{digest}", content=data,
-                                         headers={"Authorization": f"Bearer {self.core_token}"})
-                    r.raise_for_status()
-                    done.append(base)
-                except httpx.HTTPError as e:
-                    log.error("replicating %s to %s failed: %s", digest, base, e)
+        client = http_client(self.ca_file)
+        for base in self.replicate_to:
+            try:
+                r = await client.put(f"{base.rstrip('/')}/Background/{digest}", content=data, timeout=60,
+                                     headers=bearer(self.core_token))
+                r.raise_for_status()
+                done.append(base)
+            except httpx.HTTPError as e:
+                log.error("replicating %s to %s failed: %s", digest, base, e)
         return done
-
-    def _verify(self) -> Any:
-        import ssl
-
-        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
 
     async def coordinator(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.coordinator_url is None:
             raise HTTPException(503, "no Coordinator is configured on this server")
-        async with httpx.AsyncClient(timeout=30, verify=self.ca_file or True) as client:
-            try:
-                r = await client.post(f"{self.coordinator_url}{path}", json=body or {},
-                                      headers={"Authorization": f"Bearer {self.core_token}"})
-            except httpx.HTTPError as e:
-                raise HTTPException(503, f"the Coordinator is unreachable: {e}") from None
+        try:
+            r = await http_client(self.ca_file).post(f"{self.coordinator_url}{path}", json=body or {}, timeout=30,
+                                                     headers=bearer(self.core_token))
+        except httpx.HTTPError as e:
+            raise HTTPException(503, f"the Coordinator is unreachable: {e}") from None
         if r.status_code >= 400:
             detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
             raise HTTPException(r.status_code, detail)

@@ -5,19 +5,19 @@ they are, and the Coordinator enforces the workflow rules."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from quanta import protocol as p
 from quanta.db import make_engine
+from quanta.internal import require_bearer
 from quanta.pki import Pki, Signer
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, load_settings
@@ -39,9 +39,7 @@ class Decision(Actor):
 
 
 def create_app(coord: Coordinator, token: str) -> FastAPI:
-    def require_token(authorization: str | None = Header(default=None)) -> None:
-        if authorization is None or not hmac.compare_digest(authorization, f"Bearer {token}"):
-            raise HTTPException(401, "missing or wrong internal token")
+    require_token = require_bearer(token)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]

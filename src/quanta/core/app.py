@@ -6,17 +6,17 @@ else is read.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect
 
 from quanta import protocol as p
 from quanta.db import make_engine
+from quanta.internal import bearer_ok, require_bearer
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, core_link_max_bytes, load_settings
 
@@ -27,12 +27,7 @@ WAIT_MAX = 30.0  # longest Wait the Core holds; the web tier's /Core relay allow
 
 
 def create_app(core: Core, token: str) -> FastAPI:
-    def authorised(value: str | None) -> bool:
-        return value is not None and hmac.compare_digest(value, f"Bearer {token}")
-
-    def require_token(authorization: str | None = Header(default=None)) -> None:
-        if not authorised(authorization):
-            raise HTTPException(401, "missing or wrong internal token")
+    require_token = require_bearer(token)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -70,7 +65,7 @@ def create_app(core: Core, token: str) -> FastAPI:
 
     @app.websocket("/Core/Switch")
     async def switch_link(ws: WebSocket) -> None:
-        if not authorised(ws.headers.get("authorization")):
+        if not bearer_ok(ws.headers.get("authorization"), token):
             log.warning("switch link from %s refused: missing or wrong internal token", ws.client)
             await ws.close(code=1008)
             return

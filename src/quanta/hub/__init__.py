@@ -10,7 +10,6 @@ The internal token is checked before the WebSocket is accepted.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 from http import HTTPStatus
@@ -23,6 +22,7 @@ from cryptography import x509
 from websockets.asyncio.server import ServerConnection, serve
 
 from quanta import protocol as p
+from quanta.internal import bearer_ok, http_client
 from quanta.runtime import bind_socket, setup_logging, wait_for_signal
 from quanta.settings import DataDir, load_settings
 
@@ -78,8 +78,7 @@ class Hub:
         self.peers: dict[ServerConnection, Register] = {}
 
     def _authorise(self, conn: ServerConnection, request):  # type: ignore[no-untyped-def]
-        auth = request.headers.get("Authorization") or ""
-        if not hmac.compare_digest(auth, f"Bearer {self.token}"):
+        if not bearer_ok(request.headers.get("Authorization"), self.token):
             log.warning("hub connection from %s refused: missing or wrong internal token", conn.remote_address)
             return conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong internal token\n")
         return None
@@ -169,9 +168,8 @@ async def _hub_loop(url: str, token: str, host: str, role: str, dd: DataDir) -> 
 async def _crl_fetch_loop(url: str, dd: DataDir, interval: float = 60.0) -> None:
     while True:
         try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                r = await client.get(url)
-                r.raise_for_status()
+            r = await http_client().get(url, timeout=10)
+            r.raise_for_status()
             if install_crl(r.content, dd.pki):
                 log.info("installed a newer CRL from %s", url)
         except (httpx.HTTPError, ValueError) as e:

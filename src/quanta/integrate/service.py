@@ -14,7 +14,6 @@ frame is ever read. Then, one request per frame::
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from http import HTTPStatus
@@ -190,23 +189,21 @@ async def serve(root: Path) -> None:
     from websockets.http11 import Response
 
     from quanta.db import make_engine
-    from quanta.protocol import internal_token
+    from quanta.internal import bearer_ok, internal_token
     from quanta.runtime import bind_socket, setup_logging, wait_for_signal
     from quanta.settings import DataDir, load_settings
 
     settings = load_settings(root)
     setup_logging("integrate", settings.log_level)
     dd = DataDir(Path(root))
-    token = internal_token(dd.internal_secret()).encode()
+    token = internal_token(dd.internal_secret())
     master = make_engine(dd.master_url(settings))
     agent = IntegrateAgent(Path(root), master)
     port = settings.port("integrate")
     sock = bind_socket(LOOPBACK, port, "integrate")  # local only (seed: remote installation not supported)
 
     def authorise(conn: ServerConnection, request: Any) -> Response | None:
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip().encode() if auth[:7].lower() == "bearer " else b""
-        if not hmac.compare_digest(given, token):
+        if not bearer_ok(request.headers.get("Authorization"), token):
             log.warning("integrate connection from %s refused: missing or wrong internal token",
                         conn.remote_address)
             return Response(HTTPStatus.UNAUTHORIZED.value, "Unauthorized",

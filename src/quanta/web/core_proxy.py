@@ -8,36 +8,34 @@ then relays to the local Core's internal endpoint (HTTP requests, and the Switch
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 
 import httpx
 import websockets
 from fastapi import APIRouter, HTTPException, Request, Response, WebSocket, WebSocketDisconnect
 
+from quanta.internal import bearer, bearer_ok, http_client
+
 log = logging.getLogger("quanta.web.core")
 
 
 def router(core_http: str, core_ws: str, token: str, max_frame: int) -> APIRouter:
     r = APIRouter()
-    expected = f"Bearer {token}"
 
     def ok(value: str | None) -> bool:
-        return value is not None and hmac.compare_digest(value, expected)
+        return bearer_ok(value, token)
 
     @r.api_route("/Core/{path:path}", methods=["GET", "POST"], include_in_schema=False)
     async def relay(path: str, request: Request) -> Response:
         if path != "health" and not ok(request.headers.get("authorization")):  # health needs no token
             raise HTTPException(401, "missing or wrong internal token")
         body = await request.body()
-        async with httpx.AsyncClient(timeout=60) as client:
-            try:
-                upstream = await client.request(request.method, f"{core_http}/Core/{path}", content=body,
-                                                params=request.query_params,
-                                                headers={"authorization": expected,
-                                                         "content-type": request.headers.get("content-type", "")})
-            except httpx.HTTPError as e:
-                raise HTTPException(502, f"the Core behind this web tier is unreachable: {e}") from None
+        try:
+            upstream = await http_client().request(
+                request.method, f"{core_http}/Core/{path}", content=body, params=request.query_params, timeout=60,
+                headers={**bearer(token), "content-type": request.headers.get("content-type", "")})
+        except httpx.HTTPError as e:
+            raise HTTPException(502, f"the Core behind this web tier is unreachable: {e}") from None
         return Response(upstream.content, upstream.status_code,
                         media_type=upstream.headers.get("content-type"))
 
