@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+import tenacity
 
 from quanta import protocol as p
 from quanta.protocol.core_ledger import CoreLedger, Effect, Recount
@@ -27,6 +28,7 @@ from quanta.settings import poke_port
 log = logging.getLogger("quanta.core")
 T = TypeVar("T")
 
+DB_OUTAGE = (sa.exc.OperationalError, sa.exc.InterfaceError)  # retried; any other error is the data's
 HELD_LOG_INTERVAL = 10.0  # held answers are logged at most this often (with their counts)
 
 
@@ -71,24 +73,23 @@ class Core:
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
-        retry: nothing is acknowledged until it is committed, so an outage delays, never loses."""
-        delay = 0.5
-        failing_since = None
-        while True:
-            try:
-                result = await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
-                if failing_since is None:
-                    failing_since = time.monotonic()
-                log.error("database unavailable during %s: %s; retrying in %.1fs (nothing is acknowledged "
-                          "until it is committed)", getattr(fn, "__name__", fn), str(e.orig or e).strip()[:200],
-                          delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if failing_since is not None:
-                log.warning("database back after %.1fs", time.monotonic() - failing_since)
-            return result
+        retry (0.5 s doubling to 5 s, jittered), for as long as it takes: nothing is acknowledged
+        until it is committed, so an outage delays, never loses."""
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(DB_OUTAGE), reraise=True,
+            wait=tenacity.wait_exponential_jitter(initial=0.5, max=5.0, jitter=0.25),
+            before_sleep=lambda rs: log.error(
+                "database unavailable during %s: %s; retrying in %.1fs (nothing is acknowledged until it is "
+                "committed)", getattr(fn, "__name__", fn), _short(rs.outcome.exception()),
+                rs.next_action.sleep if rs.next_action else 0.0))
+        async for attempt in retrying:
+            with attempt:
+                result = await loop.run_in_executor(self._db, fn, *args)
+        if retrying.statistics.get("attempt_number", 1) > 1:
+            log.warning("database back after %.1fs", time.monotonic() - started)
+        return result
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -312,7 +313,7 @@ class Core:
         state. Returns the answered counts per instruction (see ``store.ingest_counted``)."""
         try:
             return store.ingest_counted(self.responses, rows), []
-        except (sa.exc.OperationalError, sa.exc.InterfaceError):
+        except DB_OUTAGE:
             raise
         except Exception as e:  # noqa: BLE001 - a value the database cannot take
             log.warning("switch %s: the database refused a batch of %d answers (%s); storing them one by one",
@@ -322,7 +323,7 @@ class Core:
         for row in rows:
             try:
                 got = store.ingest_counted(self.responses, [row])
-            except (sa.exc.OperationalError, sa.exc.InterfaceError):
+            except DB_OUTAGE:
                 raise
             except Exception as e:  # noqa: BLE001
                 reason = f"the database refused it: {_short(e)}"
