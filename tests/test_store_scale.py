@@ -82,6 +82,8 @@ def test_unknown_inventory_only_revoked_and_malformed_devices_are_refused_and_no
     after = {d["device_id"]: d for d in store.list_devices(engine)}
     assert set(after) == set(before)  # nothing created
     assert after["good"]["online"] and after["good"]["switch"] == "switch-1"
+    assert (after["good"]["tags"], after["good"]["address"], after["good"]["fqdn"]) == (
+        {"site": "paris"}, "10.0.0.1", "good.example")
     assert after["twice"]["online"] and after["twice"]["fqdn"] == "second.example"
     for untouched in ("gone", "cmdb-only", "careless"):
         assert after[untouched] == before[untouched], untouched

@@ -97,8 +97,13 @@ def _storable(info: DeviceInfo) -> bool:
 
 
 # An enrolled device: it has a certificate serial (``quanta enroll`` and batch enrolment record one;
-# an Integrate import does not) and is not revoked.
-_ENROLLED = sa.and_(devices.c.cert_serial.is_not(None), devices.c.revoked == sa.false())
+# an Integrate import does not) and is not revoked. SQL with one parameter (``:no`` = false), used
+# by the lookup and repeated by the update, so a device revoked in between stays offline.
+_ENROLLED_SQL = "cert_serial IS NOT NULL AND revoked = :no"
+_ENROLLED = sa.text(_ENROLLED_SQL).bindparams(no=False)
+_ONLINE_SQL = ("UPDATE devices SET fqdn = :fqdn, os = :os, agent_version = :ver, tags = :tags, switch = :sw, "
+               "address = :addr, online = :yes, last_seen = :now, first_seen = COALESCE(first_seen, :now) "
+               f"WHERE device_id = :id AND {_ENROLLED_SQL}")
 
 
 def devices_online(engine: sa.Engine, switch: str, infos: Sequence[DeviceInfo]) -> list[str]:
@@ -108,7 +113,8 @@ def devices_online(engine: sa.Engine, switch: str, infos: Sequence[DeviceInfo]) 
     refused, in the order given: unknown, inventory-only (never enrolled) or revoked devices,
     and announcements that cannot be stored (an id or detail too long for its column, or holding
     NUL). The ``IN`` over the announced ids runs in chunks of :data:`IN_CHUNK`, so one message may
-    carry a whole fleet."""
+    carry a whole fleet; the update is one driver-level ``executemany`` (a reconnecting Switch
+    announces every device it holds at once)."""
     if not infos:
         return []
     now = time.time()
@@ -120,14 +126,10 @@ def devices_online(engine: sa.Engine, switch: str, infos: Sequence[DeviceInfo]) 
                                                     .where(devices.c.device_id.in_(part), _ENROLLED)))
         latest = {d.device_id: d for d in storable if d.device_id in enrolled}  # the last hello wins
         if latest:
-            # repeats the enrolment condition: a device revoked meanwhile does not come back online
-            stmt = (devices.update().where(devices.c.device_id == sa.bindparam("b_id"), _ENROLLED)
-                    .values(fqdn=sa.bindparam("b_fqdn"), os=sa.bindparam("b_os"),
-                            agent_version=sa.bindparam("b_ver"), tags=sa.bindparam("b_tags"),
-                            switch=switch, address=sa.bindparam("b_addr"), online=True, last_seen=now,
-                            first_seen=sa.func.coalesce(devices.c.first_seen, now)))
-            c.execute(stmt, [dict(b_id=d.device_id, b_fqdn=d.fqdn, b_os=d.os, b_ver=d.agent_version,
-                                  b_tags=d.tags, b_addr=d.address) for d in latest.values()])
+            c.exec_driver_sql(_driver_sql(engine, _ONLINE_SQL, json_params=("tags",)), [
+                {"fqdn": d.fqdn, "os": d.os, "ver": d.agent_version, "tags": _json_text(d.tags), "sw": switch,
+                 "addr": d.address, "yes": True, "now": now, "id": d.device_id, "no": False}
+                for d in latest.values()])
     return [d.device_id for d in infos if d.device_id not in enrolled]
 
 
