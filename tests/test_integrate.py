@@ -55,8 +55,9 @@ def test_file_import_is_idempotent_and_agent_data_wins(tmp_path, db_url):
     src = tmp_path / "inv.csv"
     src.write_text(CSV)
     agent, engine = _agent(tmp_path, db_url, FILE_TOML.format(path=src))
-    # db-01 is a real agent that has said hello with its own fqdn/os
-    store.devices_online(engine, "switch-1", [DeviceInfo("db-01", "db-01.lan", "Rocky Linux 9.3", "0.1", {}, "")])
+    # db-01 is a real agent, enrolled, that has said hello with its own fqdn/os
+    store.register_devices(engine, [("db-01", "serial-db-01")])
+    assert store.devices_online(engine, "switch-1", [DeviceInfo("db-01", "db-01.lan", "Rocky Linux 9.3", "0.1", {}, "")]) == []
     r = agent.run_sync("cmdb", "demand")
     assert r.ok and (r.created, r.updated, r.unchanged) == (1, 1, 0), r
     d = _devices(engine)
@@ -70,7 +71,10 @@ def test_file_import_is_idempotent_and_agent_data_wins(tmp_path, db_url):
     # the inventory-only device is not targeted (no agent would ever answer); the agent device is
     assert set(store.target_devices(engine, None)) == {"db-01"}
     # a later hello still sets the agent's own values
-    store.devices_online(engine, "switch-1", [DeviceInfo("db-01", "db-01.new", "Rocky Linux 9.4", "0.1", {}, "")])
+    assert store.devices_online(engine, "switch-1", [DeviceInfo("db-01", "db-01.new", "Rocky Linux 9.4", "0.1", {}, ""),
+                                                     DeviceInfo("web-01", "web-01.x", "Debian 12", "0.1", {}, "")]) == [
+        "web-01"]  # inventory-only, never enrolled: refused, its imported values kept
+    assert _devices(engine)["web-01"]["fqdn"] == "web-01.example.com" and not _devices(engine)["web-01"]["online"]
     assert _devices(engine)["db-01"]["os"] == "Rocky Linux 9.4"
     # the source drops web-01: it is removed; db-01 is released back to the agent
     src.write_text("hostname,dns,os_name,site\nweb-02,web-02.example.com,Debian 12,nice\n")

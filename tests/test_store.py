@@ -66,17 +66,43 @@ def test_response_ttl_purge(db_url):
 
 def test_device_presence(db_url):
     master, _ = _engines(db_url)
-    store.register_device(master, "d1", "abc")
-    store.devices_online(master, "switch-1", [DeviceInfo(device_id="d1", fqdn="d1.x", os="Linux", agent_version="1"),
-                                              DeviceInfo(device_id="d2", fqdn="d2.x", os="Linux", agent_version="1")])
+    store.register_devices(master, [("d1", "abc"), ("d2", "def")])
+    refused = store.devices_online(master, "switch-1", [
+        DeviceInfo(device_id="d1", fqdn="d1.x", os="Linux", agent_version="1"),
+        DeviceInfo(device_id="d2", fqdn="d2.x", os="Linux", agent_version="1"),
+        DeviceInfo(device_id="stranger", fqdn="s.x", os="Linux", agent_version="1")])
+    assert refused == ["stranger"]  # never enrolled: refused, not created
     devs = {d["device_id"]: d for d in store.list_devices(master)}
+    assert set(devs) == {"d1", "d2"}
     assert devs["d1"]["online"] and devs["d2"]["online"] and devs["d1"]["fqdn"] == "d1.x"
+    assert devs["d1"]["switch"] == "switch-1" and devs["d1"]["first_seen"] is not None
+    store.devices_offline(master, "switch-2", ["d2"])  # another Switch's devices do not change
+    assert store.target_devices(master, None) == {"d1": True, "d2": True}
     store.devices_offline(master, "switch-1", ["d2"])
     assert store.target_devices(master, None) == {"d1": True, "d2": False}
     store.devices_offline(master, "switch-1", None)
     assert store.target_devices(master, ["d1"]) == {"d1": False}
     assert store.mark_revoked(master, "d1") == "abc"
     assert store.target_devices(master, None) == {"d2": False}
+    assert store.devices_online(master, "switch-1", [DeviceInfo("d1", "d1.x", "Linux", "1")]) == ["d1"]  # revoked
+    assert not {d["device_id"]: d for d in store.list_devices(master)}["d1"]["online"]
+
+
+def test_migrations_agree_with_tables(db_url):
+    """Every table, column and index of tables.py is what the migrations create, and no more."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    master, _ = _engines(db_url)
+    for metadata in (tables.master, tables.responses):
+        def ours(name, type_, parents, md=metadata):  # both schemas may share one test database
+            if type_ == "schema":
+                return True
+            return (name if type_ == "table" else parents.get("table_name")) in md.tables
+
+        with master.connect() as c:
+            ctx = MigrationContext.configure(c, opts={"include_name": ours, "compare_type": True})
+            assert compare_metadata(ctx, metadata) == []
 
 
 def test_aggregate_groups_answered_rows(db_url):

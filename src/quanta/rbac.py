@@ -8,6 +8,7 @@ reach; a user in no group reaches every device, a Full Administrator always does
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,17 +18,32 @@ from quanta.db.tables import devices, management_groups, role_assignments, user_
 from quanta.roles import FULL_ADMIN, GRANTS, ROLES, Permission  # noqa: F401 - re-exported
 
 
-def roles_for(engine: sa.Engine, username: str, instruction_set: str) -> set[str]:
+def role_lookup(engine: sa.Engine, username: str) -> Callable[[str], set[str]]:
+    """The user's roles per instruction set, read in one go: ``role_lookup(...)(instruction_set)``
+    is the global role plus the assignments for that set and for ``*``."""
     with engine.connect() as c:
         glob = c.execute(sa.select(users.c.role).where(users.c.username == username)).scalar()
-        extra = [r[0] for r in c.execute(sa.select(role_assignments.c.role).where(
-            role_assignments.c.username == username,
-            role_assignments.c.instruction_set.in_((instruction_set, "*"))))]
-    return ({glob} if glob else set()) | set(extra)
+        by_set: dict[str, set[str]] = {}
+        for role, iset in c.execute(sa.select(role_assignments.c.role, role_assignments.c.instruction_set)
+                                    .where(role_assignments.c.username == username)):
+            by_set.setdefault(iset, set()).add(role)
+    everywhere = ({glob} if glob else set()) | by_set.get("*", set())
+    return lambda instruction_set: everywhere | by_set.get(instruction_set, set())
+
+
+def roles_for(engine: sa.Engine, username: str, instruction_set: str) -> set[str]:
+    return role_lookup(engine, username)(instruction_set)
+
+
+def rights(engine: sa.Engine, username: str) -> Callable[[Permission, str], bool]:
+    """The user's rights, read once: ``rights(...)(permission, instruction_set)``; for a request
+    that checks many instruction sets (e.g. listing definitions)."""
+    roles = role_lookup(engine, username)
+    return lambda permission, instruction_set: any(permission in GRANTS.get(r, ()) for r in roles(instruction_set))
 
 
 def allowed(engine: sa.Engine, username: str, permission: Permission, instruction_set: str) -> bool:
-    return any(permission in GRANTS.get(r, ()) for r in roles_for(engine, username, instruction_set))
+    return rights(engine, username)(permission, instruction_set)
 
 
 def assign(engine: sa.Engine, username: str, role: str, instruction_set: str) -> None:

@@ -36,6 +36,7 @@ from quanta.definitions import DefinitionError, bind_parameters, load_definition
 from quanta.definitions import packs
 from quanta.definitions.packs import MAX_PACK_BYTES
 from quanta.db.tables import api_tokens, definitions, users
+from quanta.consumer_api.feed import Snapshot, StatusFeed
 from quanta.pki import Signer
 
 log = logging.getLogger("quanta.consumer_api")
@@ -617,23 +618,25 @@ def create_app(api: ConsumerApi) -> FastAPI:
                        reason=r["reason"], received_at=r["received_at"], columns=r["response"].get("columns", []),
                        rows=r["response"].get("rows", []), error=r["response"].get("error")) for r in rows])
 
+    async def progress(instruction_id: int) -> Snapshot:
+        s = await api.db(api.status, instruction_id)
+        return None if s is None else (s.model_dump_json(exclude=STATIC_STATUS_FIELDS), s.status in ins.DONE_STATES)
+
+    feed = app.state.feed = StatusFeed(progress)
+
     @app.get("/Consumer/Instructions/{instruction_id}/Stream")
     async def stream(instruction_id: int, user: CurrentUser, request: Request) -> StreamingResponse:
-        """Server-sent events: one ``status`` event whenever the counts change, until it finishes."""
+        """Server-sent events: one ``status`` event whenever the counts change, until it finishes.
+        Every viewer of one instruction shares one poller (see :mod:`quanta.consumer_api.feed`)."""
         if await api.db(api.status, instruction_id) is None:
             raise HTTPException(404, f"instruction {instruction_id} not found")
 
+        async def connected() -> bool:
+            return not await request.is_disconnected()
+
         async def events() -> AsyncIterator[bytes]:
-            last = None
-            while not await request.is_disconnected():
-                s = await api.db(api.status, instruction_id)
-                data = s.model_dump_json(exclude=STATIC_STATUS_FIELDS)
-                if data != last:
-                    last = data
-                    yield f"event: status\ndata: {data}\n\n".encode()
-                if s.status in ins.DONE_STATES:
-                    return
-                await asyncio.sleep(0.2)
+            async for data in feed.subscribe(instruction_id, connected):
+                yield f"event: status\ndata: {data}\n\n".encode()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -675,11 +678,12 @@ def create_app(api: ConsumerApi) -> FastAPI:
                 if instruction_set:
                     q = q.where(definitions.c.instruction_set == instruction_set)
                 rows = [dict(r._mapping) for r in c.execute(q.order_by(definitions.c.name))]
+            may = rbac.rights(api.master, user.username)  # read once, not per row
             return [{"name": r["name"], "type": r["kind"], "instruction_set": r["instruction_set"],
                      "description": r["spec"]["description"], "parameters": r["spec"]["parameters"],
                      "schema": r["spec"]["schema"], "aggregation": r["spec"]["aggregation"], "ttl": r["spec"]["ttl"],
                      "pack": r["pack"], "publisher": r["publisher"]}
-                    for r in rows if rbac.allowed(api.master, user.username, "view", r["instruction_set"])]
+                    for r in rows if may("view", r["instruction_set"])]
 
         return await api.db(visible)
 

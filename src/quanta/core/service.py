@@ -79,7 +79,7 @@ class Core:
         started = time.monotonic()
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type(DB_OUTAGE), reraise=True,
-            wait=tenacity.wait_exponential_jitter(initial=0.5, max=5.0, jitter=0.25),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=5.0) + tenacity.wait_random(0, 0.25),
             before_sleep=lambda rs: log.error(
                 "database unavailable during %s: %s; retrying in %.1fs (nothing is acknowledged until it is "
                 "committed)", getattr(fn, "__name__", fn), _short(rs.outcome.exception()),

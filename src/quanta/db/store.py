@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 import sqlalchemy as sa
@@ -20,6 +20,7 @@ from quanta.protocol import DeviceInfo
 from .tables import audit_log, devices, instructions, results, switch_configuration
 
 _json_encode = msgspec.json.Encoder().encode
+T = TypeVar("T")
 
 ANSWER_STATES = ("success", "nocontent", "error", "notapplicable")
 # States a response may overwrite. Anything else is final.
@@ -72,40 +73,77 @@ def register_devices(engine: sa.Engine, pairs: Sequence[tuple[str, str]], chunk:
                           .values(cert_serial=sa.bindparam("b_serial"), revoked=False), old)
 
 
-def devices_online(engine: sa.Engine, switch: str, infos: Sequence[DeviceInfo]) -> None:
+# Bind parameters per statement for an ``IN`` over many devices: PostgreSQL refuses more than
+# 65,535 in one statement, SQLite more than 32,766; a fleet-sized list goes in chunks of this size.
+IN_CHUNK = 5000
+
+
+def _chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _fits(column: sa.Column[Any], value: object) -> bool:
+    """Whether ``value`` can be stored in (or compared with) the string ``column`` on every
+    backend: a string within the column's length, without NUL (PostgreSQL refuses NUL in text)."""
+    length = getattr(column.type, "length", None)
+    return isinstance(value, str) and "\x00" not in value and (length is None or len(value) <= length)
+
+
+def _storable(info: DeviceInfo) -> bool:
+    return (_fits(devices.c.device_id, info.device_id) and bool(info.device_id)
+            and _fits(devices.c.fqdn, info.fqdn) and _fits(devices.c.os, info.os)
+            and _fits(devices.c.agent_version, info.agent_version) and _fits(devices.c.address, info.address))
+
+
+# An enrolled device: it has a certificate serial (``quanta enroll`` and batch enrolment record one;
+# an Integrate import does not) and is not revoked. SQL with one parameter (``:no`` = false), used
+# by the lookup and repeated by the update, so a device revoked in between stays offline.
+_ENROLLED_SQL = "cert_serial IS NOT NULL AND revoked = :no"
+_ENROLLED = sa.text(_ENROLLED_SQL).bindparams(no=False)
+_ONLINE_SQL = ("UPDATE devices SET fqdn = :fqdn, os = :os, agent_version = :ver, tags = :tags, switch = :sw, "
+               "address = :addr, online = :yes, last_seen = :now, first_seen = COALESCE(first_seen, :now) "
+               f"WHERE device_id = :id AND {_ENROLLED_SQL}")
+
+
+def devices_online(engine: sa.Engine, switch: str, infos: Sequence[DeviceInfo]) -> list[str]:
+    """Mark the devices a Switch announces as online on it, with the details of their hello.
+
+    Only enrolled, non-revoked devices are updated; nothing is ever inserted. Returns the ids
+    refused, in the order given: unknown, inventory-only (never enrolled) or revoked devices,
+    and announcements that cannot be stored (an id or detail too long for its column, or holding
+    NUL). The ``IN`` over the announced ids runs in chunks of :data:`IN_CHUNK`, so one message may
+    carry a whole fleet; the update is one driver-level ``executemany`` (a reconnecting Switch
+    announces every device it holds at once)."""
     if not infos:
-        return
+        return []
     now = time.time()
-    ids = [d.device_id for d in infos]
+    storable = [d for d in infos if _storable(d)]
     with engine.begin() as c:
-        known = {r[0] for r in c.execute(sa.select(devices.c.device_id).where(devices.c.device_id.in_(ids)))}
-        new = [d for d in infos if d.device_id not in known]
-        if new:
-            c.execute(devices.insert(), [dict(device_id=d.device_id, fqdn=d.fqdn, os=d.os,
-                                              agent_version=d.agent_version, tags=d.tags, switch=switch,
-                                              address=d.address, online=True, first_seen=now, last_seen=now)
-                                         for d in new])
-        old = [d for d in infos if d.device_id in known]
-        if old:
-            stmt = (devices.update().where(devices.c.device_id == sa.bindparam("b_id"))
-                    .values(fqdn=sa.bindparam("b_fqdn"), os=sa.bindparam("b_os"),
-                            agent_version=sa.bindparam("b_ver"), tags=sa.bindparam("b_tags"),
-                            switch=switch, address=sa.bindparam("b_addr"), online=True, last_seen=now,
-                            first_seen=sa.func.coalesce(devices.c.first_seen, now)))
-            c.execute(stmt, [dict(b_id=d.device_id, b_fqdn=d.fqdn, b_os=d.os, b_ver=d.agent_version,
-                                  b_tags=d.tags, b_addr=d.address) for d in old])
+        enrolled: set[str] = set()
+        for part in _chunks(sorted({d.device_id for d in storable})):
+            enrolled.update(r[0] for r in c.execute(sa.select(devices.c.device_id)
+                                                    .where(devices.c.device_id.in_(part), _ENROLLED)))
+        latest = {d.device_id: d for d in storable if d.device_id in enrolled}  # the last hello wins
+        if latest:
+            c.exec_driver_sql(_driver_sql(engine, _ONLINE_SQL, json_params=("tags",)), [
+                {"fqdn": d.fqdn, "os": d.os, "ver": d.agent_version, "tags": _json_text(d.tags), "sw": switch,
+                 "addr": d.address, "yes": True, "now": now, "id": d.device_id, "no": False}
+                for d in latest.values()])
+    return [d.device_id for d in infos if d.device_id not in enrolled]
 
 
 def devices_offline(engine: sa.Engine, switch: str, device_ids: Iterable[str] | None) -> None:
-    """Mark devices offline; ``None`` means every device of that Switch."""
+    """Mark devices offline; ``None`` means every device of that Switch. Only devices last seen on
+    ``switch`` change; ids that cannot be a device are skipped; the ``IN`` runs in chunks."""
     with engine.begin() as c:
         stmt = devices.update().where(devices.c.switch == switch).values(online=False, last_seen=time.time())
         if device_ids is None:
             c.execute(stmt)
         else:
-            ids = list(device_ids)
-            for i in range(0, len(ids), 500):
-                c.execute(stmt.where(devices.c.device_id.in_(ids[i:i + 500])))
+            ids = sorted({d for d in device_ids if _fits(devices.c.device_id, d)})
+            for part in _chunks(ids):
+                c.execute(stmt.where(devices.c.device_id.in_(part)))
 
 
 def list_devices(engine: sa.Engine) -> list[dict[str, Any]]:
@@ -180,23 +218,34 @@ def active_instructions(engine: sa.Engine) -> list[dict[str, Any]]:
 
 
 _TARGET_SQL: dict[str, str] = {}
+# A targetable device: not revoked, and with an agent that could answer (inventory-only devices,
+# imported by an Integrate connector and never enrolled nor connected, have none).
+# Only an enrolled device (a certificate serial recorded, not revoked) has an agent that can answer:
+# inventory-only devices (imported by an Integrate connector) and rows left by versions that
+# registered any name a Switch announced are not targeted, so they never count as offline.
+_TARGETABLE = sa.and_(devices.c.revoked == sa.false(), devices.c.cert_serial.is_not(None))
+_TARGET_QUERY = sa.select(devices.c.device_id, devices.c.online).where(_TARGETABLE)
 
 
 def target_devices(engine: sa.Engine, scope: list[str] | None) -> dict[str, bool]:
-    """device_id -> online, for every non-revoked device in scope.
+    """device_id -> online, for every targetable device in scope (``None``: the whole fleet).
 
-    Inventory-only devices (imported by an Integrate connector, never enrolled nor connected) have no
-    agent to answer and are not targeted."""
-    q = sa.select(devices.c.device_id, devices.c.online).where(
-        devices.c.revoked == sa.false(),
-        sa.or_(devices.c.source.is_(None), devices.c.cert_serial.is_not(None), devices.c.first_seen.is_not(None)))
+    A scope reads only its own devices (an ``IN`` in chunks of :data:`IN_CHUNK`); names that
+    cannot be a device id are not looked up. Inventory-only and revoked devices are not targeted."""
+    if scope is not None:
+        wanted = sorted({d for d in scope if _fits(devices.c.device_id, d)})
+        out: dict[str, bool] = {}
+        with engine.connect() as c:
+            for part in _chunks(wanted):
+                out.update((r[0], bool(r[1])) for r in c.execute(_TARGET_QUERY.where(devices.c.device_id.in_(part))))
+        return out
     # On the question's critical path (before the Switches are poked): the statement has only
     # constants, so it is compiled once per dialect and its rows fetched by the DBAPI cursor,
     # without SQLAlchemy's per-row processing.
     sql = _TARGET_SQL.get(engine.dialect.name)
     if sql is None:
-        sql = _TARGET_SQL[engine.dialect.name] = str(q.compile(dialect=engine.dialect,
-                                                               compile_kwargs={"literal_binds": True}))
+        sql = _TARGET_SQL[engine.dialect.name] = str(_TARGET_QUERY.compile(dialect=engine.dialect,
+                                                                           compile_kwargs={"literal_binds": True}))
     with engine.connect() as c:
         cur = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
@@ -204,10 +253,7 @@ def target_devices(engine: sa.Engine, scope: list[str] | None) -> dict[str, bool
             rows = cur.fetchall()
         finally:
             cur.close()
-    if scope is None:
-        return {r[0]: bool(r[1]) for r in rows}
-    wanted = set(scope)
-    return {r[0]: bool(r[1]) for r in rows if r[0] in wanted}
+    return {r[0]: bool(r[1]) for r in rows}
 
 
 # ---------------------------------------------------------------- responses
@@ -435,7 +481,26 @@ def aggregate(engine: sa.Engine, instruction_id: int, by: Sequence[str], limit: 
             "truncated": len(rows_per) > limit}
 
 
-def purge_expired(engine: sa.Engine, now: float | None = None) -> int:
-    with engine.begin() as c:
-        r = c.execute(results.delete().where(results.c.expires_at < (now or time.time())))
-        return r.rowcount or 0
+PURGE_CHUNK = 5000  # rows deleted per transaction
+PURGE_BUDGET = 1.0  # seconds one purge call may keep deleting; the rest waits for the next call
+
+
+def purge_expired(engine: sa.Engine, now: float | None = None, chunk: int = PURGE_CHUNK,
+                  budget: float = PURGE_BUDGET) -> int:
+    """Delete responses past their response TTL (``expires_at`` before ``now``); returns how many.
+
+    Each transaction deletes at most ``chunk`` rows (found through ``ix_results_expires_at``), so
+    the write lock is released between chunks and ingest goes on in between; after ``budget``
+    seconds the call stops and the rest is purged by the next one."""
+    cutoff = time.time() if now is None else now
+    doomed = (sa.select(results.c.instruction_id, results.c.device_id)
+              .where(results.c.expires_at < cutoff).limit(chunk))
+    stmt = results.delete().where(sa.tuple_(results.c.instruction_id, results.c.device_id).in_(doomed))
+    deadline = time.monotonic() + budget
+    total = 0
+    while True:
+        with engine.begin() as c:
+            n = c.execute(stmt).rowcount or 0
+        total += n
+        if n < chunk or time.monotonic() >= deadline:
+            return total

@@ -148,6 +148,7 @@ results = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=True),  # response TTL
 )
 sa.Index("ix_results_state", results.c.instruction_id, results.c.state)
+sa.Index("ix_results_expires_at", results.c.expires_at)  # the response-TTL purge
 
 # Answers the Core kept but did not count: "late" (the instruction had already ended: its final
 # counts stay final) or "refused" (it could not be stored, came through a Switch link the device

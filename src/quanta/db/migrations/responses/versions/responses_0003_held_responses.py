@@ -1,14 +1,14 @@
 """held responses: late answers and answers the Core could not count
 
 Revision ID: responses_0003
-Revises: responses_0001
+Revises: responses_0002
 """
 from alembic import op
 import sqlalchemy as sa
 
 
 revision = 'responses_0003'
-down_revision = 'responses_0001'
+down_revision = 'responses_0002'
 branch_labels = None
 depends_on = None
 
