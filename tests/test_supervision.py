@@ -28,7 +28,8 @@ from quanta.supervisor import Child, Supervisor
 
 # One stand-in child; what each of its runs does is the plan's step for that run (the last step repeats):
 #   serve       bind the port (exit EXIT_PORT_IN_USE if it is held), listen, sleep
-#   grandchild  start a grandchild in this process group that does 'serve'; exit with its code
+#   grandchild  start a grandchild in this process group that does 'serve' but ignores SIGTERM; exit with
+#               its code
 #   orphan      bind the port and pass the socket to a process in a session of its own, which holds it
 #               for 2 s (what the group kill cannot reach), then exit 1
 #   stubborn    ignore SIGTERM and sleep
@@ -39,7 +40,9 @@ d, port, plan = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split("
 run = len(list(d.glob("run-*.json")))
 step = plan[min(run, len(plan) - 1)]
 SERVE = '''
-import socket, sys, time
+import signal, socket, sys, time
+if sys.argv[2:] == ["ignore-term"]:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
@@ -58,7 +61,7 @@ if step == "serve":
     sys.argv = ["serve", str(port)]
     exec(SERVE)
 elif step == "grandchild":
-    g = subprocess.Popen([sys.executable, "-c", SERVE, str(port)])
+    g = subprocess.Popen([sys.executable, "-c", SERVE, str(port), "ignore-term"])
     record(grandchild=g.pid)
     sys.exit(g.wait())
 elif step == "orphan":
@@ -150,8 +153,10 @@ def test_grandchild_is_killed_with_its_child_and_the_restart_binds_the_port(tmp_
     assert gone(second["pid"]) and gone(second["grandchild"])  # and the stop took the whole group
     assert listener(port) is None
     text = caplog.text
-    assert f"c (pid {first['pid']}) was killed by SIGKILL" in text
-    assert f"killed process group {first['pid']} of c: 1 leftover process(es): pid {first['grandchild']}" in text
+    assert (f"c (pid {first['pid']}) was killed by SIGKILL; killed its process group {first['pid']}: "
+            f"1 leftover process(es): pid {first['grandchild']}") in text
+    assert (f"c (pid {second['pid']}) stopped: it was killed by SIGTERM; killed its process group {second['pid']}: "
+            f"1 leftover process(es): pid {second['grandchild']}") in text
     assert "restarting c in 0.1 s (restart 1)" in text
     assert "all components stopped" in text
 
@@ -301,6 +306,38 @@ def test_kill_9_of_the_switch_host_leaves_no_orphan_and_agents_come_back(server:
     assert f"switch-host (pid {host}) was killed by SIGKILL" in log
     assert "restarting switch-host in" in log
     assert "configuration error" not in log and "all components stopped" not in log
+
+
+@pytest.mark.slow
+def test_a_restarted_switch_host_waits_for_a_switch_port_still_held(server: Server) -> None:
+    """The replacement Switch Host finds the Switch port held (here by this test, standing in for an
+    orphan on a system without a parent-death signal): it names the holder, retries, and recovers."""
+    from test_e2e_single_server import SUMMARY, ask
+
+    server.enroll("a1")
+    server.start_agent("a1")
+    server.wait_online({"a1"})
+    [host] = server.pids(f"quanta switch-host {server.root}")
+    [old_switch] = _switches(server)
+    os.kill(server.proc.pid, signal.SIGSTOP)  # hold the restart until the port is taken
+    try:
+        os.kill(host, signal.SIGKILL)
+        wait_until(lambda: gone(old_switch.pid), 5, "the old Switch gone with its Switch Host", server)
+        with socket.socket() as holder:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            holder.bind(("0.0.0.0", server.switch))
+            holder.listen()
+            os.kill(server.proc.pid, signal.SIGCONT)
+            wait_until(lambda: "switch:switch-1: its port is still held after the restart" in server.log_text(), 30,
+                       "the new Switch Host retrying the held port", server)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    wait_until(lambda: _switch_listener(server) not in (None, old_switch.pid), 30, "a new Switch listening", server)
+    rc, out = ask(server, SUMMARY, wait=30)
+    assert rc == 0 and out["states"] == {"success": 1}, out
+    log = server.log_text()
+    assert f"port {server.switch} on 0.0.0.0" in log and f"already in use by pid {os.getpid()} (" in log
+    assert "configuration error" not in log and server.proc.poll() is None
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -64,6 +65,14 @@ def describe_exit(rc: int) -> str:
     return f"exited with code {rc}"
 
 
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl  # type: ignore[no-any-return]
+
+
 def die_with_parent() -> Callable[[], None] | None:
     """A preexec function (run in the child between fork and exec) that has the kernel SIGKILL the child
     when the process that forks it dies; None where there is no such setting (every system but Linux).
@@ -73,9 +82,7 @@ def die_with_parent() -> Callable[[], None] | None:
     already someone else and no signal would come: the child exits at once instead."""
     if not sys.platform.startswith("linux"):
         return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
+    prctl = _prctl()
     parent = os.getpid()
 
     def preexec() -> None:
@@ -218,8 +225,7 @@ class Supervisor:
             await self._terminate(child, proc, died)
             return None
         rc = died.result()
-        log.warning("%s (pid %d) %s", child.name, proc.pid, describe_exit(rc))
-        self._kill_leftovers(child, proc.pid)
+        log.warning("%s (pid %d) %s; %s", child.name, proc.pid, describe_exit(rc), self._kill_leftovers(proc.pid))
         return rc
 
     async def _terminate(self, child: Child, proc: asyncio.subprocess.Process, died: asyncio.Future[int]) -> None:
@@ -230,19 +236,20 @@ class Supervisor:
             log.warning("%s (pid %d) did not stop within %.0f s of SIGTERM; killing its process group",
                         child.name, proc.pid, self.stop_timeout)
             signal_group(proc.pid, signal.SIGKILL)
-            await died
-        self._kill_leftovers(child, proc.pid)
+        rc = await died
+        log.info("%s (pid %d) stopped: it %s; %s", child.name, proc.pid, describe_exit(rc),
+                 self._kill_leftovers(proc.pid))
 
-    def _kill_leftovers(self, child: Child, pgid: int) -> None:
-        """SIGKILL what remains of a dead child's process group (its leader's pid stays reserved as the
-        group's id while any member lives, so the signal cannot reach an unrelated process)."""
+    @staticmethod
+    def _kill_leftovers(pgid: int) -> str:
+        """SIGKILL what remains of a dead child's process group, and say what that was (the leader's pid
+        stays reserved as the group's id while any member lives, so the signal reaches no other process)."""
         members = group_members(pgid)
         if not members:
-            log.info("process group %d of %s: no process left", pgid, child.name)
-            return
+            return f"its process group {pgid} held no other process"
         signal_group(pgid, signal.SIGKILL)
-        log.warning("killed process group %d of %s: %d leftover process(es): %s", pgid, child.name, len(members),
-                    "; ".join(f"pid {m.pid} ({_command(m)})" for m in members))
+        return (f"killed its process group {pgid}: {len(members)} leftover process(es): "
+                + "; ".join(f"pid {m.pid} ({_command(m)})" for m in members))
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:
