@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import Server, free_port, quanta, wait_until
+from conftest import Server, free_port, make_server, quanta, wait_until
 from quanta.runtime import EXIT_PORT_IN_USE, SUPERVISED_ENV
 from quanta.supervisor import Child, Supervisor
 
@@ -204,12 +204,8 @@ def test_a_restarted_supervisor_waits_for_its_childrens_ports_and_gives_up_after
         taken.listen()
         sup = Supervisor([stand_in("c", d, port, "serve")], min_delay=0.1, max_delay=0.2, port_retry_window=1.5,
                          restarted=True)
-
-        async def scenario() -> None:
-            await until(lambda: sup._stop.is_set(), 20, "the supervisor giving up")
-
         started = time.monotonic()
-        assert supervise(sup, scenario) == 2
+        assert asyncio.run(asyncio.wait_for(sup.run(), 30)) == 2  # it ends by itself, giving up
     assert 1.5 <= time.monotonic() - started < 15
     assert len(runs(d)) >= 3 and {r["env"] for r in runs(d)} == {"restart"}
     assert "its port is still in use" in caplog.text and "giving up" in caplog.text
@@ -235,22 +231,35 @@ def test_a_child_that_cannot_be_started_stops_the_supervisor(tmp_path: Path, cap
     assert "ghost cannot be started" in caplog.text
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux only")
-def test_children_die_with_a_sigkilled_supervisor(tmp_path: Path) -> None:
+DRIVER = ("import asyncio, logging, sys; from quanta.supervisor import Child, Supervisor; "
+          "logging.basicConfig(level=logging.INFO); "
+          "sys.exit(asyncio.run(Supervisor([Child('c', sys.argv[1:])]).run()))")
+
+
+@pytest.mark.parametrize("sig", [
+    pytest.param(signal.SIGKILL, marks=pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                                          reason="the parent-death signal is Linux only")),
+    signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_children_die_with_their_supervisor(tmp_path: Path, sig: signal.Signals) -> None:
+    """A supervisor killed by ``sig`` (a real process of its own) leaves no child behind: SIGKILL through
+    the parent-death signal, the others through a graceful stop."""
     port, d = free_port(), tmp_path / "c"
     stand_in("c", d, port, "serve")
-    driver = ("import asyncio, sys; from quanta.supervisor import Child, Supervisor; "
-              "asyncio.run(Supervisor([Child('c', sys.argv[1:])]).run())")
-    sup = subprocess.Popen([sys.executable, "-c", driver, sys.executable, "-c", CHILD, str(d), str(port), "serve"],
-                           start_new_session=True)
+    sup = subprocess.Popen([sys.executable, "-c", DRIVER, sys.executable, "-c", CHILD, str(d), str(port), "serve"],
+                           start_new_session=True, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: bool(runs(d)) and listener(port) == runs(d)[0]["pid"], 20, "child listening")
         child = runs(d)[0]["pid"]
         assert os.getpgid(child) == child != os.getpgid(sup.pid)  # a process group of its own
-        sup.kill()
-        sup.wait(5)
-        wait_until(lambda: gone(child), 5, "the child killed with its supervisor")
+        sup.send_signal(sig)
+        rc = sup.wait(15)
+        wait_until(lambda: gone(child), 5, "the child gone with its supervisor")
         assert listener(port) is None
+        if sig == signal.SIGKILL:
+            assert rc == -signal.SIGKILL
+        else:
+            assert rc == 0
+            assert f"c (pid {child}) stopped: it was killed by SIGTERM" in sup.stderr.read()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sup.pid, signal.SIGKILL)
@@ -272,6 +281,23 @@ def test_a_held_port_names_its_holder_and_exits_75_only_under_a_supervisor(tmp_p
 
 
 # ------------------------------------------------------------------------ a real server
+@pytest.mark.slow
+def test_a_switch_port_taken_at_first_start_stops_the_server_naming_the_holder(tmp_path: Path) -> None:
+    s = make_server(tmp_path)
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("0.0.0.0", s.switch))
+        taken.listen()
+        r = subprocess.run([sys.executable, "-m", "quanta", "server", str(s.root)], capture_output=True, text=True,
+                           timeout=90)
+    assert r.returncode == 2, r.stderr
+    assert f"port {s.switch} on 0.0.0.0" in r.stderr and f"already in use by pid {os.getpid()} (" in r.stderr
+    assert "switch:switch-1 cannot bind a port on its first start" in r.stderr
+    assert "switch-host exited with a configuration error (code 2)" in r.stderr
+    assert "all components stopped" in r.stderr
+    assert subprocess.run(["pgrep", "-f", f"quanta [a-z-]+ {s.root}"], capture_output=True).stdout == b""
+
+
 def _switches(server: Server) -> list[psutil.Process]:
     return [psutil.Process(p) for p in server.pids(f"quanta switch {server.root}")]
 

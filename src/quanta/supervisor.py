@@ -1,5 +1,5 @@
 """A small process supervisor: starts child processes, restarts any that die (with back-off),
-and stops them all on SIGTERM/SIGINT. ``quanta server`` and ``quanta switch-host`` use it.
+and stops them all on SIGTERM, SIGINT or SIGHUP. ``quanta server`` and ``quanta switch-host`` use it.
 
 No orphan outlives its component, whichever level is killed:
 
@@ -38,6 +38,9 @@ from quanta.runtime import EXIT_CONFIGURATION, EXIT_PORT_IN_USE, SUPERVISED_ENV
 log = logging.getLogger("quanta.supervisor")
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""What stops the supervisor and, gracefully, its children. The children, in sessions of their own, get
+neither a terminal's Ctrl-C nor its hang-up: the supervisor passes both on as SIGTERM."""
 HEALTHY_RUN = 30.0
 """A child that ran this long before dying restarts after the shortest delay again."""
 
@@ -125,6 +128,15 @@ def _command(proc: psutil.Process) -> str:
         return "?"
 
 
+@dataclass
+class _Attempts:
+    """One child's restart state."""
+
+    restart: bool  # the next start is a restart (a port still held then is a leftover, not a setting)
+    delay: float  # before the next restart; doubles up to max_delay
+    port_busy_since: float | None = None  # first refusal of the current run of port-in-use exits
+
+
 class Supervisor:
     def __init__(self, children: list[Child], *, stop_timeout: float = 10.0, port_retry_window: float = 60.0,
                  min_delay: float = 0.5, max_delay: float = 10.0, restarted: bool | None = None) -> None:
@@ -139,7 +151,7 @@ class Supervisor:
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
-        """Ask ``run`` to stop every child and return (what SIGTERM and SIGINT do)."""
+        """Ask ``run`` to stop every child and return (what STOP_SIGNALS do)."""
         self._stop.set()
 
     async def run(self) -> int:
@@ -148,7 +160,7 @@ class Supervisor:
             log.warning("supervisor runs outside the main thread: its children get their parent-death signal "
                         "when this thread ends")
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop.set)
         code = 0
         for finished in asyncio.as_completed([asyncio.create_task(self._run_child(c)) for c in self.children]):
@@ -163,43 +175,49 @@ class Supervisor:
     # ------------------------------------------------------------------ one child
     async def _run_child(self, child: Child) -> int:
         """Start, watch and restart one child; return 0 once stopped, or EXIT_CONFIGURATION."""
-        restart = self.restarted
-        delay = self.min_delay
-        port_busy_since: float | None = None
+        attempts = _Attempts(restart=self.restarted, delay=self.min_delay)
         while not self._stop.is_set():
-            proc = await self._spawn(child, restart)
+            proc = await self._spawn(child, attempts.restart)
             if proc is None:
                 return EXIT_CONFIGURATION
             rc = await self._watch(child, proc)
             if rc is None:
                 return 0
-            now = time.monotonic()
-            if rc == EXIT_CONFIGURATION:
-                log.error("%s exited with a configuration error (code %d); not restarting", child.name, rc)
+            delay = self._restart_delay(child, rc, attempts)
+            if delay is None:
                 return EXIT_CONFIGURATION
-            if rc == EXIT_PORT_IN_USE and not restart:
-                log.error("%s cannot bind a port on its first start (code %d; its message above names the port "
-                          "and the holder): a configuration error; not restarting", child.name, rc)
-                return EXIT_CONFIGURATION
-            if rc == EXIT_PORT_IN_USE:
-                port_busy_since = port_busy_since or now
-                if now - port_busy_since >= self.port_retry_window:
-                    log.error("%s: its port is still in use %.0f s after its restart (its message above names the "
-                              "holder); giving up", child.name, now - port_busy_since)
-                    return EXIT_CONFIGURATION
-                log.warning("%s: its port is still held after the restart; retrying in %.1f s (gives up %.0f s "
-                            "after the first refusal)", child.name, delay, self.port_retry_window)
-            else:
-                port_busy_since = None
-                if now - child.started_at > HEALTHY_RUN:
-                    delay = self.min_delay
-                log.warning("restarting %s in %.1f s (restart %d)", child.name, delay, child.restarts + 1)
             if await self._stopped_within(delay):
                 return 0
-            delay = min(delay * 2, self.max_delay)
             child.restarts += 1
-            restart = True
+            attempts.restart = True
         return 0
+
+    def _restart_delay(self, child: Child, rc: int, attempts: _Attempts) -> float | None:
+        """How long to wait before restarting a child that exited ``rc`` (None: do not restart it), logged."""
+        now = time.monotonic()
+        delay = attempts.delay
+        attempts.delay = min(delay * 2, self.max_delay)
+        if rc == EXIT_CONFIGURATION:
+            log.error("%s exited with a configuration error (code %d); not restarting", child.name, rc)
+            return None
+        if rc != EXIT_PORT_IN_USE:
+            attempts.port_busy_since = None
+            if now - child.started_at > HEALTHY_RUN:
+                delay, attempts.delay = self.min_delay, min(self.min_delay * 2, self.max_delay)
+            log.warning("restarting %s in %.1f s (restart %d)", child.name, delay, child.restarts + 1)
+            return delay
+        if not attempts.restart:
+            log.error("%s cannot bind a port on its first start (code %d; its message above names the port and "
+                      "the holder): a configuration error; not restarting", child.name, rc)
+            return None
+        attempts.port_busy_since = attempts.port_busy_since or now
+        if now - attempts.port_busy_since >= self.port_retry_window:
+            log.error("%s: its port is still in use %.0f s after its restart (its message above names the holder); "
+                      "giving up", child.name, now - attempts.port_busy_since)
+            return None
+        log.warning("%s: its port is still held after the restart; retrying in %.1f s (gives up %.0f s after the "
+                    "first refusal)", child.name, delay, self.port_retry_window)
+        return delay
 
     async def _spawn(self, child: Child, restart: bool) -> asyncio.subprocess.Process | None:
         env = {**os.environ, SUPERVISED_ENV: "restart" if restart else "start"}
