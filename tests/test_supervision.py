@@ -30,8 +30,8 @@ from quanta.supervisor import Child, Supervisor
 #   serve       bind the port (exit EXIT_PORT_IN_USE if it is held), listen, sleep
 #   grandchild  start a grandchild in this process group that does 'serve' but ignores SIGTERM; exit with
 #               its code
-#   orphan      bind the port and pass the socket to a process in a session of its own, which holds it
-#               for 2 s (what the group kill cannot reach), then exit 1
+#   orphan      bind the port and pass the socket to a process in a session of its own (what the group
+#               kill cannot reach), which holds it until the file 'release' appears; then exit 1
 #   stubborn    ignore SIGTERM and sleep
 # Each run records its pid, its grandchild's pid and the supervisor's SUPERVISED_ENV in run-N.json.
 CHILD = r"""
@@ -69,7 +69,8 @@ elif step == "orphan":
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("127.0.0.1", port))
     s.listen()
-    h = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"], pass_fds=(s.fileno(),),
+    hold = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)"
+    h = subprocess.Popen([sys.executable, "-c", hold, str(d / "release")], pass_fds=(s.fileno(),),
                          start_new_session=True)
     record(grandchild=h.pid)
     sys.exit(1)
@@ -167,8 +168,10 @@ def test_a_port_still_held_at_restart_is_waited_for(tmp_path: Path, caplog) -> N
     sup = Supervisor([stand_in("c", d, port, "orphan,serve")], min_delay=0.1, max_delay=0.5, port_retry_window=20)
 
     async def scenario() -> None:
-        await until(lambda: len(runs(d)) >= 3 and listener(port) == runs(d)[-1]["pid"], 30,
-                    "a restart bound the port once its holder left")
+        await until(lambda: len(runs(d)) >= 3, 30, "restarts refused while the port is held")
+        assert listener(port) == runs(d)[0]["grandchild"]
+        (d / "release").touch()
+        await until(lambda: listener(port) == runs(d)[-1]["pid"], 30, "a restart bound the port once its holder left")
 
     assert supervise(sup, scenario) == 0
     assert gone(runs(d)[0]["grandchild"])
@@ -185,13 +188,10 @@ def test_a_port_held_at_first_start_is_a_configuration_error(tmp_path: Path, cap
         taken.listen()
         sup = Supervisor([stand_in("c", d, port, "serve"), stand_in("other", other, free_port(), "serve")],
                          min_delay=0.1)
-
-        async def scenario() -> None:
-            await until(lambda: bool(runs(other)), 20, "the other child started")
-
-        assert supervise(sup, scenario) == 2
+        assert asyncio.run(asyncio.wait_for(sup.run(), 30)) == 2  # it ends by itself
     assert len(runs(d)) == 1  # not restarted
-    assert gone(runs(other)[0]["pid"])  # every component stopped
+    survivor = sup.children[1].proc
+    assert survivor is not None and survivor.returncode is not None and gone(survivor.pid)  # every component stopped
     assert "c cannot bind a port on its first start" in caplog.text and "stopping every component" in caplog.text
 
 
@@ -304,6 +304,22 @@ def _switches(server: Server) -> list[psutil.Process]:
 
 def _switch_listener(server: Server) -> int | None:
     return listener(server.switch)
+
+
+@pytest.mark.slow
+def test_a_second_server_on_the_same_data_dir_is_refused_and_the_first_runs_on(server: Server) -> None:
+    import re
+
+    before = {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
+    r = subprocess.run([sys.executable, "-m", "quanta", "server", str(server.root)], capture_output=True, text=True,
+                       timeout=90)
+    assert r.returncode == 2, r.stderr
+    holders = {int(x) for x in re.findall(r"already in use by pid (\d+) \(", r.stderr)}
+    assert holders and holders <= before, r.stderr  # it names the first server's processes
+    assert "cannot bind a port on its first start" in r.stderr and "all components stopped" in r.stderr
+    assert server.proc.poll() is None
+    assert {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)} == before
+    assert _switch_listener(server) in before
 
 
 @pytest.mark.slow
