@@ -307,6 +307,29 @@ def _switch_listener(server: Server) -> int | None:
 
 
 @pytest.mark.slow
+def test_a_switch_host_with_no_enabled_switch_stops_the_server_instead_of_looping(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from quanta.datadir import DataDir
+    from quanta.db import make_engine
+    from quanta.db.tables import switch_configuration
+    from quanta.settings import load_settings
+
+    s = make_server(tmp_path)
+    engine = make_engine(DataDir(s.root).master_url(load_settings(s.root)))
+    with engine.begin() as c:
+        c.execute(sa.update(switch_configuration).values(Enabled=False))
+    engine.dispose()
+    alone = quanta("switch-host", str(s.root), check=False, timeout=60)
+    assert alone.returncode == 2 and "no enabled Switch in SwitchConfiguration" in alone.stderr, alone.stderr
+    r = subprocess.run([sys.executable, "-m", "quanta", "server", str(s.root)], capture_output=True, text=True,
+                       timeout=90)
+    assert r.returncode == 2, r.stderr
+    assert "switch-host exited with a configuration error (code 2); not restarting" in r.stderr
+    assert "restarting switch-host" not in r.stderr
+
+
+@pytest.mark.slow
 def test_a_second_server_on_the_same_data_dir_is_refused_and_the_first_runs_on(server: Server) -> None:
     import re
 
