@@ -73,12 +73,13 @@ def _prctl() -> Callable[..., int]:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     prctl.restype = ctypes.c_int
-    return prctl  # type: ignore[no-any-return]
+    return prctl
 
 
 def die_with_parent() -> Callable[[], None] | None:
     """A preexec function (run in the child between fork and exec) that has the kernel SIGKILL the child
-    when the process that forks it dies; None where there is no such setting (every system but Linux).
+    when the process that forks it dies; None elsewhere (only Linux has PR_SET_PDEATHSIG; FreeBSD's
+    procctl(PROC_PDEATHSIG_CTL) is not used).
 
     Linux sends the signal when the *thread* that forked exits, so the supervisor forks from its main
     thread (``Supervisor.run`` checks). If the parent died before the setting took, the child's parent is
