@@ -38,7 +38,7 @@ def _run_component(coro: Any) -> None:
         result = run(coro)
     except PortError as e:
         print(str(e), file=sys.stderr)
-        raise typer.Exit(2) from None
+        raise typer.Exit(e.exit_code) from None
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+from quanta.runtime import EXIT_CONFIGURATION
 from quanta.supervisor import Child, Supervisor, quanta_argv
+
+log = logging.getLogger("quanta.switch_host")
 
 
 def switch_children(root: Path) -> list[Child]:
@@ -15,7 +19,11 @@ def switch_children(root: Path) -> list[Child]:
 
 
 async def serve(root: Path) -> int:
+    """Supervise this host's enabled Switches. None is a configuration error (code 2), so that the server's
+    supervisor stops instead of restarting a Switch Host that has nothing to run."""
     children = switch_children(root)
     if not children:
-        raise SystemExit("error: no enabled Switch in SwitchConfiguration")
+        log.error("error: no enabled Switch in SwitchConfiguration for this host (rows whose Host is this "
+                  "server's name and Enabled is set); nothing to supervise")
+        return EXIT_CONFIGURATION
     return await Supervisor(children).run()
