@@ -7,8 +7,9 @@ line and a column.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compiler import Program
@@ -26,10 +27,12 @@ __all__ = [
     "RunResult",
     "ScaleError",
     "compile_scale",
+    "limit_process_memory",
     "method_reference",
     "read_tags",
     "render_methods_markdown",
     "run_program",
+    "stop_all",
 ]
 
 
@@ -56,6 +59,9 @@ class AgentContext:
     # Shows a prompt to the logged-on user through the agent's interaction port:
     # interact(kind, title, description, timeout_seconds, wait) -> "Yes" | "No" | "Acknowledged" | "TimedOut" | "Queued"
     interact: Callable[[str, str, str, float, bool], str] | None = None
+    # Set it (from any thread) to stop this payload: SQL stops at its next progress check, method
+    # loops and child-process waits at their next check; the result is an "Instruction cancelled" error.
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 def compile_scale(text: str, parameters: dict[str, object] | None = None) -> Program:
@@ -85,6 +91,34 @@ def run_program(
         return Evaluator(program, context, limits, allow_actions).run()
     except Exception as e:  # last line of defence: the agent must survive any payload
         return RunResult("error", [], [], ScaleError(f"Internal error: {type(e).__name__}: {e}", 1, 1))
+
+
+def stop_all() -> None:
+    """Stop every payload running in this process, now and later (the process is shutting down).
+
+    Each ends with the error "Stopped: the agent is shutting down" at its next check.
+    """
+    from .spec import STOPPING
+
+    STOPPING.set()
+
+
+# SQLite's heap beyond the payloads' own limits: the statements, caches and schema around them.
+SQLITE_HEAP_SLACK = 32 * 1024 * 1024
+
+
+def limit_process_memory(concurrent_payloads: int, limits: Limits = Limits()) -> int:
+    """Cap the memory SQLite may allocate in this whole process (``PRAGMA hard_heap_limit``) to
+    what ``concurrent_payloads`` payloads at ``limits.max_memory_bytes`` need, plus slack.
+
+    For a process that runs payloads and nothing else (the agent, ``quanta scale run``): a
+    statement past the cap (a sort of huge rows, a value built in SQLite) fails with a
+    memory-limit error instead of growing the process. The cap can only be lowered, never raised,
+    and holds for every SQLite connection of the process. Returns the limit in force.
+    """
+    from .evaluator import set_hard_heap_limit
+
+    return set_hard_heap_limit(concurrent_payloads * limits.max_memory_bytes + SQLITE_HEAP_SLACK)
 
 
 def method_reference() -> list[MethodSpec]:
