@@ -26,9 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Status = Literal["success", "nocontent", "error", "notimplemented"]
 
-PAGE_SIZE = 4096  # SQLite's default page size, for the in-memory database of loaded tables
-
-
 def set_hard_heap_limit(max_bytes: int) -> int:
     """``PRAGMA hard_heap_limit`` (process-wide; it can only be lowered). Returns the limit in force."""
     conn = sqlite3.connect(":memory:")
@@ -239,14 +236,12 @@ class Evaluator:
             conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             # One value (a zeroblob, a printf padding, a replace or REGEXPREPLACE result) is at most
             # `length` bytes, a quarter of the memory limit, so the value being built next to the
-            # tables already held stays near the limit; the loaded tables take at most the memory
-            # limit; sorts and temporary tables stay in memory (bounded by the process's hard heap
-            # limit, see limit_process_memory) instead of spilling to disk without bound.
+            # tables already held stays near the limit (the loaded tables are copies of those, and a
+            # SELECT cannot create more); sorts and temporary tables stay in memory, bounded by the
+            # process's hard heap limit (see limit_process_memory), instead of spilling to disk.
             length = max(1_000_000, min(self.limits.max_memory_bytes // 4, 1_000_000_000))
             conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, length)
             conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
-            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            conn.execute(f"PRAGMA max_page_count={max(256, self.limits.max_memory_bytes // PAGE_SIZE)}")
             conn.execute("PRAGMA temp_store=MEMORY")
             self.funcs = SqlFunctions(length, self._sql_check)
             self.funcs.install(conn)

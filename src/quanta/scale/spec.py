@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, Literal
 
 from .errors import ScaleError
@@ -45,13 +46,17 @@ class MethodError(Exception):
 STOPPING = threading.Event()
 
 
-def cell_bytes(v: object) -> int:
-    """Approximate memory of one value as Python holds it (CPython object sizes)."""
-    return 49 + len(v) if isinstance(v, (str, bytes, bytearray)) else 24
-
-
-def row_bytes(row: list[object]) -> int:
-    return 56 + 8 * len(row) + sum(cell_bytes(v) for v in row)
+def row_bytes(row: Sequence[object]) -> int:
+    """Approximate memory of one row as Python holds it (CPython sizes: a list, a pointer and a
+    24-byte object per cell, and a text or blob's length on top). On the path of every fetched row."""
+    n = 56 + 32 * len(row)
+    for v in row:
+        t = type(v)
+        if t is str or t is bytes:
+            n += 25 + len(v)  # type: ignore[arg-type]
+        elif t is not int and t is not float and isinstance(v, (str, bytes, bytearray)):
+            n += 25 + len(v)
+    return n
 
 
 def stop_reason(deadline: float, cancel: threading.Event | None) -> str | None:

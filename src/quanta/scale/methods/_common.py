@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, BinaryIO
 if TYPE_CHECKING:  # pragma: no cover
     from ..spec import MethodEnv
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 16  # small enough that reading a tiny file allocates little
 SYSTEM_FILE_BYTES = 4 * 1024 * 1024  # a system file read whole (os-release, cpuinfo, a unit file)
 # Opening never waits for a writer (FIFO) or a device; never makes a terminal ours; not inherited.
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
