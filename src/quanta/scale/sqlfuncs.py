@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import re2
 
-CACHED_PATTERNS = 32
+CACHED_PATTERNS = 16
+PATTERN_MEMORY = 2 * 1024 * 1024  # RE2's budget per compiled pattern (program and DFA cache)
 CHECK_EVERY = 4096  # matches between two deadline/cancel checks in REGEXPREPLACE
 _DOLLAR = re.compile(rb"\$(\$|&|\d{1,2})")
 
@@ -31,6 +32,7 @@ class SqlFunctionError(Exception):
 def _options() -> re2.Options:
     opts = re2.Options()
     opts.log_errors = False  # RE2 would print every refused pattern on stderr
+    opts.max_mem = PATTERN_MEMORY  # past it RE2 refuses the pattern or falls back to its (linear) NFA
     return opts
 
 
