@@ -231,9 +231,20 @@ class Evaluator:
         self.denied = _DENIED_NAMES.get(action, f"operation {action}")
         return sqlite3.SQLITE_DENY
 
-    def connection(self) -> sqlite3.Connection:
+    def connection(self, pos: A.Pos) -> sqlite3.Connection:
         if self.conn is None:
-            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            try:
+                self.conn = self._connect()
+            except MemoryError:  # the process's hard heap limit is reached by other payloads
+                raise self.memory_error(pos) from None
+            except sqlite3.Error as e:
+                raise ScaleError(f"SQL error: cannot open the SQL engine: {e}", pos.line, pos.column) from None
+        return self.conn
+
+    def _connect(self) -> sqlite3.Connection:
+        """A new in-memory connection with the payload's limits, functions and progress handler."""
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        try:
             # One value (a zeroblob, a printf padding, a replace or REGEXPREPLACE result) is at most
             # `length` bytes, a quarter of the memory limit, so the value being built next to the
             # tables already held stays near the limit (the loaded tables are copies of those, and a
@@ -246,8 +257,10 @@ class Evaluator:
             self.funcs = SqlFunctions(length, self._sql_check)
             self.funcs.install(conn)
             conn.set_progress_handler(self._progress, 1000)
-            self.conn = conn
-        return self.conn
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def load_table(self, table: Table, label: str, pos: A.Pos) -> str:
         entry = self.loaded.get(id(table))
@@ -255,7 +268,7 @@ class Evaluator:
             return entry[0]
         if not table.columns:
             raise ScaleError(f"Table {label} has no columns and cannot be used in a SELECT", pos.line, pos.column)
-        conn = self.connection()
+        conn = self.connection(pos)
         name = f"t{next(self.counter)}"
         cols = ", ".join(_qi(c) for c in table.columns)
         conn.execute(f"CREATE TABLE {_qi(name)} ({cols})")
@@ -323,7 +336,7 @@ class Evaluator:
         text = "".join(sql)
         if "\x00" in text:
             raise ScaleError("SELECT contains a NUL character", sel.pos.line, sel.pos.column)
-        conn = self.connection()
+        conn = self.connection(sel.pos)
         assert self.funcs is not None
         self.allowed = allowed
         self.denied = None
