@@ -255,6 +255,33 @@ def test_cancel_stops_sql(ctx) -> None:
     assert elapsed < 2, elapsed
 
 
+def test_cancel_by_instruction_id_stops_only_that_payload(tmp_path: Path) -> None:
+    from quanta.scale import cancel
+
+    results: dict[int, tuple[RunResult, float]] = {}
+
+    def work(iid: int) -> None:
+        results[iid] = timed(AgentContext(data_dir=tmp_path, instruction_id=iid), COUNT_TO_BILLION,
+                             limits=Limits(timeout_seconds=3))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (7, 8)]
+    for t in threads:
+        t.start()
+    deadline, told = time.monotonic() + 5, 0
+    while told == 0 and time.monotonic() < deadline:  # until payload 7 runs; then it is told once
+        told = cancel([7])
+        time.sleep(0.01)
+    assert told == 1
+    for t in threads:
+        t.join(10)
+    r7, elapsed7 = results[7]
+    assert r7.status == "error" and r7.error.message == "Instruction cancelled"
+    assert elapsed7 < 2, elapsed7
+    r8, elapsed8 = results[8]  # the other instruction ran on to its own time limit
+    assert r8.error.message == "Time limit of 3 seconds exceeded" and elapsed8 >= 3
+    assert cancel([7, 8]) == 0  # finished payloads are forgotten
+
+
 def test_cancel_and_time_limit_stop_a_long_regexpreplace(ctx) -> None:
     # 16 M empty matches: one SQL function call, minutes of work, no progress-handler tick inside
     payload = "SELECT length(REGEXPREPLACE('', printf('%.*c', 16000000, 'x'), '')) AS n;"

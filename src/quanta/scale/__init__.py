@@ -8,7 +8,8 @@ line and a column.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .spec import ColumnSpec, MethodSpec, ParamSpec
 
 __all__ = [
     "AgentContext",
+    "cancel",
     "ColumnSpec",
     "Limits",
     "MethodSpec",
@@ -62,6 +64,8 @@ class AgentContext:
     # Set it (from any thread) to stop this payload: SQL stops at its next progress check, method
     # loops and child-process waits at their next check; the result is an "Instruction cancelled" error.
     cancel: threading.Event = field(default_factory=threading.Event)
+    # The instruction this payload answers: quanta.scale.cancel([id]) then sets ``cancel``.
+    instruction_id: int | None = None
 
 
 def compile_scale(text: str, parameters: dict[str, object] | None = None) -> Program:
@@ -87,10 +91,45 @@ def run_program(
     """Run a compiled payload. Never raises for payload problems: see ``RunResult.status``."""
     from .evaluator import Evaluator
 
+    with _running(context):
+        try:
+            return Evaluator(program, context, limits, allow_actions).run()
+        except Exception as e:  # last line of defence: the agent must survive any payload
+            return RunResult("error", [], [], ScaleError(f"Internal error: {type(e).__name__}: {e}", 1, 1))
+
+
+# Payloads running now, by instruction id, for cancel().
+_RUNNING: dict[int, list[AgentContext]] = {}
+_RUNNING_LOCK = threading.Lock()
+
+
+@contextmanager
+def _running(context: AgentContext) -> Iterator[None]:
+    iid = context.instruction_id
+    if iid is None:
+        yield
+        return
+    with _RUNNING_LOCK:
+        _RUNNING.setdefault(iid, []).append(context)
     try:
-        return Evaluator(program, context, limits, allow_actions).run()
-    except Exception as e:  # last line of defence: the agent must survive any payload
-        return RunResult("error", [], [], ScaleError(f"Internal error: {type(e).__name__}: {e}", 1, 1))
+        yield
+    finally:
+        with _RUNNING_LOCK:
+            ctxs = _RUNNING[iid]
+            ctxs.remove(context)
+            if not ctxs:
+                del _RUNNING[iid]
+
+
+def cancel(instruction_ids: Iterable[int]) -> int:
+    """Stop the running payloads of these instructions (their ``AgentContext.instruction_id``);
+    each ends with the error "Instruction cancelled" at its next check. Returns how many were told.
+    Thread-safe: call it from the event loop while the payloads run on worker threads."""
+    with _RUNNING_LOCK:
+        told = [c for i in instruction_ids for c in _RUNNING.get(i, ())]
+    for c in told:
+        c.cancel.set()
+    return len(told)
 
 
 def stop_all() -> None:
