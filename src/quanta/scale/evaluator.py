@@ -380,7 +380,7 @@ class Evaluator:
         msg = str(e)
         if self.denied:
             msg = f"not authorized: {self.denied} is not allowed in a SELECT"
-        if "too big" in msg or "database or disk is full" in msg:
+        if "too big" in msg:
             return ScaleError(f"Memory limit of {self.limits.max_memory_bytes} bytes exceeded: {msg}",
                               pos.line, pos.column)
         return ScaleError(f"SQL error: {msg}", pos.line, pos.column)
