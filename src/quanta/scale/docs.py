@@ -30,8 +30,9 @@ case-sensitive.
 - Argument values: `"strings"`, numbers, `true`/`false` (any case), `@table.Column` (one call
   per row of `@table`), `%param%`.
 - `SELECT` runs on SQLite over the `@tables`: `"double quoted"` text is a string, `[brackets]`
-  quote identifiers, `REGEXP` and `REGEXPREPLACE(pattern, text, replacement)` are available,
-  and built-in tables are read as `$Name`.
+  quote identifiers, `REGEXP` and `REGEXPREPLACE(pattern, text, replacement)` are available
+  (RE2 syntax, matched in linear time: no backreferences or lookaround), and built-in tables are
+  read as `$Name`.
 - `FOREACH @row IN @table DO ... DONE;` - the output is the last statement of each iteration,
   concatenated. `IF (@table) ... [ELSE ...] ENDIF;` - true when the table has rows; `NOT` negates.
 - `EVALUATE;` ends with "success, no content" when the previous statement returned no rows.

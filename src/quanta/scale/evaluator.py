@@ -16,13 +16,23 @@ import psutil
 from . import ast as A
 from .compiler import Program, type_name
 from .errors import ScaleError
-from .spec import MethodEnv, MethodError, MethodSpec, ParamSpec, current_platform, lookup
-from .sqlfuncs import regexp, regexp_replace
+from .spec import (
+    MethodEnv, MethodError, MethodSpec, ParamSpec, current_platform, lookup, row_bytes, stop_message, stop_reason,
+)
+from .sqlfuncs import SqlFunctions
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import AgentContext, Limits
 
 Status = Literal["success", "nocontent", "error", "notimplemented"]
+
+def set_hard_heap_limit(max_bytes: int) -> int:
+    """``PRAGMA hard_heap_limit`` (process-wide; it can only be lowered). Returns the limit in force."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        return int(conn.execute(f"PRAGMA hard_heap_limit={int(max_bytes)}").fetchone()[0])
+    finally:
+        conn.close()
 
 
 @dataclass
@@ -32,18 +42,20 @@ class Table:
     size: int = -1  # approximate bytes, computed lazily
 
     def nbytes(self) -> int:
-        """Approximate memory held by the table (sampled for large tables)."""
+        """Approximate memory held by the table (sampled for large tables whose size was not
+        counted as they were produced)."""
         if self.size < 0:
             n = len(self.rows)
             step = max(1, n // 512)
             sample = self.rows[::step]
-            per_rows = 0
-            for row in sample:
-                per_rows += 56 + 8 * len(row)
-                for v in row:
-                    per_rows += 49 + len(v) if isinstance(v, (str, bytes)) else 24
-            self.size = 64 + 16 * len(self.columns) + (per_rows * n // len(sample) if sample else 0)
+            per_rows = sum(row_bytes(row) for row in sample)
+            self.size = table_bytes(self.columns) + (per_rows * n // len(sample) if sample else 0)
         return self.size
+
+
+def table_bytes(columns: list[str]) -> int:
+    """The memory of an empty table with these columns."""
+    return 64 + 16 * len(columns)
 
 
 @dataclass
@@ -96,10 +108,6 @@ class _Exit(Exception):
         self.error = error
 
 
-class _Abort(Exception):
-    """Raised from the progress handler path to distinguish time and memory breaches."""
-
-
 def _qi(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -136,7 +144,8 @@ class Evaluator:
         self.loaded: dict[int, tuple[str, Table]] = {}
         self.builtins: dict[str, str] = {}
         self.counter = itertools.count(1)
-        self.abort_reason: str | None = None
+        self.abort_reason: str | None = None  # why the progress handler stopped SQLite
+        self.funcs: SqlFunctions | None = None
         self.allowed: set[str] = set()
         self.real_tables: set[str] = set()
         self.denied: str | None = None
@@ -145,8 +154,12 @@ class Evaluator:
         self._ticks = 0
 
     # limits ------------------------------------------------------------------------------
-    def time_error(self, pos: A.Pos) -> ScaleError:
-        return ScaleError(f"Time limit of {self.limits.timeout_seconds:g} seconds exceeded", pos.line, pos.column)
+    def stop_reason(self) -> str | None:
+        """"time", "cancelled" or "stopping" when the payload must stop now, else None."""
+        return stop_reason(self.deadline, self.context.cancel)
+
+    def stop_error(self, reason: str, pos: A.Pos) -> ScaleError:
+        return ScaleError(stop_message(reason, self.limits.timeout_seconds), pos.line, pos.column)
 
     def memory_error(self, pos: A.Pos) -> ScaleError:
         return ScaleError(
@@ -154,26 +167,41 @@ class Evaluator:
         )
 
     def check_time(self, pos: A.Pos) -> None:
-        if time.monotonic() > self.deadline:
-            raise self.time_error(pos)
+        """Raise when the time limit passed, the instruction was cancelled or the agent stops."""
+        reason = self.stop_reason()
+        if reason is not None:
+            raise self.stop_error(reason, pos)
 
     def check_rows(self, n: int, pos: A.Pos) -> None:
         if n > self.limits.max_rows:
             raise ScaleError(f"Result exceeds the row limit of {self.limits.max_rows} rows", pos.line, pos.column)
 
-    def check_memory(self, pos: A.Pos) -> None:
+    def held_bytes(self) -> int:
+        """Memory held by the payload's tables (variables and the last result)."""
         seen: set[int] = set()
         total = 0
         for t in itertools.chain(self.vars.values(), [self.last] if self.last else []):
             if id(t) not in seen:
                 seen.add(id(t))
                 total += t.nbytes()
-        if total > self.limits.max_memory_bytes:
+        return total
+
+    def check_memory(self, pos: A.Pos) -> None:
+        if self.held_bytes() > self.limits.max_memory_bytes:
             raise self.memory_error(pos)
 
+    def _sql_check(self) -> str | None:
+        """For long-running SQL functions: the message to stop with, or None."""
+        reason = self.stop_reason()
+        if reason is None:
+            return None
+        self.abort_reason = reason
+        return stop_message(reason, self.limits.timeout_seconds)
+
     def _progress(self) -> int:
-        if time.monotonic() > self.deadline:
-            self.abort_reason = "time"
+        reason = self.stop_reason()
+        if reason is not None:
+            self.abort_reason = reason
             return 1
         self._ticks += 1
         if self._ticks % 64 == 0:
@@ -203,17 +231,36 @@ class Evaluator:
         self.denied = _DENIED_NAMES.get(action, f"operation {action}")
         return sqlite3.SQLITE_DENY
 
-    def connection(self) -> sqlite3.Connection:
+    def connection(self, pos: A.Pos) -> sqlite3.Connection:
         if self.conn is None:
-            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            conn.create_function("REGEXP", 2, regexp, deterministic=True)
-            conn.create_function("REGEXPREPLACE", 3, regexp_replace, deterministic=True)
-            length = max(1_000_000, min(self.limits.max_memory_bytes, 1_000_000_000))
+            try:
+                self.conn = self._connect()
+            except MemoryError:  # the process's hard heap limit is reached by other payloads
+                raise self.memory_error(pos) from None
+            except sqlite3.Error as e:
+                raise ScaleError(f"SQL error: cannot open the SQL engine: {e}", pos.line, pos.column) from None
+        return self.conn
+
+    def _connect(self) -> sqlite3.Connection:
+        """A new in-memory connection with the payload's limits, functions and progress handler."""
+        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        try:
+            # One value (a zeroblob, a printf padding, a replace or REGEXPREPLACE result) is at most
+            # `length` bytes, a quarter of the memory limit, so the value being built next to the
+            # tables already held stays near the limit (the loaded tables are copies of those, and a
+            # SELECT cannot create more); sorts and temporary tables stay in memory, bounded by the
+            # process's hard heap limit (see limit_process_memory), instead of spilling to disk.
+            length = max(1_000_000, min(self.limits.max_memory_bytes // 4, 1_000_000_000))
             conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, length)
             conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+            conn.execute("PRAGMA temp_store=MEMORY")
+            self.funcs = SqlFunctions(length, self._sql_check)
+            self.funcs.install(conn)
             conn.set_progress_handler(self._progress, 1000)
-            self.conn = conn
-        return self.conn
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def load_table(self, table: Table, label: str, pos: A.Pos) -> str:
         entry = self.loaded.get(id(table))
@@ -221,13 +268,19 @@ class Evaluator:
             return entry[0]
         if not table.columns:
             raise ScaleError(f"Table {label} has no columns and cannot be used in a SELECT", pos.line, pos.column)
-        conn = self.connection()
+        conn = self.connection(pos)
         name = f"t{next(self.counter)}"
         cols = ", ".join(_qi(c) for c in table.columns)
         conn.execute(f"CREATE TABLE {_qi(name)} ({cols})")
         if table.rows:
             marks = ", ".join("?" * len(table.columns))
-            conn.executemany(f"INSERT INTO {_qi(name)} VALUES ({marks})", table.rows)
+            self.abort_reason = None
+            try:
+                conn.executemany(f"INSERT INTO {_qi(name)} VALUES ({marks})", table.rows)
+            except sqlite3.Error as e:
+                raise self.sql_error(e, pos) from None
+            except MemoryError:
+                raise self.memory_error(pos) from None
         self.loaded[id(table)] = (name, table)
         self.real_tables.add(name)
         return name
@@ -283,42 +336,54 @@ class Evaluator:
         text = "".join(sql)
         if "\x00" in text:
             raise ScaleError("SELECT contains a NUL character", sel.pos.line, sel.pos.column)
-        conn = self.connection()
+        conn = self.connection(sel.pos)
+        assert self.funcs is not None
         self.allowed = allowed
         self.denied = None
         self.abort_reason = None
+        self.funcs.error = None
+        budget = self.limits.max_memory_bytes - self.held_bytes()
         conn.set_authorizer(self._authorize)
         try:
             cur = conn.execute(text)
             columns = [d[0] for d in cur.description] if cur.description else []
             rows: list[list[object]] = []
+            size = table_bytes(columns)
             limit = self.limits.max_rows
-            while True:
-                chunk = cur.fetchmany(1000)
-                if not chunk:
-                    break
-                rows.extend(list(r) for r in chunk)
+            for row in cur:  # one row at a time, so rows and memory are checked as they arrive
+                rows.append(list(row))
+                size += row_bytes(row)
                 if len(rows) > limit:
                     cur.close()
                     self.check_rows(len(rows), sel.pos)
+                if size > budget:
+                    cur.close()
+                    raise self.memory_error(sel.pos)
         except sqlite3.Error as e:
-            if self.abort_reason == "time":
-                raise self.time_error(sel.pos) from None
-            if self.abort_reason == "memory":
-                raise self.memory_error(sel.pos) from None
-            msg = str(e)
-            if self.denied:
-                msg = f"not authorized: {self.denied} is not allowed in a SELECT"
-            if "too big" in msg:
-                raise ScaleError(f"Memory limit exceeded: {msg}", sel.pos.line, sel.pos.column) from None
-            raise ScaleError(f"SQL error: {msg}", sel.pos.line, sel.pos.column) from None
-        except (ValueError, OverflowError, MemoryError) as e:
+            raise self.sql_error(e, sel.pos) from None
+        except MemoryError:  # SQLite's allocation failed at the process's hard heap limit
+            raise self.memory_error(sel.pos) from None
+        except (ValueError, OverflowError) as e:
             raise ScaleError(f"SQL error: {e}", sel.pos.line, sel.pos.column) from None
         finally:
             conn.set_authorizer(None)
-        if not columns and rows == []:
-            columns = []
-        return Table(_dedupe(columns), rows)
+        return Table(_dedupe(columns), rows, size)
+
+    def sql_error(self, e: sqlite3.Error, pos: A.Pos) -> ScaleError:
+        """The ScaleError for a failed statement: the stop, limit or function failure behind it."""
+        if self.abort_reason == "memory":
+            return self.memory_error(pos)
+        if self.abort_reason is not None:
+            return self.stop_error(self.abort_reason, pos)
+        if self.funcs is not None and self.funcs.error is not None:
+            return ScaleError(f"SQL error: {self.funcs.error}", pos.line, pos.column)
+        msg = str(e)
+        if self.denied:
+            msg = f"not authorized: {self.denied} is not allowed in a SELECT"
+        if "too big" in msg:
+            return ScaleError(f"Memory limit of {self.limits.max_memory_bytes} bytes exceeded: {msg}",
+                              pos.line, pos.column)
+        return ScaleError(f"SQL error: {msg}", pos.line, pos.column)
 
     # methods -----------------------------------------------------------------------------
     def coerce(self, p: ParamSpec, value: object, where: str, pos: A.Pos) -> object:
@@ -396,15 +461,20 @@ class Evaluator:
             arg_sets = [fixed]
         columns: list[str] = spec.column_names
         rows: list[list[object]] = []
-        env = MethodEnv(self.context, self.limits, self.deadline)
+        budget = self.limits.max_memory_bytes - self.held_bytes()
+        size = table_bytes(columns)
         for args in arg_sets:
             self.check_time(call.pos)
+            # what this call may still add, so a method that streams stops at the limit
+            env = MethodEnv(self.context, self.limits, self.deadline, max_rows=self.limits.max_rows - len(rows),
+                            max_bytes=budget - size)
             try:
                 assert spec.impl is not None
                 out = spec.impl(env, args)
             except MethodError as e:
-                if time.monotonic() > self.deadline:
-                    raise self.time_error(call.pos) from None
+                reason = self.stop_reason()
+                if reason is not None:
+                    raise self.stop_error(reason, call.pos) from None
                 raise ScaleError(f"{e} {where}", call.pos.line, call.pos.column) from None
             except ScaleError:
                 raise
@@ -415,6 +485,9 @@ class Evaluator:
             else:
                 out_cols, out_rows = columns, out
             norm = [[normalize(v) for v in r] for r in out_rows]
+            size += sum(row_bytes(r) for r in norm)
+            if size > budget:
+                raise self.memory_error(call.pos)
             if out_cols != columns:
                 if rows:
                     columns, rows = _merge(columns, rows, out_cols, norm)
@@ -424,7 +497,7 @@ class Evaluator:
                 rows.extend(norm)
             self.check_rows(len(rows), call.pos)
         self.check_time(call.pos)
-        return Table(columns, rows)
+        return Table(columns, rows, size if len(arg_sets) == 1 else -1)
 
     # statements --------------------------------------------------------------------------
     def produce(self, t: Table, pos: A.Pos) -> Table:

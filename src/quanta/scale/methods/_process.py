@@ -8,8 +8,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from typing import IO
 
-from ..spec import MethodEnv, MethodError
+from ..spec import MethodEnv, MethodError, stop_message
+
+POLL_SECONDS = 0.1  # how often a running child's output size, cancellation and deadline are checked
 
 PROCESS_COLUMNS = ["ExitCode", "Output"]
 
@@ -31,7 +35,7 @@ def run_process(env: MethodEnv, argv: list[str] | str, args: dict[str, object], 
     if remaining <= 0:
         env.check_time()
     limit = min(float(timeout_secs) if timeout_secs else float("inf"), remaining)
-    max_bytes = env.limits.max_memory_bytes
+    max_bytes = env.max_bytes
     with tempfile.TemporaryFile() as out:
         kwargs: dict = {}
         if sys.platform.startswith("win"):
@@ -44,9 +48,8 @@ def run_process(env: MethodEnv, argv: list[str] | str, args: dict[str, object], 
             raise MethodError(f"Command not found: {argv[0] if isinstance(argv, list) else argv}") from None
         except OSError as e:
             raise MethodError(f"Cannot start command: {e}") from None
-        try:
-            code = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
+        code = _wait(proc, out, env, limit, max_bytes)
+        if code is None:
             instruction_limit = limit >= remaining
             if timeout_kill or instruction_limit:
                 _kill_tree(proc)
@@ -56,10 +59,7 @@ def run_process(env: MethodEnv, argv: list[str] | str, args: dict[str, object], 
                 env.check_time()
             raise MethodError(
                 f"Command timed out after {timeout_secs} seconds" + (" and was killed" if timeout_kill else " (left running)")
-            ) from None
-        size = out.tell()
-        if size > max_bytes:
-            raise MethodError(f"Command output of {size} bytes exceeds the memory limit of {max_bytes} bytes")
+            )
         out.seek(0)
         text = out.read().decode("utf-8", errors="replace")
     if code != 0 and not ignore_exit:
@@ -75,6 +75,34 @@ def run_process(env: MethodEnv, argv: list[str] | str, args: dict[str, object], 
             lines = [ln.rstrip() for ln in lines]
         return [[code, ln] for ln in lines]
     return [[code, text.rstrip() if trim else text]]
+
+
+def _wait(proc: subprocess.Popen, out: IO[bytes], env: MethodEnv, limit: float, max_bytes: int) -> int | None:
+    """The child's exit code, or None when ``limit`` seconds passed first.
+
+    While it runs, its output may not pass ``max_bytes`` and the instruction may be cancelled
+    or stopped: then the child's process group is killed and MethodError raised.
+    """
+    end = time.monotonic() + limit
+    step = 0.005  # short first, so a quick command returns quickly
+    while True:
+        try:
+            code: int | None = proc.wait(timeout=max(0.0, min(step, end - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            code = None
+        size = os.fstat(out.fileno()).st_size
+        if size > max_bytes:
+            _kill_tree(proc)
+            raise MethodError(f"Command output of {size} bytes exceeds the memory limit of {max_bytes} bytes")
+        if code is not None:
+            return code
+        reason = env.stop_reason()
+        if reason is not None and reason != "time":
+            _kill_tree(proc)
+            raise MethodError(stop_message(reason, env.limits.timeout_seconds))
+        if time.monotonic() >= end:
+            return None
+        step = min(step * 2, POLL_SECONDS)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

@@ -6,12 +6,14 @@ import fnmatch
 import hashlib
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..spec import ColumnSpec as C
 from ..spec import MethodEnv, MethodError, method
 from ..spec import ParamSpec as P
-from ._common import group_name, iso, user_name
+from ._common import READ_CHUNK, SpecialFileError, group_name, iso, open_regular, read_capped, user_name
 
 MAX_LINES = 50_000
 MAX_FILE_BYTES = 10 * 1024 * 1024
@@ -28,59 +30,84 @@ def _path(args: dict[str, object]) -> Path:
     return p
 
 
+def _refusal(path: Path, e: OSError) -> MethodError:
+    if isinstance(e, SpecialFileError):
+        return MethodError(str(e))
+    if isinstance(e, IsADirectoryError):
+        return MethodError(f"'{path}' is a directory")
+    if isinstance(e, PermissionError):
+        return MethodError(f"Permission denied reading '{path}'")
+    return MethodError(f"Cannot read '{path}': {e.strerror or e}")
+
+
+def _lines(f: BinaryIO, env: MethodEnv) -> Iterator[bytes]:
+    """The lines of ``f`` (without their LF or CRLF), from at most MAX_FILE_BYTES read in chunks."""
+    left = MAX_FILE_BYTES
+    tail = b""
+    while left > 0:
+        chunk = f.read(min(READ_CHUNK, left))
+        if not chunk:
+            break
+        left -= len(chunk)
+        *complete, tail = (tail + chunk).split(b"\n")
+        yield from complete
+        env.check_time()
+    if tail:
+        yield tail
+
+
 @method(
     "FileSystem", "GetFileByLine",
-    f"A text file, one row per line (LF or CRLF). At most {MAX_LINES:,} lines are read. A missing file gives an empty table.",
+    f"A text file, one row per line (LF or CRLF). At most {MAX_LINES:,} lines and the first "
+    f"{MAX_FILE_BYTES // (1024 * 1024)} MB are read. A missing file gives an empty table; FIFOs, devices, "
+    "sockets and other special files are refused.",
     params=(_FILE_PARAM,),
     columns=(C("LineNumber", "integer"), C("Content", "string")),
 )
 def get_file_by_line(env: MethodEnv, args: dict[str, object]):
     path = _path(args)
-    rows = []
+    rows: list[list[object]] = []
     try:
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            for n, line in enumerate(f, 1):
+        with open_regular(path) as f:
+            for n, line in enumerate(_lines(f, env), 1):
                 if n > MAX_LINES:
                     break
-                rows.append([n, line.rstrip("\r\n")])
-                if n % 4096 == 0:
-                    env.check_time()
+                text = line[:-1] if line.endswith(b"\r") else line
+                rows.append(env.take([n, text.decode("utf-8", errors="replace")]))
     except (FileNotFoundError, NotADirectoryError):
         return []
-    except IsADirectoryError:
-        raise MethodError(f"'{path}' is a directory") from None
-    except PermissionError:
-        raise MethodError(f"Permission denied reading '{path}'") from None
+    except OSError as e:
+        raise _refusal(path, e) from None
     return rows
 
 
 @method(
     "FileSystem", "GetFile",
-    f"The whole content of a text file as one row. Files over {MAX_FILE_BYTES // (1024 * 1024)} MB are refused. A missing file gives an empty table.",
+    f"The whole content of a text file as one row. Files over {MAX_FILE_BYTES // (1024 * 1024)} MB are refused, "
+    "as are FIFOs, devices, sockets and other special files. A missing file gives an empty table.",
     params=(_FILE_PARAM,),
     columns=(C("FileName", "string"), C("Size", "integer"), C("Content", "string")),
 )
 def get_file(env: MethodEnv, args: dict[str, object]):
     path = _path(args)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        with open_regular(path) as f:
+            data = read_capped(f, MAX_FILE_BYTES, env)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    except IsADirectoryError:
-        raise MethodError(f"'{path}' is a directory") from None
-    except PermissionError:
-        raise MethodError(f"Permission denied reading '{path}'") from None
+    except OSError as e:
+        raise _refusal(path, e) from None
     if len(data) > MAX_FILE_BYTES:
         raise MethodError(f"File '{path}' exceeds the {MAX_FILE_BYTES // (1024 * 1024)} MB limit")
-    return [[str(path), len(data), data.decode("utf-8", errors="replace")]]
+    return [env.take([str(path), len(data), data.decode("utf-8", errors="replace")])]
 
 
 def _sha256(path: Path, env: MethodEnv) -> str | None:
+    """SHA-256 of a regular file (None for a special or unreadable one), read in chunks."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
+        with open_regular(path) as f:
+            while chunk := f.read(READ_CHUNK):
                 h.update(chunk)
                 env.check_time()
     except OSError:
@@ -90,13 +117,14 @@ def _sha256(path: Path, env: MethodEnv) -> str | None:
 
 @method(
     "FileSystem", "GetFileDetails",
-    "Size, times, owner, mode and SHA-256 of one file. A missing file gives an empty table.",
+    "Size, times, owner, mode and SHA-256 of one file (no SHA-256 for directories, FIFOs, devices and sockets). "
+    "A missing file gives an empty table.",
     params=(_FILE_PARAM,),
     columns=(
         C("FileName", "string"), C("Name", "string"), C("Directory", "string"), C("Size", "integer"),
         C("CreationTime", "datetime", "birth time where the platform records it, else inode change time"),
         C("LastModified", "datetime"), C("LastAccessed", "datetime"), C("Owner", "string"), C("Group", "string"),
-        C("Mode", "string"), C("IsDirectory", "boolean"), C("Sha256", "string", "empty for directories"),
+        C("Mode", "string"), C("IsDirectory", "boolean"), C("Sha256", "string", "empty for directories and special files"),
     ),
 )
 def get_file_details(env: MethodEnv, args: dict[str, object]):
@@ -113,7 +141,7 @@ def get_file_details(env: MethodEnv, args: dict[str, object]):
     group = group_name(st.st_gid) if hasattr(os, "getuid") else None
     return [[
         str(path), path.name, str(path.parent), st.st_size, iso(created), iso(st.st_mtime), iso(st.st_atime),
-        owner, group, stat.filemode(st.st_mode), is_dir, None if is_dir else _sha256(path, env),
+        owner, group, stat.filemode(st.st_mode), is_dir, _sha256(path, env) if stat.S_ISREG(st.st_mode) else None,
     ]]
 
 
@@ -162,7 +190,7 @@ def get_files(env: MethodEnv, args: dict[str, object]):
             except OSError:
                 continue
             if fnmatch.fnmatchcase(e.name, pattern):
-                rows.append([e.name, e.path, str(d), is_dir, None if is_dir else st.st_size, iso(st.st_mtime), level])
+                rows.append(env.take([e.name, e.path, str(d), is_dir, None if is_dir else st.st_size, iso(st.st_mtime), level]))
                 if len(rows) >= count:
                     return rows
             if is_dir and level < depth:

@@ -13,7 +13,7 @@ import psutil
 from ..spec import ColumnSpec as C
 from ..spec import MethodEnv, MethodError, method
 from ..spec import ParamSpec as P
-from ._common import iso
+from ._common import iso, read_text
 
 _PROC_ATTRS = ["pid", "ppid", "name", "exe", "cmdline", "username", "create_time", "status", "memory_info", "num_threads"]
 
@@ -81,12 +81,9 @@ SYSTEMD_UNIT_DIRS = [Path("/etc/systemd/system"), Path("/run/systemd/system"), P
 
 
 def _unit_description(path: Path) -> str | None:
-    try:
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("Description="):
-                return line.split("=", 1)[1].strip()
-    except OSError:
-        pass
+    for line in (read_text(path) or "").splitlines():
+        if line.startswith("Description="):
+            return line.split("=", 1)[1].strip()
     return None
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..spec import ColumnSpec as C
 from ..spec import MethodEnv, method
-from ._common import iso
+from ._common import iso, read_system_file
 
 DPKG_STATUS = Path("/var/lib/dpkg/status")
 APK_INSTALLED = Path("/lib/apk/db/installed")
@@ -71,9 +71,9 @@ def _macos_apps(env: MethodEnv) -> list[list[object]]:
         for app in sorted(d.glob("*.app")) if d.is_dir() else []:
             env.check_time()
             info: dict = {}
+            data = read_system_file(app / "Contents" / "Info.plist")
             try:
-                with open(app / "Contents" / "Info.plist", "rb") as f:
-                    info = plistlib.load(f)
+                info = plistlib.loads(data) if data is not None else {}
             except Exception:
                 pass
             rows.append([info.get("CFBundleName") or app.stem, info.get("CFBundleShortVersionString"), info.get("CFBundleIdentifier"), None, None, "applications"])
@@ -122,10 +122,9 @@ def get_installations(env: MethodEnv, args: dict[str, object]):
         return _macos_apps(env)
     rows: list[list[object]] = []
     for path, parser in ((DPKG_STATUS, parse_dpkg_status), (APK_INSTALLED, parse_apk_installed)):
-        try:
-            rows.extend(parser(path.read_text(encoding="utf-8", errors="replace")))
-        except OSError:
-            pass
+        data = read_system_file(path, env.limits.max_memory_bytes)
+        if data is not None:
+            rows.extend(parser(data.decode("utf-8", errors="replace")))
     env.check_time()
     rows.extend(_rpm(env))
     return rows

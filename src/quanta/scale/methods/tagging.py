@@ -11,9 +11,11 @@ from pathlib import Path
 from ..spec import ColumnSpec as C
 from ..spec import MethodEnv, MethodError, method
 from ..spec import ParamSpec as P
+from ._common import read_system_file
 
 MAX_NAME = 32
 MAX_SCOPABLE_STORE = 510  # characters of "name=value|name=value..." across scopable tags
+MAX_TAGS_FILE = 64 * 1024 * 1024  # tags.json is read whole: a regular file up to this size
 _LOCK = threading.Lock()
 _COLUMNS = (C("Name", "string"), C("Value", "string"), C("Scopable", "boolean"))
 
@@ -24,9 +26,10 @@ def tags_path(data_dir: Path) -> Path:
 
 def load_tags(data_dir: Path) -> dict[str, dict]:
     """{name: {"value": str, "scopable": bool}}; empty when absent or unreadable."""
+    data = read_system_file(tags_path(data_dir), MAX_TAGS_FILE)
     try:
-        raw = json.loads(tags_path(data_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = json.loads(data.decode("utf-8")) if data is not None else {}
+    except ValueError:
         return {}
     if not isinstance(raw, dict):
         return {}
