@@ -16,17 +16,21 @@ import struct
 import time
 from collections.abc import Iterator
 
+import asyncio
+import contextlib
+import ctypes
+import logging
+
 import psutil
 import pytest
 
 from conftest import Server, make_server, quanta, wait_until
 from quanta import protocol as p
 from quanta.datadir import DataDir
+from quanta.runtime import HeapReleaser, LogEvery, SheddingListener, bind_socket, heap_free_bytes
 from quanta.settings import poke_port
 from quanta.switch.service import REFUSAL_LOG_INTERVAL
 from test_switch_bad_input import SUMMARY, _ctx
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +147,7 @@ def _closed_by_server(s: ssl.SSLSocket) -> bool:
         return True
 
 
+@pytest.mark.slow
 def test_frames_with_reserved_bits_are_refused(shared: Server) -> None:
     _enrolled(shared, "raw")
     _online_agent(shared, "good")
@@ -180,6 +185,7 @@ def test_frames_with_reserved_bits_are_refused(shared: Server) -> None:
     _ask_good(shared, "good")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers", [
     ["Sec-WebSocket-Version: 8"],
     ["Sec-WebSocket-Version: 7"],
@@ -209,6 +215,7 @@ def _send_poke(port: int, data: bytes | None) -> None:
             s.sendall(data)
 
 
+@pytest.mark.slow
 def test_a_flood_of_bad_pokes_is_logged_once_per_interval(shared: Server) -> None:
     secret = DataDir(shared.root).internal_secret()
     port = poke_port(shared.switch)
@@ -267,6 +274,7 @@ def _half_open(port: int, n: int) -> list[socket.socket]:
     return socks
 
 
+@pytest.mark.slow
 def test_at_the_open_file_limit_the_switch_refuses_cleanly_and_recovers(server: Server) -> None:
     server.enroll("dev1")
     server.enroll("late")
@@ -312,3 +320,107 @@ def test_at_the_open_file_limit_the_switch_refuses_cleanly_and_recovers(server: 
     server.start_agent("late")
     server.wait_online({"dev1", "late"})
     _ask_good(server, "dev1", "late")
+
+
+# ------------------------------------------------------------------ the helpers, in this process
+def test_log_every_logs_the_first_at_once_then_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("quanta.test.logevery")
+
+    async def run() -> None:
+        every = LogEvery(log, 0.2, "thing refused")
+
+        async def lines(n: int) -> list[str]:
+            for _ in range(300):
+                got = [r.getMessage() for r in caplog.records if r.name == log.name]
+                if len(got) >= n:
+                    return got
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"fewer than {n} lines: {got}")
+
+        every.note("bad MAC", "from 10.0.0.1:5")
+        assert await lines(1) == ["thing refused: bad MAC (from 10.0.0.1:5)"]
+        for i in range(999):
+            every.note("bad MAC" if i % 3 else "stale", "from 10.0.0.1:5")
+        got = await lines(2)
+        assert got[1] == "thing refused: 999 more in the last 0.2s (bad MAC: 666, stale: 333)"
+        while every._timer is not None:  # a quiet interval ends the episode
+            await asyncio.sleep(0.01)
+        assert len(await lines(2)) == 2  # nothing to report, no line
+        every.note("wrong size (3 bytes)")  # a new episode: logged at once
+        assert (await lines(3))[2] == "thing refused: wrong size (3 bytes)"
+        assert every.total == 1001
+        every.close()
+
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        asyncio.run(run())
+
+
+@contextlib.contextmanager
+def _no_descriptors_left() -> Iterator[None]:
+    """This process at its open-file limit: the soft limit lowered, every descriptor below it taken."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 64, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_shedding_listener_refuses_with_a_reset_at_the_limit_then_accepts_again() -> None:
+    reasons: list[str] = []
+    listener = SheddingListener.adopt(bind_socket("127.0.0.1", 0, "switch"), reasons.append)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), 5) for _ in range(3)]  # queued, not accepted
+    try:
+        with _no_descriptors_left():
+            with pytest.raises(BlockingIOError):  # "nothing (more) to accept": what accept loops expect
+                listener.accept()
+        assert listener.refused == 3 and reasons == ["out of file descriptors (EMFILE)"] * 3
+        for c in clients:
+            c.settimeout(5)
+            with pytest.raises(ConnectionResetError):  # refused at once, not left waiting
+                c.recv(1)
+        with socket.create_connection(("127.0.0.1", port), 5) as c:  # descriptors again: accepted
+            conn, _ = listener.accept()
+            conn.sendall(b"ok")
+            assert c.recv(2) == b"ok"
+            conn.close()
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):  # and an empty queue is reported as before
+            listener.accept()
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()
+
+
+def test_heap_releaser_returns_freed_memory_once_per_release() -> None:
+    if heap_free_bytes() is None:
+        pytest.skip("not glibc: there is no malloc_trim to call")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    releaser = HeapReleaser(32 << 20)
+    releaser.check()  # whatever this test process had freed before
+    blocks = [libc.malloc(4096) for _ in range(24_000)]  # ~96 MiB of heap, below the mmap threshold
+    for b in blocks:
+        ctypes.memset(b, 1, 4096)  # resident
+    pin = libc.malloc(4096)  # the heap's top stays in use, so free() alone cannot shrink it
+    for b in blocks:
+        libc.free(b)
+    try:
+        rss = psutil.Process().memory_info().rss
+        released = releaser.check()
+        assert released is not None and released > 48 << 20, released
+        assert psutil.Process().memory_info().rss < rss - (48 << 20)
+        assert releaser.check() is None  # released already: not again
+    finally:
+        libc.free(pin)

@@ -98,7 +98,7 @@ class LogEvery:
         if not self._counts:
             self._timer = None  # quiet for a whole interval: the next event is logged at once
             return
-        self.logger.warning("%s: %d more in the last %.0fs (%s)", self.what, sum(self._counts.values()),
+        self.logger.warning("%s: %d more in the last %gs (%s)", self.what, sum(self._counts.values()),
                             self.interval, ", ".join(f"{r}: {n}" for r, n in self._counts.most_common()))
         self._counts.clear()
         self._timer = asyncio.get_running_loop().call_later(self.interval, self._report)
