@@ -110,6 +110,7 @@ class LogEvery:
 
 
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+OUT_OF_MEMORY = (errno.ENOBUFS, errno.ENOMEM)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset, leaves no TIME_WAIT
 SHED_PER_CALL = 1024  # refusals per accept() call, so one call never holds the loop for long
 
@@ -126,6 +127,10 @@ class SheddingListener(socket.socket):
     takes the spare back and repeats while connections wait; then it reports an empty queue
     (``BlockingIOError``), which every accept loop handles as the normal end of a turn. Each
     refusal is reported to ``on_refused`` with its reason.
+
+    When the kernel is out of memory for sockets (ENOBUFS, ENOMEM, which aiofastnet handles the
+    same broken way) nothing can be accepted or refused; that is reported as an empty queue too, and
+    each attempt to ``on_refused``: the connections wait in the queue until memory frees up.
     """
 
     def __init__(self, *args: Any, on_refused: Callable[[str], None], **kwargs: Any) -> None:
@@ -150,10 +155,14 @@ class SheddingListener(socket.socket):
         try:
             return super().accept()
         except OSError as e:
-            if e.errno not in OUT_OF_DESCRIPTORS:
+            code = errno.errorcode.get(e.errno or 0, "?")
+            if e.errno in OUT_OF_DESCRIPTORS:
+                self._shed(code)
+            elif e.errno in OUT_OF_MEMORY:
+                self.on_refused(f"out of socket memory ({code}), connection left waiting")
+            else:
                 raise
-            self._shed(errno.errorcode.get(e.errno or 0, "?"))
-            raise BlockingIOError(errno.EAGAIN, "connections refused: out of file descriptors") from None
+            raise BlockingIOError(errno.EAGAIN, f"cannot accept now ({code})") from None
 
     def _shed(self, code: str) -> None:
         reason = f"out of file descriptors ({code})"

@@ -72,6 +72,8 @@ GC_THRESHOLDS = (10_000, 20, 1_000)
 # once per interval with a count: agent connections refused at the descriptor limit, bad pokes.
 REFUSAL_LOG_INTERVAL = 10.0
 POKE_TIMEOUT = 5.0
+AT_LIMIT = ("each is reset at once: raise the open-file limit (ulimit -n; fs.file-max for ENFILE) "
+            "or add Switches")
 # Memory freed after a flood (connections refused or dropped by the thousand) goes back to the
 # system once this much of the C heap is free; checked every MEMORY_CHECK seconds.
 RELEASE_FREE_BYTES = 64 << 20
@@ -611,7 +613,7 @@ class Switch:
         # At the open-file limit the agent port refuses what it cannot take (see SheddingListener).
         # The poke port is uvloop's (libuv keeps a spare descriptor for the same purpose).
         client_sock = SheddingListener.adopt(bind_socket(self.bind_host, self.port, "switch"),
-                                             lambda reason: self.refused.note(reason))
+                                             lambda reason: self.refused.note(reason, AT_LIMIT))
         poke_sock = bind_socket(self.bind_host, pokes, "poke")
         server = await ws_create_server(
             self._upgrade, sock=client_sock, backlog=LISTEN_BACKLOG, ssl=self._tls, use_aiofastnet=True,
