@@ -5,7 +5,11 @@ online.
 Per connection the Switch keeps one small listener object; messages are decoded by
 :mod:`quanta.protocol`. A connection that misbehaves (malformed frame, oversized message, text
 frame, anything before its hello, a hello for another device than its certificate names) is
-closed with a logged reason; nothing else is affected.
+closed with a logged reason; nothing else is affected. So is a frame with reserved bits set, and
+an upgrade to another WebSocket version than 13 is refused (426). At the open-file limit new
+connections are refused at once (see ``quanta.runtime.SheddingListener``). Refusals an attacker
+can repeat at line rate (connections at the limit, bad pokes) are logged once per
+REFUSAL_LOG_INTERVAL with a count.
 """
 
 from __future__ import annotations
