@@ -96,7 +96,7 @@ def test_hostile_answers_are_refused_one_by_one_and_the_core_link_holds(server: 
         # its answer is final and acknowledged: the device may forget it (no resend loop)
         assert iid in _next(rogue, p.ResponseAck).instruction_ids, label
     log = server.log_text()
-    assert "refused a response from device rogue" in log
+    assert "device answer refused: out of the protocol's bounds (device rogue at" in log
     assert "core link down" not in log and "closing switch link" not in log
     assert "lost connection" not in server.agent_log("good1") + server.agent_log("good2")
     # an answer whose instruction id itself is out of range is not attributable: only that

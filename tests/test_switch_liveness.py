@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from picows import WSListener, WSMsgType, ws_connect
 from conftest import free_port
 from quanta import protocol as p
 from quanta.pki import Pki, load_cert
-from quanta.switch.service import STALE_TICKS, Switch
+from quanta.switch.service import ACK_SLICE, DELIVERED_HOLD, FLUSH_INTERVAL, STALE_TICKS, Switch
 
 
 class Agent(WSListener):
@@ -183,11 +184,24 @@ class _CoreLink:
 
     def __init__(self) -> None:
         self.batches: list[p.ResponseBatch] = []
+        self.sent: list[object] = []
 
     async def send(self, data: bytes) -> None:
         msg = p.decode_from_switch(data)
+        self.sent.append(msg)
         if isinstance(msg, p.ResponseBatch):
             self.batches.append(msg)
+
+
+class _Device:
+    """Stands in for an agent's connection: records the messages the Switch sends it."""
+
+    def __init__(self, log: list[tuple[str, object]], name: str) -> None:
+        self.log = log
+        self.name = name
+
+    def send(self, data: bytes) -> None:
+        self.log.append((self.name, p.decode_from_switch_for_agent(data)))
 
 
 def test_answers_go_at_once_on_an_idle_link_and_gather_while_a_batch_is_unacknowledged(pki: Pki) -> None:
@@ -219,5 +233,111 @@ def test_answers_go_at_once_on_an_idle_link_and_gather_while_a_batch_is_unacknow
         sw.on_batch_ack(p.BatchAck(batch_id=link.batches[1].batch_id))
         assert not sw._flush_now.is_set()  # nothing waiting: no empty flush
         assert sw._unacked == {}
+
+    asyncio.run(run())
+
+
+def _committed(sw: Switch, batch_id: int, devices: list[str], instruction_id: int) -> None:
+    """The Core committed a batch of these devices' answers to one instruction."""
+    sw._unacked[batch_id] = p.ResponseBatch(batch_id=batch_id, responses=[
+        p.DeviceResponse(device_id=d, response=p.Response(instruction_id=instruction_id, status="success"))
+        for d in devices])
+    sw.on_batch_ack(p.BatchAck(batch_id=batch_id))
+
+
+def test_the_ack_drain_sends_each_ack_once_in_order_and_yields_between_slices(pki: Pki) -> None:
+    """50,000 devices' acknowledgements: one ResponseAck each (with every committed id, in order),
+    devices in the order their answers were committed, ACK_SLICE per loop turn; acks committed
+    during the drain go in a later pass."""
+    n = 50_000
+    names = [f"d{i:05d}" for i in range(n)]
+    sw = _switch(pki, 1)
+    sent: list[tuple[str, object]] = []
+    sw.conns = {d: _Device(sent, d) for d in names}  # type: ignore[misc]
+    _committed(sw, 1, names, 1)
+    _committed(sw, 2, names[:10], 2)  # ten devices answered a second instruction too
+
+    async def run() -> int:
+        turns = 0
+        acker = asyncio.create_task(sw._acker())
+        while len(sent) < n:
+            await asyncio.sleep(0)
+            turns += 1
+            if turns == 5:  # mid-drain: the Core commits d00000's answer to a third instruction
+                _committed(sw, 3, names[:1], 3)
+            assert turns < 10 * n, "the drain did not finish"
+        while len(sent) < n + 1 and turns < 20 * n:
+            await asyncio.sleep(0)
+            turns += 1
+        acker.cancel()
+        return turns
+
+    turns = asyncio.run(run())
+    assert [d for d, _ in sent[:n]] == names  # in commit order, each device once
+    assert sent[0][1] == p.ResponseAck(instruction_ids=[1, 2])
+    assert all(m == p.ResponseAck(instruction_ids=[1]) for _, m in sent[10:n])
+    assert sent[n:] == [("d00000", p.ResponseAck(instruction_ids=[3]))]  # the later pass
+    assert turns >= n // ACK_SLICE  # the loop ran other work between slices
+    assert sw._acks == {}
+
+
+def test_the_flusher_sleeps_while_there_is_nothing_to_send(pki: Pki) -> None:
+    """Idle, the flusher does not wake (it woke every FLUSH_INTERVAL); a device coming online is
+    reported after one gather of FLUSH_INTERVAL; answers gather only while a batch awaits its ack;
+    a delivery is reported once DELIVERED_HOLD old, with one wake-up for it."""
+    sw = _switch(pki, 1)
+    link = _CoreLink()
+    sw._link = link
+    flushes = 0
+    flush_once = sw._flush_once
+
+    async def counted() -> None:
+        nonlocal flushes
+        flushes += 1
+        await flush_once()
+
+    sw._flush_once = counted  # type: ignore[method-assign]
+
+    async def until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(int(timeout / 0.01)):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not met")
+
+    async def run() -> None:
+        sw._link_up.set()
+        flusher = asyncio.create_task(sw._flusher())
+        window = 25 * FLUSH_INTERVAL
+        await asyncio.sleep(window)  # an idle window: the old flusher woke 25 times in it
+        assert flushes == 0
+        sw._online["dev1"] = p.DeviceInfo(device_id="dev1", fqdn="dev1", os="Linux", agent_version="t")
+        sw.report_soon()
+        sw.report_soon()  # a second device in the same gather: still one flush
+        await until(lambda: any(isinstance(m, p.DevicesOnline) for m in link.sent))
+        assert flushes == 1
+        await asyncio.sleep(window)
+        assert flushes == 1  # idle again
+        # an answer on an idle link goes at once; while its batch awaits the ack, the flusher
+        # gathers in FLUSH_INTERVAL steps; acknowledged, it sleeps again
+        sw.on_response("dev1", p.Response(instruction_id=1, status="success"), 10)
+        await until(lambda: len(link.batches) == 1)
+        before = flushes
+        await asyncio.sleep(window)
+        assert flushes - before >= 5
+        sw.on_batch_ack(p.BatchAck(batch_id=link.batches[0].batch_id))
+        await asyncio.sleep(2 * FLUSH_INTERVAL)  # the wake-up already under way, if any
+        before = flushes
+        await asyncio.sleep(window)
+        assert flushes == before
+        # a delivery the device does not answer is reported once it is DELIVERED_HOLD old
+        sw._delivered[7]["dev1"] = time.monotonic()
+        sw._flush_now.set()
+        await until(lambda: any(isinstance(m, p.Delivered) for m in link.sent), 3 * DELIVERED_HOLD)
+        assert [m for m in link.sent if isinstance(m, p.Delivered)] == [p.Delivered(instruction_id=7,
+                                                                                    device_ids=["dev1"])]
+        assert flushes - before == 2  # the one asked for, and the one at DELIVERED_HOLD
+        assert not sw._delivered
+        flusher.cancel()
 
     asyncio.run(run())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import os
 import socket
+import struct
 import sys
-from collections.abc import Coroutine
+from collections import Counter
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 log = logging.getLogger("quanta")
@@ -57,6 +60,9 @@ def port_hint(port_name: str) -> str:
     return f"set it with 'quanta init --port {port_name}=N' or ports.{port_name} in quanta.toml"
 
 
+LISTEN_BACKLOG = 4096  # every listener's accept queue (a fleet reconnects at once after a restart)
+
+
 def port_holders(port: int) -> list[str]:
     """The processes listening on TCP ``port``, as 'pid N (command line)', as far as this user may see
     them (another user's process is listed as 'a process of another user')."""
@@ -80,7 +86,7 @@ def port_holders(port: int) -> list[str]:
     return holders
 
 
-def bind_socket(host: str, port: int, port_name: str, *, backlog: int = 4096) -> socket.socket:
+def bind_socket(host: str, port: int, port_name: str, *, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """Bind a listening TCP socket, or exit with a message naming the setting to change."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -105,6 +111,193 @@ def bind_socket(host: str, port: int, port_name: str, *, backlog: int = 4096) ->
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+class LogEvery:
+    """One log line per interval for an event that can repeat at the rate of an attacker's loop.
+
+    The first event after a quiet interval is logged at once, with its detail; the ones that follow
+    within ``interval`` seconds are only counted, by reason, and one line per interval reports how
+    many there were, until an interval passes without any. Needs a running event loop.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float, what: str) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.what = what  # e.g. "poke refused"
+        self.total = 0  # every event noted, for tests and stats
+        self._counts: Counter[str] = Counter()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, reason: str, detail: str = "") -> None:
+        self.total += 1
+        if self._timer is None:
+            self.logger.warning("%s: %s%s", self.what, reason, f" ({detail})" if detail else "")
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._report)
+        else:
+            self._counts[reason] += 1
+
+    def _report(self) -> None:
+        if not self._counts:
+            self._timer = None  # quiet for a whole interval: the next event is logged at once
+            return
+        self.logger.warning("%s: %d more in the last %gs (%s)", self.what, sum(self._counts.values()),
+                            self.interval, ", ".join(f"{r}: {n}" for r, n in self._counts.most_common()))
+        self._counts.clear()
+        self._timer = asyncio.get_running_loop().call_later(self.interval, self._report)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+OUT_OF_MEMORY = (errno.ENOBUFS, errno.ENOMEM)
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset, leaves no TIME_WAIT
+SHED_PER_CALL = 1024  # refusals per accept() call, so one call never holds the loop for long
+
+
+class SheddingListener(socket.socket):
+    """A listening socket that refuses, cleanly, the connections it has no descriptor for.
+
+    At the open-file limit ``accept()`` fails with EMFILE (ENFILE: the system's limit) while the
+    waiting connections keep the socket readable, so an event loop calls it again at once, forever.
+    (aiofastnet's own back-off for this case calls ``remove_reader`` on the socket instead of on the
+    loop, so each attempt also raises ``AttributeError`` and logs two tracebacks.) This socket keeps
+    one spare descriptor: at the limit it frees the spare, accepts the waiting connection, closes it
+    at once with a reset (the client sees the refusal at once and the server keeps no TIME_WAIT),
+    takes the spare back and repeats while connections wait; then it reports an empty queue
+    (``BlockingIOError``), which every accept loop handles as the normal end of a turn. Each
+    refusal is reported to ``on_refused`` with its reason.
+
+    When the kernel is out of memory for sockets (ENOBUFS, ENOMEM, which aiofastnet handles the
+    same broken way) nothing can be accepted or refused; that is reported as an empty queue too, and
+    each attempt to ``on_refused``: the connections wait in the queue until memory frees up.
+    """
+
+    def __init__(self, *args: Any, on_refused: Callable[[str], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_refused = on_refused
+        self.refused = 0
+        self._spare: int | None = None
+        self._take_spare()
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, on_refused: Callable[[str], None]) -> SheddingListener:
+        """The same listening socket (same descriptor, bound and listening), with shedding."""
+        return cls(sock.family, sock.type, sock.proto, fileno=sock.detach(), on_refused=on_refused)
+
+    def _take_spare(self) -> None:
+        try:
+            self._spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._spare = None  # retried at the next refusal
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().accept()
+        except OSError as e:
+            code = errno.errorcode.get(e.errno or 0, "?")
+            if e.errno in OUT_OF_DESCRIPTORS:
+                self._shed(code)
+            elif e.errno in OUT_OF_MEMORY:
+                self.on_refused(f"out of socket memory ({code}), connection left waiting")
+            else:
+                raise
+            raise BlockingIOError(errno.EAGAIN, f"cannot accept now ({code})") from None
+
+    def _shed(self, code: str) -> None:
+        reason = f"out of file descriptors ({code})"
+        for _ in range(SHED_PER_CALL):
+            if self._spare is None:
+                self._take_spare()
+                if self._spare is None:  # nothing to free: the connection waits in the queue
+                    self.on_refused(reason + ", no spare descriptor to refuse with")
+                    return
+            os.close(self._spare)
+            self._spare = None
+            try:
+                fd, _addr = self._accept()  # type: ignore[attr-defined]
+            except OSError:  # the queue is empty (or the freed descriptor went elsewhere)
+                self._take_spare()
+                return
+            refused = socket.socket(fileno=fd)
+            try:
+                refused.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass  # already reset by the peer: closing is all there is to do
+            refused.close()
+            self._take_spare()
+            self.refused += 1
+            self.on_refused(reason)
+
+    def close(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        super().close()
+
+
+# ---------------------------------------------------------------------------- C heap
+# glibc keeps the memory a process frees in its heap for reuse and returns it to the system only
+# from the top of the heap, which one long-lived allocation there pins. After a flood (thousands of
+# connections in their TLS handshake, all closed at once) a process keeps its peak size for good;
+# ``malloc_trim`` hands the free pages back. Elsewhere (musl, macOS) this is a no-op.
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = _MallInfo2
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
+
+
+def heap_free_bytes() -> int | None:
+    """Bytes the C heap holds free for reuse (glibc only; None elsewhere)."""
+    return None if _LIBC is None else int(_LIBC.mallinfo2().fordblks)
+
+
+def rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HeapReleaser:
+    """Returns the C heap's free pages to the system each time ``min_free`` more bytes became free.
+
+    ``malloc_trim`` leaves the released pages counted as free, so the free bytes seen after a
+    release are the baseline; it follows the heap down as free memory is reused."""
+
+    def __init__(self, min_free: int) -> None:
+        self.min_free = min_free
+        self.baseline = 0
+
+    def check(self) -> int | None:
+        """The bytes released (by resident size) if a release was due, else None."""
+        free = heap_free_bytes()
+        if free is None:
+            return None
+        if free <= self.baseline + self.min_free:
+            self.baseline = min(self.baseline, free)
+            return None
+        before = rss_bytes()
+        _LIBC.malloc_trim(0)
+        after = rss_bytes()
+        self.baseline = heap_free_bytes() or 0
+        return max(0, before - after) if before is not None and after is not None else 0
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:

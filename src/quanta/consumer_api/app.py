@@ -38,6 +38,7 @@ from quanta.definitions.packs import MAX_PACK_BYTES
 from quanta.db.tables import api_tokens, definitions, users
 from quanta.consumer_api.feed import Snapshot, StatusFeed
 from quanta.pki import Signer
+from quanta.settings import poke_port
 
 log = logging.getLogger("quanta.consumer_api")
 WAIT_MAX = 60.0  # longest long poll (GET .../Wait) a client may ask for
@@ -740,7 +741,7 @@ def create_app(api: ConsumerApi) -> FastAPI:
         """The SwitchConfiguration rows, with the devices last seen on each and how many are online."""
         def load() -> list[SwitchInfo]:
             counts = store.switch_device_counts(api.master)
-            return [SwitchInfo(name=r["Name"], host=r["Host"], port=r["Port"], poke_port=r["Port"] + 1,
+            return [SwitchInfo(name=r["Name"], host=r["Host"], port=r["Port"], poke_port=poke_port(r["Port"]),
                                enabled=bool(r["Enabled"]), online_devices=counts.get(r["Name"], {}).get("online", 0),
                                devices=counts.get(r["Name"], {}).get("devices", 0))
                     for r in store.switch_rows(api.master)]

@@ -5,7 +5,11 @@ online.
 Per connection the Switch keeps one small listener object; messages are decoded by
 :mod:`quanta.protocol`. A connection that misbehaves (malformed frame, oversized message, text
 frame, anything before its hello, a hello for another device than its certificate names) is
-closed with a logged reason; nothing else is affected.
+closed with a logged reason; nothing else is affected. So is a frame with reserved bits set, and
+an upgrade to another WebSocket version than 13 is refused (426). At the open-file limit new
+connections are refused at once (see ``quanta.runtime.SheddingListener``). Refusals an attacker
+can repeat at line rate (connections at the limit, bad pokes) are logged once per
+REFUSAL_LOG_INTERVAL with a count.
 """
 
 from __future__ import annotations
@@ -15,22 +19,26 @@ import gc
 import logging
 import os
 import ssl
+import struct
 import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
+from http import HTTPStatus
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import websockets
 from cryptography import x509
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
+from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, WSUpgradeResponse,
+                    WSUpgradeResponseWithListener, ws_create_server)
 
 from quanta import protocol as p
 from quanta.pki import Pki, cert_serial_and_name, client_context
 from quanta.switch.tls import TicketKeys, lean_tls
-from quanta.runtime import bind_socket
-from quanta.settings import core_link_max_bytes
+from quanta.runtime import LISTEN_BACKLOG, HeapReleaser, LogEvery, SheddingListener, bind_socket
+from quanta.settings import core_link_max_bytes, poke_port
 
 log = logging.getLogger("quanta.switch")
 
@@ -64,9 +72,18 @@ ACK_MAX_DELAY = 1.0
 # acknowledges them) promote enough objects to trigger one every few questions. Full collections
 # are made rarer; young cyclic garbage is still collected as before.
 GC_THRESHOLDS = (10_000, 20, 1_000)
-# A device's answer refused for its content is logged at most this often (with a count), so a
-# fleet sending bad answers cannot flood the log.
-REFUSED_LOG_INTERVAL = 10.0
+# Refusals that an attacker (or a fleet at the open-file limit) can cause at line rate are logged
+# once per interval with a count: agent connections refused at the descriptor limit, bad pokes,
+# device answers refused for their content.
+REFUSAL_LOG_INTERVAL = 10.0
+POKE_TIMEOUT = 5.0
+AT_LIMIT = ("each is reset at once: raise the open-file limit (ulimit -n; fs.file-max for ENFILE) "
+            "or add Switches")
+# Memory freed after a flood (connections refused or dropped by the thousand) goes back to the
+# system once this much of the C heap is free; checked every MEMORY_CHECK seconds.
+RELEASE_FREE_BYTES = 64 << 20
+MEMORY_CHECK = 10.0
+WEBSOCKET_VERSION = "13"  # RFC 6455; picows also accepts the drafts' 7 and 8, the Switch does not
 
 
 @dataclass
@@ -115,6 +132,9 @@ class AgentConnection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.seen = self.switch.tick
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is negotiated (RFC 6455 §5.2)
+            self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set in a frame (no extension was negotiated)")
+            return
         t = frame.msg_type
         if t is WSMsgType.BINARY:
             if not frame.fin:
@@ -230,6 +250,7 @@ class Switch:
         self._last_response = 0.0
         self._batch_seq = 0
         self._flush_now = asyncio.Event()
+        self._flush_timer: asyncio.TimerHandle | None = None  # a flush armed by report_soon
         self._fetch = asyncio.Event()
         self._link: Any = None
         self._link_up = asyncio.Event()
@@ -237,8 +258,9 @@ class Switch:
         self._tickets: TicketKeys | None = None
         self._crl_mtime = 0.0
         self.stats = {"connects": 0, "responses": 0, "closed_bad_input": 0, "refused_responses": 0}
-        self._refused_logged = -REFUSED_LOG_INTERVAL
-        self._refused_since_log = 0
+        self.refused = LogEvery(log, REFUSAL_LOG_INTERVAL, "agent connections refused")
+        self.bad_pokes = LogEvery(log, REFUSAL_LOG_INTERVAL, "poke refused")
+        self.refused_answers = LogEvery(log, REFUSAL_LOG_INTERVAL, "device answer refused")
 
     # ------------------------------------------------------------------ TLS / CRL
     def _build_context(self) -> ssl.SSLContext:
@@ -294,6 +316,15 @@ class Switch:
             if self._tickets is not None:
                 self._tickets.refresh()
 
+    async def _release_memory(self) -> None:
+        heap = HeapReleaser(RELEASE_FREE_BYTES)
+        while True:
+            await asyncio.sleep(MEMORY_CHECK)
+            released = heap.check()
+            if released is not None:
+                log.info("returned %.0f MiB of freed memory to the system (%d connections)",
+                         released / (1 << 20), len(self.conns))
+
     async def _watch_crl(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -322,6 +353,7 @@ class Switch:
         for act in self.active.values():
             act.delivered.discard(conn.device_id)
         self._unready[conn.device_id] = 0  # announced with the next DevicesOnline (see _announce)
+        self.report_soon()
 
     def on_disconnected(self, conn: AgentConnection) -> None:
         dev = conn.device_id
@@ -330,6 +362,7 @@ class Switch:
             self._online.pop(dev, None)
             self._unready.pop(dev, None)
             self._offline.add(dev)
+            self.report_soon()
 
     def _announce(self, infos: list[p.DeviceInfo]) -> p.DevicesOnline:
         """The DevicesOnline for these devices, numbered: each waits for its OnlineAck."""
@@ -368,6 +401,7 @@ class Switch:
         dev = conn.device_id
         assert dev is not None
         now = time.monotonic()
+        sent = False
         for iid, act in self.active.items():
             if (act.scope is None or dev in act.scope) and dev not in act.answered and dev not in act.delivered:
                 conn.send(act.frame)
@@ -375,6 +409,9 @@ class Switch:
                 pending = self._delivered[iid]
                 pending.pop(dev, None)  # keep each dict in time order
                 pending[dev] = now
+                sent = True
+        if sent:
+            self.report_soon(DELIVERED_HOLD)  # its 'sent', unless it answers first
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
         self._last_response = time.monotonic()
@@ -393,17 +430,12 @@ class Switch:
 
     def refused_response(self, conn: AgentConnection, refused: p.ResponseRefused) -> None:
         """A device's answer that does not fit the protocol's bounds: recorded as that device's
-        ``error`` for the instruction (so it is final, acknowledged and never re-sent), logged at most
-        once per REFUSED_LOG_INTERVAL with the count since the last line."""
+        ``error`` for the instruction (so it is final, acknowledged and never re-sent), and logged
+        once per REFUSAL_LOG_INTERVAL with a count."""
         assert conn.device_id is not None
         self.stats["refused_responses"] += 1
-        self._refused_since_log += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= REFUSED_LOG_INTERVAL:
-            log.warning("refused a response from device %s (%s:%s) for instruction %d: %s "
-                        "(%d refused since the last such line)", conn.device_id, conn.peer[0], conn.peer[1],
-                        refused.response.instruction_id, refused.reason, self._refused_since_log)
-            self._refused_logged, self._refused_since_log = now, 0
+        self.refused_answers.note("out of the protocol's bounds", f"device {conn.device_id} at {conn.peer[0]}:"
+                                  f"{conn.peer[1]}, instruction {refused.response.instruction_id}: {refused.reason}")
         self.on_response(conn.device_id, refused.response, len(p.encode(refused.response)))
 
     # ------------------------------------------------------------------ core events
@@ -453,23 +485,35 @@ class Switch:
         self._ack_now.set()
 
     async def _acker(self) -> None:
-        """Send the queued ResponseAcks, ACK_SLICE per loop turn, when answers pause (see ACK_IDLE)."""
+        """Send the queued ResponseAcks, ACK_SLICE per loop turn, when answers pause (see ACK_IDLE).
+
+        The queue is swapped out whole and walked once (acknowledgements committed meanwhile
+        queue up for the next pass), so draining N devices costs O(N)."""
         while True:
             await self._ack_now.wait()
             self._ack_now.clear()
             since = time.monotonic()
             while self._acks:
-                now = time.monotonic()
-                if now - self._last_response < ACK_IDLE and now - since < ACK_MAX_DELAY:
-                    await asyncio.sleep(ACK_IDLE)
-                    continue
-                for _ in range(min(ACK_SLICE, len(self._acks))):
-                    dev = next(iter(self._acks))
-                    ids = self._acks.pop(dev)
-                    conn = self.conns.get(dev)
-                    if conn is not None:
-                        conn.send(p.encode(p.ResponseAck(instruction_ids=ids)))
-                await asyncio.sleep(0)
+                acks, self._acks = self._acks, {}
+                pending = iter(acks.items())
+                while True:
+                    await self._answers_first(since)
+                    turn = list(islice(pending, ACK_SLICE))
+                    if not turn:
+                        break
+                    for dev, ids in turn:
+                        conn = self.conns.get(dev)
+                        if conn is not None:
+                            conn.send(p.encode(p.ResponseAck(instruction_ids=ids)))
+                    await asyncio.sleep(0)
+
+    async def _answers_first(self, since: float) -> None:
+        """Wait while answers keep arriving (ACK_IDLE), for at most ACK_MAX_DELAY after ``since``."""
+        while True:
+            now = time.monotonic()
+            if now - self._last_response >= ACK_IDLE or now - since >= ACK_MAX_DELAY:
+                return
+            await asyncio.sleep(ACK_IDLE)
 
     def on_cancel(self, cancel: p.Cancel) -> None:
         for iid in cancel.instruction_ids:
@@ -486,18 +530,50 @@ class Switch:
     async def _send_core(self, msg: Any) -> None:
         await self._link.send(p.encode(msg))
 
+    def report_soon(self, delay: float = FLUSH_INTERVAL) -> None:
+        """Something waits to go to the Core that may gather for ``delay`` (devices on- or offline,
+        deliveries to report): arm one flush for then, unless one comes sooner anyway."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        if self._flush_timer is not None:
+            if self._flush_timer.when() <= due:
+                return
+            self._flush_timer.cancel()
+        self._flush_timer = loop.call_at(due, self._flush_now.set)
+
     async def _flusher(self) -> None:
+        """Sleep until there is something to send: at once for ``_flush_now``, or when a flush armed
+        by ``report_soon`` is due. Only while a batch awaits the Core's acknowledgement do answers
+        gather, for FLUSH_INTERVAL at most (see FLUSH_INTERVAL)."""
         while True:
-            try:
-                await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL)
-            except asyncio.TimeoutError:
-                pass
+            if self._unacked:
+                try:
+                    await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL)
+                except asyncio.TimeoutError:
+                    pass
+            else:
+                await self._flush_now.wait()
             self._flush_now.clear()
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
             await self._link_up.wait()
             try:
                 await self._flush_once()
             except websockets.ConnectionClosed:
                 pass  # the link task reconnects and resends
+            held = self._delivered_due()
+            if held is not None:
+                self.report_soon(max(FLUSH_INTERVAL, held - time.monotonic()))
+
+    def _delivered_due(self) -> float | None:
+        """When the oldest delivery not yet reported becomes DELIVERED_HOLD old (monotonic time)."""
+        due = None
+        for pending in self._delivered.values():
+            first = next(iter(pending.values()), None)  # each dict is in time order
+            if first is not None and (due is None or first < due):
+                due = first
+        return None if due is None else due + DELIVERED_HOLD
 
     async def _flush_once(self) -> None:
         if self._online:
@@ -590,17 +666,27 @@ class Switch:
 
     # ------------------------------------------------------------------ poke port
     async def _on_poke(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+        peer = writer.get_extra_info("peername") or ("?", 0)
         try:
-            data = await asyncio.wait_for(reader.readexactly(p.POKE_SIZE), 5)
-            if p.check_poke(self.secret, data):
-                self._fetch.set()
-            else:
-                log.warning("poke from %s refused: bad or stale authentication", peer)
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
-            log.warning("poke from %s refused: incomplete", peer)
+            problem = await self._read_poke(reader)
         finally:
             writer.close()
+        if problem is None:
+            self._fetch.set()
+        else:
+            self.bad_pokes.note(problem, f"from {peer[0]}:{peer[1]}")
+
+    async def _read_poke(self, reader: asyncio.StreamReader) -> str | None:
+        """Read one poke: None if it is good, else what is wrong with it."""
+        try:
+            data = await asyncio.wait_for(reader.readexactly(p.POKE_SIZE), POKE_TIMEOUT)
+        except asyncio.IncompleteReadError as e:
+            return f"wrong size ({len(e.partial)} bytes)" if e.partial else "closed without a poke"
+        except asyncio.TimeoutError:
+            return f"incomplete after {POKE_TIMEOUT:.0f}s"
+        except OSError as e:
+            return f"connection error ({e.strerror or e})"
+        return poke_problem(self.secret, data)
 
     # ------------------------------------------------------------------ run
     async def serve(self, stop: asyncio.Event) -> None:
@@ -610,18 +696,22 @@ class Switch:
         self._tickets = TicketKeys(self._tls, self.pki.root / "ticket.secret")
         self._tickets.refresh()
         self.reload_crl()
-        client_sock = bind_socket(self.bind_host, self.port, "switch")
-        poke_sock = bind_socket(self.bind_host, self.port + 1, "poke")
+        pokes = poke_port(self.port)
+        # At the open-file limit the agent port refuses what it cannot take (see SheddingListener).
+        # The poke port is uvloop's (libuv keeps a spare descriptor for the same purpose).
+        client_sock = SheddingListener.adopt(bind_socket(self.bind_host, self.port, "switch"),
+                                             lambda reason: self.refused.note(reason, AT_LIMIT))
+        poke_sock = bind_socket(self.bind_host, pokes, "poke")
         server = await ws_create_server(
-            lambda _req: AgentConnection(self), sock=client_sock, ssl=self._tls, use_aiofastnet=True,
+            self._upgrade, sock=client_sock, backlog=LISTEN_BACKLOG, ssl=self._tls, use_aiofastnet=True,
             max_frame_size=self.max_message_bytes, read_buffer_init_size=1024,
             enable_auto_ping=False, enable_auto_pong=False,  # liveness: see SWEEP
             websocket_handshake_timeout=10, ssl_handshake_timeout=15)
-        poke_server = await asyncio.start_server(self._on_poke, sock=poke_sock)
+        poke_server = await asyncio.start_server(self._on_poke, sock=poke_sock, backlog=LISTEN_BACKLOG)
         log.info("switch %s listening: wss %s:%d (agents), poke tcp %s:%d (core)", self.name, self.bind_host,
-                 self.port, self.bind_host, self.port + 1)
+                 self.port, self.bind_host, pokes)
         tasks = [asyncio.create_task(c) for c in (self._core_link(), self._flusher(), self._fetcher(), self._acker(),
-                                                   self._watch_crl(), self._sweeper())]
+                                                   self._watch_crl(), self._sweeper(), self._release_memory())]
         try:
             await stop.wait()
         finally:
@@ -629,8 +719,36 @@ class Switch:
                 t.cancel()
             server.close()
             poke_server.close()
+            self.refused.close()
+            self.bad_pokes.close()
+            self.refused_answers.close()
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
             for conn in list(self.conns.values()):
                 conn.close(WSCloseCode.GOING_AWAY, "switch stopping")
+
+    def _upgrade(self, request: WSUpgradeRequest) -> AgentConnection | WSUpgradeResponseWithListener:
+        """The listener for a WebSocket upgrade, or its refusal (RFC 6455 §4.4: version 13 only)."""
+        versions = request.headers.getall("Sec-WebSocket-Version", [])
+        if versions != [WEBSOCKET_VERSION]:
+            log.warning("upgrade refused: Sec-WebSocket-Version %s (this Switch speaks %s only)",
+                        ", ".join(repr(v) for v in versions) or "missing", WEBSOCKET_VERSION)
+            refusal = WSUpgradeResponse.create_error_response(
+                HTTPStatus.UPGRADE_REQUIRED, b"unsupported WebSocket version",
+                {"Sec-WebSocket-Version": WEBSOCKET_VERSION})
+            return WSUpgradeResponseWithListener(refusal, None)
+        return AgentConnection(self)
+
+
+def poke_problem(secret: bytes, data: bytes, now: float | None = None) -> str | None:
+    """None for a good poke of POKE_SIZE bytes, else why it is refused (bad MAC, or stale)."""
+    if p.check_poke(secret, data, now):
+        return None
+    (stamp_ms,) = struct.unpack(">Q", data[:8])
+    if p.check_poke(secret, data, now=stamp_ms / 1000):  # authentic, only not fresh
+        skew = stamp_ms / 1000 - (time.time() if now is None else now)
+        return f"stale ({skew:+.0f}s from this Switch's clock)"
+    return "bad MAC"
 
 
 def pid_file(root: Path, name: str) -> Path:
