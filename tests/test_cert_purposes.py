@@ -11,6 +11,7 @@ enrolling an existing name is refused unless ``--replace``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import ssl
@@ -349,3 +350,173 @@ def test_batch_enrolment_follows_the_same_rule(tmp_path: Path) -> None:
         cert = x509.load_pem_x509_certificate(pem[pem.index(b"-----BEGIN CERTIFICATE"):])
         assert cert.serial_number not in crl and device_refusal(cert) is None
 
+
+
+# ------------------------------------------------------------- a real server, real processes
+SUMMARY = "@s = Device.GetSummary(); SELECT * FROM @s;"
+SCRIPT = b"#!/bin/sh\necho background content\n"
+
+
+def _background(server: Server, crt: Path, key: Path, digest: str) -> httpx.Response:
+    path = f"/Background/{digest}"
+    return httpx.get(f"https://localhost:{server.https}{path}",
+                     verify=ssl.create_default_context(cafile=str(server.root / "pki" / "ca.crt")),
+                     headers=sign_request("GET", path, crt.read_bytes(), key.read_bytes()), timeout=10)
+
+
+def _upload(server: Server) -> str:
+    from quanta.client import ConsumerClient
+
+    with ConsumerClient.for_data_dir(server.root) as api:
+        r = api.http.post("/Consumer/Content", content=SCRIPT)
+        assert r.status_code == 201, r.text
+        return str(r.json()["sha256"])
+
+
+def _log_line(server: Server, *parts: str) -> str:
+    """The server log's line holding every one of ``parts`` (waited for)."""
+    def find() -> str | None:
+        return next((ln for ln in server.log_text().splitlines() if all(p in ln for p in parts)), None)
+    wait_until(lambda: find() is not None, 15, f"a log line with {parts}", server)
+    return find() or ""
+
+
+def _refused_everywhere(server: Server, crt: Path, key: Path, digest: str, reason: str) -> None:
+    """Refused by the Switch (at the handshake, logged with reason, subject and serial) and by the
+    Background Channel (401, nothing served, logged likewise)."""
+    from test_e2e_single_server import _handshake, _tls_client
+
+    cert = load_cert(crt)
+    serial, subject = f"serial {cert.serial_number:x}", f"subject {cert.subject.rfc4514_string()!r}"
+    assert _handshake(server, _tls_client(server, crt, key)).startswith("refused")  # TLS 1.3: on the first read
+    assert _handshake(server, _tls_client(server, crt, key, tls12=True)).startswith("handshake:")
+    line = _log_line(server, "refused TLS handshake from 127.0.0.1:", serial)
+    assert reason in line and subject in line, line
+    r = _background(server, crt, key, digest)
+    assert r.status_code == 401 and reason in r.text and SCRIPT not in r.content, r.text
+    line = _log_line(server, "refused Background Channel request GET", serial)
+    assert reason in line and subject in line, line
+
+
+@pytest.mark.slow
+def test_switch_and_background_refuse_all_but_device_certificates(server: Server, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_e2e_single_server import _handshake, _tls_client
+
+    agent = server.enroll("dev1")
+    server.enroll("good")
+    server.start_agent("good")
+    server.wait_online({"good"})
+    digest = _upload(server)
+    pki = Pki(server.root / "pki")
+    out = tmp_path / "other-certs"
+    out.mkdir()
+    # a remote host's certificate, as 'quanta host export' issues it
+    pki.issue("host2", out / "host2.crt", out / "host2.key", purpose=Purpose.SERVER, san=["host2", "localhost"])
+    cases = {"interaction": (agent / "interaction.crt", agent / "interaction.key"),
+             "server": (pki.server_crt, pki.server_key), "host": (out / "host2.crt", out / "host2.key"),
+             "legacy device": _legacy(pki, monkeypatch, Purpose.DEVICE, "dev-old", out),
+             "legacy server": _legacy(pki, monkeypatch, Purpose.SERVER, "srv-old", out, ["srv-old"])}
+    for label, (crt, key) in cases.items():
+        why = "no Quanta device purpose" if label == "legacy device" else "a server or interaction-port certificate"
+        _refused_everywhere(server, crt, key, digest, why)
+    assert "localhost" not in {d["device_id"] for d in json.loads(quanta("devices", str(server.root), "--json").stdout)}
+    # the device certificate works on both
+    assert _handshake(server, _tls_client(server, agent / "device.crt", agent / "device.key")) == "ok"
+    r = _background(server, agent / "device.crt", agent / "device.key", digest)
+    assert r.status_code == 200 and r.content == SCRIPT
+    # and the well-behaved device never noticed
+    r = quanta("ask", str(server.root), SUMMARY, "--json", "--wait", "20", "--device", "good")
+    assert json.loads(r.stdout)["states"] == {"success": 1}
+
+
+@pytest.mark.slow
+def test_revoking_a_device_refuses_its_interaction_certificate_too(server: Server) -> None:
+    agent = server.enroll("dev1")
+    server.start_agent("dev1")
+    server.wait_online({"dev1"})
+    digest = _upload(server)
+    quanta("revoke", str(server.root), "--device", "dev1")
+    wait_until(lambda: "dev1" not in server.online(), 15, "dev1 dropped after revoke", server)
+    revoked = Pki(server.root / "pki").revoked()
+    for f in ("device.crt", "interaction.crt"):
+        assert _serial(agent / f) in revoked, f  # both on the CRL
+    server.stop_agent("dev1")
+    _refused_everywhere(server, agent / "device.crt", agent / "device.key", digest, "revoked")
+    _refused_everywhere(server, agent / "interaction.crt", agent / "interaction.key", digest, "")
+    r = _background(server, agent / "interaction.crt", agent / "interaction.key", digest)
+    assert r.status_code == 401 and "revoked" in r.text
+
+
+@pytest.mark.slow
+def test_enrolling_twice_needs_replace_which_retires_the_old_certificate(server: Server, tmp_path: Path) -> None:
+    from test_e2e_single_server import _handshake, _tls_client
+
+    agent = server.enroll("pc1")
+    server.start_agent("pc1")
+    server.wait_online({"pc1"})
+    digest = _upload(server)
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in ("device.crt", "device.key", "interaction.crt", "interaction.key"):
+        (old / f).write_bytes((agent / f).read_bytes())
+
+    r = quanta("enroll", str(server.root), "--device", "pc1", "--out", str(tmp_path / "elsewhere"), check=False)
+    assert r.returncode == 2 and "'pc1' is already enrolled; nothing was changed" in r.stderr + r.stdout
+    assert not (tmp_path / "elsewhere" / "device.crt").exists()
+    assert "pc1" in server.online() and Pki(server.root / "pki").revoked() == {}
+
+    server.stop_agent("pc1")
+    quanta("enroll", str(server.root), "--device", "pc1", "--out", str(agent), "--replace")
+    server.start_agent("pc1")
+    server.wait_online({"pc1"})
+    assert _handshake(server, _tls_client(server, agent / "device.crt", agent / "device.key")) == "ok"
+    _refused_everywhere(server, old / "device.crt", old / "device.key", digest, "revoked")
+    _refused_everywhere(server, old / "interaction.crt", old / "interaction.key", digest, "")
+    r = quanta("ask", str(server.root), SUMMARY, "--json", "--wait", "20", "--device", "pc1")
+    assert json.loads(r.stdout)["states"] == {"success": 1}
+
+
+@pytest.mark.slow
+def test_a_resumed_session_without_the_device_purpose_is_closed_before_its_first_frame(
+        server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TLS session resumed from a ticket skips the handshake's certificate checks; a ticket made
+    by a Switch that did not check purposes (one before this change, sharing pki/ticket.secret)
+    must still not let a non-device certificate in."""
+    from quanta.switch.tls import TicketKeys
+
+    pki = Pki(server.root / "pki")
+    crt, key = _legacy(pki, monkeypatch, Purpose.SERVER, "srv-old", tmp_path, ["srv-old"])
+    # the old Switch: mutual TLS, same CA and ticket key, no purpose check
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    old.load_cert_chain(pki.server_crt, pki.server_key)
+    old.verify_mode = ssl.CERT_REQUIRED
+    old.load_verify_locations(cafile=str(pki.ca_crt))
+    old.num_tickets = 1
+    TicketKeys(old, pki.root / "ticket.secret").refresh()
+    client = ssl.create_default_context(cafile=str(pki.ca_crt))
+    client.load_cert_chain(crt, key)
+    with _tls_server(old) as port:
+        with client.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+                                server_hostname="localhost") as s:
+            assert s.recv(10) == b"ok"
+            session = s.session
+    assert session is not None and session.has_ticket
+    with client.wrap_socket(socket.create_connection(("127.0.0.1", server.switch), timeout=10),
+                            server_hostname="localhost", session=session) as s:
+        assert s.session_reused  # no certificate check happened in this handshake
+        s.sendall(b"GET /agent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except (ssl.SSLError, OSError):
+            pass
+    head, _, frame = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), data
+    assert frame[0] == 0x88 and int.from_bytes(frame[2:4], "big") == 1008, frame  # a close frame, nothing else
+    assert b"not a device certificate" in frame[4:]
+    cert = load_cert(crt)
+    line = _log_line(server, "closing connection from", f"serial {cert.serial_number:x}")
+    assert "(device srv-old)" in line and "a server or interaction-port certificate" in line
