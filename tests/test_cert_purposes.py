@@ -426,8 +426,8 @@ def test_switch_and_background_refuse_all_but_device_certificates(server: Server
     r = _background(server, agent / "device.crt", agent / "device.key", digest)
     assert r.status_code == 200 and r.content == SCRIPT
     # and the well-behaved device never noticed
-    r = quanta("ask", str(server.root), SUMMARY, "--json", "--wait", "20", "--device", "good")
-    assert json.loads(r.stdout)["states"] == {"success": 1}
+    asked = quanta("ask", str(server.root), SUMMARY, "--json", "--wait", "20", "--device", "good")
+    assert json.loads(asked.stdout)["states"] == {"success": 1}
 
 
 @pytest.mark.slow

@@ -114,8 +114,8 @@ def register_devices(engine: sa.Engine, certificates: Sequence[DeviceCertificate
                 c.execute(device_certificates.update().where(device_certificates.c.serial.in_(list(old)))
                           .values(revoked_at=now))
             known = set(c.execute(sa.select(devices.c.device_id).where(devices.c.device_id.in_(part))).scalars())
-            new = [dict(device_id=d, cert_serial=primary.get(d), tags={}, online=False, first_seen=None)
-                   for d in part if d not in known]
+            new: list[dict[str, Any]] = [dict(device_id=d, cert_serial=primary.get(d), tags={}, online=False,
+                                              first_seen=None) for d in part if d not in known]
             if new:
                 c.execute(devices.insert(), new)
             again = [dict(b_id=d, b_serial=primary.get(d)) for d in part if d in known]

@@ -165,7 +165,6 @@ class TicketKeys:
 # reason, its subject and serial. It runs only for full handshakes: a resumed session skips
 # verification, which is why ``AgentConnection.on_ws_connected`` checks the purpose again.
 
-X509_V_OK = 0
 X509_V_ERR_INVALID_PURPOSE = 26
 SSL_VERIFY_PEER = 0x01
 SSL_VERIFY_FAIL_IF_NO_PEER_CERT = 0x02
@@ -191,9 +190,6 @@ def _verify_lib():  # type: ignore[no-untyped-def]
     return lib
 
 
-VERIFY_CALLBACK = None  # the ctypes prototype, made on first use (ctypes is not loaded otherwise)
-
-
 def _peer_address(lib, store: int) -> str:  # type: ignore[no-untyped-def]
     """The peer's address of the connection being verified, when OpenSSL holds its socket."""
     import socket
@@ -202,7 +198,10 @@ def _peer_address(lib, store: int) -> str:  # type: ignore[no-untyped-def]
     fd = lib.SSL_get_fd(ssl_ptr) if ssl_ptr else -1
     if fd < 0:
         return "?"
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return "?"
     try:
         host, port = sock.getpeername()[:2]
         return f"{host}:{port}"
@@ -238,7 +237,6 @@ def refuse_non_devices(ctx: ssl.SSLContext) -> bool:
 
     from quanta.pki import describe, device_refusal
 
-    global VERIFY_CALLBACK
     found = _ssl_ctx_pointer(ctx)
     try:
         lib = _verify_lib() if found is not None else None
@@ -273,11 +271,10 @@ def refuse_non_devices(ctx: ssl.SSLContext) -> bool:
             log.exception("device certificate check failed; refusing the handshake")
             return 0
 
-    if VERIFY_CALLBACK is None:
-        VERIFY_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
-    cb = VERIFY_CALLBACK(verify)
+    prototype = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)  # int (*)(int, X509_STORE_CTX *)
+    cb = prototype(verify)
     ctx._quanta_verify_callback = cb  # type: ignore[attr-defined]  # lives as long as the context
     lib.SSL_CTX_set_verify.restype = None
-    lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, VERIFY_CALLBACK]
+    lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, prototype]
     lib.SSL_CTX_set_verify(ptr, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, cb)
     return True
