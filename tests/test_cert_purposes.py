@@ -301,7 +301,10 @@ def test_the_certificates_table_matches_its_migration(db_url: str) -> None:
 def test_enroll_twice_is_refused_unless_replace_and_revoke_revokes_everything(tmp_path: Path) -> None:
     server = make_server(tmp_path)
     root, agent = server.root, tmp_path / "agents" / "pc1"
-    quanta("enroll", str(root), "--device", "pc1", "--out", str(agent))
+    (tmp_path / "a-file").write_text("")
+    r = quanta("enroll", str(root), "--device", "pc1", "--out", str(tmp_path / "a-file"), check=False)
+    assert r.returncode == 2 and "cannot create the agent directory" in r.stderr + r.stdout
+    quanta("enroll", str(root), "--device", "pc1", "--out", str(agent))  # the failed attempt enrolled nothing
     first = {f: (agent / f).read_bytes() for f in ("device.crt", "device.key", "interaction.crt", "agent.conf")}
     old = [_serial(agent / "device.crt"), _serial(agent / "interaction.crt")]
     assert _eku(agent / "interaction.crt") == [SERVER]

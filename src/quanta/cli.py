@@ -342,7 +342,10 @@ def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (
     dd = DataDir(root)
     pki = Pki(dd.pki)
     master = make_engine(dd.master_url(settings))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"cannot create the agent directory {out_dir}: {e}; nothing was enrolled", 2)
     # The serials are recorded (and the old certificates revoked) before any certificate exists, so
     # no certificate is ever valid without the Master knowing it belongs to this device.
     device_serial, interaction_serial = x509.random_serial_number(), x509.random_serial_number()
