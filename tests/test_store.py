@@ -82,7 +82,7 @@ def test_device_presence(db_url):
     assert store.target_devices(master, None) == {"d1": True, "d2": False}
     store.devices_offline(master, "switch-1", None)
     assert store.target_devices(master, ["d1"]) == {"d1": False}
-    assert store.mark_revoked(master, "d1") == "abc"
+    assert store.mark_revoked(master, "d1") == ["abc"]
     assert store.target_devices(master, None) == {"d2": False}
     assert store.devices_online(master, "switch-1", [DeviceInfo("d1", "d1.x", "Linux", "1")]) == ["d1"]  # revoked
     assert not {d["device_id"]: d for d in store.list_devices(master)}["d1"]["online"]

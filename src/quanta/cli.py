@@ -322,11 +322,18 @@ def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (
            out_dir: Annotated[Path, typer.Option("--out", help="agent directory to write")],
            switch_host: Annotated[Optional[str], typer.Option(help="host agents dial; default: server name")] = None,
            switch: Annotated[Optional[str], typer.Option(help="Switch=host:port[,host:port] for the agent (e.g. a DMZ Switch)")] = None,
-           background_url: Annotated[Optional[str], typer.Option(help="BackgroundChannelUrl for the agent")] = None) -> None:
-    """Issue a device certificate and write an agent directory."""
-    from quanta.agent.config import write_conf
+           background_url: Annotated[Optional[str], typer.Option(help="BackgroundChannelUrl for the agent")] = None,
+           replace: Annotated[bool, typer.Option("--replace", help="re-enrol an enrolled device: revoke every "
+                                                 "certificate issued to it and issue new ones")] = False) -> None:
+    """Issue a device certificate and an interaction-port certificate and write an agent directory.
+
+    A name that is already enrolled (revoked or not) is refused unless --replace, which revokes all
+    its earlier certificates (the CRL is rewritten; running Switches drop them within seconds)."""
+    from cryptography import x509
+
+    from quanta.agent.config import interaction_name, write_conf
     from quanta.db import make_engine, store
-    from quanta.pki import Pki
+    from quanta.pki import Pki, Purpose
     from quanta.settings import DataDir, load_settings
 
     if not device or any(ch in device for ch in "/\\\x00") or len(device) > 255:
@@ -335,14 +342,29 @@ def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (
     dd = DataDir(root)
     pki = Pki(dd.pki)
     master = make_engine(dd.master_url(settings))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cert = pki.issue(device, out_dir / "device.crt", out_dir / "device.key")
-    from quanta.agent.config import interaction_name
-
-    pki.issue(interaction_name(device), out_dir / "interaction.crt", out_dir / "interaction.key", server=True,
-              san=[interaction_name(device)])
-    shutil.copy(pki.ca_crt, out_dir / "ca.crt")
-    shutil.copy(pki.signing_pub, out_dir / "signing.pub")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _fail(f"cannot create the agent directory {out_dir}: {e}; nothing was enrolled", 2)
+    # The serials are recorded (and the old certificates revoked) before any certificate exists, so
+    # no certificate is ever valid without the Master knowing it belongs to this device.
+    device_serial, interaction_serial = x509.random_serial_number(), x509.random_serial_number()
+    try:
+        superseded = store.register_device(master, device, format(device_serial, "x"), format(interaction_serial, "x"),
+                                           replace=replace, before_commit=pki.revoke_many)
+    except store.DeviceAlreadyEnrolled:
+        _fail(f"device {device!r} is already enrolled; nothing was changed. To issue it new certificates, run "
+              f"'quanta enroll {root} --device {device} --out AGENTDIR --replace' (this revokes every certificate "
+              f"issued to it before); to retire it, 'quanta revoke {root} --device {device}'", 2)
+    try:
+        pki.issue(device, out_dir / "device.crt", out_dir / "device.key", serial=device_serial)
+        pki.issue(interaction_name(device), out_dir / "interaction.crt", out_dir / "interaction.key",
+                  purpose=Purpose.INTERACTION, san=[interaction_name(device)], serial=interaction_serial)
+        shutil.copy(pki.ca_crt, out_dir / "ca.crt")
+        shutil.copy(pki.signing_pub, out_dir / "signing.pub")
+    except OSError as e:
+        _fail(f"cannot write the agent directory {out_dir}: {e}; {device!r} is enrolled without usable "
+              f"certificates: run again with --replace", 1)
     rows = store.switch_rows(master)
     host = switch_host or settings.server_name
     switches = switch or ",".join(f"{switch_host or r['Host']}:{r['Port']}" for r in rows if r["Enabled"]) \
@@ -350,14 +372,16 @@ def enroll(root: DirArg, device: Annotated[str, typer.Option(help="device name (
     write_conf(out_dir, device_name=device, switches=switches,
                background_url=background_url or f"https://{host}:{settings.port('https')}/Background",
                interaction_port=settings.port("interaction"))
-    store.register_device(master, device, format(cert.serial_number, "x"))
-    store.audit(master, "quanta enroll", "enroll", device, serial=format(cert.serial_number, "x"))
-    out.print(f"enrolled {device}: agent directory {out_dir} (Switch={switches})", highlight=False)
+    store.audit(master, "quanta enroll", "re-enroll" if superseded else "enroll", device,
+                serial=format(device_serial, "x"), interaction_serial=format(interaction_serial, "x"),
+                revoked=sorted(superseded))
+    again = f", {len(superseded)} earlier certificates revoked" if replace else ""
+    out.print(f"enrolled {device}: agent directory {out_dir} (Switch={switches}{again})", highlight=False)
 
 
 @app.command()
 def revoke(root: DirArg, device: Annotated[str, typer.Option(help="device name")]) -> None:
-    """Revoke a device's certificate. Running Switches drop it within seconds."""
+    """Revoke a device: every certificate issued to it. Running Switches drop it within seconds."""
     from quanta.db import make_engine, store
     from quanta.pki import Pki
     from quanta.settings import DataDir, load_settings
@@ -365,12 +389,12 @@ def revoke(root: DirArg, device: Annotated[str, typer.Option(help="device name")
     settings = load_settings(root)
     dd = DataDir(root)
     master = make_engine(dd.master_url(settings))
-    serial = store.mark_revoked(master, device)
-    if serial is None:
+    serials = store.mark_revoked(master, device, before_commit=Pki(dd.pki).revoke_many)
+    if serials is None:
         _fail(f"no enrolled device named {device!r}", 2)
-    Pki(dd.pki).revoke(int(serial, 16), device)
-    store.audit(master, "quanta revoke", "revoke", device, serial=serial)
-    out.print(f"revoked {device} (certificate serial {serial})", highlight=False)
+        return
+    store.audit(master, "quanta revoke", "revoke", device, serials=serials)
+    out.print(f"revoked {device} ({len(serials)} certificates: serials {', '.join(serials)})", highlight=False)
 
 
 # ---------------------------------------------------------------------------------- client

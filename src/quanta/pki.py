@@ -8,15 +8,27 @@ Files under ``DIR/pki``::
     crl.pem                  certificate revocation list, re-signed on every revocation
     revoked.json             serial -> device name, the CRL's source of truth
     signing.key signing.pub  instruction signing key pair (Ed25519)
+
+Every certificate has one purpose (:class:`Purpose`), spelled in its extended key usage:
+
+- a **device** certificate carries ``clientAuth`` and :data:`DEVICE_PURPOSE`; only these are
+  accepted on the Switch and the Background Channel (:func:`device_refusal`);
+- an **interaction** certificate (the agent's local interaction port) carries ``serverAuth`` only;
+- a **server** certificate (web tier, Switch, remote hosts' certificates) carries ``serverAuth`` only.
+
+Certificates issued before purposes existed carry no :data:`DEVICE_PURPOSE` and are refused as
+devices; the operator re-enrols such a device with ``quanta enroll --replace``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import ipaddress
 import json
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +42,27 @@ from quanta.signing import Signer, Verifier, client_context  # re-exported: one 
 CA_DAYS = 3650
 LEAF_DAYS = 825
 CRL_DAYS = 30
+
+# The extended key usage that makes a certificate a Quanta device certificate. It lives under the
+# UUID arc 2.25 (ITU-T X.667 / ISO/IEC 9834-8: an OID made of a random UUID needs no registration
+# and collides with no one's); UUID 9e514508-f00f-45f2-aead-8a388842c950.
+DEVICE_PURPOSE = x509.ObjectIdentifier("2.25.210439999573940847600489727119430175056")
+REENROL_HINT = "re-enrol the device with 'quanta enroll DIR --device NAME --out AGENTDIR --replace'"
+
+
+class Purpose(str, enum.Enum):
+    """What a certificate is for; the value is what the Master database records."""
+
+    DEVICE = "device"  # an agent's identity on the Switch and the Background Channel
+    INTERACTION = "interaction"  # TLS of the agent's local interaction port
+    SERVER = "server"  # a server's TLS (web tier, Switch, a remote host)
+
+
+_EKU: dict[Purpose, x509.ExtendedKeyUsage] = {
+    Purpose.DEVICE: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, DEVICE_PURPOSE]),
+    Purpose.INTERACTION: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+    Purpose.SERVER: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+}
 
 
 def _now() -> dt.datetime:
@@ -105,7 +138,7 @@ class Pki:
         _write_private(self.ca_key, _key_pem(ca_key))
         self.ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         names = [server_name, "localhost", "127.0.0.1", *(extra_names or [])]
-        self.issue(server_name, self.server_crt, self.server_key, server=True, san=names)
+        self.issue(server_name, self.server_crt, self.server_key, purpose=Purpose.SERVER, san=names)
         self.revoked_index.write_text("{}")
         self.write_crl()
         sk = ed25519.Ed25519PrivateKey.generate()
@@ -119,36 +152,18 @@ class Pki:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return ca, key
 
-    def issue(self, common_name: str, crt_path: Path, key_path: Path, *, server: bool = False,
-              san: list[str] | None = None) -> x509.Certificate:
-        """Issue a leaf certificate signed by the CA; returns it."""
+    def issue(self, common_name: str, crt_path: Path, key_path: Path, *, purpose: Purpose = Purpose.DEVICE,
+              san: list[str] | None = None, serial: int | None = None) -> x509.Certificate:
+        """Issue a leaf certificate for ``purpose`` signed by the CA; returns it.
+
+        ``serial``: the serial to use (enrolment records it in the Master database before the
+        certificate exists, so no certificate is ever valid without being tracked); default random.
+        """
         ca, ca_key = self._load_ca()
-        key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey = _new_key() if server else new_client_key()
-        alt: list[x509.GeneralName] = []
-        for n in san or [common_name]:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                alt.append(x509.DNSName(n))
-        eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server else \
-            [ExtendedKeyUsageOID.CLIENT_AUTH]
-        builder = (x509.CertificateBuilder()
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
-                                            x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-                   .issuer_name(ca.subject).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number())
-                   .not_valid_before(_now() - dt.timedelta(minutes=5))
-                   .not_valid_after(_now() + dt.timedelta(days=LEAF_DAYS))
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
-        if server or san:
-            # the names a server is checked against; a device is known by its CN, and a Switch keeps every
-            # device certificate parsed, so a client-only certificate carries no SAN it never uses
-            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        cert = (builder
-                .add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                               critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey = \
+            new_client_key() if purpose is Purpose.DEVICE else _new_key()
+        cert = leaf_certificate(ca, ca_key, common_name, key.public_key(), purpose=purpose, san=san,
+                                serial=serial)
         _write_private(key_path, _key_pem(key))
         crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert
@@ -161,8 +176,13 @@ class Pki:
         return json.loads(self.revoked_index.read_text())
 
     def revoke(self, serial: int, device: str) -> None:
+        self.revoke_many({format(serial, "x"): device})
+
+    def revoke_many(self, serials: Mapping[str, str]) -> None:
+        """Put these certificates (serial in hex -> device name, as the Master database records them)
+        on the CRL: one index write, one CRL signature."""
         index = self.revoked()
-        index[format(serial, "x")] = device
+        index.update({format(int(serial, 16), "x"): device for serial, device in serials.items()})
         _atomic_write(self.revoked_index, json.dumps(index, indent=1).encode())
         self.write_crl()
 
@@ -193,22 +213,86 @@ class Pki:
 
     # ------------------------------------------------------------ TLS contexts
     def server_context(self, *, require_client_cert: bool) -> ssl.SSLContext:
-        """Server-side TLS; with ``require_client_cert`` it is mutual TLS with CRL checks."""
+        """Server-side TLS; with ``require_client_cert`` it is mutual TLS for devices: CRL checks,
+        and the handshake refuses any certificate without the device purpose (where OpenSSL's
+        verification can be reached, see :func:`quanta.switch.tls.refuse_non_devices`)."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.server_crt, self.server_key)
         if require_client_cert:
+            from quanta.switch.tls import refuse_non_devices  # lazy: quanta.switch imports this module
+
             ctx.verify_mode = ssl.CERT_REQUIRED
             ctx.load_verify_locations(cafile=str(self.ca_crt))
             ctx.load_verify_locations(cafile=str(self.crl))
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            refuse_non_devices(ctx)
         return ctx
 
 
-def cert_serial_and_name(der: bytes) -> tuple[int, str]:
+def leaf_certificate(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str,
+                     public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey, *, purpose: Purpose,
+                     san: list[str] | None = None, serial: int | None = None,
+                     not_before: dt.datetime | None = None) -> x509.Certificate:
+    """A leaf certificate for ``purpose``, signed by the CA (the one place a leaf is built)."""
+    not_before = not_before or _now() - dt.timedelta(minutes=5)
+    builder = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
+                                        x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+               .issuer_name(ca.subject).public_key(public_key)
+               .serial_number(serial if serial is not None else x509.random_serial_number())
+               .not_valid_before(not_before)
+               .not_valid_after(not_before + dt.timedelta(days=LEAF_DAYS))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+    if purpose is not Purpose.DEVICE or san:
+        # the names a server is checked against; a device is known by its CN, and a Switch keeps every
+        # device certificate parsed, so a device certificate carries no SAN it never uses
+        alt: list[x509.GeneralName] = []
+        for n in san or [common_name]:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                alt.append(x509.DNSName(n))
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    return (builder
+            .add_extension(_EKU[purpose], critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+
+
+def device_refusal(cert: x509.Certificate) -> str | None:
+    """Why ``cert`` is not a device certificate, or None if it is (it carries :data:`DEVICE_PURPOSE`).
+
+    Checks the purpose only: the issuer, validity and revocation are the caller's (the TLS
+    handshake, or the Background Channel's verifier)."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return f"not a device certificate (no extended key usage; {REENROL_HINT})"
+    except ValueError:
+        return "not a device certificate (its extensions cannot be parsed)"
+    if DEVICE_PURPOSE in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku:
+        return None
+    if ExtendedKeyUsageOID.SERVER_AUTH in eku:
+        return "not a device certificate (a server or interaction-port certificate)"
+    return f"not a device certificate (no Quanta device purpose: issued before certificate purposes? {REENROL_HINT})"
+
+
+def peer_device(der: bytes) -> tuple[int, str, str | None]:
+    """(serial, CN, :func:`device_refusal`) of a peer's DER certificate, parsed once."""
     cert = x509.load_der_x509_certificate(der)
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return cert.serial_number, str(cn[0].value) if cn else ""
+    return cert.serial_number, str(cn[0].value) if cn else "", device_refusal(cert)
+
+
+def cert_serial_and_name(der: bytes) -> tuple[int, str]:
+    serial, name, _ = peer_device(der)
+    return serial, name
+
+
+def describe(cert: x509.Certificate) -> str:
+    """A certificate's subject and serial for a log line (the subject quoted: a peer chose it)."""
+    return f"subject {cert.subject.rfc4514_string()!r}, serial {cert.serial_number:x}"
 
 
 def load_cert(path: Path) -> x509.Certificate:

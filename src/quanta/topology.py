@@ -17,7 +17,7 @@ from pathlib import Path
 
 from quanta.db import is_sqlite, make_engine
 from quanta.db.tables import switch_configuration
-from quanta.pki import Pki
+from quanta.pki import Pki, Purpose
 from quanta.settings import DataDir, Settings, load_settings, save_settings
 
 
@@ -58,7 +58,7 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
     for f in ("ca.crt", "crl.pem", "signing.pub", "internal.secret"):
         shutil.copy(mdd.pki / f, pki_out / f)
     os.chmod(pki_out / "internal.secret", 0o600)
-    src.issue(server_name, pki_out / "server.crt", pki_out / "server.key", server=True,
+    src.issue(server_name, pki_out / "server.crt", pki_out / "server.key", purpose=Purpose.SERVER,
               san=[server_name, "localhost", "127.0.0.1"])
     save_settings(out, settings)
     # the Master learns about the new host

@@ -5,7 +5,9 @@ proves itself per request instead: it sends its certificate and a signature, mad
 private key (Ed25519; ECDSA P-256/SHA-256 for certificates issued before devices got Ed25519
 keys), over the method, the path and a timestamp. The server checks, before it looks at
 anything else, that the certificate was issued by the installation's CA, is within its
-validity, is not on the CRL, and that the signature is fresh and valid.
+validity, is not on the CRL, is a device certificate (``quanta.pki.device_refusal``: an
+interaction-port, server or host certificate is not), and that the signature is fresh and valid.
+Every refusal of a parsed certificate is logged with the reason, its subject and serial.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
+
+from quanta.pki import describe, device_refusal
+
+log = logging.getLogger("quanta.background")
 
 H_CERT = "X-Quanta-Certificate"
 H_TIME = "X-Quanta-Timestamp"
@@ -93,6 +100,15 @@ class DeviceVerifier:
         except ValueError:
             raise AuthError("device certificate cannot be parsed") from None
         try:
+            self._check(cert, method, path, stamp, sig, now)
+        except AuthError as e:
+            log.warning("refused Background Channel request %s %r: %s (%s)", method, path[:200], e, describe(cert))
+            raise
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(cn[0].value) if cn else ""
+
+    def _check(self, cert: x509.Certificate, method: str, path: str, stamp: str, sig: bytes, now: float) -> None:
+        try:
             cert.verify_directly_issued_by(self._ca)
         except (ValueError, TypeError, InvalidSignature):
             raise AuthError("device certificate was not issued by this installation's CA") from None
@@ -101,6 +117,9 @@ class DeviceVerifier:
             raise AuthError("device certificate expired or not yet valid")
         if cert.serial_number in self._revoked_serials():
             raise AuthError("device certificate revoked")
+        refusal = device_refusal(cert)
+        if refusal is not None:
+            raise AuthError(refusal)
         pub = cert.public_key()
         msg = _message(method, path, stamp)
         try:
@@ -112,5 +131,3 @@ class DeviceVerifier:
                 raise AuthError("device certificate must hold an Ed25519 or EC key")
         except InvalidSignature:
             raise AuthError("request signature invalid") from None
-        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        return str(cn[0].value) if cn else ""

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import sqlalchemy as sa
 
 from quanta.protocol import DeviceInfo
 
-from .tables import audit_log, devices, instructions, results, switch_configuration
+from .tables import audit_log, device_certificates, devices, instructions, results, switch_configuration
 
 _json_encode = msgspec.json.Encoder().encode
 T = TypeVar("T")
@@ -40,37 +40,107 @@ def audit(engine: sa.Engine, actor: str, action: str, target: str = "", **detail
 
 
 # ---------------------------------------------------------------------- devices
-def register_device(engine: sa.Engine, device_id: str, cert_serial: str) -> None:
-    """Record an enrolled device (offline until it connects)."""
-    with engine.begin() as c:
-        row = c.execute(sa.select(devices.c.device_id).where(devices.c.device_id == device_id)).first()
-        if row:
-            c.execute(devices.update().where(devices.c.device_id == device_id)
-                      .values(cert_serial=cert_serial, revoked=False))
-        else:
-            c.execute(devices.insert().values(device_id=device_id, cert_serial=cert_serial, tags={},
-                                              online=False, first_seen=None))
+class DeviceCertificate(NamedTuple):
+    """A certificate issued to a device: serial in hex, purpose as in ``quanta.pki.Purpose``."""
+
+    device_id: str
+    serial: str
+    purpose: str = "device"
 
 
-def register_devices(engine: sa.Engine, pairs: Sequence[tuple[str, str]], chunk: int = 5000) -> None:
-    """Record many enrolled devices at once: ``(device_id, cert_serial)`` pairs (batch enrolment).
+class DeviceAlreadyEnrolled(ValueError):
+    """Enrolment of names that already have certificates, without ``replace``."""
 
-    Re-enrolling a known device replaces its serial and clears ``revoked``, as
-    :func:`register_device` does; a new device is stored offline.
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = sorted(names)
+        shown = ", ".join(repr(n) for n in self.names[:5]) + (f" and {len(self.names) - 5} more"
+                                                              if len(self.names) > 5 else "")
+        super().__init__(f"already enrolled: {shown}")
+
+
+def _adopt_legacy(c: sa.Connection, ids: Sequence[str], now: float) -> None:
+    """Give a ``devices.cert_serial`` that has no certificate row (recorded before certificates were
+    tracked) its row, so every later query reads ``device_certificates`` alone."""
+    rows = c.execute(sa.select(devices.c.device_id, devices.c.cert_serial, devices.c.revoked).where(
+        devices.c.device_id.in_(ids), devices.c.cert_serial.is_not(None))).all()
+    if not rows:
+        return
+    have = set(c.execute(sa.select(device_certificates.c.serial).where(
+        device_certificates.c.serial.in_([r.cert_serial for r in rows]))).scalars())
+    missing = [dict(serial=r.cert_serial, device_id=r.device_id, purpose="device", issued_at=None,
+                    revoked_at=now if r.revoked else None) for r in rows if r.cert_serial not in have]
+    if missing:
+        c.execute(device_certificates.insert(), missing)
+
+
+def _certificates(c: sa.Connection, ids: Sequence[str], *, active_only: bool) -> dict[str, str]:
+    """serial -> device of the certificates issued to these devices (``active_only``: not revoked)."""
+    q = sa.select(device_certificates.c.serial, device_certificates.c.device_id).where(
+        device_certificates.c.device_id.in_(ids))
+    if active_only:
+        q = q.where(device_certificates.c.revoked_at.is_(None))
+    return {serial: dev for serial, dev in c.execute(q)}
+
+
+def register_devices(engine: sa.Engine, certificates: Sequence[DeviceCertificate | tuple[str, str]], *,
+                     replace: bool = False, before_commit: Callable[[dict[str, str]], None] | None = None,
+                     chunk: int = 5000) -> dict[str, str]:
+    """Record enrolled devices and every certificate issued to them, in one transaction.
+
+    ``certificates``: :class:`DeviceCertificate` rows (a ``(device_id, serial)`` pair is a device
+    certificate). A device that was ever issued a certificate is refused with
+    :class:`DeviceAlreadyEnrolled`, and nothing is written, unless ``replace``: then its earlier
+    certificates are marked revoked. ``before_commit`` gets those (serial -> device) while the
+    transaction is still open, to put them on the CRL; if it raises, nothing is committed. Returns
+    them. A new device is stored offline; a replaced one gets its new serial and loses ``revoked``.
     """
+    certs = [DeviceCertificate(*c) for c in certificates]
+    ids = list(dict.fromkeys(c.device_id for c in certs))
+    primary = {c.device_id: c.serial for c in certs if c.purpose == "device"}
+    now = time.time()
+    superseded: dict[str, str] = {}
+    parts = [ids[i:i + chunk] for i in range(0, len(ids), chunk)]
     with engine.begin() as c:
-        for i in range(0, len(pairs), chunk):
-            part = pairs[i:i + chunk]
-            ids = [d for d, _ in part]
-            known = {r[0] for r in c.execute(sa.select(devices.c.device_id).where(devices.c.device_id.in_(ids)))}
-            new = [dict(device_id=d, cert_serial=s, tags={}, online=False, first_seen=None)
-                   for d, s in part if d not in known]
+        enrolled: set[str] = set()
+        for part in parts:
+            _adopt_legacy(c, part, now)
+            enrolled |= set(c.execute(sa.select(device_certificates.c.device_id).distinct().where(
+                device_certificates.c.device_id.in_(part))).scalars())
+        if enrolled and not replace:
+            raise DeviceAlreadyEnrolled(list(enrolled))
+        for part in parts:
+            old = _certificates(c, part, active_only=True) if enrolled else {}
+            if old:
+                superseded.update(old)
+                c.execute(device_certificates.update().where(device_certificates.c.serial.in_(list(old)))
+                          .values(revoked_at=now))
+            known = set(c.execute(sa.select(devices.c.device_id).where(devices.c.device_id.in_(part))).scalars())
+            new: list[dict[str, Any]] = [dict(device_id=d, cert_serial=primary.get(d), tags={}, online=False,
+                                              first_seen=None) for d in part if d not in known]
             if new:
                 c.execute(devices.insert(), new)
-            old = [dict(b_id=d, b_serial=s) for d, s in part if d in known]
-            if old:
+            again = [dict(b_id=d, b_serial=primary.get(d)) for d in part if d in known]
+            if again:
                 c.execute(devices.update().where(devices.c.device_id == sa.bindparam("b_id"))
-                          .values(cert_serial=sa.bindparam("b_serial"), revoked=False), old)
+                          .values(cert_serial=sa.bindparam("b_serial"), revoked=False), again)
+        for i in range(0, len(certs), chunk):
+            c.execute(device_certificates.insert(), [dict(serial=x.serial, device_id=x.device_id, purpose=x.purpose,
+                                                          issued_at=now, revoked_at=None)
+                                                     for x in certs[i:i + chunk]])
+        if before_commit is not None and superseded:
+            before_commit(superseded)
+    return superseded
+
+
+def register_device(engine: sa.Engine, device_id: str, cert_serial: str, interaction_serial: str | None = None, *,
+                    replace: bool = False,
+                    before_commit: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+    """Record an enrolled device (offline until it connects) and its certificates; see
+    :func:`register_devices` for ``replace`` and ``before_commit``."""
+    certs = [DeviceCertificate(device_id, cert_serial, "device")]
+    if interaction_serial is not None:
+        certs.append(DeviceCertificate(device_id, interaction_serial, "interaction"))
+    return register_devices(engine, certs, replace=replace, before_commit=before_commit)
 
 
 # Bind parameters per statement for an ``IN`` over many devices: PostgreSQL refuses more than
@@ -151,13 +221,24 @@ def list_devices(engine: sa.Engine) -> list[dict[str, Any]]:
         return [dict(r._mapping) for r in c.execute(sa.select(devices).order_by(devices.c.device_id))]
 
 
-def mark_revoked(engine: sa.Engine, device_id: str) -> str | None:
+def mark_revoked(engine: sa.Engine, device_id: str,
+                 before_commit: Callable[[dict[str, str]], None] | None = None) -> list[str] | None:
+    """Revoke a device: mark it and every certificate ever issued to it revoked; return those serials
+    (all of them, so a CRL that missed one is mended), or None if no certificate was ever issued to
+    that name. ``before_commit`` gets them (serial -> device) inside the transaction, to write the CRL."""
+    now = time.time()
     with engine.begin() as c:
-        row = c.execute(sa.select(devices.c.cert_serial).where(devices.c.device_id == device_id)).first()
-        if row is None:
+        _adopt_legacy(c, [device_id], now)
+        issued = _certificates(c, [device_id], active_only=False)
+        if not issued:
             return None
+        c.execute(device_certificates.update().where(device_certificates.c.device_id == device_id,
+                                                     device_certificates.c.revoked_at.is_(None))
+                  .values(revoked_at=now))
         c.execute(devices.update().where(devices.c.device_id == device_id).values(revoked=True))
-        return row[0]
+        if before_commit is not None:
+            before_commit(issued)
+        return sorted(issued)
 
 
 # ------------------------------------------------------------ switch config

@@ -46,6 +46,19 @@ devices = sa.Table(
     sa.Column("source", sa.String(128), nullable=True),
 )
 
+# Every certificate issued to a device (its device certificate and its interaction-port certificate,
+# and every older one a --replace superseded), so revoking a device revokes them all. Kept apart
+# from ``devices`` (no foreign key): a deleted device row must not take its revocations with it.
+device_certificates = sa.Table(
+    "device_certificates", master,
+    sa.Column("serial", sa.String(64), primary_key=True),  # hex, as on the CRL index
+    sa.Column("device_id", sa.String(255), nullable=False),
+    sa.Column("purpose", sa.String(16), nullable=False),  # quanta.pki.Purpose: "device" | "interaction"
+    sa.Column("issued_at", sa.Float, nullable=True),  # null: recorded from devices.cert_serial by the migration
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)
+sa.Index("ix_device_certificates_device", device_certificates.c.device_id)
+
 # The seed's table: a Switch's client port lives in SwitchConfiguration.Port.
 switch_configuration = sa.Table(
     "SwitchConfiguration", master,

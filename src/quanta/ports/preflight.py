@@ -199,15 +199,18 @@ def run_probe(p: Probe, timeout: float) -> Check:
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {p.host}:{p.port}\r\n{extra}User-Agent: quanta-preflight\r\n"
                          f"Connection: close\r\n\r\n".encode())
             code, line = _status(_read_head(sock, p))
-            if code == 401:
+            if code == 401 and p.cert is None:
+                check.detail += f", unauthenticated GET {p.path}/<sha256> refused (401; no device certificate here)"
+            elif code == 401:
                 raise Failed(f"GET {path} answered {line!r}",
                              "the Background Channel refused this device's certificate (revoked, or issued by "
                              "another installation's CA?)")
-            if code not in (200, 404):
+            elif code not in (200, 404):
                 raise Failed(f"GET {path} answered {line!r}",
                              f"TCP {p.port} on {p.host} answers, but not as the {p.component}: is BackgroundChannelUrl "
                              "right?")
-            check.detail += f", device-authenticated GET {p.path}/<sha256> answered {code}"
+            else:
+                check.detail += f", device-authenticated GET {p.path}/<sha256> answered {code}"
         if p.service in ("https", "http"):
             code, line = _http(p, sock, p.path)
             if code == 404 and p.extra.get("fallback"):
@@ -336,13 +339,16 @@ def _agent_plan(root: Path) -> tuple[list[Probe], list[Any]]:
         live = m.load_live(root)
         s = live.settings
         pki = DataDir(root).pki
-        ca, cert, key = pki / "ca.crt", pki / "server.crt", pki / "server.key"
+        # a server has no device certificate (its own is refused as one), so from here a Switch is
+        # checked up to its TLS certificate and the Background Channel up to its refusal (401)
+        ca, cert, key = pki / "ca.crt", None, None
         switches = [(f"switch {sw.name}", sw.host, sw.port) for sw in live.enabled_switches]
         background = f"https://{s.server_name}:{s.port('https')}/Background"
         crl = (s.server_name, s.port("http"))
         src = "agent host"
     for name, host, port in switches:
-        probes.append(Probe(f"{name} (wss)", host, port, "wss", f"Switch ({name}, SwitchConfiguration.Port {port})",
+        service = "wss" if cert else "tls"
+        probes.append(Probe(f"{name} ({service})", host, port, service, f"Switch ({name}, SwitchConfiguration.Port {port})",
                             src, f"Switch host", path="/agent", ca=ca, cert=cert, key=key))
     if background:
         u = urlsplit(background)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -17,13 +18,23 @@ def register(app: typer.Typer) -> None:
         prefix: Annotated[str, typer.Option(help="device name prefix; names are PREFIX000001...")] = "sim-",
         start: Annotated[int, typer.Option(min=0, help="first device number")] = 1,
         switch_host: Annotated[Optional[str], typer.Option(help="host the agents dial; default: server name")] = None,
+        replace: Annotated[bool, typer.Option("--replace", help="re-enrol enrolled names: revoke their "
+                                              "certificates and issue new ones")] = False,
     ) -> None:
-        """Enrol many simulated devices at once: one certificate (own key, CN = name) per device."""
+        """Enrol many simulated devices at once: one certificate (own key, CN = name) per device.
+        Names already enrolled are refused unless --replace."""
+        from quanta.db.store import DeviceAlreadyEnrolled
         from quanta.simulate.enroll import enroll_batch
 
         if not prefix or any(ch in prefix for ch in "/\\\x00"):
             raise typer.BadParameter(f"invalid prefix {prefix!r}")
-        fleet, seconds = enroll_batch(root, prefix, count, out_dir, start=start, switch_host=switch_host)
+        try:
+            fleet, seconds = enroll_batch(root, prefix, count, out_dir, start=start, switch_host=switch_host,
+                                          replace=replace)
+        except DeviceAlreadyEnrolled as e:
+            print(f"{e}; nothing was changed. Choose another --prefix/--start, or pass --replace to revoke "
+                  f"their certificates and issue new ones", file=sys.stderr)
+            raise typer.Exit(2) from None
         sw = ",".join(f"{h}:{p}" for h, p in fleet.switches)
         print(f"enrolled {count} devices ({prefix}...) in {seconds:.1f}s: fleet directory {out_dir} "
               f"({len(fleet.names)} devices, Switch={sw})")

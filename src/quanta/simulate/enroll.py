@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 
-from quanta.pki import LEAF_DAYS, Pki, new_client_key
+from quanta.pki import Pki, Purpose, leaf_certificate, new_client_key
 
 FLEET_FILE = "fleet.json"
 
@@ -53,41 +52,33 @@ class Fleet:
         return cls(root, list(data["devices"]), [(h, int(p)) for h, p in data["switches"]])
 
 
-def issue_batch(pki: Pki, names: list[str], out: Path) -> list[tuple[str, str]]:
-    """Write ``out/devices/NAME.pem`` for every name; return ``(name, serial hex)`` pairs."""
+def issue_batch(pki: Pki, names: list[str], out: Path, serials: list[int] | None = None) -> list[tuple[str, str]]:
+    """Write ``out/devices/NAME.pem`` (a device certificate, ``serials[i]`` or random) for every name;
+    return ``(name, serial hex)`` pairs."""
     ca, ca_key = pki._load_ca()
-    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    now = dt.datetime.now(dt.timezone.utc)
-    not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=LEAF_DAYS)
-    eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
-    basic = x509.BasicConstraints(ca=False, path_length=None)
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
     d = out / "devices"
     d.mkdir(parents=True, exist_ok=True)
     pairs = []
-    for name in names:
+    for i, name in enumerate(names):
         key = new_client_key()
-        serial = x509.random_serial_number()
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
-                                         x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-                .issuer_name(ca.subject).public_key(key.public_key()).serial_number(serial)
-                .not_valid_before(not_before).not_valid_after(not_after)
-                .add_extension(basic, critical=True)
-                .add_extension(eku, critical=False)
-                .add_extension(aki, critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = leaf_certificate(ca, ca_key, name, key.public_key(), purpose=Purpose.DEVICE,
+                                serial=serials[i] if serials is not None else None, not_before=now)
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM)
         fd = os.open(d / f"{name}.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
-        pairs.append((name, format(serial, "x")))
+        pairs.append((name, format(cert.serial_number, "x")))
     return pairs
 
 
 def enroll_batch(root: Path, prefix: str, count: int, out: Path, *, start: int = 1,
-                 switch_host: str | None = None) -> tuple[Fleet, float]:
-    """Enrol ``count`` devices named ``{prefix}{n:06d}`` into the server at ``root``."""
+                 switch_host: str | None = None, replace: bool = False) -> tuple[Fleet, float]:
+    """Enrol ``count`` devices named ``{prefix}{n:06d}`` into the server at ``root``.
+
+    As ``quanta enroll``: names already enrolled are refused (``store.DeviceAlreadyEnrolled``, before
+    any certificate is issued) unless ``replace``, which revokes their earlier certificates."""
     from quanta.db import make_engine, store
     from quanta.settings import DataDir, load_settings
 
@@ -99,19 +90,26 @@ def enroll_batch(root: Path, prefix: str, count: int, out: Path, *, start: int =
     width = max(6, len(str(start + count - 1)))
     names = [f"{prefix}{n:0{width}d}" for n in range(start, start + count)]
     out.mkdir(parents=True, exist_ok=True)
-    pairs = issue_batch(pki, names, out)
-    shutil.copy(pki.ca_crt, out / "ca.crt")
-    shutil.copy(pki.signing_pub, out / "signing.pub")
-    host = switch_host or settings.server_name
-    switches = [(host, int(r["Port"])) for r in store.switch_rows(master) if r["Enabled"]] or \
-        [(host, settings.port("switch"))]
-    existing: list[str] = []
-    if (out / FLEET_FILE).exists():
-        existing = [n for n in json.loads((out / FLEET_FILE).read_text()).get("devices", []) if n not in set(names)]
-    (out / FLEET_FILE).write_text(json.dumps({"server": str(dd.root), "switches": switches,
-                                              "devices": existing + names}))
-    store.register_devices(master, pairs)
-    store.audit(master, "quanta enroll-batch", "enroll-batch", f"{prefix}*", count=count,
-                first=names[0] if names else None, last=names[-1] if names else None)
-    master.dispose()
+    # recorded (and old certificates revoked) before any certificate exists, as 'quanta enroll' does
+    serials = [x509.random_serial_number() for _ in names]
+    try:
+        superseded = store.register_devices(master, [(n, format(s, "x")) for n, s in zip(names, serials)],
+                                            replace=replace, before_commit=pki.revoke_many)
+        issue_batch(pki, names, out, serials)
+        shutil.copy(pki.ca_crt, out / "ca.crt")
+        shutil.copy(pki.signing_pub, out / "signing.pub")
+        host = switch_host or settings.server_name
+        switches = [(host, int(r["Port"])) for r in store.switch_rows(master) if r["Enabled"]] or \
+            [(host, settings.port("switch"))]
+        existing: list[str] = []
+        if (out / FLEET_FILE).exists():
+            existing = [n for n in json.loads((out / FLEET_FILE).read_text()).get("devices", [])
+                        if n not in set(names)]
+        (out / FLEET_FILE).write_text(json.dumps({"server": str(dd.root), "switches": switches,
+                                                  "devices": existing + names}))
+        store.audit(master, "quanta enroll-batch", "enroll-batch", f"{prefix}*", count=count,
+                    first=names[0] if names else None, last=names[-1] if names else None,
+                    revoked=len(superseded))
+    finally:
+        master.dispose()
     return Fleet.load(out), time.perf_counter() - t0

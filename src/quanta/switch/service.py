@@ -35,7 +35,7 @@ from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WS
                     WSUpgradeResponseWithListener, ws_create_server)
 
 from quanta import protocol as p
-from quanta.pki import Pki, cert_serial_and_name, client_context
+from quanta.pki import Pki, client_context, peer_device
 from quanta.switch.tls import TicketKeys, lean_tls
 from quanta.runtime import LISTEN_BACKLOG, HeapReleaser, LogEvery, SheddingListener, bind_socket
 from quanta.settings import core_link_max_bytes, poke_port
@@ -124,7 +124,11 @@ class AgentConnection(WSListener):
         if not der:  # cannot happen with CERT_REQUIRED, but never trust a path we did not test
             self.close(WSCloseCode.POLICY_VIOLATION, "no client certificate")
             return
-        self.serial, self._cn = cert_serial_and_name(der)
+        # once more here, not only in the handshake: a resumed TLS session skips verification
+        self.serial, self._cn, refusal = peer_device(der)
+        if refusal is not None:
+            self.close(WSCloseCode.POLICY_VIOLATION, f"{refusal} (serial {self.serial:x})")
+            return
         if self.serial in self.switch.revoked_serials:
             self.close(WSCloseCode.POLICY_VIOLATION, "certificate revoked")
             return

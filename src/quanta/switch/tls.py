@@ -154,3 +154,127 @@ class TicketKeys:
         if not self.shared:
             log.warning("session tickets cannot be shared between Switch processes here; "
                         "agents resume TLS sessions only until this Switch restarts")
+
+
+# ---------------------------------------------------------------------------- device purpose
+# Only device certificates may connect (``quanta.pki.device_refusal``). OpenSSL refuses a client
+# certificate without clientAuth by itself; the device purpose is Quanta's own extended key usage,
+# which OpenSSL has no setting for, so a verify callback (``SSL_CTX_set_verify``) checks it on the
+# leaf once the chain, validity and CRL checks have passed, and refuses the handshake
+# (X509_V_ERR_INVALID_PURPOSE) otherwise. The callback also logs every refused leaf with the
+# reason, its subject and serial. It runs only for full handshakes: a resumed session skips
+# verification, which is why ``AgentConnection.on_ws_connected`` checks the purpose again.
+
+X509_V_ERR_INVALID_PURPOSE = 26
+SSL_VERIFY_PEER = 0x01
+SSL_VERIFY_FAIL_IF_NO_PEER_CERT = 0x02
+
+
+def _verify_lib():  # type: ignore[no-untyped-def]
+    import ctypes
+
+    lib = _libssl()
+    vp = ctypes.c_void_p
+    for name, restype, args in (
+            ("X509_STORE_CTX_get_error_depth", ctypes.c_int, [vp]),
+            ("X509_STORE_CTX_get_error", ctypes.c_int, [vp]),
+            ("X509_STORE_CTX_set_error", None, [vp, ctypes.c_int]),
+            ("X509_STORE_CTX_get_current_cert", vp, [vp]),
+            ("X509_STORE_CTX_get_ex_data", vp, [vp, ctypes.c_int]),
+            ("SSL_get_ex_data_X509_STORE_CTX_idx", ctypes.c_int, []),
+            ("SSL_get_fd", ctypes.c_int, [vp]),
+            ("X509_verify_cert_error_string", ctypes.c_char_p, [ctypes.c_long]),
+            ("i2d_X509", ctypes.c_int, [vp, ctypes.POINTER(vp)])):
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, args
+    return lib
+
+
+def _peer_address(lib, store: int) -> str:  # type: ignore[no-untyped-def]
+    """The peer's address of the connection being verified, when OpenSSL holds its socket."""
+    import socket
+
+    ssl_ptr = lib.X509_STORE_CTX_get_ex_data(store, lib.SSL_get_ex_data_X509_STORE_CTX_idx())
+    fd = lib.SSL_get_fd(ssl_ptr) if ssl_ptr else -1
+    if fd < 0:
+        return "?"
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return "?"
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+    finally:
+        sock.detach()  # the descriptor stays the connection's
+
+
+def _leaf_der(lib, store: int) -> bytes | None:  # type: ignore[no-untyped-def]
+    import ctypes
+
+    cert = lib.X509_STORE_CTX_get_current_cert(store)
+    if not cert:
+        return None
+    n = lib.i2d_X509(cert, None)
+    if n <= 0:
+        return None
+    buf = ctypes.create_string_buffer(n)
+    out = ctypes.c_void_p(ctypes.addressof(buf))
+    if lib.i2d_X509(cert, ctypes.byref(out)) != n:
+        return None
+    return buf.raw
+
+
+def refuse_non_devices(ctx: ssl.SSLContext) -> bool:
+    """Make the handshake of a mutual-TLS server context refuse every certificate that is not a
+    device certificate, with a log line; False (and a warning) where this OpenSSL cannot be reached,
+    which leaves the check to ``on_ws_connected``."""
+    import ctypes
+
+    from cryptography import x509
+
+    from quanta.pki import describe, device_refusal
+
+    found = _ssl_ctx_pointer(ctx)
+    try:
+        lib = _verify_lib() if found is not None else None
+    except AttributeError:
+        lib = None
+    if found is None or lib is None:
+        log.warning("the TLS handshake cannot check the device purpose here; connections without a device "
+                    "certificate are refused before their first frame instead")
+        return False
+    ptr = found[1]
+
+    def verify(ok: int, store: int) -> int:
+        try:
+            if lib.X509_STORE_CTX_get_error_depth(store) != 0:
+                return ok
+            der = _leaf_der(lib, store)
+            if der is None:
+                return ok
+            cert = x509.load_der_x509_certificate(der)
+            if ok:
+                why = device_refusal(cert)
+                if why is None:
+                    return 1
+                lib.X509_STORE_CTX_set_error(store, X509_V_ERR_INVALID_PURPOSE)
+            else:
+                err = lib.X509_STORE_CTX_get_error(store)
+                why = (device_refusal(cert) if err == X509_V_ERR_INVALID_PURPOSE else None) or \
+                    (lib.X509_verify_cert_error_string(err) or b"?").decode()
+            log.warning("refused TLS handshake from %s: %s (%s)", _peer_address(lib, store), why, describe(cert))
+            return 0
+        except Exception:  # noqa: BLE001 - a callback must not raise into OpenSSL; refuse instead
+            log.exception("device certificate check failed; refusing the handshake")
+            return 0
+
+    prototype = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p)  # int (*)(int, X509_STORE_CTX *)
+    cb = prototype(verify)
+    ctx._quanta_verify_callback = cb  # type: ignore[attr-defined]  # lives as long as the context
+    lib.SSL_CTX_set_verify.restype = None
+    lib.SSL_CTX_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int, prototype]
+    lib.SSL_CTX_set_verify(ptr, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, cb)
+    return True
