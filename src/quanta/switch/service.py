@@ -23,7 +23,6 @@ import struct
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from itertools import islice
 from pathlib import Path
@@ -35,6 +34,7 @@ from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WS
                     WSUpgradeResponseWithListener, ws_create_server)
 
 from quanta import protocol as p
+from quanta.protocol.switch_state import CancelTo, DeliverTo, Effect, SwitchState
 from quanta.pki import Pki, client_context, peer_device
 from quanta.switch.tls import TicketKeys, lean_tls
 from quanta.runtime import LISTEN_BACKLOG, HeapReleaser, LogEvery, SheddingListener, bind_socket
@@ -84,15 +84,6 @@ AT_LIMIT = ("each is reset at once: raise the open-file limit (ulimit -n; fs.fil
 RELEASE_FREE_BYTES = 64 << 20
 MEMORY_CHECK = 10.0
 WEBSOCKET_VERSION = "13"  # RFC 6455; picows also accepts the drafts' 7 and 8, the Switch does not
-
-
-@dataclass
-class ActiveInstruction:
-    item: p.WorkItem
-    frame: bytes  # the encoded Deliver message, built once
-    scope: frozenset[str] | None
-    delivered: set[str] = field(default_factory=set)
-    answered: set[str] = field(default_factory=set)  # a Cancel is only for devices not in here
 
 
 class AgentConnection(WSListener):
@@ -234,15 +225,14 @@ class Switch:
         self.tick = 0  # advanced by the liveness sweep every SWEEP seconds
         self._common: dict[str, str] = {}  # one object per distinct OS / agent version string
         self.conns: dict[str, AgentConnection] = {}
-        self.active: dict[int, ActiveInstruction] = {}
+        # Who is ready and who is given what: the pure rules (quanta.protocol.switch_state); this
+        # class is the shell that turns their effects into frames.
+        self.state = SwitchState()
+        self.active = self.state  # `iid in switch.active`
+        self._frames: dict[int, bytes] = {}  # instruction -> its Deliver frame, encoded once
         self.revoked_serials: set[int] = set()
         # outgoing buffers towards the Core
         self._online: dict[str, p.DeviceInfo] = {}
-        # Connected devices given nothing yet: device -> the DevicesOnline number whose OnlineAck they
-        # wait for (0: not announced yet). See on_online_ack.
-        self._unready: dict[str, int] = {}
-        self._online_seq = 0
-        self._answered_early: dict[int, set[str]] = {}  # instruction not held yet -> devices that answered it
         self._offline: set[str] = set()
         self._delivered: dict[int, dict[str, float]] = defaultdict(dict)  # instruction -> device -> when
         self._responses: list[p.DeviceResponse] = []
@@ -351,12 +341,9 @@ class Switch:
         self._online[conn.device_id] = conn.info
         conn.send(p.encode(p.Welcome(switch=self.name, heartbeat_seconds=HEARTBEAT,
                                      max_message_bytes=self.max_message_bytes)))
-        # A new connection: what earlier ones were given may not have arrived. Nothing is delivered
-        # to it until the Core has said which active instructions this device already answered
-        # (OnlineAck): a device whose journal was lost must not run an action twice.
-        for act in self.active.values():
-            act.delivered.discard(conn.device_id)
-        self._unready[conn.device_id] = 0  # announced with the next DevicesOnline (see _announce)
+        # A new connection: nothing is delivered to it until the Core has said which active
+        # instructions this device already answered (OnlineAck; see SwitchState).
+        self.state.hello(conn.device_id)
         self.report_soon()
 
     def on_disconnected(self, conn: AgentConnection) -> None:
@@ -364,67 +351,52 @@ class Switch:
         if dev is not None and self.conns.get(dev) is conn:
             del self.conns[dev]
             self._online.pop(dev, None)
-            self._unready.pop(dev, None)
+            self.state.gone(dev)
             self._offline.add(dev)
             self.report_soon()
 
     def _announce(self, infos: list[p.DeviceInfo]) -> p.DevicesOnline:
         """The DevicesOnline for these devices, numbered: each waits for its OnlineAck."""
-        self._online_seq += 1
-        seq = self._online_seq
-        for info in infos:
-            if info.device_id in self._unready:
-                self._unready[info.device_id] = seq
-        return p.DevicesOnline(devices=infos, seq=seq)
+        return p.DevicesOnline(devices=infos, seq=self.state.announce(i.device_id for i in infos))
 
     def on_online_ack(self, ack: p.OnlineAck) -> None:
-        """The Core's word on devices announced with DevicesOnline ``ack.seq``: record what they have
-        already answered, close the refused ones, and deliver the rest what is due."""
-        for dev, iids in ack.answered.items():
-            for iid in iids:
-                act = self.active.get(iid)
-                if act is not None:
-                    act.answered.add(dev)
-                else:  # its Work has not arrived yet (e.g. after a Switch restart)
-                    self._answered_early.setdefault(iid, set()).add(dev)
-        refused = set(ack.refused)
-        for dev in refused:
-            conn = self.conns.get(dev)
-            if conn is not None:
-                conn.close(WSCloseCode.POLICY_VIOLATION, "device refused by the core: not enrolled, or revoked")
-        ready = [d for d, seq in self._unready.items() if seq == ack.seq]
-        for dev in ready:
-            del self._unready[dev]
-            conn = self.conns.get(dev)
-            if conn is not None and dev not in refused:
-                self._deliver_due(conn)
+        """The Core's word on the devices of one announcement: close the refused, deliver the rest
+        what is due."""
+        self._apply(self.state.online_ack(ack.seq, ack.answered, ack.refused))
 
-    def _deliver_due(self, conn: AgentConnection) -> None:
-        """Send a ready connection every active instruction in its scope that its device has neither
-        answered nor been given on this connection."""
-        dev = conn.device_id
-        assert dev is not None
+    def _apply(self, effects: list[Effect]) -> None:
         now = time.monotonic()
-        sent = False
-        for iid, act in self.active.items():
-            if (act.scope is None or dev in act.scope) and dev not in act.answered and dev not in act.delivered:
-                conn.send(act.frame)
-                act.delivered.add(dev)
-                pending = self._delivered[iid]
-                pending.pop(dev, None)  # keep each dict in time order
-                pending[dev] = now
-                sent = True
-        if sent:
-            self.report_soon(DELIVERED_HOLD)  # its 'sent', unless it answers first
+        for e in effects:
+            if isinstance(e, DeliverTo):
+                frame = self._frames[e.instruction_id]
+                pending = self._delivered[e.instruction_id]
+                conns = self.conns
+                for dev in e.devices:
+                    conn = conns.get(dev)
+                    if conn is not None:
+                        conn.send(frame)
+                        pending.pop(dev, None)  # keep each dict in time order
+                        pending[dev] = now
+                if e.devices:
+                    self.report_soon(DELIVERED_HOLD)  # their 'sent', unless they answer first
+            elif isinstance(e, CancelTo):
+                frame = p.encode(p.Cancel(instruction_ids=[e.instruction_id]))
+                for dev in e.devices:
+                    conn = self.conns.get(dev)
+                    if conn is not None:
+                        conn.send(frame)
+            else:
+                for dev in e.devices:
+                    conn = self.conns.get(dev)
+                    if conn is not None:
+                        conn.close(WSCloseCode.POLICY_VIOLATION, "device refused by the core: not enrolled, or revoked")
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
         self._last_response = time.monotonic()
         pending = self._delivered.get(resp.instruction_id)
         if pending is not None:
             pending.pop(device_id, None)  # answered: its 'sent' need not be reported
-        act = self.active.get(resp.instruction_id)
-        if act is not None:
-            act.answered.add(device_id)
+        self.state.answered(device_id, resp.instruction_id)
         self._responses.append(p.DeviceResponse(device_id=device_id, response=resp))
         self._sizes.append(size)
         self._responses_bytes += size
@@ -444,33 +416,16 @@ class Switch:
 
     # ------------------------------------------------------------------ core events
     def on_work(self, work: p.Work) -> None:
-        live = set(work.active)
-        for iid in [i for i in self.active if i not in live]:
-            del self.active[iid]
-        for iid in [i for i in self._answered_early if i not in live]:
-            del self._answered_early[iid]
-        now = time.time()
         for item in work.items:
-            if item.id in self.active or item.expires_at <= now:
-                continue
-            scope = frozenset(item.devices) if item.devices is not None else None
-            act = ActiveInstruction(item, p.encode(p.Deliver(instruction=item.instruction)), scope)
-            act.answered.update(self._answered_early.pop(item.id, ()))
-            self.active[item.id] = act
-            targets = (self.conns.values() if scope is None else
-                       (self.conns[d] for d in scope if d in self.conns))
-            sent = []
-            unready, answered = self._unready, act.answered
-            for conn in targets:
-                dev = conn.device_id
-                if dev in unready or dev in answered:  # see on_online_ack
-                    continue
-                conn.send(act.frame)
-                sent.append(dev)
-            act.delivered.update(sent)
-            pending = self._delivered[item.id]  # a new instruction: nothing pending yet
-            pending.update(dict.fromkeys(sent, time.monotonic()))  # type: ignore[arg-type]
-            log.info("instruction %d delivered to %d connected devices", item.id, len(sent))
+            if item.id not in self._frames:
+                self._frames[item.id] = p.encode(p.Deliver(instruction=item.instruction))
+        effects = self.state.work(work.items, work.active, time.time())
+        self._apply(effects)
+        for iid in [i for i in self._frames if i not in self.state]:
+            del self._frames[iid]
+        for e in effects:
+            if isinstance(e, DeliverTo):
+                log.info("instruction %d delivered to %d connected devices", e.instruction_id, len(e.devices))
         self._flush_now.set()
 
     def on_batch_ack(self, ack: p.BatchAck) -> None:
@@ -520,15 +475,9 @@ class Switch:
             await asyncio.sleep(ACK_IDLE)
 
     def on_cancel(self, cancel: p.Cancel) -> None:
+        self._apply(self.state.cancel(cancel.instruction_ids))
         for iid in cancel.instruction_ids:
-            act = self.active.pop(iid, None)
-            if act is None:
-                continue
-            frame = p.encode(p.Cancel(instruction_ids=[iid]))
-            for dev in act.delivered - act.answered:  # those that answered have nothing to cancel
-                conn = self.conns.get(dev)
-                if conn is not None:
-                    conn.send(frame)
+            self._frames.pop(iid, None)
 
     # ------------------------------------------------------------------ core link
     async def _send_core(self, msg: Any) -> None:
@@ -628,9 +577,9 @@ class Switch:
                                                          incarnation=self.incarnation)))
                     # Everyone again, and every connection waits for this announcement's OnlineAck:
                     # acknowledgements of earlier ones were lost with the old link.
-                    self._unready = dict.fromkeys(self.conns, 0)
-                    await ws.send(p.encode(self._announce([c.info for c in self.conns.values()
-                                                           if c.info is not None])))
+                    seq = self.state.relinked()
+                    await ws.send(p.encode(p.DevicesOnline(devices=[c.info for c in self.conns.values()
+                                                                    if c.info is not None], seq=seq)))
                     self._online.clear()
                     self._offline.clear()
                     for batch in list(self._unacked.values()):  # the Core dedups by (instruction, device)
@@ -664,7 +613,7 @@ class Switch:
             self._fetch.clear()
             await self._link_up.wait()
             try:
-                await self._send_core(p.FetchWork(known=list(self.active)))
+                await self._send_core(p.FetchWork(known=self.state.active_ids()))
             except websockets.ConnectionClosed:
                 pass
 

@@ -1,0 +1,182 @@
+"""A Switch's delivery bookkeeping, without I/O: which devices are connected and ready, which
+instructions are active, and who must be given, or told to cancel, which instruction.
+
+The Switch (``quanta.switch.service``) is the shell: it owns the sockets, encodes each
+instruction's ``Deliver`` frame once, and turns the effects below into frames. The rules:
+
+* A connected device is UNREADY from its hello until the Core's ``OnlineAck`` for the
+  ``DevicesOnline`` that announced it: only the Core knows what the device has already answered
+  (its journal may be lost, and this Switch may have restarted). An UNREADY device is given
+  nothing. After a relink to the Core every connected device is UNREADY again: the
+  acknowledgements of earlier announcements died with the old link.
+* A READY device is given each active instruction in its scope that it has neither answered nor
+  been given on its current connection; a new connection (a new hello) starts with nothing given.
+* A Cancel goes only to devices that were given the instruction and have not answered it.
+* Answers the Core reports for an instruction this Switch does not hold yet are remembered
+  until that instruction's Work arrives, or it stops being active.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from quanta.protocol.messages import WorkItem
+
+
+class Readiness(enum.Enum):
+    UNREADY = "unready"  # connected, waiting for the Core's OnlineAck
+    READY = "ready"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverTo:
+    """Send instruction ``instruction_id``'s Deliver frame to these connected devices."""
+
+    instruction_id: int
+    devices: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTo:
+    instruction_id: int
+    devices: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """Close these devices' connections: the Core refused them (not enrolled, or revoked)."""
+
+    devices: list[str]
+
+
+Effect = DeliverTo | CancelTo | Refuse
+
+
+@dataclass(slots=True)
+class _Instruction:
+    item: WorkItem
+    scope: frozenset[str] | None
+    delivered: set[str] = field(default_factory=set)  # on the devices' current connections
+    answered: set[str] = field(default_factory=set)
+
+    def wants(self, device: str) -> bool:
+        return (self.scope is None or device in self.scope) and device not in self.answered \
+            and device not in self.delivered
+
+
+class SwitchState:
+    def __init__(self) -> None:
+        self._ready: set[str] = set()
+        self._unready: dict[str, int] = {}  # device -> the announcement it waits for (0: not yet announced)
+        self._seq = 0
+        self._active: dict[int, _Instruction] = {}
+        self._answered_early: dict[int, set[str]] = {}
+
+    # ------------------------------------------------------------- queries
+    def readiness(self, device: str) -> Readiness | None:
+        if device in self._ready:
+            return Readiness.READY
+        return Readiness.UNREADY if device in self._unready else None
+
+    def __contains__(self, instruction_id: object) -> bool:
+        return instruction_id in self._active
+
+    def active_ids(self) -> list[int]:
+        return list(self._active)
+
+    def item(self, instruction_id: int) -> WorkItem:
+        return self._active[instruction_id].item
+
+    # ----------------------------------------------------- device events
+    def hello(self, device: str) -> None:
+        """A device said hello on a new connection (replacing any older one of it)."""
+        self._ready.discard(device)
+        self._unready[device] = 0
+        for ins in self._active.values():
+            ins.delivered.discard(device)
+
+    def gone(self, device: str) -> None:
+        self._ready.discard(device)
+        self._unready.pop(device, None)
+
+    def answered(self, device: str, instruction_id: int) -> None:
+        ins = self._active.get(instruction_id)
+        if ins is not None:
+            ins.answered.add(device)
+
+    def announce(self, devices: Iterable[str]) -> int:
+        """Number the DevicesOnline that announces these devices; the unready among them wait for
+        its OnlineAck."""
+        self._seq += 1
+        for d in devices:
+            if d in self._unready:
+                self._unready[d] = self._seq
+        return self._seq
+
+    def relinked(self) -> int:
+        """A new link to the Core: every connected device is announced again, and waits again."""
+        self._seq += 1
+        for d in self._ready:
+            self._unready[d] = self._seq
+        self._ready.clear()
+        for d in self._unready:
+            self._unready[d] = self._seq
+        return self._seq
+
+    # ------------------------------------------------------- core events
+    def online_ack(self, seq: int, answered: Mapping[str, Sequence[int]], refused: Sequence[str]) -> list[Effect]:
+        for dev, iids in answered.items():
+            for iid in iids:
+                ins = self._active.get(iid)
+                if ins is not None:
+                    ins.answered.add(dev)
+                else:  # its Work has not arrived yet (e.g. after a Switch restart)
+                    self._answered_early.setdefault(iid, set()).add(dev)
+        effects: list[Effect] = []
+        gone = set(refused)
+        if gone:
+            effects.append(Refuse([d for d in refused if self.readiness(d) is not None]))
+            for d in gone:
+                self.gone(d)
+        ready = [d for d, s in self._unready.items() if s == seq]
+        for d in ready:
+            del self._unready[d]
+            self._ready.add(d)
+        for iid, ins in self._active.items():
+            due = [d for d in ready if ins.wants(d)]
+            if due:
+                ins.delivered.update(due)
+                effects.append(DeliverTo(iid, due))
+        return effects
+
+    def work(self, items: Iterable[WorkItem], active: Iterable[int], now: float) -> list[Effect]:
+        """The Core's Work: drop what is no longer active, take the new items, and give each to the
+        ready devices in its scope."""
+        live = set(active)
+        for iid in [i for i in self._active if i not in live]:
+            del self._active[iid]
+        for iid in [i for i in self._answered_early if i not in live]:
+            del self._answered_early[iid]
+        effects: list[Effect] = []
+        for item in items:
+            if item.id in self._active or item.expires_at <= now:
+                continue
+            scope = frozenset(item.devices) if item.devices is not None else None
+            ins = _Instruction(item, scope, answered=self._answered_early.pop(item.id, set()))
+            self._active[item.id] = ins
+            ready, answered = self._ready, ins.answered
+            targets = ready if scope is None else (d for d in scope if d in ready)
+            due = [d for d in targets if d not in answered]
+            ins.delivered.update(due)
+            effects.append(DeliverTo(item.id, due))
+        return effects
+
+    def cancel(self, instruction_ids: Iterable[int]) -> list[Effect]:
+        effects: list[Effect] = []
+        for iid in instruction_ids:
+            ins = self._active.pop(iid, None)
+            if ins is not None:
+                effects.append(CancelTo(iid, sorted(ins.delivered - ins.answered)))
+        return effects
