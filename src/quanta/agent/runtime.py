@@ -9,7 +9,9 @@ import logging
 import platform
 import random
 import socket
+import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -17,14 +19,16 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 import quanta
 from quanta import protocol as p
+from quanta.protocol.agent_session import Backoff, Retry, retry_delay
 from quanta.signing import ResumingContext, Verifier, client_context
 
 from .background import BackgroundFetcher
-from .config import AgentConfig
+from .config import AgentConfig, SwitchAddress
 from .interaction import InteractionHub, ensure_token, serve_interaction
 from .journal import Journal
 
 log = logging.getLogger("quanta.agent")
+_ALERT = getattr(getattr(ssl, "_TLSContentType", None), "ALERT", 21)
 
 MAX_PARALLEL = 2
 # A payload up to this size is compiled on the event loop (well under a millisecond); if it is
@@ -39,16 +43,54 @@ def os_name() -> str:
 
 
 def backoff(attempt: int, lo: float, hi: float, rnd: random.Random | None = None) -> float:
-    """Jittered exponential back-off: a random delay in [lo, min(hi, lo * 2**attempt)]."""
-    r = rnd or random
-    cap = min(hi, lo * (2 ** min(attempt, 30)))
-    return lo + r.random() * max(0.0, cap - lo)
+    """Jittered exponential back-off (see :func:`quanta.protocol.agent_session.retry_delay`)."""
+    return retry_delay(attempt, lo, hi, rnd or random.Random())
+
+
+def _alert_name(data: bytes) -> str:
+    try:
+        return ssl.AlertDescription(data[1]).name.removeprefix("ALERT_DESCRIPTION_").lower().replace("_", " ")
+    except (IndexError, ValueError):
+        return f"alert {data.hex()}"
+
+
+async def open_ws(factory: Callable[[], WSListener], url: str, ctx: ssl.SSLContext,
+                  **kw: Any) -> tuple[WSTransport, WSListener]:
+    """``picows.ws_connect`` that tells why a refused connection failed. A TLS 1.3 client learns of
+    the server's refusal of its certificate (an alert: unknown CA, certificate revoked, ...) on
+    its first read, during the WebSocket upgrade, and picows then returns no listener and drops
+    the alert; so the alerts received while connecting are noted (``SSLContext._msg_callback``,
+    set only for the connect) and the failure is raised with the last one."""
+    alerts: list[str] = []
+
+    def note(_conn: Any, direction: str, _version: Any, content_type: Any, _msg_type: Any, data: bytes) -> None:
+        if direction == "read" and content_type == _ALERT and len(data) == 2 and data[1] != 0:  # not close_notify
+            alerts.append(_alert_name(data))
+
+    watch = hasattr(ctx, "_msg_callback")
+    if watch:
+        ctx._msg_callback = note  # type: ignore[attr-defined]
+    try:
+        transport, listener = await ws_connect(factory, url, ssl_context=ctx, **kw)
+    except Exception as e:
+        if alerts:
+            raise ConnectionError(f"TLS alert from the switch: {alerts[-1]} ({e or type(e).__name__})") from e
+        raise
+    finally:
+        if watch:
+            ctx._msg_callback = None  # type: ignore[attr-defined]
+    if listener is None:
+        why = f"TLS alert from the switch: {alerts[-1]}" if alerts else "connection closed during the WebSocket upgrade"
+        raise ConnectionError(why)
+    return transport, listener
 
 
 class _Link(WSListener):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.closed = asyncio.get_running_loop().create_future()
+        self.welcomed_at: float | None = None  # monotonic time of the Welcome
+        self.close_reason = ""  # the Switch's close code and reason, if it sent a close frame
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is WSMsgType.BINARY:
@@ -63,6 +105,7 @@ class _Link(WSListener):
         elif frame.msg_type is WSMsgType.CLOSE:
             reason = (frame.get_close_message() or b"").decode(errors="replace")
             log.warning("switch closed the connection: %s %s", frame.get_close_code(), reason)
+            self.close_reason = f"closed by the switch: {frame.get_close_code()} {reason}".rstrip()
             transport.send_close(frame.get_close_code())
             transport.disconnect()
 
@@ -77,7 +120,9 @@ class Agent:
         self.verifier = Verifier.from_file(cfg.signing_pub)
         self.journal = Journal(cfg.state / "journal.msgpack")
         self.transport: WSTransport | None = None
+        self.link: _Link | None = None
         self.switch: str | None = None
+        self.backoff = Backoff(cfg.retry_min, cfg.retry_max)
         self._sem = asyncio.Semaphore(MAX_PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
         self.fqdn = socket.getfqdn()
@@ -114,6 +159,8 @@ class Agent:
             self.journal.cancel(msg.instruction_ids)
         elif isinstance(msg, p.Welcome):
             self.switch = msg.switch
+            if self.link is not None:
+                self.link.welcomed_at = time.monotonic()
             t = self.transport
             ssl_obj = t.underlying_transport.get_extra_info("ssl_object") if t is not None else None
             resumed = ssl_obj is not None and ssl_obj.session_reused
@@ -159,18 +206,17 @@ class Agent:
 
     async def connect_once(self, host: str, port: int) -> _Link:
         ctx = self.tls()
-        transport, link = await ws_connect(lambda: _Link(self), f"wss://{host}:{port}/agent", ssl_context=ctx,
-                                           websocket_handshake_timeout=10, enable_auto_ping=True,
-                                           auto_ping_idle_timeout=60, auto_ping_reply_timeout=30,
-                                           use_aiofastnet=False, max_frame_size=16 * 1024 * 1024,
-                                           read_buffer_init_size=4096)
-        self.transport = transport
+        transport, link = await open_ws(lambda: _Link(self), f"wss://{host}:{port}/agent", ctx,
+                                        websocket_handshake_timeout=10, enable_auto_ping=True,
+                                        auto_ping_idle_timeout=60, auto_ping_reply_timeout=30,
+                                        use_aiofastnet=False, max_frame_size=16 * 1024 * 1024,
+                                        read_buffer_init_size=4096)
+        self.transport, self.link = transport, link  # type: ignore[assignment]
         self.send(self.hello())
         return link  # type: ignore[return-value]
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
-        attempt = 0
         index = random.randrange(len(self.cfg.switches))  # spread agents over the Switch list
         housekeeping = asyncio.create_task(self._housekeeping())
         try:
@@ -184,30 +230,46 @@ class Agent:
         try:
             while not stop.is_set():
                 sw = self.cfg.switches[index % len(self.cfg.switches)]
+                retry = await self._session(sw, stop)
+                if retry is None:
+                    break
+                if retry.fail_over:
+                    index += 1  # try the next Switch in the list
+                if retry.revoked:
+                    log.error("switch %s refused this device's certificate as revoked (%s); attempt %d, "
+                              "next attempt in %.0f s", sw, retry.reason, retry.attempt, retry.delay)
+                else:
+                    log.warning("no connection to switch %s (%s); attempt %d, next attempt in %.2f s", sw,
+                                retry.reason, retry.attempt, retry.delay)
                 try:
-                    link = await asyncio.wait_for(self.connect_once(sw.host, sw.port), 20)
-                    attempt = 0
-                    waiter = asyncio.ensure_future(stop.wait())
-                    await asyncio.wait([link.closed, waiter], return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    if stop.is_set():
-                        if self.transport is not None:
-                            self.transport.send_close(WSCloseCode.GOING_AWAY)
-                            self.transport.disconnect()
-                        break
-                    log.warning("lost connection to switch %s", sw)
-                except Exception as e:  # noqa: BLE001 - TLS refusal, timeout, refused port: back off and retry
-                    log.warning("cannot connect to switch %s: %s", sw, e or type(e).__name__)
-                    index += 1  # fail over to the next Switch in the list
-                self.transport = None
-                delay = backoff(attempt, self.cfg.retry_min, self.cfg.retry_max)
-                attempt += 1
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
+                    await asyncio.wait_for(stop.wait(), retry.delay)
                 except asyncio.TimeoutError:
                     pass
         finally:
             housekeeping.cancel()
+
+    async def _session(self, sw: SwitchAddress, stop: asyncio.Event) -> Retry | None:
+        """One connection to ``sw``, until it fails, is lost, or ``stop`` is set (then None)."""
+        try:
+            link = await asyncio.wait_for(self.connect_once(sw.host, sw.port), 20)
+        except Exception as e:  # noqa: BLE001 - TLS refusal, handshake alert, timeout, refused port
+            return self.backoff.failed(f"cannot connect: {e or type(e).__name__}")
+        transport = self.transport
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([link.closed, waiter], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            self.transport = self.link = None
+        if stop.is_set():
+            if transport is not None and not transport.is_disconnected:
+                transport.send_close(WSCloseCode.GOING_AWAY)
+                transport.disconnect()
+            return None
+        reason = link.close_reason or "connection lost"
+        if link.welcomed_at is None:
+            return self.backoff.failed(f"{reason} before the welcome")
+        return self.backoff.lost(reason, time.monotonic() - link.welcomed_at)
 
     async def _housekeeping(self) -> None:
         while True:

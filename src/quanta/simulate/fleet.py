@@ -31,6 +31,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 import quanta
 from quanta import protocol as p
 from quanta.pki import Verifier
+from quanta.protocol.agent_session import retry_delay
 from quanta.signing import ResumingContext
 
 from .enroll import Fleet
@@ -301,9 +302,7 @@ class Simulator:
         self.counters[self.offset + i] += n
 
     def backoff(self, attempt: int) -> float:
-        lo, hi = self.cfg.retry_min, self.cfg.retry_max
-        cap = min(hi, lo * (2 ** min(attempt, 30)))
-        return lo + self.rnd.random() * max(0.0, cap - lo)
+        return retry_delay(attempt, self.cfg.retry_min, self.cfg.retry_max, self.rnd)
 
     def hello(self, name: str) -> bytes:
         return p.encode(p.Hello(device_id=name, fqdn=f"{name}.sim", os="Simulated 1.0",
