@@ -19,7 +19,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 import quanta
 from quanta import protocol as p
-from quanta.protocol.agent_session import Backoff, Retry, retry_delay
+from quanta.protocol.agent_session import DEFAULT_MAX_MESSAGE, Backoff, Retry, bounded, retry_delay
 from quanta.signing import ResumingContext, Verifier, client_context
 
 from .background import BackgroundFetcher
@@ -123,6 +123,7 @@ class Agent:
         self.link: _Link | None = None
         self.switch: str | None = None
         self.backoff = Backoff(cfg.retry_min, cfg.retry_max)
+        self.max_message_bytes = DEFAULT_MAX_MESSAGE  # the last Welcome's
         self._sem = asyncio.Semaphore(MAX_PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
         self.fqdn = socket.getfqdn()
@@ -138,6 +139,20 @@ class Agent:
         t.send(WSMsgType.BINARY, p.encode(msg))
         return True
 
+    def fit(self, response: p.Response) -> p.Response:
+        """The response, or the error that replaces it when it is too large for the Switch."""
+        fitted = bounded(response, self.max_message_bytes)
+        if fitted is not response:
+            log.error("instruction %d: %s", response.instruction_id, fitted.error)
+        return fitted
+
+    def resend(self, response: p.Response) -> None:
+        """A journalled response again; one that became too large (a smaller limit) is replaced."""
+        fitted = self.fit(response)
+        if fitted is not response:
+            self.journal.record(fitted)
+        self.send(fitted)
+
     def on_message(self, msg: Any) -> None:
         if isinstance(msg, p.Deliver):
             verdict = self.journal.judge(msg.instruction, self.verifier)
@@ -147,7 +162,7 @@ class Agent:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             elif verdict.action == "resend" and verdict.response is not None:
-                self.send(verdict.response)
+                self.resend(verdict.response)
             elif verdict.action == "refuse":
                 log.error("%s", verdict.reason)
                 if verdict.response is not None:
@@ -159,6 +174,7 @@ class Agent:
             self.journal.cancel(msg.instruction_ids)
         elif isinstance(msg, p.Welcome):
             self.switch = msg.switch
+            self.max_message_bytes = msg.max_message_bytes
             if self.link is not None:
                 self.link.welcomed_at = time.monotonic()
             t = self.transport
@@ -168,7 +184,7 @@ class Agent:
                 self._tls.session = ssl_obj.session  # TLS 1.3: its ticket came right after the handshake
             log.info("connected to switch %s%s", msg.switch, " (TLS session resumed)" if resumed else "")
             for r in self.journal.due(all_unacked=True):
-                self.send(r)
+                self.resend(r)
 
     async def _execute(self, body: p.InstructionBody) -> None:
         async with self._sem:
@@ -182,6 +198,7 @@ class Agent:
             else:
                 response = await asyncio.to_thread(run_instruction, body, self.cfg, interact, program)
             response = msgspec.structs.replace(response, elapsed_ms=(time.perf_counter() - started) * 1000)
+            response = self.fit(response)
         log.info("instruction %d (%s): %s", body.id, body.name, response.status)
         self.journal.record(response)
         self.send(response)
@@ -275,7 +292,7 @@ class Agent:
         while True:
             await asyncio.sleep(5)
             for r in self.journal.due():
-                self.send(r)
+                self.resend(r)
             self.journal.prune()
 
 

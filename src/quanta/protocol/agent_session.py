@@ -13,6 +13,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from quanta.protocol.messages import Response, Welcome, encode
+
+# The limit until a Switch's Welcome tells its own (the Welcome's default: what Switches without
+# the field accept).
+DEFAULT_MAX_MESSAGE = Welcome(switch="", heartbeat_seconds=0).max_message_bytes
+
 # A connection that was welcomed counts as a success (the attempt counter starts again) only once
 # it stayed up this long: a Switch that closes right after its Welcome is backed off like a refusal.
 STABLE_AFTER = 30.0
@@ -73,3 +79,14 @@ class Backoff:
         if stable:
             self.attempt = 0
         return self.failed(reason, fail_over=not stable)
+
+
+def bounded(response: Response, limit: int) -> Response:
+    """``response``, or, when its encoding is over the Switch's ``limit`` (Welcome.max_message_bytes),
+    the error that ends the instruction instead: the Switch would close the connection on that
+    frame (1009), on every reconnect, so it is never sent."""
+    size = len(encode(response))
+    if size <= limit:
+        return response
+    return Response(instruction_id=response.instruction_id, status="error",
+                    error=f"result too large: {size} bytes, limit {limit}", elapsed_ms=response.elapsed_ms)
