@@ -19,13 +19,14 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 
 import quanta
 from quanta import protocol as p
-from quanta.protocol.agent_session import DEFAULT_MAX_MESSAGE, Backoff, Retry, bounded, retry_delay
+from quanta.protocol.agent_session import (AgentSession, Backoff, Close, Effect, Judged, Retry, Run, Send, State,
+                                          retry_delay)
 from quanta.signing import ResumingContext, Verifier, client_context
 
 from .background import BackgroundFetcher
 from .config import AgentConfig, SwitchAddress
 from .interaction import InteractionHub, ensure_token, serve_interaction
-from .journal import Journal
+from .journal import FileStore
 
 log = logging.getLogger("quanta.agent")
 _ALERT = getattr(getattr(ssl, "_TLSContentType", None), "ALERT", 21)
@@ -86,22 +87,16 @@ async def open_ws(factory: Callable[[], WSListener], url: str, ctx: ssl.SSLConte
 
 
 class _Link(WSListener):
+    """One connection's picows listener: frames go to the agent's session, the close reason is kept."""
+
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.closed = asyncio.get_running_loop().create_future()
-        self.welcomed_at: float | None = None  # monotonic time of the Welcome
         self.close_reason = ""  # the Switch's close code and reason, if it sent a close frame
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is WSMsgType.BINARY:
-            try:
-                msg = p.decode_from_switch_for_agent(frame.get_payload_as_bytes())
-            except p.ProtocolError as e:
-                log.error("closing: malformed message from switch: %s", e)
-                transport.send_close(WSCloseCode.PROTOCOL_ERROR)
-                transport.disconnect()
-                return
-            self.agent.on_message(msg)
+            self.agent.on_frame(frame.get_payload_as_bytes())
         elif frame.msg_type is WSMsgType.CLOSE:
             reason = (frame.get_close_message() or b"").decode(errors="replace")
             log.warning("switch closed the connection: %s %s", frame.get_close_code(), reason)
@@ -115,15 +110,14 @@ class _Link(WSListener):
 
 
 class Agent:
+    """The shell over :class:`AgentSession`: sockets, the clock, the journal file, execution."""
+
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.verifier = Verifier.from_file(cfg.signing_pub)
-        self.journal = Journal(cfg.state / "journal.msgpack")
+        self.store = FileStore(cfg.state / "journal.msgpack")
+        self.session = AgentSession(self.store, self.verifier, Backoff(cfg.retry_min, cfg.retry_max))
         self.transport: WSTransport | None = None
-        self.link: _Link | None = None
-        self.switch: str | None = None
-        self.backoff = Backoff(cfg.retry_min, cfg.retry_max)
-        self.max_message_bytes = DEFAULT_MAX_MESSAGE  # the last Welcome's
         self._sem = asyncio.Semaphore(MAX_PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
         self.fqdn = socket.getfqdn()
@@ -139,52 +133,42 @@ class Agent:
         t.send(WSMsgType.BINARY, p.encode(msg))
         return True
 
-    def fit(self, response: p.Response) -> p.Response:
-        """The response, or the error that replaces it when it is too large for the Switch."""
-        fitted = bounded(response, self.max_message_bytes)
-        if fitted is not response:
-            log.error("instruction %d: %s", response.instruction_id, fitted.error)
-        return fitted
+    def on_frame(self, data: bytes) -> None:
+        welcomed = self.session.ready
+        effects = self.session.receive(data, time.time())
+        if not welcomed and self.session.ready:
+            self._welcomed()
+        self.apply(effects)
 
-    def resend(self, response: p.Response) -> None:
-        """A journalled response again; one that became too large (a smaller limit) is replaced."""
-        fitted = self.fit(response)
-        if fitted is not response:
-            self.journal.record(fitted)
-        self.send(fitted)
+    def _welcomed(self) -> None:
+        t = self.transport
+        ssl_obj = t.underlying_transport.get_extra_info("ssl_object") if t is not None else None
+        resumed = ssl_obj is not None and ssl_obj.session_reused
+        if ssl_obj is not None and self._tls is not None:
+            self._tls.session = ssl_obj.session  # TLS 1.3: its ticket came right after the handshake
+        log.info("connected to switch %s (messages up to %d bytes)%s", self.session.switch,
+                 self.session.max_message_bytes,
+                 " (TLS session resumed)" if resumed else "")
 
-    def on_message(self, msg: Any) -> None:
-        if isinstance(msg, p.Deliver):
-            verdict = self.journal.judge(msg.instruction, self.verifier)
-            if verdict.action == "run":
-                assert verdict.body is not None
-                task = asyncio.create_task(self._execute(verdict.body))
+    def apply(self, effects: list[Effect]) -> None:
+        for e in effects:
+            if isinstance(e, Send):
+                self.send(e.message)
+            elif isinstance(e, Run):
+                task = asyncio.create_task(self._execute(e.body))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            elif verdict.action == "resend" and verdict.response is not None:
-                self.resend(verdict.response)
-            elif verdict.action == "refuse":
-                log.error("%s", verdict.reason)
-                if verdict.response is not None:
-                    self.journal.record(verdict.response)
-                    self.send(verdict.response)
-        elif isinstance(msg, p.ResponseAck):
-            self.journal.ack(msg.instruction_ids)
-        elif isinstance(msg, p.Cancel):
-            self.journal.cancel(msg.instruction_ids)
-        elif isinstance(msg, p.Welcome):
-            self.switch = msg.switch
-            self.max_message_bytes = msg.max_message_bytes
-            if self.link is not None:
-                self.link.welcomed_at = time.monotonic()
-            t = self.transport
-            ssl_obj = t.underlying_transport.get_extra_info("ssl_object") if t is not None else None
-            resumed = ssl_obj is not None and ssl_obj.session_reused
-            if ssl_obj is not None and self._tls is not None:
-                self._tls.session = ssl_obj.session  # TLS 1.3: its ticket came right after the handshake
-            log.info("connected to switch %s%s", msg.switch, " (TLS session resumed)" if resumed else "")
-            for r in self.journal.due(all_unacked=True):
-                self.resend(r)
+            elif isinstance(e, Close):
+                log.error("closing the connection: %s", e.reason)
+                t = self.transport
+                if t is not None and not t.is_disconnected:
+                    t.send_close(WSCloseCode(e.code), e.reason.encode()[:120])
+                    t.disconnect()
+            elif isinstance(e, Judged):
+                if e.action in ("refuse", "too large"):
+                    log.error("instruction %s: %s", e.instruction_id, e.reason)
+                elif e.action == "ignore":
+                    log.debug("instruction %s ignored: %s", e.instruction_id, e.reason)
 
     async def _execute(self, body: p.InstructionBody) -> None:
         async with self._sem:
@@ -198,10 +182,8 @@ class Agent:
             else:
                 response = await asyncio.to_thread(run_instruction, body, self.cfg, interact, program)
             response = msgspec.structs.replace(response, elapsed_ms=(time.perf_counter() - started) * 1000)
-            response = self.fit(response)
         log.info("instruction %d (%s): %s", body.id, body.name, response.status)
-        self.journal.record(response)
-        self.send(response)
+        self.apply(self.session.completed(response, time.time()))
 
     # ------------------------------------------------------------------ connection
     def hello(self) -> p.Hello:
@@ -228,8 +210,8 @@ class Agent:
                                         auto_ping_idle_timeout=60, auto_ping_reply_timeout=30,
                                         use_aiofastnet=False, max_frame_size=16 * 1024 * 1024,
                                         read_buffer_init_size=4096)
-        self.transport, self.link = transport, link  # type: ignore[assignment]
-        self.send(self.hello())
+        self.transport = transport
+        self.apply(self.session.connected(self.hello(), time.time()))
         return link  # type: ignore[return-value]
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -264,36 +246,33 @@ class Agent:
                     pass
         finally:
             housekeeping.cancel()
+            if self.session.state is not State.CLOSED:
+                self.session.close()
+            self.store.close()
 
     async def _session(self, sw: SwitchAddress, stop: asyncio.Event) -> Retry | None:
         """One connection to ``sw``, until it fails, is lost, or ``stop`` is set (then None)."""
         try:
             link = await asyncio.wait_for(self.connect_once(sw.host, sw.port), 20)
         except Exception as e:  # noqa: BLE001 - TLS refusal, handshake alert, timeout, refused port
-            return self.backoff.failed(f"cannot connect: {e or type(e).__name__}")
-        transport = self.transport
+            self.transport = None
+            return self.session.failed(f"cannot connect: {e or type(e).__name__}")
         waiter = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([link.closed, waiter], return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
-            self.transport = self.link = None
         if stop.is_set():
-            if transport is not None and not transport.is_disconnected:
-                transport.send_close(WSCloseCode.GOING_AWAY)
-                transport.disconnect()
+            self.apply(self.session.close())
+            self.transport = None
             return None
-        reason = link.close_reason or "connection lost"
-        if link.welcomed_at is None:
-            return self.backoff.failed(f"{reason} before the welcome")
-        return self.backoff.lost(reason, time.monotonic() - link.welcomed_at)
+        self.transport = None
+        return self.session.lost(link.close_reason or "connection lost", time.time())
 
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(5)
-            for r in self.journal.due():
-                self.resend(r)
-            self.journal.prune()
+            self.apply(self.session.tick(time.time()))
 
 
 def compile_instruction(body: p.InstructionBody) -> Any:
