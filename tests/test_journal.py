@@ -102,7 +102,8 @@ def test_log_appends_one_record_per_change_and_survives_a_torn_tail(tmp_path):
         f.write(b"\x00\x00\x01\x00\x12\x34")
     j2 = FileStore(path)
     assert j2.entries[3].response == resp and j2.entries[3].acked
-    assert _action(_ready(j2, v).deliver(d, time.time())) == "resend"
+    # acknowledged: delivered again, it is neither run nor sent again
+    assert _ready(j2, v).deliver(d, time.time()) == [Judged("ignore", 3, "already answered")]
     # reopening compacted the log to one record per entry (the torn tail is gone)
     j3 = FileStore(path)
     assert j3.entries.keys() == {3} and j3._records == 1

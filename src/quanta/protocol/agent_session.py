@@ -302,8 +302,13 @@ class AgentSession:
             reason = "instruction signature verification failed: refused"
             iid = _unverified_id(signed.body)
             out: list[Effect] = [Judged("refuse", iid, reason)]
-            if iid is not None and self.store.get(iid) is None:  # never displaces a known instruction
+            if iid is None:
+                return out
+            known = self.store.get(iid)
+            if known is None:  # the refusal is this instruction's answer, journalled like any other
                 out += self.completed(Response(instruction_id=iid, status="error", error=reason), now)
+            elif known.response is not None and not known.acked:  # never displaces the journal's answer
+                out += self._send(known, now, resend=True)
             return out
         try:
             body = decode_body(signed.body)
@@ -311,6 +316,8 @@ class AgentSession:
             return [Judged("refuse", None, f"signed instruction is not a valid body: {e}")]
         entry = self.store.get(body.id)
         if entry is not None:
+            if entry.acked:  # committed by the Core (or cancelled): nothing to run or send
+                return [Judged("ignore", body.id, "already answered" if entry.response else "cancelled")]
             if entry.response is not None:
                 return [Judged("resend", body.id), *self._send(entry, now, resend=True)]
             return [Judged("ignore", body.id, "already running")]
