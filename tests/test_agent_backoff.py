@@ -68,7 +68,7 @@ def _assert_backed_off(attempts: list[tuple[float, str, int, float]], window: fl
     for k, (_, _, _, delay) in enumerate(attempts):
         cap = min(HI, LO * 2 ** k)
         assert max(LO, cap / 2) - 0.05 <= delay <= cap + 0.05, (k, delay, attempts)
-    for (t0, _, _, d0), (t1, _, _, _) in zip(attempts, attempts[1:]):
+    for (t0, _, _, d0), (t1, _, _, _) in zip(attempts, attempts[1:], strict=False):
         assert t1 - t0 >= d0 - 0.01, (t0, d0, t1, attempts)
     # At least the floor of every delay between attempts: no more than this many fit in the window
     # (retrying every LO seconds, as before, would make window / LO attempts).

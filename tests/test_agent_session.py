@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from conftest import Server, wait_until
+from conftest import Server
 from quanta import protocol as p
 from quanta.agent.journal import FileStore
 from quanta.client import ConsumerClient
