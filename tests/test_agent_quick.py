@@ -103,3 +103,51 @@ def test_a_payload_that_does_not_compile_is_an_error_response_without_running(ag
     r, threads = _run(agent_dir, 'Tagging.Set(Name: "a", Value: "b");')  # an action sent as a question
     assert r.status == "error" and "refused" in (r.error or "")
     assert threads == []
+
+
+def _body(payload: str, expires_in: float = 60) -> p.InstructionBody:
+    return p.InstructionBody(id=9, name="q", kind="question", payload=payload, parameters={},
+                             issued_at=time.time(), expires_at=time.time() + expires_in)
+
+
+def test_answers_fit_the_wire_blobs_as_hex_and_errors_without_nul(agent_dir: Path) -> None:
+    """Whatever a payload returns, the response decodes at the Switch: a blob travels as hex text,
+    and an error text loses its NUL bytes (which PostgreSQL's text refuses)."""
+    cfg = load_agent_config(agent_dir)
+    r = runtime.run_instruction(_body("SELECT zeroblob(2) AS B, x'00ff' AS C, 'a' || char(0) || 'b' AS D;"), cfg)
+    assert r.status == "success" and r.rows == [["0000", "00ff", "a\x00b"]]
+    assert p.decode_from_agent(p.encode(r)) == r
+    r = runtime.run_instruction(_body("SELECT * FROM nosuch" + "\x00"), cfg)
+    assert r.status == "error" and "\x00" not in (r.error or "")
+    assert p.decode_from_agent(p.encode(r)) == r
+
+
+def test_a_payload_stops_when_its_gather_window_closes(agent_dir: Path) -> None:
+    cfg = load_agent_config(agent_dir)
+    slow = "SELECT MAX(x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT x FROM c);"
+    t = time.monotonic()
+    r = runtime.run_instruction(_body(slow, expires_in=1.5), cfg)
+    assert r.status == "error" and time.monotonic() - t < 10, r
+
+
+def test_a_cancel_from_the_switch_stops_the_running_payload(agent_dir: Path) -> None:
+    """The session's Stop effect (a Cancel from the Switch) reaches the payload on its worker thread."""
+    from quanta.protocol.agent_session import Stop
+
+    cfg = load_agent_config(agent_dir)
+    slow = "SELECT MAX(x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT x FROM c);"
+
+    async def go() -> tuple[list[p.Response], float]:
+        agent = runtime.Agent(cfg)
+        sent: list[p.Response] = []
+        agent.send = lambda m: sent.append(m) or True  # type: ignore[method-assign]
+        task = asyncio.create_task(agent._execute(_body(slow)))
+        t = time.monotonic()
+        while not task.done() and time.monotonic() - t < 20:  # a Stop before the payload starts does nothing
+            agent.apply([Stop([9])])
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(task, 10)
+        return sent, time.monotonic() - t
+
+    [r], took = asyncio.run(go())
+    assert r.status == "error" and "cancelled" in (r.error or "").lower() and took < 8, (r, took)

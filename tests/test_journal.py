@@ -1,8 +1,13 @@
+"""The agent journal: the decisions (AgentSession) over the append-only file log (FileStore)."""
+
 import time
 
 from quanta import protocol as p
-from quanta.agent.journal import Journal
+from quanta.agent.journal import KEEP_AFTER_EXPIRY, FileStore, MemoryStore
 from quanta.pki import Pki, Signer, Verifier
+from quanta.protocol.agent_session import AgentSession, Backoff, Judged, Run, Send
+
+HELLO = p.Hello(device_id="d", fqdn="d", os="x", agent_version="x")
 
 
 def _signed(pki: Pki, iid: int, ttl: float = 60) -> p.SignedInstruction:
@@ -11,91 +16,118 @@ def _signed(pki: Pki, iid: int, ttl: float = 60) -> p.SignedInstruction:
     return p.SignedInstruction(body=body, signature=Signer.from_file(pki.signing_key).sign(body))
 
 
-def test_run_once_then_resend(tmp_path):
+def _ready(store, verifier) -> AgentSession:  # type: ignore[no-untyped-def]
+    s = AgentSession(store, verifier, Backoff(1, 60))
+    s.connected(HELLO, time.time())
+    s.handle(p.Welcome(switch="sw", heartbeat_seconds=60), time.time())
+    return s
+
+
+def _action(effects: list) -> str:  # type: ignore[type-arg]
+    (j,) = [e for e in effects if isinstance(e, Judged)]
+    return j.action
+
+
+def _pki(tmp_path) -> tuple[Pki, Verifier]:  # type: ignore[no-untyped-def]
     pki = Pki(tmp_path / "pki")
     pki.create("localhost")
-    v = Verifier.from_file(pki.signing_pub)
-    j = Journal(tmp_path / "j")
-    s = _signed(pki, 7)
-    assert j.judge(s, v).action == "run"
-    assert j.judge(s, v).action == "ignore"  # still running: not run twice
+    return pki, Verifier.from_file(pki.signing_pub)
+
+
+def test_run_once_then_resend(tmp_path):
+    pki, v = _pki(tmp_path)
+    s = _ready(FileStore(tmp_path / "j"), v)
+    d = _signed(pki, 7)
+    first = s.deliver(d, time.time())
+    assert _action(first) == "run" and [e.body.id for e in first if isinstance(e, Run)] == [7]
+    assert s.deliver(d, time.time()) == [Judged("ignore", 7, "already running")]  # not run twice
     resp = p.Response(instruction_id=7, status="success", columns=["A"], rows=[[1]])
-    j.record(resp)
-    again = j.judge(s, v)
-    assert again.action == "resend" and again.response == resp
-    # the journal survives a restart of the agent
-    j2 = Journal(tmp_path / "j")
-    assert j2.judge(s, v).action == "resend"
-    assert j2.due(all_unacked=True) == [resp]
-    j2.ack([7])
-    assert j2.due(all_unacked=True) == []
+    assert s.completed(resp, time.time()) == [Send(resp)]
+    again = s.deliver(d, time.time())
+    assert _action(again) == "resend" and Send(resp, True) in again
+    # the journal survives a restart of the agent: the new session resends on its welcome, runs nothing
+    s.store.close()
+    s2 = AgentSession(FileStore(tmp_path / "j"), v, Backoff(1, 60))
+    s2.connected(HELLO, time.time())
+    assert s2.handle(p.Welcome(switch="sw", heartbeat_seconds=60), time.time()) == [Send(resp, True)]
+    assert _action(s2.deliver(d, time.time())) == "resend"
+    s2.ack([7])
+    assert s2.tick(time.time() + 3600) == []  # acked: never resent
 
 
 def test_tampered_and_foreign_signatures_are_refused(tmp_path):
-    pki = Pki(tmp_path / "pki")
-    pki.create("localhost")
+    pki, v = _pki(tmp_path)
     other = Pki(tmp_path / "other")
     other.create("localhost")
-    v = Verifier.from_file(pki.signing_pub)
-    j = Journal(None)
-    s = _signed(pki, 8)
-    tampered = p.SignedInstruction(body=s.body.replace(b"SELECT 1;", b"SELECT 2;"), signature=s.signature)
-    verdict = j.judge(tampered, v)
-    assert verdict.action == "refuse" and verdict.response.status == "error"
-    assert "signature" in verdict.response.error
-    assert j.judge(_signed(other, 9), v).action == "refuse"
-    assert j.judge(p.SignedInstruction(body=s.body, signature=b""), v).action == "refuse"
-    assert 8 not in j.entries and 9 not in j.entries
+    store = MemoryStore()
+    s = _ready(store, v)
+    d = _signed(pki, 8)
+    tampered = p.SignedInstruction(body=d.body.replace(b"SELECT 1;", b"SELECT 2;"), signature=d.signature)
+    out = s.deliver(tampered, time.time())
+    assert _action(out) == "refuse" and not any(isinstance(e, Run) for e in out)
+    (sent,) = [e.message for e in out if isinstance(e, Send)]
+    assert sent.status == "error" and "signature" in (sent.error or "") and sent.instruction_id == 8
+    assert _action(s.deliver(_signed(other, 9), time.time())) == "refuse"
+    assert _action(s.deliver(p.SignedInstruction(body=d.body, signature=b""), time.time())) == "refuse"
+    assert _action(s.deliver(p.SignedInstruction(body=b"\xc1junk", signature=b""), time.time())) == "refuse"
+    assert not any(isinstance(e, Run) for e in s.deliver(tampered, time.time()))
 
 
 def test_expired_instruction_is_not_run(tmp_path):
-    pki = Pki(tmp_path / "pki")
-    pki.create("localhost")
-    assert Journal(None).judge(_signed(pki, 1, ttl=-1), Verifier.from_file(pki.signing_pub)).action == "ignore"
+    pki, v = _pki(tmp_path)
+    assert _ready(MemoryStore(), v).deliver(_signed(pki, 1, ttl=-1), time.time()) == [
+        Judged("ignore", 1, "gather window already closed")]
 
 
 def test_corrupt_journal_is_discarded(tmp_path):
     (tmp_path / "j").write_bytes(b"\x00garbage")
-    assert Journal(tmp_path / "j").entries == {}
+    assert FileStore(tmp_path / "j").entries == {}
 
 
 def test_log_appends_one_record_per_change_and_survives_a_torn_tail(tmp_path):
-    pki = Pki(tmp_path / "pki")
-    pki.create("localhost")
-    v = Verifier.from_file(pki.signing_pub)
+    pki, v = _pki(tmp_path)
     path = tmp_path / "j"
-    j = Journal(path)
-    s = _signed(pki, 3)
-    assert j.judge(s, v).action == "run"
+    s = _ready(FileStore(path), v)
+    d = _signed(pki, 3)
+    assert _action(s.deliver(d, time.time())) == "run"
     size = path.stat().st_size
     ino = path.stat().st_ino
     resp = p.Response(instruction_id=3, status="success", columns=["A"], rows=[[1]])
-    j.record(resp)
+    s.completed(resp, time.time())
     assert path.stat().st_size > size and path.stat().st_ino == ino  # appended in place, no rewrite
-    j.ack([3])
-    j.close()
+    s.ack([3])
+    s.store.close()
     # a crash in the middle of a further record: that record is lost, nothing before it
     with open(path, "ab") as f:
         f.write(b"\x00\x00\x01\x00\x12\x34")
-    j2 = Journal(path)
+    j2 = FileStore(path)
     assert j2.entries[3].response == resp and j2.entries[3].acked
-    assert j2.judge(s, v).action == "resend"
+    # acknowledged: delivered again, it is neither run nor sent again
+    assert _ready(j2, v).deliver(d, time.time()) == [Judged("ignore", 3, "already answered")]
     # reopening compacted the log to one record per entry (the torn tail is gone)
-    j3 = Journal(path)
+    j3 = FileStore(path)
     assert j3.entries.keys() == {3} and j3._records == 1
 
 
 def test_log_is_compacted_when_superseded_records_pile_up(tmp_path):
     from quanta.agent import journal
 
-    j = Journal(tmp_path / "j")
-    j.cancel([1, 2])
+    s = _ready(FileStore(tmp_path / "j"), None)
+    s.cancel([1, 2], time.time())
     for n in range(journal.COMPACT_SLACK + 10):  # every record supersedes the one before
-        j.record(p.Response(instruction_id=1, status="success", columns=["N"], rows=[[n]]))
-    assert j._records <= 2 * 2 + journal.COMPACT_SLACK
+        s.completed(p.Response(instruction_id=1, status="success", columns=["N"], rows=[[n]]), time.time())
+    assert s.store._records <= 2 * 2 + journal.COMPACT_SLACK
     assert (tmp_path / "j").stat().st_size < 100 * (2 * 2 + journal.COMPACT_SLACK)
-    again = Journal(tmp_path / "j")
+    again = FileStore(tmp_path / "j")
     assert again.entries.keys() == {1, 2} and again.entries[1].response.rows == [[journal.COMPACT_SLACK + 9]]
+
+
+def test_pruning_forgets_old_entries_and_compacts(tmp_path):
+    pki, v = _pki(tmp_path)
+    s = _ready(FileStore(tmp_path / "j"), v)
+    s.deliver(_signed(pki, 4, ttl=10), time.time())
+    s.tick(time.time() + 10 + KEEP_AFTER_EXPIRY + 1)
+    assert s.store.entries == {} and FileStore(tmp_path / "j").entries == {}
 
 
 def test_former_snapshot_format_is_read_and_rewritten(tmp_path):
@@ -105,6 +137,7 @@ def test_former_snapshot_format_is_read_and_rewritten(tmp_path):
 
     resp = p.Response(instruction_id=5, status="success", columns=["A"], rows=[[1]])
     (tmp_path / "j").write_bytes(msgspec.msgpack.encode({5: Entry(5, time.time() + 60, response=resp)}))
-    j = Journal(tmp_path / "j")
-    assert j.entries[5].response == resp and j.due(all_unacked=True) == [resp]
-    assert Journal(tmp_path / "j").entries[5].response == resp
+    s = AgentSession(FileStore(tmp_path / "j"), None, Backoff(1, 60))  # type: ignore[arg-type]
+    s.connected(HELLO, time.time())
+    assert s.handle(p.Welcome(switch="sw", heartbeat_seconds=60), time.time()) == [Send(resp, True)]
+    assert FileStore(tmp_path / "j").entries[5].response == resp

@@ -101,16 +101,18 @@ def test_a_connection_never_welcomed_is_dropped_and_retried(tmp_path: Path, monk
     server.start()
     monkeypatch.setattr(sf, "WELCOME_TIMEOUT", 1.0)
     monkeypatch.setattr(sf, "WATCHDOG_INTERVAL", 0.2)
+    from picows import WSMsgType
+
     lost: set[str] = set()
-    real_on_welcome = sf.SimDevice.on_welcome
+    real_on_frame = sf.SimDevice.on_ws_frame
 
-    def lose_first_welcome(self, transport):  # type: ignore[no-untyped-def]
-        if self.name not in lost:  # the first Welcome of every device goes missing
-            lost.add(self.name)
+    def lose_first_welcome(self, transport, frame):  # type: ignore[no-untyped-def]
+        if frame.msg_type is WSMsgType.BINARY and self.name not in lost:  # the first frame is the Welcome:
+            lost.add(self.name)  # every device's first one goes missing
             return
-        real_on_welcome(self, transport)
+        real_on_frame(self, transport, frame)
 
-    monkeypatch.setattr(sf.SimDevice, "on_welcome", lose_first_welcome)
+    monkeypatch.setattr(sf.SimDevice, "on_ws_frame", lose_first_welcome)
     counters = [0] * len(sf.COUNTERS)
     cfg = SimConfig(retry_min=0.05, retry_max=0.2, seed=3)
     sim = sf.Simulator(fleet, fleet.names, 0, cfg, counters, 0)

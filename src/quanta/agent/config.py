@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,23 +86,40 @@ def load_agent_config(root: Path) -> AgentConfig:
         raise AgentConfigError(f"{root / CONF} not found: create it with 'quanta enroll'")
     v = read_conf(root / CONF)
     try:
-        return AgentConfig(
+        cfg = AgentConfig(
             root=root,
             device_name=v["DeviceName"],
             switches=parse_switches(v["Switch"]),
             background_url=v.get("BackgroundChannelUrl", ""),
-            retry_min=float(v.get("ConnectionRetryTimeInSecondsMin", "1")),
-            retry_max=float(v.get("ConnectionRetryTimeInSecondsMax", "60")),
+            retry_min=_seconds(v, "ConnectionRetryTimeInSecondsMin", "1"),
+            retry_max=_seconds(v, "ConnectionRetryTimeInSecondsMax", "60"),
             interaction_port=int(v.get("Module.Interaction.Port", "7766")),
         )
     except KeyError as e:
         raise AgentConfigError(f"{root / CONF}: missing setting {e.args[0]}") from None
     except ValueError as e:
         raise AgentConfigError(f"{root / CONF}: {e}") from None
+    check_retry(cfg.retry_min, cfg.retry_max, root / CONF)
+    return cfg
 
 
-def write_conf(root: Path, *, device_name: str, switches: str, background_url: str, retry_min: int = 1,
-               retry_max: int = 60, interaction_port: int = 7766) -> None:
+def _seconds(values: dict[str, str], key: str, default: str) -> float:
+    try:
+        return float(values.get(key, default))
+    except ValueError:
+        raise ValueError(f"{key}={values[key]!r} is not a number of seconds") from None
+
+
+def check_retry(lo: float, hi: float, where: Path) -> None:
+    """The back-off bounds must be finite seconds, 0 < Min <= Max: a Min of 0 would dial again at
+    once after every failure, and a fleet would hammer its Switch."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi < lo:
+        raise AgentConfigError(f"{where}: ConnectionRetryTimeInSecondsMin={lo:g} and "
+                               f"ConnectionRetryTimeInSecondsMax={hi:g} must be seconds with 0 < Min <= Max")
+
+
+def write_conf(root: Path, *, device_name: str, switches: str, background_url: str, retry_min: float = 1,
+               retry_max: float = 60, interaction_port: int = 7766) -> None:
     (root / CONF).write_text(
         "# Quanta agent settings\n"
         f"DeviceName={device_name}\n"

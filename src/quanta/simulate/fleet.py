@@ -1,10 +1,11 @@
 """One simulator worker process: thousands of protocol-true agents on one uvloop.
 
 Each simulated device is exactly what a real agent is on the wire: its own TLS client
-certificate (mutual TLS, the Switch is verified against the CA), the real :class:`Hello`, the
-instruction's Ed25519 signature checked against ``signing.pub``, real :class:`Response`
-messages, kept until a :class:`ResponseAck` arrives and re-sent after a reconnect or a timeout,
-and never executed twice (the agent journal's rules, in memory).
+certificate (mutual TLS, the Switch is verified against the CA), and the real agent's protocol
+behaviour, :class:`~quanta.protocol.agent_session.AgentSession` (hello, welcome, the instruction's
+Ed25519 signature checked against ``signing.pub``, the journal's rules: responses kept until a
+:class:`ResponseAck` arrives, re-sent after a reconnect or a timeout, never executed twice; the
+back-off), over an in-memory journal store instead of the agent's file.
 
 Only the answer is synthetic: ``rows`` rows of ``row_size`` bytes, after a latency drawn from a
 configurable distribution, with configurable failure and no-content rates.
@@ -26,18 +27,20 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 import quanta
 from quanta import protocol as p
 from quanta.pki import Verifier
+from quanta.agent.journal import MemoryStore
+from quanta.agent.runtime import open_ws
+from quanta.protocol.agent_session import Acked, AgentSession, Backoff, Close, Effect, Judged, Run, Send, State
 from quanta.signing import ResumingContext
 
 from .enroll import Fleet
 
 log = logging.getLogger("quanta.simulate")
 
-RESEND_AFTER = 30.0
 # A connection whose WebSocket opened but that got no Welcome within this many seconds is dropped
 # and dialled again (the Switch may have lost the hello, or closed without the close reaching us).
 WELCOME_TIMEOUT = 30.0
@@ -93,17 +96,10 @@ def latency_sampler(spec: str, rnd: random.Random) -> Callable[[], float]:
     raise ValueError(f"latency {spec!r}: expected 0, fixed:S, uniform:A:B, exp:MEAN or lognormal:MU:SIGMA")
 
 
-class Entry:
-    __slots__ = ("response", "acked", "sent_at", "expires_at")
-
-    def __init__(self, expires_at: float) -> None:
-        self.response: bytes | None = None
-        self.acked = False
-        self.sent_at = 0.0
-        self.expires_at = expires_at
-
-
 class SimDevice(WSListener):
+    """One simulated device: a picows listener and the timers around the real agent's
+    :class:`AgentSession` over an in-memory journal store."""
+
     def __init__(self, sim: Simulator, name: str, index: int) -> None:
         self.sim = sim
         self.name = name
@@ -111,40 +107,30 @@ class SimDevice(WSListener):
         self.transport: WSTransport | None = None
         self.ctx: ResumingContext | None = None
         self.up = False  # welcomed by a Switch
-        self.journal: dict[int, Entry] = {}
-        self.attempt = 0
+        self.session = AgentSession(MemoryStore(), sim, Backoff(sim.cfg.retry_min, sim.cfg.retry_max, sim.rnd))
         self.away_until = 0.0
         self.opened_at = 0.0  # when the current transport opened (monotonic)
         self.pending = False  # a connect is scheduled or in flight
+        self.close_reason = ""
 
     # --------------------------------------------------------------- picows callbacks
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
         self.opened_at = time.monotonic()
-        transport.send(WSMsgType.BINARY, self.sim.hello(self.name))
+        self.close_reason = ""
+        self.apply(self.session.connected(self.sim.hello(self.name), time.time()))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         t = frame.msg_type
         if t is WSMsgType.BINARY:
-            try:
-                msg = p.decode_from_switch_for_agent(frame.get_payload_as_memoryview())
-            except p.ProtocolError as e:
-                log.error("%s: malformed message from switch: %s", self.name, e)
-                transport.send_close(WSCloseCode.PROTOCOL_ERROR)
-                transport.disconnect()
-                return
-            if isinstance(msg, p.Deliver):
-                self.on_deliver(msg.instruction)
-            elif isinstance(msg, p.ResponseAck):
-                self.on_ack(msg.instruction_ids)
-            elif isinstance(msg, p.Welcome):
+            welcomed = self.session.ready
+            effects = self.session.receive(frame.get_payload_as_memoryview(), time.time())
+            if not welcomed and self.session.ready:
                 self.on_welcome(transport)
-            elif isinstance(msg, p.Cancel):
-                for iid in msg.instruction_ids:
-                    if iid not in self.journal:
-                        e = self.journal[iid] = Entry(time.time() + 60)
-                        e.acked = True
+            self.apply(effects)
         elif t is WSMsgType.CLOSE:
+            self.close_reason = f"closed by the switch: {frame.get_close_code()} " \
+                                f"{(frame.get_close_message() or b'').decode(errors='replace')}"
             transport.send_close(frame.get_close_code())
             transport.disconnect()
 
@@ -157,23 +143,48 @@ class SimDevice(WSListener):
             self.up = False
             sim.count(C["connected"], -1)
             sim.count(C["disconnects"])
+        if self.session.state is State.CLOSED:  # the simulator is stopping
+            return
+        retry = self.session.lost(self.close_reason or "connection lost", time.time())
+        if retry.fail_over:
+            self.switch_index += 1
         if not sim.stopping:
-            sim.schedule_connect(self, max(self.away_until - time.time(), sim.backoff(self.attempt)))
-            self.attempt += 1
+            sim.schedule_connect(self, max(self.away_until - time.time(), retry.delay))
 
     # ---------------------------------------------------------------------- protocol
-    def send(self, data: bytes) -> bool:
-        t = self.transport
-        if t is None or not self.up or t.is_disconnected:
-            return False
-        t.send(WSMsgType.BINARY, data)
-        return True
+    def apply(self, effects: list[Effect]) -> None:
+        sim = self.sim
+        for e in effects:
+            if isinstance(e, Send):
+                msg = e.message
+                t = self.transport
+                if t is None or t.is_disconnected or not (self.up or isinstance(msg, p.Hello)):
+                    continue  # journalled: goes again after the next Welcome
+                t.send(WSMsgType.BINARY, p.encode(msg))
+                if isinstance(msg, p.Response):
+                    sim.count(C["resends"] if e.resend else C["responses"])
+            elif isinstance(e, Run):
+                delay = sim.latency()
+                if delay <= 0:
+                    self.answer(e.body.id)
+                else:
+                    sim.loop.call_later(delay, self.answer, e.body.id)
+            elif isinstance(e, Judged):
+                if e.action != "too large":
+                    sim.count(C["deliveries"])
+                if e.action in ("refuse", "too large"):
+                    log.error("%s: instruction %s: %s", self.name, e.instruction_id, e.reason)
+            elif isinstance(e, Acked):
+                sim.count(C["acks"], len(e.instruction_ids))
+            elif isinstance(e, Close):
+                log.error("%s: closing: %s", self.name, e.reason)
+                t = self.transport
+                if t is not None and not t.is_disconnected:
+                    t.send_close(WSCloseCode(e.code), e.reason.encode()[:120])
+                    t.disconnect()
 
     def on_welcome(self, transport: WSTransport) -> None:
-        if self.up:
-            return
         self.up = True
-        self.attempt = 0
         sim = self.sim
         sim.count(C["connected"])
         sim.count(C["connects"])
@@ -184,56 +195,14 @@ class SimDevice(WSListener):
                     sim.count(C["resumed"])
                 if sim.cfg.resume:
                     self.ctx.session = ssl_obj.session
-        now = time.time()
-        for e in self.journal.values():  # everything not yet acknowledged goes again
-            if e.response is not None and not e.acked:
-                e.sent_at = now
-                self.send(e.response)
-                sim.count(C["resends"])
-
-    def on_deliver(self, signed: p.SignedInstruction) -> None:
-        sim = self.sim
-        sim.count(C["deliveries"])
-        body = sim.verify(signed)
-        if body is None:
-            iid = _unverified_id(signed.body)
-            if iid is not None:
-                self.send(p.encode(p.Response(instruction_id=iid, status="error",
-                                              error="instruction signature verification failed: refused")))
-            return
-        e = self.journal.get(body.id)
-        if e is not None:
-            if e.response is not None:
-                self.send(e.response)  # delivered again (e.g. after a reconnect): answer from the journal
-                sim.count(C["resends"])
-            return
-        if body.expires_at <= time.time():
-            return
-        self.journal[body.id] = Entry(body.expires_at)
-        delay = sim.latency()
-        if delay <= 0:
-            self.answer(body.id)
-        else:
-            sim.loop.call_later(delay, self.answer, body.id)
 
     def answer(self, iid: int) -> None:
-        e = self.journal.get(iid)
-        if e is None or e.response is not None:
+        if self.session.state is State.CLOSED:
             return
         sim = self.sim
         sim.count(C["executions"])
-        e.response = sim.response(iid, self.name)
-        e.sent_at = time.time()
         sim.unacked.add(self)
-        if self.send(e.response):
-            sim.count(C["responses"])
-
-    def on_ack(self, ids: list[int]) -> None:
-        for iid in ids:
-            e = self.journal.get(iid)
-            if e is not None and not e.acked:
-                e.acked = True
-                self.sim.count(C["acks"])
+        self.apply(self.session.completed(sim.response(iid, self.name), time.time()))
 
     def drop_unwelcomed(self) -> None:
         """Give up on an opened connection that was never welcomed, and dial again."""
@@ -243,30 +212,17 @@ class SimDevice(WSListener):
         log.debug("%s: no welcome within %.0fs; reconnecting", self.name, WELCOME_TIMEOUT)
         if t is not None and not t.is_disconnected:
             t.disconnect()  # its on_ws_disconnected sees another transport and does nothing
+        retry = self.session.lost(f"no welcome within {WELCOME_TIMEOUT:.0f}s", time.time())
         self.switch_index += 1  # try the next Switch, as after a failed connect
         if self.ctx is not None:
             self.ctx.session = None
         if not sim.stopping:
-            sim.schedule_connect(self, sim.backoff(self.attempt))
-            self.attempt += 1
+            sim.schedule_connect(self, retry.delay)
 
-    def due(self, now: float) -> None:
-        pending = False
-        for e in self.journal.values():
-            if e.response is not None and not e.acked:
-                pending = True
-                if now - e.sent_at >= RESEND_AFTER and self.send(e.response):
-                    e.sent_at = now
-                    self.sim.count(C["resends"])
-        if not pending:
+    def tick(self, now: float) -> None:
+        self.apply(self.session.tick(now))
+        if not self.session.unacked():
             self.sim.unacked.discard(self)
-
-
-def _unverified_id(body: bytes) -> int | None:
-    try:
-        return p.decode_body(body).id
-    except p.ProtocolError:
-        return None
 
 
 class Simulator:
@@ -290,33 +246,29 @@ class Simulator:
             self.connect_kw["local_addr"] = (str(ip), 0)
         self.stopping = False
         self.unacked: set[SimDevice] = set()
-        self._verified: dict[tuple[bytes, bytes], p.InstructionBody | None] = {}
+        self._verified: dict[tuple[bytes, bytes], bool] = {}
         self._sem: asyncio.Semaphore | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._payload = "x" * cfg.row_size
-        self._hello_extra = dict(fqdn_suffix=".sim", os="Simulated 1.0", agent_version=quanta.__version__)
+        self._tags = {"simulated": "true"}
 
     # ------------------------------------------------------------------ helpers
     def count(self, i: int, n: int = 1) -> None:
         self.counters[self.offset + i] += n
 
-    def backoff(self, attempt: int) -> float:
-        lo, hi = self.cfg.retry_min, self.cfg.retry_max
-        cap = min(hi, lo * (2 ** min(attempt, 30)))
-        return lo + self.rnd.random() * max(0.0, cap - lo)
+    def hello(self, name: str) -> p.Hello:
+        return p.Hello(device_id=name, fqdn=f"{name}.sim", os="Simulated 1.0", agent_version=quanta.__version__,
+                       tags=self._tags)
 
-    def hello(self, name: str) -> bytes:
-        return p.encode(p.Hello(device_id=name, fqdn=f"{name}.sim", os="Simulated 1.0",
-                                agent_version=quanta.__version__, tags={"simulated": "true"}))
+    def verify(self, body: bytes, signature: bytes) -> bool:
+        """The sessions' signature check (SignatureCheck), memoised per exact bytes."""
+        key = (body, signature)
+        ok = self._verified.get(key)
+        if ok is None:
+            ok = self._verified[key] = self.verifier.verify(body, signature)
+        return ok
 
-    def verify(self, signed: p.SignedInstruction) -> p.InstructionBody | None:
-        key = (signed.body, signed.signature)
-        if key not in self._verified:
-            ok = self.verifier.verify(signed.body, signed.signature)
-            self._verified[key] = p.decode_body(signed.body) if ok else None
-        return self._verified[key]
-
-    def response(self, iid: int, name: str) -> bytes:
+    def response(self, iid: int, name: str) -> p.Response:
         r = self.rnd.random()
         cfg = self.cfg
         if r < cfg.failure_rate:
@@ -326,7 +278,7 @@ class Simulator:
         else:
             msg = p.Response(instruction_id=iid, status="success", columns=["Device", "Row", "Data"],
                              rows=[[name, i, self._payload] for i in range(cfg.rows)])
-        return p.encode(msg)
+        return msg
 
     def context(self, dev: SimDevice) -> ResumingContext:
         if dev.ctx is None:
@@ -362,8 +314,8 @@ class Simulator:
                 return
             host, port = self.switches[dev.switch_index % len(self.switches)]
             try:
-                await asyncio.wait_for(ws_connect(
-                    lambda: dev, f"wss://{host}:{port}/agent", ssl_context=self.context(dev),
+                await asyncio.wait_for(open_ws(
+                    lambda: dev, f"wss://{host}:{port}/agent", self.context(dev), explain=False,
                     websocket_handshake_timeout=20, enable_auto_ping=True, auto_ping_idle_timeout=60,
                     auto_ping_reply_timeout=30, use_aiofastnet=False, max_frame_size=16 * 1024 * 1024,
                     read_buffer_init_size=1024, **self.connect_kw), 30)
@@ -371,13 +323,14 @@ class Simulator:
             except Exception as e:  # noqa: BLE001 - refused, TLS failure, timeout: fail over and back off
                 log.debug("%s: cannot connect to %s:%d: %s", dev.name, host, port, e)
                 self.count(C["connect_failures"])
+                retry = dev.session.failed(f"cannot connect: {e or type(e).__name__}")
                 dev.switch_index += 1
-                if dev.ctx is not None and isinstance(e, ssl.SSLError):
+                if dev.ctx is not None and isinstance(e, (ssl.SSLError, ConnectionError)) \
+                        and not isinstance(e, ConnectionRefusedError):
                     # a refused or timed-out connect keeps the session: the Switch that issued it
                     # (or its restarted successor) takes it back once it is up; a TLS failure does not
                     dev.ctx.session = None
-        self.schedule_connect(dev, self.backoff(dev.attempt))
-        dev.attempt += 1
+        self.schedule_connect(dev, retry.delay)
 
     # ------------------------------------------------------------------ loops
     def watchdog(self) -> None:
@@ -394,8 +347,7 @@ class Simulator:
                 if mono - dev.opened_at >= WELCOME_TIMEOUT:
                     dev.drop_unwelcomed()
             elif not dev.pending:
-                self.schedule_connect(dev, self.backoff(dev.attempt))
-                dev.attempt += 1
+                self.schedule_connect(dev, dev.session.backoff.failed("not connected").delay)
 
     async def _housekeeping(self) -> None:
         last = time.monotonic()
@@ -406,12 +358,11 @@ class Simulator:
                 continue
             last = time.monotonic()
             now = time.time()
-            for dev in list(self.unacked):
-                dev.due(now)
+            for dev in list(self.unacked):  # resends due
+                dev.tick(now)
             for dev in self.devices:  # forget instructions long past their window
-                if dev.journal:
-                    for iid in [i for i, e in dev.journal.items() if e.expires_at + 3600 < now]:
-                        del dev.journal[iid]
+                if dev.session.store.entries:
+                    dev.session.prune(now)
 
     async def _churn(self) -> None:
         carry = 0.0
@@ -443,8 +394,9 @@ class Simulator:
             t.cancel()
         for dev in self.devices:
             if dev.transport is not None:
-                dev.transport.send_close(WSCloseCode.GOING_AWAY)
-                dev.transport.disconnect()
+                dev.apply(dev.session.close())
+            else:
+                dev.session.close()
         await asyncio.sleep(0.2)
 
 
