@@ -47,7 +47,7 @@ def backoff(attempt: int, lo: float, hi: float, rnd: random.Random | None = None
     return retry_delay(attempt, lo, hi, rnd or random.Random())
 
 
-def _refusal(host: str, port: int, ctx: ssl.SSLContext, timeout: float = 3.0) -> str | None:
+def _refusal(host: str, port: int, ctx: ssl.SSLContext, timeout: float = 5.0, tries: int = 2) -> str | None:
     """Why the Switch refuses this client's TLS, learnt with one plain handshake by the standard
     ``ssl`` module: a TLS 1.3 client hears that its certificate was refused (an alert: unknown CA,
     certificate revoked, ...) only on its first read, which picows makes inside the WebSocket
@@ -64,6 +64,8 @@ def _refusal(host: str, port: int, ctx: ssl.SSLContext, timeout: float = 3.0) ->
             if reason.startswith(prefix):
                 return reason.removeprefix(prefix).replace("_", " ")
         return reason.replace("_", " ") or None
+    except (ConnectionResetError, BrokenPipeError):  # closed before its alert was read: ask once more
+        return _refusal(host, port, ctx, timeout, tries - 1) if tries > 1 else None
     except OSError:
         return None
     return None

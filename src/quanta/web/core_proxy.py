@@ -46,7 +46,7 @@ def router(core_http: str, core_ws: str, token: str, max_frame: int) -> APIRoute
             await ws.close(code=1008)
             return
         try:
-            upstream = await websockets.connect(core_ws, additional_headers={"Authorization": expected},
+            upstream = await websockets.connect(core_ws, additional_headers=bearer(token),
                                                 max_size=max_frame, open_timeout=10)
         except (OSError, websockets.WebSocketException) as e:
             log.error("cannot reach the Core for a relayed switch link: %s", e)
