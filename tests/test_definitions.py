@@ -274,3 +274,19 @@ def test_questioner_issues_definitions_within_their_rights_and_groups(server: Se
         assert sum(g["devices"] for g in agg["groups"]) == 2 and all(g["values"][0] >= 1 for g in agg["groups"])
         assert admin.http.get(f"/Consumer/Instructions/{issued['id']}/Aggregate",
                               params={"by": "Nope"}).json()["missing"] == 1
+
+
+def test_a_parameter_pattern_cannot_make_the_server_backtrack() -> None:
+    """Definition parameter patterns run on RE2 in the Consumer API too: a value a user submits
+    against a backtracking-prone pattern is judged in linear time, and a pattern RE2 cannot run
+    (a backreference) is refused when the definition is loaded."""
+    from quanta.definitions.model import ParamDef, validate_value
+
+    p = ParamDef(name="Name", type="string", pattern="(a+)+$")
+    t = time.monotonic()
+    with pytest.raises(DefinitionError, match="does not match"):
+        validate_value(p, "a" * 5000 + "b")  # Python's re would not finish
+    assert time.monotonic() - t < 5
+    assert validate_value(p, "aaaa") == "aaaa"
+    with pytest.raises(ValueError, match="no backreferences or lookaround"):
+        ParamDef(name="Name", type="string", pattern=r"(a)\1")

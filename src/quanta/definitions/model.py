@@ -29,12 +29,13 @@ A definition is a TOML file::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import re
 import tomllib
 from typing import Any, Literal
 
+import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
@@ -64,9 +65,10 @@ class ParamDef(Strict):
     def _check(self) -> ParamDef:
         if self.pattern is not None:
             try:
-                re.compile(self.pattern)
-            except re.error as e:
-                raise ValueError(f"parameter {self.name}: bad pattern: {e}") from None
+                _pattern(self.pattern)
+            except re2.error as e:
+                raise ValueError(f"parameter {self.name}: bad pattern (RE2 syntax: no backreferences or "
+                                 f"lookaround): {e}") from None
         if self.default is not None:
             validate_value(self, self.default)
         return self
@@ -155,11 +157,20 @@ def validate_value(p: ParamDef, value: Any) -> Any:
     if t == "string":
         if p.max_length is not None and len(value) > p.max_length:
             raise DefinitionError(f"parameter {p.name} is longer than {p.max_length} characters")
-        if p.pattern is not None and not re.fullmatch(p.pattern, value):
+        if p.pattern is not None and not _pattern(p.pattern).fullmatch(value):
             raise DefinitionError(f"parameter {p.name} does not match {p.pattern!r}")
     if p.allowed is not None and value not in p.allowed:
         raise DefinitionError(f"parameter {p.name} must be one of {p.allowed}")
     return value
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern(pattern: str) -> Any:
+    """A definition parameter's pattern, compiled by RE2: matching takes time linear in the value,
+    so no value a user submits can make the Consumer API backtrack (``(a+)+$``)."""
+    from quanta.scale.sqlfuncs import re2_options
+
+    return re2.compile(pattern, re2_options())
 
 
 def bind_parameters(d: Definition, supplied: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,8 @@ class SqlFunctionError(Exception):
     """A REGEXP/REGEXPREPLACE failure with its reason (bad pattern, result too large, stopped)."""
 
 
-def _options() -> re2.Options:
+def re2_options() -> re2.Options:
+    """RE2's options wherever Quanta compiles a pattern that a user or a definition supplies."""
     opts = re2.Options()
     opts.log_errors = False  # RE2 would print every refused pattern on stderr
     opts.max_mem = PATTERN_MEMORY  # past it RE2 refuses the pattern or falls back to its (linear) NFA
@@ -55,7 +56,7 @@ class SqlFunctions:
         self.check = check
         self.error: str | None = None
         self._cache: OrderedDict[bytes, re2._Regexp] = OrderedDict()
-        self._options = _options()
+        self._options = re2_options()
 
     def install(self, conn: sqlite3.Connection) -> None:
         conn.create_function("REGEXP", 2, self.regexp, deterministic=True)
