@@ -172,7 +172,8 @@ class Agent:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             elif isinstance(e, Close):
-                log.error("closing the connection: %s", e.reason)
+                log.log(logging.INFO if e.code == WSCloseCode.GOING_AWAY else logging.ERROR,
+                        "closing the connection: %s", e.reason)
                 t = self.transport
                 if t is not None and not t.is_disconnected:
                     t.send_close(WSCloseCode(e.code), e.reason.encode()[:120])

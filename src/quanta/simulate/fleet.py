@@ -177,7 +177,9 @@ class SimDevice(WSListener):
             elif isinstance(e, Acked):
                 sim.count(C["acks"], len(e.instruction_ids))
             elif isinstance(e, Close):
-                log.error("%s: closing: %s", self.name, e.reason)
+                # a deliberate stop (going away) is routine; anything else is the Switch misbehaving
+                log.log(logging.DEBUG if e.code == WSCloseCode.GOING_AWAY else logging.ERROR, "%s: closing: %s",
+                        self.name, e.reason)
                 t = self.transport
                 if t is not None and not t.is_disconnected:
                     t.send_close(WSCloseCode(e.code), e.reason.encode()[:120])
