@@ -99,7 +99,9 @@ def test_a_refused_agent_backs_off_up_to_the_configured_max(server: Server, tmp_
         other = Pki(tmp_path / "other")
         other.create("localhost")
         other.issue(name, d / "device.crt", d / "device.key")
-        expect = ("TLS alert from the switch: unknown ca",)
+        # the alert's name is learnt by a second, plain handshake (picows does not report it); on a
+        # loaded machine that probe can time out, and the attempt then says only how it ended
+        expect = ("TLS alert from the switch: unknown ca", "closed during the WebSocket upgrade")
     else:  # the certificate names another device than the hello: closed right after connecting
         _set_conf(d, DeviceName="someone-else")  # (now and then the Switch drops it before the upgrade's answer)
         expect = ("hello names device 'someone-else'", "closed during the WebSocket upgrade")
@@ -107,6 +109,7 @@ def test_a_refused_agent_backs_off_up_to_the_configured_max(server: Server, tmp_
     window = 8.0
     attempts = _observe(server, name, window)
     assert all(any(e in a[1] for e in expect) for a in attempts), attempts
+    assert any(expect[0] in a[1] for a in attempts), attempts  # the agent can tell why
     _assert_backed_off(attempts, window)
     assert server.agents[name].poll() is None  # still running, still trying
 
