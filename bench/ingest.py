@@ -63,9 +63,10 @@ async def quanta_once(master_url: str, responses_url: str, n: int, size: int, ii
     async def send(data: bytes) -> None:
         acks.append(data)
 
-    link = SwitchLink("bench", "localhost", 1, "x", send)
-    core.active[iid] = p.WorkItem(instruction=p.SignedInstruction(body=b"", signature=b""), id=iid,
-                                  expires_at=time.time() + 3600, devices=None)
+    # every simulated device said hello through this link (the Core holds answers from strangers)
+    link = SwitchLink("bench", "localhost", 1, "x", send, {f"sim-{i:06d}" for i in range(n)})
+    core.ledger.open(p.WorkItem(instruction=p.SignedInstruction(body=b"", signature=b""), id=iid,
+                                expires_at=time.time() + 3600, devices=None), n)
     frames = batches(n, size, iid)
     t0 = time.perf_counter()
     for f in frames:

@@ -228,7 +228,6 @@ class Switch:
         # Who is ready and who is given what: the pure rules (quanta.protocol.switch_state); this
         # class is the shell that turns their effects into frames.
         self.state = SwitchState()
-        self.active = self.state  # `iid in switch.active`
         self._frames: dict[int, bytes] = {}  # instruction -> its Deliver frame, encoded once
         self.revoked_serials: set[int] = set()
         # outgoing buffers towards the Core
