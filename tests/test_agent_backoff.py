@@ -125,9 +125,12 @@ def test_a_revoked_agent_learns_it_at_the_handshake_and_waits_long(server: Serve
     attempts = _attempts(server, name)
     wait_until(lambda: time.monotonic() - t0 > 6, 10, "a window of 6 s")
     after = _attempts(server, name)
-    assert len(attempts) == len(after) == 1, after  # one attempt, then a long wait
-    _, reason, n, delay = after[0]
-    assert "certificate revoked" in reason and n == 1 and delay == REVOKED_RETRY, after
+    # it learns why on its first attempt, or (when the probe handshake that names the alert times
+    # out on a loaded machine) within a few ordinary back-offs; from then on, one long wait
+    assert after == attempts and len(after) <= 5, after
+    *earlier, (_, reason, n, delay) = after
+    assert "certificate revoked" in reason and n == len(after) and delay == REVOKED_RETRY, after
+    assert all(a[3] < REVOKED_RETRY for a in earlier), after
     assert f"next attempt in {REVOKED_RETRY:.0f} s" in server.agent_log(name)
 
 

@@ -471,6 +471,8 @@ def test_enrolling_twice_needs_replace_which_retires_the_old_certificate(server:
 
     server.stop_agent("pc1")
     quanta("enroll", str(server.root), "--device", "pc1", "--out", str(agent), "--replace")
+    # the Switch watches the CRL file: wait until it holds the two retired certificates
+    wait_until(lambda: "CRL loaded: 2 revoked" in server.log_text(), 20, "the Switch loaded the new CRL", server)
     server.start_agent("pc1")
     server.wait_online({"pc1"})
     assert _handshake(server, _tls_client(server, agent / "device.crt", agent / "device.key")) == "ok"
