@@ -59,6 +59,7 @@ __all__ = [
     "decode_body",
     "make_poke",
     "check_poke",
+    "poke_problem",
     "internal_token",
     "PROTOCOL_VERSION",
     "Status",
@@ -341,15 +342,23 @@ def make_poke(secret: bytes, now: float | None = None) -> bytes:
     return stamp + hmac.new(secret, stamp, hashlib.sha256).digest()
 
 
-def check_poke(secret: bytes, data: bytes, now: float | None = None) -> bool:
+def poke_problem(secret: bytes, data: bytes, now: float | None = None) -> str | None:
+    """None for a good poke, else why it is refused: its size, its MAC, or its age (an authentic
+    poke from a clock too far from this one's)."""
     if len(data) != POKE_SIZE:
-        return False
+        return f"wrong size ({len(data)} bytes)"
     stamp, mac = data[:8], data[8:]
     if not hmac.compare_digest(mac, hmac.new(secret, stamp, hashlib.sha256).digest()):
-        return False
+        return "bad MAC"
     (ms,) = struct.unpack(">Q", stamp)
-    now_ms = (time.time() if now is None else now) * 1000
-    return abs(now_ms - ms) <= POKE_MAX_SKEW_MS
+    skew_ms = ms - (time.time() if now is None else now) * 1000
+    if abs(skew_ms) > POKE_MAX_SKEW_MS:
+        return f"stale ({skew_ms / 1000:+.0f}s from this Switch's clock)"
+    return None
+
+
+def check_poke(secret: bytes, data: bytes, now: float | None = None) -> bool:
+    return poke_problem(secret, data, now) is None
 
 
 def internal_token(secret: bytes) -> str:

@@ -19,7 +19,6 @@ import gc
 import logging
 import os
 import ssl
-import struct
 import time
 import uuid
 from collections import defaultdict
@@ -638,7 +637,7 @@ class Switch:
             return f"incomplete after {POKE_TIMEOUT:.0f}s"
         except OSError as e:
             return f"connection error ({e.strerror or e})"
-        return poke_problem(self.secret, data)
+        return p.poke_problem(self.secret, data)
 
     # ------------------------------------------------------------------ run
     async def serve(self, stop: asyncio.Event) -> None:
@@ -690,17 +689,6 @@ class Switch:
                 {"Sec-WebSocket-Version": WEBSOCKET_VERSION})
             return WSUpgradeResponseWithListener(refusal, None)
         return AgentConnection(self)
-
-
-def poke_problem(secret: bytes, data: bytes, now: float | None = None) -> str | None:
-    """None for a good poke of POKE_SIZE bytes, else why it is refused (bad MAC, or stale)."""
-    if p.check_poke(secret, data, now):
-        return None
-    (stamp_ms,) = struct.unpack(">Q", data[:8])
-    if p.check_poke(secret, data, now=stamp_ms / 1000):  # authentic, only not fresh
-        skew = stamp_ms / 1000 - (time.time() if now is None else now)
-        return f"stale ({skew:+.0f}s from this Switch's clock)"
-    return "bad MAC"
 
 
 def pid_file(root: Path, name: str) -> Path:
