@@ -13,7 +13,7 @@ import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -71,6 +71,14 @@ def poke_port(switch_port: int) -> int:
     return switch_port + 1
 
 
+def switch_layout(host: str, first_port: int, count: int, prefix: str = "") -> list[dict[str, Any]]:
+    """The SwitchConfiguration rows of ``count`` Switches on one host: ``<prefix>switch-<n>`` on consecutive
+    port pairs (client port, poke port = client port + 1), starting at ``first_port``. The one place that
+    lays Switches out; ``quanta init``, ``quanta host export`` and the port map all use it."""
+    return [dict(Name=f"{prefix}switch-{i + 1}", Host=host, Port=first_port + 2 * i, Enabled=True)
+            for i in range(count)]
+
+
 def core_link_max_bytes(max_message_bytes: int) -> int:
     """Largest Switch->Core frame: a response batch holds at most two agent messages' worth."""
     return 4 * max_message_bytes
@@ -104,7 +112,7 @@ class Settings(BaseModel):
     hub_url: str | None = None  # response/dmz: the Master hub (ws://master:3901/Hub)
     crl_url: str | None = None  # dmz: the CRL distribution point (http://master:80/crl.pem)
     replicate_to: list[str] = []  # master: DMZ web tiers that receive Background content
-    local_switches: list[dict[str, str | int]] = []  # dmz: its Switches (it has no database)
+    local_switches: list[dict[str, str | int | bool]] = []  # dmz: its Switches (it has no database)
     max_message_bytes: int = 1024 * 1024
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Catalog: where the master reaches it (None: this host's http port, /Catalog), and its database
