@@ -88,6 +88,12 @@ def default_ports() -> dict[str, int]:
     return {p.name: p.default for p in PORTS if p.settable}
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+COMPONENTS = ("server", "core", "switch-host", "switch", "coordinator", "web", "http", "integrate", "hub",
+              "hub-client")
+"""The processes a server runs (``quanta server`` is the supervisor): the names of ``log_levels``."""
+
+
 class Settings(BaseModel):
     """Typed settings of one Quanta data directory (``DIR/quanta.toml``)."""
 
@@ -114,11 +120,26 @@ class Settings(BaseModel):
     replicate_to: list[str] = []  # master: DMZ web tiers that receive Background content
     local_switches: list[dict[str, str | int | bool]] = []  # dmz: its Switches (it has no database)
     max_message_bytes: int = 1024 * 1024
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = "INFO"
+    log_levels: dict[str, LogLevel] = {}  # per component (core, switch-host, switch, web, ...): overrides log_level
+    log_format: Literal["text", "json"] = "text"  # json: one object a line (QUANTA_LOG_FORMAT overrides)
     # Catalog: where the master reaches it (None: this host's http port, /Catalog), and its database
     # (None: the master database). A Remote Catalog host sets catalog_database_url for its own database.
     catalog_url: str | None = None
     catalog_database_url: str | None = None
+
+    def level_of(self, component: str) -> str:
+        """The log level of one component: ``log_levels[component]``, else ``log_level``."""
+        return self.log_levels.get(component, self.log_level)
+
+    @field_validator("log_levels")
+    @classmethod
+    def _check_log_levels(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"log_levels: unknown component {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(COMPONENTS)}")
+        return v
 
     @field_validator("ports")
     @classmethod
