@@ -123,6 +123,9 @@ class Settings(BaseModel):
     log_level: LogLevel = "INFO"
     log_levels: dict[str, LogLevel] = {}  # per component (core, switch-host, switch, web, ...): overrides log_level
     log_format: Literal["text", "json"] = "text"  # json: one object a line (QUANTA_LOG_FORMAT overrides)
+    # Prometheus /metrics per component on internal_host (none by default); the Switches of a Switch Host
+    # use metrics_ports.switch + 0, 1, 2, ... in SwitchConfiguration order
+    metrics_ports: dict[str, int] = {}
     # Catalog: where the master reaches it (None: this host's http port, /Catalog), and its database
     # (None: the master database). A Remote Catalog host sets catalog_database_url for its own database.
     catalog_url: str | None = None
@@ -139,6 +142,18 @@ class Settings(BaseModel):
         if unknown:
             raise ValueError(f"log_levels: unknown component {', '.join(map(repr, unknown))}; known: "
                              f"{', '.join(COMPONENTS)}")
+        return v
+
+    @field_validator("metrics_ports")
+    @classmethod
+    def _check_metrics_ports(cls, v: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(v) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"metrics_ports: unknown component {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(COMPONENTS)}")
+        for name, number in v.items():
+            if not 1 <= int(number) <= 65535:
+                raise ValueError(f"metrics_ports.{name}={number} is out of range 1-65535")
         return v
 
     @field_validator("ports")
