@@ -154,6 +154,7 @@ def approve(engine: sa.Engine, signer: Signer, iid: int, *, by: str, reason: str
             if row.status == PENDING_APPROVAL:
                 raise ApprovalRefused(409, f"instruction {iid}'s approval window has ended; it expires unapproved")
             raise ApprovalRefused(409, f"instruction {iid} is {row.status}, not pending approval")
+        now = max(now, time.time())  # the lock may have been waited for: record when it counted
         if by == row.created_by:
             raise ApprovalRefused(403, "you cannot approve or reject your own instruction: a second person must")
         if c.execute(sa.select(approvals.c.id).where(approvals.c.instruction_id == iid,
@@ -164,7 +165,7 @@ def approve(engine: sa.Engine, signer: Signer, iid: int, *, by: str, reason: str
         except sa.exc.IntegrityError:
             raise ApprovalRefused(409, f"{by} has already approved instruction {iid}") from None
         names = tuple(r[0] for r in c.execute(sa.select(approvals.c.approver).where(approvals.c.instruction_id == iid)
-                                              .order_by(approvals.c.approved_at, approvals.c.id)))
+                                              .order_by(approvals.c.id)))  # ids are taken under the lock
         required = row.approvers_required or 1
         if len(names) < required:
             return Approval(PENDING_APPROVAL, names, required)
@@ -184,7 +185,7 @@ def approvals_of(engine: sa.Engine, iid: int) -> list[dict[str, Any]]:
     with engine.connect() as c:
         return [dict(r._mapping) for r in c.execute(
             sa.select(approvals.c.approver, approvals.c.approved_at, approvals.c.reason)
-            .where(approvals.c.instruction_id == iid).order_by(approvals.c.approved_at, approvals.c.id))]
+            .where(approvals.c.instruction_id == iid).order_by(approvals.c.id))]
 
 
 def note_issue_error(engine: sa.Engine, iid: int, error: str | None) -> None:

@@ -29,6 +29,10 @@ from .service import Coordinator, WorkflowError
 log = logging.getLogger("quanta.coordinator")
 
 
+# an instruction id is a database integer: larger ones are a 422, never a 500
+Iid = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+
+
 class Actor(BaseModel):
     model_config = ConfigDict(extra="forbid")
     username: str = Field(min_length=1, max_length=128)
@@ -60,9 +64,6 @@ def create_app(coord: Coordinator, token: str) -> FastAPI:
     @app.get("/Coordinator/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
-
-    # an instruction id is a database integer: larger ones are a 422, never a 500
-    Iid = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
     @app.post("/Coordinator/Instructions/{iid}/Submitted")
     async def submitted(iid: Iid) -> dict[str, Any]:

@@ -91,6 +91,12 @@ def send_mail(cfg: SmtpConfig, to: list[str], subject: str, body: str) -> None:
         smtp.send_message(msg)
 
 
+def show_approvers_required(engine: sa.Engine, instruction_set: str) -> dict[str, Any]:
+    """The approval policy that applies to new actions of ``instruction_set``."""
+    with engine.connect() as c:
+        return {"instruction_set": instruction_set, "approvers_required": ins.approvers_required(c, instruction_set)}
+
+
 def _code_hash(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
