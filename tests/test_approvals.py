@@ -253,12 +253,51 @@ async def test_coordinator_refuses_viewers_requesters_and_repeats(master: sa.Eng
     assert coord.link(iid) == f"https://quanta.example:8443/Explorer/#/i/{iid}"
 
 
+async def test_no_database_call_runs_on_the_event_loop(master: sa.Engine) -> None:
+    """Every connection the Coordinator takes from the pool is taken off the event loop's thread."""
+    import traceback
+
+    watching, seen, on_loop = False, [], []
+
+    def checkout(*_args: Any) -> None:
+        if not watching:
+            return
+        seen.append(1)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        on_loop.append("".join(traceback.format_stack(limit=12)))
+
+    ins.set_approvers_required(master, "*", 2)
+    iid, other, late = pending(master), pending(master), pending(master, expires_in=-1)
+    sa.event.listen(master.pool, "checkout", checkout)
+    coord = coordinator(master, retry_min=0.05, retry_max=0.1)
+    watching = True
+    with pytest.raises(WorkflowError):
+        await coord.request_code(iid, "approver0", "Approver")  # no SMTP settings here: 503, after storing the code
+    await coord.submitted(iid)
+    await coord.approve(iid, "approver0", "Approver", None, None)
+    await coord.approve(iid, "approver1", "Approver", None, None)  # the Core is not there: retried in the background
+    await coord.reject(other, "approver0", "Approver", "no")
+    await coord.approval_state(iid)
+    await coord.tick()
+    await asyncio.sleep(0.3)  # a few background retries
+    await coord.stop()
+    watching = False
+    assert row(master, late).status == ins.APPROVAL_EXPIRED and row(master, iid).status == ins.READY
+    assert len(seen) > 10 and not on_loop, on_loop[:1]
+
+
 @pytest.mark.slow
-def test_core_down_at_approval_is_retried_and_issued_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_core_down_at_approval_is_retried_and_issued_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                          request: pytest.FixtureRequest, database: str) -> None:
     """The Core is down when the last approver approves: the answer says so (no error), the
     instruction stays approved with the reason; once a real Core process starts, the Coordinator's
     back-off retry issues it, once."""
-    s = make_server(tmp_path)  # a data directory (databases, keys, ports); its server is never started
+    extra = ("--database-url", request.getfixturevalue("pg_url")) if database == "postgresql" else ()
+    s = make_server(tmp_path, *extra)  # a data directory (databases, keys, ports); its server is never started
     from quanta import protocol as p
     from quanta.pki import Pki
     from quanta.settings import DataDir, load_settings
