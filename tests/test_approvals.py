@@ -495,3 +495,64 @@ def test_e2e_two_of_m_runs_after_two_distinct_non_requesters(e2e: tuple[Server, 
     assert len(list(markers.iterdir())) == 2
     assert json.loads(quanta("role", "approvers", str(s.root), "--instruction-set", "*").stdout)["approvers_required"] == 2
     assert re.search(r"Explorer/#/i/\d+", box.wait_for("alice@example.com", f"instruction {iid2} rejected"))
+
+
+def test_policy_shows_too_few_eligible_approvers(master: sa.Engine) -> None:
+    from quanta.coordinator.service import show_approvers_required
+
+    assert show_approvers_required(master, "Ops") == {"instruction_set": "Ops", "approvers_required": 1,
+                                                      "eligible_approvers": 9}  # req (admin) and 8 Approvers
+    ins.set_approvers_required(master, "Ops", 10)
+    shown = show_approvers_required(master, "Ops")
+    assert shown["approvers_required"] == 10 and "only 9 enabled user(s) may approve" in shown["warning"]
+
+
+def test_a_one_time_code_is_spent_once_even_by_racing_requests(master: sa.Engine) -> None:
+    coord = coordinator(master)
+    iid = pending(master)
+    coord._store_code(iid, "approver0", "123456")
+    start = threading.Barrier(6)
+
+    def use(_: int) -> bool:
+        start.wait()
+        return coord._use_code(iid, "approver0", "123456")
+
+    with ThreadPoolExecutor(6) as pool:
+        assert sorted(pool.map(use, range(6))) == [False] * 5 + [True]
+    assert not coord._use_code(iid, "approver1", "123456")  # another approver's code is not yours
+
+
+def test_migration_records_earlier_approvals_and_downgrades(db_url: str) -> None:
+    from alembic import command
+
+    from quanta.db import alembic_config
+
+    cfg = alembic_config(db_url, "master")
+    command.upgrade(cfg, "master_0020_certs")
+    command.upgrade(cfg, "master_0010_defs")
+    command.upgrade(cfg, "master_0003")
+    e = make_engine(db_url)
+    try:
+        base = dict(kind="action", payload="x", parameters={}, created_by="req", created_at=1.0, targeted=0,
+                    decided_by=None, decided_at=None, decision_reason=None)
+        with e.begin() as c:
+            old = sa.table("instructions", sa.column("parameters", sa.JSON), *(sa.column(n) for n in (
+                "id", "name", "kind", "payload", "created_by", "created_at", "targeted", "status",
+                "decided_by", "decided_at", "decision_reason")))
+            c.execute(old.insert(), [
+                dict(base, id=1, name="ran", status="finished", decided_by="bob", decided_at=2.0, decision_reason="ok"),
+                dict(base, id=2, name="no", status="rejected", decided_by="bob", decided_at=2.0, decision_reason="no"),
+                dict(base, id=3, name="gone", status="cancelled", decided_by="req", decided_at=2.0,
+                     decision_reason="cancelled before it ran"),
+                dict(base, id=4, name="asked", status="pending_approval"),
+                dict(base, id=5, name="q", status="finished")])
+        command.upgrade(cfg, "master_0022")
+        with e.connect() as c:
+            rows = c.execute(sa.select(approvals.c.instruction_id, approvals.c.approver, approvals.c.reason)).all()
+        assert [tuple(r) for r in rows] == [(1, "bob", "ok")]
+        command.downgrade(cfg, "master_0020_certs")
+        with e.connect() as c:
+            assert "approvals" not in sa.inspect(c).get_table_names()
+            assert "issue_error" not in {col["name"] for col in sa.inspect(c).get_columns("instructions")}
+    finally:
+        e.dispose()

@@ -92,9 +92,18 @@ def send_mail(cfg: SmtpConfig, to: list[str], subject: str, body: str) -> None:
 
 
 def show_approvers_required(engine: sa.Engine, instruction_set: str) -> dict[str, Any]:
-    """The approval policy that applies to new actions of ``instruction_set``."""
+    """The approval policy that applies to new actions of ``instruction_set``, how many enabled
+    users may approve them, and a warning when that is too few for any request to pass."""
     with engine.connect() as c:
-        return {"instruction_set": instruction_set, "approvers_required": ins.approvers_required(c, instruction_set)}
+        n = ins.approvers_required(c, instruction_set)
+        names = [r[0] for r in c.execute(sa.select(users.c.username).where(users.c.disabled == sa.false()))]
+    eligible = sum(1 for u in names if rbac.allowed(engine, u, "approve", instruction_set))
+    shown: dict[str, Any] = {"instruction_set": instruction_set, "approvers_required": n,
+                             "eligible_approvers": eligible}
+    if eligible < n:
+        shown["warning"] = (f"only {eligible} enabled user(s) may approve actions of {instruction_set!r}: every "
+                            f"request needing {n} approvers will expire unapproved until more are given the role")
+    return shown
 
 
 def _code_hash(code: str) -> str:
