@@ -289,6 +289,31 @@ async def test_no_database_call_runs_on_the_event_loop(master: sa.Engine) -> Non
     assert len(seen) > 10 and not on_loop, on_loop[:1]
 
 
+async def test_a_core_that_hangs_gives_a_clear_answer_in_time(master: sa.Engine) -> None:
+    """A Core that accepts the connection and never answers: the approval stands, and the approver
+    hears so within the Coordinator's issue timeout (not the Consumer API's 30 s timeout, a 503)."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete in the backlog; nothing ever reads or answers
+    try:
+        coord = coordinator(master, f"http://127.0.0.1:{silent.getsockname()[1]}", issue_timeout=1.0,
+                            retry_min=5.0, retry_max=5.0)
+        iid = pending(master)
+        t0 = time.monotonic()
+        answer = await coord.approve(iid, "approver0", "Approver", None, "go")
+        assert time.monotonic() - t0 < 5
+        assert answer["status"] == ins.READY and answer["issued"] is False and answer["retrying"] is True
+        assert "ReadTimeout" in answer["message"] and "as soon as the Core is back" in answer["message"]
+        r = row(master, iid)
+        assert (r.status, r.decided_by) == (ins.READY, "approver0") and "ReadTimeout" in r.issue_error
+        assert coord.retry_issue(iid) is False  # the one retry already owns it
+        await coord.stop()
+    finally:
+        silent.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_core_down_at_approval_is_retried_and_issued_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,

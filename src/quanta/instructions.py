@@ -100,7 +100,9 @@ def sign(engine: sa.Engine, signer: Signer, iid: int, *, expect: tuple[str, ...]
 
 
 def decide(engine: sa.Engine, iid: int, *, status: str, by: str, reason: str | None, expect: str) -> bool:
-    """Record a decision (reject, expire) with compare-and-set on the current status."""
+    """Move the instruction from ``expect`` to ``status`` (rejected, approval_expired, cancelled) in
+    one compare-and-set that writes the decision (who, when, why) in the same statement. False:
+    it was no longer ``expect`` (someone else decided first), and nothing was written."""
     with engine.begin() as c:
         res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == expect)
                         .values(status=status, decided_by=by, decided_at=time.time(), decision_reason=reason))
@@ -219,12 +221,13 @@ async def call_core(core_url: str, core_token: str, iid: int, verb: str, verify:
         r = await http_client(verify).post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/{verb}",
                                                          params=params, headers=bearer(core_token), timeout=timeout)
     except httpx.HTTPError as e:
-        raise CoreError(f"the Core at {core_url} is unreachable: {e}") from None
+        raise CoreError(f"the Core at {core_url} is unreachable: {str(e) or type(e).__name__}") from None
     if r.status_code != 200:
         raise CoreRefused(f"the Core refused to {verb.lower()} instruction {iid}: {r.status_code} {r.text}",
                           r.status_code)
     return r.json()
 
 
-async def issue_at_core(core_url: str, core_token: str, iid: int, verify: Any = None) -> dict[str, Any]:
-    return await call_core(core_url, core_token, iid, "Issue", verify)
+async def issue_at_core(core_url: str, core_token: str, iid: int, verify: Any = None,
+                        timeout: float = 30) -> dict[str, Any]:
+    return await call_core(core_url, core_token, iid, "Issue", verify, timeout=timeout)

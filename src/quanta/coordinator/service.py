@@ -113,7 +113,8 @@ def _code_hash(code: str) -> str:
 class Coordinator:
     def __init__(self, master: sa.Engine, signer: Signer, core_url: str, core_token: str, *,
                  approval_ttl: float = 24 * 3600, loop_interval: float = 1.0, ca_file: str | None = None,
-                 portal_url: str | None = None, retry_min: float = 0.5, retry_max: float = 15.0) -> None:
+                 portal_url: str | None = None, retry_min: float = 0.5, retry_max: float = 15.0,
+                 issue_timeout: float = 10.0) -> None:
         self.ca_file = ca_file
         self.master = master
         self.signer = signer
@@ -123,6 +124,9 @@ class Coordinator:
         self.loop_interval = loop_interval
         self.portal_url = portal_url.rstrip("/") if portal_url else None  # https://host:port/Explorer/
         self.retry_min, self.retry_max = retry_min, retry_max
+        # one Issue call's limit: well under the Consumer API's 30 s wait for the Coordinator, so a
+        # Core that hangs gives the approver "approved, waiting for the Core", not a timeout
+        self.issue_timeout = issue_timeout
         self._task: asyncio.Task[None] | None = None
         self._issuing: set[int] = set()  # instructions this process is asking the Core to issue now
         self._retries: set[asyncio.Task[None]] = set()
@@ -304,7 +308,8 @@ class Coordinator:
     async def _issue(self, iid: int) -> dict[str, Any]:
         """Ask the Core once; record (or clear) why it is not issued yet."""
         try:
-            issued = await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file)
+            issued = await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file,
+                                             timeout=self.issue_timeout)
         except ins.CoreError as e:
             await self.db(ins.note_issue_error, self.master, iid, str(e))
             raise
