@@ -305,15 +305,21 @@ class Coordinator:
         return await self.db(self._approval_state, iid)
 
     # ---------------------------------------------------------------- issuing
+    async def _note(self, iid: int, error: str | None) -> None:
+        try:
+            await self.db(ins.note_issue_error, self.master, iid, error)
+        except sa.exc.SQLAlchemyError as e:  # the note is for people; the issue itself stands or is retried
+            log.warning("instruction %d: could not record its issue state: %s", iid, type(e).__name__)
+
     async def _issue(self, iid: int) -> dict[str, Any]:
         """Ask the Core once; record (or clear) why it is not issued yet."""
         try:
             issued = await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file,
                                              timeout=self.issue_timeout)
         except ins.CoreError as e:
-            await self.db(ins.note_issue_error, self.master, iid, str(e))
+            await self._note(iid, str(e))
             raise
-        await self.db(ins.note_issue_error, self.master, iid, None)
+        await self._note(iid, None)
         return issued
 
     async def issue_now(self, iid: int) -> dict[str, Any]:
@@ -362,10 +368,12 @@ class Coordinator:
             log.info("instruction %d issued to %d device(s) after the Core came back", iid, issued["targeted"])
         except ins.CoreError as e:
             log.error("instruction %d was approved but never issued: %s", iid, e)
-            await self.db(ins.note_issue_error, self.master, iid,
-                          f"not issued: the Core could not take it before its gather window ended ({e})")
+            await self._note(iid, f"not issued: the Core could not take it before its gather window ended ({e})")
         except WorkflowError:
             pass  # deleted meanwhile
+        except sa.exc.SQLAlchemyError as e:  # the timer's sweep hands it to a new retry later
+            log.error("instruction %d: master database unavailable while issuing (%s); retrying later", iid,
+                      type(e).__name__)
         finally:
             self._issuing.discard(iid)
 
