@@ -368,7 +368,8 @@ class Coordinator:
             log.info("instruction %d issued to %d device(s) after the Core came back", iid, issued["targeted"])
         except ins.CoreError as e:
             log.error("instruction %d was approved but never issued: %s", iid, e)
-            await self._note(iid, f"not issued: the Core could not take it before its gather window ended ({e})")
+            await self._note(iid, f"not issued: the Core could not take it before its gather window ended ({e})"
+                             if ins.core_retryable(e) else f"not issued: {e}")
         except WorkflowError:
             pass  # deleted meanwhile
         except sa.exc.SQLAlchemyError as e:  # the timer's sweep hands it to a new retry later
@@ -419,7 +420,7 @@ class Coordinator:
         with self.master.connect() as c:
             return [r[0] for r in c.execute(sa.select(instructions.c.id).where(
                 instructions.c.status == ins.READY, instructions.c.expires_at > time.time(),
-                instructions.c.issued_at < time.time() - 5)) if r[0] not in self._issuing]
+                instructions.c.issued_at < time.time() - 5))]  # retry_issue skips those under way
 
     async def run(self) -> None:
         while True:
