@@ -15,14 +15,13 @@ from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from quanta import instructions as ins
 from quanta import protocol as p
 from quanta.db import make_engine
 from quanta.internal import require_bearer
 from quanta.pki import Pki, Signer
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, load_settings
-
-from quanta import instructions as ins
 
 from .service import Coordinator, WorkflowError
 
