@@ -8,13 +8,14 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from quanta import instructions as ins
 from quanta import protocol as p
 from quanta.db import make_engine
 from quanta.internal import require_bearer
@@ -25,6 +26,10 @@ from quanta.settings import DataDir, load_settings
 from .service import Coordinator, WorkflowError
 
 log = logging.getLogger("quanta.coordinator")
+
+
+# an instruction id is a database integer: larger ones are a 422, never a 500
+Iid = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 class Actor(BaseModel):
@@ -46,6 +51,7 @@ def create_app(coord: Coordinator, token: str) -> FastAPI:
         task = asyncio.create_task(coord.run())
         yield
         task.cancel()
+        await coord.stop()
 
     app = FastAPI(title="Quanta Coordinator (internal)", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/Coordinator/openapi.json", dependencies=[Depends(require_token)])
@@ -59,20 +65,31 @@ def create_app(coord: Coordinator, token: str) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/Coordinator/Instructions/{iid}/Submitted")
-    async def submitted(iid: int) -> dict[str, Any]:
+    async def submitted(iid: Iid) -> dict[str, Any]:
         await coord.submitted(iid)
         return {"id": iid}
 
     @app.post("/Coordinator/Instructions/{iid}/Code")
-    async def code(iid: int, actor: Actor) -> dict[str, Any]:
+    async def code(iid: Iid, actor: Actor) -> dict[str, Any]:
         return await coord.request_code(iid, actor.username, actor.role)
 
     @app.post("/Coordinator/Instructions/{iid}/Approve")
-    async def approve(iid: int, d: Decision) -> dict[str, Any]:
-        return await coord.approve(iid, d.username, d.role, d.code, d.reason)
+    async def approve(iid: Iid, d: Decision, response: Response) -> dict[str, Any]:
+        """200: the approval completed it (issued or scheduled). 202: the approval counted, but the
+        instruction is not running yet: more approvers are needed (status pending_approval), or the
+        Core is unavailable and the Coordinator issues it when it is back (status created,
+        issued false)."""
+        answer = await coord.approve(iid, d.username, d.role, d.code, d.reason)
+        if answer["status"] in (ins.PENDING_APPROVAL, ins.READY):
+            response.status_code = 202
+        return answer
+
+    @app.get("/Coordinator/Instructions/{iid}/Approvals")
+    async def approvals(iid: Iid) -> dict[str, Any]:
+        return await coord.approval_state(iid)
 
     @app.post("/Coordinator/Instructions/{iid}/Reject")
-    async def reject(iid: int, d: Decision) -> dict[str, Any]:
+    async def reject(iid: Iid, d: Decision) -> dict[str, Any]:
         if not d.reason:
             raise HTTPException(422, "a rejection needs a reason")
         return await coord.reject(iid, d.username, d.role, d.reason)
@@ -88,7 +105,8 @@ async def serve(root: Path) -> None:
     token = p.internal_token(dd.internal_secret())
     coord = Coordinator(make_engine(dd.master_url(settings)), Signer.from_file(pki.signing_key),
                         core_url=settings.core_http_url(), core_token=token,
-                        approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt))
+                        approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt),
+                        portal_url=f"https://{settings.server_name}:{settings.port('https')}/Explorer/")
     sock = bind_socket(settings.internal_host, settings.port("coordinator"), "coordinator")
     log.info("coordinator listening on https %s:%d", settings.internal_host, settings.port("coordinator"))
     config = uvicorn.Config(create_app(coord, token), log_level="warning", loop="none",
