@@ -166,8 +166,10 @@ class Accounts:
     def login(self, name: str, password: str, source_address: str) -> Session:
         """A new session, or :class:`Locked` (retry_after seconds) or :class:`BadCredentials`.
 
-        The attempt is counted as a failure *before* the password is checked and forgiven when it
-        is right, so concurrent guesses cannot exceed the allowance. An unknown name costs one
+        The attempt is counted (pending) *before* the password is checked and forgiven when it is
+        right; one that finds the allowance used up by failures and pending attempts is refused
+        unchecked (``Locked``, retry after 1 s when no lock is set yet), so concurrent guesses cannot
+        exceed the allowance. The lock itself is set by failures alone. An unknown name costs one
         Argon2 verification like a known one, and is counted and locked like one.
         """
         p = self.policy
@@ -180,11 +182,15 @@ class Accounts:
         if retry:
             self.record(shown, source, "login_locked", shown, retry_after=round(retry))
             raise Locked(retry)
-        n_user, n_source = self._count_attempt(subject, source, now)
+        attempt, n_user, n_source = self._count_attempt(subject, source, now)
         if n_user > p.login_max_failures or n_source > p.login_source_max_failures:
-            retry = self._lock(subject, source, n_user, n_source, now)
-            self.record(shown, source, "login_locked", shown, retry_after=round(retry))
-            raise Locked(retry)
+            # more attempts in the window (failed, or being checked right now) than are allowed:
+            # refused unchecked, so concurrent guesses cannot go past the allowance
+            with self.engine.begin() as c:
+                c.execute(login_failures.delete().where(login_failures.c.id == attempt))
+                audit.write(c, shown, source, "login_throttled", shown)
+            retry = self._locked_for(subject, source, now)
+            raise Locked(retry or 1)
         row = None
         if subject is not None:
             with self.engine.connect() as c:
@@ -201,13 +207,18 @@ class Accounts:
             if ok and row.disabled:
                 ok, reason = False, "disabled"
         if not ok:
-            self.record(shown, source, "login_failed", shown, reason=reason)
-            if n_user >= p.login_max_failures or n_source >= p.login_source_max_failures:
-                raise Locked(self._lock(subject, source, n_user, n_source, now))
+            with self.engine.begin() as c:
+                c.execute(login_failures.update().where(login_failures.c.id == attempt).values(pending=False))
+                audit.write(c, shown, source, "login_failed", shown, details=dict(reason=reason))
+            f_user, f_source = self._failures(subject, source, now)
+            if f_user >= p.login_max_failures or f_source >= p.login_source_max_failures:
+                raise Locked(self._lock(subject, source, f_user, f_source, now))
             raise BadCredentials()
         assert row is not None and given is not None
-        with self.engine.begin() as c:
-            c.execute(login_failures.delete().where(login_failures.c.username == subject))
+        with self.engine.begin() as c:  # forgiven: this attempt and the user's earlier failures
+            c.execute(login_failures.delete().where(sa.or_(
+                login_failures.c.id == attempt,
+                sa.and_(login_failures.c.username == subject, login_failures.c.pending == sa.false()))))
             if needs_rehash(row.password_hash):
                 c.execute(users.update().where(users.c.id == row.id).values(password_hash=hash_password(given)))
             c.execute(sessions.delete().where(sessions.c.absolute_expires_at < now))
@@ -236,19 +247,28 @@ class Accounts:
                               .where(sa.or_(*cond), login_locks.c.locked_until > now)).scalar()
         return (until - now) if until else 0.0
 
-    def _count_attempt(self, subject: str | None, source: str, now: float) -> tuple[int, int]:
-        """Store this attempt (committed), then count the attempts in the window, this one included."""
+    def _count_attempt(self, subject: str | None, source: str, now: float) -> tuple[int, int, int]:
+        """Store this attempt as pending (committed), then count the attempts in the window, failed
+        or pending, this one included: (its id, per name, per source)."""
         since = now - self.policy.login_failure_window
         with self.engine.begin() as c:
             c.execute(login_failures.delete().where(login_failures.c.at < since))
-            c.execute(login_failures.insert().values(at=now, username=subject, source=source))
+            attempt = c.execute(login_failures.insert().values(at=now, username=subject, source=source,
+                                                               pending=True)).inserted_primary_key[0]
+        n_user, n_source = self._failures(subject, source, now, pending=True)
+        return attempt, n_user, n_source
+
+    def _failures(self, subject: str | None, source: str, now: float, pending: bool = False) -> tuple[int, int]:
+        """Failed attempts in the window per name and per source (``pending``: and those being checked)."""
+        since = now - self.policy.login_failure_window
+        extra = [] if pending else [login_failures.c.pending == sa.false()]
         with self.engine.connect() as c:
             n_source = c.execute(sa.select(sa.func.count()).select_from(login_failures).where(
-                login_failures.c.source == source, login_failures.c.at >= since)).scalar_one()
+                login_failures.c.source == source, login_failures.c.at >= since, *extra)).scalar_one()
             n_user = 0
             if subject is not None:
                 n_user = c.execute(sa.select(sa.func.count()).select_from(login_failures).where(
-                    login_failures.c.username == subject, login_failures.c.at >= since)).scalar_one()
+                    login_failures.c.username == subject, login_failures.c.at >= since, *extra)).scalar_one()
         return n_user, n_source
 
     def _lock(self, subject: str | None, source: str, n_user: int, n_source: int, now: float) -> float:

@@ -40,14 +40,15 @@ sessions = sa.Table(
 sa.Index("ix_sessions_token_hash", sessions.c.token_hash, unique=True)
 sa.Index("ix_sessions_user", sessions.c.user_id)
 
-# Failed (and not yet succeeded) login attempts, counted per user name and per source address
-# within the lockout window; rows older than the window are purged.
+# Failed login attempts (and ``pending`` ones, whose password is being checked), counted per user
+# name and per source address within the lockout window; rows older than the window are purged.
 login_failures = sa.Table(
     "login_failures", master,
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("username", sa.String(128), nullable=True),  # null: a name that cannot exist (invalid)
     sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("pending", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 sa.Index("ix_login_failures_user", login_failures.c.username, login_failures.c.at)
 sa.Index("ix_login_failures_source", login_failures.c.source, login_failures.c.at)

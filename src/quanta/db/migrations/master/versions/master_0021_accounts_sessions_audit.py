@@ -48,6 +48,7 @@ def upgrade() -> None:
     sa.Column('at', sa.Float(), nullable=False),
     sa.Column('username', sa.String(length=128), nullable=True),
     sa.Column('source', sa.String(length=64), nullable=False),
+    sa.Column('pending', sa.Boolean(), server_default=sa.false(), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index('ix_login_failures_user', 'login_failures', ['username', 'at'], unique=False)
