@@ -480,3 +480,16 @@ def test_audit_query_filters_and_pages(a, engine):
                 dict(actor="x" * 1000), dict(action="a\x00"), dict(since="yesterday"), dict(until=float("nan"))):
         with pytest.raises(Invalid):
             audit.query(engine, **bad)
+
+
+def test_the_policy_comes_from_the_settings():
+    from quanta.settings import Settings
+
+    assert Policy.from_settings(Settings()) == Policy()
+    custom = Settings(session_ttl=120, login_max_failures=3, password_min_length=16)
+    p = Policy.from_settings(custom)
+    assert (p.session_ttl, p.login_max_failures, p.password_min_length) == (120, 3, 16)
+    with pytest.raises(ValueError):
+        Settings(password_min_length=4)  # too weak to be a setting
+    with pytest.raises(ValueError):
+        Settings(session_ttl=0)

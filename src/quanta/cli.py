@@ -69,7 +69,8 @@ def init(
 ) -> None:
     """Create a server data directory: settings, PKI, databases, SwitchConfiguration, admin."""
     from quanta import settings as st
-    from quanta.consumer_api import ADMIN_ROLE, hash_password
+    from quanta.accounts import hash_password
+    from quanta.roles import FULL_ADMIN as ADMIN_ROLE
     from quanta.db import make_engine, migrate, store
     from quanta.db.tables import users
     from quanta.pki import Pki
@@ -121,7 +122,7 @@ def init(
     with master.begin() as c:
         c.execute(users.delete().where(users.c.username == "admin"))
         c.execute(users.insert().values(username="admin", password_hash=hash_password(password), role=ADMIN_ROLE,
-                                        created_at=time.time()))
+                                        created_at=time.time(), password_changed_at=time.time()))
     # a key for this Master's own use of the co-located Catalog (software normalisation)
     from quanta.catalog.app import KEY_FILE
     from quanta.catalog.db import catalog_db_url, open_catalog
