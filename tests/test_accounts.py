@@ -493,3 +493,13 @@ def test_the_policy_comes_from_the_settings():
         Settings(password_min_length=4)  # too weak to be a setting
     with pytest.raises(ValueError):
         Settings(session_ttl=0)
+
+
+def test_every_error_has_its_http_answer():
+    from quanta.accounts import AccountError, http_answer
+
+    assert http_answer(Locked(12.2)) == (429, {"Retry-After": "13"})
+    assert http_answer(BadCredentials())[0] == 401
+    assert [http_answer(e("x"))[0] for e in (Forbidden, NotFound, Conflict, Invalid)] == [403, 404, 409, 422]
+    assert http_answer(AccountError("x"))[0] == 400
+    assert "password" not in str(BadCredentials()).replace("wrong username or password", "")

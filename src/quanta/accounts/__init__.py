@@ -15,10 +15,10 @@ The interface callers depend on (no web framework here; synchronous, safe from a
 from __future__ import annotations
 
 from . import audit
-from .errors import AccountError, BadCredentials, Conflict, Forbidden, Invalid, Locked, NotFound
+from .errors import AccountError, BadCredentials, Conflict, Forbidden, Invalid, Locked, NotFound, http_answer
 from .passwords import hash_password, verify_password
 from .service import UNSET, Accounts, Actor, Lock, Policy, Session, User, UserRecord, token_hash
 
 __all__ = ["UNSET", "AccountError", "Accounts", "Actor", "BadCredentials", "Conflict", "Forbidden", "Invalid",
-           "Lock", "Locked", "NotFound", "Policy", "Session", "User", "UserRecord", "audit", "hash_password",
+           "Lock", "Locked", "NotFound", "Policy", "Session", "User", "UserRecord", "audit", "hash_password", "http_answer",
            "token_hash", "verify_password"]

@@ -42,3 +42,15 @@ class NotFound(AccountError, LookupError):
 
 class Conflict(AccountError):
     """The change contradicts the current state: the user exists, or it would leave no Full Administrator."""
+
+
+def http_answer(error: AccountError) -> tuple[int, dict[str, str]]:
+    """The HTTP status and headers for an accounts error (the detail is ``str(error)``)."""
+    if isinstance(error, Locked):
+        return 429, {"Retry-After": str(error.retry_after)}
+    if isinstance(error, BadCredentials):
+        return 401, {"WWW-Authenticate": "Bearer"}
+    for cls, status in ((Forbidden, 403), (NotFound, 404), (Conflict, 409), (Invalid, 422)):
+        if isinstance(error, cls):
+            return status, {}
+    return 400, {}

@@ -281,6 +281,7 @@ class Accounts:
         if n_source >= p.login_source_max_failures:
             wanted.append(("source", source, n_source))
         with self.engine.begin() as c:
+            c.execute(login_locks.delete().where(login_locks.c.locked_until < now))  # ended locks
             for kind, subj, n in wanted:
                 held = c.execute(sa.select(login_locks.c.locked_until).where(
                     login_locks.c.kind == kind, login_locks.c.subject == subj)).scalar()
