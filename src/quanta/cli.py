@@ -69,7 +69,8 @@ def init(
 ) -> None:
     """Create a server data directory: settings, PKI, databases, SwitchConfiguration, admin."""
     from quanta import settings as st
-    from quanta.consumer_api import ADMIN_ROLE, hash_password
+    from quanta.accounts import hash_password
+    from quanta.roles import FULL_ADMIN as ADMIN_ROLE
     from quanta.db import make_engine, migrate, store
     from quanta.db.tables import users
     from quanta.pki import Pki
@@ -121,7 +122,7 @@ def init(
     with master.begin() as c:
         c.execute(users.delete().where(users.c.username == "admin"))
         c.execute(users.insert().values(username="admin", password_hash=hash_password(password), role=ADMIN_ROLE,
-                                        created_at=time.time()))
+                                        created_at=time.time(), password_changed_at=time.time()))
     # a key for this Master's own use of the co-located Catalog (software normalisation)
     from quanta.catalog.app import KEY_FILE
     from quanta.catalog.db import catalog_db_url, open_catalog
@@ -477,29 +478,251 @@ app.add_typer(user_app, name="user")
 from quanta.roles import ROLES  # noqa: E402
 
 
+def _accounts(root: Path) -> Any:
+    """The accounts service on this data directory's Master database."""
+    from quanta.accounts import Accounts, Policy
+    from quanta.db import make_engine
+    from quanta.settings import DataDir, load_settings
+
+    try:
+        settings = load_settings(root)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(f"error: {e}", 2)
+    return Accounts(make_engine(DataDir(root).master_url(settings)), Policy.from_settings(settings))
+
+
+def _operator(command: str) -> Any:
+    """The actor of a CLI change: the command, from the local account that ran it."""
+    import getpass
+
+    from quanta.accounts import Actor
+
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):
+        who = str(os.getuid())
+    return Actor.local(f"quanta {command}", source=f"cli:{who}")
+
+
+def _account_call(fn: Any, *args: Any, **kw: Any) -> Any:
+    """Run an accounts call; a refusal is a clear message and exit code 2 (never a traceback)."""
+    from quanta.accounts import AccountError
+
+    try:
+        return fn(*args, **kw)
+    except AccountError as e:
+        _fail(f"error: {e}", 2)
+
+
+def _new_password(password_file: Optional[Path], generate: bool = False) -> tuple[str, bool]:
+    """A new password from a file, or a prompt (twice), or generated. Never from the command line."""
+    if password_file is not None:
+        try:
+            return password_file.read_text().strip(), False
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"error: cannot read {password_file}: {e}", 2)
+    if generate:
+        return secrets.token_urlsafe(15), True
+    if not sys.stdin.isatty():
+        _fail("error: give --password-file FILE or --generate (no terminal to prompt on)", 2)
+    import getpass
+
+    first = getpass.getpass("New password: ")
+    if getpass.getpass("Again: ") != first:
+        _fail("error: the passwords differ", 2)
+    return first, False
+
+
+NameArg = Annotated[str, typer.Argument(help="user name")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
 @user_app.command("add")
 def user_add(root: DirArg, username: Annotated[str, typer.Option()], role: Annotated[str, typer.Option(help=", ".join(ROLES))],
              email: Annotated[Optional[str], typer.Option()] = None,
              password_file: Annotated[Optional[Path], typer.Option(help="file with the password; default: generate")] = None) -> None:
     """Add a user (prints a generated password unless --password-file is given)."""
-    import sqlalchemy as sa
-
-    from quanta.consumer_api import hash_password
-    from quanta.db import make_engine, store
-    from quanta.db.tables import users
-    from quanta.settings import DataDir, load_settings
-
     if role not in ROLES:
         _fail(f"unknown role {role!r}; roles: {', '.join(ROLES)}", 2)
-    password = password_file.read_text().strip() if password_file else secrets.token_urlsafe(15)
-    master = make_engine(DataDir(root).master_url(load_settings(root)))
-    with master.begin() as c:
-        if c.execute(sa.select(users.c.id).where(users.c.username == username)).first():
-            _fail(f"user {username!r} exists", 2)
-        c.execute(users.insert().values(username=username, password_hash=hash_password(password), role=role,
-                                        email=email, created_at=time.time()))
-    store.audit(master, "quanta user add", "user_add", username, role=role)
-    out.print(f"added {username} ({role})" + ("" if password_file else f"; password: {password}"), highlight=False)
+    accounts = _accounts(root)
+    password, generated = _new_password(password_file, generate=password_file is None)
+    _account_call(accounts.create_user, _operator("user add"), username, password, role, email=email)
+    out.print(f"added {username} ({role})" + (f"; password: {password}" if generated else ""), highlight=False)
+
+
+def _user_rows(records: Any) -> Table:
+    table = Table("User", "Role", "Disabled", "E-mail", "Roles per set", "Groups", "Sessions", "Locked until")
+    for u in records:
+        table.add_row(u.username, u.role, "yes" if u.disabled else "", u.email or "",
+                      ", ".join(f"{r}@{s}" for r, s in u.assignments), ", ".join(u.groups), str(u.sessions),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(u.locked_until)) if u.locked_until else "")
+    return table
+
+
+@user_app.command("list")
+def user_list(root: DirArg, json_output: JsonOpt = False) -> None:
+    """List users: role, roles per instruction set, groups, live sessions, locks."""
+    records = _account_call(_accounts(root).list_users, _operator("user list"))
+    if json_output:
+        print(json.dumps([u.to_dict() for u in records]))
+        return
+    out.print(_user_rows(records))
+
+
+@user_app.command("show")
+def user_show(root: DirArg, name: NameArg, json_output: JsonOpt = False) -> None:
+    """Show one user."""
+    u = _account_call(_accounts(root).get_user, _operator("user show"), name)
+    if json_output:
+        print(json.dumps(u.to_dict()))
+        return
+    out.print(_user_rows([u]))
+
+
+def _set_disabled(root: Path, name: str, disabled: bool) -> None:
+    verb = "disable" if disabled else "enable"
+    _account_call(_accounts(root).update_user, _operator(f"user {verb}"), name, disabled=disabled)
+    out.print(f"{name} {verb}d" + ("; every session of the user has ended" if disabled else ""), highlight=False)
+
+
+@user_app.command("disable")
+def user_disable(root: DirArg, name: NameArg) -> None:
+    """Disable a user: every session ends at once, and logins are refused."""
+    _set_disabled(root, name, True)
+
+
+@user_app.command("enable")
+def user_enable(root: DirArg, name: NameArg) -> None:
+    """Enable a disabled user."""
+    _set_disabled(root, name, False)
+
+
+@user_app.command("delete")
+def user_delete(root: DirArg, name: NameArg,
+                yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False) -> None:
+    """Delete a user, its sessions, roles and group memberships (the audit log keeps its history)."""
+    accounts = _accounts(root)
+    if not yes and not typer.confirm(f"delete user {name!r}?", default=False):
+        _fail("not deleted", 1)
+    _account_call(accounts.delete_user, _operator("user delete"), name)
+    out.print(f"deleted {name}", highlight=False)
+
+
+@user_app.command("set-role")
+def user_set_role(root: DirArg, name: NameArg, role: Annotated[str, typer.Argument(help=", ".join(ROLES))],
+                  instruction_set: Annotated[Optional[str], typer.Option(
+                      help="give the role for this instruction set (or *) instead of as the global role")] = None,
+                  remove: Annotated[bool, typer.Option("--remove", help="take that instruction-set role away")] = False) -> None:
+    """Set a user's global role, or add (--instruction-set) or remove (--remove) a role for an instruction set."""
+    accounts = _accounts(root)
+    actor = _operator("user set-role")
+    if instruction_set is None:
+        if remove:
+            _fail("error: --remove needs --instruction-set (a user always has a global role)", 2)
+        _account_call(accounts.update_user, actor, name, role=role)
+        out.print(f"{name} is {role}", highlight=False)
+        return
+    current = _account_call(accounts.get_user, actor, name)
+    pairs = set(current.assignments)
+    pairs = pairs - {(role, instruction_set)} if remove else pairs | {(role, instruction_set)}
+    _account_call(accounts.update_user, actor, name, assignments=sorted(pairs))
+    out.print(f"{name} {'is no longer' if remove else 'is'} {role} for {instruction_set}", highlight=False)
+
+
+@user_app.command("reset-password")
+def user_reset_password(root: DirArg, name: NameArg,
+                        password_file: Annotated[Optional[Path], typer.Option(help="file with the new password")] = None,
+                        generate: Annotated[bool, typer.Option("--generate", help="generate one and print it")] = False) -> None:
+    """Set a new password for a user (from a file, a prompt, or generated); ends all of its sessions."""
+    accounts = _accounts(root)
+    password, generated = _new_password(password_file, generate)
+    n = _account_call(accounts.reset_password, _operator("user reset-password"), name, password)
+    out.print(f"password of {name} reset; {n} session(s) ended" + (f"; password: {password}" if generated else ""),
+              highlight=False)
+
+
+@user_app.command("unlock")
+def user_unlock(root: DirArg, name: Annotated[str, typer.Argument(help="user name (or, with --source, an address)")],
+                source: Annotated[bool, typer.Option("--source", help="NAME is a source address")] = False) -> None:
+    """Lift a login lock on a user (or a source address) and forget its failed logins."""
+    live = _account_call(_accounts(root).unlock, _operator("user unlock"), name, "source" if source else "user")
+    out.print(f"{'unlocked' if live else 'was not locked; failed logins forgotten:'} {name}", highlight=False)
+
+
+@user_app.command("locks")
+def user_locks(root: DirArg, json_output: JsonOpt = False) -> None:
+    """List live login locks (user names and source addresses)."""
+    locks = _account_call(_accounts(root).list_locks, _operator("user locks"))
+    if json_output:
+        print(json.dumps([lk.to_dict() for lk in locks]))
+        return
+    table = Table("Kind", "Subject", "Failures", "Locked until")
+    for lk in locks:
+        table.add_row(lk.kind, lk.subject, str(lk.failures),
+                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lk.locked_until)))
+    out.print(table)
+
+
+@user_app.command("sign-out")
+def user_sign_out(root: DirArg, name: NameArg) -> None:
+    """End every session of a user now."""
+    n = _account_call(_accounts(root).end_sessions, _operator("user sign-out"), name)
+    out.print(f"{n} session(s) of {name} ended", highlight=False)
+
+
+def _when(value: Optional[str], option: str) -> Optional[float]:
+    """A time: unix seconds, ISO 8601 (UTC unless it says otherwise), or an age such as 30m, 2h, 7d."""
+    import datetime as dt
+    import re
+
+    if value is None:
+        return None
+    v = value.strip()
+    m = re.fullmatch(r"(\d{1,9})([smhd])", v)
+    if m:
+        return time.time() - int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if re.fullmatch(r"\d{1,12}(\.\d+)?", v):
+        return float(v)
+    try:
+        t = dt.datetime.fromisoformat(v)
+    except ValueError:
+        _fail(f"error: {option} {value!r}: give unix seconds, an ISO 8601 time, or an age like 30m, 2h, 7d", 2)
+    return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def _change_text(before: Any, after: Any, details: dict[str, Any]) -> str:
+    """What changed, briefly: ``key: old -> new`` for the keys that differ (or the details)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = [k for k in {**before, **after} if before.get(k) != after.get(k)]
+        return "; ".join(f"{k}: {json.dumps(before.get(k))} -> {json.dumps(after.get(k))}" for k in keys)
+    if before is not None or after is not None:
+        return json.dumps({"before": before, "after": after}, default=str)
+    return json.dumps(details, default=str) if details else ""
+
+
+@app.command("audit")
+def audit_command(root: DirArg, json_output: JsonOpt = False,
+                  actor: Annotated[Optional[str], typer.Option(help="only this actor")] = None,
+                  action: Annotated[Optional[str], typer.Option(help="only this action, e.g. login_failed")] = None,
+                  object_: Annotated[Optional[str], typer.Option("--object", help="only this object")] = None,
+                  since: Annotated[Optional[str], typer.Option(help="from: unix time, ISO 8601, or an age (2h)")] = None,
+                  until: Annotated[Optional[str], typer.Option(help="before: unix time, ISO 8601, or an age")] = None,
+                  limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+                  offset: Annotated[int, typer.Option(min=0, max=2**62)] = 0) -> None:
+    """Read the audit log, newest first: who did what, from where, and what changed."""
+    accounts = _accounts(root)
+    page = _account_call(accounts.query_audit, _operator("audit"), actor=actor, action=action, object=object_,
+                         since=_when(since, "--since"), until=_when(until, "--until"), limit=limit, offset=offset)
+    if json_output:
+        print(json.dumps(dict(total=page.total, offset=page.offset, limit=page.limit,
+                              items=[e.to_dict() for e in page.items]), default=str))
+        return
+    table = Table("Time (UTC)", "Actor", "Source", "Action", "Object", "Change")
+    for e in page.items:
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at)), e.actor, e.source, e.action, e.object,
+                      _change_text(e.before, e.after, e.details))
+    out.print(table)
+    console.print(f"{len(page.items)} of {page.total} row(s) from offset {page.offset}", highlight=False)
 
 
 @app.command()

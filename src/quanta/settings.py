@@ -130,6 +130,15 @@ class Settings(BaseModel):
     # (None: the master database). A Remote Catalog host sets catalog_database_url for its own database.
     catalog_url: str | None = None
     catalog_database_url: str | None = None
+    # Accounts (quanta.accounts.Policy; docs/configuration.md): sessions, lockout, passwords.
+    session_ttl: int = Field(default=15 * 60, ge=60, le=24 * 3600)  # idle seconds before a token expires
+    session_max_age: int = Field(default=8 * 3600, ge=60, le=30 * 86400)  # no renewal goes past this
+    session_renew_interval: int = Field(default=60, ge=1, le=3600)
+    login_max_failures: int = Field(default=5, ge=1, le=1000)  # per user name in the window, then locked
+    login_source_max_failures: int = Field(default=20, ge=1, le=100000)  # per source address
+    login_failure_window: int = Field(default=15 * 60, ge=1, le=86400)
+    login_lock_duration: int = Field(default=15 * 60, ge=1, le=7 * 86400)
+    password_min_length: int = Field(default=12, ge=8, le=1024)
 
     def level_of(self, component: str) -> str:
         """The log level of one component: ``log_levels[component]``, else ``log_level``."""

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from quanta.protocol import DeviceInfo
 from quanta.settings import switch_layout
 
-from .tables import audit_log, device_certificates, devices, instructions, results, switch_configuration
+from .tables import device_certificates, devices, instructions, results, switch_configuration
 
 _json_encode = msgspec.json.Encoder().encode
 T = TypeVar("T")
@@ -35,9 +35,10 @@ def _state_in(states: Sequence[str]) -> sa.ColumnElement[bool]:
 
 # ------------------------------------------------------------------------ audit
 def audit(engine: sa.Engine, actor: str, action: str, target: str = "", **details: Any) -> None:
-    with engine.begin() as c:
-        c.execute(audit_log.insert().values(at=time.time(), actor=actor, action=action, target=target,
-                                            details=details))
+    """One audit row, written by the one writer (``quanta.accounts.audit``)."""
+    from quanta.accounts.audit import record
+
+    record(engine, actor, "", action, target, **details)
 
 
 # ---------------------------------------------------------------------- devices

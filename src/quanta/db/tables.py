@@ -19,7 +19,51 @@ users = sa.Table(
     sa.Column("email", sa.String(256), nullable=True),
     sa.Column("disabled", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=True),
+    sa.Column("password_changed_at", sa.Float, nullable=True),
 )
+
+# Signed-in sessions (quanta.accounts). Only the SHA-256 of the bearer token is stored. The token
+# expires ``expires_at`` (sliding: renewed while in use) and never after ``absolute_expires_at``.
+sessions = sa.Table(
+    "sessions", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("source", sa.String(64), nullable=False, server_default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_used_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("absolute_expires_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)
+sa.Index("ix_sessions_token_hash", sessions.c.token_hash, unique=True)
+sa.Index("ix_sessions_user", sessions.c.user_id)
+
+# Failed login attempts (and ``pending`` ones, whose password is being checked), counted per user
+# name and per source address within the lockout window; rows older than the window are purged.
+login_failures = sa.Table(
+    "login_failures", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("username", sa.String(128), nullable=True),  # null: a name that cannot exist (invalid)
+    sa.Column("source", sa.String(64), nullable=False),
+    sa.Column("pending", sa.Boolean, nullable=False, server_default=sa.false()),
+)
+sa.Index("ix_login_failures_user", login_failures.c.username, login_failures.c.at)
+sa.Index("ix_login_failures_source", login_failures.c.source, login_failures.c.at)
+sa.Index("ix_login_failures_at", login_failures.c.at)
+
+# Login locks: kind "user" (subject: a user name, known or not) or "source" (an address).
+login_locks = sa.Table(
+    "login_locks", master,
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("subject", sa.String(128), primary_key=True),
+    sa.Column("locked_at", sa.Float, nullable=False),
+    sa.Column("locked_until", sa.Float, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+)
+sa.Index("ix_login_locks_until", login_locks.c.locked_until)
 
 api_tokens = sa.Table(
     "api_tokens", master,
@@ -151,7 +195,16 @@ audit_log = sa.Table(
     sa.Column("action", sa.String(64), nullable=False),
     sa.Column("target", sa.String(255), nullable=False, server_default=""),
     sa.Column("details", sa.JSON, nullable=False, default=dict),
+    # master_0021 (quanta.accounts.audit is the one writer): where the request came from, and the
+    # object's state before and after a change. Append-only: database triggers refuse UPDATE/DELETE.
+    sa.Column("source", sa.String(64), nullable=False, server_default=""),
+    sa.Column("state_before", sa.JSON, nullable=True),
+    sa.Column("state_after", sa.JSON, nullable=True),
 )
+sa.Index("ix_audit_log_at", audit_log.c.at)
+sa.Index("ix_audit_log_actor", audit_log.c.actor, audit_log.c.at)
+sa.Index("ix_audit_log_action", audit_log.c.action, audit_log.c.at)
+sa.Index("ix_audit_log_target", audit_log.c.target, audit_log.c.at)
 
 # One row per Integrate Agent connector run (scheduled or on demand), successful or not.
 integrate_runs = sa.Table(
