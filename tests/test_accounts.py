@@ -116,12 +116,13 @@ def test_an_unknown_user_is_answered_like_a_known_one(a, engine):
     def run(name):
         out, took = [], []
         for _ in range(7):
-            t0 = time.perf_counter()
+            # CPU time of this process, not wall time: other processes loading the machine do not count
+            t0 = time.process_time()
             try:
                 a.login(name, "wrong password!!", f"203.0.113.{len(name)}")
             except (BadCredentials, Locked) as e:
                 out.append(type(e))
-            took.append(time.perf_counter() - t0)
+            took.append(time.process_time() - t0)
         return out, statistics.median(took[:4])
 
     known, t_known = run("bob")

@@ -1,7 +1,7 @@
 """approvals: N-of-M approval per instruction set, one row per approval, why the Core has not issued
 
 Revision ID: master_0022
-Revises: master_0020_certs (and needs master_0002)
+Revises: master_0021 (and needs master_0002)
 
 ``instruction_sets`` holds how many distinct approvers (never the requester) an action of the set
 needs ("*": the default); an action copies the number into ``instructions.approvers_required``
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 
 revision = 'master_0022'
-down_revision = 'master_0020_certs'
+down_revision = 'master_0021'
 branch_labels = None
 depends_on = 'master_0002'  # decided_by and the workflow columns of instructions
 
