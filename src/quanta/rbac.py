@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,16 +19,21 @@ from quanta.db.tables import devices, management_groups, role_assignments, user_
 from quanta.roles import FULL_ADMIN, GRANTS, ROLES, Permission  # noqa: F401 - re-exported
 
 
-def role_lookup(engine: sa.Engine, username: str) -> Callable[[str], set[str]]:
-    """The user's roles per instruction set, read in one go: ``role_lookup(...)(instruction_set)``
-    is the global role plus the assignments for that set and for ``*``."""
+def _roles(engine: sa.Engine, username: str) -> tuple[set[str], dict[str, set[str]]]:
+    """(roles on every instruction set, roles per instruction set), in one read."""
     with engine.connect() as c:
         glob = c.execute(sa.select(users.c.role).where(users.c.username == username)).scalar()
         by_set: dict[str, set[str]] = {}
         for role, iset in c.execute(sa.select(role_assignments.c.role, role_assignments.c.instruction_set)
                                     .where(role_assignments.c.username == username)):
             by_set.setdefault(iset, set()).add(role)
-    everywhere = ({glob} if glob else set()) | by_set.get("*", set())
+    return ({glob} if glob else set()) | by_set.get("*", set()), by_set
+
+
+def role_lookup(engine: sa.Engine, username: str) -> Callable[[str], set[str]]:
+    """The user's roles per instruction set, read in one go: ``role_lookup(...)(instruction_set)``
+    is the global role plus the assignments for that set and for ``*``."""
+    everywhere, by_set = _roles(engine, username)
     return lambda instruction_set: everywhere | by_set.get(instruction_set, set())
 
 
@@ -106,3 +112,48 @@ def scope_for(engine: sa.Engine, username: str, requested: list[str] | None) -> 
     if requested is None:
         return sorted(reach)
     return [d for d in requested if d in reach]
+
+
+# ----------------------------------------------------------------- what a user may see
+def _grants(roles: set[str], permission: Permission) -> bool:
+    return any(permission in GRANTS.get(r, ()) for r in roles)
+
+
+@dataclass(frozen=True)
+class Access:
+    """What one user may see, resolved once per request (see :func:`access_for`).
+
+    ``devices``: the device ids of the user's management groups, or None for every device (a
+    Full Administrator, or a user in no management group). ``all_sets``: the user may view every
+    instruction set (and raw SCALE instructions, which have none); otherwise ``sets`` are the
+    instruction sets the user holds a viewing right on."""
+
+    username: str
+    role: str
+    admin: bool
+    devices: frozenset[str] | None
+    all_sets: bool
+    sets: frozenset[str]
+
+    @property
+    def restricted(self) -> bool:
+        """Whether reads must be filtered by device at all (False: the fast, unfiltered path)."""
+        return self.devices is not None
+
+    def may_view_set(self, instruction_set: str | None) -> bool:
+        if self.all_sets:
+            return True
+        return instruction_set is not None and instruction_set in self.sets
+
+
+def access_for(engine: sa.Engine, username: str) -> Access:
+    """Resolve a user's reading scope. A Full Administrator costs one query (no device is read)."""
+    everywhere, by_set = _roles(engine, username)
+    with engine.connect() as c:
+        role = c.execute(sa.select(users.c.role).where(users.c.username == username)).scalar() or ""
+    if role == FULL_ADMIN:  # as reachable_devices: the global role, not a per-set assignment
+        return Access(username, role, True, None, True, frozenset())
+    all_sets = _grants(everywhere, "view")
+    sets = frozenset(s for s, roles in by_set.items() if s != "*" and _grants(roles, "view"))
+    reach = reachable_devices(engine, username)
+    return Access(username, role, False, None if reach is None else frozenset(reach), all_sets, sets)
