@@ -12,9 +12,13 @@ access rule every route declares), :mod:`.routers` (one per resource).
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from quanta.consumer_api import deps
@@ -51,6 +55,18 @@ def check_access_rules(app: FastAPI) -> dict[str, str]:
     return rules
 
 
+def _json_safe(value: Any) -> Any:
+    """A validation error echoes the input; a non-finite number in it (``1e999`` parses as inf)
+    cannot be JSON: it is given as text, so the 422 is not turned into a 500."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def create_app(api: ConsumerApi) -> FastAPI:
     app = FastAPI(title="Quanta Consumer API", version="1", openapi_url="/Consumer/openapi.json",
                   docs_url="/Consumer/docs", redoc_url=None)
@@ -61,6 +77,10 @@ def create_app(api: ConsumerApi) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
     @app.exception_handler(sa.exc.OperationalError)
     @app.exception_handler(sa.exc.InterfaceError)

@@ -55,7 +55,7 @@ async def software(seen: VisibleInstruction, api: Api,
 @router.get("/Consumer/Instructions/{instruction_id}/Held", response_model=HeldPage)
 async def held(seen: VisibleInstruction, api: Api,
                kind: Annotated[Literal["late", "refused"], Query()] = "late",
-               offset: Annotated[int, Query(ge=0, le=2**31)] = 0,
+               offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> HeldPage:
     """Answers the Core kept without counting them: late ones (after the instruction ended), or,
     for Full Administrators, refused ones (not storable, from the wrong Switch, or for an unknown
