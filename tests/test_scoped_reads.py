@@ -368,7 +368,7 @@ def test_scoped_reads_on_a_real_server(tmp_path: Path) -> None:
         r = quanta("ask", str(s.root), "@s = Device.GetSummary(); SELECT * FROM @s;", "--json", "--wait", "30")
         out = json.loads(r.stdout)
         assert out["targeted"] == 2, out
-        iid = out["id"]
+        iid = out["instruction_id"]
         base = f"https://127.0.0.1:{s.https}"
         with httpx.Client(verify=str(s.root / "pki" / "ca.crt"), base_url=base, timeout=30) as c:
             tok = c.post("/Consumer/Authentication/Token", json={"username": "vera", "password": PASSWORD}).json()
@@ -385,7 +385,7 @@ def test_scoped_reads_on_a_real_server(tmp_path: Path) -> None:
             assert c.get("/Consumer/Instructions", params={"offset": 2**63}, headers=h).status_code == 422
         rc = quanta("ask", str(s.root), "@s = Device.GetSummary(); SELECT * FROM @s;", "--json", "--wait", "30",
                     "--device", "dev2")
-        only2 = json.loads(rc.stdout)["id"]
+        only2 = json.loads(rc.stdout)["instruction_id"]
         with httpx.Client(verify=str(s.root / "pki" / "ca.crt"), base_url=base, timeout=30) as c:
             assert c.get(f"/Consumer/Instructions/{only2}/Responses", headers=h).status_code == 404
             assert only2 not in {x["id"] for x in c.get("/Consumer/Instructions", headers=h).json()["items"]}

@@ -19,21 +19,21 @@ from quanta.db.tables import devices, management_groups, role_assignments, user_
 from quanta.roles import FULL_ADMIN, GRANTS, ROLES, Permission  # noqa: F401 - re-exported
 
 
-def _roles(engine: sa.Engine, username: str) -> tuple[set[str], dict[str, set[str]]]:
-    """(roles on every instruction set, roles per instruction set), in one read."""
+def _roles(engine: sa.Engine, username: str) -> tuple[set[str], dict[str, set[str]], str | None]:
+    """(roles on every instruction set, roles per instruction set, global role), in one read."""
     with engine.connect() as c:
         glob = c.execute(sa.select(users.c.role).where(users.c.username == username)).scalar()
         by_set: dict[str, set[str]] = {}
         for role, iset in c.execute(sa.select(role_assignments.c.role, role_assignments.c.instruction_set)
                                     .where(role_assignments.c.username == username)):
             by_set.setdefault(iset, set()).add(role)
-    return ({glob} if glob else set()) | by_set.get("*", set()), by_set
+    return ({glob} if glob else set()) | by_set.get("*", set()), by_set, glob
 
 
 def role_lookup(engine: sa.Engine, username: str) -> Callable[[str], set[str]]:
     """The user's roles per instruction set, read in one go: ``role_lookup(...)(instruction_set)``
     is the global role plus the assignments for that set and for ``*``."""
-    everywhere, by_set = _roles(engine, username)
+    everywhere, by_set, _ = _roles(engine, username)
     return lambda instruction_set: everywhere | by_set.get(instruction_set, set())
 
 
@@ -148,9 +148,8 @@ class Access:
 
 def access_for(engine: sa.Engine, username: str) -> Access:
     """Resolve a user's reading scope. A Full Administrator costs one query (no device is read)."""
-    everywhere, by_set = _roles(engine, username)
-    with engine.connect() as c:
-        role = c.execute(sa.select(users.c.role).where(users.c.username == username)).scalar() or ""
+    everywhere, by_set, glob = _roles(engine, username)
+    role = glob or ""
     if role == FULL_ADMIN:  # as reachable_devices: the global role, not a per-set assignment
         return Access(username, role, True, None, True, frozenset())
     all_sets = _grants(everywhere, "view")
