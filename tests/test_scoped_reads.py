@@ -342,7 +342,9 @@ def test_integers_out_of_range_are_422(world: World, user: str) -> None:
     for body in (b'{"payload": "@x = Device.GetSummary();", "instruction_ttl": 9223372036854775808}',
                  b'{"payload": "@x = Device.GetSummary();", "response_ttl": 99999999999999999999}',
                  b'{"payload": "@x = Device.GetSummary();", "scheduled_at": 1e999}',
-                 b'{"payload": "@x = Device.GetSummary();", "scheduled_at": -5}'):
+                 b'{"payload": "@x = Device.GetSummary();", "scheduled_at": -5}',
+                 b'{"payload": "@x = Device.GetSummary();", "parameters": {"N": 9223372036854775808}}',
+                 b'{"definition": "d", "parameters": {"N": -99999999999999999999}}'):
         r = c.post("/Consumer/Instructions", content=body, headers={**h, "content-type": "application/json"})
         assert r.status_code == 422, (body, r.text)
     for length, want in (("99999999999999999999999", 413), ("not-a-number", 422)):

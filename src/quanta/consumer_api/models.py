@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quanta.protocol.messages import MAX_ID
 
 # An integer a parameter may carry: what a 64-bit database column and SQLite hold.
 Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
@@ -46,6 +45,16 @@ class IssueRequest(Strict):
     instruction_ttl: int | None = Field(default=None, ge=1, le=7 * 86400, description="gather window, seconds")
     response_ttl: int | None = Field(default=None, ge=60, le=365 * 86400, description="seconds responses are kept")
     scheduled_at: UnixTime | None = Field(default=None, description="unix time to issue it; default now")
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _bounded_integers(cls, value: Any) -> Any:
+        """An integer parameter out of the 64-bit range is refused, not silently made a float."""
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v <= 2**63 - 1:
+                    raise ValueError(f"parameter {k!r}: integer out of range (-2^63..2^63-1)")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> IssueRequest:
