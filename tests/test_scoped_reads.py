@@ -393,3 +393,41 @@ def test_scoped_reads_on_a_real_server(tmp_path: Path) -> None:
             assert only2 not in {x["id"] for x in c.get("/Consumer/Instructions", headers=h).json()["items"]}
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- server-assigned attributes
+def test_groups_on_server_assigned_attributes_cannot_be_joined_by_a_device(world: World) -> None:
+    """A device reports its own tags; a group rule on ``attributes`` matches only what an
+    administrator assigned, so dev2 tagging itself ``site=paris`` does not put it in the group."""
+    api, c = world.api, world.client
+    with api.master.begin() as conn:
+        conn.execute(tables.devices.update().where(tables.devices.c.device_id == "dev2").values(tags={"site": "paris"}))
+        conn.execute(tables.users.insert().values(username="paris", password_hash=hash_password(PASSWORD),
+                                                  role="Viewer", created_at=time.time()))
+    rbac.set_group(api.master, "g-paris", {"attributes": {"site": "paris"}})
+    rbac.add_member(api.master, "paris", "g-paris")
+    h, admin = world.h("paris"), world.h("admin")
+    assert c.get("/Consumer/Devices", headers=h).json() == []  # dev2's own tag does not count
+    url = "/Consumer/Devices/dev1/Attributes"
+    r = c.put(url, json={"site": "paris", "owner": "ops"}, headers=admin)
+    assert r.status_code == 200 and r.json() == {"device_id": "dev1", "attributes": {"site": "paris", "owner": "ops"}}
+    assert [d["device_id"] for d in c.get("/Consumer/Devices", headers=h).json()] == ["dev1"]
+    assert c.get("/Consumer/Devices", headers=h).json()[0]["attributes"] == {"site": "paris", "owner": "ops"}
+    assert c.get(f"/Consumer/Instructions/{world.i_both}", headers=h).json()["targeted"] == 1
+    assert c.get(f"/Consumer/Instructions/{world.i_dev2}", headers=h).status_code == 404
+    # only administrators set them; bad names, values, devices and bodies are refused, changing nothing
+    assert c.put(url, json={"site": "x"}, headers=h).status_code == 403
+    assert c.put(url, json={"site": "x"}, headers=world.h(ROLE_USERS["Group Administrator"])).status_code == 403
+    assert c.put(url, json={"site": "x"}).status_code == 401
+    for body in ({"bad name": "x"}, {"site": "x" * 256}, {"site": 5}, {"n" * 65: "x"}, ["site"], {"site": "a\x00b"},
+                 {f"k{i}": "v" for i in range(65)}):
+        r = c.put(url, json=body, headers=admin)
+        assert r.status_code == 422, (body, r.text)
+    assert c.put("/Consumer/Devices/nope/Attributes", json={"site": "paris"}, headers=admin).status_code == 404
+    assert c.put("/Consumer/Devices/" + "d" * 256 + "/Attributes", json={}, headers=admin).status_code == 422
+    assert c.get("/Consumer/Devices", headers=admin).json()[0]["attributes"] == {"site": "paris", "owner": "ops"}
+    # removing the attribute takes the device out of the group at once
+    assert c.put(url, json={"site": None}, headers=admin).json()["attributes"] == {"owner": "ops"}
+    assert c.get("/Consumer/Devices", headers=h).json() == []
+    with pytest.raises(ValueError, match="attributes must map"):
+        rbac.set_group(api.master, "g-bad", {"attributes": ["site"]})

@@ -8,13 +8,15 @@ reach; a user in no group reaches every device, a Full Administrator always does
 from __future__ import annotations
 
 import fnmatch
+import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
-from quanta.db.tables import devices, management_groups, role_assignments, user_groups, users
+from quanta.db.tables import device_attributes, devices, management_groups, role_assignments, user_groups, users
 
 from quanta.roles import FULL_ADMIN, GRANTS, ROLES, Permission  # noqa: F401 - re-exported
 
@@ -63,10 +65,20 @@ def assign(engine: sa.Engine, username: str, role: str, instruction_set: str) ->
 
 
 # ----------------------------------------------------------------- management groups
+RULE_KEYS = ("devices", "os_like", "tags", "attributes")
+
+
 def set_group(engine: sa.Engine, name: str, rule: dict[str, Any]) -> None:
-    unknown = set(rule) - {"devices", "os_like", "tags"}
+    """Create or replace a group. ``tags`` match what the device reports of itself (a device can
+    set them); ``attributes`` match server-assigned attributes (:func:`set_attributes`), which
+    only an administrator sets."""
+    unknown = set(rule) - set(RULE_KEYS)
     if unknown:
-        raise ValueError(f"unknown rule key(s) {sorted(unknown)}; use devices, os_like, tags")
+        raise ValueError(f"unknown rule key(s) {sorted(unknown)}; use {', '.join(RULE_KEYS)}")
+    for key in ("tags", "attributes"):
+        if key in rule and not (isinstance(rule[key], dict)
+                                and all(isinstance(k, str) and isinstance(v, str) for k, v in rule[key].items())):
+            raise ValueError(f"{key} must map names to string values")
     with engine.begin() as c:
         c.execute(management_groups.delete().where(management_groups.c.name == name))
         c.execute(management_groups.insert().values(name=name, rule=rule))
@@ -87,7 +99,10 @@ def matches(rule: dict[str, Any], device: dict[str, Any]) -> bool:
     if "os_like" in rule and not fnmatch.fnmatch((device.get("os") or "").lower(), str(rule["os_like"]).lower()):
         return False
     tags = device.get("tags") or {}
-    return all(tags.get(k) == v for k, v in (rule.get("tags") or {}).items())
+    if not all(tags.get(k) == v for k, v in (rule.get("tags") or {}).items()):
+        return False
+    attributes = device.get("attributes") or {}
+    return all(attributes.get(k) == v for k, v in (rule.get("attributes") or {}).items())
 
 
 def reachable_devices(engine: sa.Engine, username: str) -> set[str] | None:
@@ -101,7 +116,65 @@ def reachable_devices(engine: sa.Engine, username: str) -> set[str] | None:
         if not rules:
             return None
         rows = [dict(r._mapping) for r in c.execute(sa.select(devices.c.device_id, devices.c.os, devices.c.tags))]
+        if any(rule.get("attributes") for rule in rules):  # read only when a rule uses them
+            attrs: dict[str, dict[str, str]] = {}
+            for dev, k, v in c.execute(sa.select(device_attributes.c.device_id, device_attributes.c.name,
+                                                 device_attributes.c.value)):
+                attrs.setdefault(dev, {})[k] = v
+            for d in rows:
+                d["attributes"] = attrs.get(d["device_id"], {})
     return {d["device_id"] for d in rows if any(matches(rule, d) for rule in rules)}
+
+
+# ----------------------------------------------------------------- server-assigned attributes
+ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_ATTRIBUTES = 64  # per device
+
+
+class UnknownDevice(KeyError):
+    pass
+
+
+def attributes_of(engine: sa.Engine, device_ids: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """device id -> its server-assigned attributes (only devices that have some)."""
+    q = sa.select(device_attributes.c.device_id, device_attributes.c.name, device_attributes.c.value)
+    if device_ids is not None:
+        q = q.where(device_attributes.c.device_id.in_(device_ids))
+    out: dict[str, dict[str, str]] = {}
+    with engine.connect() as c:
+        for dev, k, v in c.execute(q):
+            out.setdefault(dev, {})[k] = v
+    return out
+
+
+def set_attributes(engine: sa.Engine, device_id: str, changes: dict[str, str | None], by: str) -> dict[str, str]:
+    """Set (a string) or remove (None) server-assigned attributes of a known device; returns them
+    all. Names are 1-64 of ``[A-Za-z0-9_.-]``, values at most 255 characters without NUL; at most
+    :data:`MAX_ATTRIBUTES` per device. Raises :class:`UnknownDevice` or ValueError, changing nothing."""
+    for k, v in changes.items():
+        if not ATTRIBUTE_NAME.fullmatch(k):
+            raise ValueError(f"attribute name {k[:80]!r}: 1-64 letters, digits, '_', '.', '-'")
+        if v is not None and (len(v) > 255 or "\x00" in v):
+            raise ValueError(f"attribute {k!r}: a value is at most 255 characters, without NUL")
+    now = time.time()
+    with engine.begin() as c:
+        if c.execute(sa.select(devices.c.device_id).where(devices.c.device_id == device_id)).first() is None:
+            raise UnknownDevice(device_id)
+        current = {k: v for k, v in c.execute(sa.select(device_attributes.c.name, device_attributes.c.value)
+                                               .where(device_attributes.c.device_id == device_id))}
+        after = {**current, **{k: v for k, v in changes.items() if v is not None}}
+        for k, v in changes.items():
+            if v is None:
+                after.pop(k, None)
+        if len(after) > MAX_ATTRIBUTES:
+            raise ValueError(f"a device has at most {MAX_ATTRIBUTES} attributes")
+        c.execute(device_attributes.delete().where(device_attributes.c.device_id == device_id,
+                                                   device_attributes.c.name.in_(list(changes))))
+        rows = [dict(device_id=device_id, name=k, value=v, set_by=by, set_at=now)
+                for k, v in changes.items() if v is not None]
+        if rows:
+            c.execute(device_attributes.insert(), rows)
+    return after
 
 
 def scope_for(engine: sa.Engine, username: str, requested: list[str] | None) -> list[str] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
 
 # An integer a parameter may carry: what a 64-bit database column and SQLite hold.
@@ -138,6 +138,18 @@ class Device(BaseModel):
     revoked: bool
     last_seen: float | None
     source: str | None = Field(default=None, description="Integrate connector that imported it; null: agent only")
+    attributes: dict[str, str] = Field(default_factory=dict,
+                                       description="server-assigned attributes (set by an administrator, not the device)")
+
+
+class AttributesRequest(RootModel[dict[Annotated[str, Field(min_length=1, max_length=64)],
+                                       Annotated[str, Field(max_length=255)] | None]]):
+    """Attributes to set (a string) or remove (null); names 1-64 of [A-Za-z0-9_.-]."""
+
+
+class DeviceAttributes(BaseModel):
+    device_id: str
+    attributes: dict[str, str]
 
 
 class InstructionSummary(BaseModel):

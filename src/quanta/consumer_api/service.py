@@ -365,4 +365,16 @@ class ConsumerApi:
 
     def devices(self, access: rbac.Access) -> list[Device]:
         rows = store.list_devices(self.master, access.devices)
-        return [Device(**{k: r[k] for k in Device.model_fields}) for r in rows]
+        attrs = rbac.attributes_of(self.master)  # one read, whatever the number of devices
+        return [Device(**{k: r[k] for k in Device.model_fields if k != "attributes"},
+                       attributes=attrs.get(r["device_id"], {})) for r in rows]
+
+    def set_attributes(self, user: User, device_id: str, changes: dict[str, str | None]) -> dict[str, str]:
+        try:
+            after = rbac.set_attributes(self.master, device_id, changes, user.username)
+        except rbac.UnknownDevice:
+            raise NotFound(f"device {device_id} not found") from None
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+        store.audit(self.master, user.username, "device_attributes", device_id, changes=changes)
+        return after
