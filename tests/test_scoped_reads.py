@@ -431,3 +431,38 @@ def test_groups_on_server_assigned_attributes_cannot_be_joined_by_a_device(world
     assert c.get("/Consumer/Devices", headers=h).json() == []
     with pytest.raises(ValueError, match="attributes must map"):
         rbac.set_group(api.master, "g-bad", {"attributes": ["site"]})
+
+
+# ---------------------------------------------------------------- the SQL filter, SQLite and PostgreSQL
+def test_scoped_store_reads_on_every_backend(db_url: str) -> None:
+    """The store's scoped reads with a small scope (an IN) and a large one (a temporary table),
+    twice on one pooled connection (the temporary table is refilled, not reused stale)."""
+    migrate(db_url, "master")
+    migrate(db_url, "responses")
+    e = make_engine(db_url)
+    ids = [f"d{i:05d}" for i in range(3000)]
+    now = time.time()
+    with e.begin() as c:
+        iid = c.execute(tables.instructions.insert().values(
+            name="q", kind="question", payload="x", parameters={}, scope=None, created_by="a", created_at=now,
+            status="finished", targeted=len(ids), instruction_set="S")).inserted_primary_key[0]
+        c.execute(tables.devices.insert(), [dict(device_id=d, tags={}) for d in ids])
+    store.insert_targets(e, iid, dict.fromkeys(ids, True), now + 3600)
+    store.ingest(e, [dict(instruction_id=iid, device_id=d, state="success", columns=["X"], rows=[[d]], error=None)
+                     for d in ids[:1000]])
+    for scope in (set(ids[:3]), set(ids[500:2500]), set(ids[2000:]), set(), None):
+        want = sorted(scope) if scope is not None else ids
+        assert sum(store.state_counts(e, iid, scope).values()) == len(want)
+        assert store.state_counts_many(e, [iid], scope)[iid] == store.state_counts(e, iid, scope)
+        assert [r["device_id"] for r in store.page_results(e, iid, 0, 5000, None, scope)] == want
+        answered = [d for d in want if d in set(ids[:1000])]
+        assert [r["device_id"] for r in store.page_results(e, iid, 0, 5000, "success", scope)] == answered
+        assert store.aggregate(e, iid, ["X"], 10_000, scope)["devices"] == len(answered)
+        assert [d["device_id"] for d in store.list_devices(e, scope)] == want
+        assert store.visible_rows(e, iid, scope) == (True, bool(want))
+        assert store.instructions_with_rows(e, scope) == ({iid} if want else set())
+    many_ids = set(range(1, 2000)) | {iid}
+    assert [r["id"] for r in store.list_instructions(e, 0, 10, ids=many_ids)[1]] == [iid]
+    assert store.list_instructions(e, 0, 10, ids=set(range(iid + 1, iid + 900)))[0] == 0
+    assert store.list_instructions(e, 0, 10, sets={"S"}, raw=False)[0] == 1
+    assert store.list_instructions(e, 0, 10, sets={"T"}, raw=False)[0] == 0
