@@ -37,11 +37,6 @@ TOKEN_TTL = 8 * 3600
 ADMIN_ROLE = rbac.FULL_ADMIN
 _hasher = PasswordHasher()
 
-# Statuses of an instruction that has no target rows yet (nothing was sent): a reader limited to
-# management groups sees it if its requested devices (or every device) include one of theirs.
-UNTARGETED = (ins.PENDING_APPROVAL, ins.SCHEDULED, ins.NEW, ins.READY)
-
-
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
