@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from quanta.protocol import DeviceInfo
 from quanta.settings import switch_layout
 
-from .tables import device_certificates, devices, instructions, results, switch_configuration
+from .tables import device_certificates, devices, held_responses, instructions, results, switch_configuration
 
 _json_encode = msgspec.json.Encoder().encode
 T = TypeVar("T")
@@ -218,9 +218,11 @@ def devices_offline(engine: sa.Engine, switch: str, device_ids: Iterable[str] | 
                 c.execute(stmt.where(devices.c.device_id.in_(part)))
 
 
-def list_devices(engine: sa.Engine) -> list[dict[str, Any]]:
+def list_devices(engine: sa.Engine, scope: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """Every device, or only those in ``scope`` (a reader's management groups; see :func:`_in_scope`)."""
     with engine.connect() as c:
-        return [dict(r._mapping) for r in c.execute(sa.select(devices).order_by(devices.c.device_id))]
+        return [dict(r._mapping) for r in c.execute(sa.select(devices).where(_in_scope(c, devices.c.device_id, scope))
+                                                     .order_by(devices.c.device_id))]
 
 
 def mark_revoked(engine: sa.Engine, device_id: str,
@@ -279,17 +281,39 @@ def get_instruction(engine: sa.Engine, instruction_id: int) -> dict[str, Any] | 
         return dict(row._mapping) if row else None
 
 
-def list_instructions(engine: sa.Engine, offset: int, limit: int,
-                      statuses: Sequence[str] | None = None) -> tuple[int, list[dict[str, Any]]]:
-    """(total, newest first page) of instructions, optionally only those in ``statuses``."""
-    cols = [c for c in instructions.c if c.name not in ("body", "signature")]
-    q = sa.select(*cols).order_by(instructions.c.id.desc()).offset(offset).limit(limit)
-    n = sa.select(sa.func.count()).select_from(instructions)
+def _instruction_filter(statuses: Sequence[str] | None, sets: Collection[str] | None,
+                        raw: bool) -> list[sa.ColumnElement[bool]]:
+    where: list[sa.ColumnElement[bool]] = []
     if statuses:
-        q = q.where(instructions.c.status.in_(list(statuses)))
-        n = n.where(instructions.c.status.in_(list(statuses)))
+        where.append(instructions.c.status.in_(list(statuses)))
+    if sets is not None:  # only these instruction sets (and raw SCALE ones, which have none, if ``raw``)
+        cond = instructions.c.instruction_set.in_(sorted(sets))
+        where.append(sa.or_(cond, instructions.c.instruction_set.is_(None)) if raw else cond)
+    return where
+
+
+def list_instructions(engine: sa.Engine, offset: int, limit: int, statuses: Sequence[str] | None = None, *,
+                      sets: Collection[str] | None = None, raw: bool = True,
+                      ids: Collection[int] | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """(total, newest first page) of instructions, optionally only those in ``statuses``, of the
+    instruction ``sets`` (None: any; ``raw``: raw SCALE ones too) and with one of ``ids``."""
+    cols = [c for c in instructions.c if c.name not in ("body", "signature")]
+    where = _instruction_filter(statuses, sets, raw)
     with engine.connect() as c:
+        if ids is not None:
+            where.append(_in_scope(c, instructions.c.id, ids, _scope_ids))
+        q = sa.select(*cols).where(*where).order_by(instructions.c.id.desc()).offset(offset).limit(limit)
+        n = sa.select(sa.func.count()).select_from(instructions).where(*where)
         return int(c.execute(n).scalar_one()), [dict(r._mapping) for r in c.execute(q)]
+
+
+def instruction_scopes(engine: sa.Engine, statuses: Sequence[str] | None = None, *,
+                       sets: Collection[str] | None = None, raw: bool = True) -> list[tuple[int, list[str] | None]]:
+    """(id, requested device names or None) of the instructions :func:`list_instructions` would
+    list, without their payloads: what a reader limited to management groups is matched against."""
+    q = sa.select(instructions.c.id, instructions.c.scope).where(*_instruction_filter(statuses, sets, raw))
+    with engine.connect() as c:
+        return [(int(i), sc) for i, sc in c.execute(q)]
 
 
 def active_instructions(engine: sa.Engine) -> list[dict[str, Any]]:
@@ -434,21 +458,24 @@ def expire(engine: sa.Engine, instruction_id: int) -> None:
                   .values(state="expired", updated_at=time.time()))
 
 
-def state_counts(engine: sa.Engine, instruction_id: int) -> dict[str, int]:
+def state_counts(engine: sa.Engine, instruction_id: int, scope: Collection[str] | None = None) -> dict[str, int]:
+    """state -> number of targeted devices, over the devices in ``scope`` only (None: all)."""
     with engine.connect() as c:
         rows = c.execute(sa.select(results.c.state, sa.func.count())
-                         .where(results.c.instruction_id == instruction_id).group_by(results.c.state)).all()
+                         .where(results.c.instruction_id == instruction_id, _in_scope(c, results.c.device_id, scope))
+                         .group_by(results.c.state)).all()
     return {r[0]: int(r[1]) for r in rows}
 
 
-def state_counts_many(engine: sa.Engine, instruction_ids: Sequence[int]) -> dict[int, dict[str, int]]:
-    """instruction id -> {state: count}, in one grouped query."""
+def state_counts_many(engine: sa.Engine, instruction_ids: Sequence[int],
+                      scope: Collection[str] | None = None) -> dict[int, dict[str, int]]:
+    """instruction id -> {state: count}, in one grouped query (over ``scope``'s devices only)."""
     out: dict[int, dict[str, int]] = {i: {} for i in instruction_ids}
     if not out:
         return out
     with engine.connect() as c:
         rows = c.execute(sa.select(results.c.instruction_id, results.c.state, sa.func.count())
-                         .where(results.c.instruction_id.in_(list(out)))
+                         .where(results.c.instruction_id.in_(list(out)), _in_scope(c, results.c.device_id, scope))
                          .group_by(results.c.instruction_id, results.c.state)).all()
     for iid, state, n in rows:
         out[int(iid)][state] = int(n)
@@ -519,16 +546,19 @@ def instruction_statuses(engine: sa.Engine, instruction_ids: Sequence[int]) -> d
 
 
 def page_results(engine: sa.Engine, instruction_id: int, offset: int, limit: int,
-                 state: str | None = None) -> list[dict[str, Any]]:
-    q = (sa.select(results).where(results.c.instruction_id == instruction_id)
-         .order_by(results.c.device_id).offset(offset).limit(limit))
-    if state:
-        q = q.where(results.c.state == state)
+                 state: str | None = None, scope: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """One page of an instruction's target rows by device id, of ``scope``'s devices only (None: all)."""
     with engine.connect() as c:
+        q = (sa.select(results).where(results.c.instruction_id == instruction_id,
+                                      _in_scope(c, results.c.device_id, scope))
+             .order_by(results.c.device_id).offset(offset).limit(limit))
+        if state:
+            q = q.where(results.c.state == state)
         return [dict(r._mapping) for r in c.execute(q)]
 
 
-def aggregate(engine: sa.Engine, instruction_id: int, by: Sequence[str], limit: int = 1000) -> dict[str, Any]:
+def aggregate(engine: sa.Engine, instruction_id: int, by: Sequence[str], limit: int = 1000,
+              scope: Collection[str] | None = None) -> dict[str, Any]:
     """Group every answered row of an instruction by the ``by`` columns.
 
     Returns {"groups": [{"values": [...], "rows": n, "devices": m}], "devices": answered devices,
@@ -539,9 +569,10 @@ def aggregate(engine: sa.Engine, instruction_id: int, by: Sequence[str], limit: 
     rows_per: Counter[tuple[Any, ...]] = Counter()
     devices_per: Counter[tuple[Any, ...]] = Counter()
     answered = missing = 0
-    q = (sa.select(results.c.columns, results.c.rows)
-         .where(results.c.instruction_id == instruction_id, results.c.state == "success"))
     with engine.connect() as c:
+        q = (sa.select(results.c.columns, results.c.rows)
+             .where(results.c.instruction_id == instruction_id, results.c.state == "success",
+                    _in_scope(c, results.c.device_id, scope)))
         for cols, data in c.execute(q):
             answered += 1
             cols = list(cols or [])
@@ -560,6 +591,79 @@ def aggregate(engine: sa.Engine, instruction_id: int, by: Sequence[str], limit: 
     groups = [{"values": list(k), "rows": n, "devices": devices_per[k]} for k, n in rows_per.most_common(limit)]
     return {"by": list(by), "groups": groups, "devices": answered, "missing": missing,
             "truncated": len(rows_per) > limit}
+
+
+# ------------------------------------------------------------- scoped reads
+# A reader limited to management groups sees only their devices' rows. Up to SCOPE_INLINE ids are
+# bound in an ``IN``; a larger scope (a group may hold 50,000 devices) is written once per read to a
+# temporary table of that connection and joined with a subquery, so no statement carries more bound
+# parameters than IN_CHUNK and paging (OFFSET/LIMIT) stays in SQL. Unscoped reads (None) add nothing.
+SCOPE_INLINE = 500
+_scope_devices = sa.table("quanta_scope_devices", sa.column("v", sa.String))
+_scope_ids = sa.table("quanta_scope_ids", sa.column("v", sa.Integer))
+_SCOPE_DDL = {"quanta_scope_devices": "CREATE TEMPORARY TABLE IF NOT EXISTS quanta_scope_devices "
+                                      "(v VARCHAR(255) PRIMARY KEY)",
+              "quanta_scope_ids": "CREATE TEMPORARY TABLE IF NOT EXISTS quanta_scope_ids (v INTEGER PRIMARY KEY)"}
+
+
+def _in_scope(c: sa.Connection, column: sa.ColumnElement[Any], scope: Collection[Any] | None,
+              table: sa.TableClause = _scope_devices) -> sa.ColumnElement[bool]:
+    """``column`` is one of ``scope`` (None: no condition). Call inside the connection's read."""
+    if scope is None:
+        return sa.true()
+    values = sorted(scope)
+    if len(values) <= SCOPE_INLINE:
+        return column.in_(values)  # an empty scope matches nothing
+    c.exec_driver_sql(_SCOPE_DDL[table.name])
+    c.execute(table.delete())
+    for part in _chunks(values):
+        c.execute(table.insert(), [{"v": v} for v in part])
+    return column.in_(sa.select(table.c.v))
+
+
+def visible_rows(engine: sa.Engine, instruction_id: int, scope: Collection[str] | None) -> tuple[bool, bool]:
+    """(the instruction has target rows, one of them is a device of ``scope``)."""
+    with engine.connect() as c:
+        has = c.execute(sa.select(results.c.device_id).where(results.c.instruction_id == instruction_id)
+                        .limit(1)).first() is not None
+        if not has or scope is None:
+            return has, has
+        seen = c.execute(sa.select(results.c.device_id).where(
+            results.c.instruction_id == instruction_id, _in_scope(c, results.c.device_id, scope)).limit(1)).first()
+        return True, seen is not None
+
+
+def instructions_with_rows(engine: sa.Engine, scope: Collection[str] | None = None) -> set[int]:
+    """Ids of the instructions with a target row (of a device of ``scope``, if given)."""
+    with engine.connect() as c:
+        return {int(i) for i in c.execute(sa.select(results.c.instruction_id).distinct()
+                                          .where(_in_scope(c, results.c.device_id, scope))).scalars()}
+
+
+def held_counts(engine: sa.Engine, instruction_id: int, scope: Collection[str] | None = None) -> dict[str, int]:
+    """kind -> number of held answers of one instruction (from ``scope``'s devices only)."""
+    with engine.connect() as c:
+        rows = c.execute(sa.select(held_responses.c.kind, sa.func.count())
+                         .where(held_responses.c.instruction_id == instruction_id,
+                                _in_scope(c, held_responses.c.device_id, scope))
+                         .group_by(held_responses.c.kind)).all()
+    return {k: int(n) for k, n in rows}
+
+
+def page_held(engine: sa.Engine, instruction_id: int, kind: str, offset: int, limit: int,
+              scope: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """Held answers of one instruction, newest first, from ``scope``'s devices only, decoded."""
+    out = []
+    with engine.connect() as c:
+        q = (sa.select(held_responses).where(held_responses.c.instruction_id == instruction_id,
+                                             held_responses.c.kind == kind,
+                                             _in_scope(c, held_responses.c.device_id, scope))
+             .order_by(held_responses.c.id.desc()).offset(offset).limit(limit))
+        for r in c.execute(q):
+            d = dict(r._mapping)
+            d["response"] = msgspec.msgpack.decode(d["response"])
+            out.append(d)
+    return out
 
 
 PURGE_CHUNK = 5000  # rows deleted per transaction

@@ -290,11 +290,22 @@ role_assignments = sa.Table(
     sa.UniqueConstraint("username", "role", "instruction_set", name="uq_role_assignment"),
 )
 
+# Server-assigned device attributes (set by an administrator, never by the device): what a
+# management-group rule's "attributes" key matches, unlike the tags a device reports itself.
+device_attributes = sa.Table(
+    "device_attributes", master,
+    sa.Column("device_id", sa.String(255), primary_key=True),
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.String(255), nullable=False),
+    sa.Column("set_by", sa.String(128), nullable=False),
+    sa.Column("set_at", sa.Float, nullable=False),
+)
+
 # Management groups scope which devices a user may reach.
 management_groups = sa.Table(
     "management_groups", master,
     sa.Column("name", sa.String(128), primary_key=True),
-    sa.Column("rule", sa.JSON, nullable=False),  # {"devices": [...], "os_like": "...", "tags": {k: v}}
+    sa.Column("rule", sa.JSON, nullable=False),  # {"devices": [...], "os_like": "...", "tags": {k: v}, "attributes": {k: v}}
 )
 
 user_groups = sa.Table(

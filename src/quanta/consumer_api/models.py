@@ -1,0 +1,196 @@
+"""Request and response models of the Consumer API. Requests are ``extra="forbid"``: a wrong
+type or an unknown field is a 422 naming the field. Every integer is bounded, so an integer
+beyond what the database stores (2^63 and up) is a 422 too, never a 500."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
+
+
+# An integer a parameter may carry: what a 64-bit database column and SQLite hold.
+Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
+# A unix time a client may give (float, finite): year 1970 to well past 2500.
+UnixTime = Annotated[float, Field(ge=0, le=2**34, allow_inf_nan=False)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenRequest(Strict):
+    username: str = Field(min_length=1, max_length=128)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class TokenResponse(BaseModel):
+    token: str
+    expires_at: float
+    username: str
+    role: str
+
+
+ParamValue = str | Int64 | Annotated[float, Field(allow_inf_nan=False)] | bool
+
+
+class IssueRequest(Strict):
+    payload: str | None = Field(default=None, min_length=1, max_length=64 * 1024,
+                                description="raw SCALE text (Full Administrators only)")
+    definition: str | None = Field(default=None, min_length=1, max_length=255,
+                                   description="name of an imported instruction definition")
+    name: str = Field(default="adhoc", min_length=1, max_length=255)
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    devices: list[str] | None = Field(default=None, description="device names; null for every device")
+    instruction_ttl: int | None = Field(default=None, ge=1, le=7 * 86400, description="gather window, seconds")
+    response_ttl: int | None = Field(default=None, ge=60, le=365 * 86400, description="seconds responses are kept")
+    scheduled_at: UnixTime | None = Field(default=None, description="unix time to issue it; default now")
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _bounded_integers(cls, value: Any) -> Any:
+        """An integer parameter out of the 64-bit range is refused, not silently made a float."""
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v <= 2**63 - 1:
+                    raise ValueError(f"parameter {k!r}: integer out of range (-2^63..2^63-1)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IssueRequest:
+        if (self.payload is None) == (self.definition is None):
+            raise ValueError("give exactly one of payload (raw SCALE) or definition")
+        return self
+
+
+class DecisionRequest(Strict):
+    code: str | None = Field(default=None, max_length=16, description="one-time code, when required")
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class InstructionStatus(BaseModel):
+    id: int
+    name: str
+    kind: str
+    status: str
+    targeted: int
+    states: dict[str, int]
+    created_by: str
+    issued_at: float | None
+    expires_at: float | None
+    scheduled_at: float | None = None
+    decided_by: str | None = None
+    decision_reason: str | None = None
+    payload: str | None = Field(default=None, description="the SCALE payload (the definition's, for a definition)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="typed parameter values it was issued with")
+    instruction_set: str | None = Field(default=None, description="the definition's instruction set; null: raw SCALE")
+    devices: list[str] | None = Field(default=None, description="requested device names; null: every device")
+
+
+# fields of InstructionStatus the progress stream leaves out (they do not change; the payload may be large)
+STATIC_STATUS_FIELDS = {"payload", "parameters", "instruction_set", "devices"}
+
+
+class DeviceResult(BaseModel):
+    device: str
+    status: str
+    columns: list[str] | None
+    rows: list[list[Any]] | None
+    error: str | None
+
+
+class ResultsPage(BaseModel):
+    instruction_id: int
+    offset: int
+    limit: int
+    items: list[DeviceResult]
+    # Answers kept but not counted, by kind (late: after the instruction ended; refused: see
+    # /Held). Their rows are at /Consumer/Instructions/{id}/Held.
+    held: dict[str, int] = {}
+
+
+class HeldAnswer(BaseModel):
+    id: int
+    kind: str
+    device: str
+    switch: str
+    status: str
+    reason: str
+    received_at: float
+    columns: list[str] = []
+    rows: list[list[Any]] = []
+    error: str | None = None
+
+
+class HeldPage(BaseModel):
+    instruction_id: int
+    items: list[HeldAnswer]
+
+
+class Device(BaseModel):
+    device_id: str
+    fqdn: str
+    os: str
+    agent_version: str
+    tags: dict[str, str]
+    switch: str | None
+    online: bool
+    revoked: bool
+    last_seen: float | None
+    source: str | None = Field(default=None, description="Integrate connector that imported it; null: agent only")
+    attributes: dict[str, str] = Field(default_factory=dict,
+                                       description="server-assigned attributes (set by an administrator, not the device)")
+
+
+class AttributesRequest(RootModel[dict[Annotated[str, Field(min_length=1, max_length=64)],
+                                       Annotated[str, Field(max_length=255)] | None]]):
+    """Attributes to set (a string) or remove (null); names 1-64 of [A-Za-z0-9_.-]."""
+
+
+class DeviceAttributes(BaseModel):
+    device_id: str
+    attributes: dict[str, str]
+
+
+class InstructionSummary(BaseModel):
+    id: int
+    name: str
+    kind: str
+    status: str
+    payload: str
+    parameters: dict[str, Any]
+    devices: list[str] | None
+    targeted: int
+    states: dict[str, int]
+    created_by: str
+    created_at: float
+    issued_at: float | None
+    expires_at: float | None
+    scheduled_at: float | None = None
+    approval_expires_at: float | None = None
+    decided_by: str | None = None
+    decision_reason: str | None = None
+
+
+class InstructionPage(BaseModel):
+    offset: int
+    limit: int
+    total: int
+    items: list[InstructionSummary]
+
+
+class SwitchInfo(BaseModel):
+    name: str
+    host: str
+    port: int
+    poke_port: int
+    enabled: bool
+    online_devices: int
+    devices: int
+
+class User(BaseModel):
+    id: int
+    username: str
+    role: str
+
+

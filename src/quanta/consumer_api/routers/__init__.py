@@ -1,0 +1,8 @@
+"""One router per resource of the Consumer API; ``create_app`` includes them all (:data:`ALL`)."""
+
+from __future__ import annotations
+
+from . import auth, content, definitions, devices, health, instructions, packs, results, switches
+
+ALL = (health.router, auth.router, instructions.router, results.router, content.router, definitions.router,
+       packs.router, devices.router, switches.router)

@@ -1,0 +1,28 @@
+"""``GET /Consumer/Devices``: the devices of the caller's management groups (all, for a Full
+Administrator or a user in no group)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, Path
+
+from quanta.consumer_api.deps import Api, CurrentUser, ScopedCaller, admin_only, scoped
+from quanta.consumer_api.models import AttributesRequest, Device, DeviceAttributes
+
+router = APIRouter()
+
+
+@router.get("/Consumer/Devices", response_model=list[Device], dependencies=[Depends(scoped)])
+async def devices(caller: ScopedCaller, api: Api) -> list[Device]:
+    return await api.db(api.devices, caller.access)
+
+
+@router.put("/Consumer/Devices/{device_id}/Attributes", response_model=DeviceAttributes,
+            dependencies=[Depends(admin_only("setting device attributes"))])
+async def set_attributes(device_id: Annotated[str, Path(min_length=1, max_length=255)], user: CurrentUser, api: Api,
+                         changes: Annotated[AttributesRequest, Body()]) -> DeviceAttributes:
+    """Set or remove (null) server-assigned attributes of a device. Management-group rules can
+    match them (``"attributes": {...}``); unlike its tags, a device cannot set them itself."""
+    after = await api.db(api.set_attributes, user, device_id, changes.root)
+    return DeviceAttributes(device_id=device_id, attributes=after)

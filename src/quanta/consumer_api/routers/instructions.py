@@ -1,0 +1,137 @@
+"""Instructions: issue, list, status, long-poll, cancel, and the approval relays to the Coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+
+from quanta import instructions as ins
+from quanta.consumer_api.deps import (Api, CurrentUser, InstructionIdPath, ScopedCaller, VisibleInstruction,
+                                      authenticated, scoped, visible_instruction)
+from quanta.consumer_api.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound
+from quanta.consumer_api.models import DecisionRequest, InstructionPage, InstructionStatus, IssueRequest
+from quanta.consumer_api.service import ADMIN_ROLE
+from quanta.db import store
+
+log = logging.getLogger("quanta.consumer_api")
+router = APIRouter()
+
+WAIT_MAX = 60.0  # longest long poll (GET .../Wait) a client may ask for
+CORE_WAIT = 25.0  # longest single Wait asked of the Core (its own limit is 30 s)
+MAX_OFFSET = 2**31 - 1
+
+
+@router.post("/Consumer/Instructions", status_code=201, dependencies=[Depends(authenticated)])
+async def issue(req: IssueRequest, user: CurrentUser, api: Api) -> dict[str, Any]:
+    plan = await api.db(api.plan, user, req)
+    iid, status = await api.db(api.create_instruction, user, plan)
+    if status == ins.PENDING_APPROVAL:
+        try:
+            await api.coordinator(f"/Coordinator/Instructions/{iid}/Submitted")
+        except ApiError as e:  # stored and pending either way; approvers can still find it
+            log.warning("could not notify the Coordinator about instruction %d: %s", iid, e.detail)
+        return {"id": iid, "status": status, "targeted": 0,
+                "message": "actions need a second person's approval before they run"}
+    if status == ins.SCHEDULED:
+        return {"id": iid, "status": status, "targeted": 0}
+    issued = await api.core_issue(iid)
+    return {"id": iid, "status": issued["status"], "targeted": issued["targeted"]}
+
+
+@router.get("/Consumer/Instructions", response_model=InstructionPage, dependencies=[Depends(scoped)])
+async def list_instructions(caller: ScopedCaller, api: Api, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+                            limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                            status: Annotated[str | None, Query(max_length=1000,
+                                                                description="comma-separated statuses")] = None
+                            ) -> InstructionPage:
+    """Recent instructions the caller may see, newest first, with their counts per state over the
+    caller's devices (read-only; for the portal)."""
+    statuses = [x.strip() for x in status.split(",") if x.strip()] if status else None
+    return await api.db(api.list_instructions, caller.access, offset, limit, statuses)
+
+
+@router.get("/Consumer/Instructions/{instruction_id}", response_model=InstructionStatus,
+            dependencies=[Depends(visible_instruction)])
+async def status(seen: VisibleInstruction, api: Api) -> InstructionStatus:
+    return await api.db(api.status, seen.id, seen.access, seen.row)
+
+
+@router.get("/Consumer/Instructions/{instruction_id}/Wait", response_model=InstructionStatus,
+            dependencies=[Depends(visible_instruction)])
+async def wait(seen: VisibleInstruction, api: Api,
+               timeout: Annotated[float, Query(ge=0, le=WAIT_MAX)] = 25.0) -> InstructionStatus:
+    """The instruction's status once it is done (finished, cancelled, rejected, approval
+    expired) or after ``timeout`` seconds, whichever comes first: a long poll. While it is
+    active the Core tells the moment it ends; before it runs (approval, schedule) the status
+    is looked at twice a second."""
+    instruction_id = seen.id
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    core_ended = False
+    while True:
+        s = await api.db(api.status, instruction_id, seen.access)
+        if s is None:
+            raise NotFound(f"instruction {instruction_id} not found")
+        left = deadline - loop.time()
+        if s.status in ins.DONE_STATES or left <= 0:
+            return s
+        if s.status == "active" and not core_ended:
+            try:
+                r = await api.call_core(instruction_id, "Wait", params={"timeout": round(min(left, CORE_WAIT), 3)},
+                                        timeout=CORE_WAIT + 10)
+                # Ended there: the status says so now, unless this Core does not hold it (a
+                # Core restarting, another Response Stack's): then look at the status below.
+                core_ended = bool(r.get("ended"))
+                continue
+            except ins.CoreError as e:  # Core away or restarting: fall back to looking
+                log.debug("Wait on instruction %d at the Core failed: %s", instruction_id, e)
+        await asyncio.sleep(min(left, 0.5 if s.status != "active" else 0.2))
+
+
+@router.post("/Consumer/Instructions/{instruction_id}/Cancel", dependencies=[Depends(visible_instruction)])
+async def cancel(seen: VisibleInstruction, api: Api) -> dict[str, Any]:
+    """Stop an instruction: before it runs (pending approval, scheduled) or while it gathers."""
+    instruction_id, row, user = seen.id, seen.row, seen.user
+    if user.role != ADMIN_ROLE and user.username != row["created_by"]:
+        raise Forbidden("only the requester or a Full Administrator may cancel an instruction")
+    if row["status"] in (ins.PENDING_APPROVAL, ins.SCHEDULED):
+        if not await api.db(ins.decide, api.master, instruction_id, status="cancelled", by=user.username,
+                            reason="cancelled before it ran", expect=row["status"]):
+            raise Conflict(f"instruction {instruction_id} changed meanwhile; look again")
+    elif row["status"] == "active":
+        try:
+            await api.call_core(instruction_id, "Cancel")
+        except ins.CoreRefused:
+            raise Conflict(f"instruction {instruction_id} is no longer active") from None
+        except ins.CoreError as e:
+            raise BadGateway(str(e)) from None
+    else:
+        raise Conflict(f"instruction {instruction_id} is {row['status']}: nothing to cancel")
+    await api.db(store.audit, api.master, user.username, "cancel", f"instruction:{instruction_id}",
+                 was=row["status"])
+    return {"id": instruction_id, "status": "cancelled"}
+
+
+# The approval relays: the Coordinator checks the approve right, the one-time code and that the
+# approver is not the requester (rule: any signed-in user may ask; the Coordinator decides).
+@router.post("/Consumer/Instructions/{instruction_id}/ApprovalCode", dependencies=[Depends(authenticated)])
+async def approval_code(instruction_id: InstructionIdPath, user: CurrentUser, api: Api) -> dict[str, Any]:
+    """Email the caller a one-time code to approve this instruction with."""
+    return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Code",
+                                 {"username": user.username, "role": user.role})
+
+
+@router.post("/Consumer/Instructions/{instruction_id}/Approve", dependencies=[Depends(authenticated)])
+async def approve(instruction_id: InstructionIdPath, d: DecisionRequest, user: CurrentUser, api: Api) -> dict[str, Any]:
+    return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Approve",
+                                 {"username": user.username, "role": user.role, "code": d.code,
+                                  "reason": d.reason})
+
+
+@router.post("/Consumer/Instructions/{instruction_id}/Reject", dependencies=[Depends(authenticated)])
+async def reject(instruction_id: InstructionIdPath, d: DecisionRequest, user: CurrentUser, api: Api) -> dict[str, Any]:
+    return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Reject",
+                                 {"username": user.username, "role": user.role, "reason": d.reason})

@@ -1,0 +1,375 @@
+"""The Consumer API's service: sign-in, issuing, and the reads, each computed over what the
+caller may see (:class:`quanta.rbac.Access`). No FastAPI here: errors are the domain errors of
+:mod:`quanta.consumer_api.errors`; the routers in :mod:`quanta.consumer_api.routers` call this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from quanta import instructions as ins
+from quanta import rbac
+from quanta.background import ContentStore
+from quanta.consumer_api.errors import BadGateway, Forbidden, Invalid, NotFound, Unavailable, Upstream
+from quanta.consumer_api.models import (Device, DeviceResult, HeldAnswer, HeldPage, InstructionPage,
+                                        InstructionStatus, InstructionSummary, IssueRequest, ResultsPage,
+                                        TokenResponse, User)
+from quanta.db import store
+from quanta.db.tables import api_tokens, users
+from quanta.definitions import DefinitionError, bind_parameters, load_definition
+from quanta.internal import bearer, http_client
+from quanta.pki import Signer
+
+log = logging.getLogger("quanta.consumer_api")
+
+TOKEN_TTL = 8 * 3600
+ADMIN_ROLE = rbac.FULL_ADMIN
+_hasher = PasswordHasher()
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class Plan:
+    """An issue request resolved against its definition, the user's rights and groups."""
+
+    name: str
+    kind: str
+    payload: str
+    parameters: dict[str, Any]
+    devices: list[str] | None
+    instruction_ttl: int
+    response_ttl: int
+    instruction_set: str | None
+    scheduled_at: float | None
+
+
+def _scope_meets(scope: list[str] | None, reach: frozenset[str]) -> bool:
+    """Whether an instruction's requested devices (None: every device) include one of ``reach``."""
+    return bool(reach) if scope is None else any(d in reach for d in scope)
+
+
+class ConsumerApi:
+    def __init__(self, master: sa.Engine, responses: sa.Engine, signer: Signer, core_url: str,
+                 core_token: str, ca_file: str | None = None, content: ContentStore | None = None,
+                 coordinator_url: str | None = None, approval_ttl: float = 24 * 3600,
+                 replicate_to: list[str] | None = None, catalog: Any = None) -> None:
+        self.catalog = catalog  # () -> CatalogClient, for normalising software inventory
+        self.content = content
+        self.replicate_to = list(replicate_to or [])
+        self.coordinator_url = coordinator_url
+        self.approval_ttl = approval_ttl
+        self.master = master
+        self.responses = responses
+        self.signer = signer
+        self.core_url = core_url.rstrip("/")
+        self.core_token = core_token
+        self.ca_file = ca_file
+
+    async def db(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kw)
+
+    # ------------------------------------------------------------- auth
+    def login(self, username: str, password: str) -> TokenResponse | None:
+        with self.master.connect() as c:
+            row = c.execute(sa.select(users).where(users.c.username == username)).first()
+        ok = False
+        if row is not None and not row.disabled:
+            try:
+                ok = _hasher.verify(row.password_hash, password)
+            except (VerificationError, InvalidHashError):
+                ok = False
+        else:
+            _hasher.hash(password)  # same cost whether or not the user exists
+        store.audit(self.master, username, "login" if ok else "login_failed")
+        if not ok or row is None:
+            return None
+        token = secrets.token_urlsafe(32)
+        expires = time.time() + TOKEN_TTL
+        with self.master.begin() as c:
+            c.execute(api_tokens.delete().where(api_tokens.c.expires_at < time.time()))
+            c.execute(api_tokens.insert().values(token_hash=_token_hash(token), user_id=row.id, expires_at=expires))
+        return TokenResponse(token=token, expires_at=expires, username=row.username, role=row.role)
+
+    def user_for(self, token: str) -> User | None:
+        with self.master.connect() as c:
+            row = c.execute(sa.select(users.c.id, users.c.username, users.c.role)
+                            .join(api_tokens, api_tokens.c.user_id == users.c.id)
+                            .where(api_tokens.c.token_hash == _token_hash(token),
+                                   api_tokens.c.expires_at > time.time(), users.c.disabled == sa.false())).first()
+        return User(id=row.id, username=row.username, role=row.role) if row else None
+
+    # ------------------------------------------------------------- instructions
+    def plan(self, user: User, req: IssueRequest) -> Plan:
+        """Everything checked before anything is stored: rights, definition checksum, typed
+        parameters, TTL bounds, management-group scope, and a compile of the final payload."""
+        from quanta.scale import ScaleError, compile_scale
+
+        if req.payload is not None:
+            if user.role != ADMIN_ROLE:
+                raise Forbidden("raw SCALE is allowed for Full Administrators only; "
+                                         "ask with an instruction definition")
+            payload, params, iset, name = req.payload, dict(req.parameters), None, req.name
+            ittl, rttl = req.instruction_ttl or 60, req.response_ttl or 7 * 86400
+        else:
+            try:
+                d = load_definition(self.master, req.definition or "")
+                params = bind_parameters(d, dict(req.parameters))
+            except DefinitionError as e:
+                raise (NotFound if "no instruction definition" in str(e) else Invalid)(str(e)) from None
+            if not rbac.allowed(self.master, user.username, "act" if d.type == "action" else "ask",
+                                d.instruction_set):
+                raise Forbidden(f"{user.username} may not issue {d.type}s of instruction set "
+                                         f"{d.instruction_set!r}")
+            ittl = req.instruction_ttl or d.ttl.instruction_default
+            rttl = req.response_ttl or d.ttl.response_default
+            if not d.ttl.instruction_min <= ittl <= d.ttl.instruction_max:
+                raise Invalid(f"instruction_ttl must be within {d.ttl.instruction_min}-"
+                                         f"{d.ttl.instruction_max} s for {d.name}")
+            if not d.ttl.response_min <= rttl <= d.ttl.response_max:
+                raise Invalid(f"response_ttl must be within {d.ttl.response_min}-{d.ttl.response_max} s "
+                                         f"for {d.name}")
+            payload, iset, name = d.payload, d.instruction_set, d.name
+        try:
+            program = compile_scale(payload, params)
+        except ScaleError as e:
+            raise Invalid({"message": e.message, "line": e.line, "column": e.column,
+                                      "error": str(e)}) from None
+        kind = "action" if program.is_action else "question"
+        if req.definition is not None and kind == "action" and not rbac.allowed(
+                self.master, user.username, "act", iset or "*"):
+            raise Forbidden(f"{user.username} may not issue actions")
+        devices = rbac.scope_for(self.master, user.username, req.devices)
+        if devices is not None and not devices:
+            raise Invalid("none of the requested devices is in your management groups")
+        return Plan(name, kind, payload, params, devices, ittl, rttl, iset, req.scheduled_at)
+
+    def create_instruction(self, user: User, plan: Plan) -> tuple[int, str]:
+        now = time.time()
+        if plan.kind == "action":
+            status = ins.PENDING_APPROVAL
+        elif plan.scheduled_at and plan.scheduled_at > now:
+            status = ins.SCHEDULED
+        else:
+            status = ins.NEW
+        iid = ins.create(self.master, created_by=user.username, name=plan.name, kind=plan.kind, payload=plan.payload,
+                         parameters=plan.parameters, devices=plan.devices, instruction_ttl=plan.instruction_ttl,
+                         response_ttl=plan.response_ttl, status=status, scheduled_at=plan.scheduled_at,
+                         approval_expires_at=now + self.approval_ttl if plan.kind == "action" else None,
+                         instruction_set=plan.instruction_set)
+        if status == ins.NEW:
+            ins.sign(self.master, self.signer, iid, expect=(ins.NEW,))
+            status = ins.READY
+        store.audit(self.master, user.username, "issue", f"instruction:{iid}", name=plan.name, kind=plan.kind,
+                    devices=plan.devices, status=status, instruction_set=plan.instruction_set)
+        return iid, status
+
+    async def call_core(self, iid: int, verb: str, **kw: Any) -> dict[str, Any]:
+        """``POST /Core/Instructions/{iid}/{verb}`` at this stack's Core (see ins.call_core)."""
+        return await ins.call_core(self.core_url, self.core_token, iid, verb, verify=self.ca_file, **kw)
+
+    async def core_issue(self, iid: int) -> dict[str, Any]:
+        try:
+            return await self.call_core(iid, "Issue")
+        except ins.CoreError as e:
+            raise BadGateway(str(e)) from None
+
+    async def replicate(self, digest: str, data: bytes) -> list[str]:
+        """Copy content to every DMZ Background Channel (Master -> DMZ web tier, 443)."""
+        done = []
+        client = http_client(self.ca_file)
+        for base in self.replicate_to:
+            try:
+                r = await client.put(f"{base.rstrip('/')}/Background/{digest}", content=data, timeout=60,
+                                     headers=bearer(self.core_token))
+                r.raise_for_status()
+                done.append(base)
+            except httpx.HTTPError as e:
+                log.error("replicating %s to %s failed: %s", digest, base, e)
+        return done
+
+    async def coordinator(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        if self.coordinator_url is None:
+            raise Unavailable("no Coordinator is configured on this server")
+        try:
+            r = await http_client(self.ca_file).post(f"{self.coordinator_url}{path}", json=body or {}, timeout=30,
+                                                     headers=bearer(self.core_token))
+        except httpx.HTTPError as e:
+            raise Unavailable(f"the Coordinator is unreachable: {e}") from None
+        if r.status_code >= 400:
+            detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
+            raise Upstream(r.status_code, detail)
+        return r.json()
+
+    # ------------------------------------------------------------- what a caller may see
+    def access(self, user: User) -> rbac.Access:
+        """The caller's scope. A Full Administrator (its role read with the token) costs nothing."""
+        if user.role == ADMIN_ROLE:
+            return rbac.Access(user.username, user.role, True, None, True, frozenset())
+        return rbac.access_for(self.master, user.username)
+
+    def visible_instruction(self, iid: int, access: rbac.Access) -> dict[str, Any]:
+        """The instruction row as ``access`` may see it, or :class:`NotFound` -- the same answer
+        whether it does not exist, is of an instruction set the caller holds no right on, or
+        touches none of the caller's devices (so a 404 reveals nothing)."""
+        row = store.get_instruction(self.master, iid)
+        if row is None or not self.may_see(row, access):
+            raise NotFound(f"instruction {iid} not found")
+        return row
+
+    def may_see(self, row: dict[str, Any], access: rbac.Access) -> bool:
+        if access.admin:
+            return True
+        if not access.may_view_set(row["instruction_set"]):
+            return False
+        if access.devices is None:
+            return True
+        has_rows, visible = store.visible_rows(self.responses, row["id"], access.devices)
+        if has_rows:
+            return visible
+        return _scope_meets(row["scope"], access.devices)
+
+    def status(self, iid: int, access: rbac.Access | None = None,
+               row: dict[str, Any] | None = None) -> InstructionStatus | None:
+        """The instruction's status with its counts over the caller's devices (``access`` None:
+        every device, for the unscoped internal feed)."""
+        row = row if row is not None else store.get_instruction(self.master, iid)
+        if row is None:
+            return None
+        scope = access.devices if access is not None else None
+        states = store.state_counts(self.responses, iid, scope)
+        targeted = row["targeted"] if scope is None else sum(states.values())
+        devices = row["scope"]
+        if scope is not None and devices is not None:
+            devices = [d for d in devices if d in scope]
+        return InstructionStatus(id=iid, name=row["name"], kind=row["kind"], status=row["status"],
+                                 targeted=targeted, states=states,
+                                 created_by=row["created_by"], issued_at=row["issued_at"],
+                                 expires_at=row["expires_at"], scheduled_at=row["scheduled_at"],
+                                 decided_by=row["decided_by"], decision_reason=row["decision_reason"],
+                                 payload=row["payload"], parameters=row["parameters"] or {},
+                                 instruction_set=row["instruction_set"], devices=devices)
+
+    def list_instructions(self, access: rbac.Access, offset: int, limit: int,
+                          statuses: list[str] | None) -> InstructionPage:
+        """Newest first: for a Full Administrator (or a reader of every set and device) one page
+        query, as ever; otherwise only the instructions :meth:`may_see` lets through."""
+        sets = None if access.all_sets else access.sets
+        ids: set[int] | None = None
+        if access.devices is not None:
+            candidates = store.instruction_scopes(self.master, statuses, sets=sets, raw=access.all_sets)
+            with_rows = store.instructions_with_rows(self.responses)
+            seen = store.instructions_with_rows(self.responses, access.devices)
+            ids = {i for i, scope in candidates
+                   if ((i in seen) if i in with_rows else _scope_meets(scope, access.devices))}
+        total, rows = store.list_instructions(self.master, offset, limit, statuses, sets=sets, raw=access.all_sets,
+                                              ids=ids)
+        counts = store.state_counts_many(self.responses, [r["id"] for r in rows], access.devices)
+        items = []
+        for r in rows:
+            states = counts.get(r["id"], {})
+            devices = r["scope"]
+            if access.devices is not None and devices is not None:
+                devices = [d for d in devices if d in access.devices]
+            items.append(InstructionSummary(
+                id=r["id"], name=r["name"], kind=r["kind"], status=r["status"], payload=r["payload"],
+                parameters=r["parameters"] or {}, devices=devices,
+                targeted=r["targeted"] if access.devices is None else sum(states.values()),
+                states=states, created_by=r["created_by"], created_at=r["created_at"],
+                issued_at=r["issued_at"], expires_at=r["expires_at"], scheduled_at=r["scheduled_at"],
+                approval_expires_at=r["approval_expires_at"], decided_by=r["decided_by"],
+                decision_reason=r["decision_reason"]))
+        return InstructionPage(offset=offset, limit=limit, total=total, items=items)
+
+    def responses_page(self, iid: int, access: rbac.Access, offset: int, limit: int,
+                       state: str | None) -> ResultsPage:
+        rows = store.page_results(self.responses, iid, offset, limit, state, access.devices)
+        held = store.held_counts(self.responses, iid, access.devices)
+        return ResultsPage(instruction_id=iid, offset=offset, limit=limit, held=held,
+                           items=[DeviceResult(device=r["device_id"], status=r["state"], columns=r["columns"],
+                                               rows=r["rows"], error=r["error"]) for r in rows])
+
+    def held_page(self, iid: int, access: rbac.Access, kind: str, offset: int, limit: int) -> HeldPage:
+        if kind == "refused" and not access.admin:
+            raise Forbidden("refused answers are for Full Administrators")
+        rows = store.page_held(self.responses, iid, kind, offset, limit, access.devices)
+        return HeldPage(instruction_id=iid, items=[
+            HeldAnswer(id=r["id"], kind=r["kind"], device=r["device_id"], switch=r["switch"], status=r["state"],
+                       reason=r["reason"], received_at=r["received_at"], columns=r["response"].get("columns", []),
+                       rows=r["response"].get("rows", []), error=r["response"].get("error")) for r in rows])
+
+    def aggregate(self, row: dict[str, Any], access: rbac.Access, by: list[str] | None,
+                  limit: int) -> dict[str, Any]:
+        """Rows of every successful answer (of the caller's devices) grouped by columns."""
+        if not by:
+            try:
+                d = load_definition(self.master, row["name"]) if row["instruction_set"] else None
+            except DefinitionError:
+                d = None
+            if d is None or d.aggregation is None:
+                raise Invalid("give by=COLUMN (this instruction's definition declares no aggregation)")
+            by = list(d.aggregation.group_by)
+        return store.aggregate(self.responses, row["id"], by, limit, access.devices)
+
+    def software(self, iid: int, access: rbac.Access, limit: int) -> dict[str, Any]:
+        """Software inventory normalised by the Catalog, over the caller's devices' answers."""
+        if self.catalog is None:
+            raise Unavailable("no Catalog is configured for this server")
+        agg = store.aggregate(self.responses, iid, ["Publisher", "Product", "Version"], limit, access.devices)
+        if agg["devices"] and agg["missing"] == agg["devices"]:
+            raise Invalid("the answers have no Publisher, Product and Version columns")
+        entries = [{"publisher": g["values"][0] or "", "title": g["values"][1] or "", "version": g["values"][2] or ""}
+                   for g in agg["groups"]]
+        normalised: list[dict[str, Any]] = []
+        if entries:
+            try:
+                with self.catalog() as catalog:
+                    for i in range(0, len(entries), 1000):
+                        normalised += catalog.normalize(entries[i:i + 1000])
+            except Exception as e:  # CatalogError: unreachable Catalog, missing key
+                raise Unavailable(f"Catalog: {e}") from None
+        merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+        unmatched = 0
+        for g, n in zip(agg["groups"], normalised):
+            if not n["matched"]:
+                unmatched += g["devices"]
+                continue
+            key = (n["vendor"], n["product"], n["version"], n["category"])
+            m = merged.setdefault(key, {"vendor": key[0], "product": key[1], "version": key[2], "category": key[3],
+                                        "installations": 0})
+            m["installations"] += g["devices"]
+        items = sorted(merged.values(), key=lambda m: (-m["installations"], str(m["product"])))
+        return {"instruction_id": iid, "devices": agg["devices"], "normalised": items,
+                "unmatched_installations": unmatched, "raw_entries": len(entries), "truncated": agg["truncated"]}
+
+    def devices(self, access: rbac.Access) -> list[Device]:
+        rows = store.list_devices(self.master, access.devices)
+        attrs = rbac.attributes_of(self.master)  # one read, whatever the number of devices
+        return [Device(**{k: r[k] for k in Device.model_fields if k != "attributes"},
+                       attributes=attrs.get(r["device_id"], {})) for r in rows]
+
+    def set_attributes(self, user: User, device_id: str, changes: dict[str, str | None]) -> dict[str, str]:
+        try:
+            after = rbac.set_attributes(self.master, device_id, changes, user.username)
+        except rbac.UnknownDevice:
+            raise NotFound(f"device {device_id} not found") from None
+        except ValueError as e:
+            raise Invalid(str(e)) from None
+        store.audit(self.master, user.username, "device_attributes", device_id, changes=changes)
+        return after
