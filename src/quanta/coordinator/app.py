@@ -15,9 +15,8 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from quanta import protocol as p
 from quanta.db import make_engine
-from quanta.internal import require_bearer
+from quanta.internal import COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential, require_bearer
 from quanta.pki import Pki, Signer
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, load_settings
@@ -38,7 +37,10 @@ class Decision(Actor):
     reason: str | None = Field(default=None, max_length=2000)
 
 
-def create_app(coord: Coordinator, token: str) -> FastAPI:
+def create_app(coord: Coordinator, secret: bytes) -> Any:
+    """The Coordinator's ASGI app: only the Consumer API's credential for the Coordinator opens
+    it, every route (health and the OpenAPI document included) behind :class:`InternalAuth`."""
+    token = credential(secret, CONSUMER_TO_COORDINATOR)
     require_token = require_bearer(token)
 
     @asynccontextmanager
@@ -77,7 +79,9 @@ def create_app(coord: Coordinator, token: str) -> FastAPI:
             raise HTTPException(422, "a rejection needs a reason")
         return await coord.reject(iid, d.username, d.role, d.reason)
 
-    return app
+    wrapped = InternalAuth(app, lambda _scope: (token,), "coordinator")
+    wrapped.fastapi = app  # type: ignore[attr-defined]  # tests enumerate its routes
+    return wrapped
 
 
 async def serve(root: Path) -> None:
@@ -85,12 +89,12 @@ async def serve(root: Path) -> None:
     dd = DataDir(root)
     setup_logging("coordinator", settings.log_level)
     pki = Pki(dd.pki)
-    token = p.internal_token(dd.internal_secret())
+    secret = dd.internal_secret()
     coord = Coordinator(make_engine(dd.master_url(settings)), Signer.from_file(pki.signing_key),
-                        core_url=settings.core_http_url(), core_token=token,
+                        core_url=settings.core_http_url(), core_token=credential(secret, COORDINATOR_TO_CORE),
                         approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt))
     sock = bind_socket(settings.internal_host, settings.port("coordinator"), "coordinator")
     log.info("coordinator listening on https %s:%d", settings.internal_host, settings.port("coordinator"))
-    config = uvicorn.Config(create_app(coord, token), log_level="warning", loop="none",
+    config = uvicorn.Config(create_app(coord, secret), log_level="warning", loop="none",
                             ssl_certfile=str(pki.server_crt), ssl_keyfile=str(pki.server_key))
     await uvicorn.Server(config).serve(sockets=[sock])

@@ -22,7 +22,7 @@ from cryptography import x509
 from websockets.asyncio.server import ServerConnection, serve
 
 from quanta import protocol as p
-from quanta.internal import bearer_ok, http_client
+from quanta.internal import HUB_PEER, bearer_ok, credential, http_client
 from quanta.runtime import bind_socket, setup_logging, wait_for_signal
 from quanta.settings import DataDir, load_settings
 
@@ -74,13 +74,13 @@ def install_crl(pem: bytes, pki_dir: Path) -> bool:
 class Hub:
     def __init__(self, root: Path) -> None:
         self.dd = DataDir(root)
-        self.token = p.internal_token(self.dd.internal_secret())
+        self.token = credential(self.dd.internal_secret(), HUB_PEER)
         self.peers: dict[ServerConnection, Register] = {}
 
     def _authorise(self, conn: ServerConnection, request):  # type: ignore[no-untyped-def]
         if not bearer_ok(request.headers.get("Authorization"), self.token):
-            log.warning("hub connection from %s refused: missing or wrong internal token", conn.remote_address)
-            return conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong internal token\n")
+            log.warning("hub connection from %s refused: missing or wrong internal credential", conn.remote_address)
+            return conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong internal credential\n")
         return None
 
     async def handler(self, conn: ServerConnection) -> None:
@@ -132,7 +132,7 @@ async def run_client(root: Path) -> None:
     settings = load_settings(root)
     setup_logging("hub-client", settings.log_level)
     dd = DataDir(root)
-    token = p.internal_token(dd.internal_secret())
+    token = credential(dd.internal_secret(), HUB_PEER)
     stop = asyncio.Event()
     waiter = asyncio.create_task(wait_for_signal())
     waiter.add_done_callback(lambda _: stop.set())

@@ -562,7 +562,7 @@ class Switch:
                     await self._send_core(p.Delivered(instruction_id=iid, device_ids=due))
 
     async def _core_link(self) -> None:
-        headers = {"Authorization": f"Bearer {p.internal_token(self.secret)}"}
+        headers = {"Authorization": f"Bearer {p.credential(self.secret, 'core', 'switch')}"}
         delay = 0.2
         while True:
             try:

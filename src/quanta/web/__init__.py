@@ -9,12 +9,12 @@ import uvicorn
 from fastapi import FastAPI
 
 from quanta import background, portal
-from quanta import protocol as p
 from quanta.background import ContentStore
 from quanta.background.auth import DeviceVerifier
 from quanta.catalog.app import CatalogClient
 from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
+from quanta.internal import BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, credential
 from quanta.pki import Pki, Signer
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, Settings, core_link_max_bytes, load_settings
@@ -36,10 +36,13 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
     dd = DataDir(root)
     pki = Pki(dd.pki)
     content = ContentStore(dd.content)
-    token = p.internal_token(dd.internal_secret())
+    secret = dd.internal_secret()
+    replication = credential(secret, BACKGROUND_REPLICATION)
     if settings.role in ("single", "master"):
         api = ConsumerApi(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)),
-                          Signer.from_file(pki.signing_key), core_url=settings.core_http_url(), core_token=token,
+                          Signer.from_file(pki.signing_key), core_url=settings.core_http_url(),
+                          core_token=credential(secret, CONSUMER_TO_CORE),
+                          coordinator_token=credential(secret, CONSUMER_TO_COORDINATOR), replication_token=replication,
                           content=content, ca_file=str(pki.ca_crt),
                           coordinator_url=f"https://{_loopback_name(settings.internal_host)}:{settings.port('coordinator')}",
                           approval_ttl=settings.approval_ttl, replicate_to=settings.replicate_to,
@@ -51,8 +54,8 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
     if settings.role in ("single", "response"):
         app.include_router(core_proxy.router(f"http://{settings.internal_host}:{settings.port('core')}",
                                              f"ws://{settings.internal_host}:{settings.port('core')}/Core/Switch",
-                                             token, core_link_max_bytes(settings.max_message_bytes)))
-    app.include_router(background.router(content, DeviceVerifier(pki.ca_crt, pki.crl), replication_token=token))
+                                             secret, core_link_max_bytes(settings.max_message_bytes)))
+    app.include_router(background.router(content, DeviceVerifier(pki.ca_crt, pki.crl), replication_token=replication))
     return app
 
 

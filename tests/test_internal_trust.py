@@ -1,0 +1,230 @@
+"""Internal trust: one credential per internal hop, and internal services answer nothing without it.
+
+Every receiver is asked with every hop's credential (and with the raw installation secret, the
+token every hop shared before, a credential of another installation and none): only its own
+hops' credentials open it. Every route of the Core's and the Coordinator's apps (health, the
+OpenAPI document and unknown paths included) is refused without a credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.routing import APIRoute, APIWebSocketRoute
+from starlette.routing import Route
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import InvalidStatus
+
+from quanta.core.app import create_app as core_app
+from quanta.core.service import Core
+from quanta.coordinator.app import create_app as coordinator_app
+from quanta.coordinator.service import Coordinator
+from quanta.hub import Hub
+from quanta.internal import (BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, COORDINATOR_TO_CORE,
+                             HOPS, HUB_PEER, SWITCH_TO_CORE, credential, credentials_ok)
+from quanta.pki import Signer
+from quanta.settings import DataDir, load_settings
+from quanta.web import build_app
+
+from conftest import free_port, quanta
+
+OTHER_SECRET = bytes(32)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    r = tmp_path_factory.mktemp("trust") / "server"
+    quanta("init", str(r), "--server-name", "localhost", "--port", f"core={free_port()}")
+    return r
+
+
+def _candidates(secret: bytes) -> dict[str, str | None]:
+    """Every credential an attacker might hold: each hop's, the old shared token, the secret itself,
+    another installation's credential for the right hop, and none."""
+    c: dict[str, str | None] = {f"{h.service}/{h.purpose}": credential(secret, h) for h in HOPS}
+    c["legacy shared token"] = hmac.new(secret, b"quanta-core-internal", hashlib.sha256).hexdigest()
+    c["raw secret"] = secret.hex()
+    c.update({f"other installation {h.service}/{h.purpose}": credential(OTHER_SECRET, h) for h in HOPS})
+    c["none"] = None
+    return c
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
+def _matrix(secret: bytes, accepted: set[object], opens: Callable[[str | None], bool]) -> None:
+    own = {f"{h.service}/{h.purpose}" for h in HOPS if h in accepted}
+    got = {name for name, token in _candidates(secret).items() if opens(token)}
+    assert got == own, f"opened by {sorted(got)}, expected exactly {sorted(own)}"
+
+
+def test_credentials_are_distinct_and_derived_per_purpose() -> None:
+    secret = bytes(range(32))
+    tokens = [credential(secret, h) for h in HOPS]
+    assert len(set(tokens)) == len(HOPS) and all(len(t) == 64 for t in tokens)
+    assert credential(secret, SWITCH_TO_CORE) == hmac.new(secret, b"quanta/core/switch", hashlib.sha256).hexdigest()
+    assert not credentials_ok(None, tokens) and not credentials_ok("Bearer ", tokens)
+    assert credentials_ok(f"Bearer {tokens[3]}", tokens) and not credentials_ok(f"Bearer {tokens[3]}x", tokens)
+
+
+@pytest.fixture(scope="module")
+def secret(root: Path) -> bytes:
+    return DataDir(root).internal_secret()
+
+
+@pytest.fixture(scope="module")
+def core_client(root: Path, secret: bytes) -> Iterator[TestClient]:
+    engine = sa.create_engine(f"sqlite:///{root / 'master.db'}")
+    yield TestClient(core_app(Core(engine, engine, secret), secret))  # no lifespan: nothing is started
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def coordinator_client(root: Path, secret: bytes) -> Iterator[TestClient]:
+    engine = sa.create_engine(f"sqlite:///{root / 'master.db'}")
+    dd = DataDir(root)
+    coord = Coordinator(engine, Signer.from_file(dd.pki / "signing.key"), "http://127.0.0.1:9", "x")
+    yield TestClient(coordinator_app(coord, secret))
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def web_client(root: Path) -> TestClient:
+    return TestClient(build_app(root, load_settings(root)))
+
+
+def test_core_http_opens_only_for_the_consumer_api_and_the_coordinator(core_client: TestClient, secret: bytes) -> None:
+    _matrix(secret, {CONSUMER_TO_CORE, COORDINATOR_TO_CORE},
+            lambda t: core_client.get("/Core/health", headers=_headers(t)).status_code == 200)
+    _matrix(secret, {CONSUMER_TO_CORE, COORDINATOR_TO_CORE},
+            lambda t: core_client.post("/Core/Instructions/1/Wait?timeout=0", headers=_headers(t)).status_code == 200)
+
+
+def test_core_switch_link_opens_only_for_a_switch(core_client: TestClient, secret: bytes) -> None:
+    def opens(token: str | None) -> bool:
+        try:
+            with core_client.websocket_connect("/Core/Switch", headers=_headers(token)) as ws:
+                ws.close()
+            return True
+        except WebSocketDisconnect as e:
+            assert e.code == 1008
+            return False
+
+    _matrix(secret, {SWITCH_TO_CORE}, opens)
+
+
+def test_coordinator_opens_only_for_the_consumer_api(coordinator_client: TestClient, secret: bytes) -> None:
+    _matrix(secret, {CONSUMER_TO_COORDINATOR},
+            lambda t: coordinator_client.get("/Coordinator/health", headers=_headers(t)).status_code == 200)
+
+
+def test_core_relay_on_the_public_port_opens_only_for_the_cores_http_callers(web_client: TestClient,
+                                                                               secret: bytes) -> None:
+    # nothing listens on the Core port: a relayed request is a 502, a refused one a 401
+    _matrix(secret, {CONSUMER_TO_CORE, COORDINATOR_TO_CORE},
+            lambda t: web_client.post("/Core/Instructions/1/Wait", headers=_headers(t)).status_code == 502)
+
+    def switch_opens(token: str | None) -> bool:
+        try:
+            with web_client.websocket_connect("/Core/Switch", headers=_headers(token)):
+                pass
+        except WebSocketDisconnect as e:
+            return e.code != 1008  # 1011: authenticated, but the Core behind it is down
+        return True
+
+    _matrix(secret, {SWITCH_TO_CORE}, switch_opens)
+
+
+def test_background_replication_opens_only_for_the_master(web_client: TestClient, secret: bytes) -> None:
+    data = b"replicated content"
+    digest = hashlib.sha256(data).hexdigest()
+    _matrix(secret, {BACKGROUND_REPLICATION},
+            lambda t: web_client.put(f"/Background/{digest}", content=data, headers=_headers(t)).status_code == 201)
+
+
+def test_hub_opens_only_for_a_peer_host(root: Path, secret: bytes) -> None:
+    hub = Hub(root)
+
+    async def handler(conn) -> None:  # type: ignore[no-untyped-def]
+        await conn.close()
+
+    async def run() -> None:
+        async with serve(handler, "127.0.0.1", 0, process_request=hub._authorise) as server:
+            port = server.sockets[0].getsockname()[1]
+
+            async def opens(token: str | None) -> bool:
+                try:
+                    async with connect(f"ws://127.0.0.1:{port}/Hub", additional_headers=_headers(token)):
+                        return True
+                except InvalidStatus as e:
+                    assert e.response.status_code == 401
+                    return False
+
+            results = {name: await opens(t) for name, t in _candidates(secret).items()}
+            assert {n for n, ok in results.items() if ok} == {f"{HUB_PEER.service}/{HUB_PEER.purpose}"}
+
+    asyncio.run(run())
+
+
+# ------------------------------------------------------------------ nothing without a credential
+def _routes(client: TestClient) -> list[tuple[str, str]]:
+    app = client.app.fastapi  # type: ignore[attr-defined]
+    out = []
+    for r in app.routes:
+        if isinstance(r, APIWebSocketRoute):
+            out.append(("WS", r.path))
+        elif isinstance(r, (APIRoute, Route)):
+            out += [(m, r.path) for m in sorted(r.methods or ()) if m != "HEAD"]
+    return out
+
+
+@pytest.mark.parametrize("which", ["core", "coordinator"])
+def test_every_internal_route_refuses_a_request_without_its_credential(which: str, request: pytest.FixtureRequest,
+                                                                        secret: bytes) -> None:
+    client: TestClient = request.getfixturevalue(f"{which}_client")
+    routes = _routes(client)
+    paths = {p for _, p in routes}
+    assert {f"/{which.title()}/openapi.json", f"/{which.title()}/health"} <= paths  # the enumeration sees them
+    wrong = credential(secret, SWITCH_TO_CORE if which == "coordinator" else CONSUMER_TO_COORDINATOR)
+    for method, path in routes + [("GET", "/"), ("GET", "/docs"), ("GET", "/nothing/here"), ("POST", "/openapi.json")]:
+        concrete = path.replace("{instruction_id}", "1").replace("{iid}", "1")
+        for headers in ({}, _headers(wrong), {"Authorization": "Basic " + credential(secret, CONSUMER_TO_CORE)}):
+            if method == "WS":
+                with pytest.raises(WebSocketDisconnect) as ei:
+                    with client.websocket_connect(concrete, headers=headers):
+                        pass
+                assert ei.value.code == 1008, (path, headers)
+            else:
+                r = client.request(method, concrete, headers=headers)
+                assert r.status_code == 401, (method, path, headers, r.status_code)
+                assert r.json() == {"detail": "missing or wrong internal credential"}
+
+
+def test_the_public_port_serves_no_core_health_or_openapi(web_client: TestClient, secret: bytes) -> None:
+    assert web_client.get("/Consumer/health").status_code == 200
+    good = _headers(credential(secret, CONSUMER_TO_CORE))
+    for path in ("/Core/health", "/Core/openapi.json", "/Core/docs", "/Core/Instructions/1/Issue/../../health"):
+        assert web_client.get(path).status_code == 401, path
+        assert web_client.get(path, headers=good).status_code in (404, 405), path
+    assert web_client.post("/Core/health", headers=good).status_code == 404
+    assert web_client.post("/Core/Instructions/99999999999999999999/Issue", headers=good).status_code == 404
+    assert web_client.get("/Core/Instructions/1/Issue", headers=good).status_code == 404
+
+
+def test_no_credential_is_logged_when_one_is_refused(core_client: TestClient, secret: bytes,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    wrong = credential(secret, HUB_PEER)
+    with caplog.at_level("WARNING"):
+        assert core_client.get("/Core/health", headers=_headers(wrong)).status_code == 401
+    assert "refused" in caplog.text and wrong not in caplog.text and secret.hex() not in caplog.text
+
