@@ -119,7 +119,8 @@ class Pki:
     # ---------------------------------------------------------------- creation
     def create(self, server_name: str, extra_names: list[str] | None = None) -> None:
         """Create the CA, server certificate, empty CRL and signing key."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
         ca_key = _new_key()
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
                           x509.NameAttribute(NameOID.COMMON_NAME, f"Quanta CA ({server_name})")])

@@ -41,6 +41,9 @@ class PortError(SystemExit):
 
 
 def setup_logging(component: str, level: str = "INFO") -> None:
+    from quanta.datadir import private_umask
+
+    private_umask()  # every component creates owner-only files (databases, logs, journals, content)
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format=f"%(asctime)s %(levelname)s {component}[%(process)d] %(name)s: %(message)s",

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from quanta.datadir import make_private_dir, tighten
 from quanta.db import is_sqlite, make_engine
 from quanta.db.tables import switch_configuration
 from quanta.pki import Pki, Purpose
@@ -52,8 +53,9 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
         settings = Settings(server_name=server_name, role="dmz", ports=merged, hub_url=hub,
                             crl_url=f"http://{master.server_name}:{master.port('http')}/crl.pem",
                             switch_core_url=core_link, local_switches=rows, switches=switches)
+    make_private_dir(out)
     pki_out = out / "pki"
-    pki_out.mkdir(parents=True)
+    make_private_dir(pki_out)
     src = Pki(mdd.pki)
     for f in ("ca.crt", "crl.pem", "signing.pub", "internal.secret"):
         shutil.copy(mdd.pki / f, pki_out / f)
@@ -61,6 +63,7 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
     src.issue(server_name, pki_out / "server.crt", pki_out / "server.key", purpose=Purpose.SERVER,
               san=[server_name, "localhost", "127.0.0.1"])
     save_settings(out, settings)
+    tighten(out)  # the exported directory holds the internal secret and a server key: owner only
     # the Master learns about the new host
     engine = make_engine(mdd.master_url(master))
     with engine.begin() as c:

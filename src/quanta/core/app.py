@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, WebSocket, W
 from quanta import protocol as p
 from quanta.db import make_engine
 from quanta.internal import CORE_HTTP, CORE_SWITCH, InternalAuth, credential, credentials_ok
+from quanta.datadir import tighten
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, core_link_max_bytes, load_settings
 
@@ -114,6 +115,8 @@ async def serve(root: Path) -> None:
     settings = load_settings(root)
     dd = DataDir(root)
     setup_logging("core", settings.log_level)
+    for path in tighten(root):  # an installation made before the modes were enforced
+        log.warning("made %s private (it was readable by other users)", path)
     secret = dd.internal_secret()
     core = Core(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)), secret)
     app = create_app(core, secret)

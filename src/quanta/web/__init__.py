@@ -16,6 +16,7 @@ from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
 from quanta.internal import BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, credential
 from quanta.pki import Pki, Signer
+from quanta.datadir import tighten
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, Settings, core_link_max_bytes, load_settings
 
@@ -62,6 +63,8 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
 async def serve(root: Path) -> None:
     settings = load_settings(root)
     setup_logging("web", settings.log_level)
+    for path in tighten(root):  # an installation made before the modes were enforced
+        log.warning("made %s private (it was readable by other users)", path)
     pki = Pki(DataDir(root).pki)
     app = build_app(root, settings)
     sock = bind_socket(settings.bind_host, settings.port("https"), "https")
