@@ -11,6 +11,8 @@ if TYPE_CHECKING:
     from quanta.settings import Settings
 
 CONFIG_FILE = "quanta.toml"
+# master database URL -> the PKI directory whose secrets key seals its stored secrets (quanta.secretbox)
+SECRET_KEY_DIRS: dict[str, Path] = {}
 PRIVATE_UMASK = 0o077  # files this process creates: owner only (0600 files, 0700 directories)
 
 
@@ -99,7 +101,9 @@ class DataDir(NamedTuple):
         return self.root / "admin.credentials"
 
     def master_url(self, s: Settings) -> str:
-        return s.database_url or f"sqlite:///{self.master_db}"
+        url = s.database_url or f"sqlite:///{self.master_db}"
+        SECRET_KEY_DIRS[url] = self.pki  # its stored secrets are sealed with this installation's key
+        return url
 
     def responses_url(self, s: Settings) -> str:
         return s.responses_database_url or s.database_url or f"sqlite:///{self.responses_db}"
