@@ -130,6 +130,16 @@ class InternalAuth:
         await send({"type": "http.response.body", "body": body})
 
 
+def with_tls(config: Any, ctx: ssl.SSLContext) -> Any:
+    """A ``uvicorn.Config`` serving TLS with ``ctx`` (Quanta's policy, quanta.pki.tls_server_context)
+    instead of the context uvicorn builds from its options, which offers every cipher suite of
+    OpenSSL's default list (CBC included) and cannot set a minimum version. The config keeps its
+    certificate options, so it still knows it serves https."""
+    config.load()
+    config.ssl = ctx
+    return config
+
+
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, httpx.AsyncClient]] = (
     weakref.WeakKeyDictionary())
 

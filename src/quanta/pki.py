@@ -39,6 +39,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from quanta.signing import Signer, Verifier, client_context  # re-exported: one import for server code
 
+# Every TLS listener's policy (:func:`harden_server_context`): TLS 1.2 and 1.3 only; in TLS 1.2
+# ephemeral ECDH with AEAD ciphers only (no CBC, so no LUCKY13; no RSA key exchange; no SHA-1 MACs).
+# TLS 1.3's suites are all AEAD (AES-GCM, ChaCha20-Poly1305) and OpenSSL's default list is kept.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:!CBC"
+CRL_PATH = "/crl.pem"  # on the HTTP port (quanta.http_tier), the seed's CRL distribution point
+
 CA_DAYS = 3650
 LEAF_DAYS = 825
 CRL_DAYS = 30
@@ -147,6 +153,18 @@ class Pki:
         self.signing_pub.write_bytes(sk.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
+    def crl_url(self) -> str | None:
+        """Where the CRL of this CA is published: the HTTP port of the server whose data directory
+        holds this PKI (``http://<server name>[:<http port>]/crl.pem``), None outside a data directory."""
+        root = self.root.parent
+        if not (root / "quanta.toml").exists():
+            return None
+        from quanta.settings import load_settings  # lazy: settings is heavier than this module
+
+        s = load_settings(root)
+        port = s.port("http")
+        return f"http://{s.server_name}{'' if port == 80 else f':{port}'}{CRL_PATH}"
+
     def _load_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         ca = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
         key = serialization.load_pem_private_key(self.ca_key.read_bytes(), None)
@@ -164,7 +182,7 @@ class Pki:
         key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey = \
             new_client_key() if purpose is Purpose.DEVICE else _new_key()
         cert = leaf_certificate(ca, ca_key, common_name, key.public_key(), purpose=purpose, san=san,
-                                serial=serial)
+                                serial=serial, crl_url=self.crl_url())
         _write_private(key_path, _key_pem(key))
         crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert
@@ -217,9 +235,7 @@ class Pki:
         """Server-side TLS; with ``require_client_cert`` it is mutual TLS for devices: CRL checks,
         and the handshake refuses any certificate without the device purpose (where OpenSSL's
         verification can be reached, see :func:`quanta.switch.tls.refuse_non_devices`)."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.server_crt, self.server_key)
+        ctx = tls_server_context(self.server_crt, self.server_key)
         if require_client_cert:
             from quanta.switch.tls import refuse_non_devices  # lazy: quanta.switch imports this module
 
@@ -231,11 +247,41 @@ class Pki:
         return ctx
 
 
+def harden_server_context(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Apply Quanta's TLS policy to a server context: TLS 1.2 and 1.3 only, AEAD suites with
+    ephemeral ECDH only (:data:`TLS12_CIPHERS`), no compression, no renegotiation, the server's
+    order of preference. Every listener's context goes through here (web tier, Coordinator,
+    Switch, hub, Catalog over HTTPS, remote hosts' links)."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    return ctx
+
+
+def tls_server_context(certfile: Path | str, keyfile: Path | str, *, client_ca: Path | str | None = None,
+                       crl: Path | str | None = None) -> ssl.SSLContext:
+    """A server context under Quanta's TLS policy for ``certfile``/``keyfile``; with ``client_ca``
+    the peer must present a certificate issued by that CA (mutual TLS), checked against ``crl``
+    if given."""
+    ctx = harden_server_context(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.load_cert_chain(str(certfile), str(keyfile))
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(client_ca))
+        if crl is not None:
+            ctx.load_verify_locations(cafile=str(crl))
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
+
+
 def leaf_certificate(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str,
                      public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey, *, purpose: Purpose,
                      san: list[str] | None = None, serial: int | None = None,
-                     not_before: dt.datetime | None = None) -> x509.Certificate:
-    """A leaf certificate for ``purpose``, signed by the CA (the one place a leaf is built)."""
+                     not_before: dt.datetime | None = None, crl_url: str | None = None) -> x509.Certificate:
+    """A leaf certificate for ``purpose``, signed by the CA (the one place a leaf is built); with
+    ``crl_url``, it names the CA's CRL distribution point (what a relying party, a TLS scanner
+    included, fetches to learn whether it is revoked)."""
     not_before = not_before or _now() - dt.timedelta(minutes=5)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
@@ -255,6 +301,10 @@ def leaf_certificate(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, c
             except ValueError:
                 alt.append(x509.DNSName(n))
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    if crl_url is not None:
+        builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None,
+            crl_issuer=None)]), critical=False)
     return (builder
             .add_extension(_EKU[purpose], critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)

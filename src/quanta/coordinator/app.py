@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from quanta.db import make_engine
-from quanta.internal import COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential, require_bearer
-from quanta.pki import Pki, Signer
+from quanta.internal import (COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential, require_bearer,
+                            with_tls)
+from quanta.pki import Pki, Signer, tls_server_context
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, load_settings
 
@@ -95,6 +96,7 @@ async def serve(root: Path) -> None:
                         approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt))
     sock = bind_socket(settings.internal_host, settings.port("coordinator"), "coordinator")
     log.info("coordinator listening on https %s:%d", settings.internal_host, settings.port("coordinator"))
-    config = uvicorn.Config(create_app(coord, secret), log_level="warning", loop="none",
-                            ssl_certfile=str(pki.server_crt), ssl_keyfile=str(pki.server_key))
+    config = with_tls(uvicorn.Config(create_app(coord, secret), log_level="warning", loop="none",
+                                     ssl_certfile=str(pki.server_crt), ssl_keyfile=str(pki.server_key)),
+                      tls_server_context(pki.server_crt, pki.server_key))
     await uvicorn.Server(config).serve(sockets=[sock])

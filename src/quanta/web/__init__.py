@@ -14,8 +14,8 @@ from quanta.background.auth import DeviceVerifier
 from quanta.catalog.app import CatalogClient
 from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
-from quanta.internal import BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, credential
-from quanta.pki import Pki, Signer
+from quanta.internal import BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, credential, with_tls
+from quanta.pki import Pki, Signer, tls_server_context
 from quanta.datadir import tighten
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, Settings, core_link_max_bytes, load_settings
@@ -71,6 +71,7 @@ async def serve(root: Path) -> None:
     served = (["/Consumer", "/Explorer"] if settings.role in ("single", "master") else []) + \
         (["/Core"] if settings.role in ("single", "response") else []) + ["/Background"]
     log.info("web tier listening on https %s:%d (%s)", settings.bind_host, settings.port("https"), ", ".join(served))
-    config = uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
-                            ssl_keyfile=str(pki.server_key), proxy_headers=False)
+    config = with_tls(uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
+                                     ssl_keyfile=str(pki.server_key), proxy_headers=False),
+                      tls_server_context(pki.server_crt, pki.server_key))
     await uvicorn.Server(config).serve(sockets=[sock])
