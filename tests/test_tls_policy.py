@@ -160,3 +160,29 @@ def test_issued_certificates_name_the_crl_on_the_http_port(running: tuple[Server
     crl = x509.load_pem_x509_crl(r.content)
     ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
     assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+
+
+def test_no_secret_or_credential_reaches_a_log_line(running: tuple[Server, Path]) -> None:
+    """Refusals are logged (who, what), never what was presented; the server's logs hold no
+    credential, no installation secret and no administrator password."""
+    from quanta.internal import CONSUMER_TO_COORDINATOR, HOPS, SWITCH_TO_CORE, credential
+
+    s, _ = running
+    dd = DataDir(s.root)
+    secret = dd.internal_secret()
+    port = load_settings(s.root).port("coordinator")
+    presented = credential(secret, SWITCH_TO_CORE)  # a real credential, at the wrong hop
+    r = httpx.get(f"https://127.0.0.1:{port}/Coordinator/health", verify=False, timeout=10,
+                  headers={"Authorization": f"Bearer {presented}"})
+    assert r.status_code == 401
+    ok = httpx.get(f"https://127.0.0.1:{port}/Coordinator/health", verify=False, timeout=10,
+                   headers={"Authorization": f"Bearer {credential(secret, CONSUMER_TO_COORDINATOR)}"})
+    assert ok.status_code == 200
+    password = dict(line.split("=", 1) for line in dd.admin_credentials.read_text().split())["password"]
+    login = httpx.post(f"https://127.0.0.1:{s.https}/Consumer/Authentication/Token", verify=False, timeout=10,
+                       json={"username": "admin", "password": password + "x"})
+    assert login.status_code in (401, 429)
+    texts = s.log_text() + "".join(p.read_text(errors="replace") for p in dd.logs.glob("*") if p.is_file())
+    assert "refused" in texts
+    for needle in [secret.hex(), password, *(credential(secret, h) for h in HOPS)]:
+        assert needle not in texts
