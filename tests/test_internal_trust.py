@@ -28,10 +28,10 @@ from quanta.core.app import create_app as core_app
 from quanta.core.service import Core
 from quanta.coordinator.app import create_app as coordinator_app
 from quanta.coordinator.service import Coordinator
-from quanta.hub import Hub
+from quanta.hub import Hub, server_tls
 from quanta.internal import (BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, COORDINATOR_TO_CORE,
                              HOPS, HUB_PEER, SWITCH_TO_CORE, credential, credentials_ok)
-from quanta.pki import Signer
+from quanta.pki import Pki, Purpose, Signer, client_context
 from quanta.settings import DataDir, load_settings
 from quanta.web import build_app
 
@@ -152,19 +152,22 @@ def test_background_replication_opens_only_for_the_master(web_client: TestClient
             lambda t: web_client.put(f"/Background/{digest}", content=data, headers=_headers(t)).status_code == 201)
 
 
-def test_hub_opens_only_for_a_peer_host(root: Path, secret: bytes) -> None:
+def test_hub_opens_only_for_a_peer_host(root: Path, secret: bytes, tmp_path: Path) -> None:
     hub = Hub(root)
+    pki = Pki(DataDir(root).pki)
+    pki.issue("dmz1", tmp_path / "host.crt", tmp_path / "host.key", purpose=Purpose.HOST)
+    tls = client_context(pki.ca_crt, tmp_path / "host.crt", tmp_path / "host.key")
 
     async def handler(conn) -> None:  # type: ignore[no-untyped-def]
         await conn.close()
 
     async def run() -> None:
-        async with serve(handler, "127.0.0.1", 0, process_request=hub._authorise) as server:
+        async with serve(handler, "127.0.0.1", 0, ssl=server_tls(pki), process_request=hub._authorise) as server:
             port = server.sockets[0].getsockname()[1]
 
             async def opens(token: str | None) -> bool:
                 try:
-                    async with connect(f"ws://127.0.0.1:{port}/Hub", additional_headers=_headers(token)):
+                    async with connect(f"wss://localhost:{port}/Hub", ssl=tls, additional_headers=_headers(token)):
                         return True
                 except InvalidStatus as e:
                     assert e.response.status_code == 401

@@ -5,6 +5,8 @@ Files under ``DIR/pki``::
 
     ca.crt ca.key            the issuing CA (keep ca.key offline in production)
     server.crt server.key    web tier, Switch and Background Channel certificate
+    host.crt host.key        a remote host's client certificate (Purpose.HOST: hub, cross-host links)
+    secrets.key              Fernet key sealing secrets stored in the database (quanta.secretbox)
     crl.pem                  certificate revocation list, re-signed on every revocation
     revoked.json             serial -> device name, the CRL's source of truth
     signing.key signing.pub  instruction signing key pair (Ed25519)
@@ -14,7 +16,9 @@ Every certificate has one purpose (:class:`Purpose`), spelled in its extended ke
 - a **device** certificate carries ``clientAuth`` and :data:`DEVICE_PURPOSE`; only these are
   accepted on the Switch and the Background Channel (:func:`device_refusal`);
 - an **interaction** certificate (the agent's local interaction port) carries ``serverAuth`` only;
-- a **server** certificate (web tier, Switch, remote hosts' certificates) carries ``serverAuth`` only.
+- a **server** certificate (web tier, Switch, remote hosts' certificates) carries ``serverAuth`` only;
+- a **host** certificate (a remote Response Stack's or DMZ server's identity towards the Master hub
+  and the cross-host links) carries ``clientAuth`` and :data:`HOST_PURPOSE` (:func:`host_refusal`).
 
 Certificates issued before purposes existed carry no :data:`DEVICE_PURPOSE` and are refused as
 devices; the operator re-enrols such a device with ``quanta enroll --replace``.
@@ -53,6 +57,9 @@ CRL_DAYS = 30
 # UUID arc 2.25 (ITU-T X.667 / ISO/IEC 9834-8: an OID made of a random UUID needs no registration
 # and collides with no one's); UUID 9e514508-f00f-45f2-aead-8a388842c950.
 DEVICE_PURPOSE = x509.ObjectIdentifier("2.25.210439999573940847600489727119430175056")
+# The extended key usage of a Quanta host certificate: a remote Response Stack's or DMZ server's
+# identity on the Master hub and the cross-host links (UUID 6f1c2b1e-3d0a-4c1e-9a55-2c7e8f4d9b31).
+HOST_PURPOSE = x509.ObjectIdentifier("2.25.147690566383513503837353854691684752177")
 REENROL_HINT = "re-enrol the device with 'quanta enroll DIR --device NAME --out AGENTDIR --replace'"
 
 
@@ -62,12 +69,14 @@ class Purpose(str, enum.Enum):
     DEVICE = "device"  # an agent's identity on the Switch and the Background Channel
     INTERACTION = "interaction"  # TLS of the agent's local interaction port
     SERVER = "server"  # a server's TLS (web tier, Switch, a remote host)
+    HOST = "host"  # a remote host's client identity on the Master hub and the cross-host links
 
 
 _EKU: dict[Purpose, x509.ExtendedKeyUsage] = {
     Purpose.DEVICE: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, DEVICE_PURPOSE]),
     Purpose.INTERACTION: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
     Purpose.SERVER: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+    Purpose.HOST: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, HOST_PURPOSE]),
 }
 
 
@@ -117,6 +126,8 @@ class Pki:
     ca_key = property(lambda self: self.root / "ca.key")
     server_crt = property(lambda self: self.root / "server.crt")
     server_key = property(lambda self: self.root / "server.key")
+    host_crt = property(lambda self: self.root / "host.crt")
+    host_key = property(lambda self: self.root / "host.key")
     crl = property(lambda self: self.root / "crl.pem")
     revoked_index = property(lambda self: self.root / "revoked.json")
     signing_key = property(lambda self: self.root / "signing.key")
@@ -327,6 +338,22 @@ def device_refusal(cert: x509.Certificate) -> str | None:
     if ExtendedKeyUsageOID.SERVER_AUTH in eku:
         return "not a device certificate (a server or interaction-port certificate)"
     return f"not a device certificate (no Quanta device purpose: issued before certificate purposes? {REENROL_HINT})"
+
+
+def host_refusal(cert: x509.Certificate) -> str | None:
+    """Why ``cert`` is not a Quanta host certificate (:data:`HOST_PURPOSE`), or None if it is. A
+    device certificate, issued by the same CA for client authentication, is not one."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return "not a host certificate (no extended key usage)"
+    except ValueError:
+        return "not a host certificate (its extensions cannot be parsed)"
+    if HOST_PURPOSE in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku:
+        return None
+    if DEVICE_PURPOSE in eku:
+        return "not a host certificate (a device certificate)"
+    return "not a host certificate (no Quanta host purpose: re-export the host with 'quanta host export')"
 
 
 def peer_device(der: bytes) -> tuple[int, str, str | None]:

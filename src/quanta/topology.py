@@ -1,8 +1,9 @@
 """Remote hosts of the seed's topologies: a remote Response Stack and a DMZ server.
 
 ``quanta host export MASTERDIR --role response|dmz ...`` writes the data directory for such a
-host: its own server certificate (issued by the installation CA, whose key stays on the
-Master), the CA certificate, the CRL, the instruction-signing public key, the internal secret,
+host: its own server certificate and host certificate (its client identity towards the Master
+hub, Purpose.HOST; both issued by the installation CA, whose key stays on the Master), the CA
+certificate, the CRL, the instruction-signing public key, the internal secret,
 and settings that point it at the Master hub, the Core and the CRL distribution point. It also
 records the host's Switches in SwitchConfiguration and, for a DMZ server, adds its Background
 Channel to the Master's content replication list. Copy the directory to that host and run
@@ -35,7 +36,7 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
         raise TopologyError("role must be response or dmz")
     if out.exists() and any(out.iterdir()):
         raise TopologyError(f"{out} is not empty")
-    hub = f"ws://{master.server_name}:{master.port('hub')}/Hub"
+    hub = f"wss://{master.server_name}:{master.port('hub')}/Hub"  # mutual TLS (quanta.hub)
     merged = dict(master.ports) | (ports or {}) | {"https": https_port, "switch": switch_port}
     rows = [dict(Name=f"{server_name}-switch-{i + 1}", Host=server_name, Port=switch_port + 2 * i)
             for i in range(switches)]
@@ -62,6 +63,8 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
     os.chmod(pki_out / "internal.secret", 0o600)
     src.issue(server_name, pki_out / "server.crt", pki_out / "server.key", purpose=Purpose.SERVER,
               san=[server_name, "localhost", "127.0.0.1"])
+    # its identity towards the Master hub (mutual TLS): a host certificate, not a server or device one
+    src.issue(server_name, pki_out / "host.crt", pki_out / "host.key", purpose=Purpose.HOST)
     save_settings(out, settings)
     tighten(out)  # the exported directory holds the internal secret and a server key: owner only
     # the Master learns about the new host
