@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import InvalidStatus
 
+from quanta.background.auth import HOST_HEADERS, sign_request
 from quanta.core.app import create_app as core_app
 from quanta.core.service import Core
 from quanta.coordinator.app import create_app as coordinator_app
@@ -128,15 +130,18 @@ def test_coordinator_opens_only_for_the_consumer_api(coordinator_client: TestCli
             lambda t: coordinator_client.get("/Coordinator/health", headers=_headers(t)).status_code == 200)
 
 
-def test_core_relay_on_the_public_port_opens_only_for_the_cores_http_callers(web_client: TestClient,
+def test_core_relay_on_the_public_port_opens_only_for_the_cores_http_callers(web_client: TestClient, root: Path,
                                                                                secret: bytes) -> None:
     # nothing listens on the Core port: a relayed request is a 502, a refused one a 401
+    signed = _host(root, "POST", "/Core/Instructions/1/Wait")
     _matrix(secret, {CONSUMER_TO_CORE, COORDINATOR_TO_CORE},
-            lambda t: web_client.post("/Core/Instructions/1/Wait", headers=_headers(t)).status_code == 502)
+            lambda t: web_client.post("/Core/Instructions/1/Wait",
+                                      headers={**signed, **_headers(t)}).status_code == 502)
 
     def switch_opens(token: str | None) -> bool:
         try:
-            with web_client.websocket_connect("/Core/Switch", headers=_headers(token)):
+            with web_client.websocket_connect("/Core/Switch",
+                                              headers={**_host(root, "GET", "/Core/Switch"), **_headers(token)}):
                 pass
         except WebSocketDisconnect as e:
             return e.code != 1008  # 1011: authenticated, but the Core behind it is down
@@ -145,11 +150,66 @@ def test_core_relay_on_the_public_port_opens_only_for_the_cores_http_callers(web
     _matrix(secret, {SWITCH_TO_CORE}, switch_opens)
 
 
-def test_background_replication_opens_only_for_the_master(web_client: TestClient, secret: bytes) -> None:
+def test_background_replication_opens_only_for_the_master(web_client: TestClient, root: Path, secret: bytes) -> None:
     data = b"replicated content"
     digest = hashlib.sha256(data).hexdigest()
+    signed = _host(root, "PUT", f"/Background/{digest}")
     _matrix(secret, {BACKGROUND_REPLICATION},
-            lambda t: web_client.put(f"/Background/{digest}", content=data, headers=_headers(t)).status_code == 201)
+            lambda t: web_client.put(f"/Background/{digest}", content=data,
+                                     headers={**signed, **_headers(t)}).status_code == 201)
+
+
+def _host(root: Path, method: str, path: str, pki_dir: Path | None = None, now: float | None = None) -> dict[str, str]:
+    """The host-certificate proof a remote host adds on a cross-host link."""
+    d = pki_dir or DataDir(root).pki
+    return sign_request(method, path, (d / "host.crt").read_bytes(), (d / "host.key").read_bytes(), now=now,
+                        names=HOST_HEADERS)
+
+
+@pytest.fixture(scope="module")
+def stranger(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    r = tmp_path_factory.mktemp("stranger") / "server"
+    quanta("init", str(r), "--server-name", "localhost", "--port", f"core={free_port()}")
+    return r
+
+
+def test_cross_host_links_refuse_a_peer_without_a_host_certificate_of_the_installation(
+        web_client: TestClient, root: Path, stranger: Path, secret: bytes, tmp_path: Path) -> None:
+    """The /Core relay (HTTP and the Switch link) and replication want the right credential AND a
+    fresh signature by a host certificate of this installation's CA, for this method and path."""
+    pki = Pki(DataDir(root).pki)
+    pki.issue("dev-x", tmp_path / "device.crt", tmp_path / "device.key")  # a device of this installation
+    data = b"payload"
+    digest = hashlib.sha256(data).hexdigest()
+    links = [("POST", "/Core/Instructions/1/Wait", credential(secret, CONSUMER_TO_CORE), 502),
+             ("PUT", f"/Background/{digest}", credential(secret, BACKGROUND_REPLICATION), 201),
+             ("WS", "/Core/Switch", credential(secret, SWITCH_TO_CORE), None)]
+    for method, path, token, ok_status in links:
+        verb = "GET" if method == "WS" else method
+        proofs = {
+            "none": {},
+            "a device certificate": sign_request(verb, path, (tmp_path / "device.crt").read_bytes(),
+                                                 (tmp_path / "device.key").read_bytes(), names=HOST_HEADERS),
+            "another installation's host": _host(root, verb, path, pki_dir=DataDir(stranger).pki),
+            "signed for another path": _host(root, verb, "/Core/Instructions/2/Issue"),
+            "signed for another method": _host(root, "DELETE", path),
+            "stale": _host(root, verb, path, now=time.time() - 3600),
+            "garbage": {HOST_HEADERS[0]: "!!", HOST_HEADERS[1]: "1", HOST_HEADERS[2]: "x"},
+        }
+        for what, proof in {**proofs, "good": _host(root, verb, path)}.items():
+            headers = {**proof, **_headers(token)}
+            if method == "WS":
+                try:
+                    with web_client.websocket_connect(path, headers=headers):
+                        pass
+                    code = None
+                except WebSocketDisconnect as e:
+                    code = e.code
+                assert (code != 1008) == (what == "good"), (path, what, code)
+            else:
+                r = web_client.request(method, path, headers=headers, content=data)
+                want = ok_status if what == "good" else 403
+                assert r.status_code == want, (path, what, r.status_code, r.text)
 
 
 def test_hub_opens_only_for_a_peer_host(root: Path, secret: bytes, tmp_path: Path) -> None:
@@ -213,15 +273,18 @@ def test_every_internal_route_refuses_a_request_without_its_credential(which: st
                 assert r.json() == {"detail": "missing or wrong internal credential"}
 
 
-def test_the_public_port_serves_no_core_health_or_openapi(web_client: TestClient, secret: bytes) -> None:
+def test_the_public_port_serves_no_core_health_or_openapi(web_client: TestClient, root: Path, secret: bytes) -> None:
     assert web_client.get("/Consumer/health").status_code == 200
-    good = _headers(credential(secret, CONSUMER_TO_CORE))
+    token = _headers(credential(secret, CONSUMER_TO_CORE))
     for path in ("/Core/health", "/Core/openapi.json", "/Core/docs", "/Core/Instructions/1/Issue/../../health"):
         assert web_client.get(path).status_code == 401, path
-        assert web_client.get(path, headers=good).status_code in (404, 405), path
-    assert web_client.post("/Core/health", headers=good).status_code == 404
-    assert web_client.post("/Core/Instructions/99999999999999999999/Issue", headers=good).status_code == 404
-    assert web_client.get("/Core/Instructions/1/Issue", headers=good).status_code == 404
+        assert web_client.get(path, headers=token).status_code == 403, path  # no host proof
+        good = {**token, **_host(root, "GET", web_client.build_request("GET", path).url.path)}
+        assert web_client.get(path, headers=good).status_code == 404, path  # and even with it: not relayed
+    for method, path in (("POST", "/Core/health"), ("POST", "/Core/Instructions/99999999999999999999/Issue"),
+                         ("GET", "/Core/Instructions/1/Issue"), ("POST", "/Core/Instructions/-1/Issue")):
+        good = {**token, **_host(root, method, path)}
+        assert web_client.request(method, path, headers=good).status_code == 404, path
 
 
 def test_no_credential_is_logged_when_one_is_refused(core_client: TestClient, secret: bytes,

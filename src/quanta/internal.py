@@ -21,6 +21,7 @@ import logging
 import ssl
 import weakref
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
@@ -130,6 +131,64 @@ class InternalAuth:
         await send({"type": "http.response.body", "body": body})
 
 
+class HostIdentity:
+    """This host's host certificate (``pki/host.crt``, Purpose.HOST), with which it signs its
+    requests on the cross-host links (``X-Quanta-Host-*`` headers, quanta.background.auth): the
+    receiving host checks the certificate is the installation CA's, a host's, not revoked, and the
+    signature over the method, path and time fresh. The web tier's TLS cannot ask browsers for a
+    certificate, so this is the client half of mutual authentication on port 443."""
+
+    def __init__(self, cert_pem: bytes, key_pem: bytes) -> None:
+        self.cert_pem, self.key_pem = cert_pem, key_pem
+
+    @classmethod
+    def of(cls, pki_dir: Path) -> HostIdentity | None:
+        crt, key = Path(pki_dir) / "host.crt", Path(pki_dir) / "host.key"
+        if not crt.exists() or not key.exists():
+            return None
+        return cls(crt.read_bytes(), key.read_bytes())
+
+    def headers(self, method: str, path: str) -> dict[str, str]:
+        from quanta.background.auth import HOST_HEADERS, sign_request
+
+        return sign_request(method, path, self.cert_pem, self.key_pem, names=HOST_HEADERS)
+
+
+_identity_dir: Path | None = None
+_identity: HostIdentity | None = None
+
+
+def present_host_identity(pki_dir: Path) -> None:
+    """Sign this process's HTTPS requests through :func:`http_client` with this host's host
+    certificate, from now on (read at the first request: another process may be issuing it)."""
+    global _identity_dir, _identity
+    _identity_dir, _identity = Path(pki_dir), None
+
+
+def _current_identity() -> HostIdentity | None:
+    global _identity
+    if _identity is None and _identity_dir is not None:
+        _identity = HostIdentity.of(_identity_dir)
+    return _identity
+
+
+def link_headers(pki_dir: Path, url: str, headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` for a WebSocket to ``url``, signed with this host's host certificate when it
+    crosses hosts over TLS (``wss://``): a DMZ Switch's link to the Response Stack's ``/Core``."""
+    if not url.startswith("wss://"):
+        return headers
+    identity = HostIdentity.of(pki_dir)
+    if identity is None:
+        return headers
+    return {**headers, **identity.headers("GET", httpx.URL(url).path)}
+
+
+async def _sign(request: httpx.Request) -> None:
+    identity = _current_identity() if request.url.scheme == "https" else None
+    if identity is not None:
+        request.headers.update(identity.headers(request.method, request.url.path))
+
+
 def with_tls(config: Any, ctx: ssl.SSLContext) -> Any:
     """A ``uvicorn.Config`` serving TLS with ``ctx`` (Quanta's policy, quanta.pki.tls_server_context)
     instead of the context uvicorn builds from its options, which offers every cipher suite of
@@ -167,5 +226,5 @@ def http_client(verify: str | bool | ssl.SSLContext | None = True) -> httpx.Asyn
     client = per_loop.get(key)
     if client is None or client.is_closed:
         ctx = verify if isinstance(verify, ssl.SSLContext) else tls_context(verify)
-        client = per_loop[key] = httpx.AsyncClient(verify=ctx, timeout=30)
+        client = per_loop[key] = httpx.AsyncClient(verify=ctx, timeout=30, event_hooks={"request": [_sign]})
     return client

@@ -157,12 +157,21 @@ class Pki:
         self.ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         names = [server_name, "localhost", "127.0.0.1", *(extra_names or [])]
         self.issue(server_name, self.server_crt, self.server_key, purpose=Purpose.SERVER, san=names)
+        self.issue(server_name, self.host_crt, self.host_key, purpose=Purpose.HOST)
         self.revoked_index.write_text("{}")
         self.write_crl()
         sk = ed25519.Ed25519PrivateKey.generate()
         _write_private(self.signing_key, _key_pem(sk))
         self.signing_pub.write_bytes(sk.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def ensure_host_certificate(self, server_name: str) -> bool:
+        """Issue this host's host certificate if it has none and holds the CA key (a Master made
+        before host certificates existed); True if one was issued."""
+        if self.host_crt.exists() or not self.ca_key.exists():
+            return False
+        self.issue(server_name, self.host_crt, self.host_key, purpose=Purpose.HOST)
+        return True
 
     def crl_url(self) -> str | None:
         """Where the CRL of this CA is published: the HTTP port of the server whose data directory

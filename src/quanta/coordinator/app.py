@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from quanta.db import make_engine
-from quanta.internal import (COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential, require_bearer,
-                            with_tls)
+from quanta.internal import (COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential,
+                            present_host_identity, require_bearer, with_tls)
 from quanta.pki import Pki, Signer, tls_server_context
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, load_settings
@@ -90,6 +90,7 @@ async def serve(root: Path) -> None:
     dd = DataDir(root)
     setup_logging("coordinator", settings.log_level)
     pki = Pki(dd.pki)
+    present_host_identity(pki.root)  # its Issue calls to a remote Response Stack carry its host certificate
     secret = dd.internal_secret()
     coord = Coordinator(make_engine(dd.master_url(settings)), Signer.from_file(pki.signing_key),
                         core_url=settings.core_http_url(), core_token=credential(secret, COORDINATOR_TO_CORE),

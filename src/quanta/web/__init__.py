@@ -10,11 +10,12 @@ from fastapi import FastAPI
 
 from quanta import background, portal
 from quanta.background import ContentStore
-from quanta.background.auth import DeviceVerifier
+from quanta.background.auth import DeviceVerifier, HostVerifier
 from quanta.catalog.app import CatalogClient
 from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
-from quanta.internal import BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, credential, with_tls
+from quanta.internal import (BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, credential,
+                            present_host_identity, with_tls)
 from quanta.pki import Pki, Signer, tls_server_context
 from quanta.datadir import tighten
 from quanta.runtime import bind_socket, setup_logging
@@ -55,7 +56,8 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
     if settings.role in ("single", "response"):
         app.include_router(core_proxy.router(f"http://{settings.internal_host}:{settings.port('core')}",
                                              f"ws://{settings.internal_host}:{settings.port('core')}/Core/Switch",
-                                             secret, core_link_max_bytes(settings.max_message_bytes)))
+                                             secret, core_link_max_bytes(settings.max_message_bytes),
+                                             HostVerifier(pki.ca_crt, pki.crl)))
     app.include_router(background.router(content, DeviceVerifier(pki.ca_crt, pki.crl), replication_token=replication))
     return app
 
@@ -66,6 +68,9 @@ async def serve(root: Path) -> None:
     for path in tighten(root):  # an installation made before the modes were enforced
         log.warning("made %s private (it was readable by other users)", path)
     pki = Pki(DataDir(root).pki)
+    if pki.ensure_host_certificate(settings.server_name):
+        log.info("issued this host's host certificate (%s)", pki.host_crt)
+    present_host_identity(pki.root)  # its calls to remote hosts (relay, replication) carry its host certificate
     app = build_app(root, settings)
     sock = bind_socket(settings.bind_host, settings.port("https"), "https")
     served = (["/Consumer", "/Explorer"] if settings.role in ("single", "master") else []) + \

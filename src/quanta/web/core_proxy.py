@@ -3,7 +3,8 @@
 A remote Consumer API (Master → Response Stack) and a DMZ Switch (DMZ → Response Stack) reach
 the Core through the Response Stack's HTTPS port. This router checks the caller's internal
 credential first (the Consumer API's or the Coordinator's for HTTP, a Switch's for the Switch
-WebSocket: the same hops the Core itself accepts) and relays the request with that same
+WebSocket: the same hops the Core itself accepts) and that it is a host of this installation
+(its host certificate: ``quanta.background.auth.HostVerifier``), and relays the request with that same
 credential, so the relay adds no credential of its own that could open more than the caller's.
 Only the Core's instruction verbs and the Switch link are relayed: the Core's health and OpenAPI
 document never answer on the public port (its only health is ``/Consumer/health``).
@@ -19,14 +20,25 @@ import httpx
 import websockets
 from fastapi import APIRouter, HTTPException, Request, Response, WebSocket, WebSocketDisconnect
 
+from quanta.background.auth import AuthError, HostVerifier
 from quanta.internal import CORE_HTTP, CORE_SWITCH, credential, credentials_ok, http_client
 
 log = logging.getLogger("quanta.web.core")
 RELAYED = re.compile(r"Instructions/[0-9]{1,18}/(Issue|Cancel|Wait)")
 
 
-def router(core_http: str, core_ws: str, secret: bytes, max_frame: int) -> APIRouter:
+def router(core_http: str, core_ws: str, secret: bytes, max_frame: int, hosts: HostVerifier) -> APIRouter:
+    """``hosts``: the caller must also prove it is a host of this installation (its host
+    certificate, ``X-Quanta-Host-*`` headers signed over the method and path)."""
     r = APIRouter()
+
+    def host(method: str, path: str, headers: dict[str, str]) -> str | None:
+        try:
+            hosts.verify(method, path, headers)
+            return None
+        except AuthError as e:
+            return str(e)
+
     http_tokens = [credential(secret, h) for h in CORE_HTTP]
     switch_tokens = [credential(secret, h) for h in CORE_SWITCH]
 
@@ -35,6 +47,9 @@ def router(core_http: str, core_ws: str, secret: bytes, max_frame: int) -> APIRo
         auth = request.headers.get("authorization")
         if not credentials_ok(auth, http_tokens):  # first, before the path is even looked at
             raise HTTPException(401, "missing or wrong internal credential")
+        why = host(request.method, request.url.path, dict(request.headers))
+        if why is not None:
+            raise HTTPException(403, f"host authentication failed: {why}")
         if request.method != "POST" or not RELAYED.fullmatch(path):
             raise HTTPException(404, "not relayed to the Core")
         body = await request.body()
@@ -52,6 +67,11 @@ def router(core_http: str, core_ws: str, secret: bytes, max_frame: int) -> APIRo
         auth = ws.headers.get("authorization")
         if not credentials_ok(auth, switch_tokens):
             log.warning("switch link via /Core from %s refused: missing or wrong internal credential", ws.client)
+            await ws.close(code=1008)
+            return
+        why = host("GET", ws.url.path, dict(ws.headers))
+        if why is not None:
+            log.warning("switch link via /Core from %s refused: host authentication failed: %s", ws.client, why)
             await ws.close(code=1008)
             return
         try:
