@@ -293,4 +293,8 @@ def test_no_credential_is_logged_when_one_is_refused(core_client: TestClient, se
     with caplog.at_level("WARNING"):
         assert core_client.get("/Core/health", headers=_headers(wrong)).status_code == 401
     assert "refused" in caplog.text and wrong not in caplog.text and secret.hex() not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a hostile path cannot forge a log line
+        assert core_client.get("/Core/x%0A2026-01-01 INFO core: forged").status_code == 401
+    assert len(caplog.records) == 1 and "\n" not in caplog.records[0].getMessage()
 

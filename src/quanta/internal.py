@@ -117,7 +117,7 @@ class InternalAuth:
         if credentials_ok(value, self.accepted(scope)):
             return await self.app(scope, receive, send)
         client = scope.get("client")
-        self.log.warning("%s %s from %s refused: missing or wrong internal credential",
+        self.log.warning("%s %r from %s refused: missing or wrong internal credential",
                          "WebSocket" if scope["type"] == "websocket" else scope.get("method", "?"),
                          str(scope.get("path", ""))[:200], client[0] if client else "?")
         if scope["type"] == "websocket":
