@@ -115,8 +115,10 @@ async def serve(root: Path) -> None:
     settings = load_settings(root)
     dd = DataDir(root)
     setup_logging("core", settings.log_level)
-    for path in tighten(root):  # an installation made before the modes were enforced
-        log.warning("made %s private (it was readable by other users)", path)
+    loose = tighten(root)  # an installation made before the modes were enforced
+    if loose:
+        log.warning("made %d path(s) of %s private (they were open to other users): %s%s", len(loose), root,
+                    ", ".join(str(p) for p in loose[:5]), " ..." if len(loose) > 5 else "")
     secret = dd.internal_secret()
     core = Core(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)), secret)
     app = create_app(core, secret)

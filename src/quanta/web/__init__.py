@@ -65,8 +65,10 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
 async def serve(root: Path) -> None:
     settings = load_settings(root)
     setup_logging("web", settings.log_level)
-    for path in tighten(root):  # an installation made before the modes were enforced
-        log.warning("made %s private (it was readable by other users)", path)
+    loose = tighten(root)  # an installation made before the modes were enforced
+    if loose:
+        log.warning("made %d path(s) of %s private (they were open to other users): %s%s", len(loose), root,
+                    ", ".join(str(p) for p in loose[:5]), " ..." if len(loose) > 5 else "")
     pki = Pki(DataDir(root).pki)
     if pki.ensure_host_certificate(settings.server_name):
         log.info("issued this host's host certificate (%s)", pki.host_crt)
