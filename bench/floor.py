@@ -39,7 +39,9 @@ def _pki(tmp: Path) -> tuple[Path, Path, Path]:
     return pki.root, tmp / "client.crt", tmp / "client.key"
 
 
-def _server(pki_root: str, port: int, n: int, rounds: int, q: mp.Queue) -> None:
+def _server(pki_root: str, port: int, n: int, q: mp.Queue, control: mp.Queue) -> None:
+    """The bare server: accepts N connections, then runs one fan-out/fan-in round per "round" command on
+    ``control`` and reports (total seconds, seconds to the first reply, server CPU seconds)."""
     import resource
 
     import uvloop
@@ -54,7 +56,7 @@ def _server(pki_root: str, port: int, n: int, rounds: int, q: mp.Queue) -> None:
 
     async def main() -> None:
         conns: list = []
-        state = {"pending": 0, "done": None}
+        state: dict = {"pending": 0, "done": None, "first": None}
 
         class L(WSListener):
             def on_ws_connected(self, t):  # type: ignore[no-untyped-def]
@@ -65,6 +67,8 @@ def _server(pki_root: str, port: int, n: int, rounds: int, q: mp.Queue) -> None:
 
             def on_ws_frame(self, t, frame):  # type: ignore[no-untyped-def]
                 if frame.msg_type is WSMsgType.BINARY:
+                    if state["first"] is None:
+                        state["first"] = time.perf_counter()
                     state["pending"] -= 1
                     if state["pending"] == 0:
                         state["done"].set()
@@ -75,23 +79,20 @@ def _server(pki_root: str, port: int, n: int, rounds: int, q: mp.Queue) -> None:
         await ws_create_server(lambda _r: L(), "127.0.0.1", port, ssl=ctx, read_buffer_init_size=1024,
                                use_aiofastnet=True, max_frame_size=1 << 20)
         q.put(("ready", None))
-        cpu0, t0 = cpu(), None
+        cpu0 = cpu()
         await all_in.wait()
         q.put(("connected", cpu() - cpu0))
-        await asyncio.sleep(0.5)
-        times, cpus = [], []
-        for _ in range(rounds):
-            state["pending"] = n
-            state["done"] = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        while True:
+            cmd = await loop.run_in_executor(None, control.get)
+            if cmd != "round":
+                return
+            state.update(pending=n, done=asyncio.Event(), first=None)
             c0, t0 = cpu(), time.perf_counter()
             for t in conns:
                 t.send(WSMsgType.BINARY, QUESTION)
             await state["done"].wait()
-            times.append(time.perf_counter() - t0)
-            cpus.append(cpu() - c0)
-            await asyncio.sleep(0.3)
-        q.put(("rounds", (times, cpus)))
-        await asyncio.sleep(3600)
+            q.put(("round", (time.perf_counter() - t0, state["first"] - t0, cpu() - c0)))
 
     uvloop.run(main())
 
@@ -130,47 +131,87 @@ def _clients(ca: str, crt: str, key: str, port: int, n: int, q: mp.Queue) -> Non
     uvloop.run(main())
 
 
-def measure_floor(n: int, rounds: int = 5, processes: int | None = None) -> dict:
-    """Run the bare fan-out/fan-in with N mutual-TLS connections; return the figures."""
-    from quanta.simulate.runner import default_processes
+class FloorRig:
+    """N bare mutual-TLS connections kept open, so that floor rounds can be interleaved with other
+    measurements (bench/question.py: floor, question, floor, question, ... on the same machine state)."""
 
-    ctxmp = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as d:
-        pki_root, crt, key = _pki(Path(d))
+    def __init__(self, n: int, processes: int | None = None) -> None:
+        self.n, self.processes = n, processes
+        self._procs: list = []
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> "FloorRig":
+        from quanta.simulate.runner import default_processes
+
+        ctxmp = mp.get_context("spawn")
+        self._tmp = tempfile.TemporaryDirectory()
+        pki_root, crt, key = _pki(Path(self._tmp.name))
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        q: mp.Queue = ctxmp.Queue()
-        srv = ctxmp.Process(target=_server, args=(str(pki_root), port, n, rounds, q), daemon=True)
-        srv.start()
-        assert q.get(timeout=30)[0] == "ready"
-        P = processes or max(1, default_processes(n))
-        t0 = time.perf_counter()
-        clients = [ctxmp.Process(target=_clients, args=(str(pki_root / "ca.crt"), str(crt), str(key), port,
-                                                        (w + 1) * n // P - w * n // P, q), daemon=True)
-                   for w in range(P)]
-        for c in clients:
-            c.start()
-        out: dict = {"n": n, "client_processes": P}
+        self.q: mp.Queue = ctxmp.Queue()
+        self.control: mp.Queue = ctxmp.Queue()
         try:
-            while "rounds" not in out:
-                kind, val = q.get(timeout=600)
+            srv = ctxmp.Process(target=_server, args=(str(pki_root), port, self.n, self.q, self.control),
+                                daemon=True)
+            srv.start()
+            self._procs.append(srv)
+            assert self.q.get(timeout=30)[0] == "ready"
+            P = self.processes or max(1, default_processes(self.n))
+            t0 = time.perf_counter()
+            for w in range(P):
+                c = ctxmp.Process(target=_clients, args=(str(pki_root / "ca.crt"), str(crt), str(key), port,
+                                                         (w + 1) * self.n // P - w * self.n // P, self.q),
+                                  daemon=True)
+                c.start()
+                self._procs.append(c)
+            self.info: dict = {"n": self.n, "client_processes": P}
+            while "connect_cpu" not in self.info:
+                kind, val = self.q.get(timeout=600)
                 if kind == "connected":
-                    out["connect_seconds"] = time.perf_counter() - t0
-                    out["connect_cpu"] = val
-                elif kind == "rounds":
-                    times, cpus = val
-                    out["rounds"] = times
-                    out["median"] = statistics.median(times)
-                    out["cpu_per_qa_us"] = statistics.median(cpus) / n * 1e6
-        finally:
-            for pr in (srv, *clients):
-                pr.kill()
-                pr.join(5)
-        out["handshake_cpu_ms"] = out["connect_cpu"] / n * 1000
-        return out
+                    self.info["connect_seconds"] = time.perf_counter() - t0
+                    self.info["connect_cpu"] = val
+            self.info["handshake_cpu_ms"] = self.info["connect_cpu"] / self.n * 1000
+        except BaseException:
+            self.__exit__()
+            raise
+        time.sleep(0.5)
+        return self
+
+    def round(self) -> dict:
+        """One fan-out/fan-in: {"seconds", "first" (to the first reply), "cpu" (server CPU seconds)}."""
+        self.control.put("round")
+        while True:
+            kind, val = self.q.get(timeout=600)
+            if kind == "round":
+                total, first, cpu = val
+                return {"seconds": total, "first": first, "cpu": cpu}
+
+    def __exit__(self, *exc: object) -> None:
+        for pr in self._procs:
+            pr.kill()
+            pr.join(5)
+        self._procs.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def measure_floor(n: int, rounds: int = 5, processes: int | None = None) -> dict:
+    """Run the bare fan-out/fan-in with N mutual-TLS connections, ``rounds`` times; return the figures."""
+    with FloorRig(n, processes) as rig:
+        rs = []
+        for _ in range(rounds):
+            rs.append(rig.round())
+            time.sleep(0.3)
+        out = dict(rig.info)
+    out["rounds"] = [r["seconds"] for r in rs]
+    out["median"] = statistics.median(out["rounds"])
+    out["first"] = statistics.median(r["first"] for r in rs)
+    out["cpu_per_qa_us"] = statistics.median(r["cpu"] for r in rs) / n * 1e6
+    return out
 
 
 def main() -> None:

@@ -1,15 +1,20 @@
 """End to end: from issuing a question through the Consumer API until every device has a final
-state and all responses are committed in the Responses database.
+state and all responses are committed in the Responses database, against the floor measured in the
+same run, round by round.
 
     python bench/question.py [--n 1000 10000 50000] [--switches S] [--rounds 5] [--quick]
                              [--database-url postgresql://...]
 
-For each N: measures the floor (bench/floor.py) for each Switch's share of the devices, starts a
-``quanta server`` with S Switches (default: 1 up to 15,000 devices, else 3), enrols N simulated
-devices with ``quanta enroll-batch``, connects them with the fleet simulator, then asks
-``@x = Device.GetSummary();`` ``--rounds`` times. Reports the median, time to first response
-and to 50/95/100 % committed (from the rows' ``updated_at``), and CPU seconds per component.
-The last line holds ``ratio=`` = median / (sum of the per-Switch floors).
+For each N: keeps a floor rig open (bench/floor.py: bare fan-out/fan-in over N/S mutual-TLS
+connections, one Switch's share), starts a ``quanta server`` with S Switches (default: 1 up to 15,000
+devices, else 3), enrols N simulated devices with ``quanta enroll-batch``, connects them with the
+fleet simulator, then runs ``--rounds`` rounds of: one floor round, one question
+(``@x = Device.GetSummary();``). Each round's ratio is its question over its floor (x S); the
+report gives the median of those per-round ratios with their spread, so a machine that drifts during
+the run moves both sides of each ratio alike. Also reported: the issue call, the time to the first
+committed answer beside the floor's time to its first reply, 50/95/100 % committed (from the rows'
+``updated_at``), and CPU seconds per component. The last line holds ``ratio=`` (median per-round
+ratio) and ``first_excess=`` (median first answer minus floor first reply, seconds).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import BenchServer, cpu_delta, cpu_of, machine, sim_procs, wait_until  # noqa: E402
-from floor import measure_floor  # noqa: E402
+from floor import FloorRig  # noqa: E402
 
 PAYLOAD = "@x = Device.GetSummary();"
 SETTLE = 2.0  # seconds between rounds: the Switch acknowledges answers once they pause (250 ms), and
@@ -57,12 +62,8 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
     from quanta.simulate.enroll import enroll_batch
 
     share = -(-n // switches)
-    fl = measure_floor(share, rounds)
-    floor_sum = fl["median"] * switches
-    if verbose:
-        print(f"# floor at {share:,} connections: median {fl['median']:.3f}s; x{switches} switches = {floor_sum:.3f}s",
-              flush=True)
-    with tempfile.TemporaryDirectory(prefix="quanta-bench-") as d:
+    out = []
+    with FloorRig(share) as rig, tempfile.TemporaryDirectory(prefix="quanta-bench-") as d:
         server = BenchServer(Path(d) / "server", switches, database_url)
         server.init()
         t = time.perf_counter()
@@ -78,10 +79,12 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
             connect_s = runner.connected_at - runner.started
             procs = {**server.components(), **sim_procs(runner)}
             time.sleep(1.0)
-            out = []
             ttl = max(60, n // 500)  # gather window
             with ConsumerClient.for_data_dir(server.root) as api:
                 for r in range(rounds):
+                    fl = rig.round()  # the floor of this round, on this round's machine state
+                    floor_sum = fl["seconds"] * switches
+                    time.sleep(0.3)
                     c0 = cpu_of(procs)
                     t0 = time.time()
                     iid = api.issue(PAYLOAD, instruction_ttl=ttl)["id"]
@@ -92,22 +95,29 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                     assert s["states"] == {"success": n}, s
                     ts = commit_times(server, iid, t0)
                     assert len(ts) == n
-                    row = {"e2e": e2e, "issue": issued, "first": ts[0], "p50": pct(ts, .5), "p95": pct(ts, .95),
+                    row = {"e2e": e2e, "floor": floor_sum, "floor_first": fl["first"], "ratio": e2e / floor_sum,
+                           "issue": issued, "first": ts[0], "p50": pct(ts, .5), "p95": pct(ts, .95),
                            "p100": ts[-1], "cpu": cpu}
                     out.append(row)
                     if verbose:
-                        print(f"#  round {r + 1}: {e2e:.3f}s (issue call {issued:.3f}s, first {ts[0]:.3f}, "
+                        print(f"#  round {r + 1}: floor {floor_sum:.3f}s (first reply {fl['first']:.3f}), question "
+                              f"{e2e:.3f}s = {row['ratio']:.2f}x (issue call {issued:.3f}s, first {ts[0]:.3f}, "
                               f"50% {row['p50']:.3f}, 95% {row['p95']:.3f}, 100% {ts[-1]:.3f}); CPU " +
                               ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())), flush=True)
                     time.sleep(SETTLE)  # let the previous round's acknowledgements (sent when answers pause) pass
         finally:
             runner.stop()
             server.stop()
-    med = statistics.median(r["e2e"] for r in out)
-    mid = sorted(out, key=lambda r: r["e2e"])[len(out) // 2]
-    return {"n": n, "switches": switches, "median": med, "floor_share": fl["median"], "floor_sum": floor_sum,
-            "ratio": med / floor_sum, "rounds": out, "mid": mid, "connect_s": connect_s, "enrol_s": enrol_s,
-            "floor": fl}
+    ratios = sorted(r["ratio"] for r in out)
+    mid = sorted(out, key=lambda r: r["ratio"])[len(out) // 2]
+    return {"n": n, "switches": switches, "median": statistics.median(r["e2e"] for r in out),
+            "floor_sum": statistics.median(r["floor"] for r in out), "ratio": statistics.median(ratios),
+            "ratio_min": ratios[0], "ratio_max": ratios[-1],
+            "first": statistics.median(r["first"] for r in out),
+            "floor_first": statistics.median(r["floor_first"] for r in out),
+            "first_excess": statistics.median(r["first"] - r["floor_first"] for r in out),
+            "issue": statistics.median(r["issue"] for r in out),
+            "rounds": out, "mid": mid, "connect_s": connect_s, "enrol_s": enrol_s, "floor_info": rig.info}
 
 
 def main() -> None:
@@ -124,21 +134,23 @@ def main() -> None:
     for n in ns:
         sw = a.switches or (1 if n <= 15000 else 3)
         results.append(run(n, sw, a.rounds, a.database_url))
-    print("| N | Switches | median end-to-end | floor (sum of per-Switch) | ratio | first | 50% | 95% | 100% "
-          "| CPU s (median round) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| N | Switches | median question | median floor (x Switches) | ratio: median of rounds (min-max) "
+          "| issue call | first answer / floor first reply | 50% | 95% | 100% | CPU s (median round) |")
+    print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|")
     for r in results:
         m = r["mid"]
-        cpu = {}
+        cpu: dict[str, float] = {}
         for k, v in m["cpu"].items():
             key = "switches" if k.startswith("switch:") else "simulator" if k.startswith("simulate") else k
             cpu[key] = cpu.get(key, 0.0) + v
-        print(f"| {r['n']:,} | {r['switches']} | {r['median']:.3f} s | {r['floor_sum']:.3f} s | {r['ratio']:.2f} | "
-              f"{m['first']:.3f} | {m['p50']:.3f} | {m['p95']:.3f} | {m['p100']:.3f} | " +
+        print(f"| {r['n']:,} | {r['switches']} | {r['median']:.3f} s | {r['floor_sum']:.3f} s | "
+              f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['issue'] * 1000:.0f} ms | "
+              f"{r['first']:.3f} / {r['floor_first']:.3f} s | {m['p50']:.3f} | {m['p95']:.3f} | {m['p100']:.3f} | " +
               ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())) + " |")
     r = results[-1]
     print(f"question N={r['n']} switches={r['switches']} median={r['median']:.3f}s floor={r['floor_sum']:.3f}s "
-          f"ratio={r['ratio']:.2f}")
+          f"ratio={r['ratio']:.2f} spread={r['ratio_min']:.2f}-{r['ratio_max']:.2f} "
+          f"first_excess={r['first_excess']:.3f}s")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def test_second_person_approval_email_and_no_self_approval(coord_server: Server,
     mail = inbox.wait_for("bob@example.com", "approval needed")
     iid = int(re.search(r"instruction (\d+)", mail).group(1))
     assert "mktemp" in mail and "admin asks to run action" in mail
+    assert f"https://localhost:{s.https}/Explorer/#/i/{iid}" in mail  # where the portal shows it
     assert list(markers.iterdir()) == [], "an action ran before approval"
     # the requester (admin) cannot approve their own instruction
     r = quanta("approve", str(s.root), str(iid), check=False)

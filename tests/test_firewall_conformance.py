@@ -132,8 +132,11 @@ class Lab:
 def lab(tmp_path: Path) -> Iterator[Lab]:
     missing = [t for t in ("ip", "nft", "curl") if shutil.which(t) is None]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: .ci/run installs iproute2 and nftables (apt-get); "
-                    "install them to run this test")
+        why = (f"{', '.join(missing)} not installed: .ci/run installs iproute2, nftables and curl (apt-get); "
+               "install them to run this test")
+        if IN_CI:  # CI installs them: missing there is a broken CI, not a reason to skip
+            pytest.fail(why)
+        pytest.skip(why)
     lab = Lab(tmp_path)
     try:
         lab.build()

@@ -623,6 +623,25 @@ def role_assign(root: DirArg, username: Annotated[str, typer.Option()], role: An
     out.print(f"{username} is {role} for {instruction_set}", highlight=False)
 
 
+@role_app.command("approvers")
+def role_approvers(root: DirArg, instruction_set: Annotated[str, typer.Option(help="an instruction set, or * for the default")] = "*",
+                   required: Annotated[Optional[int], typer.Option(help="distinct approvers (never the requester) an action needs")] = None) -> None:
+    """Show or set how many people must approve an action of an instruction set (default 1)."""
+    from quanta import instructions as ins
+    from quanta.coordinator.service import show_approvers_required
+    from quanta.db import make_engine, store
+    from quanta.settings import DataDir, load_settings
+
+    master = make_engine(DataDir(root).master_url(load_settings(root)))
+    if required is not None:
+        try:
+            before = ins.set_approvers_required(master, instruction_set, required)
+        except ValueError as e:
+            _fail(f"error: {e}", 2)
+        store.audit(master, "quanta role approvers", "approvers_required", instruction_set, before=before, after=required)
+    out.print(json.dumps(show_approvers_required(master, instruction_set)), highlight=False)
+
+
 group_app = typer.Typer(help="Management groups: which devices a user may reach.", no_args_is_help=True)
 app.add_typer(group_app, name="group")
 

@@ -8,34 +8,80 @@ instruction is about to be issued, so its gather window starts then, not at requ
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
 
 from quanta import protocol as p
-from quanta.db.tables import instructions
+from quanta.db.tables import approvals, instruction_sets, instructions
 from quanta.internal import bearer, http_client
 from quanta.pki import Signer
-from quanta.states import (APPROVAL_EXPIRED, DONE_STATES, NEW, PENDING_APPROVAL, READY,  # noqa: F401
-                           REJECTED, SCHEDULED)
+from quanta.states import (APPROVAL_EXPIRED, CANCELLED, DONE_STATES, NEW, PENDING_APPROVAL,  # noqa: F401
+                           READY, REJECTED, SCHEDULED)
+
+MAX_APPROVERS = 100  # the instruction_sets check constraint agrees
+DEFAULT_SET = "*"  # the policy of sets without their own row, and of raw SCALE
 
 
 class CoreError(RuntimeError):
     pass
 
 
+def approvers_required(conn: sa.Connection, instruction_set: str | None) -> int:
+    """Distinct approvers an action of ``instruction_set`` needs: its own row, else "*", else 1."""
+    names = [instruction_set, DEFAULT_SET] if instruction_set and instruction_set != DEFAULT_SET else [DEFAULT_SET]
+    rows = dict(c for c in conn.execute(sa.select(instruction_sets.c.name, instruction_sets.c.approvers_required)
+                                          .where(instruction_sets.c.name.in_(names))).all())
+    for n in names:
+        if n in rows:
+            return int(rows[n])
+    return 1
+
+
+def set_approvers_required(engine: sa.Engine, instruction_set: str, n: int) -> int | None:
+    """Set how many distinct approvers (never the requester) actions of ``instruction_set`` need
+    ("*": every set without its own setting, and raw SCALE). Returns the previous setting (None:
+    there was none). Pending requests keep the number they were requested with."""
+    if not 1 <= n <= MAX_APPROVERS:
+        raise ValueError(f"approvers required must be between 1 and {MAX_APPROVERS}, not {n}")
+    if not instruction_set or len(instruction_set) > 128:
+        raise ValueError("an instruction set name is 1 to 128 characters")
+    with engine.begin() as c:
+        before = c.execute(sa.select(instruction_sets.c.approvers_required)
+                           .where(instruction_sets.c.name == instruction_set)).scalar()
+        if before is None:
+            c.execute(instruction_sets.insert().values(name=instruction_set, approvers_required=n))
+        else:
+            c.execute(instruction_sets.update().where(instruction_sets.c.name == instruction_set)
+                      .values(approvers_required=n))
+    return before
+
+
 def create(engine: sa.Engine, *, created_by: str, name: str, kind: str, payload: str, parameters: dict[str, Any],
            devices: list[str] | None, instruction_ttl: int, response_ttl: int, status: str,
            scheduled_at: float | None = None, approval_expires_at: float | None = None,
            instruction_set: str | None = None) -> int:
+    """Store an instruction; one that waits for approval takes its set's approver count now."""
     with engine.begin() as c:
+        required = approvers_required(c, instruction_set) if status == PENDING_APPROVAL else None
         iid = c.execute(instructions.insert().values(
             name=name, kind=kind, payload=payload, parameters=parameters, scope=devices, created_by=created_by,
             created_at=time.time(), status=status, instruction_ttl=instruction_ttl, response_ttl=response_ttl,
             scheduled_at=scheduled_at, approval_expires_at=approval_expires_at,
-            instruction_set=instruction_set)).inserted_primary_key[0]
+            instruction_set=instruction_set, approvers_required=required)).inserted_primary_key[0]
     return int(iid)
+
+
+def _signed(signer: Signer, row: Any, now: float) -> dict[str, Any]:
+    """The columns that make ``row`` ready for the Core: its body signed with a window from now."""
+    body = p.InstructionBody(id=row.id, name=row.name, kind=row.kind, payload=row.payload,
+                             parameters=dict(row.parameters or {}), issued_at=now,
+                             expires_at=now + (row.instruction_ttl or 60))
+    raw = p.encode_body(body)
+    return dict(body=raw, signature=signer.sign(raw), issued_at=now, expires_at=body.expires_at,
+                response_expires_at=now + (row.response_ttl or 7 * 86400), status=READY, issue_error=None)
 
 
 def sign(engine: sa.Engine, signer: Signer, iid: int, *, expect: tuple[str, ...]) -> bool:
@@ -48,35 +94,121 @@ def sign(engine: sa.Engine, signer: Signer, iid: int, *, expect: tuple[str, ...]
         row = c.execute(sa.select(instructions).where(instructions.c.id == iid)).first()
         if row is None or row.status not in expect:
             return False
-        now = time.time()
-        body = p.InstructionBody(id=iid, name=row.name, kind=row.kind, payload=row.payload,
-                                 parameters=dict(row.parameters or {}), issued_at=now,
-                                 expires_at=now + (row.instruction_ttl or 60))
-        raw = p.encode_body(body)
         res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == row.status)
-                        .values(body=raw, signature=signer.sign(raw), issued_at=now, expires_at=body.expires_at,
-                                response_expires_at=now + (row.response_ttl or 7 * 86400), status=READY))
+                        .values(**_signed(signer, row, time.time())))
         return res.rowcount == 1
 
 
 def decide(engine: sa.Engine, iid: int, *, status: str, by: str, reason: str | None, expect: str) -> bool:
-    """Record a decision (reject, expire) with compare-and-set on the current status."""
+    """Move the instruction from ``expect`` to ``status`` (rejected, approval_expired, cancelled) in
+    one compare-and-set that writes the decision (who, when, why) in the same statement. False:
+    it was no longer ``expect`` (someone else decided first), and nothing was written."""
     with engine.begin() as c:
         res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == expect)
                         .values(status=status, decided_by=by, decided_at=time.time(), decision_reason=reason))
         return res.rowcount == 1
 
 
-def mark_approved(engine: sa.Engine, iid: int, by: str, reason: str | None) -> None:
+class ApprovalRefused(Exception):
+    """An approval that cannot count; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Approval:
+    """What one approval did: ``approvers`` so far (in order), of ``required``; ``status`` is the
+    instruction's status afterwards (pending_approval until the last one needed)."""
+
+    status: str
+    approvers: tuple[str, ...]
+    required: int
+
+    @property
+    def complete(self) -> bool:
+        return self.status != PENDING_APPROVAL
+
+
+def approve(engine: sa.Engine, signer: Signer, iid: int, *, by: str, reason: str | None,
+            now: float | None = None) -> Approval:
+    """Record ``by``'s approval of a pending action, in one transaction.
+
+    The first statement is a compare-and-set on the instruction (still pending, its approval window
+    still open) that also takes its row lock, so approvals of one instruction are serialised: a
+    concurrent rejection, expiry, cancel or the approval that completed the count is seen, and this
+    one is refused. The approval that brings the count of distinct approvers (never the requester)
+    to the number required moves the instruction on in the same transaction, with one
+    compare-and-set that writes the decision (who, when, why) and signs the body; a later one finds
+    it no longer pending.
+    """
+    now = time.time() if now is None else now
     with engine.begin() as c:
-        c.execute(instructions.update().where(instructions.c.id == iid)
-                  .values(decided_by=by, decided_at=time.time(), decision_reason=reason))
+        held = c.execute(instructions.update().where(
+            instructions.c.id == iid, instructions.c.status == PENDING_APPROVAL,
+            sa.or_(instructions.c.approval_expires_at.is_(None), instructions.c.approval_expires_at > now))
+            .values(status=instructions.c.status)).rowcount
+        row = c.execute(sa.select(instructions).where(instructions.c.id == iid)).first()
+        if row is None:
+            raise ApprovalRefused(404, f"instruction {iid} not found")
+        if held != 1:
+            if row.status == PENDING_APPROVAL:
+                raise ApprovalRefused(409, f"instruction {iid}'s approval window has ended; it expires unapproved")
+            raise ApprovalRefused(409, f"instruction {iid} is {row.status}, not pending approval")
+        now = max(now, time.time())  # the lock may have been waited for: record when it counted
+        if by == row.created_by:
+            raise ApprovalRefused(403, "you cannot approve or reject your own instruction: a second person must")
+        if c.execute(sa.select(approvals.c.id).where(approvals.c.instruction_id == iid,
+                                                     approvals.c.approver == by)).first():
+            raise ApprovalRefused(409, f"{by} has already approved instruction {iid}; another person must approve it")
+        try:  # the unique (instruction, approver) key is the backstop of the check above
+            c.execute(approvals.insert().values(instruction_id=iid, approver=by, approved_at=now, reason=reason))
+        except sa.exc.IntegrityError:
+            raise ApprovalRefused(409, f"{by} has already approved instruction {iid}") from None
+        names = tuple(r[0] for r in c.execute(sa.select(approvals.c.approver).where(approvals.c.instruction_id == iid)
+                                              .order_by(approvals.c.id)))  # ids are taken under the lock
+        required = row.approvers_required or 1
+        if len(names) < required:
+            return Approval(PENDING_APPROVAL, names, required)
+        decision = dict(decided_by=by, decided_at=now, decision_reason=reason)
+        if row.scheduled_at and row.scheduled_at > now:
+            values = dict(status=SCHEDULED, **decision)
+        else:
+            values = dict(_signed(signer, row, now), **decision)
+        done = c.execute(instructions.update().where(instructions.c.id == iid,
+                                                     instructions.c.status == PENDING_APPROVAL).values(**values))
+        if done.rowcount != 1:  # cannot happen while the row lock is held; never decide twice
+            raise ApprovalRefused(409, f"instruction {iid} was decided by someone else meanwhile")
+        return Approval(values["status"], names, required)
+
+
+def approvals_of(engine: sa.Engine, iid: int) -> list[dict[str, Any]]:
+    with engine.connect() as c:
+        return [dict(r._mapping) for r in c.execute(
+            sa.select(approvals.c.approver, approvals.c.approved_at, approvals.c.reason)
+            .where(approvals.c.instruction_id == iid).order_by(approvals.c.id))]
+
+
+def note_issue_error(engine: sa.Engine, iid: int, error: str | None) -> None:
+    """Say (or clear, with None) why an approved instruction is still waiting for the Core."""
+    with engine.begin() as c:
+        q = instructions.update().where(instructions.c.id == iid)
+        if error is not None:
+            q = q.where(instructions.c.status == READY)
+        c.execute(q.values(issue_error=error[:2000] if error else None))
 
 
 class CoreRefused(CoreError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+def core_retryable(e: BaseException) -> bool:
+    """The Core could not be reached, or is (or its relay is) unavailable: asking again may work.
+    A refusal (404, 409: not signed, unknown) will not change by asking again."""
+    return isinstance(e, CoreError) and (not isinstance(e, CoreRefused) or e.status >= 500)
 
 
 async def call_core(core_url: str, core_token: str, iid: int, verb: str, verify: Any = None,
@@ -89,12 +221,13 @@ async def call_core(core_url: str, core_token: str, iid: int, verb: str, verify:
         r = await http_client(verify).post(f"{core_url.rstrip('/')}/Core/Instructions/{iid}/{verb}",
                                                          params=params, headers=bearer(core_token), timeout=timeout)
     except httpx.HTTPError as e:
-        raise CoreError(f"the Core at {core_url} is unreachable: {e}") from None
+        raise CoreError(f"the Core at {core_url} is unreachable: {str(e) or type(e).__name__}") from None
     if r.status_code != 200:
         raise CoreRefused(f"the Core refused to {verb.lower()} instruction {iid}: {r.status_code} {r.text}",
                           r.status_code)
     return r.json()
 
 
-async def issue_at_core(core_url: str, core_token: str, iid: int, verify: Any = None) -> dict[str, Any]:
-    return await call_core(core_url, core_token, iid, "Issue", verify)
+async def issue_at_core(core_url: str, core_token: str, iid: int, verify: Any = None,
+                        timeout: float = 30) -> dict[str, Any]:
+    return await call_core(core_url, core_token, iid, "Issue", verify, timeout=timeout)

@@ -85,7 +85,7 @@ def credentials_ok(value: str | bytes | None, tokens: Iterable[str]) -> bool:
 
 
 def require_bearer(token: str) -> Any:
-    """A FastAPI dependency that refuses (401) a request without the internal token, before the
+    """A FastAPI dependency that refuses (401) a request without the internal credential, before the
     route reads anything else."""
     from fastapi import Header, HTTPException
 

@@ -40,18 +40,42 @@ class PortError(SystemExit):
         return EXIT_PORT_IN_USE if self.in_use and os.environ.get(SUPERVISED_ENV) else EXIT_CONFIGURATION
 
 
-def setup_logging(component: str, level: str = "INFO") -> None:
+LOG_FORMAT_ENV = "QUANTA_LOG_FORMAT"
+"""``text`` (the default) or ``json``: overrides ``log_format`` in quanta.toml, and is how ``quanta server``
+hands its format to the components it starts."""
+LOG_FORMATS = ("text", "json")
+
+
+def setup_logging(component: str, level: str = "INFO", fmt: str | None = None) -> None:
+    """Log to stderr as ``text`` (one human line) or ``json`` (one object a line: time, level, component,
+    pid, logger, message, and exc_info when there is a traceback), for log shippers."""
     from quanta.datadir import private_umask
 
     private_umask()  # every component creates owner-only files (databases, logs, journals, content)
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format=f"%(asctime)s %(levelname)s {component}[%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    fmt = os.environ.get(LOG_FORMAT_ENV) or fmt or "text"
+    if fmt not in LOG_FORMATS:
+        raise SystemExit(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)} ({LOG_FORMAT_ENV} or "
+                         "log_format in quanta.toml)")
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(
+            "%(levelname)s %(process)d %(name)s %(message)s",
+            rename_fields={"levelname": "level", "process": "pid", "name": "logger"},
+            static_fields={"component": component}, timestamp="time"))  # ISO 8601, UTC, microseconds
+    else:
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)s {component}[%(process)d] %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler], force=True)
     logging.getLogger("picows").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+def configure_logging(component: str, settings: Any) -> None:
+    """setup_logging with a component's level and the format from its quanta.toml (``log_levels``,
+    ``log_level``, ``log_format``)."""
+    setup_logging(component, settings.level_of(component), settings.log_format)
 
 
 def port_hint(port_name: str) -> str:

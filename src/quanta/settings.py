@@ -13,7 +13,7 @@ import socket
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -71,6 +71,14 @@ def poke_port(switch_port: int) -> int:
     return switch_port + 1
 
 
+def switch_layout(host: str, first_port: int, count: int, prefix: str = "") -> list[dict[str, Any]]:
+    """The SwitchConfiguration rows of ``count`` Switches on one host: ``<prefix>switch-<n>`` on consecutive
+    port pairs (client port, poke port = client port + 1), starting at ``first_port``. The one place that
+    lays Switches out; ``quanta init``, ``quanta host export`` and the port map all use it."""
+    return [dict(Name=f"{prefix}switch-{i + 1}", Host=host, Port=first_port + 2 * i, Enabled=True)
+            for i in range(count)]
+
+
 def core_link_max_bytes(max_message_bytes: int) -> int:
     """Largest Switch->Core frame: a response batch holds at most two agent messages' worth."""
     return 4 * max_message_bytes
@@ -78,6 +86,12 @@ def core_link_max_bytes(max_message_bytes: int) -> int:
 
 def default_ports() -> dict[str, int]:
     return {p.name: p.default for p in PORTS if p.settable}
+
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+COMPONENTS = ("server", "core", "switch-host", "switch", "coordinator", "web", "http", "integrate", "hub",
+              "hub-client")
+"""The processes a server runs (``quanta server`` is the supervisor): the names of ``log_levels``."""
 
 
 class Settings(BaseModel):
@@ -104,13 +118,43 @@ class Settings(BaseModel):
     hub_url: str | None = None  # response/dmz: the Master hub (ws://master:3901/Hub)
     crl_url: str | None = None  # dmz: the CRL distribution point (http://master:80/crl.pem)
     replicate_to: list[str] = []  # master: DMZ web tiers that receive Background content
-    local_switches: list[dict[str, str | int]] = []  # dmz: its Switches (it has no database)
+    local_switches: list[dict[str, str | int | bool]] = []  # dmz: its Switches (it has no database)
     max_message_bytes: int = 1024 * 1024
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: LogLevel = "INFO"
+    log_levels: dict[str, LogLevel] = {}  # per component (core, switch-host, switch, web, ...): overrides log_level
+    log_format: Literal["text", "json"] = "text"  # json: one object a line (QUANTA_LOG_FORMAT overrides)
+    # Prometheus /metrics per component on internal_host (none by default); the Switches of a Switch Host
+    # use metrics_ports.switch + 0, 1, 2, ... in SwitchConfiguration order
+    metrics_ports: dict[str, int] = {}
     # Catalog: where the master reaches it (None: this host's http port, /Catalog), and its database
     # (None: the master database). A Remote Catalog host sets catalog_database_url for its own database.
     catalog_url: str | None = None
     catalog_database_url: str | None = None
+
+    def level_of(self, component: str) -> str:
+        """The log level of one component: ``log_levels[component]``, else ``log_level``."""
+        return self.log_levels.get(component, self.log_level)
+
+    @field_validator("log_levels")
+    @classmethod
+    def _check_log_levels(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"log_levels: unknown component {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(COMPONENTS)}")
+        return v
+
+    @field_validator("metrics_ports")
+    @classmethod
+    def _check_metrics_ports(cls, v: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(v) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"metrics_ports: unknown component {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(COMPONENTS)}")
+        for name, number in v.items():
+            if not 1 <= int(number) <= 65535:
+                raise ValueError(f"metrics_ports.{name}={number} is out of range 1-65535")
+        return v
 
     @field_validator("ports")
     @classmethod

@@ -20,7 +20,7 @@ from quanta.datadir import make_private_dir, tighten
 from quanta.db import is_sqlite, make_engine
 from quanta.db.tables import switch_configuration
 from quanta.pki import Pki, Purpose
-from quanta.settings import DataDir, Settings, load_settings, save_settings
+from quanta.settings import DataDir, Settings, load_settings, save_settings, switch_layout
 
 
 class TopologyError(ValueError):
@@ -38,8 +38,7 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
         raise TopologyError(f"{out} is not empty")
     hub = f"wss://{master.server_name}:{master.port('hub')}/Hub"  # mutual TLS (quanta.hub)
     merged = dict(master.ports) | (ports or {}) | {"https": https_port, "switch": switch_port}
-    rows = [dict(Name=f"{server_name}-switch-{i + 1}", Host=server_name, Port=switch_port + 2 * i)
-            for i in range(switches)]
+    rows = switch_layout(server_name, switch_port, switches, prefix=f"{server_name}-")
     if role == "response":
         if is_sqlite(mdd.master_url(master)):
             raise TopologyError("a remote Response Stack shares the Master's databases: initialise the Master "
@@ -71,7 +70,7 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
     engine = make_engine(mdd.master_url(master))
     with engine.begin() as c:
         c.execute(switch_configuration.delete().where(switch_configuration.c.Host == server_name))
-        c.execute(switch_configuration.insert(), [dict(r, Enabled=True) for r in rows])
+        c.execute(switch_configuration.insert(), rows)
     changes: dict[str, object] = {}
     if master.role == "single":
         changes["role"] = "master"  # the Master now leaves Core and Switches to the remote hosts

@@ -1,6 +1,7 @@
 """The Coordinator's internal API (port ``coordinator``, 8081, HTTPS), called by the Consumer API
-with the internal token. The Consumer API has already authenticated the user; it passes who
-they are, and the Coordinator enforces the workflow rules."""
+with its own internal credential (quanta.internal.CONSUMER_TO_COORDINATOR). The Consumer API has
+already authenticated the user; it passes who they are, and the Coordinator enforces the
+workflow rules."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from quanta import instructions as ins
 from quanta.db import make_engine
 from quanta.internal import (COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential,
                             present_host_identity, require_bearer, with_tls)
@@ -25,6 +27,10 @@ from quanta.settings import DataDir, load_settings
 from .service import Coordinator, WorkflowError
 
 log = logging.getLogger("quanta.coordinator")
+
+
+# an instruction id is a database integer: larger ones are a 422, never a 500
+Iid = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 
 
 class Actor(BaseModel):
@@ -49,6 +55,7 @@ def create_app(coord: Coordinator, secret: bytes) -> Any:
         task = asyncio.create_task(coord.run())
         yield
         task.cancel()
+        await coord.stop()
 
     app = FastAPI(title="Quanta Coordinator (internal)", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/Coordinator/openapi.json", dependencies=[Depends(require_token)])
@@ -62,20 +69,31 @@ def create_app(coord: Coordinator, secret: bytes) -> Any:
         return {"status": "ok"}
 
     @app.post("/Coordinator/Instructions/{iid}/Submitted")
-    async def submitted(iid: int) -> dict[str, Any]:
+    async def submitted(iid: Iid) -> dict[str, Any]:
         await coord.submitted(iid)
         return {"id": iid}
 
     @app.post("/Coordinator/Instructions/{iid}/Code")
-    async def code(iid: int, actor: Actor) -> dict[str, Any]:
+    async def code(iid: Iid, actor: Actor) -> dict[str, Any]:
         return await coord.request_code(iid, actor.username, actor.role)
 
     @app.post("/Coordinator/Instructions/{iid}/Approve")
-    async def approve(iid: int, d: Decision) -> dict[str, Any]:
-        return await coord.approve(iid, d.username, d.role, d.code, d.reason)
+    async def approve(iid: Iid, d: Decision, response: Response) -> dict[str, Any]:
+        """200: the approval completed it (issued or scheduled). 202: the approval counted, but the
+        instruction is not running yet: more approvers are needed (status pending_approval), or the
+        Core is unavailable and the Coordinator issues it when it is back (status created,
+        issued false)."""
+        answer = await coord.approve(iid, d.username, d.role, d.code, d.reason)
+        if answer["status"] in (ins.PENDING_APPROVAL, ins.READY):
+            response.status_code = 202
+        return answer
+
+    @app.get("/Coordinator/Instructions/{iid}/Approvals")
+    async def approvals(iid: Iid) -> dict[str, Any]:
+        return await coord.approval_state(iid)
 
     @app.post("/Coordinator/Instructions/{iid}/Reject")
-    async def reject(iid: int, d: Decision) -> dict[str, Any]:
+    async def reject(iid: Iid, d: Decision) -> dict[str, Any]:
         if not d.reason:
             raise HTTPException(422, "a rejection needs a reason")
         return await coord.reject(iid, d.username, d.role, d.reason)
@@ -94,7 +112,8 @@ async def serve(root: Path) -> None:
     secret = dd.internal_secret()
     coord = Coordinator(make_engine(dd.master_url(settings)), Signer.from_file(pki.signing_key),
                         core_url=settings.core_http_url(), core_token=credential(secret, COORDINATOR_TO_CORE),
-                        approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt))
+                        approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt),
+                        portal_url=f"https://{settings.server_name}:{settings.port('https')}/Explorer/")
     sock = bind_socket(settings.internal_host, settings.port("coordinator"), "coordinator")
     log.info("coordinator listening on https %s:%d", settings.internal_host, settings.port("coordinator"))
     config = with_tls(uvicorn.Config(create_app(coord, secret), log_level="warning", loop="none",

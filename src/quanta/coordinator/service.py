@@ -1,6 +1,11 @@
-"""The Coordinator: approvals for actions (never by the requester), an optional one-time code
-sent by email to the approver, expiry of requests nobody decided on, scheduled instructions, and
-email notifications over SMTP.
+"""The Coordinator: approvals for actions (never by the requester; N distinct approvers where the
+instruction set asks for more than one), an optional one-time code sent by email to the approver,
+expiry of requests nobody decided on, scheduled instructions, and email notifications over SMTP.
+
+Every database call runs in a worker thread (``Coordinator.db``), never on the event loop. An
+approved instruction the Core cannot take (down, or its relay answering 5xx) stays approved and
+signed (``created``) with the reason in ``issue_error``, and is issued by one background retry
+with exponential back-off (tenacity) while its gather window lasts: never by two at once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from email.message import EmailMessage
 from typing import Any
 
 import sqlalchemy as sa
+from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from quanta import instructions as ins
 from quanta import secretbox
@@ -90,13 +96,30 @@ def send_mail(cfg: SmtpConfig, to: list[str], subject: str, body: str) -> None:
         smtp.send_message(msg)
 
 
+def show_approvers_required(engine: sa.Engine, instruction_set: str) -> dict[str, Any]:
+    """The approval policy that applies to new actions of ``instruction_set``, how many enabled
+    users may approve them, and a warning when that is too few for any request to pass."""
+    with engine.connect() as c:
+        n = ins.approvers_required(c, instruction_set)
+        names = [r[0] for r in c.execute(sa.select(users.c.username).where(users.c.disabled == sa.false()))]
+    eligible = sum(1 for u in names if rbac.allowed(engine, u, "approve", instruction_set))
+    shown: dict[str, Any] = {"instruction_set": instruction_set, "approvers_required": n,
+                             "eligible_approvers": eligible}
+    if eligible < n:
+        shown["warning"] = (f"only {eligible} enabled user(s) may approve actions of {instruction_set!r}: every "
+                            f"request needing {n} approvers will expire unapproved until more are given the role")
+    return shown
+
+
 def _code_hash(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
 
 class Coordinator:
     def __init__(self, master: sa.Engine, signer: Signer, core_url: str, core_token: str, *,
-                 approval_ttl: float = 24 * 3600, loop_interval: float = 1.0, ca_file: str | None = None) -> None:
+                 approval_ttl: float = 24 * 3600, loop_interval: float = 1.0, ca_file: str | None = None,
+                 portal_url: str | None = None, retry_min: float = 0.5, retry_max: float = 15.0,
+                 issue_timeout: float = 10.0) -> None:
         self.ca_file = ca_file
         self.master = master
         self.signer = signer
@@ -104,7 +127,18 @@ class Coordinator:
         self.core_token = core_token
         self.approval_ttl = approval_ttl
         self.loop_interval = loop_interval
+        self.portal_url = portal_url.rstrip("/") if portal_url else None  # https://host:port/Explorer/
+        self.retry_min, self.retry_max = retry_min, retry_max
+        # one Issue call's limit: well under the Consumer API's 30 s wait for the Coordinator, so a
+        # Core that hangs gives the approver "approved, waiting for the Core", not a timeout
+        self.issue_timeout = issue_timeout
         self._task: asyncio.Task[None] | None = None
+        self._issuing: set[int] = set()  # instructions this process is asking the Core to issue now
+        self._retries: set[asyncio.Task[None]] = set()
+
+    def link(self, iid: int) -> str:
+        """Where the portal shows instruction ``iid`` (empty if no portal address is known)."""
+        return f"{self.portal_url}/#/i/{iid}" if self.portal_url else ""
 
     async def db(self, fn: Any, *args: Any, **kw: Any) -> Any:
         return await asyncio.to_thread(fn, *args, **kw)
@@ -154,10 +188,18 @@ class Coordinator:
                           f"{row['created_by']} asks to run action instruction {iid} '{row['name']}' on "
                           f"{'every device' if row['scope'] is None else ', '.join(row['scope'])}.\n\n"
                           f"Payload:\n{row['payload']}\n\nParameters: {row['parameters']}\n\n"
-                          f"Approve or reject it in the portal or with 'quanta approve'. "
+                          f"{self._needs(row)}Approve or reject it in the portal: {self.link(iid)}\n"
+                          f"or with 'quanta approve' / 'quanta reject'. "
                           f"It expires unapproved at {time.ctime(row['approval_expires_at'] or 0)}.\n")
 
-    def _check_approver(self, row: dict[str, Any], username: str, role: str) -> None:
+    @staticmethod
+    def _needs(row: dict[str, Any]) -> str:
+        n = row.get("approvers_required") or 1
+        return f"It needs {n} approvals by different people other than {row['created_by']}.\n\n" if n > 1 else ""
+
+    def _check_approver(self, iid: int, username: str, role: str) -> dict[str, Any]:
+        """The instruction, if ``username`` may decide on it now (blocking: run it in a thread)."""
+        row = self._instruction(iid)
         if row["status"] != ins.PENDING_APPROVAL:
             raise WorkflowError(409, f"instruction {row['id']} is {row['status']}, not pending approval")
         if username == row["created_by"]:
@@ -165,20 +207,23 @@ class Coordinator:
         iset = row.get("instruction_set") or "*"
         if not rbac.allowed(self.master, username, "approve", iset):
             raise WorkflowError(403, f"{username} ({role}) may not approve instructions of set {iset!r}")
+        return row
+
+    def _store_code(self, iid: int, username: str, code: str) -> None:
+        with self.master.begin() as c:
+            c.execute(approval_codes.insert().values(instruction_id=iid, username=username, code_hash=_code_hash(code),
+                                                     expires_at=time.time() + CODE_TTL))
 
     async def request_code(self, iid: int, username: str, role: str) -> dict[str, Any]:
-        row = await self.db(self._instruction, iid)
-        self._check_approver(row, username, role)
+        await self.db(self._check_approver, iid, username, role)
         email = await self.db(self._email_of, username)
         if not email:
             raise WorkflowError(409, f"user {username!r} has no email address for a one-time code")
         code = f"{secrets.randbelow(10**6):06d}"
-        with self.master.begin() as c:
-            c.execute(approval_codes.insert().values(instruction_id=iid, username=username, code_hash=_code_hash(code),
-                                                     expires_at=time.time() + CODE_TTL))
+        await self.db(self._store_code, iid, username, code)
         sent = await self.notify([email], f"Quanta: your approval code for instruction {iid}",
                                  f"Your one-time code to approve instruction {iid} is {code}. "
-                                 f"It is valid for {int(CODE_TTL // 60)} minutes.\n")
+                                 f"It is valid for {int(CODE_TTL // 60)} minutes.\n{self.link(iid)}\n")
         if not sent:
             raise WorkflowError(503, "the one-time code could not be emailed; check the SMTP settings")
         return {"id": iid, "sent_to": email}
@@ -192,45 +237,156 @@ class Coordinator:
                 approval_codes.c.used == sa.false(), approval_codes.c.expires_at > time.time())).all()
             for r in rows:
                 if hmac.compare_digest(r.code_hash, _code_hash(code)):
-                    c.execute(approval_codes.update().where(approval_codes.c.id == r.id).values(used=True))
-                    return True
+                    used = c.execute(approval_codes.update().where(approval_codes.c.id == r.id,
+                                                                   approval_codes.c.used == sa.false())
+                                     .values(used=True))
+                    return used.rowcount == 1  # a code is spent once, even by two racing requests
         return False
 
     async def approve(self, iid: int, username: str, role: str, code: str | None, reason: str | None) -> dict[str, Any]:
-        row = await self.db(self._instruction, iid)
-        self._check_approver(row, username, role)
+        """Count ``username``'s approval. The answer's ``status`` says what happened: still
+        ``pending_approval`` (more approvers needed), ``scheduled``, ``active``/``finished`` (issued),
+        or ``created`` with ``issued: false`` (approved; the Core is unavailable and the Coordinator
+        issues it as soon as the Core is back). Refusals raise WorkflowError (403, 404, 409)."""
+        row = await self.db(self._check_approver, iid, username, role)
         cfg = await self.db(load_smtp, self.master)
         if cfg is not None and cfg.require_approval_code and not await self.db(self._use_code, iid, username, code):
             await self.db(store.audit, self.master, username, "approve_refused", f"instruction:{iid}",
                           reason="missing or wrong one-time code")
             raise WorkflowError(403, "a valid one-time code is required: request one, then approve with it")
-        await self.db(ins.mark_approved, self.master, iid, username, reason)
-        if row["scheduled_at"] and row["scheduled_at"] > time.time():
-            ok = await self.db(ins.decide, self.master, iid, status=ins.SCHEDULED, by=username, reason=reason,
-                               expect=ins.PENDING_APPROVAL)
-            if not ok:
-                raise WorkflowError(409, f"instruction {iid} was decided by someone else meanwhile")
-            await self.db(store.audit, self.master, username, "approve", f"instruction:{iid}", scheduled=True)
-            return {"id": iid, "status": ins.SCHEDULED}
-        if not await self.db(ins.sign, self.master, self.signer, iid, expect=(ins.PENDING_APPROVAL,)):
-            raise WorkflowError(409, f"instruction {iid} was decided by someone else meanwhile")
-        await self.db(store.audit, self.master, username, "approve", f"instruction:{iid}", reason=reason)
-        issued = await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file)
+        try:
+            done = await self.db(ins.approve, self.master, self.signer, iid, by=username, reason=reason)
+        except ins.ApprovalRefused as e:
+            raise WorkflowError(e.status, str(e)) from None
+        await self.db(store.audit, self.master, username, "approve", f"instruction:{iid}", reason=reason,
+                      approvals=len(done.approvers), required=done.required)
+        answer: dict[str, Any] = {"id": iid, "status": done.status, "approvers": list(done.approvers),
+                                  "approvers_required": done.required}
+        if not done.complete:
+            more = done.required - len(done.approvers)
+            answer["message"] = (f"approved by {username}; {more} more approval(s) needed from different people "
+                                 f"other than {row['created_by']}")
+            return answer
+        if done.status == ins.SCHEDULED:
+            answer["message"] = f"approved; it runs at {time.ctime(row['scheduled_at'])}"
+            return answer
+        try:
+            issued = await self.issue_now(iid)
+        except ins.CoreError as e:
+            waiting = ins.core_retryable(e)
+            answer |= {"status": ins.READY, "issued": False, "retrying": waiting,
+                       "message": f"approved, but not issued yet: {e}" +
+                                  ("; the Coordinator issues it as soon as the Core is back" if waiting else "")}
+            await self.notify([await self.db(self._email_of, row["created_by"])],
+                              f"Quanta: instruction {iid} approved, waiting for the Core",
+                              f"{username} approved instruction {iid} '{row['name']}', but the Core could not take it "
+                              f"yet ({e}).\n{self.link(iid)}\n")
+            return answer
         await self.notify([await self.db(self._email_of, row["created_by"])],
-                          f"Quanta: instruction {iid} approved", f"{username} approved instruction {iid} "
-                          f"'{row['name']}'. It was sent to {issued['targeted']} device(s).\n")
-        return {"id": iid, "status": issued["status"], "targeted": issued["targeted"]}
+                          f"Quanta: instruction {iid} approved", f"{', '.join(done.approvers)} approved instruction "
+                          f"{iid} '{row['name']}'. It was sent to {issued['targeted']} device(s).\n{self.link(iid)}\n")
+        return answer | {"status": issued["status"], "targeted": issued["targeted"], "issued": True}
 
     async def reject(self, iid: int, username: str, role: str, reason: str) -> dict[str, Any]:
-        row = await self.db(self._instruction, iid)
-        self._check_approver(row, username, role)
+        row = await self.db(self._check_approver, iid, username, role)
         if not await self.db(ins.decide, self.master, iid, status=ins.REJECTED, by=username, reason=reason,
                              expect=ins.PENDING_APPROVAL):
-            raise WorkflowError(409, f"instruction {iid} was decided by someone else meanwhile")
+            now = await self.db(self._instruction, iid)
+            raise WorkflowError(409, f"instruction {iid} is {now['status']}, not pending approval: "
+                                     f"it was decided by someone else meanwhile")
         await self.db(store.audit, self.master, username, "reject", f"instruction:{iid}", reason=reason)
         await self.notify([await self.db(self._email_of, row["created_by"])], f"Quanta: instruction {iid} rejected",
-                          f"{username} rejected instruction {iid} '{row['name']}': {reason}\n")
+                          f"{username} rejected instruction {iid} '{row['name']}': {reason}\n{self.link(iid)}\n")
         return {"id": iid, "status": ins.REJECTED}
+
+    def _approval_state(self, iid: int) -> dict[str, Any]:
+        row = self._instruction(iid)
+        return {"id": iid, "status": row["status"], "approvers_required": row["approvers_required"] or 1,
+                "approvals": ins.approvals_of(self.master, iid), "decided_by": row["decided_by"],
+                "issue_error": row["issue_error"]}
+
+    async def approval_state(self, iid: int) -> dict[str, Any]:
+        """Who approved (when, why), how many are needed, and why the Core has not issued it yet."""
+        return await self.db(self._approval_state, iid)
+
+    # ---------------------------------------------------------------- issuing
+    async def _note(self, iid: int, error: str | None) -> None:
+        try:
+            await self.db(ins.note_issue_error, self.master, iid, error)
+        except sa.exc.SQLAlchemyError as e:  # the note is for people; the issue itself stands or is retried
+            log.warning("instruction %d: could not record its issue state: %s", iid, type(e).__name__)
+
+    async def _issue(self, iid: int) -> dict[str, Any]:
+        """Ask the Core once; record (or clear) why it is not issued yet."""
+        try:
+            issued = await ins.issue_at_core(self.core_url, self.core_token, iid, verify=self.ca_file,
+                                             timeout=self.issue_timeout)
+        except ins.CoreError as e:
+            await self._note(iid, str(e))
+            raise
+        await self._note(iid, None)
+        return issued
+
+    async def issue_now(self, iid: int) -> dict[str, Any]:
+        """Issue a signed instruction now; if the Core is unavailable, leave it to one background
+        retry (and raise the CoreError). Never two calls for one instruction at once."""
+        if iid in self._issuing:
+            raise ins.CoreError(f"instruction {iid} is already being issued")
+        self._issuing.add(iid)
+        try:
+            issued = await self._issue(iid)
+        except ins.CoreError as e:
+            self._issuing.discard(iid)
+            if ins.core_retryable(e):
+                self.retry_issue(iid)
+            raise
+        self._issuing.discard(iid)
+        return issued
+
+    def retry_issue(self, iid: int) -> bool:
+        """Start the background retry of ``iid`` unless one is already under way."""
+        if iid in self._issuing:
+            return False
+        self._issuing.add(iid)
+        task = asyncio.create_task(self._retry(iid))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+        return True
+
+    async def _retry(self, iid: int) -> None:
+        try:
+            row = await self.db(self._instruction, iid)
+            window_ends = row["expires_at"] or 0.0
+
+            def window_closed(_state: Any) -> bool:
+                return time.time() >= window_ends
+
+            retrying = AsyncRetrying(retry=retry_if_exception(ins.core_retryable), stop=window_closed, reraise=True,
+                                     wait=wait_exponential(multiplier=self.retry_min, min=self.retry_min,
+                                                           max=self.retry_max))
+            async for attempt in retrying:
+                with attempt:
+                    n = attempt.retry_state.attempt_number
+                    if n > 1:
+                        log.info("instruction %d: asking the Core again (attempt %d)", iid, n)
+                    issued = await self._issue(iid)
+            log.info("instruction %d issued to %d device(s) after the Core came back", iid, issued["targeted"])
+        except ins.CoreError as e:
+            log.error("instruction %d was approved but never issued: %s", iid, e)
+            await self._note(iid, f"not issued: the Core could not take it before its gather window ended ({e})"
+                             if ins.core_retryable(e) else f"not issued: {e}")
+        except WorkflowError:
+            pass  # deleted meanwhile
+        except sa.exc.SQLAlchemyError as e:  # the timer's sweep hands it to a new retry later
+            log.error("instruction %d: master database unavailable while issuing (%s); retrying later", iid,
+                      type(e).__name__)
+        finally:
+            self._issuing.discard(iid)
+
+    async def stop(self) -> None:
+        for task in list(self._retries):
+            task.cancel()
+        await asyncio.gather(*self._retries, return_exceptions=True)
 
     # ---------------------------------------------------------------- timers
     def _due(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -255,23 +411,21 @@ class Coordinator:
         for row in scheduled:
             if await self.db(ins.sign, self.master, self.signer, row["id"], expect=(ins.SCHEDULED,)):
                 try:
-                    issued = await ins.issue_at_core(self.core_url, self.core_token, row["id"], verify=self.ca_file)
+                    issued = await self.issue_now(row["id"])
                     log.info("scheduled instruction %d issued to %d devices", row["id"], issued["targeted"])
                 except ins.CoreError as e:
                     log.error("scheduled instruction %d: %s; the Core will be asked again", row["id"], e)
-                    # it is 'created' and signed; the next tick retries the Core (idempotent issue)
-        for row in await self.db(self._stuck_ready):
-            try:
-                await ins.issue_at_core(self.core_url, self.core_token, row, verify=self.ca_file)
-            except ins.CoreError as e:
-                log.warning("instruction %d still waiting for the Core: %s", row, e)
+        for iid in await self.db(self._stuck_ready):
+            if self.retry_issue(iid):  # e.g. signed before this Coordinator (re)started
+                log.warning("instruction %d is signed but not issued; asking the Core again", iid)
 
     def _stuck_ready(self) -> list[int]:
-        """Signed but never issued (the Core was down at the time): retry, while the window lasts."""
+        """Signed but never issued (the Core was down, or this process restarted): retry, while the
+        window lasts. Young ones are still being issued by whoever signed them."""
         with self.master.connect() as c:
             return [r[0] for r in c.execute(sa.select(instructions.c.id).where(
                 instructions.c.status == ins.READY, instructions.c.expires_at > time.time(),
-                instructions.c.issued_at < time.time() - 5))]
+                instructions.c.issued_at < time.time() - 5))]  # retry_issue skips those under way
 
     async def run(self) -> None:
         while True:

@@ -16,6 +16,7 @@ import msgspec
 import sqlalchemy as sa
 
 from quanta.protocol import DeviceInfo
+from quanta.settings import switch_layout
 
 from .tables import audit_log, device_certificates, devices, instructions, results, switch_configuration
 
@@ -267,9 +268,7 @@ def set_switches(engine: sa.Engine, host: str, first_port: int, count: int) -> N
     """Create ``count`` Switch rows on consecutive port pairs (client port, poke port)."""
     with engine.begin() as c:
         c.execute(switch_configuration.delete())
-        c.execute(switch_configuration.insert(),
-                  [dict(Name=f"switch-{i + 1}", Host=host, Port=first_port + 2 * i, Enabled=True)
-                   for i in range(count)])
+        c.execute(switch_configuration.insert(), switch_layout(host, first_port, count))
 
 
 # --------------------------------------------------------------- instructions

@@ -94,6 +94,29 @@ instructions = sa.Table(
     sa.Column("decided_at", sa.Float, nullable=True),
     sa.Column("decision_reason", sa.Text, nullable=True),
     sa.Column("instruction_set", sa.String(128), nullable=True),  # of its definition; null for raw SCALE
+    # N-of-M approval: distinct approvers (never the requester) this action needs, taken from its
+    # instruction set's policy when it is requested (null: 1); why the Core has not issued it yet.
+    sa.Column("approvers_required", sa.Integer, nullable=True),
+    sa.Column("issue_error", sa.Text, nullable=True),
+)
+
+# Per-instruction-set settings ("*": the default for sets without a row, and for raw SCALE).
+instruction_sets = sa.Table(
+    "instruction_sets", master,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("approvers_required", sa.Integer, nullable=False, server_default="1"),
+    sa.CheckConstraint("approvers_required >= 1 AND approvers_required <= 100", name="ck_instruction_sets_approvers"),
+)
+
+# One row per approval of an action by one person (a rejection ends the instruction instead).
+approvals = sa.Table(
+    "approvals", master,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("instruction_id", sa.Integer, nullable=False),
+    sa.Column("approver", sa.String(128), nullable=False),
+    sa.Column("approved_at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.UniqueConstraint("instruction_id", "approver", name="uq_approvals_instruction_approver"),
 )
 
 # One row (Id = 1): how the Coordinator sends email. Anonymous on port 25 by default, as in the seed.

@@ -207,7 +207,7 @@ async def serve(root: Path) -> None:
             log.warning("integrate connection from %s refused: missing or wrong internal credential",
                         conn.remote_address)
             return Response(HTTPStatus.UNAUTHORIZED.value, "Unauthorized",
-                            Headers([("Content-Type", "text/plain")]), b"internal token required\n")
+                            Headers([("Content-Type", "text/plain")]), b"internal credential required\n")
         return None
 
     async def handler(conn: ServerConnection) -> None:

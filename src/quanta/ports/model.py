@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from quanta.settings import PORTS_BY_NAME, DataDir, Settings, load_settings, poke_port
+from quanta.settings import PORTS_BY_NAME, DataDir, Settings, load_settings, poke_port, switch_layout
 
 TOPOLOGIES = ("single-server", "remote-response-stack", "dmz", "remote-catalog")
 Topology = Literal["single-server", "remote-response-stack", "dmz", "remote-catalog"]
@@ -138,7 +138,7 @@ def load_live(root: Path | str | None) -> LiveConfig:
     """The live configuration of a data directory, or the defaults when ``root`` is None."""
     if root is None:
         s = Settings(server_name="<server>")
-        sw = tuple(SwitchRow(f"switch-{i + 1}", s.server_name, s.port("switch") + 2 * i) for i in range(s.switches))
+        sw = tuple(_row(r) for r in switch_layout(s.server_name, s.port("switch"), s.switches))
         return LiveConfig(s, sw, databases(s, None), "defaults")
     from quanta.db import make_engine, store
 
@@ -155,13 +155,16 @@ def load_live(root: Path | str | None) -> LiveConfig:
             rows = store.switch_rows(engine)
         except sa.exc.SQLAlchemyError as e:
             # still print/check what the settings say; the database check reports the outage
-            rows = [dict(Name=f"switch-{i + 1}", Host=s.server_name, Port=s.port("switch") + 2 * i, Enabled=True)
-                    for i in range(s.switches)]
+            rows = switch_layout(s.server_name, s.port("switch"), s.switches)
             source = f"{root} (database unreachable: {type(e.orig or e).__name__}; Switch ports from quanta.toml)"
         finally:
             engine.dispose()
-    sw = tuple(SwitchRow(str(r["Name"]), str(r["Host"]), int(r["Port"]), bool(r["Enabled"])) for r in rows)
+    sw = tuple(_row(r) for r in rows)
     return LiveConfig(s, sw, databases(s, root), source)
+
+
+def _row(r: dict[str, Any]) -> SwitchRow:
+    return SwitchRow(str(r["Name"]), str(r["Host"]), int(r["Port"]), bool(r.get("Enabled", True)))
 
 
 # ------------------------------------------------------------------------------- rows

@@ -1,0 +1,73 @@
+"""Prometheus metrics: every metric Quanta exports, declared once, and the endpoint that serves them.
+
+Each component is its own process with its own registry (``prometheus_client``'s default one), and
+serves ``/metrics`` on ``internal_host`` (loopback by default) at the port that ``metrics_ports`` in
+quanta.toml gives it; a component without a port there exports nothing. The Switches of one Switch
+Host share its setting: Switch *n* (1-based, in SwitchConfiguration order) listens on the
+``switch`` port + *n* − 1.
+
+Names are prefixed ``quanta_``; counters end in ``_total`` (the library adds it), durations are
+seconds. Labels are bounded sets (a refusal reason, a route template, a state), never a device
+name or an instruction id, so that a fleet of any size keeps the series count fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["serve_metrics"]
+
+log = logging.getLogger("quanta.metrics")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# ------------------------------------------------------------------ Switch
+switch_connections = Gauge("quanta_switch_connections", "Agent connections open on this Switch (said hello)")
+switch_handshakes = Counter("quanta_switch_handshakes", "Agent connection attempts by result", ["result"])
+switch_frames_in = Counter("quanta_switch_frames_in", "WebSocket messages received from agents")
+switch_frames_out = Counter("quanta_switch_frames_out", "WebSocket messages sent to agents")
+switch_refusals = Counter("quanta_switch_refusals", "Agent connections or messages refused, by reason", ["reason"])
+switch_batch_latency = Histogram("quanta_switch_batch_latency_seconds",
+                                 "From sending a response batch to the Core to its acknowledgement",
+                                 buckets=LATENCY_BUCKETS)
+
+# -------------------------------------------------------------------- Core
+core_instructions = Gauge("quanta_core_instructions", "Instructions the Core holds, by state", ["state"])
+core_answers = Counter("quanta_core_answers", "Answers committed to the Responses database")
+core_commit_latency = Histogram("quanta_core_commit_latency_seconds", "Time to commit one response batch",
+                                buckets=LATENCY_BUCKETS)
+core_held = Counter("quanta_core_held_answers", "Answers held aside instead of counted (late or refused)", ["kind"])
+
+# --------------------------------------------------------------------- web
+web_requests = Histogram("quanta_web_request_seconds", "Consumer API request latency by route template",
+                         ["method", "route", "status"], buckets=LATENCY_BUCKETS)
+
+# ------------------------------------------------------------- Coordinator
+coordinator_approvals_pending = Gauge("quanta_coordinator_approvals_pending", "Actions awaiting approval")
+
+
+def metrics_port(settings: Any, component: str, index: int = 0) -> int | None:
+    """The port of ``component``'s metrics endpoint (``index``: the Switch's position), or None."""
+    base = settings.metrics_ports.get(component)
+    return None if not base else int(base) + index
+
+
+def serve_metrics(settings: Any, component: str, index: int = 0) -> int | None:
+    """Serve this process's metrics at http://<internal_host>:<port>/metrics in a daemon thread, when a
+    port is set. Returns the port, or None when metrics are off for this component."""
+    port = metrics_port(settings, component, index)
+    if port is None:
+        return None
+    from quanta.runtime import PortError
+
+    try:
+        start_http_server(port, addr=settings.internal_host)
+    except OSError as e:
+        raise PortError(f"{component}: cannot serve metrics on {settings.internal_host}:{port}: {e.strerror}; "
+                        f"set metrics_ports.{component} in quanta.toml",
+                        in_use=e.errno == 98) from None
+    log.info("%s metrics at http://%s:%d/metrics", component, settings.internal_host, port)
+    return port
