@@ -92,3 +92,21 @@ def test_hostile_and_careless_values(root: Path, tmp_path: Path) -> None:
     (bad / secretbox.KEY_FILE).write_text("not a key")
     with pytest.raises(secretbox.SecretBoxError, match="not a valid secrets key"):
         secretbox.box(bad)
+
+
+def test_a_plain_password_is_still_read_where_no_key_is_known(root: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    engine = make_engine(DataDir(root).master_url(load_settings(root)))
+    with engine.begin() as c:
+        c.execute(smtp_settings.update().values(password="legacy-plain"))
+    engine.dispose()
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(DataDir(root).master_db, loose / "master.db")  # a database away from its data directory
+    other = sa.create_engine(f"sqlite:///{loose / 'master.db'}")
+    with caplog.at_level("WARNING"):
+        assert load_smtp(other).password == "legacy-plain"
+    assert _stored(other) == "legacy-plain" and "cannot be sealed here" in caplog.text
+    assert "legacy-plain" not in caplog.text

@@ -66,7 +66,10 @@ def load_smtp(engine: sa.Engine) -> SmtpConfig | None:
     cfg = SmtpConfig(row.enabled, row.host, row.port, row.username, secretbox.unseal(engine, row.password),
                      row.starttls, row.from_addr, row.require_approval_code)
     if secretbox.needs_resealing(row.password):  # written in clear before secrets were sealed: seal it now
-        save_smtp(engine, cfg)
+        try:
+            save_smtp(engine, cfg)
+        except secretbox.SecretBoxError as e:  # reading still works; the next save through a data directory seals
+            log.warning("the SMTP password is stored in clear and cannot be sealed here: %s", e)
     return cfg
 
 
