@@ -323,7 +323,7 @@ def test_core_down_at_approval_is_retried_and_issued_once(tmp_path: Path, caplog
     back-off retry issues it, once."""
     extra = ("--database-url", request.getfixturevalue("pg_url")) if database == "postgresql" else ()
     s = make_server(tmp_path, *extra)  # a data directory (databases, keys, ports); its server is never started
-    from quanta import protocol as p
+    from quanta.internal import COORDINATOR_TO_CORE, credential
     from quanta.pki import Pki
     from quanta.settings import DataDir, load_settings
 
@@ -332,7 +332,7 @@ def test_core_down_at_approval_is_retried_and_issued_once(tmp_path: Path, caplog
     with master.begin() as c:
         for name in ("req", "approver0"):
             c.execute(users.insert().values(username=name, password_hash="x", role="Approver", created_at=time.time()))
-    token = p.internal_token(dd.internal_secret())
+    token = credential(dd.internal_secret(), COORDINATOR_TO_CORE)
     coord = Coordinator(master, Signer.from_file(Pki(dd.pki).signing_key), settings.core_http_url(), token,
                         loop_interval=0.2, retry_min=0.2, retry_max=1.0)
     iid = pending(master)

@@ -16,7 +16,7 @@ from websockets.sync.client import connect
 
 from quanta.db import make_engine
 from quanta.db.tables import integrate_runs
-from quanta.protocol import internal_token
+from quanta.internal import HOPS, INTEGRATE_CLIENT, credential
 from quanta.settings import DataDir, load_settings
 
 from conftest import make_server, quanta, wait_until
@@ -59,13 +59,16 @@ def test_integrate_agent_process(integrate, tmp_path):
     listening = [c.laddr for c in psutil.Process(p.pid).net_connections() if c.status == "LISTEN"]
     assert listening and all(a.ip == "127.0.0.1" and a.port == port for a in listening)
     # no token / a wrong token: the handshake is refused before any frame is read
-    for headers in ({}, {"Authorization": "Bearer " + "0" * 64}):
+    secret = DataDir(s.root).internal_secret()
+    others = [credential(secret, h) for h in HOPS if h != INTEGRATE_CLIENT]  # another hop's credential
+    for headers in ({}, {"Authorization": "Bearer " + "0" * 64}, {"Authorization": "Bearer " + secret.hex()},
+                    *({"Authorization": f"Bearer {t}"} for t in others)):
         with pytest.raises(InvalidStatus) as ei:
             connect(f"ws://127.0.0.1:{port}/", additional_headers=headers, open_timeout=5)
         assert ei.value.response.status_code == 401
-    assert "refused: missing or wrong internal token" in (tmp_path / "integrate.log").read_text()
+    assert "refused: missing or wrong internal credential" in (tmp_path / "integrate.log").read_text()
     # with the token: malformed and wrongly typed frames get an error reply, the connection stays usable
-    token = internal_token(DataDir(s.root).internal_secret())
+    token = credential(DataDir(s.root).internal_secret(), INTEGRATE_CLIENT)
     with connect(f"ws://127.0.0.1:{port}/", additional_headers={"Authorization": f"Bearer {token}"}) as ws:
         for bad, why in [("{not json", "malformed request"), ('{"type": "run", "connector": 5}', "Expected `str`"),
                          ('{"type": "explode"}', "bad request"), ('{"type": "run", "connector": "shops", "x": 1}',

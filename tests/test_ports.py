@@ -36,14 +36,14 @@ SEED = {
     ],
     "remote-response-stack": [
         ("Server (Master Stack)", "443", "HTTPS", "out"), ("Server (Response Stack)", "443", "HTTPS", "in"),
-        ("Server (Master Stack)", "3901", "ws", "in"), ("Server (Response Stack)", "3901", "ws", "out"),
+        ("Server (Master Stack)", "3901", "wss", "in"), ("Server (Response Stack)", "3901", "wss", "out"),
         ("SQL Server (master database)", "1433", "TDS", "in"), ("Server (Response Stack)", "1433", "TDS", "out"),
     ],
     "dmz": [
-        ("DMZ Server", "443", "HTTPS", "in"), ("DMZ Server", "443", "HTTPS", "out"), ("DMZ Server", "3901", "ws", "out"),
+        ("DMZ Server", "443", "HTTPS", "in"), ("DMZ Server", "443", "HTTPS", "out"), ("DMZ Server", "3901", "wss", "out"),
         ("DMZ Server", "4001", "TCP", "in"), ("DMZ Server", "4000", "wss", "in"), ("DMZ Server", "80", "HTTP", "out"),
         ("Server (Response Stack)", "443", "HTTPS", "in"), ("Server (Master Stack)", "443", "HTTPS", "out"),
-        ("Server (Response Stack)", "4001", "TCP", "out"), ("Server (Master Stack)", "3901", "ws", "in"),
+        ("Server (Response Stack)", "4001", "TCP", "out"), ("Server (Master Stack)", "3901", "wss", "in"),
         ("Internet-facing clients", "443", "HTTPS", "out"), ("Internet-facing clients", "4000", "wss", "out"),
     ],
 }
@@ -52,6 +52,8 @@ DEVICE = {"Server": {"single-server": SERVER}, "Server (Master Stack)": MASTER, 
           "Catalog Server": CATALOG, "DMZ Server": DMZ, "Clients": CLIENTS, "Internet-facing clients": INET_CLIENTS,
           "Browsers": BROWSERS}
 PROTOCOL = {"wss": "WebSocket Secure (wss)", "ws": "WebSocket (ws)"}
+# One deliberate change from the seed's tables: the Master hub (3901) is wss with mutual TLS, not ws
+# (issue 11: every cross-host internal link is TLS verified against the installation CA).
 
 
 def _device(seed_device: str, topology: str) -> str:

@@ -103,7 +103,7 @@ def init(
         for f in (dd.master_db, dd.responses_db, dd.admin_credentials):
             for suffix in ("", "-wal", "-shm"):
                 Path(str(f) + suffix).unlink(missing_ok=True)
-    dd.root.mkdir(parents=True, exist_ok=True)
+    dd.create_private()  # 0700, and every file init creates 0600 (databases, keys, secrets)
     st.save_settings(root, settings)
     pki = Pki(dd.pki)
     pki.create(name)

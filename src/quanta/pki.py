@@ -5,6 +5,8 @@ Files under ``DIR/pki``::
 
     ca.crt ca.key            the issuing CA (keep ca.key offline in production)
     server.crt server.key    web tier, Switch and Background Channel certificate
+    host.crt host.key        a remote host's client certificate (Purpose.HOST: hub, cross-host links)
+    secrets.key              Fernet key sealing secrets stored in the database (quanta.secretbox)
     crl.pem                  certificate revocation list, re-signed on every revocation
     revoked.json             serial -> device name, the CRL's source of truth
     signing.key signing.pub  instruction signing key pair (Ed25519)
@@ -14,7 +16,9 @@ Every certificate has one purpose (:class:`Purpose`), spelled in its extended ke
 - a **device** certificate carries ``clientAuth`` and :data:`DEVICE_PURPOSE`; only these are
   accepted on the Switch and the Background Channel (:func:`device_refusal`);
 - an **interaction** certificate (the agent's local interaction port) carries ``serverAuth`` only;
-- a **server** certificate (web tier, Switch, remote hosts' certificates) carries ``serverAuth`` only.
+- a **server** certificate (web tier, Switch, remote hosts' certificates) carries ``serverAuth`` only;
+- a **host** certificate (a remote Response Stack's or DMZ server's identity towards the Master hub
+  and the cross-host links) carries ``clientAuth`` and :data:`HOST_PURPOSE` (:func:`host_refusal`).
 
 Certificates issued before purposes existed carry no :data:`DEVICE_PURPOSE` and are refused as
 devices; the operator re-enrols such a device with ``quanta enroll --replace``.
@@ -39,6 +43,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from quanta.signing import Signer, Verifier, client_context  # re-exported: one import for server code
 
+# Every TLS listener's policy (:func:`harden_server_context`): TLS 1.2 and 1.3 only; in TLS 1.2
+# ephemeral ECDH with AEAD ciphers only (no CBC, so no LUCKY13; no RSA key exchange; no SHA-1 MACs).
+# TLS 1.3's suites are all AEAD (AES-GCM, ChaCha20-Poly1305) and OpenSSL's default list is kept.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!SHA1:!CBC"
+CRL_PATH = "/crl.pem"  # on the HTTP port (quanta.http_tier), the seed's CRL distribution point
+
 CA_DAYS = 3650
 LEAF_DAYS = 825
 CRL_DAYS = 30
@@ -47,6 +57,9 @@ CRL_DAYS = 30
 # UUID arc 2.25 (ITU-T X.667 / ISO/IEC 9834-8: an OID made of a random UUID needs no registration
 # and collides with no one's); UUID 9e514508-f00f-45f2-aead-8a388842c950.
 DEVICE_PURPOSE = x509.ObjectIdentifier("2.25.210439999573940847600489727119430175056")
+# The extended key usage of a Quanta host certificate: a remote Response Stack's or DMZ server's
+# identity on the Master hub and the cross-host links (UUID 6f1c2b1e-3d0a-4c1e-9a55-2c7e8f4d9b31).
+HOST_PURPOSE = x509.ObjectIdentifier("2.25.147690566383513503837353854691684752177")
 REENROL_HINT = "re-enrol the device with 'quanta enroll DIR --device NAME --out AGENTDIR --replace'"
 
 
@@ -56,12 +69,14 @@ class Purpose(str, enum.Enum):
     DEVICE = "device"  # an agent's identity on the Switch and the Background Channel
     INTERACTION = "interaction"  # TLS of the agent's local interaction port
     SERVER = "server"  # a server's TLS (web tier, Switch, a remote host)
+    HOST = "host"  # a remote host's client identity on the Master hub and the cross-host links
 
 
 _EKU: dict[Purpose, x509.ExtendedKeyUsage] = {
     Purpose.DEVICE: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, DEVICE_PURPOSE]),
     Purpose.INTERACTION: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
     Purpose.SERVER: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+    Purpose.HOST: x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, HOST_PURPOSE]),
 }
 
 
@@ -111,6 +126,8 @@ class Pki:
     ca_key = property(lambda self: self.root / "ca.key")
     server_crt = property(lambda self: self.root / "server.crt")
     server_key = property(lambda self: self.root / "server.key")
+    host_crt = property(lambda self: self.root / "host.crt")
+    host_key = property(lambda self: self.root / "host.key")
     crl = property(lambda self: self.root / "crl.pem")
     revoked_index = property(lambda self: self.root / "revoked.json")
     signing_key = property(lambda self: self.root / "signing.key")
@@ -119,7 +136,8 @@ class Pki:
     # ---------------------------------------------------------------- creation
     def create(self, server_name: str, extra_names: list[str] | None = None) -> None:
         """Create the CA, server certificate, empty CRL and signing key."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.root, 0o700)
         ca_key = _new_key()
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
                           x509.NameAttribute(NameOID.COMMON_NAME, f"Quanta CA ({server_name})")])
@@ -139,12 +157,33 @@ class Pki:
         self.ca_crt.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
         names = [server_name, "localhost", "127.0.0.1", *(extra_names or [])]
         self.issue(server_name, self.server_crt, self.server_key, purpose=Purpose.SERVER, san=names)
+        self.issue(server_name, self.host_crt, self.host_key, purpose=Purpose.HOST)
         self.revoked_index.write_text("{}")
         self.write_crl()
         sk = ed25519.Ed25519PrivateKey.generate()
         _write_private(self.signing_key, _key_pem(sk))
         self.signing_pub.write_bytes(sk.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def ensure_host_certificate(self, server_name: str) -> bool:
+        """Issue this host's host certificate if it has none and holds the CA key (a Master made
+        before host certificates existed); True if one was issued."""
+        if self.host_crt.exists() or not self.ca_key.exists():
+            return False
+        self.issue(server_name, self.host_crt, self.host_key, purpose=Purpose.HOST)
+        return True
+
+    def crl_url(self) -> str | None:
+        """Where the CRL of this CA is published: the HTTP port of the server whose data directory
+        holds this PKI (``http://<server name>[:<http port>]/crl.pem``), None outside a data directory."""
+        root = self.root.parent
+        if not (root / "quanta.toml").exists():
+            return None
+        from quanta.settings import load_settings  # lazy: settings is heavier than this module
+
+        s = load_settings(root)
+        port = s.port("http")
+        return f"http://{s.server_name}{'' if port == 80 else f':{port}'}{CRL_PATH}"
 
     def _load_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         ca = x509.load_pem_x509_certificate(self.ca_crt.read_bytes())
@@ -163,7 +202,7 @@ class Pki:
         key: ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey = \
             new_client_key() if purpose is Purpose.DEVICE else _new_key()
         cert = leaf_certificate(ca, ca_key, common_name, key.public_key(), purpose=purpose, san=san,
-                                serial=serial)
+                                serial=serial, crl_url=self.crl_url())
         _write_private(key_path, _key_pem(key))
         crt_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert
@@ -216,9 +255,7 @@ class Pki:
         """Server-side TLS; with ``require_client_cert`` it is mutual TLS for devices: CRL checks,
         and the handshake refuses any certificate without the device purpose (where OpenSSL's
         verification can be reached, see :func:`quanta.switch.tls.refuse_non_devices`)."""
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.server_crt, self.server_key)
+        ctx = tls_server_context(self.server_crt, self.server_key)
         if require_client_cert:
             from quanta.switch.tls import refuse_non_devices  # lazy: quanta.switch imports this module
 
@@ -230,11 +267,41 @@ class Pki:
         return ctx
 
 
+def harden_server_context(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Apply Quanta's TLS policy to a server context: TLS 1.2 and 1.3 only, AEAD suites with
+    ephemeral ECDH only (:data:`TLS12_CIPHERS`), no compression, no renegotiation, the server's
+    order of preference. Every listener's context goes through here (web tier, Coordinator,
+    Switch, hub, Catalog over HTTPS, remote hosts' links)."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    return ctx
+
+
+def tls_server_context(certfile: Path | str, keyfile: Path | str, *, client_ca: Path | str | None = None,
+                       crl: Path | str | None = None) -> ssl.SSLContext:
+    """A server context under Quanta's TLS policy for ``certfile``/``keyfile``; with ``client_ca``
+    the peer must present a certificate issued by that CA (mutual TLS), checked against ``crl``
+    if given."""
+    ctx = harden_server_context(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx.load_cert_chain(str(certfile), str(keyfile))
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=str(client_ca))
+        if crl is not None:
+            ctx.load_verify_locations(cafile=str(crl))
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return ctx
+
+
 def leaf_certificate(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, common_name: str,
                      public_key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey, *, purpose: Purpose,
                      san: list[str] | None = None, serial: int | None = None,
-                     not_before: dt.datetime | None = None) -> x509.Certificate:
-    """A leaf certificate for ``purpose``, signed by the CA (the one place a leaf is built)."""
+                     not_before: dt.datetime | None = None, crl_url: str | None = None) -> x509.Certificate:
+    """A leaf certificate for ``purpose``, signed by the CA (the one place a leaf is built); with
+    ``crl_url``, it names the CA's CRL distribution point (what a relying party, a TLS scanner
+    included, fetches to learn whether it is revoked)."""
     not_before = not_before or _now() - dt.timedelta(minutes=5)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quanta"),
@@ -254,6 +321,10 @@ def leaf_certificate(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, c
             except ValueError:
                 alt.append(x509.DNSName(n))
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    if crl_url is not None:
+        builder = builder.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None,
+            crl_issuer=None)]), critical=False)
     return (builder
             .add_extension(_EKU[purpose], critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -276,6 +347,22 @@ def device_refusal(cert: x509.Certificate) -> str | None:
     if ExtendedKeyUsageOID.SERVER_AUTH in eku:
         return "not a device certificate (a server or interaction-port certificate)"
     return f"not a device certificate (no Quanta device purpose: issued before certificate purposes? {REENROL_HINT})"
+
+
+def host_refusal(cert: x509.Certificate) -> str | None:
+    """Why ``cert`` is not a Quanta host certificate (:data:`HOST_PURPOSE`), or None if it is. A
+    device certificate, issued by the same CA for client authentication, is not one."""
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return "not a host certificate (no extended key usage)"
+    except ValueError:
+        return "not a host certificate (its extensions cannot be parsed)"
+    if HOST_PURPOSE in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku:
+        return None
+    if DEVICE_PURPOSE in eku:
+        return "not a host certificate (a device certificate)"
+    return "not a host certificate (no Quanta host purpose: re-export the host with 'quanta host export')"
 
 
 def peer_device(der: bytes) -> tuple[int, str, str | None]:

@@ -49,6 +49,9 @@ LOG_FORMATS = ("text", "json")
 def setup_logging(component: str, level: str = "INFO", fmt: str | None = None) -> None:
     """Log to stderr as ``text`` (one human line) or ``json`` (one object a line: time, level, component,
     pid, logger, message, and exc_info when there is a traceback), for log shippers."""
+    from quanta.datadir import private_umask
+
+    private_umask()  # every component creates owner-only files (databases, logs, journals, content)
     fmt = os.environ.get(LOG_FORMAT_ENV) or fmt or "text"
     if fmt not in LOG_FORMATS:
         raise SystemExit(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)} ({LOG_FORMAT_ENV} or "

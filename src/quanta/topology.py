@@ -1,8 +1,9 @@
 """Remote hosts of the seed's topologies: a remote Response Stack and a DMZ server.
 
 ``quanta host export MASTERDIR --role response|dmz ...`` writes the data directory for such a
-host: its own server certificate (issued by the installation CA, whose key stays on the
-Master), the CA certificate, the CRL, the instruction-signing public key, the internal secret,
+host: its own server certificate and host certificate (its client identity towards the Master
+hub, Purpose.HOST; both issued by the installation CA, whose key stays on the Master), the CA
+certificate, the CRL, the instruction-signing public key, the internal secret,
 and settings that point it at the Master hub, the Core and the CRL distribution point. It also
 records the host's Switches in SwitchConfiguration and, for a DMZ server, adds its Background
 Channel to the Master's content replication list. Copy the directory to that host and run
@@ -15,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from quanta.datadir import make_private_dir, tighten
 from quanta.db import is_sqlite, make_engine
 from quanta.db.tables import switch_configuration
 from quanta.pki import Pki, Purpose
@@ -34,7 +36,7 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
         raise TopologyError("role must be response or dmz")
     if out.exists() and any(out.iterdir()):
         raise TopologyError(f"{out} is not empty")
-    hub = f"ws://{master.server_name}:{master.port('hub')}/Hub"
+    hub = f"wss://{master.server_name}:{master.port('hub')}/Hub"  # mutual TLS (quanta.hub)
     merged = dict(master.ports) | (ports or {}) | {"https": https_port, "switch": switch_port}
     rows = switch_layout(server_name, switch_port, switches, prefix=f"{server_name}-")
     if role == "response":
@@ -51,15 +53,19 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
         settings = Settings(server_name=server_name, role="dmz", ports=merged, hub_url=hub,
                             crl_url=f"http://{master.server_name}:{master.port('http')}/crl.pem",
                             switch_core_url=core_link, local_switches=rows, switches=switches)
+    make_private_dir(out)
     pki_out = out / "pki"
-    pki_out.mkdir(parents=True)
+    make_private_dir(pki_out)
     src = Pki(mdd.pki)
     for f in ("ca.crt", "crl.pem", "signing.pub", "internal.secret"):
         shutil.copy(mdd.pki / f, pki_out / f)
     os.chmod(pki_out / "internal.secret", 0o600)
     src.issue(server_name, pki_out / "server.crt", pki_out / "server.key", purpose=Purpose.SERVER,
               san=[server_name, "localhost", "127.0.0.1"])
+    # its identity towards the Master hub (mutual TLS): a host certificate, not a server or device one
+    src.issue(server_name, pki_out / "host.crt", pki_out / "host.key", purpose=Purpose.HOST)
     save_settings(out, settings)
+    tighten(out)  # the exported directory holds the internal secret and a server key: owner only
     # the Master learns about the new host
     engine = make_engine(mdd.master_url(master))
     with engine.begin() as c:

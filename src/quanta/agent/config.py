@@ -120,6 +120,11 @@ def check_retry(lo: float, hi: float, where: Path) -> None:
 
 def write_conf(root: Path, *, device_name: str, switches: str, background_url: str, retry_min: float = 1,
                retry_max: float = 60, interaction_port: int = 7766) -> None:
+    """Write the agent's settings, and make the agent directory private (0700, its keys and
+    everything else in it 0600): it holds the device's keys and, later, its journal of answers."""
+    from quanta.datadir import make_private_dir, tighten
+
+    make_private_dir(root)
     (root / CONF).write_text(
         "# Quanta agent settings\n"
         f"DeviceName={device_name}\n"
@@ -129,3 +134,4 @@ def write_conf(root: Path, *, device_name: str, switches: str, background_url: s
         f"ConnectionRetryTimeInSecondsMax={retry_max}\n"
         f"Module.Interaction.Port={interaction_port}\n"
     )
+    tighten(root)

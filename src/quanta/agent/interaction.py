@@ -165,10 +165,9 @@ class _Session(WSListener):
 
 
 async def serve_interaction(hub: InteractionHub, port: int, cert: Path, key: Path) -> asyncio.Server:
-    import ssl
+    from quanta.pki import tls_server_context  # TLS 1.2/1.3, AEAD suites only, like every listener
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
+    ctx = tls_server_context(cert, key)
     hub.loop = asyncio.get_running_loop()
     return await ws_create_server(lambda _r: _Session(hub), "127.0.0.1", port, ssl=ctx, use_aiofastnet=False,
                                   max_frame_size=64 * 1024, read_buffer_init_size=1024)

@@ -121,9 +121,14 @@ class FileStore(MemoryStore):
 
     def compact(self) -> None:
         """Rewrite the log with one record per entry (temporary file, then rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.path.parent.stat().st_mode & 0o077:
+            os.chmod(self.path.parent, 0o700)  # the journal holds every answer: owner only
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(_frame(e) for e in self.entries.values()))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"".join(_frame(e) for e in self.entries.values()))
+        os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
         if self._fd is not None:
             os.close(self._fd)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 
 from . import MAX_CONTENT_BYTES, ContentError, ContentStore
-from .auth import AuthError, DeviceVerifier
+from .auth import AuthError, DeviceVerifier, HostVerifier
 
 
 def router(store: ContentStore, verifier: DeviceVerifier, replication_token: str | None = None) -> APIRouter:
@@ -17,13 +17,18 @@ def router(store: ContentStore, verifier: DeviceVerifier, replication_token: str
 
     if replication_token is not None:
         expected = f"Bearer {replication_token}"
+        hosts = HostVerifier(verifier.ca_file, verifier.crl_file)
 
         @r.put("/Background/{sha256}", include_in_schema=False, status_code=201)
         async def replicate(sha256: str, request: Request) -> dict[str, object]:
             """Content replication from the Master (Master -> DMZ web tier on 443)."""
             auth = request.headers.get("authorization") or ""
             if not hmac.compare_digest(auth, expected):
-                raise HTTPException(401, "missing or wrong internal token")
+                raise HTTPException(401, "missing or wrong internal credential")
+            try:  # and the Master proves it is a host of this installation (its host certificate)
+                hosts.verify("PUT", request.url.path, dict(request.headers))
+            except AuthError as e:
+                raise HTTPException(403, f"host authentication failed: {e}") from None
             try:
                 store.path(sha256)
             except ContentError as e:

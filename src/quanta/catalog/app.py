@@ -22,6 +22,53 @@ def catalog_router(root: Path | str, settings: Settings) -> APIRouter:
     return build_router(open_catalog(catalog_db_url(root, settings)))
 
 
+async def serve_https(root: Path | str, https_port: int, cert: Path, key: Path) -> None:
+    """A Remote Catalog over HTTPS: the Catalog UI/API (and health, CRL) on ``https_port`` under
+    Quanta's TLS policy; the plain HTTP port keeps the CRL and health and answers every /Catalog
+    request 403 without reading it, so no client is served with its API key in clear."""
+    import asyncio
+    import logging
+
+    import uvicorn
+    from fastapi import FastAPI, HTTPException
+
+    from quanta.http_tier import build_app
+    from quanta.internal import with_tls
+    from quanta.pki import tls_server_context
+    from quanta.runtime import bind_socket, setup_logging
+
+    settings = load_settings(root)
+    setup_logging("catalog", settings.log_level)
+    log = logging.getLogger("quanta.catalog")
+    ctx = tls_server_context(cert, key)  # a bad certificate or key stops here, before any listener
+    secure = build_app(Path(root), settings)
+    plain = build_app(Path(root), settings.model_copy(update={"catalog_url": f"https://:{https_port}/Catalog"}))
+    assert isinstance(plain, FastAPI)
+
+    @plain.api_route("/Catalog{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    def refuse(rest: str) -> None:
+        raise HTTPException(403, f"this Catalog is served over HTTPS only (port {https_port}): its API key must not "
+                                 "travel in clear; set catalog_url to https://<host>:<port>/Catalog")
+
+    http_sock = bind_socket(settings.bind_host, settings.port("http"), "http")
+    https_sock = bind_socket(settings.bind_host, https_port, "catalog https")
+    log.info("catalog listening on https %s:%d (/Catalog) and http %s:%d (CRL, health only)", settings.bind_host,
+             https_port, settings.bind_host, settings.port("http"))
+    servers = [uvicorn.Server(uvicorn.Config(plain, log_level="warning", loop="none", proxy_headers=False)),
+               uvicorn.Server(with_tls(uvicorn.Config(secure, log_level="warning", loop="none", proxy_headers=False,
+                                                      ssl_certfile=str(cert), ssl_keyfile=str(key)), ctx))]
+    await asyncio.gather(servers[0].serve(sockets=[http_sock]), servers[1].serve(sockets=[https_sock]))
+
+
+def catalog_verify(root: Path | str) -> str | bool:
+    """What an https catalog_url is verified against: ``DIR/catalog-ca.crt`` if the operator put the
+    Catalog's CA there, else the installation CA (``DIR/pki/ca.crt``), else the system store."""
+    for p in (Path(root) / "catalog-ca.crt", DataDir(Path(root)).pki / "ca.crt"):
+        if p.exists():
+            return str(p)
+    return True
+
+
 def catalog_url(settings: Settings) -> str:
     """Where this host reaches the Catalog: ``catalog_url``, or the local http port's /Catalog."""
     if settings.catalog_url:
@@ -36,9 +83,10 @@ class CatalogError(Exception):
 class CatalogClient:
     """HTTP client of the Catalog API (the master's side of the Remote Catalog flow on port 80)."""
 
-    def __init__(self, base_url: str, key: str, timeout: float = 30) -> None:
+    def __init__(self, base_url: str, key: str, timeout: float = 30, verify: Any = True) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {key}"})
+        self._http = httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {key}"}, verify=verify,
+                                  follow_redirects=False)  # never re-sent elsewhere
 
     @classmethod
     def for_data_dir(cls, root: Path | str) -> CatalogClient:
@@ -50,7 +98,9 @@ class CatalogClient:
         if not key:
             raise CatalogError(f"no Catalog API key: set {KEY_ENV} or run "
                                f"'quanta catalog key add {root} --name master --save' (writes {path})")
-        return cls(catalog_url(settings), key)
+        from quanta.internal import tls_context
+
+        return cls(catalog_url(settings), key, verify=tls_context(catalog_verify(root)))
 
     def __enter__(self) -> CatalogClient:
         return self

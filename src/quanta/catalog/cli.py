@@ -141,7 +141,7 @@ def init(root: DirArg,
     except ValueError as e:
         _fail(f"error: invalid settings: {e}")
         return
-    dd.root.mkdir(parents=True, exist_ok=True)
+    dd.create_private()  # 0700, the database and keys 0600
     save_settings(root, settings)
     open_catalog(url)
     print(f"initialised Catalog server directory {dd.root}: http port {settings.port('http')}; "
@@ -150,12 +150,30 @@ def init(root: DirArg,
 
 
 @catalog_app.command("serve")
-def serve(root: DirArg) -> None:
-    """Run the Catalog on its own (the http tier of a Remote Catalog server: /Catalog and /health)."""
+def serve(root: DirArg,
+          https_port: Annotated[Optional[int], typer.Option(help="also serve the Catalog UI/API over HTTPS on this "
+                                                                 "port; plain HTTP then serves only the CRL and health")]
+          = None,
+          cert: Annotated[Optional[Path], typer.Option(help="TLS certificate (PEM); default DIR/pki/server.crt")] = None,
+          key: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM); default DIR/pki/server.key")] = None,
+          ) -> None:
+    """Run the Catalog on its own (the http tier of a Remote Catalog server: /Catalog and /health);
+    with --https-port, the Catalog UI/API over HTTPS only, so its API key never travels in clear."""
     from quanta.cli import _run_component
     from quanta.http_tier import serve as http_serve
 
-    _run_component(http_serve(root))
+    if https_port is None:
+        _run_component(http_serve(root))
+        return
+    from .app import serve_https
+
+    pki = root / "pki"
+    cert, key = cert or pki / "server.crt", key or pki / "server.key"
+    for what, p in (("certificate", cert), ("key", key)):
+        if not p.is_file():
+            _fail(f"error: no TLS {what} at {p}: give --cert and --key (e.g. a server certificate issued by the "
+                  "installation CA, or your own)")
+    _run_component(serve_https(root, https_port, cert, key))
 
 
 def _client(root: Path):  # type: ignore[no-untyped-def]

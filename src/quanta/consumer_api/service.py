@@ -69,7 +69,10 @@ class ConsumerApi:
     def __init__(self, master: sa.Engine, responses: sa.Engine, signer: Signer, core_url: str,
                  core_token: str, ca_file: str | None = None, content: ContentStore | None = None,
                  coordinator_url: str | None = None, approval_ttl: float = 24 * 3600,
-                 replicate_to: list[str] | None = None, catalog: Any = None) -> None:
+                 replicate_to: list[str] | None = None, catalog: Any = None,
+                 coordinator_token: str | None = None, replication_token: str | None = None) -> None:
+        self.coordinator_token = coordinator_token or core_token  # per-hop credentials (quanta.internal)
+        self.replication_token = replication_token or core_token
         self.catalog = catalog  # () -> CatalogClient, for normalising software inventory
         self.content = content
         self.replicate_to = list(replicate_to or [])
@@ -197,7 +200,7 @@ class ConsumerApi:
         for base in self.replicate_to:
             try:
                 r = await client.put(f"{base.rstrip('/')}/Background/{digest}", content=data, timeout=60,
-                                     headers=bearer(self.core_token))
+                                     headers=bearer(self.replication_token))
                 r.raise_for_status()
                 done.append(base)
             except httpx.HTTPError as e:
@@ -209,7 +212,7 @@ class ConsumerApi:
             raise Unavailable("no Coordinator is configured on this server")
         try:
             r = await http_client(self.ca_file).post(f"{self.coordinator_url}{path}", json=body or {}, timeout=30,
-                                                     headers=bearer(self.core_token))
+                                                     headers=bearer(self.coordinator_token))
         except httpx.HTTPError as e:
             raise Unavailable(f"the Coordinator is unreachable: {e}") from None
         if r.status_code >= 400:

@@ -1,6 +1,7 @@
 """The Coordinator's internal API (port ``coordinator``, 8081, HTTPS), called by the Consumer API
-with the internal token. The Consumer API has already authenticated the user; it passes who
-they are, and the Coordinator enforces the workflow rules."""
+with its own internal credential (quanta.internal.CONSUMER_TO_COORDINATOR). The Consumer API has
+already authenticated the user; it passes who they are, and the Coordinator enforces the
+workflow rules."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from quanta import instructions as ins
-from quanta import protocol as p
 from quanta.db import make_engine
-from quanta.internal import require_bearer
-from quanta.pki import Pki, Signer
+from quanta.internal import (COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential,
+                            present_host_identity, require_bearer, with_tls)
+from quanta.pki import Pki, Signer, tls_server_context
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, load_settings
 
@@ -43,7 +44,10 @@ class Decision(Actor):
     reason: str | None = Field(default=None, max_length=2000)
 
 
-def create_app(coord: Coordinator, token: str) -> FastAPI:
+def create_app(coord: Coordinator, secret: bytes) -> Any:
+    """The Coordinator's ASGI app: only the Consumer API's credential for the Coordinator opens
+    it, every route (health and the OpenAPI document included) behind :class:`InternalAuth`."""
+    token = credential(secret, CONSUMER_TO_COORDINATOR)
     require_token = require_bearer(token)
 
     @asynccontextmanager
@@ -94,7 +98,9 @@ def create_app(coord: Coordinator, token: str) -> FastAPI:
             raise HTTPException(422, "a rejection needs a reason")
         return await coord.reject(iid, d.username, d.role, d.reason)
 
-    return app
+    wrapped = InternalAuth(app, lambda _scope: (token,), "coordinator")
+    wrapped.fastapi = app  # type: ignore[attr-defined]  # tests enumerate its routes
+    return wrapped
 
 
 async def serve(root: Path) -> None:
@@ -102,13 +108,15 @@ async def serve(root: Path) -> None:
     dd = DataDir(root)
     setup_logging("coordinator", settings.log_level)
     pki = Pki(dd.pki)
-    token = p.internal_token(dd.internal_secret())
+    present_host_identity(pki.root)  # its Issue calls to a remote Response Stack carry its host certificate
+    secret = dd.internal_secret()
     coord = Coordinator(make_engine(dd.master_url(settings)), Signer.from_file(pki.signing_key),
-                        core_url=settings.core_http_url(), core_token=token,
+                        core_url=settings.core_http_url(), core_token=credential(secret, COORDINATOR_TO_CORE),
                         approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt),
                         portal_url=f"https://{settings.server_name}:{settings.port('https')}/Explorer/")
     sock = bind_socket(settings.internal_host, settings.port("coordinator"), "coordinator")
     log.info("coordinator listening on https %s:%d", settings.internal_host, settings.port("coordinator"))
-    config = uvicorn.Config(create_app(coord, token), log_level="warning", loop="none",
-                            ssl_certfile=str(pki.server_crt), ssl_keyfile=str(pki.server_key))
+    config = with_tls(uvicorn.Config(create_app(coord, secret), log_level="warning", loop="none",
+                                     ssl_certfile=str(pki.server_crt), ssl_keyfile=str(pki.server_key)),
+                      tls_server_context(pki.server_crt, pki.server_key))
     await uvicorn.Server(config).serve(sockets=[sock])

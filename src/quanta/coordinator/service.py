@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from tenacity import AsyncRetrying, retry_if_exception, wait_exponential
 
 from quanta import instructions as ins
+from quanta import secretbox
 from quanta import rbac
 from quanta.db import store
 from quanta.db.tables import approval_codes, instructions, smtp_settings, users
@@ -62,12 +63,19 @@ def load_smtp(engine: sa.Engine) -> SmtpConfig | None:
         row = c.execute(sa.select(smtp_settings).where(smtp_settings.c.id == 1)).first()
     if row is None:
         return None
-    return SmtpConfig(row.enabled, row.host, row.port, row.username, row.password, row.starttls, row.from_addr,
-                      row.require_approval_code)
+    cfg = SmtpConfig(row.enabled, row.host, row.port, row.username, secretbox.unseal(engine, row.password),
+                     row.starttls, row.from_addr, row.require_approval_code)
+    if secretbox.needs_resealing(row.password):  # written in clear before secrets were sealed: seal it now
+        try:
+            save_smtp(engine, cfg)
+        except secretbox.SecretBoxError as e:  # reading still works; the next save through a data directory seals
+            log.warning("the SMTP password is stored in clear and cannot be sealed here: %s", e)
+    return cfg
 
 
 def save_smtp(engine: sa.Engine, cfg: SmtpConfig) -> None:
-    values = dict(enabled=cfg.enabled, host=cfg.host, port=cfg.port, username=cfg.username, password=cfg.password,
+    values = dict(enabled=cfg.enabled, host=cfg.host, port=cfg.port, username=cfg.username,
+                  password=secretbox.seal(engine, cfg.password),
                   starttls=cfg.starttls, from_addr=cfg.from_addr, require_approval_code=cfg.require_approval_code)
     with engine.begin() as c:
         if c.execute(sa.select(smtp_settings.c.id).where(smtp_settings.c.id == 1)).first():

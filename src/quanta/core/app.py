@@ -1,6 +1,8 @@
 """The Core's internal endpoint (port ``core``, 3900): HTTP for the Consumer API, WebSocket for
-Switches. Every request must carry the internal bearer token; it is checked before anything
-else is read.
+Switches. Every request must carry its hop's internal credential (quanta.internal): the
+Consumer API's or the Coordinator's on HTTP, a Switch's on the Switch link. It is checked by
+:class:`quanta.internal.InternalAuth` in front of the whole app, before routing: health, the
+OpenAPI document and unknown paths answer nothing without it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Query, WebSocket, WebSocketDisconnect
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, WebSocket, WebSocketDisconnect
 
 from quanta import protocol as p
 from quanta.db import make_engine
-from quanta.internal import bearer_ok, require_bearer
+from quanta.internal import CORE_HTTP, CORE_SWITCH, InternalAuth, credential, credentials_ok
+from quanta.datadir import tighten
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, core_link_max_bytes, load_settings
 
@@ -26,8 +29,14 @@ log = logging.getLogger("quanta.core")
 WAIT_MAX = 30.0  # longest Wait the Core holds; the web tier's /Core relay allows 60 s
 
 
-def create_app(core: Core, token: str) -> FastAPI:
-    require_token = require_bearer(token)
+def create_app(core: Core, secret: bytes) -> Any:
+    """The Core's ASGI app: the FastAPI routes behind :class:`InternalAuth`."""
+    http_tokens = [credential(secret, h) for h in CORE_HTTP]
+    switch_tokens = [credential(secret, h) for h in CORE_SWITCH]
+
+    def require_token(authorization: str | None = Header(default=None)) -> None:
+        if not credentials_ok(authorization, http_tokens):
+            raise HTTPException(401, "missing or wrong internal credential")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
@@ -38,7 +47,7 @@ def create_app(core: Core, token: str) -> FastAPI:
     app = FastAPI(title="Quanta Core (internal)", lifespan=lifespan, openapi_url="/Core/openapi.json",
                   docs_url=None, redoc_url=None)
 
-    @app.get("/Core/health")
+    @app.get("/Core/health", dependencies=[Depends(require_token)])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "switches": sorted(core.switches), "active": sorted(core.active)}
 
@@ -65,8 +74,8 @@ def create_app(core: Core, token: str) -> FastAPI:
 
     @app.websocket("/Core/Switch")
     async def switch_link(ws: WebSocket) -> None:
-        if not bearer_ok(ws.headers.get("authorization"), token):
-            log.warning("switch link from %s refused: missing or wrong internal token", ws.client)
+        if not credentials_ok(ws.headers.get("authorization"), switch_tokens):
+            log.warning("switch link from %s refused: missing or wrong internal credential", ws.client)
             await ws.close(code=1008)
             return
         await ws.accept()
@@ -94,16 +103,25 @@ def create_app(core: Core, token: str) -> FastAPI:
             if link is not None:
                 await core.switch_disconnected(link)
 
-    return app
+    def accepted(scope: dict[str, Any]) -> list[str]:
+        return switch_tokens if scope["type"] == "websocket" else http_tokens
+
+    wrapped = InternalAuth(app, accepted, "core")
+    wrapped.fastapi = app  # type: ignore[attr-defined]  # tests enumerate its routes
+    return wrapped
 
 
 async def serve(root: Path) -> None:
     settings = load_settings(root)
     dd = DataDir(root)
     setup_logging("core", settings.log_level)
+    loose = tighten(root)  # an installation made before the modes were enforced
+    if loose:
+        log.warning("made %d path(s) of %s private (they were open to other users): %s%s", len(loose), root,
+                    ", ".join(str(p) for p in loose[:5]), " ..." if len(loose) > 5 else "")
     secret = dd.internal_secret()
     core = Core(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)), secret)
-    app = create_app(core, p.internal_token(secret))
+    app = create_app(core, secret)
     sock = bind_socket(settings.internal_host, settings.port("core"), "core")
     log.info("core listening on ws/http %s:%d", settings.internal_host, settings.port("core"))
     config = uvicorn.Config(app, log_level="warning", loop="none", lifespan="on",

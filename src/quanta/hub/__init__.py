@@ -1,10 +1,17 @@
-"""The Master event hub (port ``hub``, 3901, WebSocket).
+"""The Master event hub (port ``hub``, 3901, WebSocket over mutual TLS: ``wss``).
 
 Remote Response Stacks and DMZ Switch Hosts connect to it (``quanta hub-client``), register,
 and receive configuration pushes: today the CRL, so a revocation on the Master reaches every
 remote Switch within seconds. A DMZ server also fetches the CRL from the Master's distribution
 point on the http port (the seed's DMZ → 80 flow), so it stays current even without the hub.
-The internal token is checked before the WebSocket is accepted.
+
+Trust, both ways, before a frame is read: the hub presents the Master's server certificate and
+the peer verifies it against the installation CA; the peer presents its host certificate
+(``pki/host.crt``, :data:`quanta.pki.Purpose.HOST`, issued by ``quanta host export``), which the
+TLS handshake verifies against the installation CA and the CRL, and the hub checks it is a host
+certificate (a device certificate from the same CA is refused); then the hub peer's credential
+(:data:`quanta.internal.HUB_PEER`), and the registered host name must be the certificate's.
+The client reconnects with capped, jittered exponential back-off (tenacity).
 """
 
 from __future__ import annotations
@@ -12,17 +19,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
+import time
 from http import HTTPStatus
 from pathlib import Path
 
 import httpx
 import msgspec
+import tenacity
 import websockets
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from websockets.asyncio.server import ServerConnection, serve
 
-from quanta import protocol as p
-from quanta.internal import bearer_ok, http_client
+from quanta.internal import HUB_PEER, bearer_ok, credential, http_client
+from quanta.pki import Pki, client_context, host_refusal, tls_server_context
 from quanta.runtime import bind_socket, setup_logging, wait_for_signal
 from quanta.settings import DataDir, load_settings
 
@@ -71,16 +82,51 @@ def install_crl(pem: bytes, pki_dir: Path) -> bool:
     return True
 
 
+def server_tls(pki: Pki) -> ssl.SSLContext:
+    """The hub's TLS: the Master's server certificate; the peer must present a certificate of the
+    installation CA, not revoked (mutual TLS)."""
+    return tls_server_context(pki.server_crt, pki.server_key, client_ca=pki.ca_crt, crl=pki.crl)
+
+
+def client_tls(pki: Pki) -> ssl.SSLContext:
+    """A remote host's TLS towards the hub: the hub's certificate must be the installation CA's
+    and name the hub's host; this host presents its host certificate."""
+    if not pki.host_crt.exists():
+        raise FileNotFoundError(f"{pki.host_crt} is missing: this host was exported before hosts had their own "
+                                "certificate; export it again with 'quanta host export' on the Master")
+    return client_context(pki.ca_crt, pki.host_crt, pki.host_key)
+
+
+def _peer_host(conn: ServerConnection) -> tuple[str | None, str | None]:
+    """(host name, None) of the peer's host certificate, or (None, why it is refused)."""
+    ssl_object = conn.transport.get_extra_info("ssl_object") if conn.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None, "no certificate from the installation CA"
+    cert = x509.load_der_x509_certificate(der)
+    why = host_refusal(cert)
+    if why is not None:
+        return None, why
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return (str(cn[0].value) if cn else ""), None
+
+
 class Hub:
     def __init__(self, root: Path) -> None:
         self.dd = DataDir(root)
-        self.token = p.internal_token(self.dd.internal_secret())
+        self.token = credential(self.dd.internal_secret(), HUB_PEER)
         self.peers: dict[ServerConnection, Register] = {}
+        self.tls: ssl.SSLContext | None = None  # set by serve_hub; the CRL watcher refreshes its CRL
 
     def _authorise(self, conn: ServerConnection, request):  # type: ignore[no-untyped-def]
+        host, why = _peer_host(conn)
+        if why is not None:
+            log.warning("hub connection from %s refused: %s", conn.remote_address, why)
+            return conn.respond(HTTPStatus.FORBIDDEN, f"refused: {why}\n")
         if not bearer_ok(request.headers.get("Authorization"), self.token):
-            log.warning("hub connection from %s refused: missing or wrong internal token", conn.remote_address)
-            return conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong internal token\n")
+            log.warning("hub connection from %s (%s) refused: missing or wrong internal credential",
+                        conn.remote_address, host)
+            return conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong internal credential\n")
         return None
 
     async def handler(self, conn: ServerConnection) -> None:
@@ -89,6 +135,12 @@ class Hub:
         except (msgspec.DecodeError, msgspec.ValidationError, asyncio.TimeoutError, TypeError) as e:
             log.warning("hub peer %s sent no valid registration (%s); closing", conn.remote_address, e)
             await conn.close(1008, "register first")
+            return
+        host, _ = _peer_host(conn)
+        if host != reg.host:
+            log.warning("hub peer %s registered as %r with the host certificate of %r; closing",
+                        conn.remote_address, reg.host[:100], host)
+            await conn.close(1008, "the registered host must be the certificate's")
             return
         self.peers[conn] = reg
         log.info("%s host %s registered with the hub", reg.role, reg.host)
@@ -106,6 +158,8 @@ class Hub:
             await asyncio.sleep(1)
             if crl.stat().st_mtime != mtime:
                 mtime = crl.stat().st_mtime
+                if self.tls is not None:  # a revoked host certificate is refused from the next handshake
+                    self.tls.load_verify_locations(cafile=str(crl))
                 msg = _enc.encode(CrlPush(pem=crl.read_text()))
                 for conn in list(self.peers):
                     try:
@@ -119,9 +173,11 @@ async def serve_hub(root: Path) -> None:
     settings = load_settings(root)
     setup_logging("hub", settings.log_level)
     hub = Hub(root)
+    hub.tls = server_tls(Pki(hub.dd.pki))
     sock = bind_socket(settings.bind_host, settings.port("hub"), "hub")
-    async with serve(hub.handler, sock=sock, process_request=hub._authorise, max_size=4 * 1024 * 1024):
-        log.info("master hub listening on ws %s:%d", settings.bind_host, settings.port("hub"))
+    async with serve(hub.handler, sock=sock, ssl=hub.tls, process_request=hub._authorise, max_size=4 * 1024 * 1024,
+                     server_header=None):
+        log.info("master hub listening on wss %s:%d (mutual TLS)", settings.bind_host, settings.port("hub"))
         watcher = asyncio.create_task(hub.watch_crl())
         await wait_for_signal()
         watcher.cancel()
@@ -132,7 +188,7 @@ async def run_client(root: Path) -> None:
     settings = load_settings(root)
     setup_logging("hub-client", settings.log_level)
     dd = DataDir(root)
-    token = p.internal_token(dd.internal_secret())
+    token = credential(dd.internal_secret(), HUB_PEER)
     stop = asyncio.Event()
     waiter = asyncio.create_task(wait_for_signal())
     waiter.add_done_callback(lambda _: stop.set())
@@ -146,23 +202,64 @@ async def run_client(root: Path) -> None:
         t.cancel()
 
 
+HUB_RETRY_MAX = 30.0  # the longest wait between two attempts to reach the hub
+HUB_STABLE = 10.0  # a link that stayed up this long is reopened at once when it drops
+
+
+class HubLinkDown(Exception):
+    pass
+
+
+def hub_url(url: str) -> str:
+    """The hub speaks wss only; a ws:// URL from an older export is upgraded (same host and port)."""
+    if url.startswith("ws://"):
+        log.warning("hub_url %s is plain ws://; using wss:// (the hub accepts only TLS)", url)
+        return "wss://" + url[len("ws://"):]
+    return url
+
+
+async def _hub_session(url: str, token: str, host: str, role: str, dd: DataDir) -> None:
+    """One link to the hub: register, install every pushed CRL. Returns when a link that stayed up
+    ends; raises (to be retried with back-off) when it could not be opened or ended quickly."""
+    started = time.monotonic()
+    try:
+        async with websockets.connect(url, ssl=client_tls(Pki(dd.pki)),
+                                      additional_headers={"Authorization": f"Bearer {token}"},
+                                      open_timeout=10, max_size=4 * 1024 * 1024) as ws:
+            await ws.send(_enc.encode(Register(host=host, role=role)))
+            log.info("registered with the master hub at %s", url)
+            async for raw in ws:
+                msg = _dec_hub.decode(raw)
+                if install_crl(msg.pem.encode(), dd.pki):
+                    log.info("installed the CRL pushed by the master hub")
+    except websockets.InvalidStatus as e:
+        raise HubLinkDown(f"the hub refused this host: HTTP {e.response.status_code}") from None
+    except (OSError, websockets.WebSocketException, asyncio.TimeoutError, msgspec.DecodeError, ValueError) as e:
+        raise HubLinkDown(f"{type(e).__name__}: {e}") from None
+    if time.monotonic() - started < HUB_STABLE:
+        raise HubLinkDown("the hub closed the link")
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    e = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("master hub link down (%s); retrying in %.1fs", e, wait)
+
+
+def hub_retrying(max_wait: float = HUB_RETRY_MAX) -> tenacity.AsyncRetrying:
+    """Forever, with full-jitter exponential back-off from 0.5 s, capped at ``max_wait``."""
+    return tenacity.AsyncRetrying(retry=tenacity.retry_if_exception_type(HubLinkDown), reraise=True,
+                                  wait=tenacity.wait_random_exponential(multiplier=0.5, max=max_wait),
+                                  before_sleep=_log_retry)
+
+
 async def _hub_loop(url: str, token: str, host: str, role: str, dd: DataDir) -> None:
-    delay = 0.5
-    while True:
-        try:
-            async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                                          open_timeout=10, max_size=4 * 1024 * 1024) as ws:
-                await ws.send(_enc.encode(Register(host=host, role=role)))
-                log.info("registered with the master hub at %s", url)
-                delay = 0.5
-                async for raw in ws:
-                    msg = _dec_hub.decode(raw)
-                    if install_crl(msg.pem.encode(), dd.pki):
-                        log.info("installed the CRL pushed by the master hub")
-        except (OSError, websockets.WebSocketException, asyncio.TimeoutError, msgspec.DecodeError, ValueError) as e:
-            log.warning("master hub link down (%s); retrying in %.1fs", e, delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 10.0)
+    url = hub_url(url)
+    while True:  # a new back-off after every link that stayed up
+        async for attempt in hub_retrying():
+            with attempt:
+                await _hub_session(url, token, host, role, dd)
+        log.warning("master hub link at %s ended; reconnecting", url)
 
 
 async def _crl_fetch_loop(url: str, dd: DataDir, interval: float = 60.0) -> None:

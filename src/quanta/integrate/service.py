@@ -1,7 +1,7 @@
 """The Integrate Agent process: WebSocket endpoint on the integrate port (loopback only) and the scheduler.
 
 Wire protocol (JSON text frames, msgspec-typed). The client must send ``Authorization: Bearer
-<internal token>`` with the WebSocket handshake; without it the handshake is refused with 401 and no
+<the Integrate Agent's internal credential, quanta.internal.INTEGRATE_CLIENT>`` with the WebSocket handshake; without it the handshake is refused with 401 and no
 frame is ever read. Then, one request per frame::
 
     {"type": "run", "connector": "NAME"}   ->  {"type": "result", "connector": ..., "ok": ..., "created": ...,
@@ -189,14 +189,14 @@ async def serve(root: Path) -> None:
     from websockets.http11 import Response
 
     from quanta.db import make_engine
-    from quanta.internal import bearer_ok, internal_token
+    from quanta.internal import INTEGRATE_CLIENT, bearer_ok, credential
     from quanta.runtime import bind_socket, setup_logging, wait_for_signal
     from quanta.settings import DataDir, load_settings
 
     settings = load_settings(root)
     setup_logging("integrate", settings.log_level)
     dd = DataDir(Path(root))
-    token = internal_token(dd.internal_secret())
+    token = credential(dd.internal_secret(), INTEGRATE_CLIENT)
     master = make_engine(dd.master_url(settings))
     agent = IntegrateAgent(Path(root), master)
     port = settings.port("integrate")
@@ -204,10 +204,10 @@ async def serve(root: Path) -> None:
 
     def authorise(conn: ServerConnection, request: Any) -> Response | None:
         if not bearer_ok(request.headers.get("Authorization"), token):
-            log.warning("integrate connection from %s refused: missing or wrong internal token",
+            log.warning("integrate connection from %s refused: missing or wrong internal credential",
                         conn.remote_address)
             return Response(HTTPStatus.UNAUTHORIZED.value, "Unauthorized",
-                            Headers([("Content-Type", "text/plain")]), b"internal token required\n")
+                            Headers([("Content-Type", "text/plain")]), b"internal credential required\n")
         return None
 
     async def handler(conn: ServerConnection) -> None:
@@ -227,12 +227,12 @@ def request(root: Path, req: Request, timeout: float = 600) -> Reply:
     from websockets.exceptions import InvalidStatus, WebSocketException
     from websockets.sync.client import connect
 
-    from quanta.protocol import internal_token
+    from quanta.internal import INTEGRATE_CLIENT, credential
     from quanta.settings import DataDir, load_settings
 
     settings = load_settings(root)
     port = settings.port("integrate")
-    token = internal_token(DataDir(Path(root)).internal_secret())
+    token = credential(DataDir(Path(root)).internal_secret(), INTEGRATE_CLIENT)
     url = f"ws://{LOOPBACK}:{port}/"
     try:
         with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10,

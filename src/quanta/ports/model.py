@@ -288,10 +288,11 @@ def flows(cfg: LiveConfig, placement: dict[str, str]) -> list[Flow]:
         add("web", "core", "core", s.port("core"), WS, "Consumer API to Core",
             f"The Consumer API calls the Core's internal endpoint on {s.internal_host}:{s.port('core')}.",
             f"Core internal endpoint (ws, {s.internal_host}, no TLS).", service="tcp", component="Core")
-    add("core", "hub", "hub", s.port("hub"), WS, "Response Stack to Master hub",
+    add("core", "hub", "hub", s.port("hub"), WSS, "Response Stack to Master hub",
         f"The Response Stack connects to the Master event hub on TCP {s.port('hub')}: it registers, streams device "
         "state and receives config pushes (Switch configuration, revocations, cancellations).",
-        "Master event hub (ws): Response Stacks and DMZ Switch Hosts register and stream device state.",
+        "Master event hub (wss, mutual TLS: host certificates of the installation CA): Response Stacks and DMZ "
+        "Switch Hosts register and stream device state.",
         service="tcp", component="Master event hub")
     for sw in cfg.enabled_switches:
         pk = poke_port(sw.port)
@@ -324,9 +325,9 @@ def flows(cfg: LiveConfig, placement: dict[str, str]) -> list[Flow]:
         f"The DMZ Switch and Background Channel call the Core at https://<response-stack>:{https}/Core.",
         "The Core (https, /Core) answers the DMZ Switch and Background Channel.",
         service="https", path="/Consumer/health", component="Response Stack web tier (/Core)")
-    add("dmz_switch", "hub", "hub", s.port("hub"), WS, "DMZ Switch Host to Master hub",
+    add("dmz_switch", "hub", "hub", s.port("hub"), WSS, "DMZ Switch Host to Master hub",
         f"The DMZ Switch Host connects to the Master event hub on TCP {s.port('hub')} (registration, device state, "
-        "config pushes).", "Master event hub (ws) for the DMZ Switch Host.", service="tcp",
+        "config pushes).", "Master event hub (wss, mutual TLS) for the DMZ Switch Host.", service="tcp",
         component="Master event hub")
     add("dmz_switch", "http", "http", http, "HTTP", "DMZ to CRL distribution point",
         f"The DMZ Server fetches the CRL from the distribution point http://<master>:{http}/crl.pem to validate "

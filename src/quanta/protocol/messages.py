@@ -60,7 +60,7 @@ __all__ = [
     "make_poke",
     "check_poke",
     "poke_problem",
-    "internal_token",
+    "credential",
     "PROTOCOL_VERSION",
     "Status",
     "AgentToSwitch",
@@ -361,6 +361,10 @@ def check_poke(secret: bytes, data: bytes, now: float | None = None) -> bool:
     return poke_problem(secret, data, now) is None
 
 
-def internal_token(secret: bytes) -> str:
-    """Bearer token Switches present to the Core's internal endpoint (3900)."""
-    return hmac.new(secret, b"quanta-core-internal", hashlib.sha256).hexdigest()
+def credential(secret: bytes, service: str, purpose: str) -> str:
+    """The bearer credential of one internal hop: HMAC-SHA256(installation secret,
+    ``quanta/<service>/<purpose>``), hex. Each receiver accepts only the purposes it serves
+    (``quanta.internal.HOPS``), so a credential seen on one hop opens no other."""
+    if not service or not purpose or "/" in service or "/" in purpose:
+        raise ValueError("a credential needs a service and a purpose, neither containing '/'")
+    return hmac.new(secret, f"quanta/{service}/{purpose}".encode(), hashlib.sha256).hexdigest()

@@ -34,6 +34,7 @@ from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WS
 
 from quanta import protocol as p
 from quanta.protocol.switch_state import CancelTo, DeliverTo, Effect, SwitchState
+from quanta.internal import link_headers
 from quanta.pki import Pki, client_context, peer_device
 from quanta.switch.tls import TicketKeys, lean_tls
 from quanta.runtime import LISTEN_BACKLOG, HeapReleaser, LogEvery, SheddingListener, bind_socket
@@ -562,12 +563,12 @@ class Switch:
                     await self._send_core(p.Delivered(instruction_id=iid, device_ids=due))
 
     async def _core_link(self) -> None:
-        headers = {"Authorization": f"Bearer {p.internal_token(self.secret)}"}
+        headers = {"Authorization": f"Bearer {p.credential(self.secret, 'core', 'switch')}"}
         delay = 0.2
         while True:
             try:
                 tls = client_context(self.pki.ca_crt) if self.core_url.startswith("wss:") else None
-                async with websockets.connect(self.core_url, additional_headers=headers, ssl=tls,
+                async with websockets.connect(self.core_url, additional_headers=link_headers(self.pki.root, self.core_url, headers), ssl=tls,
                                               max_size=core_link_max_bytes(self.max_message_bytes),
                                               ping_interval=20, open_timeout=10) as ws:
                     self._link = ws

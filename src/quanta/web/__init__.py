@@ -9,13 +9,15 @@ import uvicorn
 from fastapi import FastAPI
 
 from quanta import background, portal
-from quanta import protocol as p
 from quanta.background import ContentStore
-from quanta.background.auth import DeviceVerifier
+from quanta.background.auth import DeviceVerifier, HostVerifier
 from quanta.catalog.app import CatalogClient
 from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
-from quanta.pki import Pki, Signer
+from quanta.internal import (BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, credential,
+                            present_host_identity, with_tls)
+from quanta.pki import Pki, Signer, tls_server_context
+from quanta.datadir import tighten
 from quanta.runtime import bind_socket, setup_logging
 from quanta.settings import DataDir, Settings, core_link_max_bytes, load_settings
 
@@ -36,10 +38,13 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
     dd = DataDir(root)
     pki = Pki(dd.pki)
     content = ContentStore(dd.content)
-    token = p.internal_token(dd.internal_secret())
+    secret = dd.internal_secret()
+    replication = credential(secret, BACKGROUND_REPLICATION)
     if settings.role in ("single", "master"):
         api = ConsumerApi(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)),
-                          Signer.from_file(pki.signing_key), core_url=settings.core_http_url(), core_token=token,
+                          Signer.from_file(pki.signing_key), core_url=settings.core_http_url(),
+                          core_token=credential(secret, CONSUMER_TO_CORE),
+                          coordinator_token=credential(secret, CONSUMER_TO_COORDINATOR), replication_token=replication,
                           content=content, ca_file=str(pki.ca_crt),
                           coordinator_url=f"https://{_loopback_name(settings.internal_host)}:{settings.port('coordinator')}",
                           approval_ttl=settings.approval_ttl, replicate_to=settings.replicate_to,
@@ -51,20 +56,29 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
     if settings.role in ("single", "response"):
         app.include_router(core_proxy.router(f"http://{settings.internal_host}:{settings.port('core')}",
                                              f"ws://{settings.internal_host}:{settings.port('core')}/Core/Switch",
-                                             token, core_link_max_bytes(settings.max_message_bytes)))
-    app.include_router(background.router(content, DeviceVerifier(pki.ca_crt, pki.crl), replication_token=token))
+                                             secret, core_link_max_bytes(settings.max_message_bytes),
+                                             HostVerifier(pki.ca_crt, pki.crl)))
+    app.include_router(background.router(content, DeviceVerifier(pki.ca_crt, pki.crl), replication_token=replication))
     return app
 
 
 async def serve(root: Path) -> None:
     settings = load_settings(root)
     setup_logging("web", settings.log_level)
+    loose = tighten(root)  # an installation made before the modes were enforced
+    if loose:
+        log.warning("made %d path(s) of %s private (they were open to other users): %s%s", len(loose), root,
+                    ", ".join(str(p) for p in loose[:5]), " ..." if len(loose) > 5 else "")
     pki = Pki(DataDir(root).pki)
+    if pki.ensure_host_certificate(settings.server_name):
+        log.info("issued this host's host certificate (%s)", pki.host_crt)
+    present_host_identity(pki.root)  # its calls to remote hosts (relay, replication) carry its host certificate
     app = build_app(root, settings)
     sock = bind_socket(settings.bind_host, settings.port("https"), "https")
     served = (["/Consumer", "/Explorer"] if settings.role in ("single", "master") else []) + \
         (["/Core"] if settings.role in ("single", "response") else []) + ["/Background"]
     log.info("web tier listening on https %s:%d (%s)", settings.bind_host, settings.port("https"), ", ".join(served))
-    config = uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
-                            ssl_keyfile=str(pki.server_key), proxy_headers=False)
+    config = with_tls(uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
+                                     ssl_keyfile=str(pki.server_key), proxy_headers=False),
+                      tls_server_context(pki.server_crt, pki.server_key))
     await uvicorn.Server(config).serve(sockets=[sock])
