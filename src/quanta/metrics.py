@@ -14,6 +14,7 @@ name or an instruction id, so that a fleet of any size keeps the series count fi
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -35,7 +36,9 @@ switch_batch_latency = Histogram("quanta_switch_batch_latency_seconds",
                                  buckets=LATENCY_BUCKETS)
 
 # -------------------------------------------------------------------- Core
-core_instructions = Gauge("quanta_core_instructions", "Instructions the Core holds, by state", ["state"])
+core_instructions = Gauge("quanta_core_instructions", "Instructions the Core holds open, by state", ["state"])
+core_instructions_ended = Counter("quanta_core_instructions_ended", "Instructions ended, by final status",
+                                  ["status"])
 core_answers = Counter("quanta_core_answers", "Answers committed to the Responses database")
 core_commit_latency = Histogram("quanta_core_commit_latency_seconds", "Time to commit one response batch",
                                 buckets=LATENCY_BUCKETS)
@@ -47,6 +50,34 @@ web_requests = Histogram("quanta_web_request_seconds", "Consumer API request lat
 
 # ------------------------------------------------------------- Coordinator
 coordinator_approvals_pending = Gauge("quanta_coordinator_approvals_pending", "Actions awaiting approval")
+
+
+class RequestMetrics:
+    """ASGI middleware: each HTTP request's duration in ``quanta_web_request_seconds`` by method, route
+    template (``/Consumer/Instructions/{instruction_id}``, never the raw path: ids would make a series
+    each) and status. Requests no route matched count as route ``other``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # an app that raises before answering is a server error
+        t0 = time.perf_counter()
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "other"
+            web_requests.labels(scope["method"], route, str(status)).observe(time.perf_counter() - t0)
 
 
 def metrics_port(settings: Any, component: str, index: int = 0) -> int | None:

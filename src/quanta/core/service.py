@@ -21,6 +21,7 @@ import tenacity
 
 from quanta import protocol as p
 from quanta.protocol.core_ledger import CoreLedger, Effect, Recount
+from quanta import metrics
 from quanta.db import held as held_store
 from quanta.db import store
 from quanta.settings import poke_port
@@ -62,6 +63,7 @@ class Core:
         # (quanta.protocol.core_ledger); this class is the shell around it (databases, Switch links).
         self.ledger = CoreLedger()
         self.active = self.ledger  # `iid in core.active`, len(), iteration, .items()
+        metrics.core_instructions.labels(state="active").set_function(lambda: len(self.ledger))
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core-db")
         self._expiry_interval = expiry_interval
         self._purge_interval = purge_interval
@@ -166,6 +168,7 @@ class Core:
             ended = self._ended.pop(instruction_id, None)
             if ended is not None:
                 ended.set()
+        metrics.core_instructions_ended.labels(status=status).inc()
         log.info("instruction %d %s: %s", instruction_id, status, why)
         msg = p.encode(p.Cancel(instruction_ids=[instruction_id]))
         for link in list(self.switches.values()):
@@ -284,7 +287,10 @@ class Core:
         rows = [dict(instruction_id=a.response.instruction_id, device_id=a.device_id,
                      state=STATUS_TO_STATE[a.response.status], columns=a.response.columns, rows=a.response.rows,
                      error=a.response.error, _response=a.response) for a in sorted_.count]
+        t0 = time.perf_counter()
         moved, refused = await self.db(self._store_answers, link.name, rows)
+        metrics.core_commit_latency.observe(time.perf_counter() - t0)
+        metrics.core_answers.inc(sum(n for n in moved.values() if n > 0))
         held = [self._held(h.kind, link, h.answer, h.reason) for h in sorted_.held] + refused
         if held:
             await self._hold(link, held)
@@ -346,6 +352,8 @@ class Core:
         for h in held:
             kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
             self.stats[f"held_{h['kind']}"] += 1
+        for kind, n in kinds.items():
+            metrics.core_held.labels(kind=kind).inc(n)
         now = time.monotonic()
         if now - self._held_logged >= HELD_LOG_INTERVAL:  # one line per interval, whatever the flood
             self._held_logged = now
