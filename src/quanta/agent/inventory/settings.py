@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .schema import GRANULARITIES, SOURCES
+from quanta.scale.tables import GRANULARITIES, SOURCES
 
 PREFIX = "module.inventory."
 DEFAULT_INTERVALS = {"Process": 5.0, "TCP": 5.0, "Software": 60.0, "DevicePerformance": 60.0, "ProcessUsage": 60.0}

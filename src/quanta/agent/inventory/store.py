@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .schema import GRANULARITIES, SOURCE_BY_NAME, SOURCES, aggregate_sql, ddl, period_start
+from quanta.scale.tables import GRANULARITIES, SOURCE_BY_NAME, SOURCES, aggregate_sql, ddl, period_start
 from .settings import InventorySettings
 
 log = logging.getLogger("quanta.agent.inventory")
@@ -197,7 +197,7 @@ class Store:
         secure_file(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
         try:
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new database only
+            conn.execute("PRAGMA auto_vacuum=FULL")  # takes effect on a new database only
             ok = conn.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise sqlite3.DatabaseError(f"quick_check: {ok}")
@@ -224,7 +224,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         secure_file(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA auto_vacuum=FULL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         for stmt in ddl():
@@ -368,7 +368,7 @@ class Store:
             cur = conn.execute(f'DELETE FROM "{t}" WHERE rowid IN (SELECT rowid FROM "{t}" ORDER BY "Ts", rowid '
                                f'LIMIT ?)', (chunk,))
             self.stats.trimmed_for_size += max(cur.rowcount, 0)
-        conn.execute("PRAGMA incremental_vacuum")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # the file shrinks now (unless read)
 
 
 def _value(v: Any) -> Any:

@@ -1,11 +1,12 @@
-"""The Activity Record's tables, declared once.
+"""The Activity Record's tables, declared once (``quanta.scale.tables``).
 
 Every capture source has a live table and, aggregated from it, an hourly, a daily and a monthly
 table (``$Process_Live``, ``$Process_Hourly``, ...). This module is the single declaration of
 their columns: the store creates its tables from it, SCALE's checker knows the table names from
 it, and the method reference (``docs/scale.md``) lists the columns from it.
 
-Standard library only: SCALE and ``quanta scale check`` import it without the capture code.
+Standard library only: SCALE, the server and ``quanta scale check`` import it without the
+capture code (``quanta.agent.inventory``), which imports it too.
 
 Times (``Ts`` and the other ``...Ts`` columns) are integers, seconds since 1970-01-01 UTC, as in
 the model; in an aggregated table ``Ts`` is the start of the hour, day or month (UTC).
