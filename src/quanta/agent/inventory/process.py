@@ -280,7 +280,8 @@ class ProcessCapture:
 
         known: dict[int, float] = {}
         first = True
-        since = time.time() - self.settings.source("Process").interval
+        # psutil derives start times from the boot time, which /proc/stat gives in whole seconds
+        since = time.time() - self.settings.source("Process").interval - 2
         while not self._stop.is_set():
             now = int(self.clock())
             seen: dict[int, float] = {}
