@@ -84,8 +84,8 @@ def test_hostile_names_and_arguments_are_recorded_as_text(tmp_path: Path, invent
     inv = start(tmp_path, **{"Process.Enabled": "true"})
     inventories.append(inv)
     weird = tmp_path / "we ird\nname'; DROP TABLE x; --"
-    shutil.copy("/bin/true", weird)
-    subprocess.run([str(weird).encode(), b"\xff\xfe-arg", b"x" * 100_000], check=True)
+    shutil.copy("/bin/sh", weird)
+    subprocess.run([str(weird).encode(), b"-c", b"sleep 0.1", b"\xff\xfe-arg", b"x" * 100_000], check=True)
     got = wait_rows(inv, bool, "SELECT ExecutableName, CommandLine, ExecutableHash FROM Process_Live "
                                "WHERE ExecutablePath = ?", str(weird))
     assert got and got[0][0] == weird.name and "\ufffd" in got[0][1]

@@ -81,39 +81,35 @@ def parse_events(data: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
-def read_proc(pid: int) -> dict[str, Any] | None:
-    """What /proc says about a process now: None when it is already gone."""
+def read_proc(pid: int) -> dict[str, Any]:
+    """What /proc says about a process now, most telling first (the executable, its command
+    line, then parent and user): a process that is already gone leaves the fields empty."""
     base = f"/proc/{pid}"
-    info: dict[str, Any] = {"pid": pid}
-    try:
-        with open(f"{base}/status", "rb") as f:
-            status = f.read(4096)
-    except OSError:
-        return None
-    ppid = uid = None
-    for line in status.split(b"\n"):
-        if line.startswith(b"PPid:"):
-            ppid = int(line.split()[1])
-        elif line.startswith(b"Uid:"):
-            uid = int(line.split()[1])
-    info["ppid"], info["uid"] = ppid, uid
+    info: dict[str, Any] = {"pid": pid, "exe": "", "key": None, "cmdline": "", "ppid": None, "uid": None}
     try:
         info["exe"] = os.readlink(f"{base}/exe")
-    except OSError:
-        info["exe"] = ""
-    if info["exe"].endswith(" (deleted)"):
-        info["exe"] = info["exe"][: -len(" (deleted)")]
-    try:
+        if info["exe"].endswith(" (deleted)"):
+            info["exe"] = info["exe"][: -len(" (deleted)")]
         st = os.stat(f"{base}/exe")
         info["key"] = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     except OSError:
-        info["key"] = None
+        pass
     try:
         with open(f"{base}/cmdline", "rb") as f:
             raw = f.read(MAX_COMMAND_LINE)
         info["cmdline"] = raw.rstrip(b"\x00").replace(b"\x00", b" ").decode("utf-8", "replace")
     except OSError:
-        info["cmdline"] = ""
+        pass
+    try:
+        with open(f"{base}/status", "rb") as f:
+            status = f.read(4096)
+        for line in status.split(b"\n"):
+            if line.startswith(b"PPid:"):
+                info["ppid"] = int(line.split()[1])
+            elif line.startswith(b"Uid:"):
+                info["uid"] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
     return info
 
 
@@ -268,9 +264,9 @@ class ProcessCapture:
                     continue  # a thread, not a process
                 now = int(self.clock())
                 if what == PROC_EVENT_EXEC:
-                    info = read_proc(pid)
-                    if info is not None:
-                        self._hand(("start", (now, info, "netlink")))
+                    # recorded even when the process is gone before /proc is read (it lived well
+                    # under a millisecond): the start is not missed, its details are
+                    self._hand(("start", (now, read_proc(pid), "netlink")))
                 else:
                     self._hand(("exit", (now, pid)))
 
@@ -293,7 +289,7 @@ class ProcessCapture:
                 if first and ct < since:
                     continue  # running before capture started: not a start we saw
                 info = read_proc(p.pid)
-                if info is not None:
+                if info["exe"] or info["cmdline"]:
                     self._hand(("start", (now, info, "poll")))
             for pid, ct in known.items():
                 if seen.get(pid) != ct:
