@@ -204,3 +204,49 @@ def test_malformed_netlink_datagrams_are_skipped() -> None:
     assert parse_events(good[:20]) == [] and parse_events(b"") == [] and parse_events(b"\xff" * 64) == []
     bad_len = struct.pack("=IHHII", 4, 3, 0, 0, 0) + good[16:]
     assert parse_events(bad_len) == []
+
+
+def test_logons_and_logoffs_from_wtmp_including_those_while_stopped(tmp_path: Path) -> None:
+    from quanta.agent.inventory import Store
+    from quanta.agent.inventory.logon import DEAD_PROCESS, RUN_LVL, USER_PROCESS, LogonCapture, pack_record
+
+    wtmp = tmp_path / "wtmp"
+    t = 1_767_225_600
+    wtmp.write_bytes(pack_record(USER_PROCESS, 100, "pts/0", "alice", "192.0.2.1", t)
+                     + pack_record(USER_PROCESS, 101, "tty1", "bob'; DROP TABLE x; --", "", t + 5))
+    settings = parse_settings({"Module.Inventory.FlushIntervalSeconds": "0.05"})
+    store = Store(tmp_path / "inventory.db", settings)
+    store.start()
+    try:
+        cap = LogonCapture(store, settings, tmp_path, wtmp=wtmp)
+        state = cap.poll_once({})
+        with open(wtmp, "ab") as f:
+            f.write(pack_record(DEAD_PROCESS, 100, "pts/0", "", "", t + 60))
+            f.write(pack_record(USER_PROCESS, 102, "pts/1", "carol", "h", t + 70)[:100])  # being written
+        state = cap.poll_once(state)
+        # the agent stops; a session ends and the half-written record is completed meanwhile
+        with open(wtmp, "ab") as f:
+            f.write(pack_record(USER_PROCESS, 102, "pts/1", "carol", "h", t + 70)[100:])
+            f.write(pack_record(DEAD_PROCESS, 101, "tty1", "", "", t + 90))
+            f.write(pack_record(RUN_LVL, 0, "~", "shutdown", "", t + 95))
+        cap2 = LogonCapture(store, settings, tmp_path, wtmp=wtmp)
+        cap2.poll_once(cap2._load())
+        cap2.poll_once(cap2._load())  # nothing new: nothing twice
+        store.flush()
+        c = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
+        got = c.execute("SELECT Ts, UserName, Operation, Terminal, RemoteHost FROM Logon_Live ORDER BY Ts").fetchall()
+        boots = c.execute("SELECT Operation, Ts FROM Boot_Live ORDER BY rowid").fetchall()
+        c.close()
+    finally:
+        store.stop()
+    assert got == [(t, "alice", "Logon", "pts/0", "192.0.2.1"), (t + 5, "bob'; DROP TABLE x; --", "Logon", "tty1", ""),
+                   (t + 60, "alice", "Logoff", "pts/0", ""), (t + 70, "carol", "Logon", "pts/1", "h"),
+                   (t + 90, "bob'; DROP TABLE x; --", "Logoff", "tty1", "")]
+    assert [b[0] for b in boots] == ["Boot", "Shutdown"] and boots[1][1] == t + 95
+    assert stat_mode(tmp_path / "inventory-wtmp.json") == 0o600
+
+
+def stat_mode(p: Path) -> int:
+    import stat as st
+
+    return st.S_IMODE(os.stat(p).st_mode)

@@ -126,7 +126,7 @@ $Process_Live WHERE ExecutableName = "psexec" AND Ts > strftime('%s','now','-7 d
   model encrypts and compresses its store; Quanta's is a plain SQLite file readable only by the
   agent's account (0600). On Linux the model polls every 30 seconds; Quanta uses the kernel's
   process events when it runs as root (`CaptureMethod` = `netlink`), so no start is missed.
-  Logon, Boot, DNS, ARP and the other sources of the model are not captured yet.
+  DNS, ARP and the model's other sources are not captured yet.
 
 """
 

@@ -201,6 +201,41 @@ SOURCES: tuple[Source, ...] = (
     ),
 )
 
+SOURCES += (
+    Source(
+        "Logon",
+        "User sessions starting and ending (Linux: the wtmp log, read from where it was last read, so "
+        "sessions while the agent was stopped are found with their own times).",
+        (
+            TS,
+            _c("UserName", "string", "Account of the session"),
+            _c("Operation", "string", "'Logon' or 'Logoff'", model=False),
+            _c("Terminal", "string", "Terminal or line of the session (e.g. pts/0, tty1)", model=False),
+            _c("RemoteHost", "string", "Host the session came from (empty when local)", model=False),
+            _c("ProcessId", "integer", "Process of the session's login", model=False),
+        ),
+        keys=("UserName", "Operation"),
+        measures=(Measure(_c("EventCount", "integer", "Logons or logoffs in the period"), "COUNT(*)",
+                          "SUM(EventCount)"),),
+        retention={"Live": (366.0, 50_000), "Hourly": (31.0, 50_000), "Daily": (366.0, 50_000),
+                   "Monthly": (3 * 366.0, 10_000)},
+    ),
+    Source(
+        "Boot",
+        "Boots (the kernel's boot time, once per boot) and clean shutdowns (the wtmp log).",
+        (
+            TS,
+            _c("Operation", "string", "'Boot' or 'Shutdown'", model=False),
+            _c("KernelVersion", "string", "Kernel release at the boot (empty for a shutdown)", model=False),
+        ),
+        keys=("Operation",),
+        measures=(Measure(_c("EventCount", "integer", "Boots or shutdowns in the period"), "COUNT(*)",
+                          "SUM(EventCount)"),),
+        retention={"Live": (3 * 366.0, 10_000), "Hourly": (31.0, 10_000), "Daily": (366.0, 10_000),
+                   "Monthly": (3 * 366.0, 10_000)},
+    ),
+)
+
 SOURCE_BY_NAME = {s.name: s for s in SOURCES}
 
 

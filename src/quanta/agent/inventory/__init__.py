@@ -50,11 +50,15 @@ class Inventory:
             from .perf import PerfCapture
 
             self.captures["Performance"] = PerfCapture(self.store, s, self.clock)
+        if s.source("Logon").enabled or s.source("Boot").enabled:
+            from .logon import LogonCapture
+
+            self.captures["Logon"] = LogonCapture(self.store, s, self.state_dir, self.clock)
         for c in self.captures.values():
             c.start()
         proc = self.captures.get("Process")
         log.info("activity record capturing to %s: %s%s", self.store.path, ", ".join(
-            n for n in ("Process", "TCP", "Software", "DevicePerformance", "ProcessUsage") if s.source(n).enabled),
+            n for n in s.sources if s.source(n).enabled),
             f" (processes by {proc.method})" if proc is not None else "")
 
     def stop(self) -> None:

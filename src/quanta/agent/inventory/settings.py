@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from quanta.scale.tables import GRANULARITIES, SOURCES
 
 PREFIX = "module.inventory."
-DEFAULT_INTERVALS = {"Process": 5.0, "TCP": 5.0, "Software": 60.0, "DevicePerformance": 60.0, "ProcessUsage": 60.0}
+DEFAULT_INTERVALS = {"Process": 5.0, "TCP": 5.0, "Software": 60.0, "DevicePerformance": 60.0, "ProcessUsage": 60.0,
+                     "Logon": 30.0, "Boot": 30.0}
 PROCESS_METHODS = ("auto", "netlink", "poll")
 MIB = 1024 * 1024
 
