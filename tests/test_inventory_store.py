@@ -302,3 +302,40 @@ def test_one_declaration_names_every_table() -> None:
     for stmt in ddl():
         conn.execute(stmt)
     assert threading.current_thread() is threading.main_thread()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="mounts a small tmpfs")
+def test_a_full_disk_drops_a_batch_then_makes_room_and_never_corrupts(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], check=True)
+    try:
+        s = Store(disk / "inventory.db", settings(QueueRows="100000", BatchRows="200", MaxSizeMB="10"), Clock(T0))
+        s.start()
+        try:
+            i = 0
+            deadline = time.monotonic() + 60
+            while s.stats.dropped_write_failed == 0 and time.monotonic() < deadline:
+                for _ in range(200):
+                    s.put("Process_Live", {**proc_row(T0 + i, pid=i), "CommandLine": "y" * 300})
+                    i += 1
+                s.flush()
+            assert s.stats.dropped_write_failed > 0 and any("full" in e for e in s.stats.errors), s.stats
+            failed_before = s.stats.dropped_write_failed
+            for _ in range(5):  # and then it goes on: the oldest rows made room
+                for _ in range(200):
+                    s.put("Process_Live", {**proc_row(T0 + i, pid=i), "CommandLine": "y" * 300})
+                    i += 1
+                s.flush()
+            assert s.stats.dropped_write_failed - failed_before <= 400, s.stats
+        finally:
+            s.stop()
+        c = sqlite3.connect(disk / "inventory.db")
+        try:
+            assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            lo, hi = c.execute("SELECT min(ProcessId), max(ProcessId) FROM Process_Live").fetchone()
+        finally:
+            c.close()
+        assert hi == i - 1 and lo > 0, (lo, hi, i)  # the newest rows are there, the oldest went
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -204,7 +204,8 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a crash of the process
             conn.execute("PRAGMA cache_size=-2048")
-            conn.execute("PRAGMA journal_size_limit=4194304")
+            conn.execute("PRAGMA wal_autocheckpoint=256")  # a WAL of about 1 MiB, reused
+            conn.execute("PRAGMA journal_size_limit=1048576")
             for stmt in ddl():
                 conn.execute(stmt)
             conn.execute('CREATE TABLE IF NOT EXISTS "_Meta" (key TEXT PRIMARY KEY, value INTEGER)')
@@ -218,6 +219,7 @@ class Store:
             p = Path(str(self.path) + suffix)
             if p.exists():
                 os.chmod(p, 0o600)
+        self._reserve()
         return conn
 
     def _open_fresh(self) -> sqlite3.Connection:
@@ -227,6 +229,8 @@ class Store:
         conn.execute("PRAGMA auto_vacuum=FULL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA wal_autocheckpoint=256")
+        conn.execute("PRAGMA journal_size_limit=1048576")
         for stmt in ddl():
             conn.execute(stmt)
         conn.execute('CREATE TABLE IF NOT EXISTS "_Meta" (key TEXT PRIMARY KEY, value INTEGER)')
@@ -285,13 +289,43 @@ class Store:
                 self._conn = None
             self._set_aside(e)
         elif isinstance(e, sqlite3.OperationalError) and "full" in str(e) and self._conn is not None:
-            try:  # make room: the size cap's trimming, whatever the cap
-                self._trim_oldest(self._conn, self.used_bytes(self._conn) * 9 // 10)
-            except (sqlite3.Error, MemoryError, OSError):
-                pass
+            self._make_room(self._conn)
+
+    @property
+    def reserve_path(self) -> Path:
+        return Path(f"{self.path}.reserve")
+
+    def _reserve(self) -> None:
+        """Hold a little disk space in reserve (``inventory.db.reserve``, a 50th of the size cap
+        between 64 KiB and 4 MiB): on a full disk, deleting rows needs room in the WAL."""
+        size = max(64 * 1024, min(4 * 1024 * 1024, self.settings.max_size_bytes // 50))
+        p = self.reserve_path
+        try:
+            if p.exists() and p.stat().st_size >= size:
+                return
+            secure_file(p)
+            with open(p, "r+b") as f:
+                f.write(b"\x00" * size)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:
+            p.unlink(missing_ok=True)  # no room for it now: the next maintenance tries again
+
+    def _make_room(self, conn: sqlite3.Connection) -> None:
+        """The disk is full: release the reserve, give the WAL's space back, delete the oldest
+        fifth of the rows (the size cap's trimming, whatever the cap), so the next batch fits."""
+        try:
+            self.reserve_path.unlink(missing_ok=True)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self._trim_oldest(conn, self.used_bytes(conn) * 8 // 10)
+            log.warning("activity record store: disk full, the oldest rows were deleted to make room")
+        except (sqlite3.Error, MemoryError, OSError) as err:
+            self.stats.error(f"making room on a full disk: {err}")
+        self._reserve()
 
     # ------------------------------------------------------------------ maintenance
     def _maintain(self, conn: sqlite3.Connection, now: float) -> None:
+        self._reserve()
         self.aggregate(conn, int(now))
         self.apply_retention(conn, int(now))
         self._enforce_size(conn)
