@@ -168,6 +168,12 @@ def test_scale_check_and_the_reference_know_the_tables_and_columns(tmp_path: Pat
     f.write_text("SELECT * FROM $TCP_Yearly;")
     r = subprocess.run([sys.executable, "-m", "quanta", "scale", "check", str(f)], capture_output=True, text=True)
     assert r.returncode == 1 and "Unknown built-in table $TCP_Yearly" in r.stdout
+    f.write_text('@x = SELECT ExecutableName, Bogus FROM $Process_Live;')
+    r = subprocess.run([sys.executable, "-m", "quanta", "scale", "check", str(f)], capture_output=True, text=True)
+    assert r.returncode == 1 and "no such column: Bogus" in r.stdout and "line 1, column 6" in r.stdout, r.stdout
+    f.write_text('@a = Agent.GetSummary(); SELECT Bogus FROM @a, $Process_Live;')  # @a's columns: known at run
+    r = subprocess.run([sys.executable, "-m", "quanta", "scale", "check", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
     md = render_methods_markdown()
     for src in SOURCES:
         for g in ("Live", "Hourly", "Daily", "Monthly"):
