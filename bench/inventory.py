@@ -31,12 +31,15 @@ import tempfile
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from quanta.agent.inventory import Store, parse_settings  # noqa: E402
 from quanta.scale import AgentContext, compile_scale, run_program  # noqa: E402
+
+WARMUP = 10.0  # seconds of load before the CPU is counted: the start and first polls are one-off
 
 CHILD = textwrap.dedent("""
     import sys, time, os
@@ -49,7 +52,9 @@ CHILD = textwrap.dedent("""
         inv.start()
     t = os.times()
     print("ready", t.user + t.system, flush=True)
-    sys.stdin.readline()
+    while sys.stdin.readline().strip() == "cpu":
+        t = os.times()
+        print("cpu", t.user + t.system, flush=True)
     if inv is not None:
         inv.store.flush()
         st = inv.store.stats
@@ -61,7 +66,8 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def load(seconds: float, starts_per_min: int, conns_per_min: int) -> tuple[int, int]:
+def load(seconds: float, starts_per_min: int, conns_per_min: int,
+         at: tuple[float, Callable[[], None]] | None = None) -> tuple[int, int]:
     """Process starts and held connections at the given rates; returns (starts, connections)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -84,6 +90,9 @@ def load(seconds: float, starts_per_min: int, conns_per_min: int) -> tuple[int, 
     open_: list[tuple[float, socket.socket]] = []
     while time.monotonic() - t0 < seconds:
         now = time.monotonic()
+        if at is not None and now - t0 >= at[0]:
+            at[1]()
+            at = None
         if now >= next_start:
             subprocess.run(["/bin/true"])
             starts += 1
@@ -114,20 +123,29 @@ def capture(seconds: float, on: bool) -> dict[str, object]:
     ready = child.stdout.readline().split()
     assert ready[0] == "ready", ready
     cpu0 = float(ready[1])
+    mark: list[float] = []
+
+    def cpu_now() -> None:  # the child's CPU after the warm-up (its start, the first polls)
+        child.stdin.write("cpu\n")  # type: ignore[union-attr]
+        child.stdin.flush()  # type: ignore[union-attr]
+        mark.extend([float(child.stdout.readline().split()[1]), time.monotonic()])  # type: ignore[union-attr]
+
     t0 = time.monotonic()
-    starts, conns = load(seconds, 200, 100)
-    wall = time.monotonic() - t0
-    child.stdin.write("\n")
+    starts, conns = load(seconds, 200, 100, (WARMUP, cpu_now))
+    child.stdin.write("cpu\n")
+    child.stdin.flush()
+    cpu_end, t_end = float(child.stdout.readline().split()[1]), time.monotonic()
+    wall = t_end - t0
+    child.stdin.write("stop\n")
     child.stdin.flush()
     out: dict[str, object] = {"starts": starts, "connections": conns, "wall": wall}
     for line in child.stdout:
         parts = line.split()
         if parts[0] == "stats":
             out["written"], out["method"] = int(parts[1]), parts[4] if len(parts) > 4 else ""
-        elif parts[0] == "cpu":
-            out["cpu"] = float(parts[1]) - cpu0
     child.wait(30)
-    out["cpu_pct"] = 100 * float(out["cpu"]) / wall  # type: ignore[arg-type]
+    out["warmup_cpu"] = mark[0] - cpu0
+    out["cpu_pct"] = 100 * (cpu_end - mark[0]) / (t_end - mark[1])
     db = d / "inventory.db"
     if db.exists():
         c = sqlite3.connect(db)
@@ -231,10 +249,11 @@ def main() -> None:
     extra = float(on["cpu_pct"]) - float(off["cpu_pct"])  # type: ignore[arg-type]
     print(f"capture: {seconds:.0f} s, {on['starts']} starts ({on['starts'] / seconds * 60:.0f}/min), "
           f"{on['connections']} connections ({on['connections'] / seconds * 60:.0f}/min)")
-    print(f"  process rows of the starts: {on.get('process_rows')} / {on['starts']} (by {on.get('method')}); "
-          f"TCP rows: {on.get('tcp_rows')}")
-    print(f"  child CPU: capture on {on['cpu_pct']:.2f} % of one core, off {off['cpu_pct']:.2f} %, "
-          f"capture costs {extra:.2f} %")
+    print(f"  process rows of the starts: {on.get('process_rows')} / {on['starts']} named (by {on.get('method')}), "
+          f"{on.get('unnamed_rows')} more of processes gone before /proc was read; TCP rows: {on.get('tcp_rows')}")
+    print(f"  child CPU after {WARMUP:.0f} s of warm-up: capture on {on['cpu_pct']:.2f} % of one core, "
+          f"off {off['cpu_pct']:.2f} %, capture costs {extra:.2f} %; start and warm-up took "
+          f"{float(on['warmup_cpu']):.2f} s of CPU once (the software's present set, first polls)")
     print(f"  rows captured at this load: {float(on.get('rows_per_day', 0)):,.0f} per day "
           "(software's one-off present set not counted)")
     h = history(days, 200)
