@@ -125,7 +125,9 @@ $Process_Live WHERE ExecutableName = "psexec" AND Ts > strftime('%s','now','-7 d
   addition (for example `ExecutablePath`, `ExitTs` and `CaptureMethod` of `$Process_Live`). The
   model encrypts and compresses its store; Quanta's is a plain SQLite file readable only by the
   agent's account (0600). On Linux the model polls every 30 seconds; Quanta uses the kernel's
-  process events when it runs as root (`CaptureMethod` = `netlink`), so no start is missed.
+  process events when it runs as root (`CaptureMethod` = `netlink`), so no start is missed (a
+  process gone before its `/proc` entry could be read, one that lived well under a millisecond,
+  is recorded with its `ProcessId` and time only).
   DNS, ARP and the model's other sources are not captured yet.
 
 """
