@@ -89,6 +89,7 @@ class Store:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._next_maintenance = 0.0
+        self._reported = (0, 0)
 
     # ------------------------------------------------------------------ producers (any thread)
     def put(self, table: str, row: dict[str, Any]) -> bool:
@@ -186,6 +187,17 @@ class Store:
                     self._maintain(self._connection(), self.clock())
                 except (sqlite3.Error, MemoryError, OSError) as e:
                     self._failed(e, "maintenance")
+                self._report_drops()
+
+    def _report_drops(self) -> None:
+        """Log the rows lost since the last report (a full queue, failed writes), once per maintenance."""
+        st = self.stats
+        now = (st.dropped_full_queue, st.dropped_write_failed)
+        if now != self._reported:
+            log.warning("activity record: %d rows dropped because the writer was behind and %d in batches that "
+                        "could not be written, since the last report", now[0] - self._reported[0],
+                        now[1] - self._reported[1])
+            self._reported = now
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
