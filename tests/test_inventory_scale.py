@@ -181,3 +181,20 @@ def test_scale_check_and_the_reference_know_the_tables_and_columns(tmp_path: Pat
             for col in src.columns(g):
                 assert f"| `{col.name}` |" in md
     assert (Path(__file__).parent.parent / "docs" / "scale.md").read_text() .count("$Process_Live") >= 1
+
+
+def test_the_reference_example_finds_recent_rows(tmp_path: Path) -> None:
+    import re
+    import time
+
+    md = render_methods_markdown()
+    example = re.search(r"Example: `(SELECT .*?;)`", md, re.S).group(1).replace("\n", " ")  # type: ignore[union-attr]
+    s = Store(tmp_path / "inventory.db", parse_settings({"Module.Inventory.FlushIntervalSeconds": "0.05"}))
+    s.start()
+    s.put("Process_Live", {"Ts": int(time.time()) - 3600, "ExecutableName": "psexec", "CommandLine": "psexec \\\\h",
+                           "UserName": "alice"})
+    s.put("Process_Live", {"Ts": int(time.time()) - 8 * 86400, "ExecutableName": "psexec", "UserName": "old"})
+    s.flush()
+    s.stop()
+    r = run_program(compile_scale(example), context=AgentContext(data_dir=tmp_path))
+    assert r.status == "success" and r.rows == [["psexec", "psexec \\\\h", "alice"]], (example, r)

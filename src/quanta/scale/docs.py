@@ -107,7 +107,7 @@ docs/configuration.md) the agent records what happens on the device into its own
 (`state/inventory.db`), and a `SELECT` reads it as `$Source_Granularity` tables: a live table per
 capture source and, aggregated from it on schedule (and after a downtime, for the periods missed),
 an hourly, a daily and a monthly table. Example: `SELECT ExecutableName, CommandLine, UserName FROM
-$Process_Live WHERE ExecutableName = "psexec" AND Ts > strftime('%s','now','-7 days');`
+$Process_Live WHERE ExecutableName = "psexec" AND Ts > CAST(strftime('%s','now','-7 days') AS INTEGER);`
 
 - Table names are case-insensitive. Times are integers, seconds since the epoch (UTC); in an
   aggregated table `Ts` is the start of its hour, day or month (UTC).
