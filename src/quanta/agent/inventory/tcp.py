@@ -44,6 +44,7 @@ class TcpCapture:
 
         open_: dict[tuple[str, int, str, int], int] = {}  # key -> last seen
         exe_cache: dict[int, tuple[float, str]] = {}
+        pending: dict[tuple[str, int, str, int], tuple[dict[str, object], int]] = {}  # no process yet: row, polls
         while not self._stop.is_set():
             try:
                 now = int(self.clock())
@@ -58,14 +59,24 @@ class TcpCapture:
                     if key in open_:
                         open_[key] = now
                         continue
+                    row = {"Ts": now, "LastSeenTs": now, "ProcessId": c.pid, "LocalAddress": c.laddr.ip,
+                           "LocalPort": c.laddr.port, "IpAddress": c.raddr.ip, "Port": c.raddr.port,
+                           "Direction": "Inbound" if c.laddr.port in listening else "Outbound",
+                           "CaptureMethod": "poll"}
+                    earlier = pending.pop(key, None)
+                    if earlier is not None:
+                        row["Ts"] = earlier[0]["Ts"]
+                    if not c.pid and (earlier[1] if earlier else 0) < 2:
+                        # its process not found yet (the socket's owner was being scanned as it
+                        # opened): look again at the next polls before recording it without one
+                        pending[key] = (row, (earlier[1] if earlier else 0) + 1)
+                        continue
                     open_[key] = now
                     path = _exe(c.pid, exe_cache) if c.pid else ""
-                    self.store.put("TCP_Live", {
-                        "Ts": now, "LastSeenTs": now, "ProcessId": c.pid, "ExecutableName": os.path.basename(path),
-                        "ExecutablePath": path, "LocalAddress": c.laddr.ip, "LocalPort": c.laddr.port,
-                        "IpAddress": c.raddr.ip, "Port": c.raddr.port,
-                        "Direction": "Inbound" if c.laddr.port in listening else "Outbound", "CaptureMethod": "poll",
-                    })
+                    self.store.put("TCP_Live", {**row, "ExecutableName": os.path.basename(path), "ExecutablePath": path})
+                for key in [k for k in pending if k not in seen]:  # closed before its process was found
+                    row, _ = pending.pop(key)
+                    self.store.put("TCP_Live", {**row, "ExecutableName": "", "ExecutablePath": ""})
                 for key in [k for k in open_ if k not in seen]:
                     last = open_.pop(key)
                     self.store.update("tcp_seen", (last, key[1], key[3], key[0], key[2]))
