@@ -270,8 +270,8 @@ def test_an_idle_link_sends_an_answer_at_once_and_a_busy_one_gathers() -> None:
     assert b.answered("a", _resp(1), 10, now=0.0) is True  # no batch awaits an ack: at once
     [first] = _batches(b.flush(0.0))
     assert [r.device_id for r in first.responses] == ["a"] and b.unacked() == [first.batch_id]
-    assert b.answered("b", _resp(1), 10, now=0.001) is False  # a batch awaits its ack: gather
-    assert b.answered("c", _resp(1), 10, now=0.005) is False
+    assert b.answered("b", _resp(1), 10, now=0.001) is True  # a batch awaits its ack: gather from now
+    assert b.answered("c", _resp(1), 10, now=0.005) is False  # (joins the gather)
     assert b.flush(0.002) == [] and b.flush_at() == 0.001 + FLUSH_INTERVAL
     assert b.batch_acked(first.batch_id, now=0.01) is True  # the ack: what gathered goes at once
     [second] = _batches(b.flush(0.01))
@@ -395,6 +395,16 @@ class BatchesAgainstACore(RuleBasedStateMachine):
         self.committed: set[tuple[str, int]] = set()
         self.acked_to_device: set[tuple[str, int]] = set()
         self.core_acked: list[int] = []  # acknowledgements the Core sent, perhaps not delivered yet
+        self.deadline: float | None = None  # when the shell's flusher would wake, as it last learnt
+
+    def _woken(self, sooner: bool) -> None:
+        """An event said whether the flush is due sooner; if it said not, the deadline the
+        shell sleeps towards must still be the earliest (else an answer would wait for nothing)."""
+        due = self.b.flush_at()
+        if not sooner and due is not None:
+            assert self.deadline is not None and due >= self.deadline, (due, self.deadline)
+        if sooner or self.deadline is None or (due is not None and due < self.deadline):
+            self.deadline = due
 
     def _take(self, effects: list) -> None:  # type: ignore[type-arg]
         for e in effects:
@@ -408,7 +418,7 @@ class BatchesAgainstACore(RuleBasedStateMachine):
     @rule(d=st.sampled_from(DEVICES), iid=st.integers(1, 4), rows=st.sampled_from([0, 0, 1, 30]))
     def answer(self, d: str, iid: int, rows: int) -> None:
         self.answers.append((d, iid))  # the same answer may come twice (a device resends it)
-        self.b.answered(d, _resp(iid, rows), rows * 10 + 10, self.now)
+        self._woken(self.b.answered(d, _resp(iid, rows), rows * 10 + 10, self.now))
 
     @rule(dt=st.sampled_from([0.0, 0.001, FLUSH_INTERVAL, ACK_IDLE, 1.0]))
     def flush(self, dt: float) -> None:
@@ -416,6 +426,7 @@ class BatchesAgainstACore(RuleBasedStateMachine):
         self._take(self.b.flush(self.now))
         due = self.b.flush_at()
         assert due is None or due > self.now, "due again at once after a flush"
+        self.deadline = due
 
     @precondition(lambda self: self.in_flight)
     @rule(data=st.data())
@@ -431,13 +442,22 @@ class BatchesAgainstACore(RuleBasedStateMachine):
         i = data.draw(st.integers(0, len(self.core_acked) - 1))
         batch_id = self.core_acked[i] if again else self.core_acked.pop(i)
         if self.linked:
-            self.b.batch_acked(batch_id, self.now)
+            self._woken(self.b.batch_acked(batch_id, self.now))
 
     @rule(batch_id=st.integers(-5, 10**6))
     def hostile_ack(self, batch_id: int) -> None:
         if self.linked and batch_id not in self.b.unacked():
             before = self.b.unacked()
             assert self.b.batch_acked(batch_id, self.now) is False and self.b.unacked() == before
+
+    @rule(d=st.sampled_from(DEVICES), iid=st.integers(1, 4))
+    def delivered(self, d: str, iid: int) -> None:
+        self._woken(self.b.delivered(iid, [d], self.now))
+
+    @rule(d=st.sampled_from(DEVICES), online=st.booleans())
+    def device_comes_or_goes(self, d: str, online: bool) -> None:
+        info = p.DeviceInfo(device_id=d, fqdn=d, os="", agent_version="")
+        self._woken(self.b.device_online(info, self.now) if online else self.b.device_offline(d, self.now))
 
     @rule(limit=st.sampled_from([1, 3, 256]), dt=st.sampled_from([0.0, ACK_IDLE, ACK_MAX_DELAY]))
     def send_acks(self, limit: int, dt: float) -> None:
@@ -461,6 +481,7 @@ class BatchesAgainstACore(RuleBasedStateMachine):
         again = self.b.link_up()
         assert [e.batch.batch_id for e in again] == self.b.unacked()
         self._take(again)
+        self.deadline = self.b.flush_at()  # the shell wakes its flusher on every new link
 
     @invariant()
     def nothing_is_lost(self) -> None:

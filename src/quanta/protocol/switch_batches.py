@@ -179,7 +179,8 @@ class SwitchBatches:
 
     def answered(self, device_id: str, response: Response, size: int, now: float) -> bool:
         """A device's answer (``size``: its encoded size), to go to the Core. True if the flush is
-        due at once (the link is idle, or a batch is full)."""
+        now due sooner: at once (the link is idle, or a batch is full), or FLUSH_INTERVAL from now
+        (the first answer to gather while a batch awaits its acknowledgement)."""
         self._last_answer = now
         pending = self._delivered.get(response.instruction_id)
         if pending is not None:
@@ -192,6 +193,7 @@ class SwitchBatches:
             return self._linked
         if len(self._responses) == 1:  # the first to gather sets the deadline; the others join it
             self._gather_due = now + FLUSH_INTERVAL
+            return self._linked
         return False
 
     # --------------------------------------------------------- core events

@@ -454,25 +454,28 @@ class Switch:
         return p.Delivered(instruction_id=e.instruction_id, device_ids=e.device_ids)
 
     async def _flusher(self) -> None:
-        """Sleep until SwitchBatches has something due (flush_at), or an event makes it due sooner
-        (``_flush_wake``); then send it. Nothing is due while the link is down."""
+        """Sleep until SwitchBatches has something due (``flush_at``), or an event may have made it
+        due sooner (``_flush_wake``); flush only what is due. Nothing is due while the link is down,
+        and an idle Switch does not wake."""
         while True:
             due = self.batches.flush_at()
-            if due is None:
-                await self._flush_wake.wait()
-            else:
-                delay = due - time.monotonic()
-                if delay > 0:
-                    try:
-                        await asyncio.wait_for(self._flush_wake.wait(), delay)
-                    except asyncio.TimeoutError:
-                        pass
+            now = time.monotonic()
+            if due is None or due > now:
+                try:
+                    await asyncio.wait_for(self._flush_wake.wait(), None if due is None else due - now)
+                except asyncio.TimeoutError:
+                    pass
+                self._flush_wake.clear()
+                continue
             self._flush_wake.clear()
-            try:
-                for e in self.batches.flush(time.monotonic()):
-                    await self._send_core(self._to_core(e))
-            except websockets.ConnectionClosed:
-                pass  # the unacknowledged batches go again on the next link (SwitchBatches.link_up)
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        try:
+            for e in self.batches.flush(time.monotonic()):
+                await self._send_core(self._to_core(e))
+        except websockets.ConnectionClosed:
+            pass  # the unacknowledged batches go again on the next link (SwitchBatches.link_up)
 
     async def _core_link(self) -> None:
         """Keep a link to the Core: dial, link, serve it until it drops, and dial again with
