@@ -29,9 +29,10 @@ when to call again. The rules:
 * **Deliveries.** A delivery is reported to the Core (pending -> sent) only once it is
   DELIVERED_HOLD old and its device has not answered meanwhile: an answer supersedes it, so most
   devices never cost a 'sent' write, and the Core commits answers first.
-* **Devices on- and offline** gather for FLUSH_INTERVAL into one announcement each way; a new
-  link announces everyone anyway (the shell sends that full ``DevicesOnline``), so what was
-  gathered before is dropped then.
+* **Devices on- and offline** gather for FLUSH_INTERVAL into one announcement each way, the
+  announcement first (a device that came and went is announced, then reported offline), and
+  both before the answers of the same flush; a new link announces everyone anyway (the shell
+  sends that full ``DevicesOnline``), so what was gathered before is dropped then.
 * Nothing is sent while the link is down (:meth:`link_lost` .. :meth:`link_up`).
 """
 
@@ -155,7 +156,9 @@ class SwitchBatches:
         return self._report_soon(now)
 
     def device_offline(self, device_id: str, now: float) -> bool:
-        self._online.pop(device_id, None)
+        """A device's connection ended. If its hello has not been announced yet, it still is (then
+        reported offline, in that order): answers it sent meanwhile must reach the Core from a
+        device the Core knows came through this Switch, or they would be held as a stranger's."""
         self._offline.add(device_id)
         return self._report_soon(now)
 
@@ -217,6 +220,12 @@ class SwitchBatches:
             self._gather_due = None
             return self._linked
         return False
+
+    def ended(self, instruction_ids: Iterable[int]) -> None:
+        """These instructions ended (the Core's Cancel, or no longer active in its Work): their
+        deliveries are not reported any more (an ended instruction's counts are final)."""
+        for iid in instruction_ids:
+            self._delivered.pop(iid, None)
 
     def link_lost(self) -> None:
         """The link to the Core is down: nothing is sent until :meth:`link_up`. Unacknowledged

@@ -12,8 +12,11 @@ instruction's ``Deliver`` frame once, and turns the effects below into frames. T
 * A READY device is given each active instruction in its scope that it has neither answered nor
   been given on its current connection; a new connection (a new hello) starts with nothing given.
 * A Cancel goes only to devices that were given the instruction and have not answered it.
-* Answers the Core reports for an instruction this Switch does not hold yet are remembered
-  until that instruction's Work arrives, or it stops being active.
+* Answers for an instruction this Switch does not hold yet, whether the Core reports them or a
+  device sends them (a restarted Switch hears the devices' journalled answers before the Core's
+  Work), are remembered until that instruction's Work arrives, or it stops being active: the
+  device is not given it again. A device can make the Switch remember answers for at most
+  EARLY_IDS instructions it does not hold (each Work forgets those that are not active).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from quanta.protocol.messages import WorkItem
+
+
+EARLY_IDS = 4096
 
 
 class Readiness(enum.Enum):
@@ -105,6 +111,12 @@ class SwitchState:
         ins = self._active.get(instruction_id)
         if ins is not None:
             ins.answered.add(device)
+            return
+        early = self._answered_early.get(instruction_id)
+        if early is not None:
+            early.add(device)
+        elif len(self._answered_early) < EARLY_IDS:  # its Work may not have arrived yet
+            self._answered_early[instruction_id] = {device}
 
     def announce(self, devices: Iterable[str]) -> int:
         """Number the DevicesOnline that announces these devices; the unready among them wait for

@@ -405,8 +405,10 @@ class Switch:
                 self._frames[item.id] = p.encode(p.Deliver(instruction=item.instruction))
         effects = self.state.work(work.items, work.active, time.time())
         self._apply(effects)
-        for iid in [i for i in self._frames if i not in self.state]:
+        gone = [i for i in self._frames if i not in self.state]
+        for iid in gone:
             del self._frames[iid]
+        self.batches.ended(gone)
         for e in effects:
             if isinstance(e, DeliverTo):
                 log.info("instruction %d delivered to %d connected devices", e.instruction_id, len(e.devices))
@@ -438,6 +440,7 @@ class Switch:
         self._apply(self.state.cancel(cancel.instruction_ids))
         for iid in cancel.instruction_ids:
             self._frames.pop(iid, None)
+        self.batches.ended(cancel.instruction_ids)
 
     # ------------------------------------------------------------------ core link
     async def _send_core(self, msg: Any) -> None:
