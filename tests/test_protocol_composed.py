@@ -577,16 +577,23 @@ class Plane(RuleBasedStateMachine):
                                                                agent_version="x"), self.now))
 
     # ------------------------------------------------------------ rules: the fleet
-    @initialize(kind=st.sampled_from(["question", "action"]), settle=st.booleans())
-    def start(self, kind: str, settle: bool) -> None:
-        """The fleet connects and an instruction to every device is on its way (or already
-        delivered and running), before the rules start breaking things."""
+    @initialize(kind=st.sampled_from(["question", "action"]), progress=st.integers(0, 2))
+    def start(self, kind: str, progress: int) -> None:
+        """The fleet connects and an instruction to every device is on its way (0), delivered and
+        running (1), or answered, committed and acknowledged (2), before the rules start breaking
+        things."""
         self.relink()
         for a in self.agents.values():
             self._connect(a)
         self.network_settles(0.0)
         self.issue(kind, None)
-        if settle:
+        if progress >= 1:
+            self.network_settles(0.0)
+        if progress >= 2:
+            for a in self.agents.values():
+                while a.running:
+                    self._complete(a, "success")
+            self.network_settles(ACK_MAX_DELAY + DELIVERED_HOLD)
             self.network_settles(0.0)
 
     @rule(d=st.sampled_from(ENROLLED))
@@ -614,10 +621,12 @@ class Plane(RuleBasedStateMachine):
     @precondition(lambda self: any(a.running for a in self.agents.values()))
     @rule(data=st.data(), status=st.sampled_from(["success", "nocontent", "error"]))
     def agent_completes(self, data: st.DataObject, status: str) -> None:
-        a = data.draw(st.sampled_from([a for a in self.agents.values() if a.running]))
+        self._complete(data.draw(st.sampled_from([a for a in self.agents.values() if a.running])), status)
+
+    def _complete(self, a: Agent, status: str) -> None:
         iid = a.running.pop(0)
         resp = p.Response(instruction_id=iid, status=status, columns=["Run"],  # type: ignore[arg-type]
-                          rows=[[len(self.runs[(iid, a.name)])]])
+                          rows=[[len(self.runs[(iid, a.name)])]])  # which run of it this is
         self._agent_effects(a, a.session.completed(resp, self.now))
 
     @rule(dt=st.sampled_from([0.0, 0.05, DELIVERED_HOLD, ACK_MAX_DELAY + 0.1, RESEND_AFTER + 1]))
@@ -752,10 +761,7 @@ class Plane(RuleBasedStateMachine):
             for a in self.agents.values():
                 self._connect(a)
                 while a.running:
-                    iid = a.running.pop(0)
-                    self._agent_effects(a, a.session.completed(
-                        p.Response(instruction_id=iid, status="success", columns=["Run"],
-                                   rows=[[len(self.runs[(iid, a.name)])]]), self.now))
+                    self._complete(a, "success")
             moved = False
             while queues := self._queues():
                 moved = True
