@@ -585,16 +585,17 @@ class Plane(RuleBasedStateMachine):
         self.relink()
         for a in self.agents.values():
             self._connect(a)
-        self.network_settles(0.0)
+        self.network_settles(0.05)
         self.issue(kind, None)
         if progress >= 1:
-            self.network_settles(0.0)
+            self.network_settles(0.05)
         if progress >= 2:
             for a in self.agents.values():
                 while a.running:
                     self._complete(a, "success")
-            self.network_settles(ACK_MAX_DELAY + DELIVERED_HOLD)
-            self.network_settles(0.0)
+            self.network_settles(ACK_MAX_DELAY + DELIVERED_HOLD)  # answers committed
+            self.network_settles(ACK_MAX_DELAY + DELIVERED_HOLD)  # and acknowledged, once they paused
+            assert all((1, d) in self.acked for d in ENROLLED), (self.db.results, self.acked)
 
     @rule(d=st.sampled_from(ENROLLED))
     def connect(self, d: str) -> None:
@@ -637,15 +638,19 @@ class Plane(RuleBasedStateMachine):
         self.switch.timers()
 
     # ------------------------------------------------------------ rules: the network
-    @rule(dt=st.sampled_from([0.0, ACK_MAX_DELAY + DELIVERED_HOLD]))
+    @rule(dt=st.sampled_from([0.0, 0.05, ACK_MAX_DELAY + DELIVERED_HOLD]))
     def network_settles(self, dt: float) -> None:
-        """Every message in flight arrives (round robin over the connections and the link), then
-        the Switch's timers run: progress, between the rules that break things."""
-        while queues := self._queues():
-            for q in queues:
-                self._advance(*q)
+        """Time passes, and every message in flight arrives (round robin over the connections
+        and the link), with the Switch's timers, until nothing is in flight: progress, between the
+        rules that break things."""
         self.now += dt
-        self.switch.timers()
+        for _ in range(50):
+            while queues := self._queues():
+                for q in queues:
+                    self._advance(*q)
+            self.switch.timers()
+            if not self._queues():
+                break
 
     @precondition(lambda self: self._queues())
     @rule(data=st.data(), n=st.integers(1, 12))
