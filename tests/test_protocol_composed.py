@@ -46,7 +46,9 @@ from quanta.signing import Signer, Verifier
 
 T0 = 1_800_000_000.0
 EXPIRES = T0 + 10**6  # windows close only when a rule closes them
-ENROLLED = ["d0", "d1", "d2"]
+AGENTS = ["d0", "d1", "d2"]
+ABSENT = "d9"  # enrolled, never connected: its instructions stay active until their window closes
+ENROLLED = [*AGENTS, ABSENT]
 GHOST = "ghost"  # a certificate of the CA, never enrolled
 SWITCH = "sw"
 MAX_MESSAGE = 1 << 20
@@ -468,7 +470,7 @@ class Plane(RuleBasedStateMachine):
         self.core = CoreShell(self.db)
         self.switch = SwitchShell(self)
         self.link: Link | None = None
-        self.agents = {d: self._agent(d, Journal()) for d in ENROLLED}
+        self.agents = {d: self._agent(d, Journal()) for d in AGENTS}
         self.ghost: Conn | None = None
         self.next_id = 1
         self.runs: dict[tuple[int, str], list[int]] = {}  # (instruction, device) -> journal lives it ran in
@@ -595,19 +597,19 @@ class Plane(RuleBasedStateMachine):
                     self._complete(a, "success")
             self.network_settles(ACK_MAX_DELAY + DELIVERED_HOLD)  # answers committed
             self.network_settles(ACK_MAX_DELAY + DELIVERED_HOLD)  # and acknowledged, once they paused
-            assert all((1, d) in self.acked for d in ENROLLED), (self.db.results, self.acked)
+            assert all((1, d) in self.acked for d in AGENTS), (self.db.results, self.acked)
 
-    @rule(d=st.sampled_from(ENROLLED))
+    @rule(d=st.sampled_from(AGENTS))
     def connect(self, d: str) -> None:
         self._connect(self.agents[d])
 
-    @rule(d=st.sampled_from(ENROLLED))
+    @rule(d=st.sampled_from(AGENTS))
     def connection_drops(self, d: str) -> None:
         conn = self.agents[d].conn
         if conn is not None:
             self.drop(conn, "connection lost")
 
-    @rule(d=st.sampled_from(ENROLLED), lose_journal=st.booleans())
+    @rule(d=st.sampled_from(AGENTS), lose_journal=st.booleans())
     def agent_crashes(self, d: str, lose_journal: bool) -> None:
         """The agent process dies (what it was running is lost); a new one starts from its journal
         file, or from nothing if the file is lost."""
@@ -697,7 +699,7 @@ class Plane(RuleBasedStateMachine):
     # ------------------------------------------------------------ rules: the Core's work
     @precondition(lambda self: self.next_id <= 5)
     @rule(kind=st.sampled_from(["question", "action"]),
-          scope=st.none() | st.lists(st.sampled_from(ENROLLED + [GHOST, "nobody"]), max_size=3, unique=True))
+          scope=st.none() | st.lists(st.sampled_from([*ENROLLED, GHOST, "nobody"]), max_size=3, unique=True))
     def issue(self, kind: str, scope: list[str] | None) -> None:
         iid, self.next_id = self.next_id, self.next_id + 1
         self.core.issue(iid, kind, scope)
@@ -718,14 +720,14 @@ class Plane(RuleBasedStateMachine):
             self.ghost.up.append(p.encode(p.Hello(device_id=GHOST, fqdn="g", os="g", agent_version="g")))
         self.ghost.up.append(p.encode(p.Response(instruction_id=answer_for, status="success")))
 
-    @rule(d=st.sampled_from(ENROLLED), frame=st.sampled_from(HOSTILE_FRAMES) | st.binary(max_size=24))
+    @rule(d=st.sampled_from(AGENTS), frame=st.sampled_from(HOSTILE_FRAMES) | st.binary(max_size=24))
     def hostile_frame(self, d: str, frame: bytes) -> None:
         """Garbage, a second hello, a hello for another device: the Switch closes that connection."""
         conn = self.agents[d].conn
         if conn is not None:
             conn.up.append(frame)
 
-    @rule(d=st.sampled_from(ENROLLED), iid=st.integers(0, 8), bad=st.booleans())
+    @rule(d=st.sampled_from(AGENTS), iid=st.integers(0, 8), bad=st.booleans())
     def device_answers_what_it_was_not_asked(self, d: str, iid: int, bad: bool) -> None:
         """An answer for an unknown or untargeted instruction, or one out of the protocol's bounds
         (a NUL in its error text: the Switch records it as that device's error)."""
@@ -786,7 +788,7 @@ class Plane(RuleBasedStateMachine):
         # Every targeted device answered every active instruction, unless the one run it had was
         # lost with a crash (journalled as running, never answered: at most once, so never again).
         for iid in list(self.core.ledger):
-            for d in sorted(self.db.instructions[iid]["targets"]):
+            for d in sorted(self.db.instructions[iid]["targets"] - {ABSENT}):
                 if self.db.results[(iid, d)] in ANSWER_STATES or (iid, d) in self.forged:
                     continue  # (a forged answer may have been refused: it came before the device's hello)
                 entry = self.agents[d].journal.get(iid)
