@@ -397,12 +397,12 @@ class SwitchShell:
     def link_up(self, link: Link) -> None:
         self.link = link
         link.to_core.append(p.encode(p.SwitchHello(name=SWITCH, host="h", port=1, incarnation="x")))
+        link.to_core.append(p.encode(p.FetchWork(known=[])))
         seq = self.state.relinked()
         infos = [p.DeviceInfo(device_id=d, fqdn=d, os="", agent_version="") for d in self.conns]
         link.to_core.append(p.encode(p.DevicesOnline(devices=infos, seq=seq)))
         for e in self.batches.link_up():
             link.to_core.append(p.encode(e.batch))
-        link.to_core.append(p.encode(p.FetchWork(known=[])))
 
     def link_lost(self) -> None:
         self.link = None

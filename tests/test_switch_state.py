@@ -78,6 +78,22 @@ def test_a_relink_makes_everyone_wait_for_the_new_acknowledgement() -> None:
     assert s.online_ack(seq, {}, []) == [DeliverTo(1, ["a"])]
 
 
+def test_after_a_relink_nothing_is_given_until_the_cores_work() -> None:
+    """An instruction that ended while the link was down (its Cancel lost with the link) is never
+    given after the relink: the OnlineAck names answers only to the Core's active instructions,
+    so a device that lost its journal would run it again."""
+    s = SwitchState()
+    s.work([_item(1), _item(2)], [1, 2], now=0)
+    _ready(s, "a")  # given 1 and 2 on this connection
+    s.hello("a")  # a new connection (its journal lost) while the link is down
+    seq = s.relinked()
+    assert s.online_ack(seq, {"a": [2]}, []) == []  # ready, but nothing given yet
+    assert s.readiness("a") is Readiness.READY
+    assert s.work([], [2], now=0) == []  # 1 ended meanwhile; 2 the Core says "a" answered
+    s.hello("b")
+    assert s.online_ack(s.announce(["b"]), {}, []) == [DeliverTo(2, ["b"])]
+
+
 def test_scope_expiry_and_cancel() -> None:
     s = SwitchState()
     _ready(s, "a", "b", "c")
@@ -112,10 +128,12 @@ class SwitchAgainstACore(RuleBasedStateMachine):
         self.next_id = 1
         self.waiting: dict[str, int] = {}  # the model's own view: device -> announcement it waits for
         self.ready: set[str] = set()
+        self.stale = False  # relinked, no Work since
 
     def _apply(self, effects: list) -> None:  # type: ignore[type-arg]
         for e in effects:
             if isinstance(e, DeliverTo):
+                assert not (self.stale and e.devices), "given after a relink, before the Core's Work"
                 for d in e.devices:
                     assert d in self.connected, "given to a device that is not connected"
                     assert self.state.readiness(d) is Readiness.READY, "given before the Core's acknowledgement"
@@ -182,7 +200,9 @@ class SwitchAgainstACore(RuleBasedStateMachine):
     def work(self, scope: list[str] | None) -> None:
         iid, self.next_id = self.next_id, self.next_id + 1
         self.scopes[iid] = scope
-        self._apply(self.state.work([_item(iid, scope)], [*self.state.active_ids(), iid], now=0))
+        effects = self.state.work([_item(iid, scope)], [*self.state.active_ids(), iid], now=0)
+        self.stale = False
+        self._apply(effects)
 
     @precondition(lambda self: self.given)
     @rule(data=st.data())
@@ -206,6 +226,7 @@ class SwitchAgainstACore(RuleBasedStateMachine):
         if die:  # one time in eight: a relink makes everyone wait again, so it must stay rare
             return
         seq = self.state.relinked()
+        self.stale = True
         self.ready.clear()
         self.waiting = dict.fromkeys(self.connected, seq)
         self.pending_acks = [(seq, sorted(self.connected))]
@@ -217,6 +238,7 @@ class SwitchAgainstACore(RuleBasedStateMachine):
             return
         active = self.state.active_ids()  # the Core still holds these: its Work brings them back
         self.state = SwitchState()
+        self.stale = False
         self.switch_answered.clear()
         self.pending_acks.clear()
         for d in list(self.connected):
@@ -232,6 +254,8 @@ class SwitchAgainstACore(RuleBasedStateMachine):
 
     @invariant()
     def ready_devices_hold_every_instruction_due(self) -> None:
+        if self.stale:  # until the relink's first Work
+            return
         for iid in self.state.active_ids():
             scope = self.scopes[iid]
             for d in self.connected:

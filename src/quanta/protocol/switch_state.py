@@ -9,6 +9,11 @@ instruction's ``Deliver`` frame once, and turns the effects below into frames. T
   (its journal may be lost, and this Switch may have restarted). An UNREADY device is given
   nothing. After a relink to the Core every connected device is UNREADY again: the
   acknowledgements of earlier announcements died with the old link.
+* After a relink nothing is given until the new link's first Work: while the link was down the
+  Core may have ended instructions this Switch still holds (their Cancel died with the link), and
+  the Core's OnlineAck names only the answers to instructions it holds active. The Work's
+  ``active`` drops the ended ones; then every ready device is given what is due. (The shell asks
+  for Work before it announces its devices, so this costs no round trip.)
 * A READY device is given each active instruction in its scope that it has neither answered nor
   been given on its current connection; a new connection (a new hello) starts with nothing given.
 * A Cancel goes only to devices that were given the instruction and have not answered it.
@@ -79,6 +84,7 @@ class SwitchState:
         self._seq = 0
         self._active: dict[int, _Instruction] = {}
         self._answered_early: dict[int, set[str]] = {}
+        self._stale = False  # relinked, and the new link's first Work has not arrived
 
     # ------------------------------------------------------------- queries
     def readiness(self, device: str) -> Readiness | None:
@@ -128,7 +134,9 @@ class SwitchState:
         return self._seq
 
     def relinked(self) -> int:
-        """A new link to the Core: every connected device is announced again, and waits again."""
+        """A new link to the Core: every connected device is announced again, and waits again;
+        nothing is given until the new link's first Work."""
+        self._stale = True
         self._seq += 1
         for d in self._ready:
             self._unready[d] = self._seq
@@ -156,6 +164,8 @@ class SwitchState:
         for d in ready:
             del self._unready[d]
             self._ready.add(d)
+        if self._stale:  # given at the Work (see relinked)
+            return effects
         for iid, ins in self._active.items():
             due = [d for d in ready if ins.wants(d)]
             if due:
@@ -172,6 +182,13 @@ class SwitchState:
         for iid in [i for i in self._answered_early if i not in live]:
             del self._answered_early[iid]
         effects: list[Effect] = []
+        if self._stale:  # the first Work since a relink: what the ready devices were not given
+            self._stale = False
+            for iid, ins in self._active.items():
+                due = [d for d in self._ready if ins.wants(d)]
+                if due:
+                    ins.delivered.update(due)
+                    effects.append(DeliverTo(iid, due))
         for item in items:
             if item.id in self._active or item.expires_at <= now:
                 continue

@@ -515,14 +515,17 @@ class Switch:
                 self._link = ws
                 await ws.send(p.encode(p.SwitchHello(name=self.name, host=self.host, port=self.port,
                                                      incarnation=self.incarnation)))
+                # Work first: its ``active`` drops what ended while the link was down, before the
+                # OnlineAck makes the devices ready (SwitchState gives nothing until it arrives).
+                await ws.send(p.encode(p.FetchWork(known=[])))
                 # Everyone again, and every connection waits for this announcement's OnlineAck:
-                # acknowledgements of earlier ones were lost with the old link.
+                # acknowledgements of earlier ones were lost with the old link. Then the batches
+                # not acknowledged (the Core dedups), after the announcement of their devices.
                 seq = self.state.relinked()
                 await ws.send(p.encode(p.DevicesOnline(devices=[c.info for c in self.conns.values()
                                                                 if c.info is not None], seq=seq)))
-                for e in self.batches.link_up():  # unacknowledged: again (the Core dedups)
+                for e in self.batches.link_up():
                     await ws.send(p.encode(e.batch))
-                await ws.send(p.encode(p.FetchWork(known=[])))
                 self._link_up.set()
                 self._flush_wake.set()
                 up_since = time.monotonic()
