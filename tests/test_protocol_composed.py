@@ -807,3 +807,28 @@ Plane.TestCase.settings = settings(max_examples=int(os.environ.get("QUANTA_HYPOT
                                    stateful_step_count=60, deadline=None,
                                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 test_the_data_plane_composed = Plane.TestCase
+
+
+def test_an_instruction_that_ended_while_the_link_was_down_is_not_given_again() -> None:
+    """Found by the machine above: an action answered by every connected device stays active
+    (d9 never answers); the Switch restarts (and learns the action again from the Core's Work,
+    but not who answered it); the link drops and the Core ends the action meanwhile (its Cancel
+    dies with the link); d0 loses its journal and reconnects. The Core's OnlineAck names answers
+    only to active instructions, so the Switch must not give d0 what it still holds before the
+    new link's Work has dropped it: d0 would run the action a second time."""
+    m = Plane()
+    m.start("action", 2)
+    m.switch_crashes(0)
+    for d in AGENTS:
+        m.connect(d)
+    m.network_settles(0.05)
+    assert m.switch.state.active_ids() == [1]
+    m.link_drops(0, 0)
+    m.core.finish(1, WINDOW_CLOSED)
+    m.agent_crashes("d0", lose_journal=True)
+    m.network_settles(0.05)
+    m.relink()
+    m.network_settles(0.05)
+    m.network_settles(ACK_MAX_DELAY + DELIVERED_HOLD)
+    assert m.runs[(1, "d0")] == [0]  # once, on its first journal
+    m.teardown()
