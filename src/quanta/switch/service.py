@@ -248,6 +248,7 @@ class Switch:
         self.refused_answers = LogEvery(log, REFUSAL_LOG_INTERVAL, "device answer refused")
         self.link_failures = LogEvery(log, REFUSAL_LOG_INTERVAL, "core link down")
         self._link_failed = 0  # attempts failed since the last link
+        self._link_bug: str | None = None  # the unexpected failure last logged with its traceback
 
     # ------------------------------------------------------------------ TLS / CRL
     def _build_context(self) -> ssl.SSLContext:
@@ -497,9 +498,11 @@ class Switch:
         e = rs.outcome.exception() if rs.outcome is not None else None
         delay = rs.next_action.sleep if rs.next_action is not None else 0.0
         self._link_failed += 1
-        if e is not None and not isinstance(e, LINK_DOWN):  # a bug, not an outage: say where, once per link
+        reason = _link_reason(e)
+        if e is not None and not isinstance(e, LINK_DOWN) and reason != self._link_bug:
+            self._link_bug = reason  # a bug, not an outage: its traceback once, until the next link
             log.error("core link failed unexpectedly; linking again", exc_info=e)
-        self.link_failures.note(_link_reason(e), f"{self.core_url}; attempt {rs.attempt_number}, "
+        self.link_failures.note(reason, f"{self.core_url}; attempt {rs.attempt_number}, "
                                                  f"retrying in {delay:.1f}s")
 
     async def _link_once(self) -> None:
@@ -529,7 +532,7 @@ class Switch:
                 self._link_up.set()
                 self._flush_wake.set()
                 up_since = time.monotonic()
-                failed, self._link_failed = self._link_failed, 0
+                failed, self._link_failed, self._link_bug = self._link_failed, 0, None
                 log.info("linked to core at %s%s", self.core_url,
                          f" after {failed} failed attempts" if failed else "")
                 async for data in ws:
