@@ -524,10 +524,14 @@ class Switch:
                 # Everyone again, and every connection waits for this announcement's OnlineAck:
                 # acknowledgements of earlier ones were lost with the old link. Then the batches
                 # not acknowledged (the Core dedups), after the announcement of their devices.
+                # No await between the list and link_up, which drops what was gathered: a hello
+                # after them is gathered anew.
                 seq = self.state.relinked()
-                await ws.send(p.encode(p.DevicesOnline(devices=[c.info for c in self.conns.values()
-                                                                if c.info is not None], seq=seq)))
-                for e in self.batches.link_up():
+                everyone = p.DevicesOnline(devices=[c.info for c in self.conns.values() if c.info is not None],
+                                           seq=seq)
+                again = self.batches.link_up()
+                await ws.send(p.encode(everyone))
+                for e in again:
                     await ws.send(p.encode(e.batch))
                 self._link_up.set()
                 self._flush_wake.set()
