@@ -19,7 +19,7 @@ from quanta import protocol as p
 from quanta.protocol.switch_batches import (ACK_IDLE, ACK_MAX_DELAY, DELIVERED_HOLD, FLUSH_INTERVAL, MAX_BATCH,
                                             AckDevice, Announce, ReportDelivered, ReportOffline, SendBatch,
                                             SwitchBatches)
-from quanta.protocol.switch_state import CancelTo, DeliverTo, Readiness, Refuse, SwitchState
+from quanta.protocol.switch_state import EARLY_IDS, CancelTo, DeliverTo, Readiness, Refuse, SwitchState
 
 DEVICES = [f"d{i}" for i in range(5)]
 
@@ -92,6 +92,20 @@ def test_after_a_relink_nothing_is_given_until_the_cores_work() -> None:
     assert s.work([], [2], now=0) == []  # 1 ended meanwhile; 2 the Core says "a" answered
     s.hello("b")
     assert s.online_ack(s.announce(["b"]), {}, []) == [DeliverTo(2, ["b"])]
+
+
+def test_answers_before_their_work_are_remembered_within_a_bound() -> None:
+    """A restarted Switch hears journalled answers before the Core's Work: the device is not given
+    that instruction when it arrives. A device answering thousands of instructions nobody asked
+    makes the Switch remember at most EARLY_IDS of them, and each Work forgets the inactive."""
+    s = SwitchState()
+    _ready(s, "a", "b")
+    s.answered("a", 7)
+    for iid in range(100, 100 + 2 * EARLY_IDS):  # hostile: answers to instructions never asked
+        s.answered("b", iid)
+    assert len(s._answered_early) == EARLY_IDS
+    assert s.work([_item(7)], [7], now=0) == [DeliverTo(7, ["b"])]
+    assert list(s._answered_early) == []  # nothing else is active: forgotten
 
 
 def test_scope_expiry_and_cancel() -> None:

@@ -261,12 +261,11 @@ class SwitchBatches:
         if self._responses and (self._gather_due is None or self._gather_due <= now or not self._unacked):
             out += self._cut()
         if self._delivered:  # after the answers: see DELIVERED_HOLD
-            cutoff = now - DELIVERED_HOLD
             for iid in list(self._delivered):
                 pending = self._delivered[iid]
                 due = []
                 for d, t in pending.items():  # in time order
-                    if t > cutoff:
+                    if t + DELIVERED_HOLD > now:  # (the very expression of flush_at: no busy loop)
                         break
                     due.append(d)
                 for d in due:
