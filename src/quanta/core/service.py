@@ -240,7 +240,11 @@ class Core:
         elif isinstance(msg, p.FetchWork):
             await self._send_work(link, msg.known)
         elif isinstance(msg, p.Delivered):
-            await self.db(store.mark_sent, self.responses, msg.instruction_id, msg.device_ids)
+            # only while the instruction is active: after it ended, 'offline' is final and a late
+            # report must not turn it into 'sent'; the lock keeps finish() from ending it meanwhile
+            async with self._finish_lock:
+                if msg.instruction_id in self.ledger:
+                    await self.db(store.mark_sent, self.responses, msg.instruction_id, msg.device_ids)
         elif isinstance(msg, p.ResponseBatch):
             await self.ingest(link, msg)
         elif isinstance(msg, p.SwitchHello):
