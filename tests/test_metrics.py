@@ -108,5 +108,11 @@ def test_a_real_server_exports_core_and_web_metrics(tmp_path) -> None:  # type: 
         routes = {s.labels["route"] for s in web["quanta_web_request_seconds"].samples}
         assert "/Consumer/Instructions" in routes and "/Consumer/Authentication/Token" in routes
         assert not any(str(r["instruction_id"]) in route for route in routes)  # templates, not raw paths
+        switch = scrape("switch")  # switch-1: metrics_ports.switch + 0
+        assert switch["quanta_switch_connections"].samples[0].value == 1
+        assert {s.labels["result"]: s.value for s in switch["quanta_switch_handshakes"].samples} ["accepted"] >= 1
+        assert switch["quanta_switch_frames_in"].samples[0].value >= 2  # hello and the answer
+        assert switch["quanta_switch_frames_out"].samples[0].value >= 2  # welcome and the instruction
+        assert any(s.name.endswith("_count") and s.value >= 1 for s in switch["quanta_switch_batch_latency_seconds"].samples)
     finally:
         s.stop()

@@ -26,11 +26,8 @@ log = logging.getLogger("quanta.metrics")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # ------------------------------------------------------------------ Switch
-switch_connections = Gauge("quanta_switch_connections", "Agent connections open on this Switch (said hello)")
-switch_handshakes = Counter("quanta_switch_handshakes", "Agent connection attempts by result", ["result"])
-switch_frames_in = Counter("quanta_switch_frames_in", "WebSocket messages received from agents")
-switch_frames_out = Counter("quanta_switch_frames_out", "WebSocket messages sent to agents")
-switch_refusals = Counter("quanta_switch_refusals", "Agent connections or messages refused, by reason", ["reason"])
+# connections, handshakes, frames and refusals are counted by the Switch in plain ints (its hot path)
+# and read at scrape time by SwitchCollector
 switch_batch_latency = Histogram("quanta_switch_batch_latency_seconds",
                                  "From sending a response batch to the Core to its acknowledgement",
                                  buckets=LATENCY_BUCKETS)
@@ -50,6 +47,40 @@ web_requests = Histogram("quanta_web_request_seconds", "Consumer API request lat
 
 # ------------------------------------------------------------- Coordinator
 coordinator_approvals_pending = Gauge("quanta_coordinator_approvals_pending", "Actions awaiting approval")
+
+
+class SwitchCollector:
+    """The Switch's counters, read when /metrics is scraped (nothing on the per-frame path but an int)."""
+
+    def __init__(self, switch: Any) -> None:
+        self.switch = switch
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sw = self.switch
+        yield GaugeMetricFamily("quanta_switch_connections", "Agent connections open on this Switch (said hello)",
+                                value=len(sw.conns))
+        hs = CounterMetricFamily("quanta_switch_handshakes", "Agent connections by result", labels=["result"])
+        hs.add_metric(["accepted"], sw.stats["connects"])
+        hs.add_metric(["shed"], sw.refused.total)  # refused at once at the open-file limit
+        yield hs
+        yield CounterMetricFamily("quanta_switch_frames_in", "WebSocket messages received from agents",
+                                  value=sw.frames_in)
+        yield CounterMetricFamily("quanta_switch_frames_out", "WebSocket messages sent to agents", value=sw.frames_out)
+        rf = CounterMetricFamily("quanta_switch_refusals", "Connections closed and messages refused by the Switch, "
+                                 "by reason (a close code, a refused answer or poke)", labels=["reason"])
+        for code, n in sorted(sw.closes.items()):
+            rf.add_metric([code.lower()], n)
+        rf.add_metric(["answer_out_of_bounds"], sw.stats["refused_responses"])
+        rf.add_metric(["bad_poke"], sw.bad_pokes.total)
+        yield rf
+
+
+def register_switch(switch: Any) -> None:
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(SwitchCollector(switch))
 
 
 class RequestMetrics:

@@ -15,6 +15,7 @@ REFUSAL_LOG_INTERVAL with a count.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import gc
 import logging
 import os
@@ -32,6 +33,7 @@ from cryptography import x509
 from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, WSUpgradeResponse,
                     WSUpgradeResponseWithListener, ws_create_server)
 
+from quanta import metrics
 from quanta import protocol as p
 from quanta.protocol import switch_batches as sb
 from quanta.protocol.switch_batches import ACK_IDLE, ACK_MAX_DELAY, DELIVERED_HOLD, FLUSH_INTERVAL  # noqa: F401
@@ -129,6 +131,7 @@ class AgentConnection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.seen = self.switch.tick
+        self.switch.frames_in += 1
         if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is negotiated (RFC 6455 §5.2)
             self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set in a frame (no extension was negotiated)")
             return
@@ -196,10 +199,12 @@ class AgentConnection(WSListener):
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_disconnected:
             self.transport.send(WSMsgType.BINARY, data)
+            self.switch.frames_out += 1
 
     def close(self, code: WSCloseCode, reason: str) -> None:
         log.warning("closing connection from %s:%s (device %s): %s", self.peer[0], self.peer[1],
                     self.device_id or self._cn or "?", reason)
+        self.switch.closes[code.name] += 1
         if self.transport is not None:
             self.transport.send_close(code, reason.encode()[:120])
             self.transport.disconnect()
@@ -244,6 +249,11 @@ class Switch:
         self._tickets: TicketKeys | None = None
         self._crl_mtime = 0.0
         self.stats = {"connects": 0, "responses": 0, "closed_bad_input": 0, "refused_responses": 0}
+        # read by quanta.metrics.SwitchCollector when /metrics is scraped; plain ints on the hot path
+        self.frames_in = 0
+        self.frames_out = 0
+        self.closes: Counter[str] = Counter()  # connections closed by the Switch, by close code
+        self._batch_sent: dict[int, float] = {}  # batch id -> when it went to the Core
         self.refused = LogEvery(log, REFUSAL_LOG_INTERVAL, "agent connections refused")
         self.bad_pokes = LogEvery(log, REFUSAL_LOG_INTERVAL, "poke refused")
         self.refused_answers = LogEvery(log, REFUSAL_LOG_INTERVAL, "device answer refused")
@@ -416,6 +426,9 @@ class Switch:
                 log.info("instruction %d delivered to %d connected devices", e.instruction_id, len(e.devices))
 
     def on_batch_ack(self, ack: p.BatchAck) -> None:
+        sent = self._batch_sent.pop(ack.batch_id, None)
+        if sent is not None:
+            metrics.switch_batch_latency.observe(time.monotonic() - sent)
         if self.batches.batch_acked(ack.batch_id, time.monotonic()):
             self._flush_wake.set()  # answers gathered while the batch awaited its acknowledgement
         if self.batches.acks_pending():
@@ -478,6 +491,8 @@ class Switch:
     async def _flush_once(self) -> None:
         try:
             for e in self.batches.flush(time.monotonic()):
+                if isinstance(e, SendBatch):
+                    self._batch_sent.setdefault(e.batch.batch_id, time.monotonic())
                 await self._send_core(self._to_core(e))
         except websockets.ConnectionClosed:
             pass  # the unacknowledged batches go again on the next link (SwitchBatches.link_up)
