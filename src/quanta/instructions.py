@@ -230,6 +230,8 @@ def note_issue_error(engine: sa.Engine, iid: int, error: str | None) -> None:
         q = instructions.update().where(instructions.c.id == iid)
         if error is not None:
             q = q.where(instructions.c.status == READY)
+        else:  # the reason an instruction was never issued stays with it
+            q = q.where(instructions.c.status != NEVER_ISSUED)
         c.execute(q.values(issue_error=error[:2000] if error else None))
 
 

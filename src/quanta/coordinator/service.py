@@ -5,7 +5,8 @@ expiry of requests nobody decided on, scheduled instructions, and email notifica
 Every database call runs in a worker thread (``Coordinator.db``), never on the event loop. An
 approved instruction the Core cannot take (down, or its relay answering 5xx) stays approved and
 signed (``created``) with the reason in ``issue_error``, and is issued by one background retry
-with exponential back-off (tenacity) while its gather window lasts: never by two at once.
+with exponential back-off (tenacity) while its gather window lasts: never by two at once. If
+the window ends first it becomes final, ``expired`` with the reason (never ``created`` forever).
 """
 
 from __future__ import annotations
@@ -167,11 +168,13 @@ class Coordinator:
         log.error("giving up emailing %r", subject)
         return False
 
-    def _emails(self, roles: tuple[str, ...], exclude: str | None = None) -> list[str]:
+    def _emails(self, roles: tuple[str, ...], exclude: str | None = None,
+                also_exclude: tuple[str, ...] = ()) -> list[str]:
+        skip = {exclude, *also_exclude}
         with self.master.connect() as c:
             rows = c.execute(sa.select(users.c.username, users.c.email).where(users.c.role.in_(roles),
                                                                              users.c.disabled == sa.false()))
-            return [r.email for r in rows if r.email and r.username != exclude]
+            return [r.email for r in rows if r.email and r.username not in skip]
 
     def _email_of(self, username: str) -> str | None:
         with self.master.connect() as c:
@@ -269,6 +272,14 @@ class Coordinator:
             more = done.required - len(done.approvers)
             answer["message"] = (f"approved by {username}; {more} more approval(s) needed from different people "
                                  f"other than {row['created_by']}")
+            # the approvers who have not approved yet hear how far it is (never the requester)
+            others = await self.db(self._emails, APPROVER_ROLES, row["created_by"], done.approvers)
+            await self.notify(others, f"Quanta: instruction {iid} ({row['name']}): {len(done.approvers)} of "
+                                      f"{done.required} approvals",
+                              f"{username} approved instruction {iid} '{row['name']}' requested by "
+                              f"{row['created_by']}; approved so far by {', '.join(done.approvers)}. It needs "
+                              f"{more} more approval(s) by different people before it runs.\n"
+                              f"Approve or reject it in the portal: {self.link(iid)}\n")
             return answer
         if done.status == ins.SCHEDULED:
             answer["message"] = f"approved; it runs at {time.ctime(row['scheduled_at'])}"
@@ -288,7 +299,8 @@ class Coordinator:
         await self.notify([await self.db(self._email_of, row["created_by"])],
                           f"Quanta: instruction {iid} approved", f"{', '.join(done.approvers)} approved instruction "
                           f"{iid} '{row['name']}'. It was sent to {issued['targeted']} device(s).\n{self.link(iid)}\n")
-        return answer | {"status": issued["status"], "targeted": issued["targeted"], "issued": True}
+        return answer | {"status": issued["status"], "targeted": issued["targeted"],
+                         "issued": issued["status"] in ("active", "finished")}  # not if cancelled meanwhile
 
     async def reject(self, iid: int, username: str, role: str, reason: str) -> dict[str, Any]:
         row = await self.db(self._check_approver, iid, username, role)
@@ -381,7 +393,10 @@ class Coordinator:
                             return
                         log.info("instruction %d: asking the Core again (attempt %d)", iid, n)
                     issued = await self._issue(iid)
-            log.info("instruction %d issued to %d device(s) after the Core came back", iid, issued["targeted"])
+            if issued["status"] in ("active", "finished"):
+                log.info("instruction %d issued to %d device(s) after the Core came back", iid, issued["targeted"])
+            else:  # cancelled (or ended unissued) meanwhile: the Core refused to bring it back
+                log.info("instruction %d is %s: the Core did not issue it", iid, issued["status"])
         except ins.CoreError as e:
             if ins.core_retryable(e):
                 log.error("instruction %d was approved but never issued: %s", iid, e)
