@@ -348,3 +348,29 @@ async def test_the_sweep_ends_one_signed_before_a_restart_once(tmp_path: Path) -
     await other.stop()
     master.dispose()
     responses.dispose()
+
+
+def test_cancel_racing_the_last_approval_still_cancels_and_nothing_runs(world: World,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last approval lands between the Consumer API's read (pending) and its compare-and-set:
+    the cancel follows the instruction to ``created`` and cancels it there."""
+    iid = world.ask(["dev1"], ttl=120)
+    real = ins.cancel
+    calls: list[str] = []
+
+    def approved_first(engine: sa.Engine, i: int, *, by: str, expect: str) -> bool:
+        calls.append(expect)
+        if len(calls) == 1:
+            assert ins.approve(world.master, world.coord.signer, i, by="alice", reason="just now").status == ins.READY
+        return real(engine, i, by=by, expect=expect)
+
+    monkeypatch.setattr(ins, "cancel", approved_first)
+    r = world.post("req", f"/{iid}/Cancel")
+    assert r.status_code == 200 and r.json()["status"] == ins.CANCELLED, r.text
+    assert calls == [ins.PENDING_APPROVAL, ins.READY]
+    row = world.row(iid)
+    assert (row["status"], row["decided_by"]) == (ins.CANCELLED, "req")
+    world.start_core()
+    r = world.post("alice", f"/{iid}/Approve")
+    assert r.status_code == 409 and "cancelled, not pending approval" in r.json()["detail"]
+    assert store.state_counts(world.responses, iid) == {}

@@ -101,12 +101,21 @@ async def cancel(seen: VisibleInstruction, api: Api) -> dict[str, Any]:
     if user.role != ADMIN_ROLE and user.username != row["created_by"]:
         raise Forbidden("only the requester or a Full Administrator may cancel an instruction")
     if row["status"] in ins.CANCELLABLE:
-        if not await api.db(ins.cancel, api.master, instruction_id, by=user.username, expect=row["status"]):
+        was = row["status"]
+        # it may move on meanwhile (approved: pending -> created; issued: created -> active): cancel
+        # it where it is then, a bounded number of times
+        for _ in range(3):
+            if await api.db(ins.cancel, api.master, instruction_id, by=user.username, expect=was):
+                break
             now = await api.db(store.get_instruction, api.master, instruction_id)
             if now is not None and now["status"] == "active":  # the Core took it meanwhile: stop it there
-                return await _cancel_active(api, instruction_id, user.username, row["status"])
-            raise Conflict(f"instruction {instruction_id} changed meanwhile (it is "
-                           f"{now['status'] if now else 'gone'}); look again")
+                return await _cancel_active(api, instruction_id, user.username, was)
+            if now is None or now["status"] not in ins.CANCELLABLE or now["status"] == was:
+                raise Conflict(f"instruction {instruction_id} changed meanwhile (it is "
+                               f"{now['status'] if now else 'gone'}); nothing to cancel")
+            was = now["status"]
+        else:
+            raise Conflict(f"instruction {instruction_id} keeps changing; look again")
     elif row["status"] == "active":
         return await _cancel_active(api, instruction_id, user.username, row["status"])
     else:
