@@ -321,10 +321,13 @@ def test_core_down_past_the_gather_window_ends_final_and_wait_returns(world: Wor
     assert world.post("bob", f"/{iid}/Approve").status_code == 409
 
 
-async def test_the_sweep_ends_one_signed_before_a_restart_once(tmp_path: Path) -> None:
+async def test_the_sweep_ends_one_signed_before_a_restart_once(tmp_path: Path, db_url: str) -> None:
     """Signed and never issued while no Coordinator ran (no retry under way): the timer's sweep
-    ends it, once, even with sweeps racing; one still inside its window is left alone."""
-    master, responses, sig = _stores(tmp_path)
+    ends it, once, even with sweeps racing; one still inside its window is left alone (SQLite and
+    PostgreSQL)."""
+    _, responses, sig = _stores(tmp_path)
+    migrate(db_url, "master")
+    master = make_engine(db_url)
     past = ins.create(master, created_by="req", name="act", kind="action", payload=ACTION, parameters={},
                       devices=["dev1"], instruction_ttl=1, response_ttl=600, status=ins.NEW)
     young = ins.create(master, created_by="req", name="act", kind="action", payload=ACTION, parameters={},
