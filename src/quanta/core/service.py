@@ -130,7 +130,13 @@ class Core:
                                     row["response_expires_at"])
             # fresh rows, none answered yet (the instruction was never active): the hint is exact
             unanswered = len(targets) if existed == 0 else None
-            await self.db(self._set_status, instruction_id, "active", len(targets))
+            if not await self.db(self._activate, instruction_id, len(targets)):
+                # cancelled (or expired unissued) between the read above and now: it never runs;
+                # the target rows just written end as expired, nothing is sent
+                await self.db(store.expire, self.responses, instruction_id)
+                now = await self.db(store.get_instruction, self.master, instruction_id)
+                log.info("instruction %d not issued: it is %s", instruction_id, now["status"] if now else "gone")
+                return {"id": instruction_id, "status": now["status"] if now else "gone", "targeted": 0}
             row["status"] = "active"
             row["targeted"] = len(targets)
             log.info("instruction %d issued: %d devices targeted (%d online)", instruction_id, len(targets),
@@ -145,6 +151,15 @@ class Core:
             else:
                 await self.poke_all()
         return {"id": instruction_id, "status": row["status"], "targeted": row["targeted"]}
+
+    def _activate(self, instruction_id: int, targeted: int) -> bool:
+        """created -> active, a compare-and-set: an instruction cancelled (or expired unissued) by
+        the Consumer API or the Coordinator meanwhile is never brought back to life."""
+        from quanta.db.tables import instructions as t
+
+        with self.master.begin() as c:
+            return c.execute(t.update().where(t.c.id == instruction_id, t.c.status == "created")
+                             .values(status="active", targeted=targeted)).rowcount == 1
 
     def _set_status(self, instruction_id: int, status: str, targeted: int | None = None) -> None:
         from quanta.db.tables import instructions as t
