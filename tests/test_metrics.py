@@ -108,6 +108,8 @@ def test_a_real_server_exports_core_and_web_metrics(tmp_path) -> None:  # type: 
         routes = {s.labels["route"] for s in web["quanta_web_request_seconds"].samples}
         assert "/Consumer/Instructions" in routes and "/Consumer/Authentication/Token" in routes
         assert not any(str(r["instruction_id"]) in route for route in routes)  # templates, not raw paths
+        coord = scrape("coordinator")
+        assert coord["quanta_coordinator_approvals_pending"].samples[0].value == 0
         switch = scrape("switch")  # switch-1: metrics_ports.switch + 0
         assert switch["quanta_switch_connections"].samples[0].value == 1
         assert {s.labels["result"]: s.value for s in switch["quanta_switch_handshakes"].samples} ["accepted"] >= 1

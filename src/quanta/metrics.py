@@ -77,6 +77,25 @@ class SwitchCollector:
         yield rf
 
 
+def watch_approvals(engine: Any) -> None:
+    """quanta_coordinator_approvals_pending counts the actions awaiting approval when it is scraped
+    (one indexed count in the scrape's own thread; a database outage reads as NaN, not an error)."""
+    import sqlalchemy as sa
+
+    from quanta.db.tables import instructions
+    from quanta.states import PENDING_APPROVAL
+
+    def pending() -> float:
+        try:
+            with engine.connect() as c:
+                return float(c.execute(sa.select(sa.func.count()).select_from(instructions)
+                                       .where(instructions.c.status == PENDING_APPROVAL)).scalar_one())
+        except sa.exc.SQLAlchemyError:
+            return float("nan")
+
+    coordinator_approvals_pending.set_function(pending)
+
+
 def register_switch(switch: Any) -> None:
     from prometheus_client import REGISTRY
 

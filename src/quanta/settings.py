@@ -89,7 +89,7 @@ def default_ports() -> dict[str, int]:
 
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-COMPONENTS = ("server", "core", "switch-host", "switch", "coordinator", "web", "http", "integrate", "hub",
+COMPONENTS = ("server", "core", "switch-host", "switch", "coordinator", "web", "http", "integrate", "hub", "catalog",
               "hub-client")
 """The processes a server runs (``quanta server`` is the supervisor): the names of ``log_levels``."""
 
