@@ -80,6 +80,7 @@ GC_THRESHOLDS = (10_000, 20, 1_000)
 # once per interval with a count: agent connections refused at the descriptor limit, bad pokes,
 # device answers refused for their content.
 REFUSAL_LOG_INTERVAL = 10.0
+CLOSE_LOG_KINDS = 64  # kinds of close reason logged apart; more are logged as 'other'
 POKE_TIMEOUT = 5.0
 AT_LIMIT = ("each is reset at once: raise the open-file limit (ulimit -n; fs.file-max for ENFILE) "
             "or add Switches")
@@ -202,9 +203,8 @@ class AgentConnection(WSListener):
             self.switch.frames_out += 1
 
     def close(self, code: WSCloseCode, reason: str) -> None:
-        log.warning("closing connection from %s:%s (device %s): %s", self.peer[0], self.peer[1],
-                    self.device_id or self._cn or "?", reason)
-        self.switch.closes[code.name] += 1
+        self.switch.note_close(code, reason, f"from {self.peer[0]}:{self.peer[1]}, device "
+                               f"{self.device_id or self._cn or '?'}: {reason}")
         if self.transport is not None:
             self.transport.send_close(code, reason.encode()[:120])
             self.transport.disconnect()
@@ -253,6 +253,7 @@ class Switch:
         self.frames_in = 0
         self.frames_out = 0
         self.closes: Counter[str] = Counter()  # connections closed by the Switch, by close code
+        self._close_logs: dict[str, LogEvery] = {}  # one rate-limited log per kind of reason
         self._batch_sent: dict[int, float] = {}  # batch id -> when it went to the Core
         self.refused = LogEvery(log, REFUSAL_LOG_INTERVAL, "agent connections refused")
         self.bad_pokes = LogEvery(log, REFUSAL_LOG_INTERVAL, "poke refused")
@@ -334,6 +335,20 @@ class Switch:
                 log.exception("could not reload the CRL; keeping the previous one")
 
     # ------------------------------------------------------------------ agent events
+    def note_close(self, code: WSCloseCode, reason: str, detail: str) -> None:
+        """A connection this Switch closes: counted by close code, and logged once per interval per kind
+        of reason (the text before any detail), so a flood of bad connections is a few lines, not one each."""
+        self.closes[code.name] += 1
+        kind = reason.split("(")[0].split(":")[0].strip()[:60] or code.name
+        logger = self._close_logs.get(kind)
+        if logger is None:
+            if len(self._close_logs) >= CLOSE_LOG_KINDS:
+                kind, logger = "other", self._close_logs.setdefault(
+                    "other", LogEvery(log, REFUSAL_LOG_INTERVAL, "closing agent connection"))
+            else:
+                logger = self._close_logs[kind] = LogEvery(log, REFUSAL_LOG_INTERVAL, "closing agent connection")
+        logger.note(kind, detail)
+
     def on_hello(self, conn: AgentConnection) -> None:
         assert conn.device_id is not None and conn.info is not None
         old = self.conns.get(conn.device_id)
