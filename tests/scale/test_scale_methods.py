@@ -194,9 +194,11 @@ def test_network_connections_sees_listener(ctx) -> None:
     conn, _ = srv.accept()
     try:
         rows = rows_as_dicts(run(ctx, "@c = Network.GetConnections(); SELECT * FROM @c WHERE LocalPort = %p% OR Port = %p%;", {"p": port}))
-        listen = [r for r in rows if r["State"] == "LISTEN"]
+        # established connections only (both ends of this one); the listener is a listening endpoint
+        assert len(rows) == 2 and all(r["IpAddress"] is not None for r in rows)
+        listen = rows_as_dicts(run(ctx, "@c = Network.GetListeningEndpoints(); SELECT * FROM @c WHERE LocalPort = %p%;", {"p": port}))
         assert listen and listen[0]["LocalAddress"] == "127.0.0.1" and listen[0]["Protocol"] == "tcp"
-        outgoing = [r for r in rows if r["Port"] == port and r["State"] == "ESTABLISHED"]
+        outgoing = [r for r in rows if r["Port"] == port]
         assert outgoing and outgoing[0]["IpAddress"] == "127.0.0.1" and outgoing[0]["ProcessId"] in (os.getpid(), None)
     finally:
         for s in (conn, cli, srv):

@@ -20,6 +20,22 @@ Parameter types: `string`, `integer`, `number`, `boolean`. Column types add `dat
 (ISO 8601 text in UTC, e.g. `2024-05-01T12:00:00Z`). Method, module and parameter names are
 case-sensitive.
 
+A call of a module or method that Quanta does not have fails as the model reports it, "Not
+implemented - ...", followed by the name that is unknown and its line and column.
+
+## Compatibility with the model
+
+These methods follow the model's documented names (the 1E client's SCALE methods):
+`FileSystem.GetFilesInDirectory`, `Tagging.Check`, `Tagging.Count`, `Tagging.Delete`,
+`Agent.GetConnectionInformation`, `Device.GetProcessors`, `Network.GetListeningEndpoints`,
+`OperatingSystem.GetServiceInfo`; `Network.GetConnections` returns established TCP connections only
+(listeners are in `Network.GetListeningEndpoints`), `OperatingSystem.GetProcesses` has an
+`AccountName` column, `Tagging.Clear` without a `Name` clears every tag of one kind, and
+`Agent.GetKeyFiles` gives empty strings rather than NULL. The model's SDK method pages were not
+available to us when these were written: their parameters and columns follow the model's names as
+far as known, and where a column is Quanta's own its description says so. Differences found against
+the model's pages are bugs to report.
+
 ## Language summary
 
 - Statements end with `;`; whitespace and line breaks are insignificant.

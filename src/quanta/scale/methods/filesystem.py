@@ -197,3 +197,84 @@ def get_files(env: MethodEnv, args: dict[str, object]):
                 subdirs.append((Path(e.path), level + 1))
         stack.extend(reversed(subdirs))
     return rows
+
+
+MAX_PATTERN = 256
+
+
+@method(
+    "FileSystem", "GetFilesInDirectory",
+    "The regular files of a directory (and, with Recursive, of its subdirectories down to "
+    f"{MAX_DEPTH} levels), one row each. Directories, symbolic links, FIFOs, devices and sockets are not listed and "
+    f"links are not followed (no loops). At most MaxCount files (default 10,000, at most {MAX_COUNT:,}). "
+    "A missing directory gives an empty table. No hashes: use FileSystem.GetFileDetails for one file's SHA-256.",
+    params=(
+        P("Folder", "string", required=True, description="full path of the directory",
+          aliases=("Directory", "FolderPath", "Path")),
+        P("Pattern", "string", default="*", description=f"glob matched against file names (at most {MAX_PATTERN} characters)"),
+        P("Recursive", "boolean", default=False, description="descend into subdirectories"),
+        P("MaxCount", "integer", default=10_000, description="maximum files returned"),
+    ),
+    columns=(
+        C("FileName", "string", "full path"), C("Name", "string"), C("Directory", "string"), C("Extension", "string"),
+        C("Size", "integer"), C("CreationTime", "datetime", "birth time where recorded, else inode change time"),
+        C("LastModified", "datetime"), C("LastAccessed", "datetime"), C("Owner", "string"), C("Mode", "string"),
+    ),
+)
+def get_files_in_directory(env: MethodEnv, args: dict[str, object]):
+    raw = str(args["Folder"])
+    pattern = str(args["Pattern"])
+    recursive = bool(args["Recursive"])
+    count = int(args["MaxCount"])  # type: ignore[arg-type]
+    if "\0" in raw or "\0" in pattern:
+        raise MethodError("Folder and Pattern must not contain NUL characters")
+    if len(pattern) > MAX_PATTERN:
+        raise MethodError(f"Pattern exceeds {MAX_PATTERN} characters")
+    if not 1 <= count <= MAX_COUNT:
+        raise MethodError(f"MaxCount must be between 1 and {MAX_COUNT}")
+    root = Path(raw).expanduser()
+    if not root.is_absolute():
+        raise MethodError(f"Folder must be an absolute path, got '{raw}'")
+    root = Path(os.path.normpath(root))  # "a/../b" is reported as "b"; links are not resolved
+    try:
+        if not stat.S_ISDIR(os.stat(root).st_mode):
+            return []
+    except OSError:
+        return []
+    rows: list[list[object]] = []
+    stack: list[tuple[Path, int]] = [(root, 0)]
+    while stack:
+        d, level = stack.pop()
+        env.check_time()
+        subdirs = []
+        try:
+            with os.scandir(d) as it:
+                entries = []
+                for n, e in enumerate(it, 1):
+                    entries.append(e)
+                    if n % 4096 == 0:
+                        env.check_time()
+        except OSError:
+            continue
+        entries.sort(key=lambda e: e.name)
+        for e in entries:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if recursive and level < MAX_DEPTH:
+                    subdirs.append((Path(e.path), level + 1))
+                continue
+            if not stat.S_ISREG(st.st_mode) or not fnmatch.fnmatchcase(e.name, pattern):
+                continue
+            created = getattr(st, "st_birthtime", None) or st.st_ctime
+            owner = user_name(st.st_uid) if hasattr(os, "getuid") else None
+            rows.append(env.take([
+                e.path, e.name, str(d), os.path.splitext(e.name)[1], st.st_size, iso(created), iso(st.st_mtime),
+                iso(st.st_atime), owner or "", stat.filemode(st.st_mode),
+            ]))
+            if len(rows) >= count:
+                return rows
+        stack.extend(reversed(subdirs))
+    return rows
