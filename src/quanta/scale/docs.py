@@ -36,6 +36,19 @@ available to us when these were written: their parameters and columns follow the
 far as known, and where a column is Quanta's own its description says so. Differences found against
 the model's pages are bugs to report.
 
+## Persistent storage
+
+`Storage.*` keeps small key/value tables on the device between runs, for instructions that need to
+remember (the model has persistent tables too; its SDK pages were not available to us, so the names
+are Quanta's). A table belongs to the owner of the instruction that writes it: the instruction's
+signed name up to its last `-` (`Quanta-Inventory-SeenHashes` belongs to `Quanta-Inventory`), so
+the instructions of one pack share their tables and never see another owner's. Writing (`Create`,
+`Set`, `Delete`, `Drop`) is an action and needs approval like any action; `Get` and `List` are
+questions. The tables live in `storage.db` (mode 0600) in the agent's state directory, apart from
+the Activity Record: a `SELECT` cannot name them, `Storage.Get` is the only way to read them. Caps:
+32 tables per owner, 10,000 rows and 4 MB per table, 64 MB for all; a write past a cap fails and
+stores nothing. Names: a letter, then up to 63 letters, digits or `_`.
+
 ## Language summary
 
 - Statements end with `;`; whitespace and line breaks are insignificant.

@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     operatingsystem,
     scripting,
     software,
+    storage,
     tagging,
     users,
     utilities,
