@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     device,
     filesystem,
     interaction,
+    inventory,
     nativeservices,
     network,
     operatingsystem,
