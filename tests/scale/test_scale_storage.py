@@ -127,3 +127,31 @@ def test_storage_file_swapped_for_a_fifo_or_link(tmp_path) -> None:
     (d / "storage.db").symlink_to(tmp_path / "elsewhere.db")
     r = run(ctx_for(tmp_path, "A-B"), 'Storage.Get(Name: "T");', actions=False)
     assert r.status == "error" and not (tmp_path / "elsewhere.db").exists()
+
+
+def test_the_agent_runs_storage_as_the_instructions_owner(tmp_path) -> None:
+    """run_instruction hands the signed instruction name to the payload: its pack owns the table."""
+    import time as _time
+
+    from quanta.agent.config import AgentConfig, SwitchAddress
+    from quanta.agent.runtime import run_instruction
+    from quanta.protocol import messages as p
+
+    root = tmp_path / "agent"
+    (root / "state").mkdir(parents=True)
+    cfg = AgentConfig(root=root, device_name="d1", switches=[SwitchAddress("127.0.0.1", 4000)], background_url="",
+                      retry_min=1, retry_max=60, interaction_port=7766)
+
+    def body(i: int, name: str, kind: str, payload: str) -> p.InstructionBody:
+        now = _time.time()
+        return p.InstructionBody(id=i, name=name, kind=kind, payload=payload, parameters={}, issued_at=now,
+                                 expires_at=now + 30)
+
+    r = run_instruction(body(1, "Acme-Tools-Remember", "action", 'Storage.Set(Name: "T", Key: "k", Value: "v1");'), cfg)
+    assert r.status == "success", r.error
+    r = run_instruction(body(2, "Acme-Tools-Recall", "question", 'Storage.Get(Name: "T");'), cfg)
+    assert [row[:2] for row in r.rows] == [["k", "v1"]]
+    r = run_instruction(body(3, "Other-Pack-Peek", "question", 'Storage.Get(Name: "T");'), cfg)
+    assert r.rows == []
+    r = run_instruction(body(4, "Acme-Tools-Sneak", "question", 'Storage.Drop(Name: "T");'), cfg)
+    assert r.status == "error"  # an action in a question is refused before it runs
