@@ -234,6 +234,11 @@ def test_files_in_directory_hostile_arguments(ctx, tmp_path) -> None:
     ):
         r = run(ctx, f"FileSystem.GetFilesInDirectory({call});")
         assert r.status == "error" and msg in str(r.error), call
+    # a glob built to backtrack stays fast
+    (big / ("a" * 200)).touch()
+    r = run_program(compile_scale(f'FileSystem.GetFilesInDirectory(Folder: "{big}", Pattern: "{"*a" * 60}*b");'),
+                    context=ctx, limits=Limits(timeout_seconds=5))
+    assert r.status == "nocontent", r.error
     with pytest.raises(ScaleError, match="expects boolean"):
         compile_scale(f'FileSystem.GetFilesInDirectory(Folder: "{big}", Recursive: "yes please");')
     with pytest.raises(ScaleError, match="expects string"):

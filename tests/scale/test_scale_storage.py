@@ -49,6 +49,13 @@ def test_write_read_drop_and_file_mode(tmp_path) -> None:
     assert mode == 0o600
 
 
+def test_a_read_creates_nothing(tmp_path) -> None:
+    a = ctx_for(tmp_path, "Quanta-Inventory-X")
+    assert run(a, 'Storage.Get(Name: "T");', actions=False).rows == []
+    assert run(a, "Storage.List();", actions=False).rows == []
+    assert not (tmp_path / "state" / "storage.db").exists()
+
+
 def test_writes_are_actions_reads_are_questions(tmp_path) -> None:
     for call in ('Storage.Create(Name: "T");', 'Storage.Set(Name: "T", Key: "k", Value: "v");',
                  'Storage.Delete(Name: "T", Key: "k");', 'Storage.Drop(Name: "T");'):

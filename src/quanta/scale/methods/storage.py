@@ -121,8 +121,12 @@ def _create(conn: sqlite3.Connection, owner: str, name: str) -> bool:
     return True
 
 
-def _run(env: MethodEnv, work):
+def _run(env: MethodEnv, work, write: bool = True):
+    """``work(conn, owner)`` in one transaction. A read of a device that never stored anything
+    creates nothing: it answers an empty table."""
     owner = owner_of(env.context.instruction_name)
+    if not write and not os.path.lexists(storage_path(env.context.data_dir)):
+        return []
     with _LOCK:
         conn = _connect(env.context.data_dir)
         try:
@@ -216,7 +220,7 @@ def get_values(env: MethodEnv, args: dict[str, object]):
                                (owner, name))
         return [env.take([k, v, iso(u)]) for k, v, u in cur]
 
-    return _run(env, work)
+    return _run(env, work, write=False)
 
 
 @method(
@@ -260,4 +264,4 @@ def list_tables(env: MethodEnv, args: dict[str, object]):
             "ORDER BY t.name", (owner,))
         return [env.take([n, c, b, iso(t)]) for n, c, b, t in cur]
 
-    return _run(env, work)
+    return _run(env, work, write=False)
