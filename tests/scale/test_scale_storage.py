@@ -162,3 +162,23 @@ def test_the_agent_runs_storage_as_the_instructions_owner(tmp_path) -> None:
     assert r.rows == []
     r = run_instruction(body(4, "Acme-Tools-Sneak", "question", 'Storage.Drop(Name: "T");'), cfg)
     assert r.status == "error"  # an action in a question is refused before it runs
+
+
+def test_a_full_table_in_one_payload_then_the_row_cap(tmp_path) -> None:
+    a = ctx_for(tmp_path, "Quanta-Inventory-X")
+    fill = ("@q = WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10000) "
+            "SELECT CAST(i AS TEXT) AS K FROM n; Storage.Set(Name: \"T\", Key: @q.K, Value: \"x\");")
+    from quanta.scale import Limits
+    r = run_program(compile_scale(fill), context=a, allow_actions=True, limits=Limits(timeout_seconds=30))
+    assert r.status == "success" and len(r.rows) == storage.MAX_ROWS_PER_TABLE, r.error
+    r = run(a, 'Storage.Set(Name: "T", Key: "one more", Value: "x");')
+    assert r.status == "error" and "10,000 rows" in str(r.error)
+    assert rows(run(a, "Storage.List();", actions=False))[0][:2] == ["T", 10_000]
+    # the file removed between runs: reads are empty, a write starts afresh
+    os.unlink(tmp_path / "state" / "storage.db")
+    for side in ("-wal", "-shm"):
+        if (tmp_path / "state" / f"storage.db{side}").exists():
+            os.unlink(tmp_path / "state" / f"storage.db{side}")
+    assert run(a, 'Storage.Get(Name: "T");', actions=False).rows == []
+    assert rows(run(a, 'Storage.Set(Name: "T", Key: "k", Value: "v");')) == [["T", "k", True]]
+    assert [r[:2] for r in rows(run(a, 'Storage.Get(Name: "T");', actions=False))] == [["k", "v"]]

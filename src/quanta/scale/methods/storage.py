@@ -43,7 +43,8 @@ _LOCK = threading.Lock()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS storage_tables (
-    owner TEXT NOT NULL, name TEXT NOT NULL, created INTEGER NOT NULL, PRIMARY KEY (owner, name));
+    owner TEXT NOT NULL, name TEXT NOT NULL, created INTEGER NOT NULL,
+    rows INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (owner, name));
 CREATE TABLE IF NOT EXISTS storage_rows (
     owner TEXT NOT NULL, name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
     bytes INTEGER NOT NULL, updated INTEGER NOT NULL, PRIMARY KEY (owner, name, key));
@@ -84,6 +85,7 @@ def _connect(data_dir: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=5, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commits, never the file
         conn.execute("PRAGMA trusted_schema=OFF")
         conn.executescript(_SCHEMA)
     except sqlite3.DatabaseError as e:
@@ -94,6 +96,40 @@ def _connect(data_dir: Path) -> sqlite3.Connection:
             os.chmod(str(path) + side, 0o600)
         except OSError:
             pass
+    return conn
+
+
+_CONNS: dict[str, tuple[sqlite3.Connection, tuple[int, int]]] = {}
+_MAX_CONNS = 8
+
+
+def _connection(data_dir: Path) -> sqlite3.Connection:
+    """The open connection to this agent's storage.db (under _LOCK), reopened when the file was
+    replaced; the path is checked at every call (a regular file, not a link)."""
+    import stat as _stat
+
+    path = storage_path(data_dir)
+    key = str(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise MethodError(f"Storage unavailable: {e.strerror or e}") from None
+    if st is not None and not _stat.S_ISREG(st.st_mode):
+        raise MethodError("Storage unavailable: storage.db is not a regular file")
+    cached = _CONNS.get(key)
+    if cached is not None and st is not None and cached[1] == (st.st_dev, st.st_ino):
+        return cached[0]
+    if cached is not None:
+        cached[0].close()
+        del _CONNS[key]
+    conn = _connect(data_dir)
+    st = os.lstat(path)
+    if len(_CONNS) >= _MAX_CONNS:
+        old = next(iter(_CONNS))
+        _CONNS.pop(old)[0].close()
+    _CONNS[key] = (conn, (st.st_dev, st.st_ino))
     return conn
 
 
@@ -128,7 +164,7 @@ def _run(env: MethodEnv, work, write: bool = True):
     if not write and not os.path.lexists(storage_path(env.context.data_dir)):
         return []
     with _LOCK:
-        conn = _connect(env.context.data_dir)
+        conn = _connection(env.context.data_dir)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -140,8 +176,6 @@ def _run(env: MethodEnv, work, write: bool = True):
             return out
         except sqlite3.DatabaseError as e:
             raise MethodError(f"Storage error: {e}") from None
-        finally:
-            conn.close()
 
 
 _NAME = P("Name", "string", required=True, description="the table: a letter, then up to 63 letters, digits or '_'")
@@ -179,9 +213,9 @@ def set_value(env: MethodEnv, args: dict[str, object]):
         _create(conn, owner, name)
         old = conn.execute("SELECT bytes FROM storage_rows WHERE owner = ? AND name = ? AND key = ?",
                            (owner, name, key)).fetchone()
-        rows, used = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM storage_rows WHERE owner = ? AND name = ?",
+        rows, used = conn.execute("SELECT rows, bytes FROM storage_tables WHERE owner = ? AND name = ?",
                                   (owner, name)).fetchone()
-        (total,) = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM storage_rows").fetchone()
+        (total,) = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM storage_tables").fetchone()
         delta = size - (old[0] if old else 0)
         if old is None and rows >= MAX_ROWS_PER_TABLE:
             raise MethodError(f"Storage table '{name}' is full: {MAX_ROWS_PER_TABLE:,} rows")
@@ -195,6 +229,8 @@ def set_value(env: MethodEnv, args: dict[str, object]):
             "updated = excluded.updated",
             (owner, name, key, value, size, int(time.time())),
         )
+        conn.execute("UPDATE storage_tables SET rows = rows + ?, bytes = bytes + ? WHERE owner = ? AND name = ?",
+                     (0 if old else 1, delta, owner, name))
         return True
 
     return [[name, key, _run(env, work)]]
@@ -232,8 +268,14 @@ def delete_value(env: MethodEnv, args: dict[str, object]):
     name, key = _name(args), _key(args)
 
     def work(conn: sqlite3.Connection, owner: str) -> bool:
-        cur = conn.execute("DELETE FROM storage_rows WHERE owner = ? AND name = ? AND key = ?", (owner, name, key))
-        return cur.rowcount > 0
+        old = conn.execute("SELECT bytes FROM storage_rows WHERE owner = ? AND name = ? AND key = ?",
+                           (owner, name, key)).fetchone()
+        if old is None:
+            return False
+        conn.execute("DELETE FROM storage_rows WHERE owner = ? AND name = ? AND key = ?", (owner, name, key))
+        conn.execute("UPDATE storage_tables SET rows = rows - 1, bytes = bytes - ? WHERE owner = ? AND name = ?",
+                     (old[0], owner, name))
+        return True
 
     return [[name, key, _run(env, work)]]
 
@@ -259,9 +301,7 @@ def drop(env: MethodEnv, args: dict[str, object]):
 def list_tables(env: MethodEnv, args: dict[str, object]):
     def work(conn: sqlite3.Connection, owner: str):
         cur = conn.execute(
-            "SELECT t.name, COUNT(r.key), COALESCE(SUM(r.bytes), 0), t.created FROM storage_tables t "
-            "LEFT JOIN storage_rows r ON r.owner = t.owner AND r.name = t.name WHERE t.owner = ? GROUP BY t.name "
-            "ORDER BY t.name", (owner,))
+            "SELECT name, rows, bytes, created FROM storage_tables WHERE owner = ? ORDER BY name", (owner,))
         return [env.take([n, c, b, iso(t)]) for n, c, b, t in cur]
 
     return _run(env, work, write=False)
