@@ -253,3 +253,46 @@ def test_files_in_directory_nul_in_folder(ctx, tmp_path) -> None:
         compile_scale("FileSystem.GetFilesInDirectory(Folder: %dir%);", {"dir": f"{tmp_path}\x00/etc"})
     r = run(ctx, f"@t = SELECT '{tmp_path}' || char(0) || '/etc' AS P; FileSystem.GetFilesInDirectory(Folder: @t.P);")
     assert r.status == "error" and "NUL" in str(r.error)
+
+
+SHOW = """Id=ssh.service
+LoadState=loaded
+Description=OpenBSD Secure Shell server
+ActiveState=active
+SubState=running
+UnitFileState=enabled
+MainPID=812
+ExecStart={ path=/usr/sbin/sshd ; argv[]=/usr/sbin/sshd -D $SSHD_OPTS ; ignore_errors=no ; start_time=[n/a] ; }
+User=
+FragmentPath=/lib/systemd/system/ssh.service
+
+Id=gone.service
+LoadState=not-found
+ActiveState=inactive
+SubState=dead
+MainPID=0
+
+Id=sockets.target
+Description=Sockets
+
+Id=weird.service
+MainPID=99999999999999999999
+Description=x=y
+ActiveState=failed
+SubState=failed
+"""
+
+
+def test_systemctl_show_output_parsed(ctx) -> None:
+    import time
+
+    from quanta.scale import Limits
+    from quanta.scale.spec import MethodEnv
+
+    env = MethodEnv(ctx, Limits(), time.monotonic() + 10)
+    rows = operatingsystem.parse_systemctl_show(SHOW, env)
+    by = {r[0]: r for r in rows}
+    assert set(by) == {"ssh", "gone", "weird"}
+    assert by["ssh"][:8] == ["ssh", "OpenBSD Secure Shell server", "running", "running", "enabled", 812, "/usr/sbin/sshd", ""]
+    assert by["weird"][1] == "x=y" and by["weird"][2] == "failed" and by["weird"][5] is None
+    assert "gone" not in {r[0] for r in operatingsystem.parse_systemctl_show(SHOW, env, only_loaded=True)}

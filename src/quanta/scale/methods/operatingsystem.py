@@ -239,6 +239,11 @@ def _service_info_systemctl(env: MethodEnv, name: str | None) -> list[list[objec
     out = _run_bounded(cmd, env)
     if out is None:
         return None
+    return parse_systemctl_show(out, env, only_loaded=name is not None)
+
+
+def parse_systemctl_show(out: str, env: MethodEnv, only_loaded: bool = False) -> list[list[object]]:
+    """Rows of SERVICE_INFO_COLUMNS from ``systemctl show`` output (blocks of Key=Value lines)."""
     rows = []
     for block in out.split("\n\n"):
         env.check_time()
@@ -246,9 +251,10 @@ def _service_info_systemctl(env: MethodEnv, name: str | None) -> list[list[objec
         unit = props.get("Id", "")
         if not unit.endswith(".service"):
             continue
-        if name is not None and props.get("LoadState") == "not-found":
+        if only_loaded and props.get("LoadState") == "not-found":
             continue
-        pid = int(props.get("MainPID") or 0) if (props.get("MainPID") or "0").isdigit() else 0
+        main_pid = props.get("MainPID") or "0"
+        pid = int(main_pid) if main_pid.isdigit() and len(main_pid) < 10 else 0
         state = "running" if props.get("SubState") == "running" else props.get("ActiveState", "unknown")
         rows.append(env.take([
             unit[: -len(".service")], props.get("Description") or "", state, props.get("SubState") or "",
