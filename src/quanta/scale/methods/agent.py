@@ -85,7 +85,8 @@ def get_connection_information(env: MethodEnv, args: dict[str, object]):
     configured = ",".join(f"{h}:{p}" for h, p in switches)
     ports = {p: h for h, p in switches}
     try:
-        conns = psutil.Process().net_connections(kind="tcp")
+        proc = psutil.Process()
+        conns = (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")  # psutil < 6: connections
     except psutil.Error:
         conns = []
     for c in conns:
