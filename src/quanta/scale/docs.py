@@ -38,16 +38,22 @@ the model's pages are bugs to report.
 
 ## Persistent storage
 
-`Storage.*` keeps small key/value tables on the device between runs, for instructions that need to
-remember (the model has persistent tables too; its SDK pages were not available to us, so the names
-are Quanta's). A table belongs to the owner of the instruction that writes it: the instruction's
-signed name up to its last `-` (`Quanta-Inventory-SeenHashes` belongs to `Quanta-Inventory`), so
-the instructions of one pack share their tables and never see another owner's. Writing (`Create`,
-`Set`, `Delete`, `Drop`) is an action and needs approval like any action; `Get` and `List` are
-questions. The tables live in `storage.db` (mode 0600) in the agent's state directory, apart from
-the Activity Record: a `SELECT` cannot name them, `Storage.Get` is the only way to read them. Caps:
-32 tables per owner, 10,000 rows and 4 MB per table, 64 MB for all; a write past a cap fails and
-stores nothing. Names: a letter, then up to 63 letters, digits or `_`.
+`Storage.*` are the model's user-defined persistent storage tables: `Storage.Set(Name: "X",
+Value: @table)` saves a table (with `Append: true` adds to it, keeping the newest `MaxRowCount`
+rows), `Storage.Get` loads it back with its own columns, `Storage.Check` gives one row when it
+exists (`IF (@found) ...`), `Storage.Delete` removes it; `Storage.List` (Quanta's) lists them.
+Names are case-insensitive, 1 to 128 letters, digits, `_`, `.` or `-`. A table belongs to the
+owner of the instruction that writes it: the instruction's signed name up to its last `-`
+(`Quanta-Inventory-SeenHashes` belongs to `Quanta-Inventory`), so the instructions of one pack
+share their tables and never see another owner's. Writing (`Set`, `Delete`) is an action and
+needs approval like any action; `Get`, `Check` and `List` are questions. The tables live in
+`storage.db` (mode 0600) in the agent's state directory, apart from the Activity Record: a
+`SELECT` cannot name them, `Storage.Get` is the only way to read them. Caps: 64 tables per owner,
+100,000 rows and 8 MB per table, 64 MB for all; a write past a cap fails and stores nothing.
+Unlike the model's store, Quanta's is not encrypted: its file mode (0600) protects it.
+
+A `table` parameter takes a whole table, `@name` (no column); every other parameter takes a value
+or `@name.Column` (one call per row).
 
 ## Language summary
 

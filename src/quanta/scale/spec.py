@@ -15,7 +15,7 @@ from .errors import ScaleError
 if TYPE_CHECKING:  # pragma: no cover
     from . import AgentContext, Limits
 
-ParamType = Literal["string", "integer", "number", "boolean"]
+ParamType = Literal["string", "integer", "number", "boolean", "table"]
 ColumnType = Literal["string", "integer", "number", "boolean", "datetime"]
 Platform = Literal["linux", "macos", "windows"]
 ALL_PLATFORMS: tuple[Platform, ...] = ("linux", "macos", "windows")

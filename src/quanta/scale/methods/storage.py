@@ -1,10 +1,11 @@
-"""SCALE module Storage: named tables that an instruction's owner keeps on the device between runs.
+"""SCALE module Storage: the model's user-defined persistent storage tables.
 
-The model lets instructions persist data between runs; Quanta's form is a set of small key/value
-tables kept in their own SQLite file, ``storage.db`` in the agent's state directory (mode 0600),
-apart from the Activity Record and out of reach of ``SELECT``: a payload reads a table only through
-``Storage.Get``. Writing (``Create``, ``Set``, ``Delete``, ``Drop``) is an action, so it needs the
-approval any action needs.
+An instruction saves a table (``Storage.Set(Name: "X", Value: @t)``, optionally appending) and a
+later one loads it back (``Storage.Get``), checks for it (``Storage.Check``) or deletes it
+(``Storage.Delete``), as in the model. Quanta keeps them in their own SQLite file,
+``storage.db`` in the agent's state directory (mode 0600), apart from the Activity Record and out of
+reach of ``SELECT``: a payload reads a stored table only through ``Storage.Get``. Writing (``Set``,
+``Delete``) is an action, so it needs the approval any action needs.
 
 Owner: a table belongs to the *owner* of the instruction that made it, the instruction's signed
 name up to its last ``-`` (``Quanta-Inventory-SeenHashes`` belongs to ``Quanta-Inventory``, as the
@@ -12,12 +13,13 @@ model names instructions Vendor-Product-Instruction); a name without ``-`` is it
 payload run without an instruction (``quanta scale run``) belongs to ``local``. Instructions of one
 pack therefore share tables, and one owner never sees another's.
 
-Every statement here is a fixed text with bound parameters: table and key names are values in
-columns, never SQL identifiers, and are checked against a strict pattern as well.
+Every statement here is a fixed text with bound parameters: table names are values in a column,
+never SQL identifiers, and are checked against a strict pattern as well.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -31,23 +33,19 @@ from ..spec import ParamSpec as P
 from ._common import iso
 
 FILE_NAME = "storage.db"
-MAX_TABLES_PER_OWNER = 32
-MAX_ROWS_PER_TABLE = 10_000
-MAX_BYTES_PER_TABLE = 4 * 1024 * 1024  # keys and values, as UTF-8
+MAX_TABLES_PER_OWNER = 64
+MAX_ROWS_PER_TABLE = 100_000  # the model's SelectRowsLimit default
+MAX_BYTES_PER_TABLE = 8 * 1024 * 1024  # the table as stored (JSON)
 MAX_TOTAL_BYTES = 64 * 1024 * 1024  # every owner's tables together
-MAX_KEY = 256
-MAX_VALUE = 64 * 1024
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+DEFAULT_MAX_ROW_COUNT = 1000  # the model's default when appending
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")  # the model: case-insensitive, up to 128 characters
 _OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _LOCK = threading.Lock()
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS storage_tables (
-    owner TEXT NOT NULL, name TEXT NOT NULL, created INTEGER NOT NULL,
-    rows INTEGER NOT NULL DEFAULT 0, bytes INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (owner, name));
-CREATE TABLE IF NOT EXISTS storage_rows (
-    owner TEXT NOT NULL, name TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
-    bytes INTEGER NOT NULL, updated INTEGER NOT NULL, PRIMARY KEY (owner, name, key));
+    owner TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, columns TEXT NOT NULL, rows TEXT NOT NULL,
+    nrows INTEGER NOT NULL, bytes INTEGER NOT NULL, updated INTEGER NOT NULL, PRIMARY KEY (owner, key));
 """
 
 
@@ -136,25 +134,8 @@ def _connection(data_dir: Path) -> sqlite3.Connection:
 def _name(args: dict[str, object]) -> str:
     name = str(args["Name"])
     if not NAME_RE.match(name):
-        raise MethodError("Name must be a letter followed by up to 63 letters, digits or '_'")
+        raise MethodError("Name must be 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit")
     return name
-
-
-def _key(args: dict[str, object]) -> str:
-    key = str(args["Key"])
-    if not key or len(key) > MAX_KEY or "\0" in key:
-        raise MethodError(f"Key must be 1 to {MAX_KEY} characters without NUL")
-    return key
-
-
-def _create(conn: sqlite3.Connection, owner: str, name: str) -> bool:
-    if conn.execute("SELECT 1 FROM storage_tables WHERE owner = ? AND name = ?", (owner, name)).fetchone():
-        return False
-    (n,) = conn.execute("SELECT COUNT(*) FROM storage_tables WHERE owner = ?", (owner,)).fetchone()
-    if n >= MAX_TABLES_PER_OWNER:
-        raise MethodError(f"Storage: at most {MAX_TABLES_PER_OWNER} tables per owner")
-    conn.execute("INSERT INTO storage_tables (owner, name, created) VALUES (?, ?, ?)", (owner, name, int(time.time())))
-    return True
 
 
 def _run(env: MethodEnv, work, write: bool = True):
@@ -162,7 +143,7 @@ def _run(env: MethodEnv, work, write: bool = True):
     creates nothing: it answers an empty table."""
     owner = owner_of(env.context.instruction_name)
     if not write and not os.path.lexists(storage_path(env.context.data_dir)):
-        return []
+        return None
     with _LOCK:
         conn = _connection(env.context.data_dir)
         try:
@@ -178,130 +159,159 @@ def _run(env: MethodEnv, work, write: bool = True):
             raise MethodError(f"Storage error: {e}") from None
 
 
-_NAME = P("Name", "string", required=True, description="the table: a letter, then up to 63 letters, digits or '_'")
+def _cell(v: object) -> object:
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, float) and v != v:  # NaN has no JSON form
+        return None
+    return v
 
 
-@method(
-    "Storage", "Create",
-    f"Create a named table owned by the instruction's pack (at most {MAX_TABLES_PER_OWNER} per owner). "
-    "Created is false when it existed.",
-    params=(_NAME,), columns=(C("Name", "string"), C("Created", "boolean")), is_action=True,
-)
-def create(env: MethodEnv, args: dict[str, object]):
-    name = _name(args)
-    return [[name, _run(env, lambda conn, owner: _create(conn, owner, name))]]
+def _merge(old_cols: list[str], old_rows: list[list], cols: list[str], rows: list[list]) -> tuple[list[str], list[list]]:
+    """Appended rows under the stored columns (new columns added at the end, missing cells NULL)."""
+    merged = list(old_cols) + [c for c in cols if c not in old_cols]
+    if merged == list(cols) == list(old_cols):
+        return merged, old_rows + rows
+    width = len(merged)
+    out = [r + [None] * (width - len(r)) for r in old_rows]
+    idx = [merged.index(c) for c in cols]
+    for r in rows:
+        row: list[object] = [None] * width
+        for i, v in zip(idx, r):
+            row[i] = v
+        out.append(row)
+    return merged, out
 
 
 @method(
     "Storage", "Set",
-    f"Store Value under Key in a table (created when missing); a Key set again is replaced. Caps: keys up to "
-    f"{MAX_KEY} characters, values up to {MAX_VALUE // 1024} KB, {MAX_ROWS_PER_TABLE:,} rows and "
-    f"{MAX_BYTES_PER_TABLE // (1024 * 1024)} MB per table, {MAX_TOTAL_BYTES // (1024 * 1024)} MB for all tables; "
-    "past a cap the call fails and stores nothing.",
-    params=(_NAME, P("Key", "string", required=True), P("Value", "string", required=True)),
-    columns=(C("Name", "string"), C("Key", "string"), C("Stored", "boolean")), is_action=True,
+    "Save a table as the named persistent storage table (name case-insensitive), replacing it, or with "
+    f"Append: true adding its rows after the stored ones and keeping the last MaxRowCount rows (default "
+    f"{DEFAULT_MAX_ROW_COUNT:,}; appended columns the stored table lacks are added, missing cells are NULL). "
+    f"Caps: {MAX_ROWS_PER_TABLE:,} rows and {MAX_BYTES_PER_TABLE // (1024 * 1024)} MB per table, "
+    f"{MAX_TABLES_PER_OWNER} tables per owner, {MAX_TOTAL_BYTES // (1024 * 1024)} MB for all; past a cap the call "
+    "fails and nothing is stored.",
+    params=(
+        P("Name", "string", required=True, description="1 to 128 letters, digits, '_', '.' or '-'; case is not significant"),
+        P("Value", "table", required=True, description="the table to save, e.g. @rows"),
+        P("Append", "boolean", default=False, description="add to the stored rows instead of replacing them"),
+        P("MaxRowCount", "integer", default=None,
+          description=f"with Append, keep at most this many rows, the newest (1 to {MAX_ROWS_PER_TABLE:,}; default "
+                      f"{DEFAULT_MAX_ROW_COUNT:,})"),
+    ),
+    columns=(C("Name", "string"),), is_action=True,
 )
-def set_value(env: MethodEnv, args: dict[str, object]):
-    name, key, value = _name(args), _key(args), str(args["Value"])
-    if "\0" in value:
-        raise MethodError("Value must not contain NUL characters")
-    size = len(key.encode()) + len(value.encode())
-    if size - len(key.encode()) > MAX_VALUE:
-        raise MethodError(f"Value exceeds {MAX_VALUE // 1024} KB")
+def set_table(env: MethodEnv, args: dict[str, object]):
+    name = _name(args)
+    table = args["Value"]
+    cols = [str(c) for c in table.columns]  # type: ignore[attr-defined]
+    rows = [[_cell(v) for v in r] for r in table.rows]  # type: ignore[attr-defined]
+    append = bool(args["Append"])
+    max_rows = args.get("MaxRowCount")
+    if max_rows is not None and not append:
+        raise MethodError("MaxRowCount can be given only with Append: true")
+    limit = DEFAULT_MAX_ROW_COUNT if max_rows is None else int(max_rows)  # type: ignore[call-overload]
+    if not 1 <= limit <= MAX_ROWS_PER_TABLE:
+        raise MethodError(f"MaxRowCount must be between 1 and {MAX_ROWS_PER_TABLE:,}")
+    if not append and len(rows) > MAX_ROWS_PER_TABLE:
+        raise MethodError(f"Storage table '{name}' would exceed {MAX_ROWS_PER_TABLE:,} rows")
 
-    def work(conn: sqlite3.Connection, owner: str) -> bool:
-        _create(conn, owner, name)
-        old = conn.execute("SELECT bytes FROM storage_rows WHERE owner = ? AND name = ? AND key = ?",
-                           (owner, name, key)).fetchone()
-        rows, used = conn.execute("SELECT rows, bytes FROM storage_tables WHERE owner = ? AND name = ?",
-                                  (owner, name)).fetchone()
+    def work(conn: sqlite3.Connection, owner: str) -> None:
+        key = name.lower()
+        old = conn.execute("SELECT columns, rows, bytes FROM storage_tables WHERE owner = ? AND key = ?",
+                           (owner, key)).fetchone()
+        new_cols, new_rows = cols, rows
+        if append and old is not None:
+            new_cols, new_rows = _merge(json.loads(old[0]), json.loads(old[1]), cols, rows)
+        if append:
+            new_rows = new_rows[-limit:]
+        cols_text = json.dumps(new_cols, ensure_ascii=False)
+        rows_text = json.dumps(new_rows, ensure_ascii=False, allow_nan=False)
+        size = len(cols_text.encode()) + len(rows_text.encode())
+        if size > MAX_BYTES_PER_TABLE:
+            raise MethodError(f"Storage table '{name}' would exceed {MAX_BYTES_PER_TABLE // (1024 * 1024)} MB")
+        if old is None:
+            (n,) = conn.execute("SELECT COUNT(*) FROM storage_tables WHERE owner = ?", (owner,)).fetchone()
+            if n >= MAX_TABLES_PER_OWNER:
+                raise MethodError(f"Storage: at most {MAX_TABLES_PER_OWNER} tables per owner")
         (total,) = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM storage_tables").fetchone()
-        delta = size - (old[0] if old else 0)
-        if old is None and rows >= MAX_ROWS_PER_TABLE:
-            raise MethodError(f"Storage table '{name}' is full: {MAX_ROWS_PER_TABLE:,} rows")
-        if used + delta > MAX_BYTES_PER_TABLE:
-            raise MethodError(f"Storage table '{name}' is full: {MAX_BYTES_PER_TABLE // (1024 * 1024)} MB")
-        if total + delta > MAX_TOTAL_BYTES:
+        if total - (old[2] if old else 0) + size > MAX_TOTAL_BYTES:
             raise MethodError(f"Storage is full: {MAX_TOTAL_BYTES // (1024 * 1024)} MB for all tables")
         conn.execute(
-            "INSERT INTO storage_rows (owner, name, key, value, bytes, updated) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (owner, name, key) DO UPDATE SET value = excluded.value, bytes = excluded.bytes, "
+            "INSERT INTO storage_tables (owner, key, name, columns, rows, nrows, bytes, updated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (owner, key) DO UPDATE SET name = excluded.name, "
+            "columns = excluded.columns, rows = excluded.rows, nrows = excluded.nrows, bytes = excluded.bytes, "
             "updated = excluded.updated",
-            (owner, name, key, value, size, int(time.time())),
+            (owner, key, name, cols_text, rows_text, len(new_rows), size, int(time.time())),
         )
-        conn.execute("UPDATE storage_tables SET rows = rows + ?, bytes = bytes + ? WHERE owner = ? AND name = ?",
-                     (0 if old else 1, delta, owner, name))
-        return True
 
-    return [[name, key, _run(env, work)]]
+    _run(env, work)
+    return [[name]]
 
 
 @method(
     "Storage", "Get",
-    "The rows of one of the owner's tables (one Key, or all in key order). A table that does not exist gives an "
-    "empty table. The only way a payload reads storage: SELECT cannot name it.",
-    params=(_NAME, P("Key", "string", default=None)),
-    columns=(C("Key", "string"), C("Value", "string"), C("Updated", "datetime")),
+    "The named persistent storage table as it was saved (its own columns). A table that does not exist gives an "
+    "empty result. The only way a payload reads storage: SELECT cannot name it.",
+    params=(P("Name", "string", required=True),),
+    columns=(C("(stored columns)", "string", "the columns of the table as saved"),),
+    dynamic_columns=True,
 )
-def get_values(env: MethodEnv, args: dict[str, object]):
+def get_table(env: MethodEnv, args: dict[str, object]):
     name = _name(args)
-    key = None if args.get("Key") is None else _key(args)
 
     def work(conn: sqlite3.Connection, owner: str):
-        if key is not None:
-            cur = conn.execute("SELECT key, value, updated FROM storage_rows WHERE owner = ? AND name = ? AND key = ?",
-                               (owner, name, key))
-        else:
-            cur = conn.execute("SELECT key, value, updated FROM storage_rows WHERE owner = ? AND name = ? ORDER BY key",
-                               (owner, name))
-        return [env.take([k, v, iso(u)]) for k, v, u in cur]
+        return conn.execute("SELECT columns, rows FROM storage_tables WHERE owner = ? AND key = ?",
+                            (owner, name.lower())).fetchone()
 
-    return _run(env, work, write=False)
-
-
-@method(
-    "Storage", "Delete", "Remove one Key from a table. Deleted is false when it was not there.",
-    params=(_NAME, P("Key", "string", required=True)),
-    columns=(C("Name", "string"), C("Key", "string"), C("Deleted", "boolean")), is_action=True,
-)
-def delete_value(env: MethodEnv, args: dict[str, object]):
-    name, key = _name(args), _key(args)
-
-    def work(conn: sqlite3.Connection, owner: str) -> bool:
-        old = conn.execute("SELECT bytes FROM storage_rows WHERE owner = ? AND name = ? AND key = ?",
-                           (owner, name, key)).fetchone()
-        if old is None:
-            return False
-        conn.execute("DELETE FROM storage_rows WHERE owner = ? AND name = ? AND key = ?", (owner, name, key))
-        conn.execute("UPDATE storage_tables SET rows = rows - 1, bytes = bytes - ? WHERE owner = ? AND name = ?",
-                     (old[0], owner, name))
-        return True
-
-    return [[name, key, _run(env, work)]]
+    found = _run(env, work, write=False)
+    if found is None:
+        return [], []
+    cols = json.loads(found[0])
+    return cols, [env.take(r) for r in json.loads(found[1])]
 
 
 @method(
-    "Storage", "Drop", "Remove a table and its rows. Dropped is false when it did not exist.",
-    params=(_NAME,), columns=(C("Name", "string"), C("Dropped", "boolean")), is_action=True,
+    "Storage", "Check",
+    "Whether the named persistent storage table exists: one row with its name when it does, none when it does not "
+    "(so IF (@found) ... works).",
+    params=(P("Name", "string", required=True),),
+    columns=(C("Name", "string", "the name as saved"),),
 )
-def drop(env: MethodEnv, args: dict[str, object]):
+def check_table(env: MethodEnv, args: dict[str, object]):
+    name = _name(args)
+
+    def work(conn: sqlite3.Connection, owner: str):
+        return conn.execute("SELECT name FROM storage_tables WHERE owner = ? AND key = ?",
+                            (owner, name.lower())).fetchone()
+
+    found = _run(env, work, write=False)
+    return [[found[0]]] if found else []
+
+
+@method(
+    "Storage", "Delete", "Delete the named persistent storage table. Deleted is false when it did not exist.",
+    params=(P("Name", "string", required=True),),
+    columns=(C("Name", "string"), C("Deleted", "boolean")), is_action=True,
+)
+def delete_table(env: MethodEnv, args: dict[str, object]):
     name = _name(args)
 
     def work(conn: sqlite3.Connection, owner: str) -> bool:
-        conn.execute("DELETE FROM storage_rows WHERE owner = ? AND name = ?", (owner, name))
-        return conn.execute("DELETE FROM storage_tables WHERE owner = ? AND name = ?", (owner, name)).rowcount > 0
+        return conn.execute("DELETE FROM storage_tables WHERE owner = ? AND key = ?",
+                            (owner, name.lower())).rowcount > 0
 
     return [[name, _run(env, work)]]
 
 
 @method(
-    "Storage", "List", "The owner's tables with their row count and size.",
-    columns=(C("Name", "string"), C("Rows", "integer"), C("Bytes", "integer"), C("Created", "datetime")),
+    "Storage", "List", "The persistent storage tables of the instruction's owner, with their size (Quanta).",
+    columns=(C("Name", "string"), C("Rows", "integer"), C("Bytes", "integer"), C("Updated", "datetime")),
 )
 def list_tables(env: MethodEnv, args: dict[str, object]):
     def work(conn: sqlite3.Connection, owner: str):
-        cur = conn.execute(
-            "SELECT name, rows, bytes, created FROM storage_tables WHERE owner = ? ORDER BY name", (owner,))
-        return [env.take([n, c, b, iso(t)]) for n, c, b, t in cur]
+        return conn.execute("SELECT name, nrows, bytes, updated FROM storage_tables WHERE owner = ? ORDER BY key",
+                            (owner,)).fetchall()
 
-    return _run(env, work, write=False)
+    found = _run(env, work, write=False) or []
+    return [env.take([n, r, b, iso(u)]) for n, r, b, u in found]
