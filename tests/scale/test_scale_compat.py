@@ -95,12 +95,29 @@ def test_connection_information_finds_the_agents_connection_to_its_switch(tmp_pa
     ctx = AgentContext(data_dir=tmp_path, config_path=conf)
     row = dicts(run(ctx, "Agent.GetConnectionInformation();"))[0]
     assert row["Connected"] is False and row["ConfiguredSwitches"] == f"127.0.0.1:{port},sw2.example:4000"
+    assert row["ClientCertThumbprint"] is None  # no device.crt yet
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    import datetime as dt
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "d1")])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(1).not_valid_before(dt.datetime(2026, 1, 1)).not_valid_after(dt.datetime(2027, 1, 1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "device.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     cli = socket.create_connection(("127.0.0.1", port))
     peer, _ = srv.accept()
     try:
-        row = dicts(run(ctx, "Agent.GetConnectionInformation();"))[0]
-        assert row["Connected"] is True and row["Switch"] == f"127.0.0.1:{port}"
-        assert row["LocalPort"] == cli.getsockname()[1] and row["RemotePort"] == port
+        r = run(ctx, "Agent.GetConnectionInformation();")
+        assert r.columns[:15] == ["Slot", "SwitchConnectionTime", "SwitchId", "SwitchName", "Worker", "BGCCertThumbprint",
+                                  "BGCConnected", "BGCConnectionTime", "ClientCertThumbprint", "LocalIpAddress", "LocalPort",
+                                  "RemoteIpAddress", "RemotePort", "SwitchCertThumbprint", "SwitchClockSkewSeconds"]
+        row = dicts(r)[0]
+        assert row["Connected"] is True and row["SwitchName"] == f"127.0.0.1:{port}"
+        assert row["LocalPort"] == str(cli.getsockname()[1]) and row["RemotePort"] == str(port)
+        assert row["ClientCertThumbprint"] == cert.fingerprint(hashes.SHA1()).hex().upper()
     finally:
         cli.close(); peer.close(); srv.close()
     # a broken or hostile agent.conf: no switches, no error
@@ -131,12 +148,14 @@ def test_connections_are_established_tcp_with_the_documented_columns(ctx) -> Non
     peer, _ = srv.accept()
     try:
         r = run(ctx, "Network.GetConnections();")
-        assert r.columns[:6] == ["ProcessId", "ProcessName", "IpAddress", "Port", "LocalAddress", "LocalPort"]
+        assert r.columns == ["Class", "LatencyMs", "LocalAddress", "LocalPort", "PacketLossPercent", "ProcessId",
+                             "ProcessName", "RemoteAddress", "RemotePort"]
         rows = dicts(r)
-        mine = [x for x in rows if x["Port"] == port and x["LocalPort"] == cli.getsockname()[1]]
-        assert mine and mine[0]["ProcessId"] == os.getpid() and mine[0]["IpAddress"] == "127.0.0.1"
-        assert not [x for x in rows if x["LocalPort"] in (port, udp.getsockname()[1]) and x["Port"] is None]
-        assert all(x["Protocol"] in ("tcp", "tcp6") for x in rows)
+        mine = [x for x in rows if x["RemotePort"] == port and x["LocalPort"] == cli.getsockname()[1]]
+        assert mine and mine[0]["ProcessId"] == os.getpid() and mine[0]["RemoteAddress"] == "127.0.0.1"
+        assert mine[0]["Class"] == "IPv4" and mine[0]["ProcessName"] == psutil.Process().name()
+        assert all(x["RemoteAddress"] and x["RemotePort"] for x in rows)  # established only: no listener, no UDP
+        assert not [x for x in rows if x["LocalPort"] == udp.getsockname()[1]]
         # the listener and the UDP socket are endpoints, the established connection is not
         eps = dicts(run(ctx, "Network.GetListeningEndpoints();"))
         got = {(e["Protocol"], e["LocalPort"]) for e in eps if e["ProcessId"] == os.getpid()}
@@ -193,65 +212,86 @@ def test_service_info_output_cap_and_exec_parsing(ctx) -> None:
 
 
 # -- FileSystem.GetFilesInDirectory ----------------------------------------------------------------
+def names(r: RunResult) -> list[str]:
+    return [row["FileName"] for row in dicts(r)]
+
+
 def test_files_in_directory_lists_regular_files_only(ctx, tmp_path) -> None:
     d = tmp_path / "d"
     (d / "sub" / "deeper").mkdir(parents=True)
+    (d / "skip").mkdir()
     (d / "a.txt").write_text("aa")
     (d / "b.log").write_text("b")
     (d / "sub" / "c.txt").write_text("ccc")
     (d / "sub" / "deeper" / "e.txt").write_text("e")
+    (d / "skip" / "s.txt").write_text("s")
     os.mkfifo(d / "pipe.txt")
     (d / "link.txt").symlink_to(d / "a.txt")
     (d / "sub" / "loop").symlink_to(d)  # a loop, never followed
-    rows = dicts(run(ctx, f'FileSystem.GetFilesInDirectory(Folder: "{d}");'))
-    assert [(r["Name"], r["Size"], r["Extension"]) for r in rows] == [("a.txt", 2, ".txt"), ("b.log", 1, ".log")]
-    rows = dicts(run(ctx, f'FileSystem.GetFilesInDirectory(Folder: "{d}", Pattern: "*.txt", Recursive: true);'))
-    assert [r["FileName"] for r in rows] == [str(d / "a.txt"), str(d / "sub" / "c.txt"), str(d / "sub" / "deeper" / "e.txt")]
-    # ".." is normalised; a file, a missing path: empty
-    rows = dicts(run(ctx, f'FileSystem.GetFilesInDirectory(Folder: "{d}/sub/../sub");'))
-    assert [r["FileName"] for r in rows] == [str(d / "sub" / "c.txt")]
-    assert run(ctx, f'FileSystem.GetFilesInDirectory(Folder: "{d}/a.txt");').rows == []
-    assert run(ctx, f'FileSystem.GetFilesInDirectory(Folder: "{d}/nope");').rows == []
-    # the alias the model's examples use
-    assert len(run(ctx, f'FileSystem.GetFilesInDirectory(Directory: "{d}");').rows) == 2
+    r = run(ctx, f'FileSystem.GetFilesInDirectory(Directory: "{d}", Recursive: false);')
+    assert r.columns == ["FileName", "FileSize", "DateCreated", "DateModified"]
+    assert [(x["FileName"], x["FileSize"]) for x in dicts(r)] == [(str(d / "a.txt"), 2), (str(d / "b.log"), 1)]
+    # recursive by default, as the model
+    assert names(run(ctx, f'FileSystem.GetFilesInDirectory(Directory: "{d}", Pattern: "*.txt");')) == [
+        str(d / "a.txt"), str(d / "skip" / "s.txt"), str(d / "sub" / "c.txt"), str(d / "sub" / "deeper" / "e.txt")]
+    # Exclude: a table of directories relative to Directory
+    r = run(ctx, f'@x = SELECT "skip" AS Path UNION ALL SELECT "sub/deeper"; '
+                 f'FileSystem.GetFilesInDirectory(Directory: "{d}", Pattern: "*.txt", Exclude: @x);')
+    assert names(r) == [str(d / "a.txt"), str(d / "sub" / "c.txt")]
+    # ".." is normalised
+    assert names(run(ctx, f'FileSystem.GetFilesInDirectory(Directory: "{d}/sub/../sub", Recursive: false);')) == [
+        str(d / "sub" / "c.txt")]
+    # a file or a missing directory is an error, as the model; the old name Folder still works
+    for bad, msg in ((d / "a.txt", "not a directory"), (d / "nope", "does not exist")):
+        r = run(ctx, f'FileSystem.GetFilesInDirectory(Directory: "{bad}");')
+        assert r.status == "error" and msg in str(r.error)
+    assert len(run(ctx, f'FileSystem.GetFilesInDirectory(Folder: "{d}", Recursive: false);').rows) == 2
 
 
 def test_files_in_directory_hostile_arguments(ctx, tmp_path) -> None:
     big = tmp_path / "big"
     big.mkdir()
-    for i in range(3000):
+    for i in range(9000):
         (big / f"f{i:05}").touch()
-    r = run(ctx, f'FileSystem.GetFilesInDirectory(Folder: "{big}", MaxCount: 50);')
-    assert len(r.rows) == 50 and r.rows[0][1] == "f00000"
+    assert len(run(ctx, f'FileSystem.GetFilesInDirectory(Directory: "{big}");').rows) == 8192  # the default Limit
+    r = run(ctx, f'FileSystem.GetFilesInDirectory(Directory: "{big}", Limit: 50);')
+    assert len(r.rows) == 50 and r.rows[0][0] == str(big / "f00000")
+    assert len(run(ctx, f'FileSystem.GetFilesInDirectory(Directory: "{big}", Limit: 0);').rows) == 9000
     from quanta.scale import Limits
-    r = run_program(compile_scale(f'FileSystem.GetFilesInDirectory(Folder: "{big}");'), context=ctx, limits=Limits(max_rows=100))
+    r = run_program(compile_scale(f'FileSystem.GetFilesInDirectory(Directory: "{big}", Limit: 0);'), context=ctx,
+                    limits=Limits(max_rows=100))
     assert r.status == "error" and "row limit" in str(r.error)
     for call, msg in (
-        ('Folder: "relative/dir"', "absolute"),
-        (f'Folder: "{big}", MaxCount: 0', "MaxCount"),
-        (f'Folder: "{big}", MaxCount: 1000000', "MaxCount"),
-        (f'Folder: "{big}", Pattern: "{"*" * 300}"', "Pattern"),
+        ('Directory: "relative/dir"', "absolute"),
+        (f'Directory: "{big}", Limit: -1', "Limit"),
+        (f'Directory: "{big}", Pattern: "{"*" * 300}"', "Pattern"),
     ):
         r = run(ctx, f"FileSystem.GetFilesInDirectory({call});")
         assert r.status == "error" and msg in str(r.error), call
     # a glob built to backtrack stays fast
     (big / ("a" * 200)).touch()
-    r = run_program(compile_scale(f'FileSystem.GetFilesInDirectory(Folder: "{big}", Pattern: "{"*a" * 60}*b");'),
+    r = run_program(compile_scale(f'FileSystem.GetFilesInDirectory(Directory: "{big}", Pattern: "{"*a" * 60}*b");'),
                     context=ctx, limits=Limits(timeout_seconds=5))
     assert r.status == "nocontent", r.error
+    # hostile Exclude rows (not text, NUL, outside the directory) are ignored
+    r = run(ctx, f"@x = SELECT 5 AS P UNION ALL SELECT '../..' UNION ALL SELECT NULL; "
+                 f'FileSystem.GetFilesInDirectory(Directory: "{big}", Exclude: @x, Limit: 3);')
+    assert len(r.rows) == 3
     with pytest.raises(ScaleError, match="expects boolean"):
-        compile_scale(f'FileSystem.GetFilesInDirectory(Folder: "{big}", Recursive: "yes please");')
+        compile_scale(f'FileSystem.GetFilesInDirectory(Directory: "{big}", Recursive: "yes please");')
     with pytest.raises(ScaleError, match="expects string"):
-        compile_scale("FileSystem.GetFilesInDirectory(Folder: 42);")
+        compile_scale("FileSystem.GetFilesInDirectory(Directory: 42);")
+    with pytest.raises(ScaleError, match="expects a table"):
+        compile_scale(f'FileSystem.GetFilesInDirectory(Directory: "{big}", Exclude: "sub");')
     with pytest.raises(ScaleError, match="Missing parameter"):
         compile_scale("FileSystem.GetFilesInDirectory();")
 
 
-def test_files_in_directory_nul_in_folder(ctx, tmp_path) -> None:
+def test_files_in_directory_nul_in_directory(ctx, tmp_path) -> None:
     # the compiler refuses a NUL in an instruction parameter; one can still come from a table's column
     with pytest.raises(ScaleError, match="NUL"):
-        compile_scale("FileSystem.GetFilesInDirectory(Folder: %dir%);", {"dir": f"{tmp_path}\x00/etc"})
-    r = run(ctx, f"@t = SELECT '{tmp_path}' || char(0) || '/etc' AS P; FileSystem.GetFilesInDirectory(Folder: @t.P);")
+        compile_scale("FileSystem.GetFilesInDirectory(Directory: %dir%);", {"dir": f"{tmp_path}\x00/etc"})
+    r = run(ctx, f"@t = SELECT '{tmp_path}' || char(0) || '/etc' AS P; FileSystem.GetFilesInDirectory(Directory: @t.P);")
     assert r.status == "error" and "NUL" in str(r.error)
 
 

@@ -25,16 +25,18 @@ implemented - ...", followed by the name that is unknown and its line and column
 
 ## Compatibility with the model
 
-These methods follow the model's documented names (the 1E client's SCALE methods):
-`FileSystem.GetFilesInDirectory`, `Tagging.Check`, `Tagging.Count`, `Tagging.Delete`,
-`Agent.GetConnectionInformation`, `Device.GetProcessors`, `Network.GetListeningEndpoints`,
-`OperatingSystem.GetServiceInfo`; `Network.GetConnections` returns established TCP connections only
-(listeners are in `Network.GetListeningEndpoints`), `OperatingSystem.GetProcesses` has an
-`AccountName` column, `Tagging.Clear` without a `Name` clears every tag of one kind, and
-`Agent.GetKeyFiles` gives empty strings rather than NULL. The model's SDK method pages were not
-available to us when these were written: their parameters and columns follow the model's names as
-far as known, and where a column is Quanta's own its description says so. Differences found against
-the model's pages are bugs to report.
+Matched against the model's SDK method pages (parameters, columns, behaviour):
+`FileSystem.GetFilesInDirectory` (`Directory`, `Recursive` true by default, `Limit` 8,192 with 0
+for all, `Exclude` table; columns `FileName`, `FileSize`, `DateCreated`, `DateModified`),
+`Network.GetConnections` (established TCP only, the model's columns; `LatencyMs` and
+`PacketLossPercent` are NULL as the model has them off Windows), `Agent.GetConnectionInformation`
+(the model's columns; those the model fills from its own Switch protocol and Background Channel
+are NULL), `Agent.GetKeyFiles` (empty strings rather than NULL), and `Storage.Set` with
+`Storage.Get`, `Storage.Check` and `Storage.Delete`. No page of the model was at hand for
+`Tagging.Check`, `Tagging.Count`, `Tagging.Delete`, `Tagging.Clear` without a `Name`,
+`Device.GetProcessors`, `Network.GetListeningEndpoints`, `OperatingSystem.GetServiceInfo` and the
+`AccountName` column of `OperatingSystem.GetProcesses`: these follow the model's names as far as
+known; a difference found against the model's pages is a bug to report.
 
 ## Persistent storage
 

@@ -42,12 +42,15 @@ class _Names:
 
 @method(
     "Network", "GetConnections",
-    "Established TCP connections (IPv4 and IPv6), one row each, as the model documents: IpAddress and Port are the "
-    "remote end. Listening sockets are in Network.GetListeningEndpoints.",
+    "Established TCP connections, IPv4 and IPv6, one row each, with the model's columns. Listening sockets are in "
+    "Network.GetListeningEndpoints.",
     columns=(
-        C("ProcessId", "integer"), C("ProcessName", "string"), C("IpAddress", "string", "remote address"),
-        C("Port", "integer", "remote port"), C("LocalAddress", "string"), C("LocalPort", "integer"),
-        C("Protocol", "string", "tcp or tcp6 (Quanta)"),
+        C("Class", "string", "IPv4 or IPv6"),
+        C("LatencyMs", "integer", "smoothed round-trip time; NULL (the model fills it on Windows only)"),
+        C("LocalAddress", "string"), C("LocalPort", "integer"),
+        C("PacketLossPercent", "integer", "NULL (as the model on every platform but Windows)"),
+        C("ProcessId", "integer"), C("ProcessName", "string"),
+        C("RemoteAddress", "string"), C("RemotePort", "integer"),
     ),
 )
 def get_connections(env: MethodEnv, args: dict[str, object]):
@@ -57,8 +60,8 @@ def get_connections(env: MethodEnv, args: dict[str, object]):
         if c.status != psutil.CONN_ESTABLISHED or not c.raddr:
             continue
         rows.append(env.take([
-            c.pid, name(c.pid), c.raddr.ip, c.raddr.port,
-            c.laddr.ip if c.laddr else None, c.laddr.port if c.laddr else None, _proto(c),
+            _FAMILY.get(c.family, str(c.family)), None, c.laddr.ip if c.laddr else None,
+            c.laddr.port if c.laddr else None, None, c.pid, name(c.pid), c.raddr.ip, c.raddr.port,
         ]))
     return rows
 
