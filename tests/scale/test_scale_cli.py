@@ -63,7 +63,7 @@ def test_check(tmp_path) -> None:
     assert r.exit_code == 0 and "action" in r.output
     r = invoke("check", "-", input="@d = Device.getdisks();")
     assert r.exit_code == 1
-    assert "Unsupported method 'getdisks' (in call to Device.getdisks) at line 1, column 13" in r.output.replace("\n", "")
+    assert "Not implemented - Unsupported method 'getdisks' (in call to Device.getdisks) at line 1, column 13" in r.output.replace("\n", "")
 
 
 @pytest.mark.parametrize("text, expected", [("a=1", ("a", 1)), ("a=-2.5", ("a", -2.5)), ("a=TRUE", ("a", True)),

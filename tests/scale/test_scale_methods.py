@@ -193,11 +193,13 @@ def test_network_connections_sees_listener(ctx) -> None:
     cli = socket.create_connection(("127.0.0.1", port))
     conn, _ = srv.accept()
     try:
-        rows = rows_as_dicts(run(ctx, "@c = Network.GetConnections(); SELECT * FROM @c WHERE LocalPort = %p% OR Port = %p%;", {"p": port}))
-        listen = [r for r in rows if r["State"] == "LISTEN"]
+        rows = rows_as_dicts(run(ctx, "@c = Network.GetConnections(); SELECT * FROM @c WHERE LocalPort = %p% OR RemotePort = %p%;", {"p": port}))
+        # established connections only (both ends of this one); the listener is a listening endpoint
+        assert len(rows) == 2 and all(r["RemoteAddress"] is not None for r in rows)
+        listen = rows_as_dicts(run(ctx, "@c = Network.GetListeningEndpoints(); SELECT * FROM @c WHERE LocalPort = %p%;", {"p": port}))
         assert listen and listen[0]["LocalAddress"] == "127.0.0.1" and listen[0]["Protocol"] == "tcp"
-        outgoing = [r for r in rows if r["Port"] == port and r["State"] == "ESTABLISHED"]
-        assert outgoing and outgoing[0]["IpAddress"] == "127.0.0.1" and outgoing[0]["ProcessId"] in (os.getpid(), None)
+        outgoing = [r for r in rows if r["RemotePort"] == port]
+        assert outgoing and outgoing[0]["RemoteAddress"] == "127.0.0.1" and outgoing[0]["ProcessId"] in (os.getpid(), None)
     finally:
         for s in (conn, cli, srv):
             s.close()

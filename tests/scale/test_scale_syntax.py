@@ -24,12 +24,12 @@ def test_unknown_variable_shape() -> None:
 
 def test_unsupported_module_shape() -> None:
     e = err("@a = agent.GetSummary();")
-    assert str(e) == "Unsupported module 'agent' at line 1, column 6"
+    assert str(e) == "Not implemented - Unsupported module 'agent' at line 1, column 6"
 
 
 def test_unsupported_method_shape() -> None:
     e = err("\n  @d = Device.getdisks();")
-    assert str(e) == "Unsupported method 'getdisks' (in call to Device.getdisks) at line 2, column 15"
+    assert str(e) == "Not implemented - Unsupported method 'getdisks' (in call to Device.getdisks) at line 2, column 15"
 
 
 def test_missing_parameter_shape() -> None:
@@ -52,12 +52,12 @@ def test_bad_table_wrong_case() -> None:
 
 def test_bad_module_wrong_case() -> None:
     e = err("@x = device.GetSummary();")
-    assert (e.message, e.line, e.column) == ("Unsupported module 'device'", 1, 6)
+    assert (e.message, e.line, e.column) == ("Not implemented - Unsupported module 'device'", 1, 6)
 
 
 def test_bad_method_wrong_case() -> None:
     e = err("Device.getsummary();")
-    assert (e.message, e.line, e.column) == ("Unsupported method 'getsummary' (in call to Device.getsummary)", 1, 8)
+    assert (e.message, e.line, e.column) == ("Not implemented - Unsupported method 'getsummary' (in call to Device.getsummary)", 1, 8)
 
 
 def test_bad_missing_required_parameter() -> None:

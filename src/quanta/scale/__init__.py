@@ -66,6 +66,8 @@ class AgentContext:
     cancel: threading.Event = field(default_factory=threading.Event)
     # The instruction this payload answers: quanta.scale.cancel([id]) then sets ``cancel``.
     instruction_id: int | None = None
+    # The instruction's (signed) name: Storage.* tables belong to its owner (see methods/storage.py).
+    instruction_name: str | None = None
 
 
 def compile_scale(text: str, parameters: dict[str, object] | None = None) -> Program:

@@ -35,7 +35,15 @@ class ColumnRef:
     pos: Pos
 
 
-Value = Union[Literal, ParamRef, ColumnRef]
+@dataclass
+class TableRef:
+    """``@table`` (a whole table) used as the argument of a ``table`` parameter (``Storage.Set(Value: @t)``)."""
+
+    var: str
+    pos: Pos
+
+
+Value = Union[Literal, ParamRef, ColumnRef, TableRef]
 
 
 @dataclass(slots=True)

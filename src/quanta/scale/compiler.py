@@ -192,7 +192,10 @@ class Checker:
             if p is None:
                 raise ScaleError(f"Unknown parameter '{arg.name}' {where}", arg.pos.line, arg.pos.column)
             v = arg.value
-            if isinstance(v, A.ColumnRef):
+            if (p.type == "table") != isinstance(v, A.TableRef):
+                want = "a table (@name)" if p.type == "table" else f"{p.type}, not a whole table (use @name.Column)"
+                raise ScaleError(f"Parameter '{p.name}' expects {want} {where}", v.pos.line, v.pos.column)
+            if isinstance(v, (A.ColumnRef, A.TableRef)):
                 self.use_var(v.var, v.pos)
             elif isinstance(v, A.Literal) and v.value is not ANY_VALUE and not param_type_ok(p, v.value):
                 raise ScaleError(

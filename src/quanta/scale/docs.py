@@ -20,6 +20,43 @@ Parameter types: `string`, `integer`, `number`, `boolean`. Column types add `dat
 (ISO 8601 text in UTC, e.g. `2024-05-01T12:00:00Z`). Method, module and parameter names are
 case-sensitive.
 
+A call of a module or method that Quanta does not have fails as the model reports it, "Not
+implemented - ...", followed by the name that is unknown and its line and column.
+
+## Compatibility with the model
+
+Matched against the model's SDK method pages (parameters, columns, behaviour):
+`FileSystem.GetFilesInDirectory` (`Directory`, `Recursive` true by default, `Limit` 8,192 with 0
+for all, `Exclude` table; columns `FileName`, `FileSize`, `DateCreated`, `DateModified`),
+`Network.GetConnections` (established TCP only, the model's columns; `LatencyMs` and
+`PacketLossPercent` are NULL as the model has them off Windows), `Agent.GetConnectionInformation`
+(the model's columns; those the model fills from its own Switch protocol and Background Channel
+are NULL), `Agent.GetKeyFiles` (empty strings rather than NULL), and `Storage.Set` with
+`Storage.Get`, `Storage.Check` and `Storage.Delete`. No page of the model was at hand for
+`Tagging.Check`, `Tagging.Count`, `Tagging.Delete`, `Tagging.Clear` without a `Name`,
+`Device.GetProcessors`, `Network.GetListeningEndpoints`, `OperatingSystem.GetServiceInfo` and the
+`AccountName` column of `OperatingSystem.GetProcesses`: these follow the model's names as far as
+known; a difference found against the model's pages is a bug to report.
+
+## Persistent storage
+
+`Storage.*` are the model's user-defined persistent storage tables: `Storage.Set(Name: "X",
+Value: @table)` saves a table (with `Append: true` adds to it, keeping the newest `MaxRowCount`
+rows), `Storage.Get` loads it back with its own columns, `Storage.Check` gives one row when it
+exists (`IF (@found) ...`), `Storage.Delete` removes it; `Storage.List` (Quanta's) lists them.
+Names are case-insensitive, 1 to 128 letters, digits, `_`, `.` or `-`. A table belongs to the
+owner of the instruction that writes it: the instruction's signed name up to its last `-`
+(`Quanta-Inventory-SeenHashes` belongs to `Quanta-Inventory`), so the instructions of one pack
+share their tables and never see another owner's. Writing (`Set`, `Delete`) is an action and
+needs approval like any action; `Get`, `Check` and `List` are questions. The tables live in
+`storage.db` (mode 0600) in the agent's state directory, apart from the Activity Record: a
+`SELECT` cannot name them, `Storage.Get` is the only way to read them. Caps: 64 tables per owner,
+100,000 rows and 8 MB per table, 64 MB for all; a write past a cap fails and stores nothing.
+Unlike the model's store, Quanta's is not encrypted: its file mode (0600) protects it.
+
+A `table` parameter takes a whole table, `@name` (no column); every other parameter takes a value
+or `@name.Column` (one call per row).
+
 ## Language summary
 
 - Statements end with `;`; whitespace and line breaks are insignificant.

@@ -495,6 +495,12 @@ class Evaluator:
             p = spec.param(arg.name)
             assert p is not None
             v = arg.value
+            if isinstance(v, A.TableRef):
+                table = self.vars.get(v.var)
+                if table is None:
+                    raise ScaleError(f"Unknown variable @{v.var}", v.pos.line, v.pos.column)
+                fixed[p.name] = table  # the method gets the Table itself (columns, rows) and must not change it
+                continue
             if isinstance(v, A.ColumnRef):
                 table = self.vars.get(v.var)
                 if table is None:

@@ -217,7 +217,7 @@ class Parser:
         if t.kind == "VAR" and allow_column:
             self.next()
             if not self.is_punct("."):
-                raise self.error(f"Expected '.Column' after @{t.value}, found {_describe(self.tok)}")
+                return A.TableRef(str(t.value), t.pos)  # a whole table: only a "table" parameter takes one
             self.next()
             if self.tok.kind != "IDENT":
                 raise self.error(f"Expected a column name after @{t.value}., found {_describe(self.tok)}")

@@ -15,7 +15,7 @@ from .errors import ScaleError
 if TYPE_CHECKING:  # pragma: no cover
     from . import AgentContext, Limits
 
-ParamType = Literal["string", "integer", "number", "boolean"]
+ParamType = Literal["string", "integer", "number", "boolean", "table"]
 ColumnType = Literal["string", "integer", "number", "boolean", "datetime"]
 Platform = Literal["linux", "macos", "windows"]
 ALL_PLATFORMS: tuple[Platform, ...] = ("linux", "macos", "windows")
@@ -210,15 +210,20 @@ def registry() -> dict[str, dict[str, MethodSpec]]:
     return _REGISTRY
 
 
+# The model reports a call of a module or method it does not have as "Not implemented - ...";
+# Quanta keeps that wording and adds which name is unknown and where (line and column).
+NOT_IMPLEMENTED = "Not implemented - "
+
+
 def lookup(module: str, name: str, line: int, column: int, method_line: int, method_column: int) -> MethodSpec:
     reg = registry()
     mod = reg.get(module)
     if mod is None:
-        raise ScaleError(f"Unsupported module '{module}'", line, column)
+        raise ScaleError(f"{NOT_IMPLEMENTED}Unsupported module '{module}'", line, column)
     spec = mod.get(name)
     if spec is None:
         raise ScaleError(
-            f"Unsupported method '{name}' (in call to {module}.{name})", method_line, method_column
+            f"{NOT_IMPLEMENTED}Unsupported method '{name}' (in call to {module}.{name})", method_line, method_column
         )
     return spec
 

@@ -80,3 +80,57 @@ def get_disks(env: MethodEnv, args: dict[str, object]):
             total = used = free = pct = None
         rows.append([part.device, part.mountpoint, part.fstype, part.opts, total, used, free, pct])
     return rows
+
+
+def _linux_processors() -> list[dict[str, object]]:
+    """One dict per physical package from /proc/cpuinfo (a block per logical processor)."""
+    packages: dict[str, dict[str, object]] = {}
+    for block in (read_text("/proc/cpuinfo") or "").split("\n\n"):
+        info: dict[str, str] = {}
+        for line in block.splitlines():
+            if ":" in line:
+                k, v = line.split(":", 1)
+                info[k.strip().lower()] = v.strip()
+        if "processor" not in info:
+            continue
+        pkg = packages.setdefault(info.get("physical id", "0"), {
+            "name": info.get("model name") or info.get("cpu model") or info.get("hardware") or "",
+            "vendor": info.get("vendor_id") or info.get("cpu implementer") or "",
+            "cores": set(), "logical": 0, "mhz": info.get("cpu mhz"),
+        })
+        pkg["logical"] = int(pkg["logical"]) + 1  # type: ignore[call-overload]
+        pkg["cores"].add(info.get("core id", info["processor"]))  # type: ignore[union-attr]
+    return [packages[k] for k in sorted(packages, key=lambda x: int(x) if x.isdigit() else 0)]
+
+
+def _max_mhz() -> int | None:
+    try:
+        f = psutil.cpu_freq()
+    except (OSError, NotImplementedError, AttributeError):
+        return None
+    return int(f.max or f.current) if f and (f.max or f.current) else None
+
+
+@method(
+    "Device", "GetProcessors",
+    "The device's processors: one row per physical processor (package), with its cores and logical processors.",
+    columns=(
+        C("DeviceId", "string", "CPU0, CPU1, ... by package"), C("Name", "string", "the model name"),
+        C("Manufacturer", "string"), C("Architecture", "string"), C("NumberOfCores", "integer"),
+        C("NumberOfLogicalProcessors", "integer"), C("MaxClockSpeed", "integer", "MHz, where the platform tells"),
+    ),
+)
+def get_processors(env: MethodEnv, args: dict[str, object]):
+    arch = platform.machine()
+    mhz = _max_mhz()
+    if sys.platform.startswith("linux"):
+        pkgs = _linux_processors()
+        if pkgs:
+            rows = []
+            for i, p in enumerate(pkgs):
+                speed = mhz or (int(float(str(p["mhz"]))) if p["mhz"] else None)
+                rows.append(env.take([f"CPU{i}", p["name"], p["vendor"], arch, len(p["cores"]), p["logical"], speed]))  # type: ignore[arg-type]
+            return rows
+    return [[
+        "CPU0", _cpu_model() or "", "", arch, psutil.cpu_count(logical=False), psutil.cpu_count(logical=True), mhz,
+    ]]

@@ -197,3 +197,94 @@ def get_files(env: MethodEnv, args: dict[str, object]):
                 subdirs.append((Path(e.path), level + 1))
         stack.extend(reversed(subdirs))
     return rows
+
+
+MAX_PATTERN = 256
+DEFAULT_LIMIT = 8192  # the model's default
+
+
+@method(
+    "FileSystem", "GetFilesInDirectory",
+    "The regular files of a directory and, with Recursive (default true), of its subdirectories down to "
+    f"{MAX_DEPTH} levels: one row each with the model's columns. Directories, symbolic links, FIFOs, devices and "
+    "sockets are not listed and links are not followed (no loops). At most Limit files (default 8,192; 0: no limit "
+    "but the payload's row limit). A Directory that does not exist or is a file is an error; one that cannot be "
+    "read, or holds no files, gives an empty table; unreadable subdirectories are skipped.",
+    params=(
+        P("Directory", "string", required=True, description="full path of the directory",
+          aliases=("Folder", "FolderPath", "Path")),
+        P("Recursive", "boolean", default=True, description="also list the files of subdirectories"),
+        P("Limit", "integer", default=DEFAULT_LIMIT, description="return no more than this many files; 0: all"),
+        P("Exclude", "table", default=None,
+          description="one column: directory paths relative to Directory not to descend into"),
+        P("Pattern", "string", default="*",
+          description=f"glob matched against file names, at most {MAX_PATTERN} characters (Quanta)"),
+    ),
+    columns=(
+        C("FileName", "string", "full path"), C("FileSize", "integer", "bytes"),
+        C("DateCreated", "datetime", "birth time; empty where the file system does not record it"),
+        C("DateModified", "datetime"),
+    ),
+)
+def get_files_in_directory(env: MethodEnv, args: dict[str, object]):
+    raw = str(args["Directory"])
+    pattern = str(args["Pattern"])
+    recursive = bool(args["Recursive"])
+    limit = int(args["Limit"])  # type: ignore[call-overload]
+    if "\0" in raw or "\0" in pattern:
+        raise MethodError("Directory and Pattern must not contain NUL characters")
+    if len(pattern) > MAX_PATTERN:
+        raise MethodError(f"Pattern exceeds {MAX_PATTERN} characters")
+    if limit < 0:
+        raise MethodError("Limit must be 0 (no limit) or more")
+    root = Path(raw).expanduser()
+    if not root.is_absolute():
+        raise MethodError(f"Directory must be an absolute path, got '{raw}'")
+    root = Path(os.path.normpath(root))  # "a/../b" is reported as "b"; links are not resolved
+    excluded: set[str] = set()
+    table = args.get("Exclude")
+    if table is not None:
+        for row in table.rows:  # type: ignore[attr-defined]
+            if row and isinstance(row[0], str) and row[0] and "\0" not in row[0]:
+                excluded.add(os.path.normpath(os.path.join(root, row[0])))
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise MethodError(f"Directory '{root}' does not exist") from None
+    except OSError as e:
+        raise MethodError(f"Cannot read '{root}': {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MethodError(f"'{root}' is not a directory")
+    rows: list[list[object]] = []
+    stack: list[tuple[Path, int]] = [(root, 0)]
+    while stack:
+        d, level = stack.pop()
+        env.check_time()
+        subdirs = []
+        try:
+            with os.scandir(d) as it:
+                entries = []
+                for n, e in enumerate(it, 1):
+                    entries.append(e)
+                    if n % 4096 == 0:
+                        env.check_time()
+        except OSError:
+            continue
+        entries.sort(key=lambda e: e.name)
+        for e in entries:
+            try:
+                est = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                if recursive and level < MAX_DEPTH and os.path.normpath(e.path) not in excluded:
+                    subdirs.append((Path(e.path), level + 1))
+                continue
+            if not stat.S_ISREG(est.st_mode) or not fnmatch.fnmatchcase(e.name, pattern):
+                continue
+            born = getattr(est, "st_birthtime", None)
+            rows.append(env.take([e.path, est.st_size, iso(born) if born else "", iso(est.st_mtime)]))
+            if limit and len(rows) >= limit:
+                return rows
+        stack.extend(reversed(subdirs))
+    return rows

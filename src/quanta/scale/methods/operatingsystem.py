@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import psutil
 from ..spec import ColumnSpec as C
 from ..spec import MethodEnv, MethodError, method
 from ..spec import ParamSpec as P
-from ._common import iso, read_text
+from ._common import iso, read_capped, read_text
 
 _PROC_ATTRS = ["pid", "ppid", "name", "exe", "cmdline", "username", "create_time", "status", "memory_info", "num_threads"]
 
@@ -23,7 +24,9 @@ _PROC_ATTRS = ["pid", "ppid", "name", "exe", "cmdline", "username", "create_time
     columns=(
         C("ProcessId", "integer"), C("ParentProcessId", "integer"), C("Name", "string"),
         C("Executable", "string", "full path of the executable (the name when the path is not readable)"),
-        C("CommandLine", "string"), C("UserName", "string"), C("StartTime", "datetime"),
+        C("CommandLine", "string"), C("UserName", "string"),
+        C("AccountName", "string", "the account the process runs as (DOMAIN\\user on Windows), as the model names it"),
+        C("StartTime", "datetime"),
         C("Status", "string"), C("MemoryBytes", "integer", "resident set size"), C("ThreadCount", "integer"),
     ),
 )
@@ -33,11 +36,11 @@ def get_processes(env: MethodEnv, args: dict[str, object]):
         info = p.info
         cmd = info.get("cmdline")
         mem = info.get("memory_info")
-        rows.append([
+        rows.append(env.take([
             info["pid"], info.get("ppid"), info.get("name"), info.get("exe") or info.get("name"),
-            " ".join(cmd) if cmd else None, info.get("username"), iso(info.get("create_time")),
+            " ".join(cmd) if cmd else None, info.get("username"), info.get("username"), iso(info.get("create_time")),
             info.get("status"), mem.rss if mem else None, info.get("num_threads"),
-        ])
+        ]))
         if len(rows) % 256 == 0:
             env.check_time()
     return rows
@@ -176,3 +179,140 @@ def get_services(env: MethodEnv, args: dict[str, object]):
     return rows
 
 
+
+
+# -- service details --------------------------------------------------------------------------
+SERVICE_INFO_COLUMNS = (
+    C("Name", "string"), C("DisplayName", "string"), C("State", "string", "running, stopped, ..."),
+    C("SubState", "string", "the unit's sub-state (systemd), else empty"),
+    C("StartMode", "string", "enabled, disabled, static, masked, ... (auto/manual/disabled on Windows)"),
+    C("ProcessId", "integer"), C("ExecutablePath", "string", "the program the service starts"),
+    C("UserName", "string", "the account it runs as (empty: the service manager's default)"),
+    C("UnitFile", "string", "the unit file or registry path"), C("Source", "string", "systemd, unit-files, launchd or scm"),
+)
+_UNIT_NAME = re.compile(r"^[A-Za-z0-9:_.@\\][A-Za-z0-9:_.@\\-]{0,254}$")  # never an option ("-...")
+MAX_SERVICE_OUTPUT = 8 * 1024 * 1024  # bytes of systemctl output read at most
+MAX_UNIT_FILE = 256 * 1024
+_SHOW_PROPS = "Id,LoadState,Description,ActiveState,SubState,UnitFileState,MainPID,ExecStart,User,FragmentPath"
+
+
+def _run_bounded(cmd: list[str], env: MethodEnv, max_bytes: int = MAX_SERVICE_OUTPUT) -> str | None:
+    """Standard output of ``cmd`` (None when it fails, times out or prints more than ``max_bytes``)."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    except OSError:
+        return None
+    try:
+        assert proc.stdout is not None
+        data = read_capped(proc.stdout, max_bytes, env)
+        if len(data) > max_bytes:
+            return None
+        proc.wait(timeout=max(0.1, min(30.0, env.remaining())))
+    except subprocess.TimeoutExpired:
+        return None
+    except MethodError:
+        raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    return data.decode("utf-8", errors="replace") if proc.returncode == 0 else None
+
+
+def _exec_path(exec_start: str) -> str | None:
+    """The program of a systemd ExecStart= value (``{ path=/usr/sbin/sshd ; argv[]=... }`` or a command line)."""
+    m = re.search(r"path=([^ ;]+)", exec_start)
+    if m:
+        return m.group(1)
+    first = exec_start.strip().split(" ", 1)[0].lstrip("@-:+!")
+    return first or None
+
+
+def _service_info_systemctl(env: MethodEnv, name: str | None) -> list[list[object]] | None:
+    exe = shutil.which("systemctl")
+    if not exe or not Path("/run/systemd/system").is_dir():
+        return None
+    pattern = name if name is None or name.endswith(".service") else f"{name}.service"
+    cmd = [exe, "show", "--type=service", "--all", "--no-pager", f"--property={_SHOW_PROPS}", "--", pattern or "*"]
+    out = _run_bounded(cmd, env)
+    if out is None:
+        return None
+    return parse_systemctl_show(out, env, only_loaded=name is not None)
+
+
+def parse_systemctl_show(out: str, env: MethodEnv, only_loaded: bool = False) -> list[list[object]]:
+    """Rows of SERVICE_INFO_COLUMNS from ``systemctl show`` output (blocks of Key=Value lines)."""
+    rows = []
+    for block in out.split("\n\n"):
+        env.check_time()
+        props = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        unit = props.get("Id", "")
+        if not unit.endswith(".service"):
+            continue
+        if only_loaded and props.get("LoadState") == "not-found":
+            continue
+        main_pid = props.get("MainPID") or "0"
+        pid = int(main_pid) if main_pid.isdigit() and len(main_pid) < 10 else 0
+        state = "running" if props.get("SubState") == "running" else props.get("ActiveState", "unknown")
+        rows.append(env.take([
+            unit[: -len(".service")], props.get("Description") or "", state, props.get("SubState") or "",
+            props.get("UnitFileState") or "", pid or None, _exec_path(props.get("ExecStart") or "") or "",
+            props.get("User") or "", props.get("FragmentPath") or "", "systemd",
+        ]))
+    return rows
+
+
+def _unit_service_section(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    section = ""
+    for line in (read_text(path, MAX_UNIT_FILE) or "").splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif "=" in line and not line.startswith(("#", ";")):
+            k, v = line.split("=", 1)
+            key = f"{section}.{k.strip()}"
+            out.setdefault(key, v.strip())  # the first ExecStart= is the program
+    return out
+
+
+def _service_info_unit_files(env: MethodEnv, name: str | None) -> list[list[object]]:
+    rows = []
+    for base in _services_from_unit_files(env):
+        if name is not None and base[0] != name.removesuffix(".service"):
+            continue
+        env.check_time()
+        path = Path(str(base[5]))
+        props = {} if base[3] == "masked" else _unit_service_section(path)
+        rows.append(env.take([
+            base[0], base[1] or "", "unknown", "", base[3] or "", None,
+            _exec_path(props.get("Service.ExecStart", "")) or "", props.get("Service.User", ""), str(path), "unit-files",
+        ]))
+    return rows
+
+
+@method(
+    "OperatingSystem", "GetServiceInfo",
+    "Details of services (one by Name, or all): state, start mode, process, program, account and unit file. "
+    "On Linux from systemd (systemctl show, output capped at 8 MB) or, when systemd is not running, from the "
+    "unit files (each read up to 256 KB; FIFOs, devices and symbolic-link loops are skipped); launchd jobs on "
+    "macOS; the SCM on Windows. An unknown Name gives an empty table.",
+    params=(P("Name", "string", default=None, description="service name (with or without .service); omitted: all"),),
+    columns=SERVICE_INFO_COLUMNS,
+)
+def get_service_info(env: MethodEnv, args: dict[str, object]):
+    name = None if args.get("Name") is None else str(args["Name"])
+    if name is not None and not _UNIT_NAME.match(name):
+        raise MethodError("Name must be a service name: letters, digits and ':_.@\\-', at most 255 characters")
+    if sys.platform.startswith("win"):
+        base = [r for r in _services_windows(env) if name is None or str(r[0]).lower() == name.lower()]
+        return [env.take([r[0], r[1] or "", r[2] or "", "", r[3] or "", r[4], "", "", "", "scm"]) for r in base]
+    if sys.platform == "darwin":
+        base = [r for r in _services_macos(env) if name is None or r[0] == name]
+        return [env.take([r[0], "", r[2], "", "", r[4], "", "", "", "launchd"]) for r in base]
+    rows = _service_info_systemctl(env, name)
+    if rows is None:
+        rows = _service_info_unit_files(env, name)
+    return rows

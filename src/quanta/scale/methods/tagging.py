@@ -102,15 +102,73 @@ def get_all(env: MethodEnv, args: dict[str, object]):
     return [[k, v["value"], v["scopable"]] for k, v in sorted(load_tags(env.context.data_dir).items()) if want is None or v["scopable"] == want]
 
 
-@method(
-    "Tagging", "Clear", "Remove a tag.", params=(P("Name", "string", required=True),),
-    columns=(C("Name", "string"), C("Cleared", "boolean", "false when the tag was not set")), is_action=True,
-)
-def clear_tag(env: MethodEnv, args: dict[str, object]):
-    name = str(args["Name"])
+def _delete(env: MethodEnv, name: str) -> bool:
+    _check_name(name)
     with _LOCK:
         tags = load_tags(env.context.data_dir)
         existed = tags.pop(name, None) is not None
         if existed:
             save_tags(env.context.data_dir, tags)
-    return [[name, existed]]
+    return existed
+
+
+@method(
+    "Tagging", "Clear",
+    "Remove one tag by Name; without a Name, remove every tag of one kind: the non-scopable ones, or the "
+    "scopable ones with Scopable: true. One row per tag looked at.",
+    params=(P("Name", "string", default=None, description="the tag to remove; omitted: all tags of the kind"),
+            P("Scopable", "boolean", default=False, description="with no Name: clear scopable (true) or non-scopable (false) tags")),
+    columns=(C("Name", "string"), C("Cleared", "boolean", "false when the tag was not set")), is_action=True,
+)
+def clear_tag(env: MethodEnv, args: dict[str, object]):
+    if args.get("Name") is not None:
+        name = str(args["Name"])
+        return [[name, _delete(env, name)]]
+    scopable = bool(args["Scopable"])
+    with _LOCK:
+        tags = load_tags(env.context.data_dir)
+        gone = sorted(k for k, v in tags.items() if v["scopable"] == scopable)
+        for k in gone:
+            del tags[k]
+        if gone:
+            save_tags(env.context.data_dir, tags)
+    return [env.take([k, True]) for k in gone]
+
+
+@method(
+    "Tagging", "Delete", "Remove one tag by name (the same as Tagging.Clear with a Name).",
+    params=(P("Name", "string", required=True),),
+    columns=(C("Name", "string"), C("Deleted", "boolean", "false when the tag was not set")), is_action=True,
+)
+def delete_tag(env: MethodEnv, args: dict[str, object]):
+    name = str(args["Name"])
+    return [[name, _delete(env, name)]]
+
+
+@method(
+    "Tagging", "Check",
+    "Whether a tag is set: with a Value, whether it is set to that value (compared case-insensitively). "
+    "Always one row.",
+    params=(P("Name", "string", required=True), P("Value", "string", default=None)),
+    columns=(C("Name", "string"), C("Value", "string", "the tag's value, empty when not set"),
+             C("Exists", "boolean", "true when set (and equal to Value when one is given)")),
+    quick=True,
+)
+def check_tag(env: MethodEnv, args: dict[str, object]):
+    name = str(args["Name"])
+    t = load_tags(env.context.data_dir).get(name)
+    value = t["value"] if t else ""
+    want = args.get("Value")
+    exists = t is not None and (want is None or str(want).casefold() == value.casefold())
+    return [[name, value, exists]]
+
+
+@method(
+    "Tagging", "Count", "How many tags are set, optionally only scopable (true) or non-scopable (false) ones.",
+    params=(P("Scopable", "boolean", default=None),),
+    columns=(C("Count", "integer"),),
+    quick=True,
+)
+def count_tags(env: MethodEnv, args: dict[str, object]):
+    want = args.get("Scopable")
+    return [[sum(1 for v in load_tags(env.context.data_dir).values() if want is None or v["scopable"] == want)]]
