@@ -155,7 +155,7 @@ def test_connections_are_established_tcp_with_the_documented_columns(ctx) -> Non
         assert mine and mine[0]["ProcessId"] == os.getpid() and mine[0]["RemoteAddress"] == "127.0.0.1"
         assert mine[0]["Class"] == "IPv4" and mine[0]["ProcessName"] == psutil.Process().name()
         assert all(x["RemoteAddress"] and x["RemotePort"] for x in rows)  # established only: no listener, no UDP
-        assert not [x for x in rows if x["LocalPort"] == udp.getsockname()[1]]
+        assert not [x for x in rows if x["LocalPort"] == udp.getsockname()[1] and x["ProcessId"] == os.getpid()]
         # the listener and the UDP socket are endpoints, the established connection is not
         eps = dicts(run(ctx, "Network.GetListeningEndpoints();"))
         got = {(e["Protocol"], e["LocalPort"]) for e in eps if e["ProcessId"] == os.getpid()}
