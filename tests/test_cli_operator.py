@@ -8,6 +8,7 @@ import io
 import json
 import os
 import stat
+import time
 import tomllib
 from pathlib import Path
 
@@ -196,6 +197,15 @@ def test_operator_from_a_workstation(server: Server, tmp_path: Path) -> None:
     tf.write_text(json.dumps(json.loads(tf.read_text()) | {"token": "forged"}))
     devs = json.loads(quanta("devices", "--profile", "auto", "--json", env=env).stdout)
     assert [d["device_id"] for d in devs] == ["dev1"]
+    # an action returns at once with its approval state (exit 6), and can be cancelled
+    t0 = time.monotonic()
+    r = quanta("ask", str(server.root), 'NativeServices.RunCommand(CommandLine: "true");', "--wait", "60", "--json",
+               check=False)
+    assert r.returncode == 6 and "awaiting approval by" in r.stderr, (r.returncode, r.stderr)
+    assert time.monotonic() - t0 < 30
+    pending = json.loads(r.stdout)
+    assert pending["status"] == "pending_approval"
+    quanta("cancel", str(server.root), str(pending["instruction_id"]))
     # tables: NULL prints empty, never "None"
     assert "None" not in quanta("devices", "--profile", "auto", env=env).stdout
 
@@ -207,3 +217,20 @@ def test_middle_cut_keeps_both_ends() -> None:
     cut = middle_cut(p, 30)
     assert len(cut) == 30 and cut.startswith("/usr/lib") and cut.endswith("executable-name"[-10:]) and "…" in cut
     assert middle_cut("short", 30) == "short"
+
+
+def test_exit_code_of_each_outcome() -> None:
+    from quanta.ask import (EXIT_AWAITING_APPROVAL, EXIT_DEVICE_ERRORS, EXIT_NOT_FINISHED, EXIT_NOTHING_TARGETED,
+                            EXIT_OK, outcome)
+
+    def st(status: str, targeted: int, **states: int) -> dict:
+        return {"status": status, "targeted": targeted, "states": states}
+
+    assert outcome(st("finished", 2, success=1, nocontent=1)) == EXIT_OK
+    assert outcome(st("finished", 3, success=2, offline=1)) == EXIT_OK
+    assert outcome(st("finished", 2, success=1, error=1)) == EXIT_DEVICE_ERRORS
+    assert outcome(st("finished", 1, error=1)) == EXIT_DEVICE_ERRORS
+    assert outcome(st("finished", 0)) == EXIT_NOTHING_TARGETED
+    assert outcome(st("active", 2, success=1)) == EXIT_NOT_FINISHED
+    assert outcome(st("pending_approval", 0)) == EXIT_AWAITING_APPROVAL
+    assert len({EXIT_OK, EXIT_DEVICE_ERRORS, EXIT_NOTHING_TARGETED, EXIT_NOT_FINISHED, EXIT_AWAITING_APPROVAL}) == 5
