@@ -234,3 +234,23 @@ def test_exit_code_of_each_outcome() -> None:
     assert outcome(st("active", 2, success=1)) == EXIT_NOT_FINISHED
     assert outcome(st("pending_approval", 0)) == EXIT_AWAITING_APPROVAL
     assert len({EXIT_OK, EXIT_DEVICE_ERRORS, EXIT_NOTHING_TARGETED, EXIT_NOT_FINISHED, EXIT_AWAITING_APPROVAL}) == 5
+
+
+@pytest.mark.parametrize("width", [40, 80, 200])
+def test_tables_fit_the_terminal_and_keep_both_ends_of_long_cells(width: int) -> None:
+    from rich.console import Console
+
+    from quanta.ask import rich_table
+
+    path = "/opt/vendor/" + "deep/" * 200 + "the-executable-name"
+    cols = ["Device", "Status", "Agent.GetKeyFingerprint", "ExecutablePath", "Nothing", "Error"]
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False).print(
+        rich_table(cols, [["dev1", "success", "ab" * 40, path, None, None]], width))
+    text = buf.getvalue()
+    assert max(len(x) for x in text.splitlines()) <= width
+    body = [x.split("│") for x in text.splitlines() if x.startswith("│")]
+    shown = "".join(parts[4].strip() for parts in body)  # the ExecutablePath column, wrapped over lines
+    assert shown.startswith("/opt/vendor/") and shown.endswith("the-executable-name") and "…" in shown
+    assert len(shown) < len(path)
+    assert "None" not in text

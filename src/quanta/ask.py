@@ -285,8 +285,9 @@ def rich_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], width: int
     from rich.table import Table
 
     table = Table(title=title, expand=False)
+    share = max((width - 1) // max(len(columns), 1) - 3, 1)  # 3: a cell's borders and padding
     for c in columns:
-        table.add_column(c, overflow="fold", min_width=min(len(c), 12))
+        table.add_column(c, overflow="fold", min_width=min(len(c), 12, share))
     limit = max(3 * width // max(len(columns), 1), 40)
     for r in rows:
         table.add_row(*(middle_cut(cell(v), limit) for v in r))

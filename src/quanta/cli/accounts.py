@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
-from quanta.cli.common import DirArg, JsonOpt, _fail, app, console, master_engine, out
+from quanta.cli.common import DirArg, FormatOpt, JsonOpt, _fail, app, console, master_engine, out, output_format, print_rows
 
 
 user_app = typer.Typer(help="Manage users and roles.", no_args_is_help=True)
@@ -90,33 +89,30 @@ def user_add(root: DirArg, username: Annotated[str, typer.Option()], role: Annot
     out.print(f"added {username} ({role})" + (f"; password: {password}" if generated else ""), highlight=False)
 
 
-def _user_rows(records: Any) -> Table:
-    table = Table("User", "Role", "Disabled", "E-mail", "Roles per set", "Groups", "Sessions", "Locked until")
-    for u in records:
-        table.add_row(u.username, u.role, "yes" if u.disabled else "", u.email or "",
-                      ", ".join(f"{r}@{s}" for r, s in u.assignments), ", ".join(u.groups), str(u.sessions),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(u.locked_until)) if u.locked_until else "")
-    return table
+USER_COLUMNS = ("User", "Role", "Disabled", "E-mail", "Roles per set", "Groups", "Sessions", "Locked until")
+
+
+def _user_rows(records: Any) -> list[list[Any]]:
+    return [[u.username, u.role, "yes" if u.disabled else "", u.email,
+             ", ".join(f"{r}@{s}" for r, s in u.assignments), ", ".join(u.groups), u.sessions,
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(u.locked_until)) if u.locked_until else None]
+            for u in records]
 
 
 @user_app.command("list")
-def user_list(root: DirArg, json_output: JsonOpt = False) -> None:
+def user_list(root: DirArg, json_output: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """List users: role, roles per instruction set, groups, live sessions, locks."""
+    f = output_format(fmt, json_output)
     records = _account_call(_accounts(root).list_users, _operator("user list"))
-    if json_output:
-        print(json.dumps([u.to_dict() for u in records]))
-        return
-    out.print(_user_rows(records))
+    print_rows(USER_COLUMNS, _user_rows(records), f, json_items=[u.to_dict() for u in records])
 
 
 @user_app.command("show")
-def user_show(root: DirArg, name: NameArg, json_output: JsonOpt = False) -> None:
+def user_show(root: DirArg, name: NameArg, json_output: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """Show one user."""
+    f = output_format(fmt, json_output)
     u = _account_call(_accounts(root).get_user, _operator("user show"), name)
-    if json_output:
-        print(json.dumps(u.to_dict()))
-        return
-    out.print(_user_rows([u]))
+    print_rows(USER_COLUMNS, _user_rows([u]), f, json_items=u.to_dict())
 
 
 def _set_disabled(root: Path, name: str, disabled: bool) -> None:
@@ -190,17 +186,13 @@ def user_unlock(root: DirArg, name: Annotated[str, typer.Argument(help="user nam
 
 
 @user_app.command("locks")
-def user_locks(root: DirArg, json_output: JsonOpt = False) -> None:
+def user_locks(root: DirArg, json_output: JsonOpt = False, fmt: FormatOpt = None) -> None:
     """List live login locks (user names and source addresses)."""
+    f = output_format(fmt, json_output)
     locks = _account_call(_accounts(root).list_locks, _operator("user locks"))
-    if json_output:
-        print(json.dumps([lk.to_dict() for lk in locks]))
-        return
-    table = Table("Kind", "Subject", "Failures", "Locked until")
-    for lk in locks:
-        table.add_row(lk.kind, lk.subject, str(lk.failures),
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lk.locked_until)))
-    out.print(table)
+    print_rows(("Kind", "Subject", "Failures", "Locked until"),
+               [[lk.kind, lk.subject, lk.failures, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lk.locked_until))]
+                for lk in locks], f, json_items=[lk.to_dict() for lk in locks])
 
 
 @user_app.command("sign-out")
@@ -241,7 +233,7 @@ def _change_text(before: Any, after: Any, details: dict[str, Any]) -> str:
 
 
 @app.command("audit")
-def audit_command(root: DirArg, json_output: JsonOpt = False,
+def audit_command(root: DirArg, json_output: JsonOpt = False, fmt: FormatOpt = None,
                   actor: Annotated[Optional[str], typer.Option(help="only this actor")] = None,
                   action: Annotated[Optional[str], typer.Option(help="only this action, e.g. login_failed")] = None,
                   object_: Annotated[Optional[str], typer.Option("--object", help="only this object")] = None,
@@ -250,18 +242,17 @@ def audit_command(root: DirArg, json_output: JsonOpt = False,
                   limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
                   offset: Annotated[int, typer.Option(min=0, max=2**62)] = 0) -> None:
     """Read the audit log, newest first: who did what, from where, and what changed."""
+    f = output_format(fmt, json_output)
     accounts = _accounts(root)
     page = _account_call(accounts.query_audit, _operator("audit"), actor=actor, action=action, object=object_,
                          since=_when(since, "--since"), until=_when(until, "--until"), limit=limit, offset=offset)
-    if json_output:
+    if f == "json":
         print(json.dumps(dict(total=page.total, offset=page.offset, limit=page.limit,
                               items=[e.to_dict() for e in page.items]), default=str))
         return
-    table = Table("Time (UTC)", "Actor", "Source", "Action", "Object", "Change")
-    for e in page.items:
-        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at)), e.actor, e.source, e.action, e.object,
-                      _change_text(e.before, e.after, e.details))
-    out.print(table)
+    print_rows(("Time (UTC)", "Actor", "Source", "Action", "Object", "Change"),
+               [[time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at)), e.actor, e.source, e.action, e.object,
+                 _change_text(e.before, e.after, e.details)] for e in page.items], f)
     console.print(f"{len(page.items)} of {page.total} row(s) from offset {page.offset}", highlight=False)
 
 
