@@ -72,8 +72,10 @@ def _target(first: str, second: Optional[str]) -> tuple[Optional[Path], int]:
     return root, iid
 
 
-FirstArg = Annotated[str, typer.Argument(metavar="[DIR] ID", help="data directory (or use --profile), then the instruction id")]
-SecondArg = Annotated[Optional[str], typer.Argument(metavar="", help="", show_default=False)]
+FirstArg = Annotated[str, typer.Argument(metavar="DIR|ID", help="the server's data directory, followed by ID; or, "
+                                         "with a login profile (--profile or the default), the instruction id alone")]
+SecondArg = Annotated[Optional[str], typer.Argument(metavar="[ID]", help="the instruction id (after DIR)",
+                                                    show_default=False)]
 
 
 # ------------------------------------------------------------------------------------- ask
