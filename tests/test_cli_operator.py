@@ -47,14 +47,14 @@ def test_missing_or_wrong_data_directory_and_no_profile_are_one_line(tmp_path: P
         line = _one_line_error(quanta(*args, check=False, env=env))
         assert "/nonexistent" in line or str(empty) in line, line
     r = quanta("ask", "/nonexistent", SUMMARY, "--json", check=False, env=env)
-    assert "/nonexistent" in _one_line_error(r, 1)
+    assert "/nonexistent" in _one_line_error(r, 2)
     # no directory and no profile: says how to log in
     assert "quanta login" in _one_line_error(quanta("devices", check=False, env=env))
-    assert "quanta login" in _one_line_error(quanta("ask", SUMMARY, check=False, env=env), 1)
+    assert "quanta login" in _one_line_error(quanta("ask", SUMMARY, check=False, env=env), 2)
     assert "no login profile 'nope'" in _one_line_error(quanta("history", "--profile", "nope", check=False, env=env))
     # an unreachable server
     r = quanta("login", "https://127.0.0.1:1", "--user", "u", "--password-file", str(_pw(tmp_path)), check=False, env=env)
-    assert "cannot reach" in _one_line_error(r, 1)
+    assert "cannot reach" in _one_line_error(r, 2)
     # hostile profile names and URLs
     for bad in (("login", "http://127.0.0.1:1", "--user", "u"), ("login", "https://h:1/x?y", "--user", "u"),
                 ("login", "https://h:1", "--user", "u", "--profile", "../../etc/x")):
@@ -71,7 +71,7 @@ def _pw(tmp_path: Path, text: str = "a long enough password 1") -> Path:
 
 def test_help_names_exit_codes_and_ports_and_version() -> None:
     h = quanta("ask", "--help").stdout
-    for code in range(7):
+    for code in range(6):
         assert f"  {code}  " in h
     assert "--wait-approval" in h and "--profile" in h
     from quanta.settings import SETTABLE_PORTS
@@ -140,10 +140,10 @@ def test_operator_from_a_workstation(server: Server, tmp_path: Path) -> None:
     # a refused login stores nothing
     r = quanta("login", url, "--user", "quinn", "--password-file", str(_pw(tmp_path, "wrong password 12345")),
                "--ca", str(ca), check=False, env=env)
-    assert "login refused" in _one_line_error(r, 1)
+    assert "login refused" in _one_line_error(r, 2)
     # without the CA the server's certificate is not trusted
     r = quanta("login", url, "--user", "quinn", "--password-file", str(pw), check=False, env=env)
-    assert "certificate" in _one_line_error(r, 1).lower()
+    assert "certificate" in _one_line_error(r, 2).lower()
     # a profile without a password file: no password anywhere in it
     env_pw = {**env, "QUANTA_PASSWORD": pw.read_text().strip()}
     r = quanta("login", url, "--user", "quinn", "--ca", str(ca), "--profile", "work", env=env_pw)
@@ -184,24 +184,24 @@ def test_operator_from_a_workstation(server: Server, tmp_path: Path) -> None:
     assert quanta("export", str(server.root), str(iid), "--format", "csv").stdout == exported.read_text()
     # an instruction the user may not see / does not exist: one line, no file
     r = quanta("export", "999999", "-o", str(tmp_path / "none.csv"), check=False, env=env)
-    _one_line_error(r, 1)
+    _one_line_error(r, 2)
     assert not (tmp_path / "none.csv").exists()
     assert _one_line_error(quanta("results", "abc", check=False, env=env), 2)
     # the session ends (here: a token the server does not know): say so, do not prompt
     token_file.write_text(json.dumps(json.loads(token_file.read_text()) | {"token": "forged"}))
     r = quanta("devices", "--profile", "work", check=False, env=env)
-    assert "session expired" in _one_line_error(r, 1) and "quanta login" in r.stderr
+    assert "session expired" in _one_line_error(r, 2) and "quanta login" in r.stderr
     # with a password file in the profile, the client logs in again by itself
     quanta("login", url, "--user", "quinn", "--ca", str(ca), "--password-file", str(pw), "--profile", "auto", env=env)
     tf = cfg / "tokens" / "auto.json"
     tf.write_text(json.dumps(json.loads(tf.read_text()) | {"token": "forged"}))
     devs = json.loads(quanta("devices", "--profile", "auto", "--json", env=env).stdout)
     assert [d["device_id"] for d in devs] == ["dev1"]
-    # an action returns at once with its approval state (exit 6), and can be cancelled
+    # an action returns at once with its approval state (exit 5), and can be cancelled
     t0 = time.monotonic()
     r = quanta("ask", str(server.root), 'NativeServices.RunCommand(CommandLine: "true");', "--wait", "60", "--json",
                check=False)
-    assert r.returncode == 6 and "awaiting approval by" in r.stderr, (r.returncode, r.stderr)
+    assert r.returncode == 5 and "awaiting approval by" in r.stderr, (r.returncode, r.stderr)
     assert time.monotonic() - t0 < 30
     pending = json.loads(r.stdout)
     assert pending["status"] == "pending_approval"
@@ -220,8 +220,8 @@ def test_middle_cut_keeps_both_ends() -> None:
 
 
 def test_exit_code_of_each_outcome() -> None:
-    from quanta.ask import (EXIT_AWAITING_APPROVAL, EXIT_DEVICE_ERRORS, EXIT_NOT_FINISHED, EXIT_NOTHING_TARGETED,
-                            EXIT_OK, outcome)
+    from quanta.ask import (EXIT_AWAITING_APPROVAL, EXIT_DEVICE_ERRORS, EXIT_ERROR, EXIT_NOT_FINISHED,
+                            EXIT_NOTHING_TARGETED, EXIT_OK, outcome)
 
     def st(status: str, targeted: int, **states: int) -> dict:
         return {"status": status, "targeted": targeted, "states": states}
@@ -234,6 +234,9 @@ def test_exit_code_of_each_outcome() -> None:
     assert outcome(st("active", 2, success=1)) == EXIT_NOT_FINISHED
     assert outcome(st("pending_approval", 0)) == EXIT_AWAITING_APPROVAL
     assert len({EXIT_OK, EXIT_DEVICE_ERRORS, EXIT_NOTHING_TARGETED, EXIT_NOT_FINISHED, EXIT_AWAITING_APPROVAL}) == 5
+    assert EXIT_NOT_FINISHED == 1 and EXIT_ERROR == 2  # the codes scripts knew before
+    assert EXIT_ERROR not in {EXIT_OK, EXIT_DEVICE_ERRORS, EXIT_NOTHING_TARGETED, EXIT_NOT_FINISHED,
+                              EXIT_AWAITING_APPROVAL}
 
 
 @pytest.mark.parametrize("width", [40, 80, 200])

@@ -16,21 +16,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # Exit codes of ``quanta ask`` (docs/operations.md, "Exit codes"; printed by ``quanta ask --help``).
+# 1 and 2 keep their earlier meanings (not finished; an error), so scripts written for them still work.
 EXIT_OK = 0  # finished, and no targeted device answered error (success, no content, not applicable, offline)
-EXIT_ERROR = 1  # the request failed: unreachable server, refused login, refused question
-EXIT_USAGE = 2  # bad arguments
+EXIT_NOT_FINISHED = 1  # not finished within --wait
+EXIT_ERROR = 2  # the request failed (unreachable server, refused login, refused question) or bad arguments
+EXIT_USAGE = 2
 EXIT_DEVICE_ERRORS = 3  # finished, but some devices answered error
 EXIT_NOTHING_TARGETED = 4  # no device was targeted (or a --device is not one this user can see)
-EXIT_NOT_FINISHED = 5  # not finished within --wait
-EXIT_AWAITING_APPROVAL = 6  # an action waits for approval (returned at once; --wait-approval waits)
+EXIT_AWAITING_APPROVAL = 5  # an action waits for approval (returned at once; --wait-approval waits)
 
 EXIT_CODES = (
     (EXIT_OK, "finished; no targeted device answered error (success, no content, not applicable or offline)"),
-    (EXIT_ERROR, "the request failed: no server, refused login, expired session, refused question"),
-    (EXIT_USAGE, "bad arguments"),
+    (EXIT_NOT_FINISHED, "not finished within --wait"),
+    (EXIT_ERROR, "error: bad arguments, no server, refused login, expired session, refused question"),
     (EXIT_DEVICE_ERRORS, "finished, but some devices answered error"),
     (EXIT_NOTHING_TARGETED, "nothing targeted (no device matched, or an unknown --device, which is named)"),
-    (EXIT_NOT_FINISHED, "not finished within --wait"),
     (EXIT_AWAITING_APPROVAL, "an action is awaiting approval (printed at once; --wait-approval waits for it)"),
 )
 

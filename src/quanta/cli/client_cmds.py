@@ -40,7 +40,7 @@ def _connect(root: Optional[Path], profile: Optional[str], user: Optional[str] =
         pw = read_password_file(password_file) if password_file else os.environ.get("QUANTA_PASSWORD", "")
         return ConsumerClient.for_data_dir(root, user, pw)
     except ApiError as e:
-        fail(f"error: {_login_text(e)}", 1)
+        fail(f"error: {_login_text(e)}", 2)
 
 
 def _login_text(e: Exception) -> str:
@@ -57,7 +57,7 @@ def _api_call(fn: Any, *args: Any, **kw: Any) -> Any:
     try:
         return fn(*args, **kw)
     except ApiError as e:
-        fail(f"error: {_login_text(e)}", 1)
+        fail(f"error: {_login_text(e)}", 2)
 
 
 def _target(first: str, second: Optional[str]) -> tuple[Optional[Path], int]:
@@ -131,7 +131,7 @@ def login(url: Annotated[str, typer.Argument(help="the server: https://HOST:PORT
         with ConsumerClient(base, ca, user, password, token_cache=cache) as api:
             api.devices()  # the session works (and the server's certificate was verified)
     except ApiError as e:
-        fail(f"error: {_login_text(e)}", 1)
+        fail(f"error: {_login_text(e)}", 2)
         return
     try:
         profiles.save(profiles.Profile(profile, base, user, ca, password_file), make_default)
