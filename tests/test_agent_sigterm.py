@@ -30,7 +30,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _ask(server: Server, payload: str, device: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(server.root), payload, "--device", device,
+    return subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(server.root), payload, "--device", device, "--wait-approval",
                              "--json", "--wait", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
 
 

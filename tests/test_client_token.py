@@ -48,7 +48,8 @@ def test_token_is_cached_reused_and_replaced(server: Server) -> None:
     assert json.loads(path.read_text())["token"] == third
 
     # the CLI uses the same cache; the token never appears in its output
-    r = quanta("ask", str(server.root), "@x = Agent.GetSummary();", "--json", "--wait", "3")
+    r = quanta("ask", str(server.root), "@x = Agent.GetSummary();", "--json", "--wait", "3", check=False)
+    assert r.returncode == 4  # nothing targeted (quanta.ask.EXIT_NOTHING_TARGETED)
     assert json.loads(r.stdout)["targeted"] == 0 and third not in r.stdout + r.stderr
     assert json.loads(path.read_text())["token"] == third
 

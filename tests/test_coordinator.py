@@ -92,7 +92,7 @@ def test_second_person_approval_email_and_no_self_approval(coord_server: Server,
     markers = tmp_path / "markers"
     markers.mkdir()
     # the requester's CLI waits for the approval, then shows the results
-    ask = subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(s.root), action(markers), "--json", "--wait", "60"],
+    ask = subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(s.root), action(markers), "--json", "--wait", "60", "--wait-approval"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     mail = inbox.wait_for("bob@example.com", "approval needed")
     iid = int(re.search(r"instruction (\d+)", mail).group(1))

@@ -27,7 +27,7 @@ SUMMARY = "@s = Device.GetSummary(); SELECT * FROM @s;"
 
 
 def _ask(server: Server, *args: str, wait: int = 20) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(server.root), *args, "--json", "--wait",
+    return subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(server.root), *args, "--json", "--wait-approval", "--wait",
                              str(wait)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -51,7 +51,7 @@ def test_user_answers_a_prompt(server: Server, tmp_path: Path) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1)
     asker = subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(server.root), QUESTION % 60, "--json",
-                              "--wait", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              "--wait", "60", "--wait-approval"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     from quanta.client import ConsumerClient
 
     with ConsumerClient.for_data_dir(server.root) as api:

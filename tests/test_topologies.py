@@ -34,10 +34,10 @@ def test_master_response_stack_and_dmz(tmp_path: Path, pg_url: str) -> None:
            *_ports("core", "http", "hub", "coordinator", "integrate", "interaction"))
     r, d = tmp_path / "response", tmp_path / "dmz"
     r_https, r_switch = free_port(), free_port(pair=True)
-    quanta("host", "export", str(m), "--role", "response", "--server-name", RESPONSE, "--out", str(r),
+    quanta("host", "export", str(m), "--update-master", "--role", "response", "--server-name", RESPONSE, "--out", str(r),
            "--https-port", str(r_https), "--switch-port", str(r_switch), *_ports("core", "http", "interaction"))
     d_https, d_switch = free_port(), free_port(pair=True)
-    quanta("host", "export", str(m), "--role", "dmz", "--server-name", DMZ, "--out", str(d),
+    quanta("host", "export", str(m), "--update-master", "--role", "dmz", "--server-name", DMZ, "--out", str(d),
            "--https-port", str(d_https), "--switch-port", str(d_switch), "--response-url",
            f"https://{RESPONSE}:{r_https}", *_ports("core", "http", "interaction"))
     master_settings = (m / "quanta.toml").read_text()

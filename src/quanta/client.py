@@ -8,6 +8,11 @@ Logging in as the installation's administrator (the default, from ``DIR/admin.cr
 verifies a deliberately slow password hash on the server, so the token is cached in
 ``DIR/consumer.token`` (mode 0600, like the credentials next to it) and reused until it expires or
 the server refuses it; then the client logs in again. Explicit ``--user`` logins are not cached.
+
+From a workstation, :meth:`ConsumerClient.for_profile` uses a profile stored by ``quanta login``
+(:mod:`quanta.profiles`): its token is cached under the user's config directory, and no password
+is kept, so a refused (expired) token is "session expired: run quanta login again" unless the
+profile names a password file to log in with again.
 """
 
 from __future__ import annotations
@@ -78,6 +83,16 @@ def consumer_port(root: Path) -> int:
     return load_settings(root).port("https")
 
 
+def read_password_file(path: Path) -> str:
+    try:
+        text = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ApiError(f"cannot read the password file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not text:
+        raise ApiError(f"the password file {path} is empty")
+    return text
+
+
 class TokenCache:
     """One cached API token in a file readable by its owner only."""
 
@@ -100,6 +115,10 @@ class TokenCache:
         """Write atomically with mode 0600 from the start; a read-only data directory only
         means no caching."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError:
+            return
         data = json.dumps({"url": self.base_url, "username": self.username, "token": token,
                            "expires_at": expires_at}).encode()
         try:
@@ -126,19 +145,23 @@ WAIT_STEP = 25.0  # longest single long poll; the HTTP timeout is 30 s
 
 
 class ConsumerClient:
-    def __init__(self, base_url: str, ca_file: Path | None, username: str, password: str,
-                 token_cache: TokenCache | None = None) -> None:
+    def __init__(self, base_url: str, ca_file: Path | None, username: str, password: str | None,
+                 token_cache: TokenCache | None = None, relogin_hint: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         scheme, _, rest = self.base_url.partition("://")
         host, _, port = rest.partition(":")
         self._host, self._port = host, int(port or (443 if scheme == "https" else 80))
         self._tls = scheme == "https"
         self._ca_file = ca_file
-        self._ctx = (ssl.create_default_context(cafile=str(ca_file)) if ca_file else
-                     ssl.create_default_context()) if self._tls else None
+        try:
+            self._ctx = (ssl.create_default_context(cafile=str(ca_file)) if ca_file else
+                         ssl.create_default_context()) if self._tls else None
+        except (OSError, ssl.SSLError) as e:
+            raise ApiError(f"cannot use the CA certificate {ca_file}: {e}") from None
         self._conn: http.client.HTTPConnection | None = None
         self._http: Any = None
         self._username, self._password = username, password
+        self._relogin_hint = relogin_hint or "session expired: run quanta login again"
         self._cache = token_cache
         self.token: str | None = token_cache.load() if token_cache else None
         self.token_from_cache = self.token is not None
@@ -151,12 +174,42 @@ class ConsumerClient:
         """Log in as ``username`` or, by default, as the administrator created at init (whose
         token is cached in the data directory unless ``cache_token`` is false)."""
         dd = DataDir(Path(root))
-        base_url = f"https://localhost:{consumer_port(root)}"
-        user, pw = read_credentials(dd.admin_credentials)
+        if not Path(root).is_dir():
+            raise ApiError(f"{root} is not a directory: give a server data directory (made by 'quanta init')")
+        try:
+            base_url = f"https://localhost:{consumer_port(root)}"
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            raise ApiError(f"{dd.config}: {e}") from None
+        except FileNotFoundError:
+            raise ApiError(f"{root} is not a Quanta data directory (no quanta.toml): run 'quanta init {root}' "
+                           "first") from None
+        try:
+            user, pw = read_credentials(dd.admin_credentials)
+        except (OSError, KeyError, ValueError) as e:
+            raise ApiError(f"cannot read the administrator credentials {dd.admin_credentials}: "
+                           f"{e.strerror if isinstance(e, OSError) else 'no username/password lines'} "
+                           "(run this on the server as its owner, or use 'quanta login')") from None
         cache = TokenCache(Path(root) / TOKEN_FILE, base_url, user) if cache_token else None
         if username is not None:
             user, pw, cache = username, password or "", None
         return cls(base_url, dd.pki / "ca.crt", user, pw, token_cache=cache)
+
+    @classmethod
+    def for_profile(cls, name: str | None = None) -> ConsumerClient:
+        """Log in with a profile stored by ``quanta login`` (the default one if ``name`` is None)."""
+        from quanta import profiles
+
+        try:
+            p = profiles.load(name)
+        except profiles.ProfileError as e:
+            raise ApiError(str(e)) from None
+        password = None
+        if p.password_file is not None:
+            password = read_password_file(p.password_file)
+        hint = f"session expired: run 'quanta login {p.url} --user {p.user} --profile {p.name}' again"
+        token_file = profiles.token_path(p.name)
+        return cls(p.url, p.ca, p.user, password, token_cache=TokenCache(token_file, p.url, p.user),
+                   relogin_hint=hint)
 
     def __enter__(self) -> ConsumerClient:
         return self
@@ -234,6 +287,11 @@ class ConsumerClient:
         if status == 401 and self.token_from_cache:
             # The cached token expired early or was revoked: log in once and repeat the request
             # (authentication runs first on every route, so the refused request changed nothing).
+            # Without a password (a profile keeps none) that is the end of the session.
+            if self._password is None:
+                if self._cache is not None:
+                    self._cache.clear()
+                raise ApiError(self._relogin_hint, 401)
             self._login()
             status, data = self._request(method, url, json_body=json, params=params)
         return self._decode(status, data)
@@ -255,6 +313,8 @@ class ConsumerClient:
         self.token, self.token_from_cache = None, False
         if self._cache is not None:
             self._cache.clear()
+        if self._password is None:
+            raise ApiError(self._relogin_hint, 401)
         status, data = self._request("POST", "/Consumer/Authentication/Token", auth=False,
                                      json_body={"username": self._username, "password": self._password})
         t = self._decode(status, data)
@@ -343,3 +403,53 @@ class ConsumerClient:
     def devices(self) -> list[dict[str, Any]]:
         return self._call("GET", "/Consumer/Devices")
 
+
+    def instructions(self, offset: int = 0, limit: int = 50, status: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"offset": offset, "limit": limit}
+        if status:
+            params["status"] = status
+        return self._call("GET", "/Consumer/Instructions", params=params)
+
+    def export(self, iid: int, fmt: str, sink: Any) -> bool:
+        """Stream ``GET /Consumer/Instructions/{id}/Export?format=FMT`` into ``sink`` (a binary
+        file); False if this server has no such route (404/405 with no instruction error), so the
+        caller pages /Responses instead."""
+        url = f"/Consumer/Instructions/{iid}/Export?{urlencode({'format': fmt})}"
+        for attempt in (0, 1):
+            headers = {"Accept": "*/*", "Authorization": f"Bearer {self.token}"}
+            conn = self._connection()
+            try:
+                conn.request("GET", url, headers=headers)
+                r = conn.getresponse()
+                if r.status == 401 and self.token_from_cache and attempt == 0:
+                    r.read()
+                    if self._password is None:
+                        raise ApiError(self._relogin_hint, 401)
+                    self._login()
+                    continue
+                if r.status in (404, 405):
+                    data = r.read()
+                    # a route that does not exist answers {"detail": "Not Found"}; an unknown
+                    # instruction names itself
+                    try:
+                        detail = json_loads(data).get("detail")
+                    except (ValueError, AttributeError):
+                        detail = None
+                    if r.status == 405 or detail in ("Not Found", "Method Not Allowed"):
+                        return False
+                    self._decode(r.status, data)
+                if r.status >= 400:
+                    self._decode(r.status, r.read())
+                while True:
+                    chunk = r.read(65536)
+                    if not chunk:
+                        break
+                    sink.write(chunk)
+                self._conn = None
+                conn.close()
+                return True
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                self._conn = None
+                raise ApiError(f"cannot reach the Consumer API at {self.base_url}: {e}") from None
+        return False

@@ -4,9 +4,14 @@
 host: its own server certificate and host certificate (its client identity towards the Master
 hub, Purpose.HOST; both issued by the installation CA, whose key stays on the Master), the CA
 certificate, the CRL, the instruction-signing public key, the internal secret,
-and settings that point it at the Master hub, the Core and the CRL distribution point. It also
-records the host's Switches in SwitchConfiguration and, for a DMZ server, adds its Background
-Channel to the Master's content replication list. Copy the directory to that host and run
+and settings that point it at the Master hub, the Core and the CRL distribution point.
+
+The Master learns about the new host only when asked (``--update-master``): that records the
+host's Switches in SwitchConfiguration, and on a single server turns it into a Master (role =
+master: it stops running its own Core and Switches, so its own Switch rows go), points it at the
+remote Core (response) or adds the DMZ server's Background Channel to its content replication
+list. :func:`plan_export` says all of that before anything is written (``--dry-run`` prints it
+and stops); :func:`apply_export` does it. Copy the directory to that host and run
 ``quanta server DIR`` there.
 """
 
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from quanta.datadir import make_private_dir, tighten
 from quanta.db import is_sqlite, make_engine
@@ -27,15 +34,58 @@ class TopologyError(ValueError):
     pass
 
 
-def export_host(master_root: Path, out: Path, *, role: str, server_name: str, https_port: int,
+@dataclass
+class ExportPlan:
+    master_root: Path
+    out: Path
+    role: str
+    server_name: str
+    settings: Settings  # the exported host's
+    rows: list[dict[str, Any]]  # its Switches, for the Master's SwitchConfiguration
+    master_changes: dict[str, Any] = field(default_factory=dict)  # quanta.toml keys of the Master
+    drop_master_switches: list[str] = field(default_factory=list)  # the Master's own Switch rows to delete
+    replaced_rows: list[str] = field(default_factory=list)  # earlier rows of this host name, replaced
+    reuse_out: bool = False  # the directory already holds this host's export
+
+    def describe(self) -> list[str]:
+        """What writing the directory and updating the Master would change, one line each."""
+        lines = [f"{'keep' if self.reuse_out else 'write'} {self.out}: data directory of {self.role} host "
+                 f"{self.server_name} (https {self.settings.port('https')}, switch {self.settings.port('switch')})"]
+        for r in self.rows:
+            lines.append(f"master: add Switch {r['Name']} ({r['Host']}:{r['Port']}) to SwitchConfiguration")
+        for name in self.replaced_rows:
+            lines.append(f"master: replace the earlier SwitchConfiguration row {name}")
+        for name in self.drop_master_switches:
+            lines.append(f"master: remove its own Switch {name} (a Master runs no Switch: agents of it go offline "
+                         "until they dial a remote Switch)")
+        for k, v in self.master_changes.items():
+            extra = " (it stops running its own Core and Switch Host)" if k == "role" else ""
+            lines.append(f"master: set {k} = {v!r} in quanta.toml{extra}")
+        return lines
+
+
+def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, https_port: int,
                 switch_port: int, switches: int = 1, ports: dict[str, int] | None = None,
-                response_url: str | None = None) -> Settings:
+                response_url: str | None = None) -> ExportPlan:
+    """Check everything and say what an export would change; nothing is written."""
     master = load_settings(master_root)
     mdd = DataDir(master_root)
     if role not in ("response", "dmz"):
         raise TopologyError("role must be response or dmz")
-    if out.exists() and any(out.iterdir()):
-        raise TopologyError(f"{out} is not empty")
+    if server_name == master.server_name:
+        raise TopologyError(f"{server_name!r} is this Master's own name: give the remote host's name")
+    reuse = False
+    if out.exists():
+        if not out.is_dir():
+            raise TopologyError(f"{out} exists and is not a directory")
+        if any(out.iterdir()):
+            try:
+                prior = load_settings(out)
+            except (OSError, ValueError):
+                prior = None
+            if prior is None or prior.server_name != server_name or prior.role != role:
+                raise TopologyError(f"{out} is not empty")
+            reuse = True  # an earlier export of the same host: only the Master's side is left to do
     hub = f"wss://{master.server_name}:{master.port('hub')}/Hub"  # mutual TLS (quanta.hub)
     merged = dict(master.ports) | (ports or {}) | {"https": https_port, "switch": switch_port}
     rows = switch_layout(server_name, switch_port, switches, prefix=f"{server_name}-")
@@ -49,10 +99,36 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
     else:
         if not response_url:
             raise TopologyError("a DMZ server needs --response-url https://<response stack>:<https port>")
+        if not response_url.startswith("https://"):
+            raise TopologyError(f"--response-url {response_url!r}: give https://<response stack>:<https port>")
         core_link = response_url.replace("https://", "wss://", 1).rstrip("/") + "/Core/Switch"
         settings = Settings(server_name=server_name, role="dmz", ports=merged, hub_url=hub,
                             crl_url=f"http://{master.server_name}:{master.port('http')}/crl.pem",
                             switch_core_url=core_link, local_switches=rows, switches=switches)
+    if reuse:
+        settings = load_settings(out)
+    plan = ExportPlan(master_root, out, role, server_name, settings, rows, reuse_out=reuse)
+    with make_engine(mdd.master_url(master)).connect() as c:
+        existing = [dict(r._mapping) for r in c.execute(switch_configuration.select())]
+    plan.replaced_rows = sorted(r["Name"] for r in existing if r["Host"] == server_name)
+    if master.role == "single":
+        plan.master_changes["role"] = "master"
+        plan.drop_master_switches = sorted(r["Name"] for r in existing if r["Host"] == master.server_name)
+    if role == "response":
+        plan.master_changes["core_url"] = f"https://{server_name}:{https_port}"
+    else:
+        wanted = sorted(set(master.replicate_to) | {f"https://{server_name}:{https_port}"})
+        if wanted != sorted(master.replicate_to):
+            plan.master_changes["replicate_to"] = wanted
+    return plan
+
+
+def write_host_dir(plan: ExportPlan) -> None:
+    """The exported host's data directory (certificates issued by the Master's CA)."""
+    if plan.reuse_out:
+        return
+    mdd = DataDir(plan.master_root)
+    out = plan.out
     make_private_dir(out)
     pki_out = out / "pki"
     make_private_dir(pki_out)
@@ -60,27 +136,39 @@ def export_host(master_root: Path, out: Path, *, role: str, server_name: str, ht
     for f in ("ca.crt", "crl.pem", "signing.pub", "internal.secret"):
         shutil.copy(mdd.pki / f, pki_out / f)
     os.chmod(pki_out / "internal.secret", 0o600)
-    src.issue(server_name, pki_out / "server.crt", pki_out / "server.key", purpose=Purpose.SERVER,
-              san=[server_name, "localhost", "127.0.0.1"])
+    src.issue(plan.server_name, pki_out / "server.crt", pki_out / "server.key", purpose=Purpose.SERVER,
+              san=[plan.server_name, "localhost", "127.0.0.1"])
     # its identity towards the Master hub (mutual TLS): a host certificate, not a server or device one
-    src.issue(server_name, pki_out / "host.crt", pki_out / "host.key", purpose=Purpose.HOST)
-    save_settings(out, settings)
+    src.issue(plan.server_name, pki_out / "host.crt", pki_out / "host.key", purpose=Purpose.HOST)
+    save_settings(out, plan.settings)
     tighten(out)  # the exported directory holds the internal secret and a server key: owner only
-    # the Master learns about the new host
-    engine = make_engine(mdd.master_url(master))
-    with engine.begin() as c:
-        c.execute(switch_configuration.delete().where(switch_configuration.c.Host == server_name))
-        c.execute(switch_configuration.insert(), rows)
-    changes: dict[str, object] = {}
-    if master.role == "single":
-        changes["role"] = "master"  # the Master now leaves Core and Switches to the remote hosts
-        with engine.begin() as c:
-            c.execute(switch_configuration.delete().where(switch_configuration.c.Host == master.server_name))
-    if role == "response":
-        changes["core_url"] = f"https://{server_name}:{https_port}"
-    else:
-        changes["replicate_to"] = sorted(set(master.replicate_to) | {f"https://{server_name}:{https_port}"})
-    if changes:
-        save_settings(master_root, master.model_copy(update=changes))
-    return settings
 
+
+def update_master(plan: ExportPlan) -> None:
+    """Tell the Master about the host: SwitchConfiguration rows and quanta.toml, as planned."""
+    master = load_settings(plan.master_root)
+    engine = make_engine(DataDir(plan.master_root).master_url(master))
+    with engine.begin() as c:
+        c.execute(switch_configuration.delete().where(switch_configuration.c.Host == plan.server_name))
+        c.execute(switch_configuration.insert(), plan.rows)
+        if plan.drop_master_switches:
+            c.execute(switch_configuration.delete().where(switch_configuration.c.Host == master.server_name,
+                                                         switch_configuration.c.Name.in_(plan.drop_master_switches)))
+    if plan.master_changes:
+        save_settings(plan.master_root, master.model_copy(update=plan.master_changes))
+
+
+def apply_export(plan: ExportPlan, *, update: bool) -> None:
+    write_host_dir(plan)
+    if update:
+        update_master(plan)
+
+
+def export_host(master_root: Path, out: Path, *, role: str, server_name: str, https_port: int,
+                switch_port: int, switches: int = 1, ports: dict[str, int] | None = None,
+                response_url: str | None = None, update: bool = False) -> Settings:
+    """Plan and apply in one call (the Master is changed only with ``update``); the host's settings."""
+    plan = plan_export(master_root, out, role=role, server_name=server_name, https_port=https_port,
+                       switch_port=switch_port, switches=switches, ports=ports, response_url=response_url)
+    apply_export(plan, update=update)
+    return plan.settings
