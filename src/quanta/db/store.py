@@ -807,13 +807,9 @@ class _Rows:
         if self.pg:
             return self._pick(layouts, name, lambda i: self.j.c.value.op("->>")(sa.cast(sa.literal(i), sa.Integer)))
 
-        def one(i: int) -> sa.ColumnElement[Any]:
-            path = sa.literal(f"$[{i}]")
-            kind = sa.func.json_type(self.j.c.value, path)
-            return sa.case((kind == "true", "true"), (kind == "false", "false"),
-                           (kind.in_(("array", "object")), sa.func.json_extract(self.j.c.value, path)),
-                           else_=sa.cast(sa.func.json_extract(self.j.c.value, path), sa.Text))
-        return self._pick(layouts, name, one)
+        # one JSON parse a cell (SQLite reads true/false as 1/0 here)
+        return self._pick(layouts, name, lambda i: sa.cast(sa.func.json_extract(self.j.c.value, sa.literal(f"$[{i}]")),
+                                                           sa.Text))
 
     def number(self, layouts: Sequence[Layout], name: str) -> sa.ColumnElement[Any]:
         if self.pg:
@@ -822,10 +818,10 @@ class _Rows:
                 return sa.case((sa.func.json_typeof(self.j.c.value.op("->")(idx)) == "number",
                                 sa.cast(self.j.c.value.op("->>")(idx), sa.Float)), else_=None)
         else:
+            # json_extract gives the SQL value: a number compares as a number, and text is never
+            # equal to or less than one (greater, which :func:`_row_condition` guards)
             def one(i: int) -> sa.ColumnElement[Any]:
-                path = sa.literal(f"$[{i}]")
-                return sa.case((sa.func.json_type(self.j.c.value, path).in_(("integer", "real")),
-                                sa.cast(sa.func.json_extract(self.j.c.value, path), sa.Float)), else_=None)
+                return sa.func.json_extract(self.j.c.value, sa.literal(f"$[{i}]"))
         return self._pick(layouts, name, one)
 
 
@@ -853,9 +849,12 @@ def _row_condition(src: _Rows, layouts: Sequence[Layout], f: RowFilter) -> sa.Co
         return sa.func.lower(text).startswith(f.value.lower(), autoescape=True)
     n = _as_number(f.value) if f.key not in fixed else None
     if n is not None:
-        cond = getattr(src.number(layouts, f.key), _CMP[f.op])(sa.literal(n, sa.Float))
+        cell = src.number(layouts, f.key)
+        cond = getattr(cell, _CMP[f.op])(sa.literal(n, sa.Float))
         if f.op == "ne":  # a cell that is not a number is "not equal" to a number
-            cond = sa.or_(cond, src.number(layouts, f.key).is_(None))
+            cond = sa.or_(cond, cell.is_(None))
+        elif f.op in ("gt", "ge") and not src.pg:  # SQLite orders text after every number
+            cond = sa.and_(cond, sa.func.typeof(cell).in_(("integer", "real")))
         return cond
     cond = getattr(text, _CMP[f.op])(sa.literal(f.value, sa.Text))
     if f.op == "ne":
@@ -872,6 +871,13 @@ def _row_where(c: sa.Connection, src: _Rows, instruction_id: int, scope: Collect
         where.append(sa.func.lower(results.c.device_id).contains(q.device.lower(), autoescape=True))
     where += [_row_condition(src, layouts, f) for f in q.filters]
     return where
+
+
+def _row_count(src: _Rows) -> sa.ColumnElement[Any]:
+    """How many rows of the view one target row makes: its answer's rows, or 1 if none."""
+    typ = sa.func.json_typeof(results.c.rows) if src.pg else sa.func.json_type(results.c.rows)
+    n = sa.func.json_array_length(sa.case((typ == "array", results.c.rows), else_=None))
+    return sa.case((n > 0, n), else_=1)
 
 
 def _row_select(src: _Rows, layouts: Sequence[Layout], q: RowQuery) -> sa.Select[Any]:
@@ -906,7 +912,11 @@ def page_result_rows(engine: sa.Engine, instruction_id: int, offset: int, limit:
     src = _Rows(engine.dialect.name)
     with engine.connect() as c:
         where = _row_where(c, src, instruction_id, scope, layouts, q)
-        total = int(c.execute(sa.select(sa.func.count()).select_from(src.source).where(*where)).scalar_one())
+        if any(f.key not in RESULT_FIELDS for f in q.filters):
+            total = int(c.execute(sa.select(sa.func.count()).select_from(src.source).where(*where)).scalar_one())
+        else:  # no condition on a cell: add up the rows per device (a device without rows is one)
+            total = int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(_row_count(src)), 0))
+                                  .where(*where)).scalar_one())
         rows = c.execute(_row_select(src, layouts, q).where(*where).offset(offset).limit(limit))
         out = [{"device_id": r.device_id, "state": r.state, "error": r.error, "columns": r.columns,
                 "row": _decode_row(r.row), "index": None if r.idx is None else int(r.idx) - (1 if src.pg else 0)}
