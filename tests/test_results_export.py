@@ -214,6 +214,12 @@ def test_store_row_queries_on_every_backend(tmp_path: Path, backend: str) -> Non
     assert total == 2 and [r["row"] for r in rows] == [None, None]
     assert store.page_result_rows(engine, iid, 0, 1, None, layouts, Q(filters=[F("Name", "eq", "' OR 1=1 --")]))[0] == 0
     assert store.page_result_rows(engine, iid, 0, 1, None, layouts, Q(filters=[F("Name", "contains", "drop")]))[0] == 1
+    # a deep page in device order starts at the device the offset falls in: the same rows as OFFSET
+    for q in (Q(), Q(sort=[S("device")]), Q(sort=[S("device", True)]), Q(states=["success", "error"])):
+        every = [(r["device_id"], r["index"]) for r in store.page_result_rows(engine, iid, 0, 100, None, layouts, q)[1]]
+        for off in range(0, len(every) + 2):
+            total, page = store.page_result_rows(engine, iid, off, 3, None, layouts, q)
+            assert total == len(every) and [(r["device_id"], r["index"]) for r in page] == every[off:off + 3], (q, off)
     streamed = list(store.iter_result_rows(engine, iid, None, layouts, Q(sort=[S("device", True)])))
     assert [r["device_id"] for r in streamed][:2] == ["d4", "d3"] and len(streamed) == 13
     assert [r["device_id"] for r in store.iter_results(engine, iid, ["d2"])] == ["d2"]

@@ -880,6 +880,28 @@ def _row_count(src: _Rows) -> sa.ColumnElement[Any]:
     return sa.case((n > 0, n), else_=1)
 
 
+def _device_seek(c: sa.Connection, src: _Rows, where: Sequence[sa.ColumnElement[bool]], q: RowQuery,
+                 offset: int) -> tuple[str | None, int, bool] | None:
+    """For a page in device order (no sort, or by device) without conditions on cells: the device
+    row ``offset`` falls in and how many of its rows come before it, from a running sum of the
+    answers' lengths (cheap: no row is expanded), so a deep page costs what the first one does.
+    None when the order is another (then OFFSET runs over the expanded rows); (None, 0, ...)
+    past the last row."""
+    if any(f.key not in RESULT_FIELDS for f in q.filters) or (
+            q.sort and (len(q.sort) != 1 or q.sort[0].key != "device")):
+        return None
+    desc = bool(q.sort) and q.sort[0].descending
+    counts = sa.select(results.c.device_id, _row_count(src).label("n")).where(*where).subquery()
+    order = counts.c.device_id.desc() if desc else counts.c.device_id
+    running = sa.select(counts.c.device_id, counts.c.n,
+                        sa.func.sum(counts.c.n).over(order_by=order).label("upto")).subquery()
+    hit = c.execute(sa.select(running.c.device_id, running.c.upto - running.c.n)
+                    .where(running.c.upto > offset).order_by(running.c.upto).limit(1)).first()
+    if hit is None:
+        return None, 0, desc
+    return hit[0], offset - int(hit[1]), desc
+
+
 def _row_select(src: _Rows, layouts: Sequence[Layout], q: RowQuery) -> sa.Select[Any]:
     """The expanded rows, ordered by ``q.sort`` (NULLs last), then device and row order."""
     fixed = {"device": results.c.device_id, "status": results.c.state, "error": results.c.error}
@@ -917,7 +939,14 @@ def page_result_rows(engine: sa.Engine, instruction_id: int, offset: int, limit:
         else:  # no condition on a cell: add up the rows per device (a device without rows is one)
             total = int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(_row_count(src)), 0))
                                   .where(*where)).scalar_one())
-        rows = c.execute(_row_select(src, layouts, q).where(*where).offset(offset).limit(limit))
+        seek = _device_seek(c, src, where, q, offset) if offset else None
+        if seek is not None:  # in device order: start at the device the offset falls in
+            start, skip, desc = seek
+            rows = [] if start is None else c.execute(
+                _row_select(src, layouts, q).where(*where, results.c.device_id <= start if desc
+                                                   else results.c.device_id >= start).offset(skip).limit(limit))
+        else:
+            rows = c.execute(_row_select(src, layouts, q).where(*where).offset(offset).limit(limit))
         out = [{"device_id": r.device_id, "state": r.state, "error": r.error, "columns": r.columns,
                 "row": _decode_row(r.row), "index": None if r.idx is None else int(r.idx) - (1 if src.pg else 0)}
                for r in rows]
