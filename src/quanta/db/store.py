@@ -881,25 +881,25 @@ def _row_count(src: _Rows) -> sa.ColumnElement[Any]:
 
 
 def _device_seek(c: sa.Connection, src: _Rows, where: Sequence[sa.ColumnElement[bool]], q: RowQuery,
-                 offset: int) -> tuple[str | None, int, bool] | None:
+                 offset: int) -> tuple[str | None, int, bool, int] | None:
     """For a page in device order (no sort, or by device) without conditions on cells: the device
     row ``offset`` falls in and how many of its rows come before it, from a running sum of the
     answers' lengths (cheap: no row is expanded), so a deep page costs what the first one does.
-    None when the order is another (then OFFSET runs over the expanded rows); (None, 0, ...)
-    past the last row."""
+    Returns (device, rows of it to skip, descending, total rows), None when the order is another
+    (then OFFSET runs over the expanded rows), or (None, 0, descending, 0) past the last row."""
     if any(f.key not in RESULT_FIELDS for f in q.filters) or (
             q.sort and (len(q.sort) != 1 or q.sort[0].key != "device")):
         return None
     desc = bool(q.sort) and q.sort[0].descending
     counts = sa.select(results.c.device_id, _row_count(src).label("n")).where(*where).subquery()
     order = counts.c.device_id.desc() if desc else counts.c.device_id
-    running = sa.select(counts.c.device_id, counts.c.n,
-                        sa.func.sum(counts.c.n).over(order_by=order).label("upto")).subquery()
-    hit = c.execute(sa.select(running.c.device_id, running.c.upto - running.c.n)
+    running = sa.select(counts.c.device_id, counts.c.n, sa.func.sum(counts.c.n).over(order_by=order).label("upto"),
+                        sa.func.sum(counts.c.n).over().label("total")).subquery()
+    hit = c.execute(sa.select(running.c.device_id, running.c.upto - running.c.n, running.c.total)
                     .where(running.c.upto > offset).order_by(running.c.upto).limit(1)).first()
     if hit is None:
-        return None, 0, desc
-    return hit[0], offset - int(hit[1]), desc
+        return None, 0, desc, 0
+    return hit[0], offset - int(hit[1]), desc, int(hit[2])
 
 
 def _row_select(src: _Rows, layouts: Sequence[Layout], q: RowQuery) -> sa.Select[Any]:
@@ -934,19 +934,21 @@ def page_result_rows(engine: sa.Engine, instruction_id: int, offset: int, limit:
     src = _Rows(engine.dialect.name)
     with engine.connect() as c:
         where = _row_where(c, src, instruction_id, scope, layouts, q)
-        if any(f.key not in RESULT_FIELDS for f in q.filters):
+        seek = _device_seek(c, src, where, q, offset)
+        if seek is None:  # another order, or conditions on cells: count and OFFSET over the expanded rows
             total = int(c.execute(sa.select(sa.func.count()).select_from(src.source).where(*where)).scalar_one())
-        else:  # no condition on a cell: add up the rows per device (a device without rows is one)
+            rows = c.execute(_row_select(src, layouts, q).where(*where).offset(offset).limit(limit))
+        elif seek[0] is None:  # past the last row
             total = int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(_row_count(src)), 0))
                                   .where(*where)).scalar_one())
-        seek = _device_seek(c, src, where, q, offset) if offset else None
-        if seek is not None:  # in device order: start at the device the offset falls in
-            start, skip, desc = seek
-            rows = [] if start is None else c.execute(
-                _row_select(src, layouts, q).where(*where, results.c.device_id <= start if desc
-                                                   else results.c.device_id >= start).offset(skip).limit(limit))
-        else:
-            rows = c.execute(_row_select(src, layouts, q).where(*where).offset(offset).limit(limit))
+            rows = []
+        else:  # in device order: expand only the (at most ``limit``) devices from the one the offset falls in
+            start, skip, desc, total = seek
+            after = results.c.device_id <= start if desc else results.c.device_id >= start
+            devices = (sa.select(results.c.device_id).where(*where, after)
+                       .order_by(results.c.device_id.desc() if desc else results.c.device_id).limit(limit))
+            rows = c.execute(_row_select(src, layouts, q).where(*where, results.c.device_id.in_(devices))
+                             .offset(skip).limit(limit))
         out = [{"device_id": r.device_id, "state": r.state, "error": r.error, "columns": r.columns,
                 "row": _decode_row(r.row), "index": None if r.idx is None else int(r.idx) - (1 if src.pg else 0)}
                for r in rows]
