@@ -935,13 +935,14 @@ def page_result_rows(engine: sa.Engine, instruction_id: int, offset: int, limit:
     with engine.connect() as c:
         where = _row_where(c, src, instruction_id, scope, layouts, q)
         seek = _device_seek(c, src, where, q, offset)
-        if seek is None:  # another order, or conditions on cells: count and OFFSET over the expanded rows
-            total = int(c.execute(sa.select(sa.func.count()).select_from(src.source).where(*where)).scalar_one())
-            rows = c.execute(_row_select(src, layouts, q).where(*where).offset(offset).limit(limit))
-        elif seek[0] is None:  # past the last row
-            total = int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(_row_count(src)), 0))
-                                  .where(*where)).scalar_one())
-            rows = []
+        if seek is None or seek[0] is None:  # another order, conditions on cells, or past the last row
+            if any(f.key not in RESULT_FIELDS for f in q.filters):
+                total = int(c.execute(sa.select(sa.func.count()).select_from(src.source).where(*where)).scalar_one())
+            else:  # no condition on a cell: add up the answers' lengths (no row expanded)
+                total = int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(_row_count(src)), 0))
+                                      .where(*where)).scalar_one())
+            rows = [] if seek is not None or offset >= total else c.execute(
+                _row_select(src, layouts, q).where(*where).offset(offset).limit(limit))
         else:  # in device order: expand only the (at most ``limit``) devices from the one the offset falls in
             start, skip, desc, total = seek
             after = results.c.device_id <= start if desc else results.c.device_id >= start
