@@ -225,3 +225,46 @@ def test_store_row_queries_on_every_backend(tmp_path: Path, backend: str) -> Non
     assert [r["device_id"] for r in store.iter_results(engine, iid, ["d2"])] == ["d2"]
     with engine.begin() as c:
         c.execute(tables.results.delete().where(tables.results.c.instruction_id == iid))
+
+
+def test_a_client_leaving_mid_export_touches_only_its_own_request(tmp_path: Path) -> None:
+    """A real uvicorn on loopback: 20 exports abandoned after their first chunk, then the API
+    answers, a writer commits, and a full export is whole."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    api, iid = _world(tmp_path)
+    big = [f"m{i:05d}" for i in range(3000)]
+    store.insert_targets(api.responses, iid, dict.fromkeys(big, True), time.time() + 3600)
+    store.ingest(api.responses, [dict(instruction_id=iid, device_id=d, state="success", columns=["Name", "Size"],
+                                      rows=[[f"p{r}", r] for r in range(10)], error=None) for d in big])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(api), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            token = c.post("/Consumer/Authentication/Token", json={"username": "admin", "password": PASSWORD}).json()["token"]
+            h = {"Authorization": f"Bearer {token}"}
+            for _ in range(20):
+                with c.stream("GET", f"/Consumer/Instructions/{iid}/Export", params={"format": "csv"}, headers=h) as r:
+                    assert r.status_code == 200
+                    next(r.iter_raw())
+            assert c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "rows", "limit": 1},
+                         headers=h).json()["total"] == 13 + 3000 * 10
+            store.ingest(api.responses, [dict(instruction_id=iid, device_id="d4", state="success", columns=["Name"],
+                                              rows=[["late"]], error=None)])
+            whole = c.get(f"/Consumer/Instructions/{iid}/Export", params={"format": "csv"}, headers=h).text
+            assert len(list(csv.reader(io.StringIO(whole)))) == 1 + 13 + 3000 * 10 and "d4,success,late" in whole
+    finally:
+        server.should_exit = True
+        thread.join(10)
