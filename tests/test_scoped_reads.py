@@ -148,7 +148,9 @@ def _instruction_routes(iid: int) -> list[tuple[str, str, dict[str, Any]]]:
     base = f"/Consumer/Instructions/{iid}"
     return [("GET", base, {}), ("GET", f"{base}/Wait", {"timeout": 0}), ("GET", f"{base}/Responses", {}),
             ("GET", f"{base}/Aggregate", {"by": "X"}), ("GET", f"{base}/Software", {}),
-            ("GET", f"{base}/Held", {}), ("GET", f"{base}/Stream", {}), ("POST", f"{base}/Cancel", {})]
+            ("GET", f"{base}/Held", {}), ("GET", f"{base}/Stream", {}), ("POST", f"{base}/Cancel", {}),
+            ("GET", f"{base}/Responses", {"paging": "rows", "sort": "-device"}),
+            ("GET", f"{base}/Export", {"format": "csv"}), ("GET", f"{base}/Export", {"format": "ndjson"})]
 
 
 def _stream_events(client: TestClient, iid: int, h: dict[str, str]) -> list[dict[str, Any]]:
@@ -172,6 +174,15 @@ def test_a_reader_limited_to_dev1_reads_nothing_of_dev2(world: World, role: str)
     assert SECRET2 not in json.dumps(r)
     assert [x["device"] for x in c.get(f"/Consumer/Instructions/{iid}/Responses", params={"state": "success"},
                                        headers=h).json()["items"]] == ["dev1"]
+    # row paging and the export (every format, sorted or filtered): dev1's rows only
+    rows = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "rows", "sort": "-X"}, headers=h).json()
+    assert (rows["total"], [x["device"] for x in rows["rows"]]) == (1, ["dev1"]) and SECRET2 not in json.dumps(rows)
+    for params in ({"format": "csv"}, {"format": "json"}, {"format": "ndjson"}, {"format": "csv", "sort": "-X"},
+                   {"format": "json", "filter": "X:contains:dev"}):
+        e = c.get(f"/Consumer/Instructions/{iid}/Export", params=params, headers=h)
+        assert e.status_code == 200, e.text
+        assert "dev1-visible" in e.text and "dev2" not in e.text and SECRET2 not in e.text, (params, e.text)
+    assert "dev2" not in c.get(f"/Consumer/Instructions/{iid}/Responses", params={"format": "csv"}, headers=h).text
     # aggregate over dev1's answers
     a = c.get(f"/Consumer/Instructions/{iid}/Aggregate", params={"by": "X"}, headers=h).json()
     assert a["devices"] == 1 and a["groups"] == [{"values": ["dev1-visible"], "rows": 1, "devices": 1}], a
@@ -275,6 +286,11 @@ def test_a_large_group_is_filtered_in_sql_without_one_parameter_per_device(world
     r = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"offset": 14_999, "limit": 10}, headers=h).json()
     assert [x["device"] for x in r["items"]] == [many[14_999]]
     assert c.get(f"/Consumer/Instructions/{iid}/Aggregate", params={"by": "X"}, headers=h).json()["devices"] == 15_000
+    rows = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "rows", "sort": "-X", "limit": 2},
+                 headers=h).json()
+    assert rows["total"] == 15_000 and [x["device"] for x in rows["rows"]] == [many[14_999], many[14_998]]
+    export = c.get(f"/Consumer/Instructions/{iid}/Export", params={"format": "csv"}, headers=h).text.splitlines()
+    assert len(export) == 15_001 and export[-1].startswith(many[14_999] + ",") and many[15_000] not in export[-1]
     assert max(widest) <= store.IN_CHUNK, max(widest)
     assert len(c.get("/Consumer/Devices", headers=h).json()) == 15_000
 

@@ -112,14 +112,32 @@ class DeviceResult(BaseModel):
     error: str | None
 
 
+class ResultRow(BaseModel):
+    """One result row of one device (a device without rows: one row of empty ``cells``)."""
+
+    device: str
+    status: str
+    cells: list[Any]  # aligned with ResultsPage.columns (null where the device's answer lacks a column)
+    error: str | None
+    index: int | None  # the row's position in the device's answer (None: the device has no rows)
+
+
 class ResultsPage(BaseModel):
     instruction_id: int
     offset: int
     limit: int
+    # paging=device (the default, as before): ``items``, one per device; paging=rows: ``rows``,
+    # one per device and result row, sorted and filtered server-side.
     items: list[DeviceResult]
     # Answers kept but not counted, by kind (late: after the instruction ended; refused: see
     # /Held). Their rows are at /Consumer/Instructions/{id}/Held.
     held: dict[str, int] = {}
+    paging: str = "device"
+    total: int | None = None  # matching devices (paging=device) or result rows (paging=rows)
+    columns: list[str] = []  # the result columns of the answers, in order of first appearance
+    rows: list[ResultRow] = []
+    sort: list[str] = []
+    filters: list[str] = []
 
 
 class HeldAnswer(BaseModel):

@@ -23,7 +23,7 @@ from quanta import rbac
 from quanta.background import ContentStore
 from quanta.consumer_api.errors import BadGateway, Forbidden, Invalid, NotFound, Unavailable, Upstream
 from quanta.consumer_api.models import (Device, DeviceResult, HeldAnswer, HeldPage, InstructionPage,
-                                        InstructionStatus, InstructionSummary, IssueRequest, ResultsPage,
+                                        InstructionStatus, InstructionSummary, IssueRequest, ResultRow, ResultsPage,
                                         TokenResponse, User)
 from quanta.consumer_api.models import ApprovalRecord
 from quanta.db import store
@@ -31,6 +31,7 @@ from quanta.db.tables import api_tokens, users
 from quanta.definitions import DefinitionError, bind_parameters, load_definition
 from quanta.internal import bearer, http_client
 from quanta.pki import Signer
+from quanta.states import ALL_STATES
 
 log = logging.getLogger("quanta.consumer_api")
 
@@ -315,11 +316,33 @@ class ConsumerApi:
 
     def responses_page(self, iid: int, access: rbac.Access, offset: int, limit: int,
                        state: str | None) -> ResultsPage:
+        """paging=device: one item per device (``total``: the matching devices)."""
         rows = store.page_results(self.responses, iid, offset, limit, state, access.devices)
         held = store.held_counts(self.responses, iid, access.devices)
-        return ResultsPage(instruction_id=iid, offset=offset, limit=limit, held=held,
+        counts = store.state_counts(self.responses, iid, access.devices)
+        total = counts.get(state, 0) if state else sum(counts.values())
+        return ResultsPage(instruction_id=iid, offset=offset, limit=limit, held=held, total=total,
                            items=[DeviceResult(device=r["device_id"], status=r["state"], columns=r["columns"],
                                                rows=r["rows"], error=r["error"]) for r in rows])
+
+    def row_query(self, iid: int, access: rbac.Access, sort: list[str], filters: list[str], device: str | None,
+                  states: list[str]) -> tuple[list[store.Layout], store.RowQuery]:
+        """The instruction's column layouts and the checked query (see :func:`parse_row_query`)."""
+        layouts = store.result_layouts(self.responses, iid, access.devices)
+        return layouts, parse_row_query(layouts, sort, filters, device, states)
+
+    def result_rows_page(self, iid: int, access: rbac.Access, offset: int, limit: int, sort: list[str],
+                         filters: list[str], device: str | None, states: list[str]) -> ResultsPage:
+        """paging=rows: one row per device and result row, sorted and filtered in SQL."""
+        layouts, q = self.row_query(iid, access, sort, filters, device, states)
+        columns = store.result_columns(layouts)
+        total, rows = store.page_result_rows(self.responses, iid, offset, limit, access.devices, layouts, q)
+        held = store.held_counts(self.responses, iid, access.devices)
+        align = Aligner(columns)
+        return ResultsPage(instruction_id=iid, offset=offset, limit=limit, held=held, paging="rows", total=total,
+                           columns=columns, items=[], sort=list(sort), filters=list(filters),
+                           rows=[ResultRow(device=r["device_id"], status=r["state"], error=r["error"],
+                                           index=r["index"], cells=align(r["columns"], r["row"])) for r in rows])
 
     def held_page(self, iid: int, access: rbac.Access, kind: str, offset: int, limit: int) -> HeldPage:
         if kind == "refused" and not access.admin:
@@ -389,3 +412,93 @@ class ConsumerApi:
             raise Invalid(str(e)) from None
         store.audit(self.master, user.username, "device_attributes", device_id, changes=changes)
         return after
+
+
+# ------------------------------------------------------------- result rows: sort, filter, export
+MAX_SORTS = 4
+MAX_FILTERS = 8
+MAX_FILTER_VALUE = 1000  # characters of one filter value
+
+
+class Aligner:
+    """Cells of a device's row in the order of ``columns`` (by name, whatever the device's layout)."""
+
+    def __init__(self, columns: list[str]) -> None:
+        self.columns = columns
+        self._maps: dict[tuple[str, ...], list[int | None]] = {}
+
+    def __call__(self, cols: Any, row: list[Any] | None) -> list[Any]:
+        if not row:
+            return [None] * len(self.columns)
+        key = tuple(cols) if isinstance(cols, list) and all(isinstance(c, str) for c in cols) else ()
+        where = self._maps.get(key)
+        if where is None:
+            if len(self._maps) > 1024:
+                self._maps.clear()
+            pos = {c: i for i, c in enumerate(key)}
+            where = self._maps[key] = [pos.get(c) for c in self.columns]
+        return [row[i] if i is not None and i < len(row) else None for i in where]
+
+
+def _valid_names(columns: list[str]) -> str:
+    shown = [*store.RESULT_FIELDS, *columns]
+    more = len(shown) - 50
+    return ", ".join(shown[:50]) + (f" and {more} more" if more > 0 else "")
+
+
+def _check_text(what: str, value: str) -> None:
+    if "\x00" in value:
+        raise Invalid(f"{what} must not contain NUL")
+    if len(value) > MAX_FILTER_VALUE:
+        raise Invalid(f"{what} is longer than {MAX_FILTER_VALUE} characters")
+
+
+def parse_row_query(layouts: list[store.Layout], sort: list[str], filters: list[str], device: str | None,
+                    states: list[str]) -> store.RowQuery:
+    """Check the user's sort and filter terms against the instruction's columns.
+
+    ``sort``: ``NAME`` (ascending) or ``-NAME`` (descending), NAME one of device, status, error or
+    a result column. ``filters``: ``NAME:OP:VALUE``, OP one of :data:`store.FILTER_OPS` (the first
+    ``:OP:`` splits, so a value may hold colons; ``empty``/``nonempty`` take no value). A number
+    VALUE compares numerically with number cells; anything else compares as text. Unknown names
+    or operators are a 422 that names the valid ones; values are bound, never pasted into SQL."""
+    import re
+
+    columns = store.result_columns(layouts)
+    known = set(store.RESULT_FIELDS) | set(columns)
+    if len(layouts) > store.MAX_LAYOUTS and (any(t.lstrip("-") not in store.RESULT_FIELDS for t in sort)
+                                             or any(f.split(":", 1)[0] not in store.RESULT_FIELDS for f in filters)):
+        raise Invalid(f"these answers have more than {store.MAX_LAYOUTS} column layouts: sort and filter by "
+                      "device, status or error only")
+    if len(sort) > MAX_SORTS:
+        raise Invalid(f"at most {MAX_SORTS} sort terms")
+    if len(filters) > MAX_FILTERS:
+        raise Invalid(f"at most {MAX_FILTERS} filters")
+    sorts = []
+    for term in sort:
+        _check_text("sort", term)
+        name = term[1:] if term.startswith("-") else term
+        if name not in known:
+            raise Invalid(f"unknown sort column {name[:100]!r}; valid: {_valid_names(columns)}")
+        sorts.append(store.RowSort(name, term.startswith("-")))
+    pattern = re.compile(r"^(.*?):(" + "|".join(store.FILTER_OPS) + r")(?::(.*))?$", re.S)
+    parsed = []
+    for term in filters:
+        _check_text("filter", term)
+        m = pattern.match(term)
+        if m is None:
+            raise Invalid(f"a filter is COLUMN:OP:VALUE with OP one of {', '.join(store.FILTER_OPS)}")
+        name, op, value = m.group(1), m.group(2), m.group(3) or ""
+        if name not in known:
+            raise Invalid(f"unknown filter column {name[:100]!r}; valid: {_valid_names(columns)}")
+        if op in ("lt", "le", "gt", "ge") and name in ("device", "status", "error") and not value:
+            raise Invalid(f"filter {op} needs a value")
+        if name == "status" and op in ("eq", "ne") and value not in ALL_STATES:
+            raise Invalid(f"unknown status {value[:100]!r}; known: {', '.join(ALL_STATES)}")
+        parsed.append(store.RowFilter(name, op, value))
+    if device is not None:
+        _check_text("device", device)
+    for st in states:
+        if st not in ALL_STATES:
+            raise Invalid(f"unknown status {st[:100]!r}; known: {', '.join(ALL_STATES)}")
+    return store.RowQuery(sorts, parsed, device or None, list(dict.fromkeys(states)))

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from quanta.protocol import DeviceInfo
 from quanta.settings import switch_layout
@@ -689,3 +690,303 @@ def purge_expired(engine: sa.Engine, now: float | None = None, chunk: int = PURG
         total += n
         if n < chunk or time.monotonic() >= deadline:
             return total
+
+
+# ------------------------------------------------------------ result rows (one per device and row)
+# ``results.rows`` holds one JSON array of rows per device (``columns`` its column names). The row
+# view expands it in SQL with the backend's JSON table function (SQLite ``json_each``, PostgreSQL
+# ``json_array_elements WITH ORDINALITY``), LEFT JOINed so a device without rows (an error, no
+# content, still pending) is one row of empty cells. A cell of a result column is picked by its
+# position in the device's column layout (``CAST(columns AS TEXT)``: one CASE arm per distinct
+# layout, usually one). Sorting is typed as the backend orders JSON values (SQLite: NULL, numbers,
+# text; PostgreSQL jsonb: NULL last, strings < numbers < booleans); filters compare numbers as
+# numbers and everything else as text. Column names and operators are checked by the caller;
+# every value is a bound parameter.
+RESULT_FIELDS = ("device", "status", "error")  # built-in fields; a result column of the same name is shadowed
+FILTER_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "contains", "startswith", "empty", "nonempty")
+MAX_LAYOUTS = 64  # distinct column layouts one instruction's answers may have for sort/filter
+
+
+class RowSort(NamedTuple):
+    key: str  # "device" | "status" | "error" | a result column
+    descending: bool = False
+
+
+class RowFilter(NamedTuple):
+    key: str
+    op: str  # one of FILTER_OPS
+    value: str = ""
+
+
+class Layout(NamedTuple):
+    """A column layout of answers: the stored JSON text of ``columns`` and its names."""
+
+    text: str
+    columns: list[str]
+
+
+class RowQuery(NamedTuple):
+    sort: Sequence[RowSort] = ()
+    filters: Sequence[RowFilter] = ()
+    device: str | None = None  # substring of the device id, case-insensitive
+    states: Sequence[str] = ()  # any of these states
+
+
+def result_layouts(engine: sa.Engine, instruction_id: int, scope: Collection[str] | None = None,
+                   limit: int = MAX_LAYOUTS + 1) -> list[Layout]:
+    """The distinct column layouts of an instruction's answers (of ``scope``'s devices), most
+    frequent first; at most ``limit``."""
+    text = sa.cast(results.c.columns, sa.Text)
+    with engine.connect() as c:
+        q = (sa.select(text, sa.func.count()).where(results.c.instruction_id == instruction_id,
+                                                    results.c.columns.is_not(None),
+                                                    _in_scope(c, results.c.device_id, scope))
+             .group_by(text).order_by(sa.func.count().desc(), text).limit(limit))
+        out = []
+        for raw, _n in c.execute(q):
+            try:
+                cols = msgspec.json.decode(raw) if raw is not None else None
+            except msgspec.DecodeError:
+                continue
+            if isinstance(cols, list) and all(isinstance(x, str) for x in cols):
+                out.append(Layout(raw, cols))
+        return out
+
+
+def result_columns(layouts: Sequence[Layout]) -> list[str]:
+    """Every column name of the layouts, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for layout in layouts:
+        for name in layout.columns:
+            seen.setdefault(name, None)
+    return list(seen)
+
+
+class _Rows:
+    """The expanded row source of one backend: FROM clause, row ordinal, row value, cell helpers."""
+
+    def __init__(self, dialect: str) -> None:
+        self.pg = dialect == "postgresql"
+        if self.pg:
+            arr = sa.case((sa.func.json_typeof(results.c.rows) == "array", results.c.rows), else_=None)
+            self.j = sa.func.json_array_elements(arr).table_valued("value", with_ordinality="ordinality", name="j")
+            self.ordinal = self.j.c.ordinality
+        else:
+            arr = sa.case((sa.func.json_type(results.c.rows) == "array", results.c.rows), else_=None)
+            self.j = sa.func.json_each(arr).table_valued("key", "value", "type", name="j")
+            self.ordinal = self.j.c.key
+        self.source = results.outerjoin(self.j, sa.true())
+        self.layout = sa.cast(results.c.columns, sa.Text)
+
+    def value(self) -> sa.ColumnElement[Any]:
+        if self.pg:
+            return self.j.c.value
+        # json_each gives an array element as JSON text, a scalar element as its SQL value
+        return sa.case((self.j.c.type.in_(("array", "object")), self.j.c.value), (self.j.c.type.is_(None), None),
+                       else_=sa.func.json_quote(self.j.c.value))
+
+    def _pick(self, layouts: Sequence[Layout], name: str,
+              one: Callable[[int], sa.ColumnElement[Any]]) -> sa.ColumnElement[Any]:
+        arms: list[tuple[str, int]] = []
+        for layout in layouts:
+            if name in layout.columns:
+                arms.append((layout.text, layout.columns.index(name)))
+        if not arms:
+            return sa.null()
+        if len(layouts) == 1:
+            return one(arms[0][1])
+        return sa.case(*((self.layout == sa.literal(text, sa.Text), one(i)) for text, i in arms), else_=None)
+
+    def sort_key(self, layouts: Sequence[Layout], name: str) -> sa.ColumnElement[Any]:
+        if self.pg:
+            return self._pick(layouts, name, lambda i: sa.cast(self.j.c.value.op("->")(sa.cast(sa.literal(i), sa.Integer)),
+                                                               postgresql.JSONB))
+        return self._pick(layouts, name, lambda i: sa.func.json_extract(self.j.c.value, sa.literal(f"$[{i}]")))
+
+    def text(self, layouts: Sequence[Layout], name: str) -> sa.ColumnElement[Any]:
+        if self.pg:
+            return self._pick(layouts, name, lambda i: self.j.c.value.op("->>")(sa.cast(sa.literal(i), sa.Integer)))
+
+        # one JSON parse a cell (SQLite reads true/false as 1/0 here)
+        return self._pick(layouts, name, lambda i: sa.cast(sa.func.json_extract(self.j.c.value, sa.literal(f"$[{i}]")),
+                                                           sa.Text))
+
+    def number(self, layouts: Sequence[Layout], name: str) -> sa.ColumnElement[Any]:
+        if self.pg:
+            def one(i: int) -> sa.ColumnElement[Any]:
+                idx = sa.cast(sa.literal(i), sa.Integer)
+                return sa.case((sa.func.json_typeof(self.j.c.value.op("->")(idx)) == "number",
+                                sa.cast(self.j.c.value.op("->>")(idx), sa.Float)), else_=None)
+        else:
+            # json_extract gives the SQL value: a number compares as a number, and text is never
+            # equal to or less than one (greater, which :func:`_row_condition` guards)
+            def one(i: int) -> sa.ColumnElement[Any]:
+                return sa.func.json_extract(self.j.c.value, sa.literal(f"$[{i}]"))
+        return self._pick(layouts, name, one)
+
+
+def _as_number(value: str) -> float | None:
+    try:
+        n = float(value)
+    except ValueError:
+        return None
+    return n if n == n and n not in (float("inf"), float("-inf")) else None
+
+
+_CMP = {"eq": "__eq__", "ne": "__ne__", "lt": "__lt__", "le": "__le__", "gt": "__gt__", "ge": "__ge__"}
+
+
+def _row_condition(src: _Rows, layouts: Sequence[Layout], f: RowFilter) -> sa.ColumnElement[bool]:
+    fixed = {"device": results.c.device_id, "status": results.c.state, "error": results.c.error}
+    text = fixed[f.key] if f.key in fixed else src.text(layouts, f.key)
+    if f.op == "empty":
+        return sa.or_(text.is_(None), text == "")
+    if f.op == "nonempty":
+        return sa.and_(text.is_not(None), text != "")
+    if f.op == "contains":
+        return sa.func.lower(text).contains(f.value.lower(), autoescape=True)
+    if f.op == "startswith":
+        return sa.func.lower(text).startswith(f.value.lower(), autoescape=True)
+    n = _as_number(f.value) if f.key not in fixed else None
+    if n is not None:
+        cell = src.number(layouts, f.key)
+        cond = getattr(cell, _CMP[f.op])(sa.literal(n, sa.Float))
+        if f.op == "ne":  # a cell that is not a number is "not equal" to a number
+            cond = sa.or_(cond, cell.is_(None))
+        elif f.op in ("gt", "ge") and not src.pg:  # SQLite orders text after every number
+            cond = sa.and_(cond, sa.func.typeof(cell).in_(("integer", "real")))
+        return cond
+    cond = getattr(text, _CMP[f.op])(sa.literal(f.value, sa.Text))
+    if f.op == "ne":
+        cond = sa.or_(cond, text.is_(None))
+    return cond
+
+
+def _row_where(c: sa.Connection, src: _Rows, instruction_id: int, scope: Collection[str] | None,
+               layouts: Sequence[Layout], q: RowQuery) -> list[sa.ColumnElement[bool]]:
+    where = [results.c.instruction_id == instruction_id, _in_scope(c, results.c.device_id, scope)]
+    if q.states:
+        where.append(results.c.state.in_(list(q.states)))
+    if q.device:
+        where.append(sa.func.lower(results.c.device_id).contains(q.device.lower(), autoescape=True))
+    where += [_row_condition(src, layouts, f) for f in q.filters]
+    return where
+
+
+def _row_count(src: _Rows) -> sa.ColumnElement[Any]:
+    """How many rows of the view one target row makes: its answer's rows, or 1 if none."""
+    typ = sa.func.json_typeof(results.c.rows) if src.pg else sa.func.json_type(results.c.rows)
+    n = sa.func.json_array_length(sa.case((typ == "array", results.c.rows), else_=None))
+    return sa.case((n > 0, n), else_=1)
+
+
+def _device_seek(c: sa.Connection, src: _Rows, where: Sequence[sa.ColumnElement[bool]], q: RowQuery,
+                 offset: int) -> tuple[str | None, int, bool, int] | None:
+    """For a page in device order (no sort, or by device) without conditions on cells: the device
+    row ``offset`` falls in and how many of its rows come before it, from a running sum of the
+    answers' lengths (cheap: no row is expanded), so a deep page costs what the first one does.
+    Returns (device, rows of it to skip, descending, total rows), None when the order is another
+    (then OFFSET runs over the expanded rows), or (None, 0, descending, 0) past the last row."""
+    if any(f.key not in RESULT_FIELDS for f in q.filters) or (
+            q.sort and (len(q.sort) != 1 or q.sort[0].key != "device")):
+        return None
+    desc = bool(q.sort) and q.sort[0].descending
+    counts = sa.select(results.c.device_id, _row_count(src).label("n")).where(*where).subquery()
+    order = counts.c.device_id.desc() if desc else counts.c.device_id
+    running = sa.select(counts.c.device_id, counts.c.n, sa.func.sum(counts.c.n).over(order_by=order).label("upto"),
+                        sa.func.sum(counts.c.n).over().label("total")).subquery()
+    hit = c.execute(sa.select(running.c.device_id, running.c.upto - running.c.n, running.c.total)
+                    .where(running.c.upto > offset).order_by(running.c.upto).limit(1)).first()
+    if hit is None:
+        return None, 0, desc, 0
+    return hit[0], offset - int(hit[1]), desc, int(hit[2])
+
+
+def _row_select(src: _Rows, layouts: Sequence[Layout], q: RowQuery) -> sa.Select[Any]:
+    """The expanded rows, ordered by ``q.sort`` (NULLs last), then device and row order."""
+    fixed = {"device": results.c.device_id, "status": results.c.state, "error": results.c.error}
+    order: list[Any] = []
+    for s in q.sort:
+        key = fixed[s.key] if s.key in fixed else src.sort_key(layouts, s.key)
+        order.append((key.desc() if s.descending else key.asc()).nulls_last())
+    order += [results.c.device_id, src.ordinal]
+    return (sa.select(results.c.device_id, results.c.state, results.c.error, results.c.columns,
+                      src.value().label("row"), src.ordinal.label("idx"))
+            .select_from(src.source).order_by(*order))
+
+
+def _decode_row(value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        try:
+            value = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            return [value]
+    return value if isinstance(value, list) else [value]
+
+
+def page_result_rows(engine: sa.Engine, instruction_id: int, offset: int, limit: int,
+                     scope: Collection[str] | None = None, layouts: Sequence[Layout] = (),
+                     q: RowQuery = RowQuery()) -> tuple[int, list[dict[str, Any]]]:
+    """(total matching rows, one page of them): each {device_id, state, error, columns, row, index}
+    (``row`` None for a device without rows). Sorted by ``q.sort`` then device and row order."""
+    src = _Rows(engine.dialect.name)
+    with engine.connect() as c:
+        where = _row_where(c, src, instruction_id, scope, layouts, q)
+        seek = _device_seek(c, src, where, q, offset)
+        if seek is None or seek[0] is None:  # another order, conditions on cells, or past the last row
+            if any(f.key not in RESULT_FIELDS for f in q.filters):
+                total = int(c.execute(sa.select(sa.func.count()).select_from(src.source).where(*where)).scalar_one())
+            else:  # no condition on a cell: add up the answers' lengths (no row expanded)
+                total = int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(_row_count(src)), 0))
+                                      .where(*where)).scalar_one())
+            rows = [] if seek is not None or offset >= total else c.execute(
+                _row_select(src, layouts, q).where(*where).offset(offset).limit(limit))
+        else:  # in device order: expand only the (at most ``limit``) devices from the one the offset falls in
+            start, skip, desc, total = seek
+            after = results.c.device_id <= start if desc else results.c.device_id >= start
+            devices = (sa.select(results.c.device_id).where(*where, after)
+                       .order_by(results.c.device_id.desc() if desc else results.c.device_id).limit(limit))
+            rows = c.execute(_row_select(src, layouts, q).where(*where, results.c.device_id.in_(devices))
+                             .offset(skip).limit(limit))
+        out = [{"device_id": r.device_id, "state": r.state, "error": r.error, "columns": r.columns,
+                "row": _decode_row(r.row), "index": None if r.idx is None else int(r.idx) - (1 if src.pg else 0)}
+               for r in rows]
+    return total, out
+
+
+def iter_results(engine: sa.Engine, instruction_id: int, scope: Collection[str] | None = None,
+                 batch: int = 500) -> Iterator[dict[str, Any]]:
+    """Every target row of an instruction (of ``scope``'s devices), by device id, read through a
+    server-side cursor ``batch`` rows at a time (constant memory whatever the size). Holds one
+    connection until exhausted or closed."""
+    with engine.connect() as c:
+        q = (sa.select(results.c.device_id, results.c.state, results.c.columns, results.c.rows, results.c.error)
+             .where(results.c.instruction_id == instruction_id, _in_scope(c, results.c.device_id, scope))
+             .order_by(results.c.device_id))
+        res = c.execution_options(stream_results=True, yield_per=batch).execute(q)
+        try:
+            for r in res:
+                yield {"device_id": r.device_id, "state": r.state, "columns": r.columns, "rows": r.rows,
+                       "error": r.error}
+        finally:
+            res.close()
+
+
+def iter_result_rows(engine: sa.Engine, instruction_id: int, scope: Collection[str] | None = None,
+                     layouts: Sequence[Layout] = (), q: RowQuery = RowQuery(),
+                     batch: int = 1000) -> Iterator[dict[str, Any]]:
+    """Every row :func:`page_result_rows` would page through, in its order, through a server-side
+    cursor (the backend sorts; this process holds ``batch`` rows at a time)."""
+    src = _Rows(engine.dialect.name)
+    with engine.connect() as c:
+        where = _row_where(c, src, instruction_id, scope, layouts, q)
+        res = c.execution_options(stream_results=True, yield_per=batch).execute(
+            _row_select(src, layouts, q).where(*where))
+        try:
+            for r in res:
+                yield {"device_id": r.device_id, "state": r.state, "error": r.error, "columns": r.columns,
+                       "row": _decode_row(r.row)}
+        finally:
+            res.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import auth, content, definitions, devices, health, instructions, packs, results, switches
+from . import auth, content, definitions, devices, export, health, instructions, packs, results, switches
 
-ALL = (health.router, auth.router, instructions.router, results.router, content.router, definitions.router,
+ALL = (health.router, auth.router, instructions.router, results.router, export.router, content.router, definitions.router,
        packs.router, devices.router, switches.router)

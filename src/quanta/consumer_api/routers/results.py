@@ -15,6 +15,7 @@ from quanta import protocol as p
 from quanta.consumer_api.deps import Api, VisibleInstruction, visible_instruction
 from quanta.consumer_api.errors import Invalid
 from quanta.consumer_api.feed import Snapshot, StatusFeed
+from quanta.consumer_api.routers.export import export_response
 from quanta.consumer_api.models import HeldPage, ResultsPage
 from quanta.consumer_api.service import ConsumerApi
 from quanta.rbac import Access
@@ -26,12 +27,39 @@ MAX_OFFSET = 2**31 - 1
 STATIC_STATUS_FIELDS = {"payload", "parameters", "instruction_set", "devices"}
 
 
-@router.get("/Consumer/Instructions/{instruction_id}/Responses", response_model=ResultsPage)
-async def responses(seen: VisibleInstruction, api: Api, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+@router.get("/Consumer/Instructions/{instruction_id}/Responses", response_model=ResultsPage,
+            responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}})
+async def responses(seen: VisibleInstruction, api: Api, request: Request,
+                    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-                    state: Annotated[str | None, Query(max_length=32)] = None) -> ResultsPage:
+                    state: Annotated[str | None, Query(max_length=32)] = None,
+                    paging: Annotated[Literal["device", "rows"], Query()] = "device",
+                    sort: Annotated[list[str] | None, Query(max_length=4)] = None,
+                    filter: Annotated[list[str] | None, Query(max_length=8)] = None,  # noqa: A002
+                    device: Annotated[str | None, Query(max_length=255)] = None,
+                    status: Annotated[list[str] | None, Query(max_length=16)] = None,
+                    format: Annotated[Literal["json", "csv", "ndjson"] | None, Query()] = None,  # noqa: A002
+                    ) -> Any:
+    """paging=device (the default): one item per device, ``offset``/``limit`` in devices.
+    paging=rows: one row per device and result row, ``offset``/``limit`` in rows, with ``total``,
+    sorted (``sort=NAME`` / ``sort=-NAME``, repeatable) and filtered (``device=`` substring,
+    ``status=`` repeatable, ``filter=NAME:OP:VALUE`` repeatable) server-side; NAME is device,
+    status, error or a result column (a 422 names the valid ones). ``format=csv|ndjson`` (or
+    ``Accept: text/csv``) streams every matching row as ``/Export`` does."""
     if state is not None and state not in p.ALL_STATES:
         raise Invalid(f"unknown state {state!r}; known: {', '.join(p.ALL_STATES)}")
+    states = [*(status or []), *([state] if state else [])]
+    if format is None and "text/csv" in request.headers.get("accept", "") and \
+            "application/json" not in request.headers.get("accept", ""):
+        format = "csv"  # noqa: A001
+    if format in ("csv", "ndjson"):
+        layouts, q = await api.db(api.row_query, seen.id, seen.access, sort or [], filter or [], device, states)
+        return export_response(api, seen.id, seen.access, format, layouts, q)
+    if paging == "rows":
+        return await api.db(api.result_rows_page, seen.id, seen.access, offset, limit, sort or [], filter or [],
+                            device, states)
+    if sort or filter or device or status:
+        raise Invalid("sort, filter, device and status need paging=rows")
     return await api.db(api.responses_page, seen.id, seen.access, offset, limit, state)
 
 

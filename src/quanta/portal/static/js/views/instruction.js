@@ -1,4 +1,4 @@
-import { api, stream } from "../api.js";
+import { api, session, stream } from "../api.js";
 import { cellText, clear, fmtTime, h, kindBadge, message, pager, stateBadge, STATE_LABEL, STATES, statusBadge } from "../dom.js";
 import { approvalProgress } from "./approvals.js";
 
@@ -14,7 +14,29 @@ function badgeOf(st) {
 const AGG_GROUPS = 1000; // groups the server returns for an aggregate (largest first)
 const BY_STATE = "Device state"; // grouped from the counts per state, not from rows
 
-const SIZES = [10, 25, 100, 500];
+const SIZES = [25, 100, 500, 1000];
+const PAGE = 100; // result rows per page by default: only a page is ever in the DOM
+const FILTER_OPS = ["eq", "ne", "lt", "le", "gt", "ge", "contains", "startswith", "empty", "nonempty"];
+const BYTES = /(^|[^a-z])(size|bytes|memory|mem|ram|rss|vsz|disk|free|used|capacity)([^a-z]|$)/i;
+const TIMES = /(time|date|started|created|modified|boot|seen|_at$|at$|when|install)/i;
+
+// Cells: numbers in a column named like a size print as bytes, epoch seconds in a column named
+// like a time print as a local time; the raw value stays in the title.
+function fmtBytes(n) {
+  const u = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+  let i = 0;
+  let v = Math.abs(n);
+  while (v >= 1024 && i < u.length - 1) { v /= 1024; i += 1; }
+  return `${n < 0 ? "-" : ""}${i === 0 ? v : v.toFixed(v < 10 ? 2 : 1)} ${u[i]}`;
+}
+
+function formatCell(column, v) {
+  if (typeof v === "number" && Number.isFinite(v)) {
+    if (BYTES.test(column) && v >= 0) return fmtBytes(v);
+    if (TIMES.test(column) && v > 1e8 && v < 1e11) return fmtTime(v);
+  }
+  return cellText(v);
+}
 
 export async function render(main, args, signal, query = new URLSearchParams()) {
   const id = Number(args[0]);
@@ -23,14 +45,18 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
   // The view's state lives in the fragment's query, so a results page can be linked to.
   const int = (k, d) => { const v = query.has(k) ? Number(query.get(k)) : NaN; return Number.isInteger(v) && v >= 0 ? v : d; };
   const view = { mode: query.get("view") === "aggregate" ? "agg" : "rows", state: STATES.includes(query.get("state")) ? query.get("state") : "",
-    offset: int("offset", 0), limit: Math.min(Math.max(int("limit", 25), 1), 1000), aggBy: query.getAll("by").filter(Boolean).slice(0, 8),
+    offset: int("offset", 0), limit: Math.min(Math.max(int("limit", PAGE), 1), 1000), sort: (query.get("sort") || "").slice(0, 300),
+    filter: (query.get("filter") || "").slice(0, 1000), device: (query.get("device") || "").slice(0, 255), aggBy: query.getAll("by").filter(Boolean).slice(0, 8),
     defaultBy: undefined, columns: [] }; // defaultBy: the definition's aggregation (null: none; undefined: not asked yet)
   function remember() {
     const q = new URLSearchParams();
     if (view.mode === "agg") { q.set("view", "aggregate"); for (const b of view.aggBy) q.append("by", b); }
     if (view.state && view.mode === "rows") q.set("state", view.state);
     if (view.mode === "rows" && view.offset) q.set("offset", String(view.offset));
-    if (view.mode === "rows" && view.limit !== 25) q.set("limit", String(view.limit));
+    if (view.mode === "rows" && view.limit !== PAGE) q.set("limit", String(view.limit));
+    if (view.mode === "rows" && view.sort) q.set("sort", view.sort);
+    if (view.mode === "rows" && view.filter) q.set("filter", view.filter);
+    if (view.mode === "rows" && view.device) q.set("device", view.device);
     const hash = `#/i/${id}${[...q].length ? `?${q}` : ""}`;
     if (location.hash !== hash) history.replaceState(null, "", hash); // no hashchange: the view stays
   }
@@ -93,11 +119,50 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
   }
 
   // ------------------------------------------------------------- results
+  // The grid's query: rows paged, sorted and filtered by the server (?paging=rows).
+  function rowQuery() {
+    const q = new URLSearchParams();
+    if (view.state) q.set("status", view.state);
+    if (view.sort) q.set("sort", view.sort);
+    if (view.filter) q.set("filter", view.filter);
+    if (view.device) q.set("device", view.device);
+    return q;
+  }
+
   async function loadRows() {
-    const q = new URLSearchParams({ offset: String(view.offset), limit: String(view.limit) });
-    if (view.state) q.set("state", view.state);
-    const page = await api("GET", `/Instructions/${id}/Responses?${q}`, undefined, { signal });
-    return page.items;
+    const q = rowQuery();
+    q.set("paging", "rows");
+    q.set("offset", String(view.offset));
+    q.set("limit", String(view.limit));
+    return api("GET", `/Instructions/${id}/Responses?${q}`, undefined, { signal });
+  }
+
+  // Export (CSV) of what the grid shows, every page: the API streams it; the token is sent as a
+  // header (never in a URL), so the file is fetched and handed to the browser as a download.
+  async function exportCsv(button) {
+    const q = rowQuery();
+    q.set("format", "csv");
+    button.disabled = true;
+    const label = button.textContent;
+    button.textContent = "Exporting…";
+    try {
+      const s = session();
+      const r = await fetch(`/Consumer/Instructions/${id}/Export?${q}`, { headers: s ? { Authorization: `Bearer ${s.token}` } : {}, cache: "no-store" });
+      if (!r.ok) throw new Error(`export failed: HTTP ${r.status}`);
+      const url = URL.createObjectURL(await r.blob());
+      const a = document.createElement("a");
+      a.href = url;
+      a.download = `instruction-${id}.csv`;
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+    } catch (e) {
+      results.append(message("error", e.message));
+    } finally {
+      button.disabled = false;
+      button.textContent = label;
+    }
   }
 
   // The columns answers have (from a first page of successful answers), for the group-by choices.
@@ -119,13 +184,29 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
       h("option", { value: "" }, "All states"),
       ...STATES.map((k) => h("option", { value: k, selected: view.state === k }, `${STATE_LABEL[k]} (${st.states[k] || 0})`)));
     const sizeSel = h("select", { id: "page-size", "aria-label": "page size", onchange: () => { view.limit = Number(sizeSel.value); view.offset = 0; drawResults(); } },
-      ...[...new Set([...SIZES, view.limit])].sort((a, b) => a - b).map((n) => h("option", { value: String(n), selected: view.limit === n }, `${n} device${n === 1 ? "" : "s"} per page`)));
+      ...[...new Set([...SIZES, view.limit])].sort((a, b) => a - b).map((n) => h("option", { value: String(n), selected: view.limit === n }, `${n} row${n === 1 ? "" : "s"} per page`)));
+    // The filter box: text matches device ids; "COLUMN:OP:VALUE" (e.g. Size:gt:1000000) filters a column.
+    const typed = (t) => FILTER_OPS.some((op) => t.includes(`:${op}:`) || t.endsWith(`:${op}`));
+    let timer = null;
+    const filterBox = h("input", { id: "results-filter", type: "search", "aria-label": "filter", maxlength: "1000", spellcheck: "false",
+      placeholder: "Filter: device, or Column:op:value", value: view.filter || view.device,
+      oninput: () => { clearTimeout(timer); timer = setTimeout(apply, 350); }, onkeydown: (e) => { if (e.key === "Enter") { clearTimeout(timer); apply(); } } });
+    function apply() {
+      const t = filterBox.value.trim();
+      const [filter, device] = typed(t) ? [t, ""] : ["", t];
+      if (filter === view.filter && device === view.device) return;
+      view.filter = filter; view.device = device; view.offset = 0;
+      drawResults();
+    }
+    const exportBtn = h("button", { type: "button", class: "btn btn-small", id: "export-csv", onclick: () => exportCsv(exportBtn) }, "Export CSV");
     const tabs = h("div", { class: "tabs", role: "tablist" },
       h("button", { type: "button", role: "tab", class: view.mode === "rows" ? "tab active" : "tab", id: "tab-rows",
         onclick: () => { view.mode = "rows"; drawResults(); } }, "Results"),
       h("button", { type: "button", role: "tab", class: view.mode === "agg" ? "tab active" : "tab", id: "tab-agg",
         onclick: () => { view.mode = "agg"; drawResults(); } }, "Aggregate"));
-    return h("div", { class: "toolbar" }, tabs, h("div", { class: "spacer" }), view.mode === "rows" ? stateSel : null, view.mode === "rows" ? sizeSel : null);
+    const rows = view.mode === "rows";
+    return h("div", { class: "toolbar" }, tabs, h("div", { class: "spacer" }), rows ? filterBox : null, rows ? stateSel : null,
+      rows ? sizeSel : null, rows ? exportBtn : null);
   }
 
   let drawing = null;
@@ -135,6 +216,7 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
     remember();
     const body = h("div", { class: "results-body" }, h("div", { class: "loading" }, "Loading…"));
     if (!results.firstChild) clear(results, toolbar(), body);
+    const focused = document.activeElement && document.activeElement.id === "results-filter"; // typing goes on
     let content;
     try {
       content = view.mode === "rows" ? await rowsView() : await aggView();
@@ -144,30 +226,50 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
     }
     if (drawing !== mine) return; // a newer draw won
     clear(results, toolbar(), h("div", { class: "results-body" }, content));
+    const box = results.querySelector("#results-filter");
+    if (focused && box) { box.focus(); box.setSelectionRange(box.value.length, box.value.length); }
   }
 
   async function rowsView() {
-    const items = await loadRows();
-    const cols = columnsOf(items);
-    const n = view.state ? (st.states[view.state] || 0) : total();
-    const trs = [];
-    for (const it of items) {
-      const base = [h("td", { class: "device" }, it.device), h("td", {}, stateBadge(it.status))];
-      if (it.rows && it.rows.length) {
-        for (const row of it.rows) {
-          const byName = Object.fromEntries((it.columns || []).map((c, i) => [c, row[i]]));
-          trs.push(h("tr", {}, ...base.map((td) => td.cloneNode(true)), ...cols.map((c) => h("td", {}, cellText(byName[c]))), h("td", {})));
-        }
-      } else {
-        trs.push(h("tr", {}, ...base, ...cols.map(() => h("td", { class: "muted" }, "")), h("td", { class: it.error ? "err" : "muted" }, it.error || "")));
-      }
+    let page;
+    try {
+      page = await loadRows();
+    } catch (e) {
+      if (e.status !== 422 || !(view.sort || view.filter)) throw e;
+      // a shared link naming a column these answers do not have: say so, keep the grid usable
+      view.sort = ""; view.filter = ""; view.offset = 0;
+      page = await loadRows();
+      page.note = e.message;
     }
-    if (!trs.length) return h("p", { class: "empty" }, st.status === "pending_approval" ? "No responses until the action is approved." : "No responses yet.");
-    return h("div", {},
+    const cols = page.columns;
+    for (const c of cols) if (!view.columns.includes(c)) view.columns.push(c);
+    const desc = view.sort.startsWith("-");
+    const sortKey = desc ? view.sort.slice(1) : view.sort;
+    const header = (label, key) => {
+      const on = sortKey === key;
+      const next = !on ? key : desc ? "" : `-${key}`; // none -> ascending -> descending -> none
+      return h("th", { class: on ? "sortable sorted" : "sortable", "data-sort": key, "aria-sort": on ? (desc ? "descending" : "ascending") : "none",
+        title: `sort by ${label}`, onclick: () => { view.sort = next; view.offset = 0; drawResults(); } },
+        label, on ? h("span", { class: "sort-mark", "aria-hidden": "true" }, desc ? " ▼" : " ▲") : null);
+    };
+    const trs = page.rows.map((r) => h("tr", {},
+      h("td", { class: "device" }, r.device), h("td", {}, stateBadge(r.status)),
+      ...cols.map((c, i) => {
+        const v = r.cells[i];
+        const t = formatCell(c, v);
+        return h("td", { class: r.index === null ? "muted" : null, title: t !== cellText(v) ? cellText(v) : null }, t);
+      }),
+      h("td", { class: r.error ? "err" : "muted" }, r.error || "")));
+    const note = page.note ? message("error", page.note) : null;
+    if (!trs.length) {
+      return h("div", {}, note, h("p", { class: "empty" }, view.filter || view.device || view.state ? "No rows match."
+        : st.status === "pending_approval" ? "No responses until the action is approved." : "No responses yet."));
+    }
+    return h("div", {}, note,
       h("div", { class: "table-wrap" }, h("table", { class: "data", id: "results-table" },
-        h("thead", {}, h("tr", {}, h("th", {}, "Device"), h("th", {}, "State"), ...cols.map((c) => h("th", {}, c)), h("th", {}, "Error"))),
+        h("thead", {}, h("tr", {}, header("Device", "device"), header("State", "status"), ...cols.map((c) => header(c, c)), header("Error", "error"))),
         h("tbody", {}, ...trs))),
-      pager({ offset: view.offset, limit: view.limit, total: n, onPage: (o) => { view.offset = o; drawResults(); } }));
+      pager({ offset: view.offset, limit: view.limit, total: page.total, onPage: (o) => { view.offset = o; drawResults(); } }));
   }
 
   // Aggregates are computed by the server over every answer (GET .../Aggregate): by default
