@@ -137,3 +137,15 @@ def test_a_link_with_an_unknown_column_says_so_and_still_shows_rows(tab: Page, g
     pg.goto(f"/Explorer/#/i/{iid}?sort=Nope&filter=Nope:eq:1")
     expect(pg.locator("#results .msg-error")).to_contain_text("Nope")
     expect(pg.locator(".pager-info")).to_have_text(f"1–100 of {DEVICES * ROWS}")
+
+
+def test_cli_export_is_the_apis_csv(grid_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same CSV through the CLI (``quanta export``, which streams the Export route) as through the API
+    and, above, the portal's button."""
+    from conftest import quanta
+
+    s, iid = grid_server
+    out = tmp_path / "cli.csv"
+    quanta("export", str(s.root), str(iid), "--format", "csv", "-o", str(out))
+    assert out.read_bytes().decode() == _api_csv(s, iid)
+    assert out.read_bytes().decode().count("\r\n") == DEVICES * ROWS + 1
