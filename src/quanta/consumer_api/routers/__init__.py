@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import auth, content, definitions, devices, health, instructions, packs, results, switches
+from . import audit, auth, content, definitions, devices, groups, health, instructions, packs, results, switches, users
 
 ALL = (health.router, auth.router, instructions.router, results.router, content.router, definitions.router,
-       packs.router, devices.router, switches.router)
+       packs.router, devices.router, switches.router, users.router, groups.router, audit.router)
