@@ -310,3 +310,25 @@ def test_the_audit_log_is_read_only_paged_and_exported_as_csv(c: httpx.Client, s
         with engine.begin() as conn:
             conn.execute(sa.text("UPDATE audit_log SET actor = 'x' WHERE id = :i"), {"i": first_id})
     engine.dispose()
+
+
+def test_the_cli_client_logs_in_again_when_its_session_ends(c: httpx.Client, srv: Server) -> None:
+    """Tokens are short-lived and revocable: a client whose fresh (uncached) token is ended on the
+    server logs in once more and repeats the call; a cached one too."""
+    from quanta.client import ConsumerClient
+
+    with ConsumerClient.for_data_dir(srv.root, cache_token=False) as api:
+        first = api.token
+        assert c.post("/Consumer/Authentication/Logout", headers={"Authorization": f"Bearer {first}"}).status_code == 204
+        assert api.devices() == []
+        assert api.token != first and _ok(c, api.token)
+    with ConsumerClient.for_data_dir(srv.root) as api:
+        cached = api.token
+        c.post("/Consumer/Authentication/Logout", headers={"Authorization": f"Bearer {cached}"})
+    with ConsumerClient.for_data_dir(srv.root) as api:
+        assert api.token_from_cache and api.token == cached
+        assert api.devices() == [] and api.token != cached
+
+
+def _ok(c: httpx.Client, token: str | None) -> bool:
+    return c.get("/Consumer/Devices", headers={"Authorization": f"Bearer {token}"}).status_code == 200
