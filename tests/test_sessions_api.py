@@ -89,6 +89,9 @@ def test_logout_ends_the_token_at_once(c: httpx.Client, srv: Server) -> None:
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
     assert c.post("/Consumer/Authentication/Logout", headers=h).status_code == 401
     assert c.post("/Consumer/Authentication/Logout").status_code == 401
+    for bad in ("x" * 8000, "short", tok["token"] + "x", tok["token"].upper(), "Basic " + tok["token"]):
+        r = c.get("/Consumer/Devices", headers={"Authorization": f"Bearer {bad}"})
+        assert r.status_code == 401, (bad[:20], r.status_code)
     assert c.get("/Consumer/Devices", headers=other).status_code == 200
     assert [e["action"] for e in audit(c, other, action="logout")] == ["logout"]
 

@@ -14,11 +14,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
+from quanta.accounts import AccountError
 from quanta.accounts.audit import QUERY_LIMIT_MAX, AuditEntry
 from quanta.consumer_api.deps import Api, CurrentActor, account_error, accounts_call, admin_only
-from quanta.consumer_api.models import AuditEntryOut, AuditPageOut
-from quanta.accounts import AccountError
-from quanta.consumer_api.models import UnixTime
+from quanta.consumer_api.models import AuditEntryOut, AuditPageOut, UnixTime
 
 router = APIRouter()
 
