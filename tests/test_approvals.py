@@ -490,7 +490,15 @@ def test_e2e_two_of_m_runs_after_two_distinct_non_requesters(e2e: tuple[Server, 
     assert "needs 2 approvals by different people" in box.wait_for("carol@example.com", f"instruction {iid}")
     assert post(s, alice, f"/Consumer/Instructions/{iid}/Approve").status_code == 403  # the requester
     first = post(s, bob, f"/Consumer/Instructions/{iid}/Approve", {"reason": "one"})
-    assert first.status_code in (200, 202) and first.json()["status"] == ins.PENDING_APPROVAL, first.text
+    assert first.status_code == 202 and first.json()["status"] == ins.PENDING_APPROVAL, first.text
+    st = get(s, carol, f"/Consumer/Instructions/{iid}")
+    assert st["approvers_required"] == 2 and [a["approver"] for a in st["approvals"]] == ["bob"], st
+    # the other approver hears of the partial approval, with the link; bob (who approved) and the
+    # requester do not
+    partial = box.wait_for("carol@example.com", f"instruction {iid} (adhoc): 1 of 2 approvals")
+    assert "approved so far by bob" in partial and f"Explorer/#/i/{iid}" in partial
+    assert not [m for m in box.messages if f"{iid} (adhoc): 1 of 2" in m["data"] and
+                ("bob@" in m["to"] or "alice@" in m["to"])]
     again = post(s, bob, f"/Consumer/Instructions/{iid}/Approve", {"reason": "one again"})
     assert again.status_code == 409 and "already approved" in again.json()["detail"]
     time.sleep(2)  # a run would have started by now: the agents are online and poked at once

@@ -523,5 +523,5 @@ def test_a_resumed_session_without_the_device_purpose_is_closed_before_its_first
     assert frame[0] == 0x88 and int.from_bytes(frame[2:4], "big") == 1008, frame  # a close frame, nothing else
     assert b"not a device certificate" in frame[4:]
     cert = load_cert(crt)
-    line = _log_line(server, "closing connection from", f"serial {cert.serial_number:x}")
-    assert "(device srv-old)" in line and "a server or interaction-port certificate" in line
+    line = _log_line(server, "closing agent connection", f"serial {cert.serial_number:x}")
+    assert "device srv-old:" in line and "a server or interaction-port certificate" in line

@@ -69,6 +69,25 @@ def test_an_answer_after_the_end_is_held_as_late_and_changes_no_count(db_url: st
     assert held.held_counts(engine, 7) == {"late": 1}
 
 
+def test_a_delivery_report_after_the_end_changes_no_count(db_url: str) -> None:
+    """A Delivered in flight when the instruction ends must not turn a final 'offline' into 'sent'."""
+    engine = _setup(db_url, ["a", "away"])
+    store.devices_offline(engine, "sw", ["away"])
+
+    async def run() -> None:
+        core = await _core(engine)
+        link = Link(devices={"a", "away"})
+        await core.ingest(link, p.ResponseBatch(batch_id=1, responses=[_answer("a")]))
+        await core.finish(7, "gather window closed")
+        before = store.state_counts(engine, 7)
+        assert before.get("offline") == 1 or before.get("expired") == 1, before
+        await core.handle(link, p.Delivered(instruction_id=7, device_ids=["away"]))
+        assert store.state_counts(engine, 7) == before
+        await core.stop()
+
+    asyncio.run(run())
+
+
 def test_an_answer_the_database_refuses_is_held_and_the_batch_goes_on(db_url: str, caplog) -> None:  # type: ignore[no-untyped-def]
     """A value that cannot be stored (here: a msgpack extension value where a cell belongs, built
     past the decoder, which refuses it: whatever the database or the JSON encoder refuses, the Core

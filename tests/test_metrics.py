@@ -73,3 +73,48 @@ def test_careless_metrics_settings_are_refused() -> None:
         Settings(server_name="x", metrics_ports={"cores": 9400})
     with pytest.raises(ValidationError, match="out of range"):
         Settings(server_name="x", metrics_ports={"core": 70000})
+
+
+def test_a_real_server_exports_core_and_web_metrics(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A real server with metrics ports set: after one question, the Core's counters and the web tier's
+    per-route latencies are there, labelled by route template (never by instruction id)."""
+    import json
+
+    from conftest import make_server, quanta
+
+    s = make_server(tmp_path)
+    ports = {name: free_port() for name in ("core", "web", "coordinator", "switch")}
+    from quanta.settings import load_settings, save_settings
+
+    save_settings(s.root, load_settings(s.root).model_copy(update={"metrics_ports": ports}))
+    s.start()
+    try:
+        s.enroll("m1")
+        s.start_agent("m1")
+        s.wait_online({"m1"})
+        r = json.loads(quanta("ask", str(s.root), "@s = Device.GetSummary(); SELECT * FROM @s;", "--json").stdout)
+        assert r["states"] == {"success": 1}
+
+        def scrape(component: str) -> dict:
+            text = httpx.get(f"http://127.0.0.1:{ports[component]}/metrics", timeout=10).text
+            return {f.name: f for f in text_string_to_metric_families(text)}
+
+        core = scrape("core")
+        assert core["quanta_core_answers"].samples[0].value >= 1
+        assert {s.labels["status"] for s in core["quanta_core_instructions_ended"].samples
+                if s.name.endswith("_total") and s.value >= 1} == {"finished"}
+        assert any(s.name.endswith("_count") and s.value >= 1 for s in core["quanta_core_commit_latency_seconds"].samples)
+        web = scrape("web")
+        routes = {s.labels["route"] for s in web["quanta_web_request_seconds"].samples}
+        assert "/Consumer/Instructions" in routes and "/Consumer/Authentication/Token" in routes
+        assert not any(str(r["instruction_id"]) in route for route in routes)  # templates, not raw paths
+        coord = scrape("coordinator")
+        assert coord["quanta_coordinator_approvals_pending"].samples[0].value == 0
+        switch = scrape("switch")  # switch-1: metrics_ports.switch + 0
+        assert switch["quanta_switch_connections"].samples[0].value == 1
+        assert {s.labels["result"]: s.value for s in switch["quanta_switch_handshakes"].samples} ["accepted"] >= 1
+        assert switch["quanta_switch_frames_in"].samples[0].value >= 2  # hello and the answer
+        assert switch["quanta_switch_frames_out"].samples[0].value >= 2  # welcome and the instruction
+        assert any(s.name.endswith("_count") and s.value >= 1 for s in switch["quanta_switch_batch_latency_seconds"].samples)
+    finally:
+        s.stop()

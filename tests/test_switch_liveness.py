@@ -17,6 +17,7 @@ from picows import WSListener, WSMsgType, ws_connect
 from conftest import free_port
 from quanta import protocol as p
 from quanta.pki import Pki, load_cert
+from quanta.protocol.switch_batches import SendBatch
 from quanta.switch.service import ACK_SLICE, DELIVERED_HOLD, FLUSH_INTERVAL, STALE_TICKS, Switch
 
 
@@ -210,39 +211,46 @@ def test_answers_go_at_once_on_an_idle_link_and_gather_while_a_batch_is_unacknow
     sw = _switch(pki, 1)  # never served: its Core link is the stand-in below
     link = _CoreLink()
     sw._link = link
+    sw.batches.link_up()
 
     def answer(dev: str) -> None:
         sw.on_response(dev, p.Response(instruction_id=1, status="success", columns=["X"], rows=[[1]]), 40)
 
     async def run() -> None:
         answer("a")
-        assert sw._flush_now.is_set()  # nothing awaits an ack: flush now
-        sw._flush_now.clear()
+        assert sw._flush_wake.is_set()  # nothing awaits an ack: flush now
+        sw._flush_wake.clear()
         await sw._flush_once()
         assert [len(b.responses) for b in link.batches] == [1]
         for dev in ("b", "c", "d"):
             answer(dev)
-        assert not sw._flush_now.is_set()  # batch 1 unacknowledged: gather (or FLUSH_INTERVAL)
+        # batch 1 unacknowledged: gather (until its ack, or for FLUSH_INTERVAL: the flusher re-arms)
+        assert sw.batches.flush_at() not in (None, float("-inf"))
+        sw._flush_wake.clear()
         sw.on_batch_ack(p.BatchAck(batch_id=999))  # an unknown ack changes nothing
-        assert not sw._flush_now.is_set()
+        assert not sw._flush_wake.is_set()
         sw.on_batch_ack(p.BatchAck(batch_id=link.batches[0].batch_id))
-        assert sw._flush_now.is_set()  # acknowledged with answers waiting: flush now
-        sw._flush_now.clear()
+        assert sw._flush_wake.is_set()  # acknowledged with answers waiting: flush now
+        sw._flush_wake.clear()
         await sw._flush_once()
         assert [[r.device_id for r in b.responses] for b in link.batches] == [["a"], ["b", "c", "d"]]
         sw.on_batch_ack(p.BatchAck(batch_id=link.batches[1].batch_id))
-        assert not sw._flush_now.is_set()  # nothing waiting: no empty flush
-        assert sw._unacked == {}
+        assert not sw._flush_wake.is_set()  # nothing waiting: no empty flush
+        assert sw.batches.unacked() == []
 
     asyncio.run(run())
 
 
-def _committed(sw: Switch, batch_id: int, devices: list[str], instruction_id: int) -> None:
-    """The Core committed a batch of these devices' answers to one instruction."""
-    sw._unacked[batch_id] = p.ResponseBatch(batch_id=batch_id, responses=[
-        p.DeviceResponse(device_id=d, response=p.Response(instruction_id=instruction_id, status="success"))
-        for d in devices])
-    sw.on_batch_ack(p.BatchAck(batch_id=batch_id))
+def _committed(sw: Switch, devices: list[str], instruction_id: int) -> None:
+    """These devices' answers to one instruction, batched and committed by the Core, a while ago
+    (answers have paused: their acknowledgements are due)."""
+    then = time.monotonic() - 10
+    for d in devices:
+        sw.batches.answered(d, p.Response(instruction_id=instruction_id, status="success"), 10, then)
+    for e in sw.batches.flush(then):
+        assert isinstance(e, SendBatch)
+        assert sw.batches.batch_acked(e.batch.batch_id, then) is False
+    sw.on_batch_ack(p.BatchAck(batch_id=-1))  # (an unknown id: only wakes the acker)
 
 
 def test_the_ack_drain_sends_each_ack_once_in_order_and_yields_between_slices(pki: Pki) -> None:
@@ -254,8 +262,9 @@ def test_the_ack_drain_sends_each_ack_once_in_order_and_yields_between_slices(pk
     sw = _switch(pki, 1)
     sent: list[tuple[str, object]] = []
     sw.conns = {d: _Device(sent, d) for d in names}  # type: ignore[misc]
-    _committed(sw, 1, names, 1)
-    _committed(sw, 2, names[:10], 2)  # ten devices answered a second instruction too
+    sw.batches.link_up()
+    _committed(sw, names, 1)
+    _committed(sw, names[:10], 2)  # ten devices answered a second instruction too
 
     async def run() -> int:
         turns = 0
@@ -264,7 +273,7 @@ def test_the_ack_drain_sends_each_ack_once_in_order_and_yields_between_slices(pk
             await asyncio.sleep(0)
             turns += 1
             if turns == 5:  # mid-drain: the Core commits d00000's answer to a third instruction
-                _committed(sw, 3, names[:1], 3)
+                _committed(sw, names[:1], 3)
             assert turns < 10 * n, "the drain did not finish"
         while len(sent) < n + 1 and turns < 20 * n:
             await asyncio.sleep(0)
@@ -278,13 +287,14 @@ def test_the_ack_drain_sends_each_ack_once_in_order_and_yields_between_slices(pk
     assert all(m == p.ResponseAck(instruction_ids=[1]) for _, m in sent[10:n])
     assert sent[n:] == [("d00000", p.ResponseAck(instruction_ids=[3]))]  # the later pass
     assert turns >= n // ACK_SLICE  # the loop ran other work between slices
-    assert sw._acks == {}
+    assert not sw.batches.acks_pending()
 
 
 def test_the_flusher_sleeps_while_there_is_nothing_to_send(pki: Pki) -> None:
     """Idle, the flusher does not wake (it woke every FLUSH_INTERVAL); a device coming online is
-    reported after one gather of FLUSH_INTERVAL; answers gather only while a batch awaits its ack;
-    a delivery is reported once DELIVERED_HOLD old, with one wake-up for it."""
+    reported after one gather of FLUSH_INTERVAL; answers gather only while a batch awaits its ack,
+    and with nothing gathered the flusher sleeps even then; a delivery is reported once
+    DELIVERED_HOLD old, with one wake-up for it."""
     sw = _switch(pki, 1)
     link = _CoreLink()
     sw._link = link
@@ -307,37 +317,45 @@ def test_the_flusher_sleeps_while_there_is_nothing_to_send(pki: Pki) -> None:
 
     async def run() -> None:
         sw._link_up.set()
+        sw.batches.link_up()
         flusher = asyncio.create_task(sw._flusher())
         window = 25 * FLUSH_INTERVAL
         await asyncio.sleep(window)  # an idle window: the old flusher woke 25 times in it
         assert flushes == 0
-        sw._online["dev1"] = p.DeviceInfo(device_id="dev1", fqdn="dev1", os="Linux", agent_version="t")
-        sw.report_soon()
-        sw.report_soon()  # a second device in the same gather: still one flush
+        for dev in ("dev1", "dev2"):  # a second device in the same gather: still one flush
+            if sw.batches.device_online(p.DeviceInfo(device_id=dev, fqdn=dev, os="Linux", agent_version="t"),
+                                        time.monotonic()):
+                sw._flush_wake.set()
         await until(lambda: any(isinstance(m, p.DevicesOnline) for m in link.sent))
         assert flushes == 1
         await asyncio.sleep(window)
         assert flushes == 1  # idle again
         # an answer on an idle link goes at once; while its batch awaits the ack, the flusher
-        # gathers in FLUSH_INTERVAL steps; acknowledged, it sleeps again
+        # sleeps if nothing gathers, and sends what gathers after FLUSH_INTERVAL; acknowledged, it
+        # sleeps again
         sw.on_response("dev1", p.Response(instruction_id=1, status="success"), 10)
         await until(lambda: len(link.batches) == 1)
         before = flushes
         await asyncio.sleep(window)
-        assert flushes - before >= 5
+        assert flushes == before
+        t0 = time.monotonic()
+        sw.on_response("dev2", p.Response(instruction_id=1, status="success"), 10)
+        await until(lambda: len(link.batches) == 2)
+        assert time.monotonic() - t0 >= FLUSH_INTERVAL * 0.9 and flushes == before + 1
         sw.on_batch_ack(p.BatchAck(batch_id=link.batches[0].batch_id))
+        sw.on_batch_ack(p.BatchAck(batch_id=link.batches[1].batch_id))
         await asyncio.sleep(2 * FLUSH_INTERVAL)  # the wake-up already under way, if any
         before = flushes
         await asyncio.sleep(window)
         assert flushes == before
         # a delivery the device does not answer is reported once it is DELIVERED_HOLD old
-        sw._delivered[7]["dev1"] = time.monotonic()
-        sw._flush_now.set()
+        if sw.batches.delivered(7, ["dev1"], time.monotonic()):
+            sw._flush_wake.set()
         await until(lambda: any(isinstance(m, p.Delivered) for m in link.sent), 3 * DELIVERED_HOLD)
         assert [m for m in link.sent if isinstance(m, p.Delivered)] == [p.Delivered(instruction_id=7,
                                                                                     device_ids=["dev1"])]
-        assert flushes - before == 2  # the one asked for, and the one at DELIVERED_HOLD
-        assert not sw._delivered
+        assert flushes - before == 1  # the one at DELIVERED_HOLD
+        assert sw.batches.flush_at() is None
         flusher.cancel()
 
     asyncio.run(run())

@@ -18,8 +18,8 @@ from quanta import protocol as p
 from quanta.db.tables import approvals, instruction_sets, instructions
 from quanta.internal import bearer, http_client
 from quanta.pki import Signer
-from quanta.states import (APPROVAL_EXPIRED, CANCELLED, DONE_STATES, NEW, PENDING_APPROVAL,  # noqa: F401
-                           READY, REJECTED, SCHEDULED)
+from quanta.states import (APPROVAL_EXPIRED, CANCELLED, DONE_STATES, NEVER_ISSUED, NEW,  # noqa: F401
+                           PENDING_APPROVAL, READY, REJECTED, SCHEDULED)
 
 MAX_APPROVERS = 100  # the instruction_sets check constraint agrees
 DEFAULT_SET = "*"  # the policy of sets without their own row, and of raw SCALE
@@ -106,6 +106,40 @@ def decide(engine: sa.Engine, iid: int, *, status: str, by: str, reason: str | N
     with engine.begin() as c:
         res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == expect)
                         .values(status=status, decided_by=by, decided_at=time.time(), decision_reason=reason))
+        return res.rowcount == 1
+
+
+# Before the Core takes it, an instruction in one of these can be cancelled (a compare-and-set from
+# that state; the Core activates only from READY, with a compare-and-set too, so a cancelled one
+# never runs).
+CANCELLABLE = (PENDING_APPROVAL, SCHEDULED, READY)
+
+
+def cancel(engine: sa.Engine, iid: int, *, by: str, expect: str) -> bool:
+    """Cancel an instruction the Core has not taken: ``expect`` (one of :data:`CANCELLABLE`) ->
+    cancelled, one compare-and-set writing who cancelled. False: it changed meanwhile (approved,
+    issued, decided by someone else); nothing was written. Approvals already given stay recorded."""
+    if expect not in CANCELLABLE:
+        raise ValueError(f"an instruction that is {expect} cannot be cancelled here")
+    reason = ("cancelled after approval, before the Core issued it" if expect == READY
+              else "cancelled before it ran")
+    with engine.begin() as c:
+        res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == expect)
+                        .values(status=CANCELLED, decided_by=by, decided_at=time.time(), decision_reason=reason,
+                                issue_error=None))
+        return res.rowcount == 1
+
+
+def never_issued(engine: sa.Engine, iid: int, *, why: str, now: float | None = None) -> bool:
+    """End an approved, signed instruction the Core never took, once its gather window is over:
+    READY -> NEVER_ISSUED ("expired"), a compare-and-set that also writes ``why`` to issue_error.
+    The approver's decision (decided_by, reason) stays as it was. False: it is not READY any more
+    (issued, cancelled), or its window is still open; nothing was written."""
+    now = time.time() if now is None else now
+    with engine.begin() as c:
+        res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == READY,
+                                                    instructions.c.expires_at <= now)
+                        .values(status=NEVER_ISSUED, issue_error=why[:2000]))
         return res.rowcount == 1
 
 
@@ -196,6 +230,8 @@ def note_issue_error(engine: sa.Engine, iid: int, error: str | None) -> None:
         q = instructions.update().where(instructions.c.id == iid)
         if error is not None:
             q = q.where(instructions.c.status == READY)
+        else:  # the reason an instruction was never issued stays with it
+            q = q.where(instructions.c.status != NEVER_ISSUED)
         c.execute(q.values(issue_error=error[:2000] if error else None))
 
 

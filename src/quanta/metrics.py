@@ -14,6 +14,7 @@ name or an instruction id, so that a fleet of any size keeps the series count fi
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -25,17 +26,16 @@ log = logging.getLogger("quanta.metrics")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # ------------------------------------------------------------------ Switch
-switch_connections = Gauge("quanta_switch_connections", "Agent connections open on this Switch (said hello)")
-switch_handshakes = Counter("quanta_switch_handshakes", "Agent connection attempts by result", ["result"])
-switch_frames_in = Counter("quanta_switch_frames_in", "WebSocket messages received from agents")
-switch_frames_out = Counter("quanta_switch_frames_out", "WebSocket messages sent to agents")
-switch_refusals = Counter("quanta_switch_refusals", "Agent connections or messages refused, by reason", ["reason"])
+# connections, handshakes, frames and refusals are counted by the Switch in plain ints (its hot path)
+# and read at scrape time by SwitchCollector
 switch_batch_latency = Histogram("quanta_switch_batch_latency_seconds",
                                  "From sending a response batch to the Core to its acknowledgement",
                                  buckets=LATENCY_BUCKETS)
 
 # -------------------------------------------------------------------- Core
-core_instructions = Gauge("quanta_core_instructions", "Instructions the Core holds, by state", ["state"])
+core_instructions = Gauge("quanta_core_instructions", "Instructions the Core holds open, by state", ["state"])
+core_instructions_ended = Counter("quanta_core_instructions_ended", "Instructions ended, by final status",
+                                  ["status"])
 core_answers = Counter("quanta_core_answers", "Answers committed to the Responses database")
 core_commit_latency = Histogram("quanta_core_commit_latency_seconds", "Time to commit one response batch",
                                 buckets=LATENCY_BUCKETS)
@@ -47,6 +47,87 @@ web_requests = Histogram("quanta_web_request_seconds", "Consumer API request lat
 
 # ------------------------------------------------------------- Coordinator
 coordinator_approvals_pending = Gauge("quanta_coordinator_approvals_pending", "Actions awaiting approval")
+
+
+class SwitchCollector:
+    """The Switch's counters, read when /metrics is scraped (nothing on the per-frame path but an int)."""
+
+    def __init__(self, switch: Any) -> None:
+        self.switch = switch
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        sw = self.switch
+        yield GaugeMetricFamily("quanta_switch_connections", "Agent connections open on this Switch (said hello)",
+                                value=len(sw.conns))
+        hs = CounterMetricFamily("quanta_switch_handshakes", "Agent connections by result", labels=["result"])
+        hs.add_metric(["accepted"], sw.stats["connects"])
+        hs.add_metric(["shed"], sw.refused.total)  # refused at once at the open-file limit
+        yield hs
+        yield CounterMetricFamily("quanta_switch_frames_in", "WebSocket messages received from agents",
+                                  value=sw.frames_in)
+        yield CounterMetricFamily("quanta_switch_frames_out", "WebSocket messages sent to agents", value=sw.frames_out)
+        rf = CounterMetricFamily("quanta_switch_refusals", "Connections closed and messages refused by the Switch, "
+                                 "by reason (a close code, a refused answer or poke)", labels=["reason"])
+        for code, n in sorted(sw.closes.items()):
+            rf.add_metric([code.lower()], n)
+        rf.add_metric(["answer_out_of_bounds"], sw.stats["refused_responses"])
+        rf.add_metric(["bad_poke"], sw.bad_pokes.total)
+        yield rf
+
+
+def watch_approvals(engine: Any) -> None:
+    """quanta_coordinator_approvals_pending counts the actions awaiting approval when it is scraped
+    (one indexed count in the scrape's own thread; a database outage reads as NaN, not an error)."""
+    import sqlalchemy as sa
+
+    from quanta.db.tables import instructions
+    from quanta.states import PENDING_APPROVAL
+
+    def pending() -> float:
+        try:
+            with engine.connect() as c:
+                return float(c.execute(sa.select(sa.func.count()).select_from(instructions)
+                                       .where(instructions.c.status == PENDING_APPROVAL)).scalar_one())
+        except sa.exc.SQLAlchemyError:
+            return float("nan")
+
+    coordinator_approvals_pending.set_function(pending)
+
+
+def register_switch(switch: Any) -> None:
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(SwitchCollector(switch))
+
+
+class RequestMetrics:
+    """ASGI middleware: each HTTP request's duration in ``quanta_web_request_seconds`` by method, route
+    template (``/Consumer/Instructions/{instruction_id}``, never the raw path: ids would make a series
+    each) and status. Requests no route matched count as route ``other``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # an app that raises before answering is a server error
+        t0 = time.perf_counter()
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "other"
+            web_requests.labels(scope["method"], route, str(status)).observe(time.perf_counter() - t0)
 
 
 def metrics_port(settings: Any, component: str, index: int = 0) -> int | None:

@@ -72,10 +72,10 @@ def setup_logging(component: str, level: str = "INFO", fmt: str | None = None) -
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
-def configure_logging(component: str, settings: Any) -> None:
+def configure_logging(component: str, settings: Any, label: str | None = None) -> None:
     """setup_logging with a component's level and the format from its quanta.toml (``log_levels``,
-    ``log_level``, ``log_format``)."""
-    setup_logging(component, settings.level_of(component), settings.log_format)
+    ``log_level``, ``log_format``); ``label`` names the process in its lines (e.g. ``switch:switch-2``)."""
+    setup_logging(label or component, settings.level_of(component), settings.log_format)
 
 
 def port_hint(port_name: str) -> str:

@@ -89,7 +89,7 @@ def default_ports() -> dict[str, int]:
 
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-COMPONENTS = ("server", "core", "switch-host", "switch", "coordinator", "web", "http", "integrate", "hub",
+COMPONENTS = ("server", "core", "switch-host", "switch", "coordinator", "web", "http", "integrate", "hub", "catalog",
               "hub-client")
 """The processes a server runs (``quanta server`` is the supervisor): the names of ``log_levels``."""
 
@@ -99,46 +99,64 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    server_name: str = Field(default_factory=socket.getfqdn)
-    bind_host: str = "0.0.0.0"
-    internal_host: str = "127.0.0.1"
-    ports: dict[str, int] = Field(default_factory=default_ports)
-    database_url: str | None = None  # None: embedded SQLite files in DIR
-    responses_database_url: str | None = None  # None: same as database_url (or DIR/responses.db)
-    switches: int = 1  # Switch processes under the Switch Host (rows in SwitchConfiguration)
-    instruction_ttl_default: int = 60  # seconds; the gather window
-    response_ttl_default: int = 7 * 24 * 3600
-    approval_ttl: int = 24 * 3600  # an action nobody approves within this expires
-    # Topology (DESIGN §2). single: everything here. master: Master stack + hub for remote hosts.
-    # response: a remote Response Stack (Core, Switches, /Core and /Background on https).
-    # dmz: Switches and a Background Channel for internet-facing agents.
-    role: Literal["single", "master", "response", "dmz"] = "single"
-    core_url: str | None = None  # where the Consumer API and Coordinator reach the Core
-    switch_core_url: str | None = None  # where this host's Switches reach the Core
-    hub_url: str | None = None  # response/dmz: the Master hub (ws://master:3901/Hub)
-    crl_url: str | None = None  # dmz: the CRL distribution point (http://master:80/crl.pem)
-    replicate_to: list[str] = []  # master: DMZ web tiers that receive Background content
-    local_switches: list[dict[str, str | int | bool]] = []  # dmz: its Switches (it has no database)
-    max_message_bytes: int = 1024 * 1024
-    log_level: LogLevel = "INFO"
-    log_levels: dict[str, LogLevel] = {}  # per component (core, switch-host, switch, web, ...): overrides log_level
-    log_format: Literal["text", "json"] = "text"  # json: one object a line (QUANTA_LOG_FORMAT overrides)
-    # Prometheus /metrics per component on internal_host (none by default); the Switches of a Switch Host
-    # use metrics_ports.switch + 0, 1, 2, ... in SwitchConfiguration order
-    metrics_ports: dict[str, int] = {}
-    # Catalog: where the master reaches it (None: this host's http port, /Catalog), and its database
-    # (None: the master database). A Remote Catalog host sets catalog_database_url for its own database.
-    catalog_url: str | None = None
-    catalog_database_url: str | None = None
-    # Accounts (quanta.accounts.Policy; docs/configuration.md): sessions, lockout, passwords.
-    session_ttl: int = Field(default=15 * 60, ge=60, le=24 * 3600)  # idle seconds before a token expires
-    session_max_age: int = Field(default=8 * 3600, ge=60, le=30 * 86400)  # no renewal goes past this
-    session_renew_interval: int = Field(default=60, ge=1, le=3600)
-    login_max_failures: int = Field(default=5, ge=1, le=1000)  # per user name in the window, then locked
-    login_source_max_failures: int = Field(default=20, ge=1, le=100000)  # per source address
-    login_failure_window: int = Field(default=15 * 60, ge=1, le=86400)
-    login_lock_duration: int = Field(default=15 * 60, ge=1, le=7 * 86400)
-    password_min_length: int = Field(default=12, ge=8, le=1024)
+    server_name: str = Field(default_factory=socket.getfqdn, description=(
+        "the name agents and browsers use for this server; its certificates carry it (default: this host's FQDN)"))
+    bind_host: str = Field("0.0.0.0", description="address of the public listeners (HTTPS, Switches, HTTP)")
+    internal_host: str = Field("127.0.0.1", description=(
+        "address of the internal listeners (Core, Coordinator, Integrate, metrics): loopback unless components "
+        "run on other hosts"))
+    ports: dict[str, int] = Field(default_factory=default_ports, description=(
+        "port numbers by name (see ports.md); `quanta init --port NAME=N` sets them"))
+    database_url: str | None = Field(None, description=(
+        "the Master database (postgresql://...); unset: the embedded SQLite file DIR/master.db"))
+    responses_database_url: str | None = Field(None, description=(
+        "the Responses database; unset: database_url, or DIR/responses.db with SQLite"))
+    switches: int = Field(1, description="Switch processes under the Switch Host (rows in SwitchConfiguration)")
+    instruction_ttl_default: int = Field(60, description="seconds: an instruction's gather window when none is given")
+    response_ttl_default: int = Field(7 * 24 * 3600, description="seconds answers are kept when none is given")
+    approval_ttl: int = Field(24 * 3600, description="seconds: an action nobody approves within this expires")
+    role: Literal["single", "master", "response", "dmz"] = Field("single", description=(
+        "topology (DESIGN §2): single (everything here), master (Master stack and hub for remote hosts), response "
+        "(a remote Response Stack), dmz (Switches and a Background Channel for internet-facing agents)"))
+    core_url: str | None = Field(None, description=(
+        "where the Consumer API and the Coordinator reach the Core; unset: http://internal_host:ports.core"))
+    switch_core_url: str | None = Field(None, description=(
+        "where this host's Switches reach the Core; unset: ws://internal_host:ports.core/Core/Switch"))
+    hub_url: str | None = Field(None, description="response/dmz: the Master hub (wss://master:3901/Hub)")
+    crl_url: str | None = Field(None, description="dmz: the CRL distribution point (http://master:80/crl.pem)")
+    replicate_to: list[str] = Field([], description="master: DMZ web tiers that receive Background content")
+    local_switches: list[dict[str, str | int | bool]] = Field([], description=(
+        "dmz: its Switches (Name, Host, Port, Enabled), as it has no database"))
+    max_message_bytes: int = Field(1024 * 1024, description=(
+        "largest WebSocket message between an agent and a Switch; agents learn it in the Welcome"))
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING or ERROR for every component")
+    log_levels: dict[str, LogLevel] = Field({}, description=(
+        "per component (" + ", ".join(COMPONENTS) + "): overrides log_level"))
+    log_format: Literal["text", "json"] = Field("text", description=(
+        "text (one line) or json (one object a line: time, level, component, pid, logger, message); "
+        "QUANTA_LOG_FORMAT overrides"))
+    metrics_ports: dict[str, int] = Field({}, description=(
+        "Prometheus /metrics port per component, on internal_host (none by default); the Switches of a Switch "
+        "Host use metrics_ports.switch + 0, 1, 2, ... in SwitchConfiguration order"))
+    catalog_url: str | None = Field(None, description=(
+        "where the Master reaches the Catalog; unset: this host's HTTP port, /Catalog"))
+    catalog_database_url: str | None = Field(None, description=(
+        "the Catalog's database; unset: the Master database (a Remote Catalog host sets its own)"))
+    # Accounts (quanta.accounts.Policy): sessions, lockout, passwords.
+    session_ttl: int = Field(default=15 * 60, ge=60, le=24 * 3600, description=(
+        "seconds: a token not used for this long expires; each use renews it"))
+    session_max_age: int = Field(default=8 * 3600, ge=60, le=30 * 86400, description=(
+        "seconds: no renewal takes a session past this age"))
+    session_renew_interval: int = Field(default=60, ge=1, le=3600, description=(
+        "seconds: a session's renewal is written at most this often"))
+    login_max_failures: int = Field(default=5, ge=1, le=1000, description=(
+        "failed logins for one user name within the window that lock it"))
+    login_source_max_failures: int = Field(default=20, ge=1, le=100000, description=(
+        "failed logins from one source address within the window that lock the address"))
+    login_failure_window: int = Field(default=15 * 60, ge=1, le=86400, description="seconds: how far back failures count")
+    login_lock_duration: int = Field(default=15 * 60, ge=1, le=7 * 86400, description=(
+        "seconds a lock lasts (administrators can lift it earlier: quanta user unlock)"))
+    password_min_length: int = Field(default=12, ge=8, le=1024, description="shortest password accepted when one is set")
 
     def level_of(self, component: str) -> str:
         """The log level of one component: ``log_levels[component]``, else ``log_level``."""

@@ -14,8 +14,11 @@ REJECTED = "rejected"
 APPROVAL_EXPIRED = "approval_expired"
 CANCELLED = "cancelled"
 READY = "created"
+# Approved and signed (READY) but the Core never took it before its gather window ended (it was
+# unavailable): final, never run; ``issue_error`` says why. Also cancelled straight from READY.
+NEVER_ISSUED = "expired"
 # No further change will happen to an instruction in one of these.
-DONE_STATES = ("finished", CANCELLED, REJECTED, APPROVAL_EXPIRED)
+DONE_STATES = ("finished", CANCELLED, REJECTED, APPROVAL_EXPIRED, NEVER_ISSUED)
 
 # A targeted device's state for one instruction.
 FINAL_STATES = ("success", "nocontent", "error", "notapplicable", "offline", "expired")

@@ -9,6 +9,29 @@ from pathlib import Path
 CONF = "agent.conf"
 
 
+@dataclass(frozen=True)
+class AgentSetting:
+    key: str
+    default: str | None  # None: required
+    meaning: str
+
+
+AGENT_SETTINGS = (
+    AgentSetting("DeviceName", None, "the device's name: its certificate's common name, which the Switch checks "
+                 "against the hello"),
+    AgentSetting("Switch", None, "host:port of the Switches to connect to, comma-separated (tried in turn); "
+                 "the port is SwitchConfiguration.Port"),
+    AgentSetting("BackgroundChannelUrl", "", "https://server:port/Background, where instruction resources are "
+                 "fetched; empty: instructions that need one fail with a clear error"),
+    AgentSetting("ConnectionRetryTimeInSecondsMin", "1", "seconds of the first wait before reconnecting"),
+    AgentSetting("ConnectionRetryTimeInSecondsMax", "60", "seconds: the longest wait between reconnects "
+                 "(exponential back-off with jitter between Min and Max; 0 < Min <= Max)"),
+    AgentSetting("Module.Interaction.Port", "7766", "loopback TCP port of the end-user interaction listener"),
+)
+"""Every agent.conf setting outside ``Module.Inventory.*`` (those: quanta.agent.inventory.settings), with
+its default; docs/configuration.md is generated from it (python -m quanta.configdoc)."""
+
+
 class AgentConfigError(ValueError):
     pass
 

@@ -35,10 +35,10 @@ async def serve_https(root: Path | str, https_port: int, cert: Path, key: Path) 
     from quanta.http_tier import build_app
     from quanta.internal import with_tls
     from quanta.pki import tls_server_context
-    from quanta.runtime import bind_socket, setup_logging
+    from quanta.runtime import bind_socket, configure_logging
 
     settings = load_settings(root)
-    setup_logging("catalog", settings.log_level)
+    configure_logging("catalog", settings)
     log = logging.getLogger("quanta.catalog")
     ctx = tls_server_context(cert, key)  # a bad certificate or key stops here, before any listener
     secure = build_app(Path(root), settings)

@@ -26,6 +26,7 @@ from quanta.consumer_api.errors import ApiError
 from quanta.consumer_api.models import *  # noqa: F403 - the models were importable from here
 from quanta.consumer_api.models import User  # noqa: F401
 from quanta.consumer_api.routers import ALL as ROUTERS
+from quanta.consumer_api.routers import apidocs
 from quanta.consumer_api.routers.instructions import CORE_WAIT, WAIT_MAX  # noqa: F401
 from quanta.consumer_api.routers.results import STATIC_STATUS_FIELDS, status_feed  # noqa: F401
 from quanta.consumer_api.service import ADMIN_ROLE, ConsumerApi, Plan, hash_password  # noqa: F401
@@ -69,7 +70,7 @@ def _json_safe(value: Any) -> Any:
 
 def create_app(api: ConsumerApi) -> FastAPI:
     app = FastAPI(title="Quanta Consumer API", version="1", openapi_url="/Consumer/openapi.json",
-                  docs_url="/Consumer/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)  # /Consumer/docs: routers.apidocs, served offline
     app.state.api = api
     app.state.feed = status_feed(api)
     app.state.scoped_feeds = {}
@@ -91,5 +92,7 @@ def create_app(api: ConsumerApi) -> FastAPI:
 
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(apidocs.router)
+    apidocs.mount_assets(app)
     check_access_rules(app)  # a route that forgot its access rule stops the server here
     return app

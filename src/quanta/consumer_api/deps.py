@@ -224,7 +224,7 @@ def _rules_of(dep: Dependant) -> list[str]:
 
 
 # Routes that are not FastAPI routes (the OpenAPI document and its viewer): public by declaration.
-PUBLIC_PATHS = frozenset({"/Consumer/openapi.json", "/Consumer/docs", "/docs/oauth2-redirect"})
+PUBLIC_PATHS = frozenset({"/Consumer/openapi.json", "/Consumer/docs/assets"})
 
 
 def flat_routes(routes: Iterable[BaseRoute], inherited: tuple[str, ...] = ()) -> Iterator[tuple[BaseRoute, tuple[str, ...]]]:

@@ -70,6 +70,14 @@ class DecisionRequest(Strict):
     reason: str | None = Field(default=None, max_length=2000)
 
 
+class ApprovalRecord(BaseModel):
+    """One approval of an action: who, when, and the reason they gave."""
+
+    approver: str
+    approved_at: float
+    reason: str | None = None
+
+
 class InstructionStatus(BaseModel):
     id: int
     name: str
@@ -87,6 +95,11 @@ class InstructionStatus(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict, description="typed parameter values it was issued with")
     instruction_set: str | None = Field(default=None, description="the definition's instruction set; null: raw SCALE")
     devices: list[str] | None = Field(default=None, description="requested device names; null: every device")
+    approvers_required: int | None = Field(default=None, description="distinct approvers an action needs; "
+                                           "null: it never needed approval")
+    approvals: list[ApprovalRecord] = Field(default_factory=list, description="approvals so far, in order")
+    issue_error: str | None = Field(default=None, description="why an approved instruction is not issued yet "
+                                    "(status created), or never was (status expired); null when all is well")
 
 
 # fields of InstructionStatus the progress stream leaves out (they do not change; the payload may be large)

@@ -22,6 +22,7 @@ from quanta.consumer_api.errors import BadGateway, Forbidden, Invalid, NotFound,
 from quanta.consumer_api.models import (Device, DeviceResult, HeldAnswer, HeldPage, InstructionPage,
                                         InstructionStatus, InstructionSummary, IssueRequest, ResultsPage,
                                         TokenResponse, User)
+from quanta.consumer_api.models import ApprovalRecord
 from quanta.db import store
 from quanta.definitions import DefinitionError, bind_parameters, load_definition
 from quanta.internal import bearer, http_client
@@ -187,6 +188,11 @@ class ConsumerApi:
         return done
 
     async def coordinator(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return (await self.coordinator_reply(path, body))[1]
+
+    async def coordinator_reply(self, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """POST to the Coordinator: its status (200, or 202: the approval counted but the
+        instruction is not running yet) and body; a refusal (>= 400) is raised as it is."""
         if self.coordinator_url is None:
             raise Unavailable("no Coordinator is configured on this server")
         try:
@@ -197,7 +203,7 @@ class ConsumerApi:
         if r.status_code >= 400:
             detail = r.json().get("detail", r.text) if r.headers.get("content-type", "").startswith("application/json") else r.text
             raise Upstream(r.status_code, detail)
-        return r.json()
+        return r.status_code, r.json()
 
     # ------------------------------------------------------------- what a caller may see
     def access(self, user: User) -> rbac.Access:
@@ -240,7 +246,14 @@ class ConsumerApi:
         devices = row["scope"]
         if scope is not None and devices is not None:
             devices = [d for d in devices if d in scope]
+        # who approved an action so far (when, why), of how many needed; why an approved one is not
+        # issued (only while it waits for the Core, or once it never was: None when all is well)
+        approvals = ([ApprovalRecord(**a) for a in ins.approvals_of(self.master, iid)]
+                     if row["kind"] == "action" else [])
+        issue_error = row.get("issue_error") if row["status"] in (ins.READY, ins.NEVER_ISSUED) else None
         return InstructionStatus(id=iid, name=row["name"], kind=row["kind"], status=row["status"],
+                                 approvers_required=row.get("approvers_required"), approvals=approvals,
+                                 issue_error=issue_error,
                                  targeted=targeted, states=states,
                                  created_by=row["created_by"], issued_at=row["issued_at"],
                                  expires_at=row["expires_at"], scheduled_at=row["scheduled_at"],

@@ -21,7 +21,8 @@ from quanta.db import make_engine
 from quanta.internal import (COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential,
                             present_host_identity, require_bearer, with_tls)
 from quanta.pki import Pki, Signer, tls_server_context
-from quanta.runtime import bind_socket, setup_logging
+from quanta import metrics
+from quanta.runtime import bind_socket, configure_logging
 from quanta.settings import DataDir, load_settings
 
 from .service import Coordinator, WorkflowError
@@ -106,7 +107,7 @@ def create_app(coord: Coordinator, secret: bytes) -> Any:
 async def serve(root: Path) -> None:
     settings = load_settings(root)
     dd = DataDir(root)
-    setup_logging("coordinator", settings.log_level)
+    configure_logging("coordinator", settings)
     pki = Pki(dd.pki)
     present_host_identity(pki.root)  # its Issue calls to a remote Response Stack carry its host certificate
     secret = dd.internal_secret()
@@ -114,6 +115,8 @@ async def serve(root: Path) -> None:
                         core_url=settings.core_http_url(), core_token=credential(secret, COORDINATOR_TO_CORE),
                         approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt),
                         portal_url=f"https://{settings.server_name}:{settings.port('https')}/Explorer/")
+    metrics.watch_approvals(coord.master)
+    metrics.serve_metrics(settings, "coordinator")
     sock = bind_socket(settings.internal_host, settings.port("coordinator"), "coordinator")
     log.info("coordinator listening on https %s:%d", settings.internal_host, settings.port("coordinator"))
     config = with_tls(uvicorn.Config(create_app(coord, secret), log_level="warning", loop="none",

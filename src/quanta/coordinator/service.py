@@ -5,7 +5,8 @@ expiry of requests nobody decided on, scheduled instructions, and email notifica
 Every database call runs in a worker thread (``Coordinator.db``), never on the event loop. An
 approved instruction the Core cannot take (down, or its relay answering 5xx) stays approved and
 signed (``created``) with the reason in ``issue_error``, and is issued by one background retry
-with exponential back-off (tenacity) while its gather window lasts: never by two at once.
+with exponential back-off (tenacity) while its gather window lasts: never by two at once. If
+the window ends first it becomes final, ``expired`` with the reason (never ``created`` forever).
 """
 
 from __future__ import annotations
@@ -167,11 +168,13 @@ class Coordinator:
         log.error("giving up emailing %r", subject)
         return False
 
-    def _emails(self, roles: tuple[str, ...], exclude: str | None = None) -> list[str]:
+    def _emails(self, roles: tuple[str, ...], exclude: str | None = None,
+                also_exclude: tuple[str, ...] = ()) -> list[str]:
+        skip = {exclude, *also_exclude}
         with self.master.connect() as c:
             rows = c.execute(sa.select(users.c.username, users.c.email).where(users.c.role.in_(roles),
                                                                              users.c.disabled == sa.false()))
-            return [r.email for r in rows if r.email and r.username != exclude]
+            return [r.email for r in rows if r.email and r.username not in skip]
 
     def _email_of(self, username: str) -> str | None:
         with self.master.connect() as c:
@@ -269,6 +272,14 @@ class Coordinator:
             more = done.required - len(done.approvers)
             answer["message"] = (f"approved by {username}; {more} more approval(s) needed from different people "
                                  f"other than {row['created_by']}")
+            # the approvers who have not approved yet hear how far it is (never the requester)
+            others = await self.db(self._emails, APPROVER_ROLES, row["created_by"], done.approvers)
+            await self.notify(others, f"Quanta: instruction {iid} ({row['name']}): {len(done.approvers)} of "
+                                      f"{done.required} approvals",
+                              f"{username} approved instruction {iid} '{row['name']}' requested by "
+                              f"{row['created_by']}; approved so far by {', '.join(done.approvers)}. It needs "
+                              f"{more} more approval(s) by different people before it runs.\n"
+                              f"Approve or reject it in the portal: {self.link(iid)}\n")
             return answer
         if done.status == ins.SCHEDULED:
             answer["message"] = f"approved; it runs at {time.ctime(row['scheduled_at'])}"
@@ -288,7 +299,8 @@ class Coordinator:
         await self.notify([await self.db(self._email_of, row["created_by"])],
                           f"Quanta: instruction {iid} approved", f"{', '.join(done.approvers)} approved instruction "
                           f"{iid} '{row['name']}'. It was sent to {issued['targeted']} device(s).\n{self.link(iid)}\n")
-        return answer | {"status": issued["status"], "targeted": issued["targeted"], "issued": True}
+        return answer | {"status": issued["status"], "targeted": issued["targeted"],
+                         "issued": issued["status"] in ("active", "finished")}  # not if cancelled meanwhile
 
     async def reject(self, iid: int, username: str, role: str, reason: str) -> dict[str, Any]:
         row = await self.db(self._check_approver, iid, username, role)
@@ -364,20 +376,33 @@ class Coordinator:
             def window_closed(_state: Any) -> bool:
                 return time.time() >= window_ends
 
+            backoff = wait_exponential(multiplier=self.retry_min, min=self.retry_min, max=self.retry_max)
+
+            def wait(state: Any) -> float:  # never sleep past the window's end: the last try is at its end
+                return max(0.0, min(backoff(state), window_ends - time.time()))
+
             retrying = AsyncRetrying(retry=retry_if_exception(ins.core_retryable), stop=window_closed, reraise=True,
-                                     wait=wait_exponential(multiplier=self.retry_min, min=self.retry_min,
-                                                           max=self.retry_max))
+                                     wait=wait)
             async for attempt in retrying:
                 with attempt:
                     n = attempt.retry_state.attempt_number
                     if n > 1:
+                        now = await self.db(self._instruction, iid)
+                        if now["status"] != ins.READY:  # cancelled, or issued by someone else, meanwhile
+                            log.info("instruction %d is %s: no longer asking the Core", iid, now["status"])
+                            return
                         log.info("instruction %d: asking the Core again (attempt %d)", iid, n)
                     issued = await self._issue(iid)
-            log.info("instruction %d issued to %d device(s) after the Core came back", iid, issued["targeted"])
+            if issued["status"] in ("active", "finished"):
+                log.info("instruction %d issued to %d device(s) after the Core came back", iid, issued["targeted"])
+            else:  # cancelled (or ended unissued) meanwhile: the Core refused to bring it back
+                log.info("instruction %d is %s: the Core did not issue it", iid, issued["status"])
         except ins.CoreError as e:
-            log.error("instruction %d was approved but never issued: %s", iid, e)
-            await self._note(iid, f"not issued: the Core could not take it before its gather window ended ({e})"
-                             if ins.core_retryable(e) else f"not issued: {e}")
+            if ins.core_retryable(e):
+                log.error("instruction %d was approved but never issued: %s", iid, e)
+                await self._end_unissued(iid, str(e))
+            else:
+                await self._note(iid, f"not issued: {e}")
         except WorkflowError:
             pass  # deleted meanwhile
         except sa.exc.SQLAlchemyError as e:  # the timer's sweep hands it to a new retry later
@@ -385,6 +410,24 @@ class Coordinator:
                       type(e).__name__)
         finally:
             self._issuing.discard(iid)
+
+    async def _end_unissued(self, iid: int, last_error: str | None) -> bool:
+        """The gather window of an approved instruction ended while the Core could not take it:
+        make that final (NEVER_ISSUED, "expired"), with the reason, so waiters end. A compare-and-set
+        from READY: one that was issued or cancelled meanwhile is left as it is."""
+        why = "never issued: the Core was unavailable until its gather window ended" + (
+            f" ({last_error})" if last_error else "")
+        if not await self.db(ins.never_issued, self.master, iid, why=why):
+            return False
+        log.warning("instruction %d expired unissued: %s", iid, why)
+        await self.db(store.audit, self.master, "coordinator", "never_issued", f"instruction:{iid}", reason=why)
+        row = await self.db(self._instruction, iid)
+        await self.notify([await self.db(self._email_of, row["created_by"])],
+                          f"Quanta: instruction {iid} was never issued",
+                          f"Instruction {iid} '{row['name']}' was approved, but the Core could not take it before "
+                          f"its gather window ended; it did not run. Ask again once the Core is back.\n"
+                          f"{why}\n{self.link(iid)}\n")
+        return True
 
     async def stop(self) -> None:
         for task in list(self._retries):
@@ -421,6 +464,9 @@ class Coordinator:
         for iid in await self.db(self._stuck_ready):
             if self.retry_issue(iid):  # e.g. signed before this Coordinator (re)started
                 log.warning("instruction %d is signed but not issued; asking the Core again", iid)
+        for iid, error in await self.db(self._unissued_past_window):
+            if iid not in self._issuing:  # a retry under way ends it itself
+                await self._end_unissued(iid, error)
 
     def _stuck_ready(self) -> list[int]:
         """Signed but never issued (the Core was down, or this process restarted): retry, while the
@@ -429,6 +475,14 @@ class Coordinator:
             return [r[0] for r in c.execute(sa.select(instructions.c.id).where(
                 instructions.c.status == ins.READY, instructions.c.expires_at > time.time(),
                 instructions.c.issued_at < time.time() - 5))]  # retry_issue skips those under way
+
+    def _unissued_past_window(self) -> list[tuple[int, str | None]]:
+        """Signed, never issued, and its gather window is over (the Core was down throughout, or
+        this process was not running): they end as NEVER_ISSUED, never stay ``created``."""
+        with self.master.connect() as c:
+            return [(r.id, r.issue_error) for r in c.execute(
+                sa.select(instructions.c.id, instructions.c.issue_error).where(
+                    instructions.c.status == ins.READY, instructions.c.expires_at <= time.time()))]
 
     async def run(self) -> None:
         while True:

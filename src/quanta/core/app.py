@@ -20,7 +20,8 @@ from quanta import protocol as p
 from quanta.db import make_engine
 from quanta.internal import CORE_HTTP, CORE_SWITCH, InternalAuth, credential, credentials_ok
 from quanta.datadir import tighten
-from quanta.runtime import bind_socket, setup_logging
+from quanta.metrics import serve_metrics
+from quanta.runtime import bind_socket, configure_logging
 from quanta.settings import DataDir, core_link_max_bytes, load_settings
 
 from .service import Core
@@ -114,7 +115,8 @@ def create_app(core: Core, secret: bytes) -> Any:
 async def serve(root: Path) -> None:
     settings = load_settings(root)
     dd = DataDir(root)
-    setup_logging("core", settings.log_level)
+    configure_logging("core", settings)
+    serve_metrics(settings, "core")
     loose = tighten(root)  # an installation made before the modes were enforced
     if loose:
         log.warning("made %d path(s) of %s private (they were open to other users): %s%s", len(loose), root,

@@ -21,6 +21,7 @@ import tenacity
 
 from quanta import protocol as p
 from quanta.protocol.core_ledger import CoreLedger, Effect, Recount
+from quanta import metrics
 from quanta.db import held as held_store
 from quanta.db import store
 from quanta.settings import poke_port
@@ -62,6 +63,7 @@ class Core:
         # (quanta.protocol.core_ledger); this class is the shell around it (databases, Switch links).
         self.ledger = CoreLedger()
         self.active = self.ledger  # `iid in core.active`, len(), iteration, .items()
+        metrics.core_instructions.labels(state="active").set_function(lambda: len(self.ledger))
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core-db")
         self._expiry_interval = expiry_interval
         self._purge_interval = purge_interval
@@ -128,7 +130,13 @@ class Core:
                                     row["response_expires_at"])
             # fresh rows, none answered yet (the instruction was never active): the hint is exact
             unanswered = len(targets) if existed == 0 else None
-            await self.db(self._set_status, instruction_id, "active", len(targets))
+            if not await self.db(self._activate, instruction_id, len(targets)):
+                # cancelled (or expired unissued) between the read above and now: it never runs;
+                # the target rows just written end as expired, nothing is sent
+                await self.db(store.expire, self.responses, instruction_id)
+                now = await self.db(store.get_instruction, self.master, instruction_id)
+                log.info("instruction %d not issued: it is %s", instruction_id, now["status"] if now else "gone")
+                return {"id": instruction_id, "status": now["status"] if now else "gone", "targeted": 0}
             row["status"] = "active"
             row["targeted"] = len(targets)
             log.info("instruction %d issued: %d devices targeted (%d online)", instruction_id, len(targets),
@@ -143,6 +151,15 @@ class Core:
             else:
                 await self.poke_all()
         return {"id": instruction_id, "status": row["status"], "targeted": row["targeted"]}
+
+    def _activate(self, instruction_id: int, targeted: int) -> bool:
+        """created -> active, a compare-and-set: an instruction cancelled (or expired unissued) by
+        the Consumer API or the Coordinator meanwhile is never brought back to life."""
+        from quanta.db.tables import instructions as t
+
+        with self.master.begin() as c:
+            return c.execute(t.update().where(t.c.id == instruction_id, t.c.status == "created")
+                             .values(status="active", targeted=targeted)).rowcount == 1
 
     def _set_status(self, instruction_id: int, status: str, targeted: int | None = None) -> None:
         from quanta.db.tables import instructions as t
@@ -166,6 +183,7 @@ class Core:
             ended = self._ended.pop(instruction_id, None)
             if ended is not None:
                 ended.set()
+        metrics.core_instructions_ended.labels(status=status).inc()
         log.info("instruction %d %s: %s", instruction_id, status, why)
         msg = p.encode(p.Cancel(instruction_ids=[instruction_id]))
         for link in list(self.switches.values()):
@@ -237,7 +255,11 @@ class Core:
         elif isinstance(msg, p.FetchWork):
             await self._send_work(link, msg.known)
         elif isinstance(msg, p.Delivered):
-            await self.db(store.mark_sent, self.responses, msg.instruction_id, msg.device_ids)
+            # only while the instruction is active: after it ended, 'offline' is final and a late
+            # report must not turn it into 'sent'; the lock keeps finish() from ending it meanwhile
+            async with self._finish_lock:
+                if msg.instruction_id in self.ledger:
+                    await self.db(store.mark_sent, self.responses, msg.instruction_id, msg.device_ids)
         elif isinstance(msg, p.ResponseBatch):
             await self.ingest(link, msg)
         elif isinstance(msg, p.SwitchHello):
@@ -284,7 +306,10 @@ class Core:
         rows = [dict(instruction_id=a.response.instruction_id, device_id=a.device_id,
                      state=STATUS_TO_STATE[a.response.status], columns=a.response.columns, rows=a.response.rows,
                      error=a.response.error, _response=a.response) for a in sorted_.count]
+        t0 = time.perf_counter()
         moved, refused = await self.db(self._store_answers, link.name, rows)
+        metrics.core_commit_latency.observe(time.perf_counter() - t0)
+        metrics.core_answers.inc(sum(n for n in moved.values() if n > 0))
         held = [self._held(h.kind, link, h.answer, h.reason) for h in sorted_.held] + refused
         if held:
             await self._hold(link, held)
@@ -346,6 +371,8 @@ class Core:
         for h in held:
             kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
             self.stats[f"held_{h['kind']}"] += 1
+        for kind, n in kinds.items():
+            metrics.core_held.labels(kind=kind).inc(n)
         now = time.monotonic()
         if now - self._held_logged >= HELD_LOG_INTERVAL:  # one line per interval, whatever the flood
             self._held_logged = now

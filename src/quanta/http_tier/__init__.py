@@ -21,7 +21,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import Response
 
 from quanta.pki import Pki
-from quanta.runtime import bind_socket, setup_logging
+from quanta.runtime import bind_socket, configure_logging
 from quanta.settings import DataDir, Settings, load_settings
 
 log = logging.getLogger("quanta.http")
@@ -56,7 +56,7 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
 
 async def serve(root: Path) -> None:
     settings = load_settings(root)
-    setup_logging("http", settings.log_level)
+    configure_logging("http", settings)
     app = build_app(root, settings)
     sock = bind_socket(settings.bind_host, settings.port("http"), "http")
     log.info("http tier listening on http %s:%d (%s, %s)", settings.bind_host, settings.port("http"), CRL_PATH,

@@ -34,7 +34,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from quanta.internal import HUB_PEER, bearer_ok, credential, http_client
 from quanta.pki import Pki, client_context, host_refusal, tls_server_context
-from quanta.runtime import bind_socket, setup_logging, wait_for_signal
+from quanta.runtime import bind_socket, configure_logging, wait_for_signal
 from quanta.settings import DataDir, load_settings
 
 log = logging.getLogger("quanta.hub")
@@ -171,7 +171,7 @@ class Hub:
 
 async def serve_hub(root: Path) -> None:
     settings = load_settings(root)
-    setup_logging("hub", settings.log_level)
+    configure_logging("hub", settings)
     hub = Hub(root)
     hub.tls = server_tls(Pki(hub.dd.pki))
     sock = bind_socket(settings.bind_host, settings.port("hub"), "hub")
@@ -186,7 +186,7 @@ async def serve_hub(root: Path) -> None:
 async def run_client(root: Path) -> None:
     """Response Stack / DMZ side: stay registered with the hub; keep the CRL current."""
     settings = load_settings(root)
-    setup_logging("hub-client", settings.log_level)
+    configure_logging("hub-client", settings)
     dd = DataDir(root)
     token = credential(dd.internal_secret(), HUB_PEER)
     stop = asyncio.Event()

@@ -190,11 +190,13 @@ async def serve(root: Path) -> None:
 
     from quanta.db import make_engine
     from quanta.internal import INTEGRATE_CLIENT, bearer_ok, credential
-    from quanta.runtime import bind_socket, setup_logging, wait_for_signal
+    from quanta.metrics import serve_metrics
+    from quanta.runtime import bind_socket, configure_logging, wait_for_signal
     from quanta.settings import DataDir, load_settings
 
     settings = load_settings(root)
-    setup_logging("integrate", settings.log_level)
+    configure_logging("integrate", settings)
+    serve_metrics(settings, "integrate")
     dd = DataDir(Path(root))
     token = credential(dd.internal_secret(), INTEGRATE_CLIENT)
     master = make_engine(dd.master_url(settings))

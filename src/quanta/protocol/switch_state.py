@@ -9,11 +9,19 @@ instruction's ``Deliver`` frame once, and turns the effects below into frames. T
   (its journal may be lost, and this Switch may have restarted). An UNREADY device is given
   nothing. After a relink to the Core every connected device is UNREADY again: the
   acknowledgements of earlier announcements died with the old link.
+* After a relink nothing is given until the new link's first Work: while the link was down the
+  Core may have ended instructions this Switch still holds (their Cancel died with the link), and
+  the Core's OnlineAck names only the answers to instructions it holds active. The Work's
+  ``active`` drops the ended ones; then every ready device is given what is due. (The shell asks
+  for Work before it announces its devices, so this costs no round trip.)
 * A READY device is given each active instruction in its scope that it has neither answered nor
   been given on its current connection; a new connection (a new hello) starts with nothing given.
 * A Cancel goes only to devices that were given the instruction and have not answered it.
-* Answers the Core reports for an instruction this Switch does not hold yet are remembered
-  until that instruction's Work arrives, or it stops being active.
+* Answers for an instruction this Switch does not hold yet, whether the Core reports them or a
+  device sends them (a restarted Switch hears the devices' journalled answers before the Core's
+  Work), are remembered until that instruction's Work arrives, or it stops being active: the
+  device is not given it again. A device can make the Switch remember answers for at most
+  EARLY_IDS instructions it does not hold (each Work forgets those that are not active).
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from quanta.protocol.messages import WorkItem
+
+
+EARLY_IDS = 4096
 
 
 class Readiness(enum.Enum):
@@ -73,6 +84,7 @@ class SwitchState:
         self._seq = 0
         self._active: dict[int, _Instruction] = {}
         self._answered_early: dict[int, set[str]] = {}
+        self._stale = False  # relinked, and the new link's first Work has not arrived
 
     # ------------------------------------------------------------- queries
     def readiness(self, device: str) -> Readiness | None:
@@ -105,6 +117,12 @@ class SwitchState:
         ins = self._active.get(instruction_id)
         if ins is not None:
             ins.answered.add(device)
+            return
+        early = self._answered_early.get(instruction_id)
+        if early is not None:
+            early.add(device)
+        elif len(self._answered_early) < EARLY_IDS:  # its Work may not have arrived yet
+            self._answered_early[instruction_id] = {device}
 
     def announce(self, devices: Iterable[str]) -> int:
         """Number the DevicesOnline that announces these devices; the unready among them wait for
@@ -116,7 +134,9 @@ class SwitchState:
         return self._seq
 
     def relinked(self) -> int:
-        """A new link to the Core: every connected device is announced again, and waits again."""
+        """A new link to the Core: every connected device is announced again, and waits again;
+        nothing is given until the new link's first Work."""
+        self._stale = True
         self._seq += 1
         for d in self._ready:
             self._unready[d] = self._seq
@@ -144,6 +164,8 @@ class SwitchState:
         for d in ready:
             del self._unready[d]
             self._ready.add(d)
+        if self._stale:  # given at the Work (see relinked)
+            return effects
         for iid, ins in self._active.items():
             due = [d for d in ready if ins.wants(d)]
             if due:
@@ -160,6 +182,13 @@ class SwitchState:
         for iid in [i for i in self._answered_early if i not in live]:
             del self._answered_early[iid]
         effects: list[Effect] = []
+        if self._stale:  # the first Work since a relink: what the ready devices were not given
+            self._stale = False
+            for iid, ins in self._active.items():
+                due = [d for d in self._ready if ins.wants(d)]
+                if due:
+                    ins.delivered.update(due)
+                    effects.append(DeliverTo(iid, due))
         for item in items:
             if item.id in self._active or item.expires_at <= now:
                 continue

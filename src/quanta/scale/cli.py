@@ -102,6 +102,9 @@ def check_command(file: str = typer.Argument(..., help="payload file, or - for s
     console = Console()
     try:
         program = compile_scale(source, AnyParameters())
+        from .tablecheck import check_activity_columns
+
+        check_activity_columns(program)  # columns of $Process_Live etc., from their declaration
     except ScaleError as e:
         _print_error(console, e)
         raise typer.Exit(1) from None

@@ -10,10 +10,20 @@ from . import ast as A
 from .errors import ScaleError
 from .parser import parse
 from .spec import MethodSpec, ParamSpec, lookup
+from .tables import lookup_table
 
 _WHOLE_PARAM = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%\Z")
 
-BUILTIN_TABLES = ("SoftwarePerformance_Live",)
+BUILTIN_TABLES = ("SoftwarePerformance_Live",)  # computed when a SELECT reads them
+
+
+def builtin_table(name: str) -> str | None:
+    """The canonical name of a ``$name`` table (an on-demand table, or an Activity Record table
+    of :mod:`quanta.scale.tables`, whose names are case-insensitive), or None."""
+    if name in BUILTIN_TABLES:
+        return name
+    found = lookup_table(name)
+    return found[0].table(found[1]) if found is not None else None
 
 
 class _AnyValue:
@@ -202,8 +212,11 @@ class Checker:
         for part in sel.parts:
             if isinstance(part, A.SqlVar):
                 self.use_var(part.name, part.pos)
-            elif isinstance(part, A.SqlBuiltin) and part.name not in BUILTIN_TABLES:
-                raise ScaleError(f"Unknown built-in table ${part.name}", part.pos.line, part.pos.column)
+            elif isinstance(part, A.SqlBuiltin):
+                canonical = builtin_table(part.name)
+                if canonical is None:
+                    raise ScaleError(f"Unknown built-in table ${part.name}", part.pos.line, part.pos.column)
+                part.name = canonical
 
     def check_block(self, stmts: list[A.Statement]) -> None:
         for s in stmts:

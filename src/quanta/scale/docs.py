@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .compiler import BUILTIN_TABLES
 from .spec import MethodSpec
+from .tables import GRANULARITIES, SOURCES
 
 _HEADER = """# SCALE method reference
 
@@ -95,4 +96,59 @@ def render_markdown() -> str:
         out.append(f"- `${name}`: columns `Product`, `ProcessorTimePercent`, `ProcessCount`, `MemoryBytes` "
                    "(CPU use per process name over a 0.25 s sample, as a percentage of one CPU).")
     out.append("")
+    out.append(render_activity_record())
+    return "\n".join(out)
+
+
+_ACTIVITY_HEADER = """## Activity Record tables
+
+With `Module.Inventory.Enabled=true` in `agent.conf` (off by default; see
+docs/configuration.md) the agent records what happens on the device into its own store
+(`state/inventory.db`), and a `SELECT` reads it as `$Source_Granularity` tables: a live table per
+capture source and, aggregated from it on schedule (and after a downtime, for the periods missed),
+an hourly, a daily and a monthly table. Example: `SELECT ExecutableName, CommandLine, UserName FROM
+$Process_Live WHERE ExecutableName = "psexec" AND Ts > CAST(strftime('%s','now','-7 days') AS INTEGER);`
+
+- Table names are case-insensitive. Times are integers, seconds since the epoch (UTC); in an
+  aggregated table `Ts` is the start of its hour, day or month (UTC).
+- The tables are read-only: the store is attached read-only for the `SELECT` that names them and
+  the statement may only read the tables it names as `$Name`.
+- On a device without a store (capture off), or whose store cannot be read, a `SELECT` naming one
+  of these tables fails with an error that says so ("Activity Record unavailable: ..."); every
+  other question is unaffected.
+- Compared with the model (the 1E client's Activity Record): the source and table names are the
+  model's (`$Process_Live`, `$Process_Daily`, `$TCP_Live`, `$Software_Live`,
+  `$DevicePerformance_Live`, `$ProcessUsage_Daily`, ...). Columns marked *model* below carry the
+  names of the model's documented columns as far as they could be established (the public SDK
+  pages seen while writing this gave the feature's description and its
+  `Module.Inventory.Enabled` switch, not every column); columns marked *Quanta* are captured in
+  addition (for example `ExecutablePath`, `ExitTs` and `CaptureMethod` of `$Process_Live`). The
+  model encrypts and compresses its store; Quanta's is a plain SQLite file readable only by the
+  agent's account (0600). On Linux the model polls every 30 seconds; Quanta uses the kernel's
+  process events when it runs as root (`CaptureMethod` = `netlink`), so no start is missed (a
+  process gone before its `/proc` entry could be read, one that lived well under a millisecond,
+  is recorded with its `ProcessId` and time only).
+  DNS, ARP and the model's other sources are not captured yet.
+
+"""
+
+
+def render_activity_record() -> str:
+    """The Activity Record tables and their columns, from :mod:`quanta.scale.tables`."""
+    out = [_ACTIVITY_HEADER]
+    for src in SOURCES:
+        out += [f"### ${src.table('Live')}", "", src.description, "",
+                "| Column | Type | Origin | Description |", "|---|---|---|---|"]
+        for c in src.live:
+            out.append(f"| `{c.name}` | {c.type} | {'model' if c.model else 'Quanta'} | {c.description} |")
+        out.append("")
+        for g in GRANULARITIES[1:]:
+            out += [f"### ${src.table(g)}", "",
+                    f"One row per {g[:-2].lower() if g != 'Daily' else 'day'} (`Ts`, UTC)"
+                    + (f" and {', '.join(f'`{k}`' for k in src.keys)}" if src.keys else "")
+                    + f", aggregated from ${src.table({'Hourly': 'Live', 'Daily': 'Hourly', 'Monthly': 'Daily'}[g])}.",
+                    "", "| Column | Type | Description |", "|---|---|---|"]
+            for c in src.columns(g):
+                out.append(f"| `{c.name}` | {c.type} | {c.description} |")
+            out.append("")
     return "\n".join(out)

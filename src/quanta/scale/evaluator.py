@@ -7,6 +7,7 @@ import itertools
 import math
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Literal
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 import psutil
 
 from . import ast as A
-from .compiler import Program, type_name
+from .compiler import BUILTIN_TABLES, Program, type_name
 from .errors import ScaleError
 from .spec import (
     MethodEnv, MethodError, MethodSpec, ParamSpec, current_platform, lookup, row_bytes, stop_message, stop_reason,
@@ -120,7 +121,30 @@ _DENIED_NAMES = {
     sqlite3.SQLITE_UPDATE: "UPDATE",
     sqlite3.SQLITE_DELETE: "DELETE",
     sqlite3.SQLITE_TRANSACTION: "a transaction",
+    sqlite3.SQLITE_SAVEPOINT: "a savepoint",
+    sqlite3.SQLITE_ALTER_TABLE: "ALTER TABLE",
+    sqlite3.SQLITE_REINDEX: "REINDEX",
+    sqlite3.SQLITE_ANALYZE: "ANALYZE",
+    sqlite3.SQLITE_CREATE_TABLE: "CREATE TABLE",
+    sqlite3.SQLITE_CREATE_TEMP_TABLE: "CREATE TABLE",
+    sqlite3.SQLITE_CREATE_INDEX: "CREATE INDEX",
+    sqlite3.SQLITE_CREATE_TEMP_TRIGGER: "CREATE TRIGGER",
+    sqlite3.SQLITE_CREATE_TRIGGER: "CREATE TRIGGER",
+    sqlite3.SQLITE_CREATE_VIEW: "CREATE VIEW",
+    sqlite3.SQLITE_CREATE_TEMP_VIEW: "CREATE VIEW",
+    sqlite3.SQLITE_DROP_TABLE: "DROP TABLE",
+    sqlite3.SQLITE_DROP_INDEX: "DROP INDEX",
 }
+
+
+# The schema name under which a SELECT reads the Activity Record store (attached read-only).
+ACTIVITY_SCHEMA = "activity"
+ACTIVITY_DB = "inventory.db"
+
+
+def activity_store_path(context: "AgentContext") -> "PurePath":
+    """Where the agent keeps its Activity Record (``quanta.agent.inventory``): its data directory."""
+    return context.data_dir / ACTIVITY_DB
 
 
 class Evaluator:
@@ -149,6 +173,7 @@ class Evaluator:
         self.allowed: set[str] = set()
         self.real_tables: set[str] = set()
         self.denied: str | None = None
+        self.activity_attached = False
         self._proc = psutil.Process()
         self._rss0 = self._proc.memory_info().rss
         self._ticks = 0
@@ -243,7 +268,8 @@ class Evaluator:
 
     def _connect(self) -> sqlite3.Connection:
         """A new in-memory connection with the payload's limits, functions and progress handler."""
-        conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        # a URI connection, so that the Activity Record can be attached read-only ("mode=ro")
+        conn = sqlite3.connect("file::memory:", isolation_level=None, check_same_thread=False, uri=True)
         try:
             # One value (a zeroblob, a printf padding, a replace or REGEXPREPLACE result) is at most
             # `length` bytes, a quarter of the memory limit, so the value being built next to the
@@ -299,6 +325,39 @@ class Evaluator:
         self.builtins[name] = sql_name
         return sql_name
 
+    def attach_activity(self, name: str, pos: A.Pos) -> str:
+        """The SQL name of Activity Record table ``name`` in the store, attached read-only.
+
+        The store is attached once per payload, by the evaluator itself and before the payload's
+        SQL runs with the authorizer: ``mode=ro`` (SQLite refuses every write to it), the attach
+        limit then equals the one database attached (no other ATTACH can succeed), and the
+        authorizer allows only reads of the tables the SELECT names as ``$Name``."""
+        where = f"(in built-in table ${name})"
+        if not self.activity_attached:
+            path = activity_store_path(self.context)
+            if not _is_file(path):
+                raise ScaleError(
+                    f"Activity Record unavailable: this device has no store (capture is off; "
+                    f"Module.Inventory.Enabled=true in agent.conf turns it on) {where}", pos.line, pos.column)
+            conn = self.connection(pos)
+            uri = "file:" + urllib.parse.quote(str(path)) + "?mode=ro"
+            conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 1)
+            try:
+                conn.execute(f"ATTACH DATABASE ? AS {ACTIVITY_SCHEMA}", (uri,))
+                conn.execute("PRAGMA busy_timeout=2000")
+                conn.execute(f"SELECT count(*) FROM {ACTIVITY_SCHEMA}.sqlite_master").fetchone()
+            except sqlite3.Error as e:
+                try:
+                    conn.execute(f"DETACH DATABASE {ACTIVITY_SCHEMA}")
+                except sqlite3.Error:
+                    pass
+                conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+                raise ScaleError(f"Activity Record unavailable: {e} {where}", pos.line, pos.column) from None
+            except MemoryError:
+                raise self.memory_error(pos) from None
+            self.activity_attached = True
+        return f"{ACTIVITY_SCHEMA}.{_qi(name)}"
+
     def drop_unused(self) -> None:
         if self.conn is None or len(self.loaded) < 16:
             return
@@ -327,6 +386,9 @@ class Evaluator:
                 name = self.load_table(table, f"@{part.name}", part.pos)
                 allowed.add(name)
                 sql.append(_qi(name))
+            elif isinstance(part, A.SqlBuiltin) and part.name not in BUILTIN_TABLES:
+                sql.append(self.attach_activity(part.name, part.pos))
+                allowed.add(part.name)
             elif isinstance(part, A.SqlBuiltin):
                 name = self.load_builtin(part.name, part.pos)
                 allowed.add(name)
@@ -343,6 +405,8 @@ class Evaluator:
         self.abort_reason = None
         self.funcs.error = None
         budget = self.limits.max_memory_bytes - self.held_bytes()
+        if self.activity_attached:
+            conn.execute("PRAGMA query_only=1")  # besides the authorizer and mode=ro: no write at all
         conn.set_authorizer(self._authorize)
         try:
             cur = conn.execute(text)
@@ -367,6 +431,8 @@ class Evaluator:
             raise ScaleError(f"SQL error: {e}", sel.pos.line, sel.pos.column) from None
         finally:
             conn.set_authorizer(None)
+            if self.activity_attached:
+                conn.execute("PRAGMA query_only=0")
         return Table(_dedupe(columns), rows, size)
 
     def sql_error(self, e: sqlite3.Error, pos: A.Pos) -> ScaleError:
@@ -612,6 +678,15 @@ class Evaluator:
         if result is None:
             return RunResult(status, [], [])
         return RunResult(status, list(result.columns), [list(r) for r in result.rows])
+
+
+def _is_file(path: "PurePath") -> bool:
+    import os
+
+    try:
+        return os.path.isfile(path)
+    except (OSError, ValueError):
+        return False
 
 
 def _dedupe(columns: list[str]) -> list[str]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from quanta.db import make_engine, store
 from quanta.pki import Pki
-from quanta.runtime import setup_logging, wait_for_signal
+from quanta import metrics
+from quanta.runtime import configure_logging, wait_for_signal
 from quanta.settings import DataDir, load_settings
 
 from .service import Switch
@@ -36,11 +37,13 @@ def switch_row(root: Path, name: str) -> dict:
 async def serve(root: Path, name: str) -> None:
     settings = load_settings(root)
     dd = DataDir(root)
-    setup_logging(f"switch:{name}", settings.log_level)
+    configure_logging("switch", settings, f"switch:{name}")
     row = switch_row(root, name)
     switch = Switch(name=name, host=row["Host"], port=row["Port"], bind_host=settings.bind_host,
                     pki=Pki(dd.pki), core_url=settings.core_link_url(),
                     secret=dd.internal_secret(), max_message_bytes=settings.max_message_bytes)
+    metrics.register_switch(switch)
+    metrics.serve_metrics(settings, "switch", index=[r["Name"] for r in local_switch_rows(root)].index(name))
     stop = asyncio.Event()
     waiter = asyncio.create_task(wait_for_signal())
     waiter.add_done_callback(lambda _: stop.set())

@@ -15,24 +15,29 @@ REFUSAL_LOG_INTERVAL with a count.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 import gc
 import logging
 import os
 import ssl
+import sys
 import time
 import uuid
-from collections import defaultdict
 from http import HTTPStatus
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import tenacity
 import websockets
 from cryptography import x509
 from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, WSUpgradeResponse,
                     WSUpgradeResponseWithListener, ws_create_server)
 
+from quanta import metrics
 from quanta import protocol as p
+from quanta.protocol import switch_batches as sb
+from quanta.protocol.switch_batches import ACK_IDLE, ACK_MAX_DELAY, DELIVERED_HOLD, FLUSH_INTERVAL  # noqa: F401
+from quanta.protocol.switch_batches import Announce, ReportDelivered, ReportOffline, SendBatch, SwitchBatches
 from quanta.protocol.switch_state import CancelTo, DeliverTo, Effect, SwitchState
 from quanta.internal import link_headers
 from quanta.pki import Pki, client_context, peer_device
@@ -51,22 +56,21 @@ HEARTBEAT = 60.0
 SWEEP = HEARTBEAT / 2
 STALE_TICKS = 5
 NO_TAGS: dict[str, str] = {}  # shared by every device that reports no tags; never mutated
-# Answers go to the Core in batches: at once while no batch awaits the Core's acknowledgement (an
-# idle link: the first answers of a question, or the last ones, wait for nothing), else gathered
-# until that acknowledgement, FLUSH_INTERVAL or a full batch, whichever comes first. Under load the
-# batches grow with the Core's commit time; at rest an answer costs no timer wait.
-FLUSH_INTERVAL = 0.02
-# A delivery is reported to the Core (pending -> sent) only once it is this old and its device has
-# not answered meanwhile: an answer supersedes it, so most devices never cost a 'sent' write, and
-# the Core commits answers first. (The Core's write is state-guarded, so the order is free.)
-DELIVERED_HOLD = 1.0
-ACK_SLICE = 256  # ResponseAcks sent per loop turn, so acknowledging never stalls reading answers
-# Answers first: while answers keep arriving (one in the last ACK_IDLE seconds), committed
-# ResponseAcks wait, for at most ACK_MAX_DELAY. An unacknowledged agent only resends after 30 s.
-# Waking every device to acknowledge costs about as much CPU as the question itself did, so the
-# pause is long enough for the asker to read the finished status and the answers first.
-ACK_IDLE = 0.25
-ACK_MAX_DELAY = 1.0
+# Batching of answers towards the Core, the devices' ResponseAcks once the Core committed them,
+# and the reports of deliveries: the pure rules and their timings (FLUSH_INTERVAL, DELIVERED_HOLD,
+# ACK_IDLE, ACK_MAX_DELAY) are quanta.protocol.switch_batches'; this shell keeps the timers.
+# Answers first: waking every device to acknowledge costs about as much CPU as the question itself
+# did, so the acknowledgements wait until answers pause (an unacknowledged agent only resends after
+# 30 s), and go ACK_SLICE per loop turn, so acknowledging never stalls reading answers.
+ACK_SLICE = 256
+# The link to the Core is dialled again with exponential back-off from LINK_RETRY_MIN up to
+# LINK_RETRY_MAX, plus up to LINK_RETRY_JITTER at random (so Switches do not all dial a restarted
+# Core at once); the back-off starts again once a link stayed up LINK_STABLE seconds. Failures are
+# logged once per REFUSAL_LOG_INTERVAL with a count, not once per attempt.
+LINK_RETRY_MIN = 0.2
+LINK_RETRY_MAX = 5.0
+LINK_RETRY_JITTER = 0.25
+LINK_STABLE = 10.0
 # Tens of thousands of long-lived connection objects make every full (generation 2) garbage
 # collection a pause of a few hundred ms, and each question's responses (held until the Core
 # acknowledges them) promote enough objects to trigger one every few questions. Full collections
@@ -76,6 +80,7 @@ GC_THRESHOLDS = (10_000, 20, 1_000)
 # once per interval with a count: agent connections refused at the descriptor limit, bad pokes,
 # device answers refused for their content.
 REFUSAL_LOG_INTERVAL = 10.0
+CLOSE_LOG_KINDS = 64  # kinds of close reason logged apart; more are logged as 'other'
 POKE_TIMEOUT = 5.0
 AT_LIMIT = ("each is reset at once: raise the open-file limit (ulimit -n; fs.file-max for ENFILE) "
             "or add Switches")
@@ -127,6 +132,7 @@ class AgentConnection(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.seen = self.switch.tick
+        self.switch.frames_in += 1
         if frame.rsv1 or frame.rsv2 or frame.rsv3:  # no extension is negotiated (RFC 6455 §5.2)
             self.close(WSCloseCode.PROTOCOL_ERROR, "reserved bits set in a frame (no extension was negotiated)")
             return
@@ -194,10 +200,11 @@ class AgentConnection(WSListener):
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_disconnected:
             self.transport.send(WSMsgType.BINARY, data)
+            self.switch.frames_out += 1
 
     def close(self, code: WSCloseCode, reason: str) -> None:
-        log.warning("closing connection from %s:%s (device %s): %s", self.peer[0], self.peer[1],
-                    self.device_id or self._cn or "?", reason)
+        self.switch.note_close(code, reason, f"from {self.peer[0]}:{self.peer[1]}, device "
+                               f"{self.device_id or self._cn or '?'}: {reason}")
         if self.transport is not None:
             self.transport.send_close(code, reason.encode()[:120])
             self.transport.disconnect()
@@ -230,20 +237,11 @@ class Switch:
         self.state = SwitchState()
         self._frames: dict[int, bytes] = {}  # instruction -> its Deliver frame, encoded once
         self.revoked_serials: set[int] = set()
-        # outgoing buffers towards the Core
-        self._online: dict[str, p.DeviceInfo] = {}
-        self._offline: set[str] = set()
-        self._delivered: dict[int, dict[str, float]] = defaultdict(dict)  # instruction -> device -> when
-        self._responses: list[p.DeviceResponse] = []
-        self._sizes: list[int] = []
-        self._responses_bytes = 0
-        self._unacked: dict[int, p.ResponseBatch] = {}
-        self._acks: dict[str, list[int]] = {}  # device -> instruction ids the Core committed, to send
-        self._ack_now = asyncio.Event()
-        self._last_response = 0.0
-        self._batch_seq = 0
-        self._flush_now = asyncio.Event()
-        self._flush_timer: asyncio.TimerHandle | None = None  # a flush armed by report_soon
+        # What goes to the Core (devices on- and offline, answers in batches, deliveries) and the
+        # acknowledgements owed to devices: the pure rules (quanta.protocol.switch_batches).
+        self.batches = SwitchBatches(max_message_bytes)
+        self._flush_wake = asyncio.Event()  # the flush may be due sooner than the flusher sleeps
+        self._ack_wake = asyncio.Event()
         self._fetch = asyncio.Event()
         self._link: Any = None
         self._link_up = asyncio.Event()
@@ -251,9 +249,18 @@ class Switch:
         self._tickets: TicketKeys | None = None
         self._crl_mtime = 0.0
         self.stats = {"connects": 0, "responses": 0, "closed_bad_input": 0, "refused_responses": 0}
+        # read by quanta.metrics.SwitchCollector when /metrics is scraped; plain ints on the hot path
+        self.frames_in = 0
+        self.frames_out = 0
+        self.closes: Counter[str] = Counter()  # connections closed by the Switch, by close code
+        self._close_logs: dict[str, LogEvery] = {}  # one rate-limited log per kind of reason
+        self._batch_sent: dict[int, float] = {}  # batch id -> when it went to the Core
         self.refused = LogEvery(log, REFUSAL_LOG_INTERVAL, "agent connections refused")
         self.bad_pokes = LogEvery(log, REFUSAL_LOG_INTERVAL, "poke refused")
         self.refused_answers = LogEvery(log, REFUSAL_LOG_INTERVAL, "device answer refused")
+        self.link_failures = LogEvery(log, REFUSAL_LOG_INTERVAL, "core link down")
+        self._link_failed = 0  # attempts failed since the last link
+        self._link_bug: str | None = None  # the unexpected failure last logged with its traceback
 
     # ------------------------------------------------------------------ TLS / CRL
     def _build_context(self) -> ssl.SSLContext:
@@ -328,6 +335,20 @@ class Switch:
                 log.exception("could not reload the CRL; keeping the previous one")
 
     # ------------------------------------------------------------------ agent events
+    def note_close(self, code: WSCloseCode, reason: str, detail: str) -> None:
+        """A connection this Switch closes: counted by close code, and logged once per interval per kind
+        of reason (the text before any detail), so a flood of bad connections is a few lines, not one each."""
+        self.closes[code.name] += 1
+        kind = reason.split("(")[0].split(":")[0].strip()[:60] or code.name
+        logger = self._close_logs.get(kind)
+        if logger is None:
+            if len(self._close_logs) >= CLOSE_LOG_KINDS:
+                kind, logger = "other", self._close_logs.setdefault(
+                    "other", LogEvery(log, REFUSAL_LOG_INTERVAL, "closing agent connection"))
+            else:
+                logger = self._close_logs[kind] = LogEvery(log, REFUSAL_LOG_INTERVAL, "closing agent connection")
+        logger.note(kind, detail)
+
     def on_hello(self, conn: AgentConnection) -> None:
         assert conn.device_id is not None and conn.info is not None
         old = self.conns.get(conn.device_id)
@@ -336,23 +357,21 @@ class Switch:
             old.close(WSCloseCode.POLICY_VIOLATION, "replaced by a newer connection of the same device")
         self.conns[conn.device_id] = conn
         self.stats["connects"] += 1
-        self._offline.discard(conn.device_id)
-        self._online[conn.device_id] = conn.info
         conn.send(p.encode(p.Welcome(switch=self.name, heartbeat_seconds=HEARTBEAT,
                                      max_message_bytes=self.max_message_bytes)))
         # A new connection: nothing is delivered to it until the Core has said which active
         # instructions this device already answered (OnlineAck; see SwitchState).
         self.state.hello(conn.device_id)
-        self.report_soon()
+        if self.batches.device_online(conn.info, time.monotonic()):
+            self._flush_wake.set()
 
     def on_disconnected(self, conn: AgentConnection) -> None:
         dev = conn.device_id
         if dev is not None and self.conns.get(dev) is conn:
             del self.conns[dev]
-            self._online.pop(dev, None)
             self.state.gone(dev)
-            self._offline.add(dev)
-            self.report_soon()
+            if self.batches.device_offline(dev, time.monotonic()):
+                self._flush_wake.set()
 
     def _announce(self, infos: list[p.DeviceInfo]) -> p.DevicesOnline:
         """The DevicesOnline for these devices, numbered: each waits for its OnlineAck."""
@@ -368,16 +387,16 @@ class Switch:
         for e in effects:
             if isinstance(e, DeliverTo):
                 frame = self._frames[e.instruction_id]
-                pending = self._delivered[e.instruction_id]
                 conns = self.conns
+                sent = []
                 for dev in e.devices:
                     conn = conns.get(dev)
                     if conn is not None:
                         conn.send(frame)
-                        pending.pop(dev, None)  # keep each dict in time order
-                        pending[dev] = now
-                if e.devices:
-                    self.report_soon(DELIVERED_HOLD)  # their 'sent', unless they answer first
+                        sent.append(dev)
+                # their 'sent' is reported DELIVERED_HOLD later, unless they answer first
+                if sent and self.batches.delivered(e.instruction_id, sent, now):
+                    self._flush_wake.set()
             elif isinstance(e, CancelTo):
                 frame = p.encode(p.Cancel(instruction_ids=[e.instruction_id]))
                 for dev in e.devices:
@@ -391,17 +410,10 @@ class Switch:
                         conn.close(WSCloseCode.POLICY_VIOLATION, "device refused by the core: not enrolled, or revoked")
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
-        self._last_response = time.monotonic()
-        pending = self._delivered.get(resp.instruction_id)
-        if pending is not None:
-            pending.pop(device_id, None)  # answered: its 'sent' need not be reported
         self.state.answered(device_id, resp.instruction_id)
-        self._responses.append(p.DeviceResponse(device_id=device_id, response=resp))
-        self._sizes.append(size)
-        self._responses_bytes += size
         self.stats["responses"] += 1
-        if not self._unacked or self._responses_bytes >= self.max_message_bytes or len(self._responses) >= 2000:
-            self._flush_now.set()
+        if self.batches.answered(device_id, resp, size, time.monotonic()):
+            self._flush_wake.set()
 
     def refused_response(self, conn: AgentConnection, refused: p.ResponseRefused) -> None:
         """A device's answer that does not fit the protocol's bounds: recorded as that device's
@@ -420,191 +432,166 @@ class Switch:
                 self._frames[item.id] = p.encode(p.Deliver(instruction=item.instruction))
         effects = self.state.work(work.items, work.active, time.time())
         self._apply(effects)
-        for iid in [i for i in self._frames if i not in self.state]:
+        gone = [i for i in self._frames if i not in self.state]
+        for iid in gone:
             del self._frames[iid]
+        self.batches.ended(gone)
         for e in effects:
             if isinstance(e, DeliverTo):
                 log.info("instruction %d delivered to %d connected devices", e.instruction_id, len(e.devices))
-        self._flush_now.set()
 
     def on_batch_ack(self, ack: p.BatchAck) -> None:
-        batch = self._unacked.pop(ack.batch_id, None)
-        if batch is None:
-            return
-        if self._responses and not self._unacked:
-            self._flush_now.set()
-        acks = self._acks
-        for r in batch.responses:
-            ids = acks.get(r.device_id)
-            if ids is None:
-                acks[r.device_id] = [r.response.instruction_id]
-            else:
-                ids.append(r.response.instruction_id)
-        self._ack_now.set()
+        sent = self._batch_sent.pop(ack.batch_id, None)
+        if sent is not None:
+            metrics.switch_batch_latency.observe(time.monotonic() - sent)
+        if self.batches.batch_acked(ack.batch_id, time.monotonic()):
+            self._flush_wake.set()  # answers gathered while the batch awaited its acknowledgement
+        if self.batches.acks_pending():
+            self._ack_wake.set()
 
     async def _acker(self) -> None:
-        """Send the queued ResponseAcks, ACK_SLICE per loop turn, when answers pause (see ACK_IDLE).
-
-        The queue is swapped out whole and walked once (acknowledgements committed meanwhile
-        queue up for the next pass), so draining N devices costs O(N)."""
+        """Send the ResponseAcks the Core's commits made due (see SwitchBatches.take_acks), ACK_SLICE
+        per loop turn, once answers pause."""
         while True:
-            await self._ack_now.wait()
-            self._ack_now.clear()
-            since = time.monotonic()
-            while self._acks:
-                acks, self._acks = self._acks, {}
-                pending = iter(acks.items())
-                while True:
-                    await self._answers_first(since)
-                    turn = list(islice(pending, ACK_SLICE))
-                    if not turn:
-                        break
-                    for dev, ids in turn:
-                        conn = self.conns.get(dev)
-                        if conn is not None:
-                            conn.send(p.encode(p.ResponseAck(instruction_ids=ids)))
-                    await asyncio.sleep(0)
-
-    async def _answers_first(self, since: float) -> None:
-        """Wait while answers keep arriving (ACK_IDLE), for at most ACK_MAX_DELAY after ``since``."""
-        while True:
-            now = time.monotonic()
-            if now - self._last_response >= ACK_IDLE or now - since >= ACK_MAX_DELAY:
-                return
-            await asyncio.sleep(ACK_IDLE)
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            while (due := self.batches.acks_at()) is not None:
+                now = time.monotonic()
+                if due > now:
+                    await asyncio.sleep(due - now)  # answers first: see ACK_IDLE
+                    continue
+                for a in self.batches.take_acks(now, ACK_SLICE):
+                    conn = self.conns.get(a.device_id)
+                    if conn is not None:  # gone: its next connection sends the answer again
+                        conn.send(p.encode(p.ResponseAck(instruction_ids=a.instruction_ids)))
+                await asyncio.sleep(0)
 
     def on_cancel(self, cancel: p.Cancel) -> None:
         self._apply(self.state.cancel(cancel.instruction_ids))
         for iid in cancel.instruction_ids:
             self._frames.pop(iid, None)
+        self.batches.ended(cancel.instruction_ids)
 
     # ------------------------------------------------------------------ core link
     async def _send_core(self, msg: Any) -> None:
         await self._link.send(p.encode(msg))
 
-    def report_soon(self, delay: float = FLUSH_INTERVAL) -> None:
-        """Something waits to go to the Core that may gather for ``delay`` (devices on- or offline,
-        deliveries to report): arm one flush for then, unless one comes sooner anyway."""
-        loop = asyncio.get_running_loop()
-        due = loop.time() + delay
-        if self._flush_timer is not None:
-            if self._flush_timer.when() <= due:
-                return
-            self._flush_timer.cancel()
-        self._flush_timer = loop.call_at(due, self._flush_now.set)
+    def _to_core(self, e: sb.Effect) -> Any:
+        if isinstance(e, SendBatch):
+            return e.batch
+        if isinstance(e, Announce):
+            return self._announce(e.devices)
+        if isinstance(e, ReportOffline):
+            return p.DevicesOffline(device_ids=e.device_ids)
+        assert isinstance(e, ReportDelivered), e
+        return p.Delivered(instruction_id=e.instruction_id, device_ids=e.device_ids)
 
     async def _flusher(self) -> None:
-        """Sleep until there is something to send: at once for ``_flush_now``, or when a flush armed
-        by ``report_soon`` is due. Only while a batch awaits the Core's acknowledgement do answers
-        gather, for FLUSH_INTERVAL at most (see FLUSH_INTERVAL)."""
+        """Sleep until SwitchBatches has something due (``flush_at``), or an event may have made it
+        due sooner (``_flush_wake``); flush only what is due. Nothing is due while the link is down,
+        and an idle Switch does not wake."""
         while True:
-            if self._unacked:
+            due = self.batches.flush_at()
+            now = time.monotonic()
+            if due is None or due > now:
                 try:
-                    await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL)
+                    await asyncio.wait_for(self._flush_wake.wait(), None if due is None else due - now)
                 except asyncio.TimeoutError:
                     pass
-            else:
-                await self._flush_now.wait()
-            self._flush_now.clear()
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
-                self._flush_timer = None
-            await self._link_up.wait()
-            try:
-                await self._flush_once()
-            except websockets.ConnectionClosed:
-                pass  # the link task reconnects and resends
-            held = self._delivered_due()
-            if held is not None:
-                self.report_soon(max(FLUSH_INTERVAL, held - time.monotonic()))
-
-    def _delivered_due(self) -> float | None:
-        """When the oldest delivery not yet reported becomes DELIVERED_HOLD old (monotonic time)."""
-        due = None
-        for pending in self._delivered.values():
-            first = next(iter(pending.values()), None)  # each dict is in time order
-            if first is not None and (due is None or first < due):
-                due = first
-        return None if due is None else due + DELIVERED_HOLD
+                self._flush_wake.clear()
+                continue
+            self._flush_wake.clear()
+            await self._flush_once()
 
     async def _flush_once(self) -> None:
-        if self._online:
-            infos, self._online = list(self._online.values()), {}
-            await self._send_core(self._announce(infos))
-        if self._offline:
-            gone, self._offline = sorted(self._offline), set()
-            await self._send_core(p.DevicesOffline(device_ids=gone))
-        while self._responses:
-            # Cut a batch of at most max_message_bytes (but at least one response) or 2000 responses.
-            n, size = 0, 0
-            while n < len(self._responses) and n < 2000 and (n == 0 or size + self._sizes[n] <= self.max_message_bytes):
-                size += self._sizes[n]
-                n += 1
-            chunk, self._responses, self._sizes = self._responses[:n], self._responses[n:], self._sizes[n:]
-            self._responses_bytes -= size
-            self._batch_seq += 1
-            batch = p.ResponseBatch(batch_id=self._batch_seq, responses=chunk)
-            self._unacked[batch.batch_id] = batch
-            await self._send_core(batch)
-        if self._delivered:  # after the answers: see DELIVERED_HOLD
-            cutoff = time.monotonic() - DELIVERED_HOLD
-            for iid in list(self._delivered):
-                pending = self._delivered[iid]
-                due = []
-                for d, t in pending.items():  # in time order
-                    if t > cutoff:
-                        break
-                    due.append(d)
-                for d in due:
-                    del pending[d]
-                if not pending:
-                    del self._delivered[iid]
-                if due:
-                    await self._send_core(p.Delivered(instruction_id=iid, device_ids=due))
+        try:
+            for e in self.batches.flush(time.monotonic()):
+                if isinstance(e, SendBatch):
+                    self._batch_sent.setdefault(e.batch.batch_id, time.monotonic())
+                await self._send_core(self._to_core(e))
+        except websockets.ConnectionClosed:
+            pass  # the unacknowledged batches go again on the next link (SwitchBatches.link_up)
 
     async def _core_link(self) -> None:
-        headers = {"Authorization": f"Bearer {p.credential(self.secret, 'core', 'switch')}"}
-        delay = 0.2
+        """Keep a link to the Core: dial, link, serve it until it drops, and dial again with
+        back-off (see LINK_RETRY_MIN); the back-off starts again after a stable link."""
         while True:
-            try:
-                tls = client_context(self.pki.ca_crt) if self.core_url.startswith("wss:") else None
-                async with websockets.connect(self.core_url, additional_headers=link_headers(self.pki.root, self.core_url, headers), ssl=tls,
-                                              max_size=core_link_max_bytes(self.max_message_bytes),
-                                              ping_interval=20, open_timeout=10) as ws:
-                    self._link = ws
-                    await ws.send(p.encode(p.SwitchHello(name=self.name, host=self.host, port=self.port,
-                                                         incarnation=self.incarnation)))
-                    # Everyone again, and every connection waits for this announcement's OnlineAck:
-                    # acknowledgements of earlier ones were lost with the old link.
-                    seq = self.state.relinked()
-                    await ws.send(p.encode(p.DevicesOnline(devices=[c.info for c in self.conns.values()
-                                                                    if c.info is not None], seq=seq)))
-                    self._online.clear()
-                    self._offline.clear()
-                    for batch in list(self._unacked.values()):  # the Core dedups by (instruction, device)
-                        await ws.send(p.encode(batch))
-                    await ws.send(p.encode(p.FetchWork(known=[])))
-                    self._link_up.set()
-                    delay = 0.2
-                    log.info("linked to core at %s", self.core_url)
-                    async for data in ws:
-                        if isinstance(data, str):
-                            raise p.ProtocolError("text frame from core")
-                        msg = p.decode_from_core(data)
-                        if isinstance(msg, p.Work):
-                            self.on_work(msg)
-                        elif isinstance(msg, p.BatchAck):
-                            self.on_batch_ack(msg)
-                        elif isinstance(msg, p.Cancel):
-                            self.on_cancel(msg)
-                        elif isinstance(msg, p.OnlineAck):
-                            self.on_online_ack(msg)
-            except (OSError, websockets.WebSocketException, asyncio.TimeoutError, p.ProtocolError) as e:
-                log.warning("core link down (%s); retrying in %.1fs", e, delay)
-            finally:
-                self._link_up.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            retrying = tenacity.AsyncRetrying(
+                retry=tenacity.retry_if_exception_type(Exception),
+                wait=tenacity.wait_exponential(multiplier=LINK_RETRY_MIN, min=LINK_RETRY_MIN, max=LINK_RETRY_MAX)
+                + tenacity.wait_random(0, LINK_RETRY_JITTER),
+                before_sleep=self._link_retry)
+            async for attempt in retrying:
+                with attempt:
+                    await self._link_once()
+
+    def _link_retry(self, rs: tenacity.RetryCallState) -> None:
+        e = rs.outcome.exception() if rs.outcome is not None else None
+        delay = rs.next_action.sleep if rs.next_action is not None else 0.0
+        self._link_failed += 1
+        reason = _link_reason(e)
+        if e is not None and not isinstance(e, LINK_DOWN) and reason != self._link_bug:
+            self._link_bug = reason  # a bug, not an outage: its traceback once, until the next link
+            log.error("core link failed unexpectedly; linking again", exc_info=e)
+        self.link_failures.note(reason, f"{self.core_url}; attempt {rs.attempt_number}, "
+                                                 f"retrying in {delay:.1f}s")
+
+    async def _link_once(self) -> None:
+        """One link to the Core, until it drops. Returns after a link that stayed up LINK_STABLE
+        seconds; raises (one of LINK_DOWN) after a failure or a short-lived link, to back off."""
+        headers = {"Authorization": f"Bearer {p.credential(self.secret, 'core', 'switch')}"}
+        tls = client_context(self.pki.ca_crt) if self.core_url.startswith("wss:") else None
+        up_since: float | None = None
+        try:
+            async with websockets.connect(self.core_url, additional_headers=link_headers(self.pki.root, self.core_url, headers),
+                                          ssl=tls,
+                                          max_size=core_link_max_bytes(self.max_message_bytes),
+                                          ping_interval=20, open_timeout=10) as ws:
+                self._link = ws
+                await ws.send(p.encode(p.SwitchHello(name=self.name, host=self.host, port=self.port,
+                                                     incarnation=self.incarnation)))
+                # Work first: its ``active`` drops what ended while the link was down, before the
+                # OnlineAck makes the devices ready (SwitchState gives nothing until it arrives).
+                await ws.send(p.encode(p.FetchWork(known=[])))
+                # Everyone again, and every connection waits for this announcement's OnlineAck:
+                # acknowledgements of earlier ones were lost with the old link. Then the batches
+                # not acknowledged (the Core dedups), after the announcement of their devices.
+                # No await between the list and link_up, which drops what was gathered: a hello
+                # after them is gathered anew.
+                seq = self.state.relinked()
+                everyone = p.DevicesOnline(devices=[c.info for c in self.conns.values() if c.info is not None],
+                                           seq=seq)
+                again = self.batches.link_up()
+                await ws.send(p.encode(everyone))
+                for e in again:
+                    await ws.send(p.encode(e.batch))
+                self._link_up.set()
+                self._flush_wake.set()
+                up_since = time.monotonic()
+                failed, self._link_failed, self._link_bug = self._link_failed, 0, None
+                log.info("linked to core at %s%s", self.core_url,
+                         f" after {failed} failed attempts" if failed else "")
+                async for data in ws:
+                    if isinstance(data, str):
+                        raise p.ProtocolError("text frame from core")
+                    msg = p.decode_from_core(data)
+                    if isinstance(msg, p.Work):
+                        self.on_work(msg)
+                    elif isinstance(msg, p.BatchAck):
+                        self.on_batch_ack(msg)
+                    elif isinstance(msg, p.Cancel):
+                        self.on_cancel(msg)
+                    elif isinstance(msg, p.OnlineAck):
+                        self.on_online_ack(msg)
+                raise LinkClosed(f"closed by the core ({ws.close_code}: {ws.close_reason or 'no reason'})")
+        except LINK_DOWN:
+            if up_since is not None and time.monotonic() - up_since >= LINK_STABLE:
+                log.warning("core link down (%s); linking again", _link_reason(sys.exc_info()[1]))
+                return  # a fresh back-off
+            raise
+        finally:
+            self._link_up.clear()
+            self.batches.link_lost()
 
     async def _fetcher(self) -> None:
         while True:
@@ -674,8 +661,7 @@ class Switch:
             self.refused.close()
             self.bad_pokes.close()
             self.refused_answers.close()
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
+            self.link_failures.close()
             for conn in list(self.conns.values()):
                 conn.close(WSCloseCode.GOING_AWAY, "switch stopping")
 
@@ -690,6 +676,22 @@ class Switch:
                 {"Sec-WebSocket-Version": WEBSOCKET_VERSION})
             return WSUpgradeResponseWithListener(refusal, None)
         return AgentConnection(self)
+
+
+class LinkClosed(ConnectionError):
+    """The Core closed the link."""
+
+
+LINK_DOWN = (OSError, websockets.WebSocketException, asyncio.TimeoutError, p.ProtocolError)
+
+
+def _link_reason(e: BaseException | None) -> str:
+    """A failed link's cause in a few words: the first line of the error (the count in the
+    rate-limited log line is by this)."""
+    if e is None:
+        return "unknown"
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def pid_file(root: Path, name: str) -> Path:

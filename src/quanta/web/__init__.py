@@ -19,7 +19,8 @@ from quanta.internal import (BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_
                             present_host_identity, with_tls)
 from quanta.pki import Pki, Signer, tls_server_context
 from quanta.datadir import tighten
-from quanta.runtime import bind_socket, setup_logging
+from quanta.metrics import RequestMetrics, serve_metrics
+from quanta.runtime import bind_socket, configure_logging
 from quanta.settings import DataDir, Settings, core_link_max_bytes, load_settings
 
 from . import core_proxy
@@ -65,7 +66,8 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
 
 async def serve(root: Path) -> None:
     settings = load_settings(root)
-    setup_logging("web", settings.log_level)
+    configure_logging("web", settings)
+    serve_metrics(settings, "web")
     loose = tighten(root)  # an installation made before the modes were enforced
     if loose:
         log.warning("made %d path(s) of %s private (they were open to other users): %s%s", len(loose), root,
@@ -79,7 +81,7 @@ async def serve(root: Path) -> None:
     served = (["/Consumer", "/Explorer"] if settings.role in ("single", "master") else []) + \
         (["/Core"] if settings.role in ("single", "response") else []) + ["/Background"]
     log.info("web tier listening on https %s:%d (%s)", settings.bind_host, settings.port("https"), ", ".join(served))
-    config = with_tls(uvicorn.Config(app, log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
+    config = with_tls(uvicorn.Config(RequestMetrics(app), log_level="warning", loop="none", ssl_certfile=str(pki.server_crt),
                                      ssl_keyfile=str(pki.server_key), proxy_headers=False),
                       tls_server_context(pki.server_crt, pki.server_key))
     await uvicorn.Server(config).serve(sockets=[sock])

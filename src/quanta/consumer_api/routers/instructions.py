@@ -7,10 +7,11 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
 
 from quanta import instructions as ins
-from quanta.consumer_api.deps import (Api, CurrentUser, InstructionIdPath, ScopedCaller, VisibleInstruction,
-                                      authenticated, scoped, visible_instruction)
+from quanta.consumer_api.deps import (Api, CurrentUser, ScopedCaller, VisibleInstruction, authenticated, scoped,
+                                      visible_instruction)
 from quanta.consumer_api.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound
 from quanta.consumer_api.models import DecisionRequest, InstructionPage, InstructionStatus, IssueRequest
 from quanta.consumer_api.service import ADMIN_ROLE
@@ -93,21 +94,30 @@ async def wait(seen: VisibleInstruction, api: Api,
 
 @router.post("/Consumer/Instructions/{instruction_id}/Cancel", dependencies=[Depends(visible_instruction)])
 async def cancel(seen: VisibleInstruction, api: Api) -> dict[str, Any]:
-    """Stop an instruction: before it runs (pending approval, scheduled) or while it gathers."""
+    """Stop an instruction: before it runs (pending approval, scheduled, or approved and not yet
+    taken by the Core) or while it gathers. Before the Core has it, one compare-and-set: the Core
+    activates only a ``created`` instruction, so a cancelled one never runs."""
     instruction_id, row, user = seen.id, seen.row, seen.user
     if user.role != ADMIN_ROLE and user.username != row["created_by"]:
         raise Forbidden("only the requester or a Full Administrator may cancel an instruction")
-    if row["status"] in (ins.PENDING_APPROVAL, ins.SCHEDULED):
-        if not await api.db(ins.decide, api.master, instruction_id, status="cancelled", by=user.username,
-                            reason="cancelled before it ran", expect=row["status"]):
-            raise Conflict(f"instruction {instruction_id} changed meanwhile; look again")
+    if row["status"] in ins.CANCELLABLE:
+        was = row["status"]
+        # it may move on meanwhile (approved: pending -> created; issued: created -> active): cancel
+        # it where it is then, a bounded number of times
+        for _ in range(3):
+            if await api.db(ins.cancel, api.master, instruction_id, by=user.username, expect=was):
+                break
+            now = await api.db(store.get_instruction, api.master, instruction_id)
+            if now is not None and now["status"] == "active":  # the Core took it meanwhile: stop it there
+                return await _cancel_active(api, instruction_id, user.username, was)
+            if now is None or now["status"] not in ins.CANCELLABLE or now["status"] == was:
+                raise Conflict(f"instruction {instruction_id} changed meanwhile (it is "
+                               f"{now['status'] if now else 'gone'}); nothing to cancel")
+            was = now["status"]
+        else:
+            raise Conflict(f"instruction {instruction_id} keeps changing; look again")
     elif row["status"] == "active":
-        try:
-            await api.call_core(instruction_id, "Cancel")
-        except ins.CoreRefused:
-            raise Conflict(f"instruction {instruction_id} is no longer active") from None
-        except ins.CoreError as e:
-            raise BadGateway(str(e)) from None
+        return await _cancel_active(api, instruction_id, user.username, row["status"])
     else:
         raise Conflict(f"instruction {instruction_id} is {row['status']}: nothing to cancel")
     await api.db(store.audit, api.master, user.username, "cancel", f"instruction:{instruction_id}",
@@ -115,23 +125,45 @@ async def cancel(seen: VisibleInstruction, api: Api) -> dict[str, Any]:
     return {"id": instruction_id, "status": "cancelled"}
 
 
-# The approval relays: the Coordinator checks the approve right, the one-time code and that the
-# approver is not the requester (rule: any signed-in user may ask; the Coordinator decides).
-@router.post("/Consumer/Instructions/{instruction_id}/ApprovalCode", dependencies=[Depends(authenticated)])
-async def approval_code(instruction_id: InstructionIdPath, user: CurrentUser, api: Api) -> dict[str, Any]:
+async def _cancel_active(api: Any, instruction_id: int, username: str, was: str) -> dict[str, Any]:
+    try:
+        await api.call_core(instruction_id, "Cancel")
+    except ins.CoreRefused:
+        raise Conflict(f"instruction {instruction_id} is no longer active") from None
+    except ins.CoreError as e:
+        raise BadGateway(str(e)) from None
+    await api.db(store.audit, api.master, username, "cancel", f"instruction:{instruction_id}", was=was)
+    return {"id": instruction_id, "status": "cancelled"}
+
+
+# The approval relays go through visible_instruction: an approver who may not see an instruction
+# (its instruction set, or none of its devices in their management groups) gets the same 404 as
+# for one that does not exist. The Coordinator then checks the approve right, the one-time code
+# and that the approver is not the requester. Its answer is passed on with its status: 202 when
+# the approval counted but the instruction is not running yet (more approvers needed:
+# pending_approval; or approved and waiting for the Core: created, issued false, retrying).
+async def _relay(api: Any, path: str, body: dict[str, Any]) -> JSONResponse:
+    status_code, answer = await api.coordinator_reply(path, body)
+    return JSONResponse(answer, status_code=status_code)
+
+
+@router.post("/Consumer/Instructions/{instruction_id}/ApprovalCode", dependencies=[Depends(visible_instruction)])
+async def approval_code(seen: VisibleInstruction, api: Api) -> JSONResponse:
     """Email the caller a one-time code to approve this instruction with."""
-    return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Code",
-                                 {"username": user.username, "role": user.role})
+    return await _relay(api, f"/Coordinator/Instructions/{seen.id}/Code",
+                        {"username": seen.user.username, "role": seen.user.role})
 
 
-@router.post("/Consumer/Instructions/{instruction_id}/Approve", dependencies=[Depends(authenticated)])
-async def approve(instruction_id: InstructionIdPath, d: DecisionRequest, user: CurrentUser, api: Api) -> dict[str, Any]:
-    return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Approve",
-                                 {"username": user.username, "role": user.role, "code": d.code,
-                                  "reason": d.reason})
+@router.post("/Consumer/Instructions/{instruction_id}/Approve", dependencies=[Depends(visible_instruction)],
+             responses={202: {"description": "approved; more approvers are needed, or the Core is unavailable "
+                                             "and the Coordinator issues it when it is back"}})
+async def approve(seen: VisibleInstruction, d: DecisionRequest, api: Api) -> JSONResponse:
+    return await _relay(api, f"/Coordinator/Instructions/{seen.id}/Approve",
+                        {"username": seen.user.username, "role": seen.user.role, "code": d.code,
+                         "reason": d.reason})
 
 
-@router.post("/Consumer/Instructions/{instruction_id}/Reject", dependencies=[Depends(authenticated)])
-async def reject(instruction_id: InstructionIdPath, d: DecisionRequest, user: CurrentUser, api: Api) -> dict[str, Any]:
-    return await api.coordinator(f"/Coordinator/Instructions/{instruction_id}/Reject",
-                                 {"username": user.username, "role": user.role, "reason": d.reason})
+@router.post("/Consumer/Instructions/{instruction_id}/Reject", dependencies=[Depends(visible_instruction)])
+async def reject(seen: VisibleInstruction, d: DecisionRequest, api: Api) -> JSONResponse:
+    return await _relay(api, f"/Coordinator/Instructions/{seen.id}/Reject",
+                        {"username": seen.user.username, "role": seen.user.role, "reason": d.reason})

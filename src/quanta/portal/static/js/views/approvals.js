@@ -9,11 +9,31 @@ export async function render(main, _args, signal) {
   list);
   const page = await api("GET", "/Instructions?status=pending_approval&limit=100", undefined, { signal });
   if (!page.items.length) { clear(list, h("section", { class: "card" }, h("p", { class: "empty" }, "Nothing is waiting for approval."))); return; }
-  clear(list, ...page.items.map((it) => card(it, me)));
+  // who approved so far (N of M) is in each instruction's status; read them side by side
+  const details = await Promise.all(page.items.map((it) =>
+    api("GET", `/Instructions/${it.id}`, undefined, { signal }).catch(() => null)));
+  clear(list, ...page.items.map((it, i) => card(it, me, details[i])));
 }
 
-function card(it, me) {
+// "1 of 2 approvals: alice" (names in the order they approved)
+export function approvalProgress(required, approvers) {
+  const m = required || 1;
+  const names = (approvers || []).map((a) => (typeof a === "string" ? a : a.approver));
+  return `${names.length} of ${m} approval${m === 1 ? "" : "s"}${names.length ? `: ${names.join(", ")}` : ""}`;
+}
+
+const AFTER = { // the badge once a decision was answered, before the page is reloaded
+  created: "Approved, not issued yet", scheduled: "Scheduled", active: "In progress", finished: "Finished",
+  rejected: "Rejected", cancelled: "Cancelled", expired: "Never issued",
+};
+
+function card(it, me, st) {
   const out = h("div", { class: "decision-status" });
+  const badge = h("span", { class: "approval-badge" }, statusBadge(it.status));
+  const progress = h("p", { class: "approval-progress", "data-test": "approval-progress" },
+    st ? approvalProgress(st.approvers_required, st.approvals) : "");
+  const setBadge = (status, label) => clear(badge, label
+    ? h("span", { class: `badge status-${status.replace(/[^a-z0-9_-]/g, "")}` }, label) : statusBadge(status));
   const reason = h("input", { id: `reason-${it.id}`, class: "reason", placeholder: "reason (recorded in the audit log)", maxlength: "2000" });
   const code = h("input", { id: `code-${it.id}`, class: "code-input", placeholder: "one-time code", maxlength: "16", inputmode: "numeric", autocomplete: "one-time-code" });
   const buttons = [];
@@ -24,8 +44,23 @@ function card(it, me) {
       const body = { reason: reason.value || null };
       if (verb === "Approve" && code.value.trim()) body.code = code.value.trim();
       const r = await api("POST", `/Instructions/${it.id}/${verb}`, body);
-      clear(out, message("ok", verb === "Approve" ? `Approved: ${r.status}${r.targeted !== undefined ? `, sent to ${r.targeted} device(s)` : ""}. ` : "Rejected. ",
-        h("a", { href: `#/i/${it.id}` }, "View instruction")));
+      const view = h("a", { href: `#/i/${it.id}` }, "View instruction");
+      if (verb !== "Approve") {
+        setBadge(r.status, AFTER[r.status]);
+        clear(out, message("ok", "Rejected. ", view));
+      } else if (r.status === "pending_approval") { // counted; more approvers are needed
+        progress.textContent = approvalProgress(r.approvers_required, r.approvers);
+        const more = (r.approvers_required || 1) - (r.approvers || []).length;
+        clear(out, message("ok", `Approved: your approval counted; ${more} more needed from other people. `, view));
+      } else if (r.status === "created" && r.issued === false) { // approved; the Core cannot take it yet
+        progress.textContent = approvalProgress(r.approvers_required, r.approvers);
+        setBadge("created", AFTER.created);
+        clear(out, message("info", `Approved, not issued yet: ${r.message || "the Core is unavailable"}. `, view));
+      } else {
+        if (r.approvers) progress.textContent = approvalProgress(r.approvers_required, r.approvers);
+        setBadge(r.status, AFTER[r.status]);
+        clear(out, message("ok", `Approved: ${AFTER[r.status] || r.status}${r.targeted !== undefined ? `, sent to ${r.targeted} device(s)` : ""}. `, view));
+      }
       form.remove();
       window.dispatchEvent(new CustomEvent("quanta:approvals-changed"));
     } catch (e) {
@@ -45,9 +80,15 @@ function card(it, me) {
   } }, "Email me a one-time code");
   buttons.push(approve, reject);
   const form = h("div", { class: "decision" }, reason, code, approve, reject, sendCode);
+  const mine = st && me && (st.approvals || []).some((a) => a.approver === me.username);
+  if (mine) { // approved already: another person must; the buttons would only be refused
+    form.hidden = true;
+    out.append(message("info", "You approved this action; it waits for other approvers."));
+  }
   return h("section", { class: "card approval", id: `approval-${it.id}`, "data-id": String(it.id) },
     h("div", { class: "approval-head" },
-      h("h2", {}, `#${it.id} `, h("span", { class: "title-name" }, it.name)), statusBadge(it.status)),
+      h("h2", {}, `#${it.id} `, h("span", { class: "title-name" }, it.name)), badge),
+    progress,
     h("p", { class: "muted" }, `Requested by ${it.created_by} on ${fmtTime(it.created_at)} for `,
       it.devices ? `${it.devices.length} device(s): ${it.devices.join(", ")}` : "every device",
       it.approval_expires_at ? ` · expires unapproved ${fmtTime(it.approval_expires_at)}` : ""),

@@ -1,7 +1,16 @@
 import { api, stream } from "../api.js";
 import { cellText, clear, fmtTime, h, kindBadge, message, pager, stateBadge, STATE_LABEL, STATES, statusBadge } from "../dom.js";
+import { approvalProgress } from "./approvals.js";
 
-const DONE = ["finished", "cancelled", "rejected", "approval_expired"];
+const DONE = ["finished", "cancelled", "rejected", "approval_expired", "expired"];
+
+// An approved action the Core has not taken (status created, with the reason in issue_error), or
+// never took before its gather window ended (status expired): said so, not "Issuing".
+function badgeOf(st) {
+  if (st.status === "created" && st.issue_error) return h("span", { class: "badge status-created" }, "Approved, not issued yet");
+  if (st.status === "expired") return h("span", { class: "badge status-expired" }, "Never issued");
+  return statusBadge(st.status);
+}
 const AGG_GROUPS = 1000; // groups the server returns for an aggregate (largest first)
 const BY_STATE = "Device state"; // grouped from the counts per state, not from rows
 
@@ -36,11 +45,13 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
     const wasOpen = Boolean(head.querySelector("#payload") && head.querySelector("#payload").open);
     clear(head,
       h("h1", {}, `#${st.id} `, h("span", { class: "title-name" }, st.name)),
-      h("div", { class: "meta" }, kindBadge(st.kind), " ", h("span", { id: "status" }, statusBadge(st.status)), " ", liveNote,
+      h("div", { class: "meta" }, kindBadge(st.kind), " ", h("span", { id: "status" }, badgeOf(st)), " ", liveNote,
         h("span", { class: "muted" }, ` requested by ${st.created_by}`),
         st.issued_at ? h("span", { class: "muted" }, ` · issued ${fmtTime(st.issued_at)}`) : null,
         st.expires_at ? h("span", { class: "muted" }, ` · window ${DONE.includes(st.status) ? "closed" : "closes"} ${fmtTime(st.expires_at)}`) : null,
-        st.decided_by ? h("span", { class: "muted" }, ` · decided by ${st.decided_by}${st.decision_reason ? ` (“${st.decision_reason}”)` : ""}`) : null),
+        st.decided_by ? h("span", { class: "muted" }, ` · decided by ${st.decided_by}${st.decision_reason ? ` (“${st.decision_reason}”)` : ""}`) : null,
+        (st.approvals || []).length && st.status !== "pending_approval"
+          ? h("span", { class: "muted", id: "approved-by" }, ` · approved by ${st.approvals.map((a) => a.approver).join(", ")}`) : null),
       st.instruction_set ? h("p", { class: "muted", id: "definition-note" }, "Instruction definition ",
         h("a", { href: `#/ask?definition=${encodeURIComponent(st.name)}` }, st.name), ` (instruction set ${st.instruction_set})`) : null,
       typeof st.payload === "string" ? h("details", { class: "payload", id: "payload" }, h("summary", {}, "Payload"),
@@ -64,8 +75,15 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
     clear(progress,
       h("div", { class: "progress-head" },
         h("div", { class: "big" }, h("span", { id: "answered" }, String(answered)), h("span", { class: "muted" }, ` of ${n} answered`)),
-        st.status === "pending_approval" ? message("info", "This action waits for a second person's approval. ",
-          h("a", { href: "#/approvals" }, "Approvals")) : null,
+        st.status === "pending_approval" ? message("info", (st.approvers_required || 1) > 1
+          ? `This action needs ${st.approvers_required} approvals by different people other than ${st.created_by}. `
+          : "This action waits for a second person's approval. ",
+        h("span", { id: "approval-progress", "data-test": "approval-progress" }, `${approvalProgress(st.approvers_required, st.approvals)}. `),
+        h("a", { href: "#/approvals" }, "Approvals")) : null,
+        st.status === "created" && st.issue_error ? message("info", h("span", { id: "not-issued" },
+          `Approved, not issued yet: ${st.issue_error}. The Coordinator issues it as soon as the Core takes it, while its window lasts.`)) : null,
+        st.status === "expired" ? message("error", h("span", { id: "not-issued" },
+          `Never issued: ${st.issue_error || "the Core did not take it before its gather window ended"}. It did not run.`)) : null,
         st.status === "scheduled" ? message("info", `Scheduled for ${fmtTime(st.scheduled_at)}.`) : null),
       bar,
       h("div", { class: "counts", id: "counts" },
@@ -247,7 +265,8 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
     try {
       await stream(`/Instructions/${id}/Stream`, (name, data) => {
         if (name !== "status") return;
-        const statusChanged = data.status !== st.status;
+        const statusChanged = data.status !== st.status || data.issue_error !== st.issue_error
+          || (data.approvals || []).length !== (st.approvals || []).length;
         st = { ...st, ...data }; // the stream leaves out what does not change (payload, parameters)
         if (statusChanged) drawHead();
         drawProgress();

@@ -1,0 +1,107 @@
+"""DevicePerformance and ProcessUsage: sampled at their intervals (``psutil``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from .settings import InventorySettings
+from .store import Store
+
+log = logging.getLogger("quanta.agent.inventory")
+
+
+class PerfCapture:
+    def __init__(self, store: Store, settings: InventorySettings, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        if self.settings.source("DevicePerformance").enabled:
+            self._spawn("quanta-inventory-perf", self._device)
+        if self.settings.source("ProcessUsage").enabled:
+            self._spawn("quanta-inventory-usage", self._usage)
+
+    def _spawn(self, name: str, fn: Callable[[], None]) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(2)
+
+    def _device(self) -> None:
+        import psutil
+
+        interval = self.settings.source("DevicePerformance").interval
+        psutil.cpu_percent(None)
+        disk0, net0, t0 = psutil.disk_io_counters(), psutil.net_io_counters(), time.monotonic()
+        while not self._stop.wait(interval):
+            try:
+                disk, net, t1 = psutil.disk_io_counters(), psutil.net_io_counters(), time.monotonic()
+                dt = max(t1 - t0, 1e-3)
+                mem = psutil.virtual_memory()
+                self.store.put("DevicePerformance_Live", {
+                    "Ts": int(self.clock()), "ProcessorUtilization": round(psutil.cpu_percent(None), 2),
+                    "MemoryUtilization": round(mem.percent, 2), "MemoryAvailableBytes": mem.available,
+                    "DiskReadBytesPerSecond": _rate(disk0, disk, "read_bytes", dt),
+                    "DiskWriteBytesPerSecond": _rate(disk0, disk, "write_bytes", dt),
+                    "NetworkSentBytesPerSecond": _rate(net0, net, "bytes_sent", dt),
+                    "NetworkReceivedBytesPerSecond": _rate(net0, net, "bytes_recv", dt),
+                })
+                disk0, net0, t0 = disk, net, t1
+            except Exception:  # noqa: BLE001
+                log.exception("device performance sample failed")
+
+    def _usage(self) -> None:
+        import psutil
+
+        interval = self.settings.source("ProcessUsage").interval
+        before: dict[tuple[int, float], float] = {}
+        first = True
+        while True:
+            try:
+                now = int(self.clock())
+                after: dict[tuple[int, float], float] = {}
+                acc: dict[tuple[str, str], list[float]] = {}
+                for p in psutil.process_iter(["name", "exe", "username", "cpu_times", "memory_info", "create_time"],
+                                             ad_value=None):
+                    ct, mem = p.info.get("cpu_times"), p.info.get("memory_info")
+                    if ct is None:
+                        continue
+                    key = (p.pid, p.info.get("create_time") or 0.0)
+                    used = ct.user + ct.system
+                    after[key] = used
+                    delta = used - before.get(key, 0.0 if not first else used)
+                    name = os.path.basename(p.info.get("exe") or "") or (p.info.get("name") or "")
+                    a = acc.setdefault((name, p.info.get("username") or ""), [0.0, 0, 0])
+                    a[0] += max(delta, 0.0)
+                    a[1] = max(a[1], mem.rss if mem else 0)
+                    a[2] += 1
+                if not first:
+                    for (name, user), (cpu, peak, count) in acc.items():
+                        if cpu > 0:
+                            self.store.put("ProcessUsage_Live", {
+                                "Ts": now, "ExecutableName": name, "UserName": user,
+                                "ProcessorTimeSeconds": round(cpu, 3), "PeakMemoryBytes": int(peak),
+                                "ProcessCount": int(count),
+                            })
+                before, first = after, False
+            except Exception:  # noqa: BLE001
+                log.exception("process usage sample failed")
+            if self._stop.wait(interval):
+                return
+
+
+def _rate(a: object, b: object, attr: str, dt: float) -> float | None:
+    if a is None or b is None:
+        return None
+    return round(max(getattr(b, attr) - getattr(a, attr), 0) / dt, 1)

@@ -1,0 +1,318 @@
+"""What a Switch owes the Core and its devices, without I/O: answers gathered into batches, the
+batches the Core has not acknowledged yet, the ``ResponseAck`` each device is owed once the Core
+committed its answer, devices on- and offline, and deliveries to report.
+
+The Switch (``quanta.switch.service``) is the shell: it owns the sockets, the timers and the
+clock. It feeds :class:`SwitchBatches` events (with the time as an argument) and carries out the
+effects it returns; it asks :meth:`SwitchBatches.flush_at` and :meth:`SwitchBatches.acks_at`
+when to call again. The rules:
+
+* **At least once towards the Core.** An answer goes into exactly one :class:`SendBatch`; the
+  batch is kept until the Core's ``BatchAck`` for it, and every batch not acknowledged is sent
+  again after a new link (:meth:`link_up`), in the order first sent. The Core stores answers
+  idempotently (per instruction and device), so a batch sent twice, or an answer in two batches
+  (a device resends it), is harmless; an acknowledgement of an unknown or already acknowledged
+  batch changes nothing.
+* **A device is acknowledged only what the Core committed.** :class:`AckDevice` names an
+  instruction only after the Core acknowledged the batch that carried that device's answer to it;
+  until then the device's journal keeps the answer and sends it again on its next connection. A
+  Switch that dies loses nothing the devices do not still hold.
+* **Batching.** While no batch awaits the Core's acknowledgement, answers go at once (an idle
+  link: the first answers of a question, or its last ones, wait for nothing); while one does, they
+  gather for FLUSH_INTERVAL, until that acknowledgement, or until a batch is full (MAX_BATCH
+  answers or ``max_message_bytes``), whichever comes first. Under load the batches grow with the
+  Core's commit time.
+* **Answers first.** Acknowledgements to devices wait while answers keep arriving (one in the
+  last ACK_IDLE seconds), for at most ACK_MAX_DELAY, and go out ``limit`` at a time
+  (:meth:`take_acks`), so waking every device never competes with reading answers. Draining N
+  acknowledgements costs O(N): the queue is swapped out whole and walked once.
+* **Deliveries.** A delivery is reported to the Core (pending -> sent) only once it is
+  DELIVERED_HOLD old and its device has not answered meanwhile: an answer supersedes it, so most
+  devices never cost a 'sent' write, and the Core commits answers first.
+* **Devices on- and offline** gather for FLUSH_INTERVAL into one announcement each way, the
+  announcement first (a device that came and went is announced, then reported offline), and
+  both before the answers of the same flush; a new link announces everyone anyway (the shell
+  sends that full ``DevicesOnline``), so what was gathered before is dropped then.
+* Nothing is sent while the link is down (:meth:`link_lost` .. :meth:`link_up`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+from quanta.protocol.messages import DeviceInfo, DeviceResponse, Response, ResponseBatch
+
+FLUSH_INTERVAL = 0.02
+MAX_BATCH = 2000  # answers per batch
+DELIVERED_HOLD = 1.0
+ACK_IDLE = 0.25
+ACK_MAX_DELAY = 1.0
+
+
+# ------------------------------------------------------------------ effects
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """Send the Core a ``DevicesOnline`` for these devices (numbered by ``SwitchState.announce``)."""
+
+    devices: list[DeviceInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOffline:
+    device_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SendBatch:
+    batch: ResponseBatch
+
+
+@dataclass(frozen=True, slots=True)
+class ReportDelivered:
+    instruction_id: int
+    device_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class AckDevice:
+    """Send this device a ``ResponseAck`` for these instructions (if it is connected; if not, its
+    next connection sends the answers again and they are acknowledged then)."""
+
+    device_id: str
+    instruction_ids: list[int]
+
+
+Effect = Announce | ReportOffline | SendBatch | ReportDelivered | AckDevice
+
+
+class SwitchBatches:
+    __slots__ = ("max_message_bytes", "_linked", "_online", "_offline", "_report_due", "_responses", "_sizes",
+                 "_bytes", "_gather_due", "_unacked", "_seq", "_acks", "_draining", "_ack_since", "_last_answer",
+                 "_delivered")
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._linked = False
+        self._online: dict[str, DeviceInfo] = {}
+        self._offline: set[str] = set()
+        self._report_due: float | None = None  # when the gathered on/offline devices are due
+        self._responses: list[DeviceResponse] = []
+        self._sizes: list[int] = []
+        self._bytes = 0
+        self._gather_due: float | None = None  # when the gathered answers are due (a batch awaits its ack)
+        self._unacked: dict[int, ResponseBatch] = {}  # in the order sent
+        self._seq = 0
+        self._acks: dict[str, list[int]] = {}  # device -> committed instructions, to acknowledge
+        self._draining: Iterator[tuple[str, list[int]]] | None = None  # the queue swapped out, being sent
+        self._ack_since: float | None = None  # when the acknowledgements now queued began to wait
+        self._last_answer = float("-inf")
+        self._delivered: dict[int, dict[str, float]] = {}  # instruction -> device -> when (in time order)
+
+    # ------------------------------------------------------------- queries
+    @property
+    def linked(self) -> bool:
+        return self._linked
+
+    def unacked(self) -> list[int]:
+        """Ids of the batches sent and not acknowledged, in the order sent."""
+        return list(self._unacked)
+
+    def pending_answers(self) -> int:
+        return len(self._responses)
+
+    def acks_pending(self) -> bool:
+        return bool(self._acks) or self._draining is not None
+
+    def flush_at(self) -> float | None:
+        """When :meth:`flush` has something to send (a time at or before now: at once), or None."""
+        if not self._linked:
+            return None
+        due = self._report_due
+        if self._responses:
+            g = self._gather_due
+            if g is None:  # no batch awaited its ack when they came, or a batch is full
+                return float("-inf")
+            due = g if due is None else min(due, g)
+        for pending in self._delivered.values():  # one entry per instruction with deliveries to report
+            first = next(iter(pending.values()), None)
+            if first is not None:
+                t = first + DELIVERED_HOLD
+                due = t if due is None else min(due, t)
+        return due
+
+    def acks_at(self) -> float | None:
+        """When :meth:`take_acks` will give acknowledgements, or None while none are queued."""
+        if self._ack_since is None:
+            return None
+        return min(self._last_answer + ACK_IDLE, self._ack_since + ACK_MAX_DELAY)
+
+    # ------------------------------------------------------- device events
+    def device_online(self, info: DeviceInfo, now: float) -> bool:
+        """A device said hello. True if the flush is now due sooner (the shell re-arms its timer)."""
+        self._offline.discard(info.device_id)
+        self._online[info.device_id] = info
+        return self._report_soon(now)
+
+    def device_offline(self, device_id: str, now: float) -> bool:
+        """A device's connection ended. If its hello has not been announced yet, it still is (then
+        reported offline, in that order): answers it sent meanwhile must reach the Core from a
+        device the Core knows came through this Switch, or they would be held as a stranger's."""
+        self._offline.add(device_id)
+        return self._report_soon(now)
+
+    def _report_soon(self, now: float) -> bool:
+        if self._report_due is not None:
+            return False
+        self._report_due = now + FLUSH_INTERVAL
+        return self._linked
+
+    def delivered(self, instruction_id: int, devices: Iterable[str], now: float) -> bool:
+        """The instruction was sent to these devices now (reported after DELIVERED_HOLD, unless they
+        answer first). True if the flush is now due sooner."""
+        pending = self._delivered.get(instruction_id)
+        if pending is None:
+            pending = self._delivered[instruction_id] = {}
+        sooner = not pending and self._linked
+        for d in devices:
+            pending.pop(d, None)  # keep the dict in time order
+            pending[d] = now
+        return sooner
+
+    def answered(self, device_id: str, response: Response, size: int, now: float) -> bool:
+        """A device's answer (``size``: its encoded size), to go to the Core. True if the flush is
+        now due sooner: at once (the link is idle, or a batch is full), or FLUSH_INTERVAL from now
+        (the first answer to gather while a batch awaits its acknowledgement)."""
+        self._last_answer = now
+        pending = self._delivered.get(response.instruction_id)
+        if pending is not None:
+            pending.pop(device_id, None)  # answered: its 'sent' need not be reported
+        self._responses.append(DeviceResponse(device_id=device_id, response=response))
+        self._sizes.append(size)
+        self._bytes += size
+        if not self._unacked or self._bytes >= self.max_message_bytes or len(self._responses) >= MAX_BATCH:
+            self._gather_due = None
+            return self._linked
+        if len(self._responses) == 1:  # the first to gather sets the deadline; the others join it
+            self._gather_due = now + FLUSH_INTERVAL
+            return self._linked
+        return False
+
+    # --------------------------------------------------------- core events
+    def batch_acked(self, batch_id: int, now: float) -> bool:
+        """The Core committed batch ``batch_id``: its devices are owed their acknowledgements. An
+        unknown or repeated id changes nothing. True if the flush is now due at once (answers
+        gathered while the batch awaited its acknowledgement)."""
+        batch = self._unacked.pop(batch_id, None)
+        if batch is None:
+            return False
+        acks = self._acks
+        for r in batch.responses:
+            ids = acks.get(r.device_id)
+            if ids is None:
+                acks[r.device_id] = [r.response.instruction_id]
+            else:
+                ids.append(r.response.instruction_id)
+        if batch.responses and self._ack_since is None:
+            self._ack_since = now
+        if self._responses and not self._unacked:
+            self._gather_due = None
+            return self._linked
+        return False
+
+    def ended(self, instruction_ids: Iterable[int]) -> None:
+        """These instructions ended (the Core's Cancel, or no longer active in its Work): their
+        deliveries are not reported any more (an ended instruction's counts are final)."""
+        for iid in instruction_ids:
+            self._delivered.pop(iid, None)
+
+    def link_lost(self) -> None:
+        """The link to the Core is down: nothing is sent until :meth:`link_up`. Unacknowledged
+        batches are kept; their acknowledgements died with the link."""
+        self._linked = False
+
+    def link_up(self) -> list[Effect]:
+        """A new link (the shell has sent its hello and the full ``DevicesOnline``): every batch
+        not acknowledged goes again, in the order first sent."""
+        self._linked = True
+        self._online.clear()
+        self._offline.clear()
+        self._report_due = None
+        return [SendBatch(b) for b in self._unacked.values()]
+
+    # ---------------------------------------------------------- the clock
+    def flush(self, now: float) -> list[Effect]:
+        """Everything due at ``now``: devices on- and offline, the gathered answers in batches (each
+        at most MAX_BATCH answers and ``max_message_bytes``, but at least one answer), then the
+        deliveries DELIVERED_HOLD old. Call it when :meth:`flush_at` is due; nothing while the link
+        is down."""
+        if not self._linked:
+            return []
+        out: list[Effect] = []
+        if self._report_due is not None and (self._report_due <= now or self._responses):
+            self._report_due = None
+            if self._online:  # before the answers: the Core learns who is here, then their answers
+                out.append(Announce(list(self._online.values())))
+                self._online = {}
+            if self._offline:
+                out.append(ReportOffline(sorted(self._offline)))
+                self._offline = set()
+        if self._responses and (self._gather_due is None or self._gather_due <= now or not self._unacked):
+            out += self._cut()
+        if self._delivered:  # after the answers: see DELIVERED_HOLD
+            for iid in list(self._delivered):
+                pending = self._delivered[iid]
+                due = []
+                for d, t in pending.items():  # in time order
+                    if t + DELIVERED_HOLD > now:  # (the very expression of flush_at: no busy loop)
+                        break
+                    due.append(d)
+                for d in due:
+                    del pending[d]
+                if not pending:
+                    del self._delivered[iid]
+                if due:
+                    out.append(ReportDelivered(iid, due))
+        return out
+
+    def _cut(self) -> list[Effect]:
+        responses, sizes, limit = self._responses, self._sizes, self.max_message_bytes
+        out: list[Effect] = []
+        i, end = 0, len(responses)
+        while i < end:
+            j, size = i, 0
+            while j < end and j - i < MAX_BATCH and (j == i or size + sizes[j] <= limit):
+                size += sizes[j]
+                j += 1
+            self._seq += 1
+            batch = ResponseBatch(batch_id=self._seq, responses=responses[i:j])
+            self._unacked[batch.batch_id] = batch
+            out.append(SendBatch(batch))
+            i = j
+        self._responses, self._sizes, self._bytes, self._gather_due = [], [], 0, None
+        return out
+
+    def take_acks(self, now: float, limit: int) -> list[AckDevice]:
+        """Up to ``limit`` acknowledgements, if they are due at ``now`` (see :meth:`acks_at`); the
+        shell sends them and calls again (on a later loop turn) until this returns nothing."""
+        due = self.acks_at()
+        if due is None or due > now:
+            return []
+        out: list[AckDevice] = []
+        while len(out) < limit:
+            if self._draining is None:
+                if not self._acks:
+                    break
+                self._draining, self._acks = iter(self._acks.items()), {}
+            before = len(out)
+            out.extend(AckDevice(d, ids) for d, ids in islice(self._draining, limit - before))
+            if len(out) - before < limit - before:  # the swapped-out queue is walked through
+                self._draining = None
+        if self._draining is None and not self._acks:
+            self._ack_since = None
+        return out
+
+
+__all__ = ["SwitchBatches", "Announce", "ReportOffline", "SendBatch", "ReportDelivered", "AckDevice", "Effect",
+           "FLUSH_INTERVAL", "MAX_BATCH", "DELIVERED_HOLD", "ACK_IDLE", "ACK_MAX_DELAY"]

@@ -1,0 +1,298 @@
+"""The Activity Record's tables, declared once (``quanta.scale.tables``).
+
+Every capture source has a live table and, aggregated from it, an hourly, a daily and a monthly
+table (``$Process_Live``, ``$Process_Hourly``, ...). This module is the single declaration of
+their columns: the store creates its tables from it, SCALE's checker knows the table names from
+it, and the method reference (``docs/scale.md``) lists the columns from it.
+
+Standard library only: SCALE, the server and ``quanta scale check`` import it without the
+capture code (``quanta.agent.inventory``), which imports it too.
+
+Times (``Ts`` and the other ``...Ts`` columns) are integers, seconds since 1970-01-01 UTC, as in
+the model; in an aggregated table ``Ts`` is the start of the hour, day or month (UTC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GRANULARITIES = ("Live", "Hourly", "Daily", "Monthly")
+# The period of each aggregated table as an SQL expression of a Ts column (UTC).
+PERIOD_SQL = {
+    "Hourly": "(({ts}) / 3600) * 3600",
+    "Daily": "(({ts}) / 86400) * 86400",
+    "Monthly": "CAST(strftime('%s', {ts}, 'unixepoch', 'start of month') AS INTEGER)",
+}
+# Which table each aggregated table is computed from.
+FINER = {"Hourly": "Live", "Daily": "Hourly", "Monthly": "Daily"}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # integer | number | string
+    description: str
+    model: bool = True  # a column of the model's documented table (False: Quanta captures more)
+
+    @property
+    def sql_type(self) -> str:
+        return {"integer": "INTEGER", "number": "REAL", "string": "TEXT"}[self.type]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A column of the aggregated tables: ``first`` computes it from the live rows, ``rollup``
+    from the rows of the next finer aggregated table (so daily = rollup of hourly)."""
+
+    column: Column
+    first: str
+    rollup: str
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    description: str
+    live: tuple[Column, ...]
+    keys: tuple[str, ...]  # live columns the aggregated tables group by
+    measures: tuple[Measure, ...]
+    indexes: tuple[tuple[str, ...], ...] = ()  # extra live-table indexes (Ts is always indexed)
+    # default retention per granularity: (max age in days, max rows)
+    retention: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def table(self, granularity: str) -> str:
+        return f"{self.name}_{granularity}"
+
+    def columns(self, granularity: str) -> tuple[Column, ...]:
+        if granularity == "Live":
+            return self.live
+        by_name = {c.name: c for c in self.live}
+        return (by_name["Ts"],) + tuple(by_name[k] for k in self.keys) + tuple(m.column for m in self.measures)
+
+
+def _c(name: str, type_: str, description: str, model: bool = True) -> Column:
+    return Column(name, type_, description, model)
+
+
+TS = _c("Ts", "integer", "Time of the event (live) or start of the period (aggregated), seconds since the epoch, UTC")
+
+# Live rows are capped at 50,000: at a busy 200 process starts and 100 connections a minute the
+# store then grows by under 20 MB on its first day (docs/benchmarks.md); the aggregated tables
+# keep the counts for longer.
+_DEFAULT_RETENTION = {"Live": (7.0, 50_000), "Hourly": (31.0, 100_000), "Daily": (366.0, 100_000),
+                      "Monthly": (3 * 366.0, 100_000)}
+
+SOURCES: tuple[Source, ...] = (
+    Source(
+        "Process",
+        "Every process start (and its exit when seen).",
+        (
+            TS,
+            _c("ProcessId", "integer", "Process id"),
+            _c("ParentProcessId", "integer", "Parent process id"),
+            _c("ExecutableName", "string", "File name of the executable"),
+            _c("ExecutablePath", "string", "Full path of the executable", model=False),
+            _c("CommandLine", "string", "Command line (arguments separated by spaces)"),
+            _c("UserName", "string", "Account the process runs as"),
+            _c("ExecutableHash", "string", "SHA-256 of the executable file (hex); empty when unreadable"),
+            _c("ExitTs", "integer", "Exit time when seen (NULL while running or when the exit was missed)", model=False),
+            _c("CaptureMethod", "string", "How the start was captured: 'netlink' (kernel process events) or 'poll'",
+               model=False),
+        ),
+        keys=("ExecutableName", "ExecutablePath", "ExecutableHash", "UserName"),
+        measures=(Measure(_c("ExecutionCount", "integer", "Process starts in the period"), "COUNT(*)",
+                          "SUM(ExecutionCount)"),),
+        indexes=(("ProcessId",), ("ExecutableName",)),
+        retention=dict(_DEFAULT_RETENTION),
+    ),
+    Source(
+        "TCP",
+        "TCP connections, outbound and inbound, seen by polling the kernel's socket table.",
+        (
+            TS,
+            _c("LastSeenTs", "integer", "Last time the connection was seen open", model=False),
+            _c("ProcessId", "integer", "Process owning the local socket"),
+            _c("ExecutableName", "string", "File name of that process's executable"),
+            _c("ExecutablePath", "string", "Full path of that process's executable", model=False),
+            _c("LocalAddress", "string", "Local IP address", model=False),
+            _c("LocalPort", "integer", "Local port", model=False),
+            _c("IpAddress", "string", "Remote IP address"),
+            _c("Port", "integer", "Remote port"),
+            _c("Direction", "string", "'Outbound' (this device connected) or 'Inbound' (to a listening port)",
+               model=False),
+            _c("CaptureMethod", "string", "How the connection was captured ('poll')", model=False),
+        ),
+        keys=("ExecutableName", "IpAddress", "Port", "Direction"),
+        measures=(Measure(_c("ConnectionCount", "integer", "Connections first seen in the period"), "COUNT(*)",
+                          "SUM(ConnectionCount)"),),
+        indexes=(("LocalPort", "Port"), ("IpAddress",)),
+        retention=dict(_DEFAULT_RETENTION),
+    ),
+    Source(
+        "Software",
+        "Software installs, removals and upgrades from the package databases (dpkg, rpm), and the set present "
+        "when capture first ran (Operation 'Present').",
+        (
+            TS,
+            _c("Product", "string", "Package name"),
+            _c("Version", "string", "Version after the change (before it, for an uninstall)"),
+            _c("Publisher", "string", "Maintainer or vendor"),
+            _c("Architecture", "string", "Package architecture"),
+            _c("Operation", "string", "'Install', 'Uninstall', 'Upgrade' or 'Present'", model=False),
+            _c("PreviousVersion", "string", "Version before an upgrade", model=False),
+            _c("PackageManager", "string", "'dpkg' or 'rpm'", model=False),
+        ),
+        keys=("Product", "Publisher"),
+        measures=(
+            Measure(_c("InstallCount", "integer", "Installs and upgrades in the period"),
+                    "SUM(Operation IN ('Install','Upgrade'))", "SUM(InstallCount)"),
+            Measure(_c("UninstallCount", "integer", "Removals in the period"),
+                    "SUM(Operation = 'Uninstall')", "SUM(UninstallCount)"),
+        ),
+        retention={"Live": (366.0, 100_000), "Hourly": (31.0, 50_000), "Daily": (366.0, 50_000),
+                   "Monthly": (3 * 366.0, 50_000)},
+    ),
+    Source(
+        "DevicePerformance",
+        "CPU, memory, disk and network utilisation of the device, sampled at an interval.",
+        (
+            TS,
+            _c("ProcessorUtilization", "number", "CPU busy, percent of all CPUs"),
+            _c("MemoryUtilization", "number", "Memory in use, percent"),
+            _c("MemoryAvailableBytes", "integer", "Memory available", model=False),
+            _c("DiskReadBytesPerSecond", "number", "Disk reads, bytes per second", model=False),
+            _c("DiskWriteBytesPerSecond", "number", "Disk writes, bytes per second", model=False),
+            _c("NetworkSentBytesPerSecond", "number", "Network sent, bytes per second", model=False),
+            _c("NetworkReceivedBytesPerSecond", "number", "Network received, bytes per second", model=False),
+        ),
+        keys=(),
+        measures=tuple(
+            m for name in ("ProcessorUtilization", "MemoryUtilization", "DiskReadBytesPerSecond",
+                           "DiskWriteBytesPerSecond", "NetworkSentBytesPerSecond", "NetworkReceivedBytesPerSecond")
+            for m in (
+                Measure(_c(f"{name}Avg", "number", f"Average of {name} in the period"), f"AVG({name})",
+                        f"AVG({name}Avg)"),
+                Measure(_c(f"{name}Max", "number", f"Highest {name} in the period"), f"MAX({name})",
+                        f"MAX({name}Max)"),
+            )
+        ) + (Measure(_c("SampleCount", "integer", "Samples in the period"), "COUNT(*)", "SUM(SampleCount)"),),
+        retention={"Live": (3.0, 20_000), "Hourly": (31.0, 10_000), "Daily": (366.0, 5_000),
+                   "Monthly": (3 * 366.0, 1_000)},
+    ),
+    Source(
+        "ProcessUsage",
+        "CPU time and peak memory per executable and user, per sampling interval.",
+        (
+            TS,
+            _c("ExecutableName", "string", "File name of the executable"),
+            _c("UserName", "string", "Account the processes run as"),
+            _c("ProcessorTimeSeconds", "number", "CPU time (user + system) used in the interval"),
+            _c("PeakMemoryBytes", "integer", "Highest resident memory of one process seen in the interval"),
+            _c("ProcessCount", "integer", "Processes of this executable and user seen in the interval", model=False),
+        ),
+        keys=("ExecutableName", "UserName"),
+        measures=(
+            Measure(_c("ProcessorTimeSeconds", "number", "CPU time used in the period"), "SUM(ProcessorTimeSeconds)",
+                    "SUM(ProcessorTimeSeconds)"),
+            Measure(_c("PeakMemoryBytes", "integer", "Highest resident memory of one process in the period"),
+                    "MAX(PeakMemoryBytes)", "MAX(PeakMemoryBytes)"),
+            Measure(_c("SampleCount", "integer", "Samples in the period"), "COUNT(*)", "SUM(SampleCount)"),
+        ),
+        indexes=(("ExecutableName",),),
+        retention={"Live": (3.0, 100_000), "Hourly": (31.0, 100_000), "Daily": (366.0, 100_000),
+                   "Monthly": (3 * 366.0, 50_000)},
+    ),
+)
+
+SOURCES += (
+    Source(
+        "Logon",
+        "User sessions starting and ending (Linux: the wtmp log, read from where it was last read, so "
+        "sessions while the agent was stopped are found with their own times).",
+        (
+            TS,
+            _c("UserName", "string", "Account of the session", model=False),
+            _c("Operation", "string", "'Logon' or 'Logoff'", model=False),
+            _c("Terminal", "string", "Terminal or line of the session (e.g. pts/0, tty1)", model=False),
+            _c("RemoteHost", "string", "Host the session came from (empty when local)", model=False),
+            _c("ProcessId", "integer", "Process of the session's login", model=False),
+        ),
+        keys=("UserName", "Operation"),
+        measures=(Measure(_c("EventCount", "integer", "Logons or logoffs in the period"), "COUNT(*)",
+                          "SUM(EventCount)"),),
+        retention={"Live": (366.0, 50_000), "Hourly": (31.0, 50_000), "Daily": (366.0, 50_000),
+                   "Monthly": (3 * 366.0, 10_000)},
+    ),
+    Source(
+        "Boot",
+        "Boots (the kernel's boot time, once per boot) and clean shutdowns (the wtmp log).",
+        (
+            TS,
+            _c("Operation", "string", "'Boot' or 'Shutdown'", model=False),
+            _c("KernelVersion", "string", "Kernel release at the boot (empty for a shutdown)", model=False),
+        ),
+        keys=("Operation",),
+        measures=(Measure(_c("EventCount", "integer", "Boots or shutdowns in the period"), "COUNT(*)",
+                          "SUM(EventCount)"),),
+        retention={"Live": (3 * 366.0, 10_000), "Hourly": (31.0, 10_000), "Daily": (366.0, 10_000),
+                   "Monthly": (3 * 366.0, 10_000)},
+    ),
+)
+
+SOURCE_BY_NAME = {s.name: s for s in SOURCES}
+
+
+def table_names() -> tuple[str, ...]:
+    """Every Activity Record table name (``Process_Live``, ``Process_Hourly``, ...)."""
+    return tuple(s.table(g) for s in SOURCES for g in GRANULARITIES)
+
+
+def lookup_table(name: str) -> tuple[Source, str] | None:
+    """The source and granularity of a table name, case-insensitively; None if not one."""
+    low = name.lower()
+    for s in SOURCES:
+        for g in GRANULARITIES:
+            if s.table(g).lower() == low:
+                return s, g
+    return None
+
+
+def ddl() -> list[str]:
+    """CREATE statements for every table and index (idempotent)."""
+    out = []
+    for s in SOURCES:
+        for g in GRANULARITIES:
+            t = s.table(g)
+            cols = ", ".join(f'"{c.name}" {c.sql_type}' for c in s.columns(g))
+            out.append(f'CREATE TABLE IF NOT EXISTS "{t}" ({cols})')
+            out.append(f'CREATE INDEX IF NOT EXISTS "{t}_Ts" ON "{t}" ("Ts")')
+            if g == "Live":
+                for idx in s.indexes:
+                    cols_i = ", ".join(f'"{c}"' for c in idx)
+                    out.append(f'CREATE INDEX IF NOT EXISTS "{t}_{"_".join(idx)}" ON "{t}" ({cols_i})')
+    return out
+
+
+def aggregate_sql(source: Source, granularity: str) -> str:
+    """INSERT ... SELECT that aggregates the rows of the finer table with ``? <= Ts < ?``."""
+    finer = FINER[granularity]
+    period = PERIOD_SQL[granularity].format(ts='"Ts"')
+    keys = [f'"{k}"' for k in source.keys]
+    exprs = [m.first if finer == "Live" else m.rollup for m in source.measures]
+    target_cols = ", ".join(['"Ts"'] + keys + [f'"{m.column.name}"' for m in source.measures])
+    select = ", ".join([period] + keys + exprs)
+    group = ", ".join([period] + keys)
+    return (f'INSERT INTO "{source.table(granularity)}" ({target_cols}) SELECT {select} '
+            f'FROM "{source.table(finer)}" WHERE "Ts" >= ? AND "Ts" < ? GROUP BY {group}')
+
+
+def period_start(granularity: str, ts: int) -> int:
+    """Start of the hour, day or month (UTC) holding ``ts``."""
+    import datetime as dt
+
+    if granularity == "Hourly":
+        return ts // 3600 * 3600
+    if granularity == "Daily":
+        return ts // 86400 * 86400
+    d = dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+    return int(dt.datetime(d.year, d.month, 1, tzinfo=dt.timezone.utc).timestamp())
