@@ -20,6 +20,7 @@ ratio) and ``first_excess=`` (median first answer minus floor first reply, secon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -63,12 +64,13 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
 
     share = -(-n // switches)
     out = []
-    with FloorRig(share) as rig, tempfile.TemporaryDirectory(prefix="quanta-bench-") as d:
+    with tempfile.TemporaryDirectory(prefix="quanta-bench-") as d, contextlib.ExitStack() as stack:
         server = BenchServer(Path(d) / "server", switches, database_url)
-        server.init()
+        server.init()  # its ports first: the floor rig's connections take many of 127.0.0.1's ephemeral ports
         t = time.perf_counter()
         enroll_batch(server.root, "sim-", n, Path(d) / "fleet")
         enrol_s = time.perf_counter() - t
+        rig = stack.enter_context(FloorRig(share))
         server.start()
         # above ~15,000 devices the simulator connects from 127.0.0.2+ so 127.0.0.1 keeps free ports
         runner = FleetRunner(Fleet.load(Path(d) / "fleet"),

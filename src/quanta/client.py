@@ -284,10 +284,11 @@ class ConsumerClient:
 
     def _call(self, method: str, url: str, *, json: Any = None, params: dict[str, Any] | None = None) -> Any:
         status, data = self._request(method, url, json_body=json, params=params)
-        if status == 401 and self.token_from_cache:
-            # The cached token expired early or was revoked: log in once and repeat the request
-            # (authentication runs first on every route, so the refused request changed nothing).
-            # Without a password (a profile keeps none) that is the end of the session.
+        if status == 401 and self.token is not None:
+            # The token expired (sessions are short-lived: idle minutes end one) or was revoked:
+            # log in once and repeat the request (authentication runs first on every route, so the
+            # refused request changed nothing). Without a password (a profile keeps none) that is
+            # the end of the session.
             if self._password is None:
                 if self._cache is not None:
                     self._cache.clear()

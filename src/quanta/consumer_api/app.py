@@ -29,7 +29,7 @@ from quanta.consumer_api.routers import ALL as ROUTERS
 from quanta.consumer_api.routers import apidocs
 from quanta.consumer_api.routers.instructions import CORE_WAIT, WAIT_MAX  # noqa: F401
 from quanta.consumer_api.routers.results import STATIC_STATUS_FIELDS, status_feed  # noqa: F401
-from quanta.consumer_api.service import ADMIN_ROLE, TOKEN_TTL, ConsumerApi, Plan, hash_password  # noqa: F401
+from quanta.consumer_api.service import ADMIN_ROLE, ConsumerApi, Plan, hash_password  # noqa: F401
 from quanta.consumer_api.deps import CurrentUser, current_user  # noqa: F401
 
 log = logging.getLogger("quanta.consumer_api")

@@ -14,8 +14,9 @@ Every route declares exactly one **access rule**, a dependency from :data:`RULES
 ``create_app`` refuses to build an app with a route that declares none (see :func:`access_rule`),
 and tests/test_scoped_reads.py enumerates the routes too.
 
-:func:`current_user` is the one place a bearer token becomes a user; swap it to change how
-sessions work.
+:func:`current_user` is the one place a bearer token becomes a user: a live session of
+:mod:`quanta.accounts` (hashed, short-lived, renewed while in use, ended by logout, a password
+change or a disabled account -- at once, since every request looks it up).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Request, Response
 from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.routing import BaseRoute
 
 from quanta import rbac
-from quanta.consumer_api.errors import Forbidden, Unauthorized
+from quanta.accounts import AccountError, Actor, http_answer
+from quanta.consumer_api.errors import ApiError, Forbidden, Unauthorized
 from quanta.consumer_api.models import User
 from quanta.consumer_api.service import ADMIN_ROLE, ConsumerApi
 from quanta.protocol.messages import MAX_ID
@@ -55,20 +58,88 @@ def _rule(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return mark
 
 
-async def current_user(api: Api,
-                       cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
-    """The caller, from the bearer token. Authentication runs before the body or any parameter
-    is looked at. The single place a token is resolved to a user."""
+async def bearer_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The bearer token as sent (401 without one)."""
     if cred is None or cred.scheme.lower() != "bearer":
         raise Unauthorized("authentication required: POST /Consumer/Authentication/Token",
                            headers={"WWW-Authenticate": "Bearer"})
-    user = await api.db(api.user_for, cred.credentials)
+    return cred.credentials
+
+
+async def current_user(api: Api, token: Annotated[str, Depends(bearer_token)]) -> User:
+    """The caller, from the bearer token: ``accounts.authenticate`` (401 when it is not a live
+    session). Authentication runs before the body or any parameter is looked at. The single
+    place a token is resolved to a user."""
+    user = await api.db(api.user_for, token)
     if user is None:
         raise Unauthorized("invalid or expired token", headers={"WWW-Authenticate": "Bearer"})
     return user
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+BearerToken = Annotated[str, Depends(bearer_token)]
+
+
+def client_source(request: Request) -> str:
+    """The caller's address as the connection gives it (proxy headers are not trusted)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
+Source = Annotated[str, Depends(client_source)]
+
+
+async def actor(user: CurrentUser, source: Source) -> Actor:
+    """Who asks for a change, from where: what the accounts service checks and audits."""
+    return Actor(name=user.username, source=source, admin=user.role == ADMIN_ROLE)
+
+
+CurrentActor = Annotated[Actor, Depends(actor)]
+
+
+def account_error(e: AccountError) -> ApiError:
+    """An accounts error as the API answers it (Locked 429 + Retry-After, BadCredentials 401,
+    Forbidden 403, NotFound 404, Conflict 409, Invalid 422)."""
+    status, headers = http_answer(e)
+    err = ApiError(str(e), headers=headers or None)
+    err.status = status
+    return err
+
+
+async def accounts_call(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """Run an accounts call in a worker thread; its errors become their HTTP answers."""
+    import asyncio
+
+    try:
+        return await asyncio.to_thread(fn, *args, **kw)
+    except AccountError as e:
+        raise account_error(e) from None
+
+
+def bounded_body(max_bytes: int) -> type[APIRoute]:
+    """A route class that refuses a request body over ``max_bytes`` with 413 before it is parsed
+    (declared by Content-Length or counted as it arrives), so no JSON body of any size is held
+    in memory whole."""
+    class BoundedRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Any]:
+            handler = super().get_route_handler()
+
+            async def bounded(request: Request) -> Response:
+                declared = request.headers.get("content-length")
+                too_large = {"detail": f"a request body here is at most {max_bytes} bytes"}
+                if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+                    from fastapi.responses import JSONResponse
+                    return JSONResponse(too_large, status_code=413 if declared.isdigit() else 400)
+                if request.method in ("POST", "PUT", "PATCH"):
+                    body = bytearray()
+                    async for chunk in request.stream():
+                        body += chunk
+                        if len(body) > max_bytes:
+                            from fastapi.responses import JSONResponse
+                            return JSONResponse(too_large, status_code=413)
+                    request._body = bytes(body)  # what FastAPI reads next (Request.body() caches it)
+                return await handler(request)
+            return bounded
+    return BoundedRoute
 
 
 @_rule("public")

@@ -26,9 +26,11 @@ class TokenRequest(Strict):
 
 class TokenResponse(BaseModel):
     token: str
-    expires_at: float
+    expires_at: float = Field(description="unix time the token expires unless used (each use renews it)")
     username: str
     role: str
+    absolute_expires_at: float | None = Field(default=None,
+                                              description="unix time no renewal goes past; sign in again then")
 
 
 ParamValue = str | Int64 | Annotated[float, Field(allow_inf_nan=False)] | bool
@@ -223,5 +225,137 @@ class User(BaseModel):
     id: int
     username: str
     role: str
+    email: str | None = None
+    session_id: int | None = None
+
+
+# ---------------------------------------------------------------- sessions, users, groups, audit
+# Strict: a wrong type is a 422 (no "yes" for true, no 5 for "5"); bounded: every string and list.
+class StrictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+Password = Annotated[str, Field(min_length=1, max_length=1024)]
+RoleName = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class PasswordChange(StrictBody):
+    old_password: Password
+    new_password: Password
+
+
+class PasswordReset(StrictBody):
+    password: Password
+
+
+class Assignment(StrictBody):
+    role: RoleName
+    instruction_set: Annotated[str, Field(min_length=1, max_length=128)] = Field(
+        description="an instruction set, or * for every set")
+
+
+class UserCreate(StrictBody):
+    username: Name
+    password: Password
+    role: RoleName
+    email: Annotated[str, Field(max_length=254)] | None = None
+    groups: list[Name] = Field(default_factory=list, max_length=256, description="management groups")
+    assignments: list[Assignment] = Field(default_factory=list, max_length=256,
+                                          description="roles per instruction set")
+
+
+class UserUpdate(StrictBody):
+    """Only the fields given change; ``groups`` and ``assignments`` replace the lists; ``email``
+    null (or "") clears it. Disabling ends the user's sessions at once."""
+
+    role: RoleName | None = None
+    email: Annotated[str, Field(max_length=254)] | None = None
+    disabled: bool | None = None
+    groups: list[Name] | None = Field(default=None, max_length=256)
+    assignments: list[Assignment] | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _no_null(self) -> UserUpdate:
+        for name in ("role", "disabled", "groups", "assignments"):
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} may not be null (leave it out to keep it)")
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give role, email, disabled, groups or assignments")
+        return self
+
+
+class AssignmentOut(BaseModel):
+    role: str
+    instruction_set: str
+
+
+class UserOut(BaseModel):
+    username: str
+    role: str
+    email: str | None
+    disabled: bool
+    created_at: float
+    updated_at: float | None
+    password_changed_at: float | None
+    assignments: list[AssignmentOut]
+    groups: list[str]
+    sessions: int = Field(description="live sessions")
+    locked_until: float | None = Field(description="unix time a login lock on this name ends; null: none")
+
+
+class LockOut(BaseModel):
+    kind: str = Field(description="user (a user name) or source (an address)")
+    subject: str
+    locked_at: float
+    locked_until: float
+    failures: int
+
+
+class PasswordResetDone(BaseModel):
+    username: str
+    sessions_ended: int
+
+
+DeviceName = Annotated[str, Field(min_length=1, max_length=255)]
+RuleKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+RuleValue = Annotated[str, Field(max_length=255)]
+
+
+class GroupRule(StrictBody):
+    """A management group's rule: a device is in the group if it matches every key given
+    (``devices``: one of these names; ``os_like``: a glob on the OS; ``tags``: what the device
+    reports of itself; ``attributes``: server-assigned, which a device cannot set)."""
+
+    devices: list[DeviceName] | None = Field(default=None, max_length=100_000)
+    os_like: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    tags: dict[RuleKey, RuleValue] | None = Field(default=None, max_length=64)
+    attributes: dict[RuleKey, RuleValue] | None = Field(default=None, max_length=64)
+
+
+class GroupOut(BaseModel):
+    name: str
+    rule: dict[str, Any]
+    members: list[str]
+
+
+class AuditEntryOut(BaseModel):
+    id: int
+    at: float
+    time: str
+    actor: str
+    source: str
+    action: str
+    object: str
+    before: Any = None
+    after: Any = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class AuditPageOut(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[AuditEntryOut]
 
 

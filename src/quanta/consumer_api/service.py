@@ -6,20 +6,17 @@ caller may see (:class:`quanta.rbac.Access`). No FastAPI here: errors are the do
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import sqlalchemy as sa
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
-
 from quanta import instructions as ins
 from quanta import rbac
+from quanta.accounts import Accounts, Policy, Session
+from quanta.accounts import hash_password as hash_password  # noqa: PLC0414 - importable from here, as ever
 from quanta.background import ContentStore
 from quanta.consumer_api.errors import BadGateway, Forbidden, Invalid, NotFound, Unavailable, Upstream
 from quanta.consumer_api.models import (Device, DeviceResult, HeldAnswer, HeldPage, InstructionPage,
@@ -27,7 +24,6 @@ from quanta.consumer_api.models import (Device, DeviceResult, HeldAnswer, HeldPa
                                         TokenResponse, User)
 from quanta.consumer_api.models import ApprovalRecord
 from quanta.db import store
-from quanta.db.tables import api_tokens, users
 from quanta.definitions import DefinitionError, bind_parameters, load_definition
 from quanta.internal import bearer, http_client
 from quanta.pki import Signer
@@ -35,16 +31,7 @@ from quanta.states import ALL_STATES
 
 log = logging.getLogger("quanta.consumer_api")
 
-TOKEN_TTL = 8 * 3600
 ADMIN_ROLE = rbac.FULL_ADMIN
-_hasher = PasswordHasher()
-
-def hash_password(password: str) -> str:
-    return _hasher.hash(password)
-
-
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @dataclass
@@ -62,6 +49,12 @@ class Plan:
     scheduled_at: float | None
 
 
+def token_response(session: Session) -> TokenResponse:
+    return TokenResponse(token=session.token, expires_at=session.expires_at,
+                         absolute_expires_at=session.absolute_expires_at, username=session.user.username,
+                         role=session.user.role)
+
+
 def _scope_meets(scope: list[str] | None, reach: frozenset[str]) -> bool:
     """Whether an instruction's requested devices (None: every device) include one of ``reach``."""
     return bool(reach) if scope is None else any(d in reach for d in scope)
@@ -72,7 +65,10 @@ class ConsumerApi:
                  core_token: str, ca_file: str | None = None, content: ContentStore | None = None,
                  coordinator_url: str | None = None, approval_ttl: float = 24 * 3600,
                  replicate_to: list[str] | None = None, catalog: Any = None,
-                 coordinator_token: str | None = None, replication_token: str | None = None) -> None:
+                 coordinator_token: str | None = None, replication_token: str | None = None,
+                 policy: Policy | None = None) -> None:
+        # Sessions, lockout, users and the audit log (quanta.accounts): the one token authority.
+        self.accounts = Accounts(master, policy or Policy())
         self.coordinator_token = coordinator_token or core_token  # per-hop credentials (quanta.internal)
         self.replication_token = replication_token or core_token
         self.catalog = catalog  # () -> CatalogClient, for normalising software inventory
@@ -91,34 +87,17 @@ class ConsumerApi:
         return await asyncio.to_thread(fn, *args, **kw)
 
     # ------------------------------------------------------------- auth
-    def login(self, username: str, password: str) -> TokenResponse | None:
-        with self.master.connect() as c:
-            row = c.execute(sa.select(users).where(users.c.username == username)).first()
-        ok = False
-        if row is not None and not row.disabled:
-            try:
-                ok = _hasher.verify(row.password_hash, password)
-            except (VerificationError, InvalidHashError):
-                ok = False
-        else:
-            _hasher.hash(password)  # same cost whether or not the user exists
-        store.audit(self.master, username, "login" if ok else "login_failed")
-        if not ok or row is None:
-            return None
-        token = secrets.token_urlsafe(32)
-        expires = time.time() + TOKEN_TTL
-        with self.master.begin() as c:
-            c.execute(api_tokens.delete().where(api_tokens.c.expires_at < time.time()))
-            c.execute(api_tokens.insert().values(token_hash=_token_hash(token), user_id=row.id, expires_at=expires))
-        return TokenResponse(token=token, expires_at=expires, username=row.username, role=row.role)
+    # Tokens are sessions of quanta.accounts (hashed, short-lived, renewed while in use, revocable);
+    # the old ``api_tokens`` table is no longer read or written (a later migration can drop it).
+    def login(self, username: str, password: str, source: str) -> TokenResponse:
+        """A new session, or the accounts error (BadCredentials 401, Locked 429 + Retry-After)."""
+        return token_response(self.accounts.login(username, password, source))
 
     def user_for(self, token: str) -> User | None:
-        with self.master.connect() as c:
-            row = c.execute(sa.select(users.c.id, users.c.username, users.c.role)
-                            .join(api_tokens, api_tokens.c.user_id == users.c.id)
-                            .where(api_tokens.c.token_hash == _token_hash(token),
-                                   api_tokens.c.expires_at > time.time(), users.c.disabled == sa.false())).first()
-        return User(id=row.id, username=row.username, role=row.role) if row else None
+        """The user of a live session (renewing it), or None."""
+        u = self.accounts.authenticate(token)
+        return None if u is None else User(id=u.id, username=u.username, role=u.role, email=u.email,
+                                           session_id=u.session_id)
 
     # ------------------------------------------------------------- instructions
     def plan(self, user: User, req: IssueRequest) -> Plan:

@@ -9,6 +9,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from quanta import background, portal
+from quanta.accounts import Policy
 from quanta.background import ContentStore
 from quanta.background.auth import DeviceVerifier, HostVerifier
 from quanta.catalog.app import CatalogClient
@@ -49,7 +50,7 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
                           content=content, ca_file=str(pki.ca_crt),
                           coordinator_url=f"https://{_loopback_name(settings.internal_host)}:{settings.port('coordinator')}",
                           approval_ttl=settings.approval_ttl, replicate_to=settings.replicate_to,
-                          catalog=lambda: CatalogClient.for_data_dir(root))
+                          catalog=lambda: CatalogClient.for_data_dir(root), policy=Policy.from_settings(settings))
         app = create_app(api)
         portal.mount(app)
     else:

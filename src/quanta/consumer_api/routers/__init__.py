@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import auth, content, definitions, devices, export, health, instructions, packs, results, switches
+from . import (audit, auth, content, definitions, devices, export, groups, health, instructions, packs, results,
+               switches, users)
 
-ALL = (health.router, auth.router, instructions.router, results.router, export.router, content.router, definitions.router,
-       packs.router, devices.router, switches.router)
+ALL = (health.router, auth.router, instructions.router, results.router, export.router, content.router,
+       definitions.router, packs.router, devices.router, switches.router, users.router, groups.router, audit.router)

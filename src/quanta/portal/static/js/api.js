@@ -3,15 +3,29 @@
 
 const KEY = "quanta.explorer.session";
 
+// The token is short-lived but renewed by the server on every use; the tab keeps it until its
+// absolute end (or a 401 says the server ended it: idle too long, signed out, disabled).
 export function session() {
   try {
     const s = JSON.parse(sessionStorage.getItem(KEY) || "null");
-    if (s && s.token && s.expires_at * 1000 > Date.now()) return s;
+    if (s && s.token && (s.absolute_expires_at || s.expires_at) * 1000 > Date.now()) return s;
   } catch (_) { /* unreadable: treat as signed out */ }
   return null;
 }
 
-export function signOut() {
+// Ends the session on the server (POST /Authentication/Logout: the token is refused from then
+// on), then forgets it here whatever the answer (an ended or unreachable session included).
+export async function signOut() {
+  const s = session();
+  sessionStorage.removeItem(KEY);
+  if (!s) return;
+  try {
+    await fetch("/Consumer/Authentication/Logout", { method: "POST", cache: "no-store",
+      headers: { Accept: "application/json", Authorization: `Bearer ${s.token}` } });
+  } catch (_) { /* offline: the token ends by itself within minutes */ }
+}
+
+function forget() {
   sessionStorage.removeItem(KEY);
 }
 
@@ -44,7 +58,7 @@ function headers(extra) {
 }
 
 function expired() {
-  signOut();
+  forget();
   window.dispatchEvent(new CustomEvent("quanta:signed-out"));
 }
 
@@ -58,6 +72,27 @@ export async function api(method, path, body, { signal } = {}) {
   if (r.status === 401 && path !== "/Authentication/Token") expired();
   if (!r.ok) throw new ApiError(r.status, data && typeof data === "object" && "detail" in data ? data.detail : data);
   return data;
+}
+
+// A download of an authenticated GET (the audit CSV): fetched with the token (a plain link would
+// carry none), handed to the browser as a file.
+export async function download(path, filename, { signal } = {}) {
+  const r = await fetch(`/Consumer${path}`, { headers: headers({ Accept: "text/csv" }), cache: "no-store", signal });
+  if (r.status === 401) expired();
+  if (!r.ok) {
+    let detail = null;
+    try { detail = (await r.json()).detail; } catch (_) { /* not JSON */ }
+    throw new ApiError(r.status, detail);
+  }
+  const url = URL.createObjectURL(await r.blob());
+  const a = document.createElement("a");
+  a.href = url; // our own blob: URL, set directly (dom.h allows in-app links only)
+  a.download = filename;
+  a.hidden = true;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }
 
 export async function signIn(username, password) {

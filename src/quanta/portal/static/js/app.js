@@ -1,4 +1,5 @@
-// Shell and router: #/login, #/ask, #/i/<id>, #/history, #/approvals, #/devices, #/switches.
+// Shell and router: #/login, #/ask, #/i/<id>, #/history, #/approvals, #/devices, #/switches,
+// and for Full Administrators #/users and #/audit.
 import { api, session, signOut } from "./api.js";
 import { clear, h, message } from "./dom.js";
 import * as login from "./views/login.js";
@@ -8,8 +9,12 @@ import * as history from "./views/history.js";
 import * as approvals from "./views/approvals.js";
 import * as devices from "./views/devices.js";
 import * as switches from "./views/switches.js";
+import * as users from "./views/users.js";
+import * as audit from "./views/audit.js";
 
-const ROUTES = { login, ask, i: instruction, history, approvals, devices, switches };
+const ROUTES = { login, ask, i: instruction, history, approvals, devices, switches, users, audit };
+const ADMIN_ROUTES = new Set(["users", "audit"]);
+const FULL_ADMIN = "Full Administrator";
 const main = document.getElementById("main");
 let current = null; // AbortController of the view on screen
 
@@ -22,7 +27,20 @@ function parse() {
   return { name: parts[0], args: parts.slice(1), query: new URLSearchParams(q < 0 ? "" : raw.slice(q + 1)) };
 }
 
+// The administrators' entries, added to the nav for Full Administrators only (the API refuses
+// everyone else anyway: these pages are 403 for them).
+function adminNav(s) {
+  const nav = document.getElementById("nav");
+  const show = Boolean(s && s.role === FULL_ADMIN);
+  for (const [route, label] of [["users", "Users"], ["audit", "Audit"]]) {
+    let a = nav.querySelector(`a[data-route="${route}"]`);
+    if (show && !a) nav.append(h("a", { href: `#/${route}`, dataset: { route } }, label));
+    else if (!show && a) a.remove();
+  }
+}
+
 function shell(s) {
+  adminNav(s);
   document.getElementById("nav").hidden = !s;
   document.getElementById("userbox").hidden = !s;
   if (s) {
@@ -56,7 +74,7 @@ async function route() {
   }
   if (s && name === "login") name = "ask";
   shell(s);
-  const view = ROUTES[name];
+  const view = ADMIN_ROUTES.has(name) && s.role !== FULL_ADMIN ? null : ROUTES[name];
   for (const a of document.querySelectorAll("#nav a")) {
     a.classList.toggle("active", a.dataset.route === (name === "i" ? "history" : name));
   }
@@ -77,8 +95,8 @@ async function route() {
 window.addEventListener("hashchange", route);
 window.addEventListener("quanta:approvals-changed", refreshApprovalsBadge);
 window.addEventListener("quanta:signed-out", () => { shell(null); if (!location.hash.startsWith("#/login")) location.hash = "#/login"; });
-document.getElementById("logout").addEventListener("click", () => {
-  signOut();
+document.getElementById("logout").addEventListener("click", async () => {
+  await signOut();
   shell(null);
   location.hash = "#/login";
 });
