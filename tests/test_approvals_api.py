@@ -231,6 +231,12 @@ def test_a_rejection_is_200_and_a_one_of_one_approval_with_the_core_up_is_200(wo
     iid2 = world.ask(["dev1"])
     r = world.post("bob", f"/{iid2}/Reject", {"reason": "no"})
     assert r.status_code == 200 and r.json() == {"id": iid2, "status": ins.REJECTED}
+    # the Coordinator's audit rows name the approver's address, passed on by the Consumer API
+    from quanta.accounts import audit
+
+    rows = {(e.action, e.object): e for e in audit.query(world.master, limit=1000).items}
+    assert rows[("approve", f"instruction:{iid}")].source == "testclient"  # TestClient's peer address
+    assert rows[("reject", f"instruction:{iid2}")].source == "testclient"
 
 
 # ------------------------------------------------------------------ cancel an approved, unissued action

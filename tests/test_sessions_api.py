@@ -335,3 +335,22 @@ def test_the_cli_client_logs_in_again_when_its_session_ends(c: httpx.Client, srv
 
 def _ok(c: httpx.Client, token: str | None) -> bool:
     return c.get("/Consumer/Devices", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_changes_made_through_the_api_carry_their_source_address(c: httpx.Client, srv: Server) -> None:
+    """Issue, cancel and content upload (the rows written outside the accounts service) name the
+    address the change came from, like logins and user changes do."""
+    h = admin(c, srv)
+    # an action waits for approval, so its requester can cancel it
+    r = c.post("/Consumer/Instructions", json={"payload": 'Tagging.Set(Name: "audit", Value: "source");',
+                                               "instruction_ttl": 60}, headers=h)
+    assert r.status_code == 201, r.text
+    iid = r.json()["id"]
+    cancelled = c.post(f"/Consumer/Instructions/{iid}/Cancel", headers=h)
+    assert cancelled.status_code == 200, cancelled.text
+    up = c.post("/Consumer/Content", content=b"resource bytes", headers={**h, "Content-Type": "application/octet-stream"})
+    assert up.status_code == 201, up.text
+    rows = {e["action"]: e for e in audit(c, h) if e["action"] in ("issue", "cancel", "content_upload")}
+    assert set(rows) == {"issue", "cancel", "content_upload"}, rows
+    assert all(e["source"] == "127.0.0.1" for e in rows.values()), rows
+    assert rows["issue"]["object"] == f"instruction:{iid}"

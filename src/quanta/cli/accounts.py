@@ -336,10 +336,23 @@ app.add_typer(group_app, name="group")
 def group_set(root: DirArg, name: Annotated[str, typer.Option()],
               device: Annotated[Optional[list[str]], typer.Option(help="member device (repeatable)")] = None,
               os_like: Annotated[Optional[str], typer.Option(help="OS glob, e.g. 'linux*'")] = None,
-              tag: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE tag every member has")] = None) -> None:
+              tag: Annotated[Optional[list[str]], typer.Option(
+                  help="NAME=VALUE tag every member has (a device reports its own tags: it can claim one)")] = None,
+              attribute: Annotated[Optional[list[str]], typer.Option(
+                  help="NAME=VALUE server-assigned attribute every member has (only an administrator sets "
+                       "them: PUT /Consumer/Devices/ID/Attributes)")] = None) -> None:
     """Create or replace a management group's rule."""
     from quanta import rbac
     from quanta.db import store
+
+    def pairs(option: str, items: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                _fail(f"{option} {item!r}: write NAME=VALUE", 2)
+            out[key.strip()] = value
+        return out
 
     rule: dict[str, Any] = {}
     if device:
@@ -347,11 +360,16 @@ def group_set(root: DirArg, name: Annotated[str, typer.Option()],
     if os_like:
         rule["os_like"] = os_like
     if tag:
-        rule["tags"] = dict(t.split("=", 1) for t in tag)
+        rule["tags"] = pairs("--tag", tag)
+    if attribute:
+        rule["attributes"] = pairs("--attribute", attribute)
     if not rule:
-        _fail("a group needs at least one of --device, --os-like, --tag", 2)
+        _fail("a group needs at least one of --device, --os-like, --tag, --attribute", 2)
     master = master_engine(root)
-    rbac.set_group(master, name, rule)
+    try:
+        rbac.set_group(master, name, rule)
+    except ValueError as e:
+        _fail(f"error: {e}", 2)
     store.audit(master, "quanta group set", "group_set", name, rule=rule)
     out.print(f"group {name}: {json.dumps(rule)}", highlight=False)
 

@@ -66,13 +66,14 @@ async def bearer_token(cred: Annotated[HTTPAuthorizationCredentials | None, Depe
     return cred.credentials
 
 
-async def current_user(api: Api, token: Annotated[str, Depends(bearer_token)]) -> User:
+async def current_user(api: Api, token: Annotated[str, Depends(bearer_token)], request: Request) -> User:
     """The caller, from the bearer token: ``accounts.authenticate`` (401 when it is not a live
     session). Authentication runs before the body or any parameter is looked at. The single
     place a token is resolved to a user."""
     user = await api.db(api.user_for, token)
     if user is None:
         raise Unauthorized("invalid or expired token", headers={"WWW-Authenticate": "Bearer"})
+    user.source = client_source(request)
     return user
 
 

@@ -227,6 +227,7 @@ class User(BaseModel):
     role: str
     email: str | None = None
     session_id: int | None = None
+    source: str = ""  # the address this request came from (audit rows)
 
 
 # ---------------------------------------------------------------- sessions, users, groups, audit

@@ -160,7 +160,7 @@ class ConsumerApi:
         if status == ins.NEW:
             ins.sign(self.master, self.signer, iid, expect=(ins.NEW,))
             status = ins.READY
-        store.audit(self.master, user.username, "issue", f"instruction:{iid}", name=plan.name, kind=plan.kind,
+        store.audit(self.master, user.username, "issue", f"instruction:{iid}", source=user.source, name=plan.name, kind=plan.kind,
                     devices=plan.devices, status=status, instruction_set=plan.instruction_set)
         return iid, status
 
@@ -389,7 +389,7 @@ class ConsumerApi:
             raise NotFound(f"device {device_id} not found") from None
         except ValueError as e:
             raise Invalid(str(e)) from None
-        store.audit(self.master, user.username, "device_attributes", device_id, changes=changes)
+        store.audit(self.master, user.username, "device_attributes", device_id, source=user.source, changes=changes)
         return after
 
 

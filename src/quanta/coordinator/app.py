@@ -43,6 +43,7 @@ class Actor(BaseModel):
 class Decision(Actor):
     code: str | None = Field(default=None, max_length=16)
     reason: str | None = Field(default=None, max_length=2000)
+    source: str = Field(default="", max_length=64)  # the approver's address, for the audit row
 
 
 def create_app(coord: Coordinator, secret: bytes) -> Any:
@@ -84,7 +85,7 @@ def create_app(coord: Coordinator, secret: bytes) -> Any:
         instruction is not running yet: more approvers are needed (status pending_approval), or the
         Core is unavailable and the Coordinator issues it when it is back (status created,
         issued false)."""
-        answer = await coord.approve(iid, d.username, d.role, d.code, d.reason)
+        answer = await coord.approve(iid, d.username, d.role, d.code, d.reason, source=d.source)
         if answer["status"] in (ins.PENDING_APPROVAL, ins.READY):
             response.status_code = 202
         return answer
@@ -97,7 +98,7 @@ def create_app(coord: Coordinator, secret: bytes) -> Any:
     async def reject(iid: Iid, d: Decision) -> dict[str, Any]:
         if not d.reason:
             raise HTTPException(422, "a rejection needs a reason")
-        return await coord.reject(iid, d.username, d.role, d.reason)
+        return await coord.reject(iid, d.username, d.role, d.reason, source=d.source)
 
     wrapped = InternalAuth(app, lambda _scope: (token,), "coordinator")
     wrapped.fastapi = app  # type: ignore[attr-defined]  # tests enumerate its routes

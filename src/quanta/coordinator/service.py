@@ -249,7 +249,8 @@ class Coordinator:
                     return used.rowcount == 1  # a code is spent once, even by two racing requests
         return False
 
-    async def approve(self, iid: int, username: str, role: str, code: str | None, reason: str | None) -> dict[str, Any]:
+    async def approve(self, iid: int, username: str, role: str, code: str | None, reason: str | None,
+                      source: str = "") -> dict[str, Any]:
         """Count ``username``'s approval. The answer's ``status`` says what happened: still
         ``pending_approval`` (more approvers needed), ``scheduled``, ``active``/``finished`` (issued),
         or ``created`` with ``issued: false`` (approved; the Core is unavailable and the Coordinator
@@ -258,14 +259,14 @@ class Coordinator:
         cfg = await self.db(load_smtp, self.master)
         if cfg is not None and cfg.require_approval_code and not await self.db(self._use_code, iid, username, code):
             await self.db(store.audit, self.master, username, "approve_refused", f"instruction:{iid}",
-                          reason="missing or wrong one-time code")
+                          source=source, reason="missing or wrong one-time code")
             raise WorkflowError(403, "a valid one-time code is required: request one, then approve with it")
         try:
             done = await self.db(ins.approve, self.master, self.signer, iid, by=username, reason=reason)
         except ins.ApprovalRefused as e:
             raise WorkflowError(e.status, str(e)) from None
-        await self.db(store.audit, self.master, username, "approve", f"instruction:{iid}", reason=reason,
-                      approvals=len(done.approvers), required=done.required)
+        await self.db(store.audit, self.master, username, "approve", f"instruction:{iid}", source=source,
+                      reason=reason, approvals=len(done.approvers), required=done.required)
         answer: dict[str, Any] = {"id": iid, "status": done.status, "approvers": list(done.approvers),
                                   "approvers_required": done.required}
         if not done.complete:
@@ -302,14 +303,15 @@ class Coordinator:
         return answer | {"status": issued["status"], "targeted": issued["targeted"],
                          "issued": issued["status"] in ("active", "finished")}  # not if cancelled meanwhile
 
-    async def reject(self, iid: int, username: str, role: str, reason: str) -> dict[str, Any]:
+    async def reject(self, iid: int, username: str, role: str, reason: str, source: str = "") -> dict[str, Any]:
         row = await self.db(self._check_approver, iid, username, role)
         if not await self.db(ins.decide, self.master, iid, status=ins.REJECTED, by=username, reason=reason,
                              expect=ins.PENDING_APPROVAL):
             now = await self.db(self._instruction, iid)
             raise WorkflowError(409, f"instruction {iid} is {now['status']}, not pending approval: "
                                      f"it was decided by someone else meanwhile")
-        await self.db(store.audit, self.master, username, "reject", f"instruction:{iid}", reason=reason)
+        await self.db(store.audit, self.master, username, "reject", f"instruction:{iid}", source=source,
+                      reason=reason)
         await self.notify([await self.db(self._email_of, row["created_by"])], f"Quanta: instruction {iid} rejected",
                           f"{username} rejected instruction {iid} '{row['name']}': {reason}\n{self.link(iid)}\n")
         return {"id": iid, "status": ins.REJECTED}

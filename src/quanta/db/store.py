@@ -35,11 +35,12 @@ def _state_in(states: Sequence[str]) -> sa.ColumnElement[bool]:
 
 
 # ------------------------------------------------------------------------ audit
-def audit(engine: sa.Engine, actor: str, action: str, target: str = "", **details: Any) -> None:
-    """One audit row, written by the one writer (``quanta.accounts.audit``)."""
+def audit(engine: sa.Engine, actor: str, action: str, target: str = "", *, source: str = "", **details: Any) -> None:
+    """One audit row, written by the one writer (``quanta.accounts.audit``); ``source``: the address the
+    change came from (empty for a command run on the server)."""
     from quanta.accounts.audit import record
 
-    record(engine, actor, "", action, target, **details)
+    record(engine, actor, source, action, target, **details)
 
 
 # ---------------------------------------------------------------------- devices

@@ -36,7 +36,7 @@ async def upload_content(request: Request, user: CurrentUser, api: Api) -> dict[
         digest = await api.db(api.content.put, bytes(data))
     except ContentError as e:
         raise Invalid(str(e)) from None
-    await api.db(store.audit, api.master, user.username, "content_upload", digest, size=len(data))
+    await api.db(store.audit, api.master, user.username, "content_upload", digest, source=user.source, size=len(data))
     replicated = await api.replicate(digest, bytes(data))
     return {"sha256": digest, "size": len(data), "url": f"/Background/{digest}", "replicated_to": replicated}
 

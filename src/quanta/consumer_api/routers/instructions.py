@@ -117,22 +117,22 @@ async def cancel(seen: VisibleInstruction, api: Api) -> dict[str, Any]:
         else:
             raise Conflict(f"instruction {instruction_id} keeps changing; look again")
     elif row["status"] == "active":
-        return await _cancel_active(api, instruction_id, user.username, row["status"])
+        return await _cancel_active(api, instruction_id, user.username, row["status"], user.source)
     else:
         raise Conflict(f"instruction {instruction_id} is {row['status']}: nothing to cancel")
     await api.db(store.audit, api.master, user.username, "cancel", f"instruction:{instruction_id}",
-                 was=row["status"])
+                 source=user.source, was=row["status"])
     return {"id": instruction_id, "status": "cancelled"}
 
 
-async def _cancel_active(api: Any, instruction_id: int, username: str, was: str) -> dict[str, Any]:
+async def _cancel_active(api: Any, instruction_id: int, username: str, was: str, source: str) -> dict[str, Any]:
     try:
         await api.call_core(instruction_id, "Cancel")
     except ins.CoreRefused:
         raise Conflict(f"instruction {instruction_id} is no longer active") from None
     except ins.CoreError as e:
         raise BadGateway(str(e)) from None
-    await api.db(store.audit, api.master, username, "cancel", f"instruction:{instruction_id}", was=was)
+    await api.db(store.audit, api.master, username, "cancel", f"instruction:{instruction_id}", source=source, was=was)
     return {"id": instruction_id, "status": "cancelled"}
 
 
@@ -160,10 +160,11 @@ async def approval_code(seen: VisibleInstruction, api: Api) -> JSONResponse:
 async def approve(seen: VisibleInstruction, d: DecisionRequest, api: Api) -> JSONResponse:
     return await _relay(api, f"/Coordinator/Instructions/{seen.id}/Approve",
                         {"username": seen.user.username, "role": seen.user.role, "code": d.code,
-                         "reason": d.reason})
+                         "reason": d.reason, "source": seen.user.source})
 
 
 @router.post("/Consumer/Instructions/{instruction_id}/Reject", dependencies=[Depends(visible_instruction)])
 async def reject(seen: VisibleInstruction, d: DecisionRequest, api: Api) -> JSONResponse:
     return await _relay(api, f"/Coordinator/Instructions/{seen.id}/Reject",
-                        {"username": seen.user.username, "role": seen.user.role, "reason": d.reason})
+                        {"username": seen.user.username, "role": seen.user.role, "reason": d.reason,
+                         "source": seen.user.source})

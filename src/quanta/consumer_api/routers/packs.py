@@ -26,9 +26,9 @@ async def import_pack(request: Request, user: CurrentUser, api: Api) -> dict[str
     try:
         pack = await api.db(packs.import_pack, api.master, bytes(data), api.content)
     except packs.PackError as e:
-        await api.db(store.audit, api.master, user.username, "pack_refused", "", reason=str(e))
+        await api.db(store.audit, api.master, user.username, "pack_refused", "", source=user.source, reason=str(e))
         raise Invalid(f"pack refused: {e}") from None
-    await api.db(store.audit, api.master, user.username, "pack_import", pack.info.name,
+    await api.db(store.audit, api.master, user.username, "pack_import", pack.info.name, source=user.source,
                  version=pack.info.version, publisher=pack.info.publisher,
                  definitions=[d.name for d in pack.definitions])
     return {"pack": pack.info.name, "version": pack.info.version, "publisher": pack.info.publisher,
