@@ -522,3 +522,19 @@ def test_devices_and_switches_views(tab: Page, portal_server: Server) -> None:
     pg.click("#logout")
     pg.wait_for_selector("#login-username")
     assert pg.evaluate("sessionStorage.length") == 0
+
+
+def test_each_role_lands_on_its_home(browser, portal_server: Server) -> None:  # type: ignore[no-untyped-def]
+    """An Approver starts on the approvals waiting for them (not on an Ask form they cannot use), a
+    Questioner on Ask."""
+    bob = Page(browser, portal_server)
+    quinn = Page(browser, portal_server)
+    try:
+        bob.login("bob", PASSWORD)
+        bob.page.wait_for_selector("#nav a.active[data-route=approvals]")
+        assert not bob.page.locator("#ask-submit").count()
+        quinn.login(QUESTIONER, PASSWORD)
+        quinn.page.wait_for_selector("#nav a.active[data-route=ask]")
+    finally:
+        bob.close()
+        quinn.close()

@@ -19,11 +19,18 @@ const main = document.getElementById("main");
 let current = null; // AbortController of the view on screen
 
 // "#/i/12?state=success&limit=25" -> {name: "i", args: ["12"], query: URLSearchParams}
+// Where each role starts: an Approver on the approvals waiting for them, a Viewer on the history,
+// everyone else on Ask.
+function home(role) {
+  return role === "Approver" ? "approvals" : role === "Viewer" ? "history" : "ask";
+}
+
 function parse() {
   const raw = location.hash.replace(/^#\/?/, "");
   const q = raw.indexOf("?");
   const path = q < 0 ? raw : raw.slice(0, q);
-  const parts = (path || "ask").split("/").map((x) => { try { return decodeURIComponent(x); } catch (_) { return x; } });
+  const s = session();
+  const parts = (path || home(s && s.role)).split("/").map((x) => { try { return decodeURIComponent(x); } catch (_) { return x; } });
   return { name: parts[0], args: parts.slice(1), query: new URLSearchParams(q < 0 ? "" : raw.slice(q + 1)) };
 }
 
@@ -67,12 +74,12 @@ async function route() {
   let { name, args, query } = parse();
   const s = session();
   if (!s && name !== "login") {
-    const back = location.hash && !location.hash.startsWith("#/login") ? location.hash : "#/ask";
+    const back = location.hash && !location.hash.startsWith("#/login") ? location.hash : "";
     sessionStorage.setItem("quanta.explorer.after-login", back);
     location.replace("#/login");
     return;
   }
-  if (s && name === "login") name = "ask";
+  if (s && name === "login") name = home(s.role);
   shell(s);
   const view = ADMIN_ROUTES.has(name) && s.role !== FULL_ADMIN ? null : ROUTES[name];
   for (const a of document.querySelectorAll("#nav a")) {

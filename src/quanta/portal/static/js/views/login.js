@@ -12,7 +12,7 @@ export async function render(main) {
     clear(status);
     try {
       await signIn(user.value, pass.value);
-      const next = sessionStorage.getItem("quanta.explorer.after-login") || "#/ask";
+      const next = sessionStorage.getItem("quanta.explorer.after-login") || "#/";  // the role's home
       sessionStorage.removeItem("quanta.explorer.after-login");
       location.hash = next;
     } catch (e) {
