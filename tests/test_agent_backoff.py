@@ -146,8 +146,9 @@ def test_an_agent_revoked_while_connected_is_closed_once_and_waits_long(server: 
     wait_until(lambda: "as revoked" in server.agent_log(name), 30, "the agent learnt it is revoked", server)
     t0 = time.monotonic()
     wait_until(lambda: time.monotonic() - t0 > 6, 10, "a window of 6 s")
-    closes = server.log_text().count(f"(device {name}): certificate revoked")
-    assert closes == 1, closes  # closed once, never dialled again in the window
+    # closed (the Switch logs closes once per interval with a count, so its log cannot count them);
+    # the agent's own log shows it never dialled again in the window
+    assert f"device {name}: certificate revoked" in server.log_text()
     attempts = _attempts(server, name)
     assert len(attempts) == 1 and "certificate revoked" in attempts[0][1] and attempts[0][3] == REVOKED_RETRY
 
