@@ -11,6 +11,8 @@ from typing import Annotated, Any, Iterable, Optional, Sequence
 import typer
 from rich.console import Console
 
+from quanta.ask import cell  # noqa: F401 - how a value prints in a table or CSV: one definition
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Quanta: ask every device a question and get the answers in seconds.")
 console = Console(stderr=True, soft_wrap=True)
@@ -78,17 +80,6 @@ def run_component(coro: Any) -> None:
 
 
 _run_component = run_component  # quanta.catalog.cli and quanta.integrate.cli import this name
-
-
-def cell(value: Any) -> str:
-    """How a value prints in a table or CSV: NULL is empty, containers are JSON."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, default=str)
-    return str(value)
 
 
 def print_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str = "table",
