@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import Server, make_server
 
-from test_portal import CHROMIUM, CHROMIUM_ARGS, Page, _need_browser
+from test_portal import Page, browser  # noqa: F401  (browser: the module-scoped fixture)
 
 try:
     from playwright.sync_api import expect
@@ -36,19 +36,6 @@ def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
     finally:
         s.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from conftest import Server, make_server, quanta, wait_until
-from test_portal import CHROMIUM, CHROMIUM_ARGS, HOSTILE, PASSWORD, Page, _need_browser
+from test_portal import HOSTILE, PASSWORD, Page, _need_browser, browser  # noqa: F401  (browser: the module-scoped fixture)
 
 try:
     from playwright.sync_api import expect
@@ -37,19 +37,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield s
     finally:
         s.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def _token(s: Server, user: str) -> str:
