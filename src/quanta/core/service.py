@@ -31,6 +31,10 @@ T = TypeVar("T")
 
 DB_OUTAGE = (sa.exc.OperationalError, sa.exc.InterfaceError)  # retried; any other error is the data's
 HELD_LOG_INTERVAL = 10.0  # held answers are logged at most this often (with their counts)
+# Tags devices report on their live connections are written at most this often, coalesced (each
+# device's latest, all in one statement): a flood of reports costs the master database one write
+# per interval, whatever the number of devices or reports.
+TAGS_WRITE_INTERVAL = 0.5
 
 
 def _short(e: BaseException) -> str:
@@ -72,6 +76,8 @@ class Core:
         self._ended: dict[int, asyncio.Event] = {}  # active instruction -> set when it ends (see wait)
         self.stats: Counter[str] = Counter()  # held_late, held_refused, devices_refused
         self._held_logged = -HELD_LOG_INTERVAL
+        self._tags: dict[str, tuple[str, dict[str, str]]] = {}  # device -> (its Switch, its latest tags), to write
+        self._tags_wake = asyncio.Event()
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
@@ -101,7 +107,8 @@ class Core:
         for iid, left in (await self.db(store.unanswered_many, self.responses, list(self.active))).items():
             effects += self.ledger.recounted(iid, left)  # 0: answered in full before a crash, not yet ended
         log.info("core started with %d active instructions", len(self.active))
-        self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop())]
+        self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop()),
+                       asyncio.create_task(self._tags_loop())]
         await self._apply(effects)
 
     async def stop(self) -> None:
@@ -262,12 +269,17 @@ class Core:
                     await self.db(store.mark_sent, self.responses, msg.instruction_id, msg.device_ids)
         elif isinstance(msg, p.ResponseBatch):
             await self.ingest(link, msg)
+        elif isinstance(msg, p.DeviceTags):  # written by _tags_loop, coalesced
+            self._tags.update((d, (link.name, tags)) for d, tags in msg.devices.items() if d in link.devices)
+            self._tags_wake.set()
         elif isinstance(msg, p.SwitchHello):
             raise p.ProtocolError("duplicate switch hello")
 
     async def devices_online(self, link: SwitchLink, msg: p.DevicesOnline) -> None:
         """Register the devices a Switch announces (enrolled ones only) and tell it, per device, which
         active instructions are already answered, so that none is delivered to it again."""
+        for d in msg.devices:  # a hello's tags are newer than a report still waiting to be written
+            self._tags.pop(d.device_id, None)
         refused = list(await self.db(store.devices_online, self.master, link.name, msg.devices) or ())
         if refused:
             self.stats["devices_refused"] += len(refused)
@@ -396,6 +408,19 @@ class Core:
                     await self.finish(due.instruction_id, due.why)
                 except Exception:
                     log.exception("could not close instruction %d; will retry", due.instruction_id)
+
+    async def _tags_loop(self) -> None:
+        """Write the devices' reported tags: each device's latest, in one statement, at most every
+        TAGS_WRITE_INTERVAL."""
+        while True:
+            await self._tags_wake.wait()
+            await asyncio.sleep(TAGS_WRITE_INTERVAL)
+            self._tags_wake.clear()
+            pending, self._tags = self._tags, {}
+            try:
+                await self.db(store.set_device_tags, self.master, pending)
+            except Exception as e:  # noqa: BLE001 - the next hello carries them; never stop the loop
+                log.error("could not write the tags of %d devices: %s", len(pending), _short(e))
 
     async def _purge_loop(self) -> None:
         while True:
