@@ -118,6 +118,7 @@ KEEP_AFTER_EXPIRY = 3600.0
 CANCELLED_KEEP = 60.0  # how long a cancel of an instruction never seen is remembered
 # A Switch that announces a smaller limit than this is not believed: even an error response must fit.
 MIN_MESSAGE_LIMIT = 4096
+_NO_TAGS: dict[str, str] = {}  # shared by every session until it knows its tags; never mutated
 PROTOCOL_ERROR = 1002  # WebSocket close codes
 GOING_AWAY = 1001
 
@@ -236,8 +237,8 @@ class AgentSession:
         self.max_message_bytes = DEFAULT_MAX_MESSAGE  # the last Welcome's
         self.welcomed_at: float | None = None
         self.switch = ""  # the welcoming Switch's name
-        self._tags: dict[str, str] = {}  # the device's tags, as the shell last read them
-        self._tags_told: dict[str, str] = {}  # what this connection's Switch was last told (hello or TagReport)
+        self._tags: dict[str, str] = _NO_TAGS  # the device's tags, as the shell last read them
+        self._tags_told: dict[str, str] = _NO_TAGS  # what this connection's Switch was last told (hello or TagReport)
 
     # ------------------------------------------------------------------ state
     def _transition(self, event: str) -> None:
@@ -254,7 +255,7 @@ class AgentSession:
         """The WebSocket opened: say hello."""
         self._transition("connected")
         self.welcomed_at = None
-        self._tags = self._tags_told = dict(hello.tags)
+        self._tags = self._tags_told = hello.tags  # never mutated here: no copy per connection
         return [Send(hello)]
 
     def lost(self, reason: str, now: float) -> Retry:
