@@ -6,8 +6,11 @@ write that only the device's own Switch can make."""
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import pytest
+import sqlalchemy as sa
 
 from quanta import protocol as p
 from quanta.agent.journal import MemoryStore
@@ -198,3 +201,98 @@ def test_store_writes_tags_only_through_the_devices_own_switch(tmp_path, db_url)
         c.execute(devices.update().where(devices.c.device_id == "d1").values(revoked=True))
     store.set_device_tags(engine, {"d1": ("sw1", {"after": "revocation"})})
     assert store.list_devices(engine, ["d1"])[0]["tags"] == {"a": "2", "b": "x"}
+
+
+# --------------------------------------------------------------------------- the Core's side
+def _core_setup(tmp_path):  # type: ignore[no-untyped-def]
+    from test_core_counter import _setup
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    _setup(url, ["d1", "d2"])
+    # the Core's own engine, with a short busy timeout: a writer locked out fails fast (an outage)
+    return url, sa.create_engine(url, connect_args={"timeout": 0.3, "check_same_thread": False})
+
+
+def _tags_of(engine, dev: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return store.list_devices(engine, [dev])[0]["tags"]
+
+
+def _count_tag_writes(engine) -> list[int]:  # type: ignore[no-untyped-def]
+    writes = [0]
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def count(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.startswith("UPDATE devices SET tags"):
+            writes[0] += 1
+    return writes
+
+
+def test_core_writes_reported_tags_coalesced_and_only_for_its_links_devices(tmp_path) -> None:
+    from test_core_containment import Link
+
+    from quanta.core.service import TAGS_WRITE_INTERVAL, Core
+
+    _, engine = _core_setup(tmp_path)
+    writes = _count_tag_writes(engine)
+
+    async def run() -> None:
+        core = Core(engine, engine, b"s" * 32)
+        await core.start()
+        link = Link(devices=set())
+        await core.handle(link, p.DevicesOnline(devices=[_info("d1"), _info("d2")], seq=1))
+        other = Link(name="sw2", devices={"d2"})  # says d2 is its own; the database says sw
+        for i in range(2000):  # a flood: what the Core holds per device is its latest
+            await core.handle(link, p.DeviceTags(devices={"d1": {"n": str(i)}, "ghost": {"x": "y"}}))
+        await core.handle(other, p.DeviceTags(devices={"d2": {"stolen": "yes"}}))
+        await asyncio.sleep(TAGS_WRITE_INTERVAL * 3)
+        await core.stop()
+
+    import asyncio
+
+    asyncio.run(run())
+    assert _tags_of(engine, "d1") == {"n": "1999"} and _tags_of(engine, "d2") == {}
+    assert writes[0] <= 2, writes  # 2,001 reports, one statement (two if the flood straddled an interval)
+
+
+def test_after_an_outage_a_newer_hello_wins_over_a_waiting_report(tmp_path) -> None:
+    import asyncio
+    import sqlite3
+
+    from test_core_containment import Link
+
+    from quanta.core import service as core_service
+    from quanta.core.service import Core
+
+    url, engine = _core_setup(tmp_path)
+
+    async def run() -> None:
+        core = Core(engine, engine, b"s" * 32)
+        await core.start()
+        link = Link()
+        await core.handle(link, p.DevicesOnline(devices=[_info("d1"), _info("d2")], seq=1))
+        lock = sqlite3.connect(str(tmp_path / "m.db"), isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # the master database refuses writers now
+        try:
+            await core.handle(link, p.DeviceTags(devices={"d1": {"v": "report"}, "d2": {"v": "report"}}))
+            deadline = time.monotonic() + 10
+            while core._tags_superseded is None:  # the write is under way (and will fail: locked)
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            # d1 connects again meanwhile: its hello (written once the database is back) is newer
+            hello = asyncio.create_task(core.handle(link, p.DevicesOnline(devices=[_info("d1", {"v": "hello"})],
+                                                                          seq=2)))
+            while core._tags_superseded is not None:  # the write failed; the reports wait
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        await hello
+        deadline = time.monotonic() + core_service.TAGS_RETRY + 10
+        while _tags_of(engine, "d2") != {"v": "report"}:  # d2's report, kept, is written after the outage
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await core.stop()
+
+    asyncio.run(run())
+    assert _tags_of(engine, "d1") == {"v": "hello"}

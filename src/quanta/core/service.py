@@ -35,6 +35,7 @@ HELD_LOG_INTERVAL = 10.0  # held answers are logged at most this often (with the
 # device's latest, all in one statement): a flood of reports costs the master database one write
 # per interval, whatever the number of devices or reports.
 TAGS_WRITE_INTERVAL = 0.5
+TAGS_RETRY = 5.0  # after a database outage, the tags wait this long before the next attempt
 
 
 def _short(e: BaseException) -> str:
@@ -78,6 +79,7 @@ class Core:
         self._held_logged = -HELD_LOG_INTERVAL
         self._tags: dict[str, tuple[str, dict[str, str]]] = {}  # device -> (its Switch, its latest tags), to write
         self._tags_wake = asyncio.Event()
+        self._tags_superseded: set[str] | None = None  # announced while a tags write is under way
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
@@ -280,6 +282,8 @@ class Core:
         active instructions are already answered, so that none is delivered to it again."""
         for d in msg.devices:  # a hello's tags are newer than a report still waiting to be written
             self._tags.pop(d.device_id, None)
+            if self._tags_superseded is not None:
+                self._tags_superseded.add(d.device_id)
         refused = list(await self.db(store.devices_online, self.master, link.name, msg.devices) or ())
         if refused:
             self.stats["devices_refused"] += len(refused)
@@ -411,16 +415,28 @@ class Core:
 
     async def _tags_loop(self) -> None:
         """Write the devices' reported tags: each device's latest, in one statement, at most every
-        TAGS_WRITE_INTERVAL."""
+        TAGS_WRITE_INTERVAL. Not retried in place (as ``db`` would): after an outage what was not
+        written waits with the newer reports, except where a hello came meanwhile (its
+        DevicesOnline, written in between, is newer)."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._tags_wake.wait()
             await asyncio.sleep(TAGS_WRITE_INTERVAL)
             self._tags_wake.clear()
             pending, self._tags = self._tags, {}
+            self._tags_superseded = superseded = set()
             try:
-                await self.db(store.set_device_tags, self.master, pending)
+                await loop.run_in_executor(self._db, store.set_device_tags, self.master, pending)
+            except DB_OUTAGE as e:
+                log.error("database unavailable: the tags of %d devices wait %.0fs (%s)", len(pending), TAGS_RETRY,
+                          _short(e))
+                self._tags = {**{d: t for d, t in pending.items() if d not in superseded}, **self._tags}
+                self._tags_wake.set()
+                await asyncio.sleep(TAGS_RETRY)
             except Exception as e:  # noqa: BLE001 - the next hello carries them; never stop the loop
                 log.error("could not write the tags of %d devices: %s", len(pending), _short(e))
+            finally:
+                self._tags_superseded = None
 
     async def _purge_loop(self) -> None:
         while True:
