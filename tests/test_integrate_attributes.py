@@ -108,6 +108,11 @@ def test_csv_connector_sets_attributes_and_groups_follow(tmp_path, db_url):
     assert rbac.reachable_devices(engine, "fin") == {"web-01"}  # membership follows at once
     last = _sync_audit(engine)[0]  # newest first
     assert len(_sync_audit(engine)) == 2 and last.details["removed"] == 1 and last.details["refused"] == 1
+    # the same source again: the clash is reported again, nothing changes, no audit row
+    r = agent.run_sync("cmdb", "demand")
+    assert r.ok and (r.attributes_set, r.attributes_removed, r.unchanged) == (0, 0, 2), r
+    assert r.problems == ["web-01: attribute(s) 'owner' already set by admin; not overridden"]
+    assert len(_sync_audit(engine)) == 2
 
     # removing the mapping removes the connector's attributes (only its own)
     (tmp_path / "integrate.toml").write_text(TOML.format(path=src).replace(

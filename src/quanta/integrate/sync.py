@@ -25,7 +25,8 @@ after the run:
   ``rbac.MAX_ATTRIBUTES`` in all, keeps its attributes as they were; the run goes on, and its
   result names each such device (``problems``).
 - a run that changed anything writes one audit row (``integrate_sync``) in the same transaction,
-  summarising the changes.
+  summarising the changes (and the devices refused); a run that changed nothing writes none, so
+  a scheduled run of an unchanged source leaves the audit log as it was.
 
 Running the same import twice changes nothing the second time (every row counts as ``unchanged``).
 """
@@ -129,7 +130,7 @@ def apply(engine: sa.Engine, connector: str, records: list[DeviceRecord], allow_
                                              devices.c.source == connector).values(source=None))
         res.removed = len(stale)
         changes = _apply_attributes(c, connector, owned, [r.device_id for r in stale], res)
-        if res.changed or res.problems:
+        if res.changed:
             audit.write(c, owner(connector), "", "integrate_sync", connector, details=dict(
                 created=res.created, updated=res.updated, removed=res.removed, skipped=res.skipped,
                 attributes_set=res.attributes_set, attributes_removed=res.attributes_removed,
