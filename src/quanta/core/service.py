@@ -31,6 +31,11 @@ T = TypeVar("T")
 
 DB_OUTAGE = (sa.exc.OperationalError, sa.exc.InterfaceError)  # retried; any other error is the data's
 HELD_LOG_INTERVAL = 10.0  # held answers are logged at most this often (with their counts)
+# Tags devices report on their live connections are written at most this often, coalesced (each
+# device's latest, all in one statement): a flood of reports costs the master database one write
+# per interval, whatever the number of devices or reports.
+TAGS_WRITE_INTERVAL = 0.5
+TAGS_RETRY = 5.0  # after a database outage, the tags wait this long before the next attempt
 
 
 def _short(e: BaseException) -> str:
@@ -73,6 +78,9 @@ class Core:
         self._persisting: dict[int, asyncio.Future[None]] = {}  # handed out, target rows not yet committed
         self.stats: Counter[str] = Counter()  # held_late, held_refused, devices_refused
         self._held_logged = -HELD_LOG_INTERVAL
+        self._tags: dict[str, tuple[str, dict[str, str]]] = {}  # device -> (its Switch, its latest tags), to write
+        self._tags_wake = asyncio.Event()
+        self._tags_superseded: set[str] | None = None  # announced while a tags write is under way
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
@@ -102,7 +110,8 @@ class Core:
         for iid, left in (await self.db(store.unanswered_many, self.responses, list(self.active))).items():
             effects += self.ledger.recounted(iid, left)  # 0: answered in full before a crash, not yet ended
         log.info("core started with %d active instructions", len(self.active))
-        self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop())]
+        self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop()),
+                       asyncio.create_task(self._tags_loop())]
         await self._apply(effects)
 
     async def stop(self) -> None:
@@ -337,12 +346,19 @@ class Core:
                     await self.db(store.mark_sent, self.responses, msg.instruction_id, msg.device_ids)
         elif isinstance(msg, p.ResponseBatch):
             await self.ingest(link, msg)
+        elif isinstance(msg, p.DeviceTags):  # written by _tags_loop, coalesced
+            self._tags.update((d, (link.name, tags)) for d, tags in msg.devices.items() if d in link.devices)
+            self._tags_wake.set()
         elif isinstance(msg, p.SwitchHello):
             raise p.ProtocolError("duplicate switch hello")
 
     async def devices_online(self, link: SwitchLink, msg: p.DevicesOnline) -> None:
         """Register the devices a Switch announces (enrolled ones only) and tell it, per device, which
         active instructions are already answered, so that none is delivered to it again."""
+        for d in msg.devices:  # a hello's tags are newer than a report still waiting to be written
+            self._tags.pop(d.device_id, None)
+            if self._tags_superseded is not None:
+                self._tags_superseded.add(d.device_id)
         refused = list(await self.db(store.devices_online, self.master, link.name, msg.devices) or ())
         if refused:
             self.stats["devices_refused"] += len(refused)
@@ -473,6 +489,31 @@ class Core:
                     await self.finish(due.instruction_id, due.why)
                 except Exception:
                     log.exception("could not close instruction %d; will retry", due.instruction_id)
+
+    async def _tags_loop(self) -> None:
+        """Write the devices' reported tags: each device's latest, in one statement, at most every
+        TAGS_WRITE_INTERVAL. Not retried in place (as ``db`` would): after an outage what was not
+        written waits with the newer reports, except where a hello came meanwhile (its
+        DevicesOnline, written in between, is newer)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._tags_wake.wait()
+            await asyncio.sleep(TAGS_WRITE_INTERVAL)
+            self._tags_wake.clear()
+            pending, self._tags = self._tags, {}
+            self._tags_superseded = superseded = set()
+            try:
+                await loop.run_in_executor(self._db, store.set_device_tags, self.master, pending)
+            except DB_OUTAGE as e:
+                log.error("database unavailable: the tags of %d devices wait %.0fs (%s)", len(pending), TAGS_RETRY,
+                          _short(e))
+                self._tags = {**{d: t for d, t in pending.items() if d not in superseded}, **self._tags}
+                self._tags_wake.set()
+                await asyncio.sleep(TAGS_RETRY)
+            except Exception as e:  # noqa: BLE001 - the next hello carries them; never stop the loop
+                log.error("could not write the tags of %d devices: %s", len(pending), _short(e))
+            finally:
+                self._tags_superseded = None
 
     async def _purge_loop(self) -> None:
         while True:
