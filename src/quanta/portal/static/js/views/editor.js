@@ -325,7 +325,7 @@ export function scaleEditor(textarea, gutter, signal) {
       delete check.dataset.column;
       clear(check, h("span", { class: "scale-ok" }, "✓ "), result.kind === "action"
         ? `An action (calls ${result.actions.join(", ")}): it runs only after a second person approves.`
-        : "A question: no syntax errors.");
+        : "A question: the compiler finds no error.");
       return;
     }
     const e = result.error;
@@ -347,12 +347,13 @@ export function scaleEditor(textarea, gutter, signal) {
       schedulePaint();
       return;
     }
-    inflight = new AbortController();
-    const abort = () => inflight && inflight.abort();
+    const ctl = new AbortController();
+    inflight = ctl;
+    const abort = () => ctl.abort();
     signal.addEventListener("abort", abort, { once: true });
     try {
-      const result = await api("POST", "/Scale/Check", { payload: text }, { signal: inflight.signal });
-      if (mine !== seq) return;
+      const result = await api("POST", "/Scale/Check", { payload: text }, { signal: ctl.signal });
+      if (mine !== seq || textarea.value !== text) return; // typed on since: its own check follows
       error = result.ok ? null : result.error;
       show(result);
       schedulePaint();
