@@ -10,11 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import Server, make_server
+from conftest import Server, make_server, quanta
 from quanta.scale import ScaleError
 from quanta.scale.cli import check_source
 from quanta.settings import DataDir
-from test_portal import HOSTILE, Page, browser  # noqa: F401  (browser: the module-scoped fixture)
+from test_portal import HOSTILE, PASSWORD, QUESTIONER, Page, browser  # noqa: F401  (browser: the module-scoped fixture)
 
 try:
     from playwright.sync_api import expect
@@ -26,7 +26,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    s = make_server(tmp_path_factory.mktemp("portal-editor"))
+    tmp = tmp_path_factory.mktemp("portal-editor")
+    s = make_server(tmp)
+    (tmp / "pw").write_text(PASSWORD)
+    quanta("user", "add", str(s.root), "--username", QUESTIONER, "--role", "Questioner", "--password-file", str(tmp / "pw"))
     s.start()
     s.base = f"https://localhost:{s.https}"  # type: ignore[attr-defined]
     creds = dict(line.split("=", 1) for line in DataDir(s.root).admin_credentials.read_text().split())
@@ -228,3 +231,20 @@ def test_layout_holds_at_800_px(tab: Page) -> None:
     editor = pg.locator(".scale-editor .editor").bounding_box()
     panel = pg.locator("#method-browser").bounding_box()
     assert editor and panel and panel["x"] >= editor["x"] + editor["width"] and panel["x"] + panel["width"] <= 1360
+
+
+def test_no_editor_requests_for_who_asks_through_definitions(browser, server: Server) -> None:  # type: ignore[no-untyped-def]
+    t = Page(browser, server)
+    try:
+        sent: list[str] = []
+        t.page.on("request", lambda r: sent.append(r.url))
+        t.login(QUESTIONER, PASSWORD)
+        with t.page.expect_response("**/Consumer/Devices"):  # the page's last request, after the editor is built
+            t.page.goto("/Explorer/#/ask")
+        expect(t.page.locator("#def-panel")).to_be_visible()
+        expect(t.page.locator("#raw-panel")).to_be_hidden()
+        expect(t.page.locator("#scale")).to_be_hidden()
+        assert any("/Consumer/InstructionDefinitions" in u for u in sent), sent
+        assert not [u for u in sent if "/Consumer/Methods" in u or "/Consumer/Scale/Check" in u], sent
+    finally:
+        t.close()
