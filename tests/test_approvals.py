@@ -63,7 +63,7 @@ def pending(engine: sa.Engine, *, iset: str | None = None, expires_in: float = 3
             scheduled_at: float | None = None) -> int:
     return ins.create(engine, created_by="req", name="act", kind="action", payload='NativeServices.RunCommand(CommandLine: "true");',
                       parameters={}, devices=["d1"], instruction_ttl=60, response_ttl=600, status=ins.PENDING_APPROVAL,
-                      approval_expires_at=time.time() + expires_in, scheduled_at=scheduled_at, instruction_set=iset)
+                      approval_expires_at=time.time() + expires_in, scheduled_at=scheduled_at, instruction_set=iset)[0]
 
 
 def row(engine: sa.Engine, iid: int) -> Any:

@@ -274,7 +274,7 @@ async def test_the_core_never_resurrects_an_instruction_cancelled_while_it_issue
     store.register_device(master, "dev1", "0001")
     with master.begin() as c:  # online: it would be sent at once
         c.execute(tables.devices.update().values(switch="switch-1", online=True))
-    iid = ins.create(master, created_by="req", name="act", kind="action", payload=ACTION, parameters={},
+    iid, _ = ins.create(master, created_by="req", name="act", kind="action", payload=ACTION, parameters={},
                      devices=["dev1"], instruction_ttl=60, response_ttl=600, status=ins.NEW)
     assert ins.sign(master, signer, iid, expect=(ins.NEW,))
     core = Core(master, responses, SECRET)
@@ -334,9 +334,9 @@ async def test_the_sweep_ends_one_signed_before_a_restart_once(tmp_path: Path, d
     _, responses, sig = _stores(tmp_path)
     migrate(db_url, "master")
     master = make_engine(db_url)
-    past = ins.create(master, created_by="req", name="act", kind="action", payload=ACTION, parameters={},
+    past, _ = ins.create(master, created_by="req", name="act", kind="action", payload=ACTION, parameters={},
                       devices=["dev1"], instruction_ttl=1, response_ttl=600, status=ins.NEW)
-    young = ins.create(master, created_by="req", name="act", kind="action", payload=ACTION, parameters={},
+    young, _ = ins.create(master, created_by="req", name="act", kind="action", payload=ACTION, parameters={},
                        devices=["dev1"], instruction_ttl=300, response_ttl=600, status=ins.NEW)
     for i in (past, young):
         assert ins.sign(master, sig, i, expect=(ins.NEW,))

@@ -8,6 +8,7 @@ instruction is about to be issued, so its gather window starts then, not at requ
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,16 +63,26 @@ def set_approvers_required(engine: sa.Engine, instruction_set: str, n: int) -> i
 def create(engine: sa.Engine, *, created_by: str, name: str, kind: str, payload: str, parameters: dict[str, Any],
            devices: list[str] | None, instruction_ttl: int, response_ttl: int, status: str,
            scheduled_at: float | None = None, approval_expires_at: float | None = None,
-           instruction_set: str | None = None) -> int:
-    """Store an instruction; one that waits for approval takes its set's approver count now."""
+           instruction_set: str | None = None, signer: Signer | None = None,
+           then: Callable[[sa.Connection, int, str], None] | None = None) -> tuple[int, str]:
+    """Store an instruction; one that waits for approval takes its set's approver count now. With
+    ``signer``, a NEW one is signed in the same transaction and stored READY. ``then(conn, id,
+    status)`` runs in that transaction too (the audit row), so the instruction, its signature and
+    its audit row commit together, in one round trip to the database. Returns (id, status)."""
     with engine.begin() as c:
         required = approvers_required(c, instruction_set) if status == PENDING_APPROVAL else None
-        iid = c.execute(instructions.insert().values(
+        iid = int(c.execute(instructions.insert().values(
             name=name, kind=kind, payload=payload, parameters=parameters, scope=devices, created_by=created_by,
             created_at=time.time(), status=status, instruction_ttl=instruction_ttl, response_ttl=response_ttl,
             scheduled_at=scheduled_at, approval_expires_at=approval_expires_at,
-            instruction_set=instruction_set, approvers_required=required)).inserted_primary_key[0]
-    return int(iid)
+            instruction_set=instruction_set, approvers_required=required)).inserted_primary_key[0])
+        if signer is not None and status == NEW:
+            row = c.execute(sa.select(instructions).where(instructions.c.id == iid)).one()
+            c.execute(instructions.update().where(instructions.c.id == iid).values(**_signed(signer, row, time.time())))
+            status = READY
+        if then is not None:
+            then(c, iid, status)
+    return iid, status
 
 
 def _signed(signer: Signer, row: Any, now: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import httpx
 import sqlalchemy as sa
 from quanta import instructions as ins
 from quanta import rbac
-from quanta.accounts import Accounts, Policy, Session
+from quanta.accounts import Accounts, Policy, Session, audit
 from quanta.accounts import hash_password as hash_password  # noqa: PLC0414 - importable from here, as ever
 from quanta.background import ContentStore
 from quanta.consumer_api.errors import BadGateway, Forbidden, Invalid, NotFound, Unavailable, Upstream
@@ -145,6 +145,8 @@ class ConsumerApi:
         return Plan(name, kind, payload, params, devices, ittl, rttl, iset, req.scheduled_at)
 
     def create_instruction(self, user: User, plan: Plan) -> tuple[int, str]:
+        """Store the planned instruction, signed unless it waits (approval, schedule), with its audit
+        row: one transaction."""
         now = time.time()
         if plan.kind == "action":
             status = ins.PENDING_APPROVAL
@@ -152,17 +154,21 @@ class ConsumerApi:
             status = ins.SCHEDULED
         else:
             status = ins.NEW
-        iid = ins.create(self.master, created_by=user.username, name=plan.name, kind=plan.kind, payload=plan.payload,
-                         parameters=plan.parameters, devices=plan.devices, instruction_ttl=plan.instruction_ttl,
-                         response_ttl=plan.response_ttl, status=status, scheduled_at=plan.scheduled_at,
-                         approval_expires_at=now + self.approval_ttl if plan.kind == "action" else None,
-                         instruction_set=plan.instruction_set)
-        if status == ins.NEW:
-            ins.sign(self.master, self.signer, iid, expect=(ins.NEW,))
-            status = ins.READY
-        store.audit(self.master, user.username, "issue", f"instruction:{iid}", source=user.source, name=plan.name, kind=plan.kind,
-                    devices=plan.devices, status=status, instruction_set=plan.instruction_set)
-        return iid, status
+
+        def audited(c: sa.Connection, iid: int, final: str) -> None:
+            audit.write(c, user.username, user.source, "issue", f"instruction:{iid}",
+                        details=dict(name=plan.name, kind=plan.kind, devices=plan.devices, status=final,
+                                     instruction_set=plan.instruction_set))
+
+        return ins.create(self.master, created_by=user.username, name=plan.name, kind=plan.kind, payload=plan.payload,
+                          parameters=plan.parameters, devices=plan.devices, instruction_ttl=plan.instruction_ttl,
+                          response_ttl=plan.response_ttl, status=status, scheduled_at=plan.scheduled_at,
+                          approval_expires_at=now + self.approval_ttl if plan.kind == "action" else None,
+                          instruction_set=plan.instruction_set, signer=self.signer, then=audited)
+
+    def plan_and_create(self, user: User, req: IssueRequest) -> tuple[int, str]:
+        """:meth:`plan` then :meth:`create_instruction`, in one call (one worker-thread hop)."""
+        return self.create_instruction(user, self.plan(user, req))
 
     async def call_core(self, iid: int, verb: str, **kw: Any) -> dict[str, Any]:
         """``POST /Core/Instructions/{iid}/{verb}`` at this stack's Core (see ins.call_core)."""

@@ -27,8 +27,7 @@ MAX_OFFSET = 2**31 - 1
 
 @router.post("/Consumer/Instructions", status_code=201, dependencies=[Depends(authenticated)])
 async def issue(req: IssueRequest, user: CurrentUser, api: Api) -> dict[str, Any]:
-    plan = await api.db(api.plan, user, req)
-    iid, status = await api.db(api.create_instruction, user, plan)
+    iid, status = await api.db(api.plan_and_create, user, req)
     if status == ins.PENDING_APPROVAL:
         try:
             await api.coordinator(f"/Coordinator/Instructions/{iid}/Submitted")
