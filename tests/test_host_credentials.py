@@ -136,13 +136,15 @@ def test_a_component_whose_hop_was_not_given_refuses_in_one_line(dmz: Path) -> N
     ("core/everything = " + "a" * 64 + "\n", "line 1: expected .* known hop"),         # unknown hop
     ("core/switch " + "a" * 64 + "\n", "line 1: expected"),                            # no '='
     ("core/switch = " + "a" * 64 + "\ncore/switch = " + "b" * 64 + "\n", "line 2: hop core/switch given twice"),
-    ("\x00\xff binary junk\n", "line 1: expected"),
+    (b"\x00\xff\xfe not UTF-8\n", "line 1: expected"),
+    (b"core/switch = " + b"a" * 63 + b"\xe9\n", "line 1: expected"),
 ])
-def test_a_malformed_credentials_file_is_refused_with_its_line(dmz: Path, text: str, why: str) -> None:
+def test_a_malformed_credentials_file_is_refused_with_its_line(dmz: Path, text: str | bytes, why: str) -> None:
     f = dmz / "pki" / CREDENTIALS_FILE
-    f.write_text(text, errors="surrogateescape")
-    with pytest.raises(MissingCredential, match=why):
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(MissingCredential, match=why) as refused:
         host_credentials(dmz)
+    assert "a" * 16 not in str(refused.value) and "b" * 16 not in str(refused.value)  # no credential echoed
 
 
 def test_an_old_export_holding_the_secret_still_works_and_a_re_export_replaces_it(master: Path, dmz: Path) -> None:

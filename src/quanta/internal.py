@@ -107,7 +107,8 @@ class Credentials:
         if not given_file.exists():
             raise MissingCredential(f"neither {dd.secret_file} nor {given_file} exists: this host has no internal "
                                     "credentials (export it again from the Master: quanta host export)")
-        return cls(given=parse_credentials(given_file.read_text(), str(given_file)), source=str(given_file))
+        text = given_file.read_bytes().decode("utf-8", errors="replace")  # a bad byte fails its line, below
+        return cls(given=parse_credentials(text, str(given_file)), source=str(given_file))
 
     def __getitem__(self, hop: Hop) -> str:
         if self.secret is not None:
