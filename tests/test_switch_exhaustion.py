@@ -27,6 +27,7 @@ import pytest
 from conftest import Server, make_server, quanta, wait_until
 from quanta import protocol as p
 from quanta.datadir import DataDir
+from quanta.internal import poke_key
 from quanta.runtime import HeapReleaser, LogEvery, SheddingListener, bind_socket, heap_free_bytes
 from quanta.settings import poke_port
 from quanta.switch.service import REFUSAL_LOG_INTERVAL
@@ -242,7 +243,7 @@ def test_a_flood_of_bad_pokes_is_logged_once_per_interval(shared: Server) -> Non
     kinds = {
         "wrong size": b"\x00" * 10,
         "bad MAC": p.make_poke(b"not the secret" * 3),
-        "stale": p.make_poke(secret, now=time.time() - 3600),
+        "stale": p.make_poke(poke_key(secret), now=time.time() - 3600),
         "closed without a poke": None,
     }
     per_kind = 150

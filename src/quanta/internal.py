@@ -3,10 +3,17 @@
 * Each internal hop has its own bearer credential, derived from the installation's internal
   secret per service and purpose (:data:`HOPS`, :func:`credential`): a Switch's credential for
   the Core does not open the Coordinator, the hub or the Background Channel's replication, and
-  the other way round. A receiver accepts only its own hops' credentials
+  the other way round. The Core's wake-up pokes to its Switches are MACed with a hop key of
+  their own (:data:`POKE`, :func:`poke_key`). A receiver accepts only its own hops' credentials
   (:func:`credentials_ok`, constant time), on every route, its health and OpenAPI document
   included (:class:`InternalAuth`, an ASGI middleware in front of the whole app). Credentials are
   sent with :func:`bearer`.
+* Only the Master (and a single server) holds the secret. A remote host exported from it
+  (``quanta host export``) is given only the credentials of the hops its role's components use
+  (:data:`ROLE_HOPS`), in ``pki/internal.credentials``; a stolen DMZ host opens no other hop.
+  Every component reads its credentials with :func:`host_credentials` and each one with
+  :func:`credential`, which refuses (:class:`MissingCredential`, one line naming the hop) one
+  the host was not given.
 * Outgoing HTTP calls between components share one pooled ``httpx.AsyncClient`` per event loop
   and TLS verification setting (:func:`http_client`), so a question's Issue and Wait calls reuse
   a kept-alive connection instead of a new TCP (and TLS) handshake each.
@@ -20,16 +27,18 @@ import hmac
 import logging
 import ssl
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import httpx
 
+from quanta.datadir import DataDir
 from quanta.protocol.messages import credential as _derive
 
-__all__ = ["HOPS", "Hop", "InternalAuth", "bearer", "bearer_ok", "credential", "credentials_ok", "http_client",
-           "require_bearer", "tls_context"]
+__all__ = ["HOPS", "ROLE_HOPS", "Credentials", "Hop", "InternalAuth", "MissingCredential", "bearer", "bearer_ok",
+           "credential", "credentials_ok", "host_credentials", "http_client", "poke_key", "require_bearer",
+           "tls_context"]
 
 
 class Hop(NamedTuple):
@@ -46,18 +55,123 @@ CONSUMER_TO_COORDINATOR = Hop("coordinator", "consumer")  # Consumer API -> Coor
 HUB_PEER = Hop("hub", "peer")                       # Response Stack / DMZ host -> Master hub (3901)
 BACKGROUND_REPLICATION = Hop("background", "replicate")   # Master -> DMZ Background Channel (PUT)
 INTEGRATE_CLIENT = Hop("integrate", "client")       # quanta integrate-run -> Integrate Agent (loopback)
+POKE = Hop("switch", "poke")                        # Core -> Switch wake-up (UDP/TCP poke port): its MAC key
 
 HOPS: tuple[Hop, ...] = (SWITCH_TO_CORE, CONSUMER_TO_CORE, COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR,
-                         HUB_PEER, BACKGROUND_REPLICATION, INTEGRATE_CLIENT)
+                         HUB_PEER, BACKGROUND_REPLICATION, INTEGRATE_CLIENT, POKE)
 
 # What each receiver accepts (and nothing else): the Core's HTTP routes, its Switch link, ...
 CORE_HTTP = (CONSUMER_TO_CORE, COORDINATOR_TO_CORE)
 CORE_SWITCH = (SWITCH_TO_CORE,)
 
+# What an exported remote host is given (quanta.cli.components: which components each role runs).
+# A Response Stack: its Core (the Master's Consumer API and Coordinator call it, its Switches link
+# to it, it pokes them), its Switches, its web tier's /Core relay (the same hops) and its hub
+# client. A DMZ server: its Switches (their link to the Response Stack's /Core/Switch relay, the
+# pokes they check), its web tier's Background Channel (replication from the Master) and its hub
+# client. Neither is given the Master's own hops (Consumer API -> Coordinator, Integrate).
+ROLE_HOPS: dict[str, tuple[Hop, ...]] = {
+    "response": (*CORE_HTTP, *CORE_SWITCH, POKE, HUB_PEER),
+    "dmz": (SWITCH_TO_CORE, POKE, BACKGROUND_REPLICATION, HUB_PEER),
+}
 
-def credential(secret: bytes, hop: Hop) -> str:
-    """The bearer credential of ``hop`` for the installation ``secret``."""
-    return _derive(secret, hop.service, hop.purpose)
+CREDENTIALS_FILE = "internal.credentials"  # in DIR/pki, on an exported remote host
+
+
+def hop_name(hop: Hop) -> str:
+    """How a hop is written in the credentials file and in messages: ``service/purpose``."""
+    return f"{hop.service}/{hop.purpose}"
+
+
+class MissingCredential(LookupError):
+    """A component needs a hop credential its host was not given (or has no credentials at all)."""
+
+
+class Credentials:
+    """The hop credentials one host holds: derived from the installation ``secret`` (the Master,
+    a single server, and remote hosts exported before ``internal.credentials`` existed), or only
+    the ones it was ``given`` (a remote host's ``pki/internal.credentials``). ``source`` says
+    where they came from, for errors."""
+
+    def __init__(self, secret: bytes | None = None, given: Mapping[Hop, str] | None = None, source: str = "") -> None:
+        self.secret, self.given, self.source = secret, dict(given or {}), source
+
+    @classmethod
+    def of(cls, root: Path) -> Credentials:
+        """The host's whose data directory is ``root``: from ``pki/internal.secret`` if it holds
+        one, else ``pki/internal.credentials``."""
+        dd = DataDir(Path(root))
+        given_file = dd.pki / CREDENTIALS_FILE
+        if dd.secret_file.exists():
+            return cls(secret=dd.internal_secret(), source=str(dd.secret_file))
+        if not given_file.exists():
+            raise MissingCredential(f"neither {dd.secret_file} nor {given_file} exists: this host has no internal "
+                                    "credentials (export it again from the Master: quanta host export)")
+        text = given_file.read_bytes().decode("utf-8", errors="replace")  # a bad byte fails its line, below
+        return cls(given=parse_credentials(text, str(given_file)), source=str(given_file))
+
+    def __getitem__(self, hop: Hop) -> str:
+        if self.secret is not None:
+            return _derive(self.secret, hop.service, hop.purpose)
+        try:
+            return self.given[hop]
+        except KeyError:
+            raise MissingCredential(
+                f"this host was not given the internal credential of hop {hop_name(hop)} ({self.source} holds "
+                f"{', '.join(hop_name(h) for h in self.given) or 'none'}): a component runs here that its exported "
+                "role does not; export the host again with the right --role") from None
+
+    def require(self, *hops: Hop) -> Credentials:
+        """These credentials, after checking each of ``hops`` is among them (a component's start)."""
+        for hop in hops:
+            self[hop]
+        return self
+
+    def file_text(self, hops: Iterable[Hop]) -> str:
+        """The ``internal.credentials`` of a host given ``hops`` (:func:`parse_credentials` reads it)."""
+        lines = ["# Quanta internal credentials of this host's hops (quanta host export); keep it 0600",
+                 *(f"{hop_name(h)} = {self[h]}" for h in hops)]
+        return "\n".join(lines) + "\n"
+
+
+def parse_credentials(text: str, source: str) -> dict[Hop, str]:
+    """``service/purpose = HEX`` lines (``#`` comments, blank lines); a malformed line, an unknown
+    hop or one given twice is refused with its line number."""
+    known = {hop_name(h): h for h in HOPS}
+    given: dict[Hop, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = (part.strip() for part in line.partition("="))
+        hop = known.get(name)
+        if not sep or hop is None or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise MissingCredential(f"{source} line {number}: expected 'service/purpose = <64 hex digits>' with a "
+                                    f"known hop ({', '.join(known)}); re-export this host")
+        if hop in given:
+            raise MissingCredential(f"{source} line {number}: hop {name} given twice; re-export this host")
+        given[hop] = value
+    return given
+
+
+def host_credentials(root: Path, *needed: Hop) -> Credentials:
+    """The credentials of the host whose data directory is ``root``, checked to hold ``needed``
+    (what the calling component uses): :class:`MissingCredential` names the first missing one."""
+    return Credentials.of(root).require(*needed)
+
+
+def credential(source: bytes | Credentials, hop: Hop) -> str:
+    """The bearer credential of ``hop``: from this host's :class:`Credentials` (refused if it was
+    not given that hop), or derived from an installation secret."""
+    if isinstance(source, Credentials):
+        return source[hop]
+    return _derive(source, hop.service, hop.purpose)
+
+
+def poke_key(source: bytes | Credentials) -> bytes:
+    """The key the Core MACs its pokes with and a Switch checks them with (quanta.protocol.make_poke):
+    the :data:`POKE` hop's credential, not the installation secret."""
+    return bytes.fromhex(credential(source, POKE))
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 PREFIX = "fernet:"
 KEY_FILE = "secrets.key"
-MAX_PLAIN_BYTES = 127  # sealed, 255 characters: what the secret columns hold (String(255))
+MAX_PLAIN_BYTES = 4096  # a password or key, not a document; sealed ~5.6 KB (the secret columns are Text)
 
 _lock = threading.Lock()
 _by_url: dict[str, Path] = {}  # registered here, or by a DataDir (quanta.datadir.SECRET_KEY_DIRS)
@@ -102,7 +102,8 @@ def seal(engine: sa.Engine, plain: str | None) -> str | None:
     if plain is None:
         return None
     if len(plain.encode()) > MAX_PLAIN_BYTES:
-        raise ValueError(f"a stored secret is at most {MAX_PLAIN_BYTES} bytes")
+        raise ValueError(f"a stored secret is at most {MAX_PLAIN_BYTES} bytes (this one is {len(plain.encode())}); "
+                         "nothing was changed")
     return PREFIX + _box_for(engine).encrypt(plain.encode()).decode()
 
 
@@ -122,4 +123,4 @@ def needs_resealing(stored: str | None) -> bool:
     return stored is not None and not stored.startswith(PREFIX)
 
 
-__all__ = ["KEY_FILE", "PREFIX", "SecretBoxError", "box", "needs_resealing", "register", "seal", "unseal"]
+__all__ = ["KEY_FILE", "MAX_PLAIN_BYTES", "PREFIX", "SecretBoxError", "box", "needs_resealing", "register", "seal", "unseal"]

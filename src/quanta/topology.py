@@ -3,8 +3,9 @@
 ``quanta host export MASTERDIR --role response|dmz ...`` writes the data directory for such a
 host: its own server certificate and host certificate (its client identity towards the Master
 hub, Purpose.HOST; both issued by the installation CA, whose key stays on the Master), the CA
-certificate, the CRL, the instruction-signing public key, the internal secret,
-and settings that point it at the Master hub, the Core and the CRL distribution point.
+certificate, the CRL, the instruction-signing public key, the internal credentials of the hops
+its role uses (``pki/internal.credentials``, quanta.internal.ROLE_HOPS: never the installation
+secret, from which every hop's could be derived), and settings that point it at the Master hub, the Core and the CRL distribution point.
 
 The Master learns about the new host only when asked (``--update-master``): that records the
 host's Switches in SwitchConfiguration, and on a single server turns it into a Master (role =
@@ -17,15 +18,15 @@ and stops); :func:`apply_export` does it. Copy the directory to that host and ru
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quanta.datadir import make_private_dir, tighten
+from quanta.datadir import make_private_dir, tighten, write_private
 from quanta.db import is_sqlite, make_engine
 from quanta.db.tables import switch_configuration
+from quanta.internal import CREDENTIALS_FILE, ROLE_HOPS, Credentials, hop_name
 from quanta.pki import Pki, Purpose
 from quanta.settings import DataDir, Settings, load_settings, save_settings, switch_layout
 
@@ -46,11 +47,16 @@ class ExportPlan:
     drop_master_switches: list[str] = field(default_factory=list)  # the Master's own Switch rows to delete
     replaced_rows: list[str] = field(default_factory=list)  # earlier rows of this host name, replaced
     reuse_out: bool = False  # the directory already holds this host's export
+    drop_secret: bool = False  # that earlier export holds the installation secret: replace it
 
     def describe(self) -> list[str]:
         """What writing the directory and updating the Master would change, one line each."""
         lines = [f"{'keep' if self.reuse_out else 'write'} {self.out}: data directory of {self.role} host "
                  f"{self.server_name} (https {self.settings.port('https')}, switch {self.settings.port('switch')})"]
+        if self.drop_secret:
+            lines.append(f"replace {self.out / 'pki' / 'internal.secret'} (the installation secret) with "
+                         f"{CREDENTIALS_FILE} ({', '.join(hop_name(h) for h in ROLE_HOPS[self.role])}): copy the "
+                         "directory to the host again and delete internal.secret there")
         for r in self.rows:
             lines.append(f"master: add Switch {r['Name']} ({r['Host']}:{r['Port']}) to SwitchConfiguration")
         for name in self.replaced_rows:
@@ -72,6 +78,9 @@ def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, ht
     mdd = DataDir(master_root)
     if role not in ("response", "dmz"):
         raise TopologyError("role must be response or dmz")
+    if not mdd.secret_file.exists():
+        raise TopologyError(f"{master_root} holds no installation secret ({mdd.secret_file}): export hosts from "
+                            "the Master's data directory")
     if server_name == master.server_name:
         raise TopologyError(f"{server_name!r} is this Master's own name: give the remote host's name")
     reuse = False
@@ -107,7 +116,8 @@ def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, ht
                             switch_core_url=core_link, local_switches=rows, switches=switches)
     if reuse:
         settings = load_settings(out)
-    plan = ExportPlan(master_root, out, role, server_name, settings, rows, reuse_out=reuse)
+    plan = ExportPlan(master_root, out, role, server_name, settings, rows, reuse_out=reuse,
+                      drop_secret=reuse and (out / "pki" / "internal.secret").exists())
     with make_engine(mdd.master_url(master)).connect() as c:
         existing = [dict(r._mapping) for r in c.execute(switch_configuration.select())]
     plan.replaced_rows = sorted(r["Name"] for r in existing if r["Host"] == server_name)
@@ -126,6 +136,8 @@ def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, ht
 def write_host_dir(plan: ExportPlan) -> None:
     """The exported host's data directory (certificates issued by the Master's CA)."""
     if plan.reuse_out:
+        if plan.drop_secret:  # exported before hosts were given only their hops' credentials
+            write_credentials(plan)
         return
     mdd = DataDir(plan.master_root)
     out = plan.out
@@ -133,15 +145,24 @@ def write_host_dir(plan: ExportPlan) -> None:
     pki_out = out / "pki"
     make_private_dir(pki_out)
     src = Pki(mdd.pki)
-    for f in ("ca.crt", "crl.pem", "signing.pub", "internal.secret"):
+    for f in ("ca.crt", "crl.pem", "signing.pub"):
         shutil.copy(mdd.pki / f, pki_out / f)
-    os.chmod(pki_out / "internal.secret", 0o600)
+    write_credentials(plan)
     src.issue(plan.server_name, pki_out / "server.crt", pki_out / "server.key", purpose=Purpose.SERVER,
               san=[plan.server_name, "localhost", "127.0.0.1"])
     # its identity towards the Master hub (mutual TLS): a host certificate, not a server or device one
     src.issue(plan.server_name, pki_out / "host.crt", pki_out / "host.key", purpose=Purpose.HOST)
     save_settings(out, plan.settings)
-    tighten(out)  # the exported directory holds the internal secret and a server key: owner only
+    tighten(out)  # the exported directory holds internal credentials and a server key: owner only
+
+
+def write_credentials(plan: ExportPlan) -> None:
+    """The host's ``pki/internal.credentials`` (0600): its role's hops only; an installation secret
+    an earlier export left there is removed."""
+    pki_out = plan.out / "pki"
+    text = Credentials.of(plan.master_root).file_text(ROLE_HOPS[plan.role])
+    write_private(pki_out / CREDENTIALS_FILE, text.encode())
+    (pki_out / "internal.secret").unlink(missing_ok=True)
 
 
 def update_master(plan: ExportPlan) -> None:

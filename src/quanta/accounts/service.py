@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from quanta.db.tables import api_tokens, login_failures, login_locks, management_groups, role_assignments
+from quanta.db.tables import login_failures, login_locks, management_groups, role_assignments
 from quanta.db.tables import sessions, user_groups, users
 from quanta.roles import FULL_ADMIN, ROLES
 
@@ -335,7 +335,6 @@ class Accounts:
 
     @staticmethod
     def _end_sessions(c: sa.Connection, user_id: int, now: float) -> int:
-        c.execute(api_tokens.delete().where(api_tokens.c.user_id == user_id))  # the routes' older tokens
         return c.execute(sessions.update().where(sessions.c.user_id == user_id, sessions.c.revoked_at.is_(None))
                          .values(revoked_at=now)).rowcount
 
@@ -467,7 +466,6 @@ class Accounts:
             uid = self._user_id(c, name)
             before = self._records(c, name)[0]
             c.execute(sessions.delete().where(sessions.c.user_id == uid))
-            c.execute(api_tokens.delete().where(api_tokens.c.user_id == uid))
             c.execute(role_assignments.delete().where(role_assignments.c.username == name))
             c.execute(user_groups.delete().where(user_groups.c.username == name))
             c.execute(users.delete().where(users.c.id == uid))

@@ -283,7 +283,11 @@ def smtp(root: DirArg, host: Annotated[Optional[str], typer.Option()] = None,
         changes["password"] = password_file.read_text().strip()
     if changes:
         cfg = dataclasses.replace(cfg, **changes)
-        save_smtp(master, cfg)
+        try:
+            save_smtp(master, cfg)
+        except ValueError as e:  # a password longer than a stored secret may be
+            _fail(f"error: {e}", 2)
+            return
         store.audit(master, "quanta smtp", "smtp_change", cfg.host, fields=sorted(changes))  # never the password
     shown = dataclasses.asdict(cfg) | {"password": "***" if cfg.password else None}
     out.print(json.dumps(shown), highlight=False)

@@ -65,6 +65,7 @@ def master_engine(root: Path) -> Any:
 
 
 def run_component(coro: Any) -> None:
+    from quanta.internal import MissingCredential
     from quanta.runtime import PortError, run
 
     try:
@@ -72,7 +73,7 @@ def run_component(coro: Any) -> None:
     except PortError as e:
         print(str(e), file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
-    except FileNotFoundError as e:
+    except (FileNotFoundError, MissingCredential) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
     if isinstance(result, int) and result:

@@ -88,7 +88,7 @@ class ConsumerApi:
 
     # ------------------------------------------------------------- auth
     # Tokens are sessions of quanta.accounts (hashed, short-lived, renewed while in use, revocable);
-    # the old ``api_tokens`` table is no longer read or written (a later migration can drop it).
+    # the old ``api_tokens`` table is gone (master_0024).
     def login(self, username: str, password: str, source: str) -> TokenResponse:
         """A new session, or the accounts error (BadCredentials 401, Locked 429 + Retry-After)."""
         return token_response(self.accounts.login(username, password, source))

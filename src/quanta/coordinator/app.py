@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quanta import instructions as ins
 from quanta.db import make_engine
-from quanta.internal import (COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, InternalAuth, credential,
-                            present_host_identity, require_bearer, with_tls)
+from quanta.internal import (COORDINATOR_TO_CORE, CONSUMER_TO_COORDINATOR, Credentials, InternalAuth, credential,
+                            host_credentials, present_host_identity, require_bearer, with_tls)
 from quanta.pki import Pki, Signer, tls_server_context
 from quanta import metrics
 from quanta.runtime import bind_socket, configure_logging
@@ -46,7 +46,7 @@ class Decision(Actor):
     source: str = Field(default="", max_length=64)  # the approver's address, for the audit row
 
 
-def create_app(coord: Coordinator, secret: bytes) -> Any:
+def create_app(coord: Coordinator, secret: bytes | Credentials) -> Any:
     """The Coordinator's ASGI app: only the Consumer API's credential for the Coordinator opens
     it, every route (health and the OpenAPI document included) behind :class:`InternalAuth`."""
     token = credential(secret, CONSUMER_TO_COORDINATOR)
@@ -111,7 +111,7 @@ async def serve(root: Path) -> None:
     configure_logging("coordinator", settings)
     pki = Pki(dd.pki)
     present_host_identity(pki.root)  # its Issue calls to a remote Response Stack carry its host certificate
-    secret = dd.internal_secret()
+    secret = host_credentials(root)
     coord = Coordinator(make_engine(dd.master_url(settings)), Signer.from_file(pki.signing_key),
                         core_url=settings.core_http_url(), core_token=credential(secret, COORDINATOR_TO_CORE),
                         approval_ttl=settings.approval_ttl, ca_file=str(pki.ca_crt),

@@ -18,7 +18,8 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, WebSocket, W
 
 from quanta import protocol as p
 from quanta.db import make_engine
-from quanta.internal import CORE_HTTP, CORE_SWITCH, InternalAuth, credential, credentials_ok
+from quanta.internal import (CORE_HTTP, CORE_SWITCH, POKE, Credentials, InternalAuth, credential, credentials_ok,
+                             host_credentials)
 from quanta.datadir import tighten
 from quanta.metrics import serve_metrics
 from quanta.runtime import bind_socket, configure_logging
@@ -30,7 +31,7 @@ log = logging.getLogger("quanta.core")
 WAIT_MAX = 30.0  # longest Wait the Core holds; the web tier's /Core relay allows 60 s
 
 
-def create_app(core: Core, secret: bytes) -> Any:
+def create_app(core: Core, secret: bytes | Credentials) -> Any:
     """The Core's ASGI app: the FastAPI routes behind :class:`InternalAuth`."""
     http_tokens = [credential(secret, h) for h in CORE_HTTP]
     switch_tokens = [credential(secret, h) for h in CORE_SWITCH]
@@ -121,7 +122,7 @@ async def serve(root: Path) -> None:
     if loose:
         log.warning("made %d path(s) of %s private (they were open to other users): %s%s", len(loose), root,
                     ", ".join(str(p) for p in loose[:5]), " ..." if len(loose) > 5 else "")
-    secret = dd.internal_secret()
+    secret = host_credentials(root, *CORE_HTTP, *CORE_SWITCH, POKE)
     core = Core(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)), secret)
     app = create_app(core, secret)
     sock = bind_socket(settings.internal_host, settings.port("core"), "core")

@@ -24,6 +24,7 @@ from quanta.protocol.core_ledger import CoreLedger, Effect, Recount
 from quanta import metrics
 from quanta.db import held as held_store
 from quanta.db import store
+from quanta.internal import Credentials, poke_key
 from quanta.settings import poke_port
 
 log = logging.getLogger("quanta.core")
@@ -58,7 +59,7 @@ class SwitchLink:
 
 
 class Core:
-    def __init__(self, master: sa.Engine, responses: sa.Engine, secret: bytes,
+    def __init__(self, master: sa.Engine, responses: sa.Engine, secret: bytes | Credentials,
                  expiry_interval: float = 0.2, purge_interval: float = 60.0) -> None:
         self.master = master
         self.responses = responses
@@ -303,7 +304,7 @@ class Core:
         port = poke_port(link.port)
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(link.host, port), 3)
-            writer.write(p.make_poke(self.secret))
+            writer.write(p.make_poke(poke_key(self.secret)))
             await writer.drain()
             writer.close()
         except (OSError, asyncio.TimeoutError) as e:

@@ -65,13 +65,6 @@ login_locks = sa.Table(
 )
 sa.Index("ix_login_locks_until", login_locks.c.locked_until)
 
-api_tokens = sa.Table(
-    "api_tokens", master,
-    sa.Column("token_hash", sa.String(64), primary_key=True),
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("expires_at", sa.Float, nullable=False),
-)
-
 devices = sa.Table(
     "devices", master,
     sa.Column("device_id", sa.String(255), primary_key=True),
@@ -171,7 +164,7 @@ smtp_settings = sa.Table(
     sa.Column("host", sa.String(255), nullable=False),
     sa.Column("port", sa.Integer, nullable=False),
     sa.Column("username", sa.String(255), nullable=True),
-    sa.Column("password", sa.String(255), nullable=True),
+    sa.Column("password", sa.Text, nullable=True),  # sealed (quanta.secretbox), up to 4 KiB plain
     sa.Column("starttls", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("from_addr", sa.String(255), nullable=False),
     sa.Column("require_approval_code", sa.Boolean, nullable=False, server_default=sa.false()),

@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from websockets.asyncio.server import ServerConnection, serve
 
-from quanta.internal import HUB_PEER, bearer_ok, credential, http_client
+from quanta.internal import HUB_PEER, bearer_ok, credential, host_credentials, http_client
 from quanta.pki import Pki, client_context, host_refusal, tls_server_context
 from quanta.runtime import bind_socket, configure_logging, wait_for_signal
 from quanta.settings import DataDir, load_settings
@@ -114,7 +114,7 @@ def _peer_host(conn: ServerConnection) -> tuple[str | None, str | None]:
 class Hub:
     def __init__(self, root: Path) -> None:
         self.dd = DataDir(root)
-        self.token = credential(self.dd.internal_secret(), HUB_PEER)
+        self.token = credential(host_credentials(root), HUB_PEER)
         self.peers: dict[ServerConnection, Register] = {}
         self.tls: ssl.SSLContext | None = None  # set by serve_hub; the CRL watcher refreshes its CRL
 
@@ -188,7 +188,7 @@ async def run_client(root: Path) -> None:
     settings = load_settings(root)
     configure_logging("hub-client", settings)
     dd = DataDir(root)
-    token = credential(dd.internal_secret(), HUB_PEER)
+    token = credential(host_credentials(root), HUB_PEER)
     stop = asyncio.Event()
     waiter = asyncio.create_task(wait_for_signal())
     waiter.add_done_callback(lambda _: stop.set())

@@ -198,7 +198,7 @@ async def serve(root: Path) -> None:
     from websockets.http11 import Response
 
     from quanta.db import make_engine
-    from quanta.internal import INTEGRATE_CLIENT, bearer_ok, credential
+    from quanta.internal import INTEGRATE_CLIENT, bearer_ok, credential, host_credentials
     from quanta.metrics import serve_metrics
     from quanta.runtime import bind_socket, configure_logging, wait_for_signal
     from quanta.settings import DataDir, load_settings
@@ -207,7 +207,7 @@ async def serve(root: Path) -> None:
     configure_logging("integrate", settings)
     serve_metrics(settings, "integrate")
     dd = DataDir(Path(root))
-    token = credential(dd.internal_secret(), INTEGRATE_CLIENT)
+    token = credential(host_credentials(root), INTEGRATE_CLIENT)
     master = make_engine(dd.master_url(settings))
     agent = IntegrateAgent(Path(root), master)
     port = settings.port("integrate")
@@ -238,12 +238,12 @@ def request(root: Path, req: Request, timeout: float = 600) -> Reply:
     from websockets.exceptions import InvalidStatus, WebSocketException
     from websockets.sync.client import connect
 
-    from quanta.internal import INTEGRATE_CLIENT, credential
-    from quanta.settings import DataDir, load_settings
+    from quanta.internal import INTEGRATE_CLIENT, credential, host_credentials
+    from quanta.settings import load_settings
 
     settings = load_settings(root)
     port = settings.port("integrate")
-    token = credential(DataDir(Path(root)).internal_secret(), INTEGRATE_CLIENT)
+    token = credential(host_credentials(root), INTEGRATE_CLIENT)
     url = f"ws://{LOOPBACK}:{port}/"
     try:
         with connect(url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10,

@@ -346,24 +346,25 @@ def decode_body(data: bytes) -> InstructionBody:
 
 # --------------------------------------------------------------------- poke
 # A poke is 40 bytes: an 8-byte big-endian unix time in milliseconds, then
-# HMAC-SHA256(internal secret, those 8 bytes). It carries no work: it only tells the Switch
-# to fetch from the Core over its authenticated connection.
+# HMAC-SHA256(poke key, those 8 bytes). The key is the poke hop's credential
+# (quanta.internal.poke_key), never the installation secret itself. It carries no work: it only
+# tells the Switch to fetch from the Core over its authenticated connection.
 POKE_SIZE = 40
 POKE_MAX_SKEW_MS = 120_000
 
 
-def make_poke(secret: bytes, now: float | None = None) -> bytes:
+def make_poke(key: bytes, now: float | None = None) -> bytes:
     stamp = struct.pack(">Q", int((time.time() if now is None else now) * 1000))
-    return stamp + hmac.new(secret, stamp, hashlib.sha256).digest()
+    return stamp + hmac.new(key, stamp, hashlib.sha256).digest()
 
 
-def poke_problem(secret: bytes, data: bytes, now: float | None = None) -> str | None:
+def poke_problem(key: bytes, data: bytes, now: float | None = None) -> str | None:
     """None for a good poke, else why it is refused: its size, its MAC, or its age (an authentic
     poke from a clock too far from this one's)."""
     if len(data) != POKE_SIZE:
         return f"wrong size ({len(data)} bytes)"
     stamp, mac = data[:8], data[8:]
-    if not hmac.compare_digest(mac, hmac.new(secret, stamp, hashlib.sha256).digest()):
+    if not hmac.compare_digest(mac, hmac.new(key, stamp, hashlib.sha256).digest()):
         return "bad MAC"
     (ms,) = struct.unpack(">Q", stamp)
     skew_ms = ms - (time.time() if now is None else now) * 1000
@@ -372,8 +373,8 @@ def poke_problem(secret: bytes, data: bytes, now: float | None = None) -> str | 
     return None
 
 
-def check_poke(secret: bytes, data: bytes, now: float | None = None) -> bool:
-    return poke_problem(secret, data, now) is None
+def check_poke(key: bytes, data: bytes, now: float | None = None) -> bool:
+    return poke_problem(key, data, now) is None
 
 
 def credential(secret: bytes, service: str, purpose: str) -> str:

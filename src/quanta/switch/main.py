@@ -9,6 +9,7 @@ from pathlib import Path
 from quanta.db import make_engine, store
 from quanta.pki import Pki
 from quanta import metrics
+from quanta.internal import POKE, SWITCH_TO_CORE, host_credentials
 from quanta.runtime import configure_logging, wait_for_signal
 from quanta.settings import DataDir, load_settings
 
@@ -41,7 +42,7 @@ async def serve(root: Path, name: str) -> None:
     row = switch_row(root, name)
     switch = Switch(name=name, host=row["Host"], port=row["Port"], bind_host=settings.bind_host,
                     pki=Pki(dd.pki), core_url=settings.core_link_url(),
-                    secret=dd.internal_secret(), max_message_bytes=settings.max_message_bytes)
+                    secret=host_credentials(root, SWITCH_TO_CORE, POKE), max_message_bytes=settings.max_message_bytes)
     metrics.register_switch(switch)
     metrics.serve_metrics(settings, "switch", index=[r["Name"] for r in local_switch_rows(root)].index(name))
     stop = asyncio.Event()

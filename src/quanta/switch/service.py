@@ -41,7 +41,7 @@ from quanta.protocol.switch_batches import ACK_IDLE, ACK_MAX_DELAY, DELIVERED_HO
 from quanta.protocol.switch_batches import (Announce, ReportDelivered, ReportOffline, ReportTags, SendBatch,
                                             SwitchBatches)
 from quanta.protocol.switch_state import CancelTo, DeliverTo, Effect, SwitchState
-from quanta.internal import link_headers
+from quanta.internal import SWITCH_TO_CORE, Credentials, credential, link_headers, poke_key
 from quanta.pki import Pki, client_context, peer_device
 from quanta.switch.tls import TicketKeys, lean_tls
 from quanta.runtime import LISTEN_BACKLOG, HeapReleaser, LogEvery, SheddingListener, bind_socket
@@ -226,7 +226,7 @@ class Switch:
     """One Switch process. ``name``/``host``/``port`` come from its SwitchConfiguration row."""
 
     def __init__(self, *, name: str, host: str, port: int, bind_host: str, pki: Pki, core_url: str,
-                 secret: bytes, max_message_bytes: int) -> None:
+                 secret: bytes | Credentials, max_message_bytes: int) -> None:
         self.name = name
         self.host = host
         self.port = port
@@ -556,7 +556,7 @@ class Switch:
     async def _link_once(self) -> None:
         """One link to the Core, until it drops. Returns after a link that stayed up LINK_STABLE
         seconds; raises (one of LINK_DOWN) after a failure or a short-lived link, to back off."""
-        headers = {"Authorization": f"Bearer {p.credential(self.secret, 'core', 'switch')}"}
+        headers = {"Authorization": f"Bearer {credential(self.secret, SWITCH_TO_CORE)}"}
         tls = client_context(self.pki.ca_crt) if self.core_url.startswith("wss:") else None
         up_since: float | None = None
         try:
@@ -642,7 +642,7 @@ class Switch:
             return f"incomplete after {POKE_TIMEOUT:.0f}s"
         except OSError as e:
             return f"connection error ({e.strerror or e})"
-        return p.poke_problem(self.secret, data)
+        return p.poke_problem(poke_key(self.secret), data)
 
     # ------------------------------------------------------------------ run
     async def serve(self, stop: asyncio.Event) -> None:

@@ -16,7 +16,7 @@ from quanta.catalog.app import CatalogClient
 from quanta.consumer_api import ConsumerApi, create_app
 from quanta.db import make_engine
 from quanta.internal import (BACKGROUND_REPLICATION, CONSUMER_TO_CORE, CONSUMER_TO_COORDINATOR, credential,
-                            present_host_identity, with_tls)
+                            host_credentials, present_host_identity, with_tls)
 from quanta.pki import Pki, Signer, tls_server_context
 from quanta.datadir import tighten
 from quanta.metrics import RequestMetrics, serve_metrics
@@ -40,8 +40,9 @@ def build_app(root: Path, settings: Settings) -> FastAPI:
     dd = DataDir(root)
     pki = Pki(dd.pki)
     content = ContentStore(dd.content)
-    secret = dd.internal_secret()
-    replication = credential(secret, BACKGROUND_REPLICATION)
+    secret = host_credentials(root)
+    # a Response Stack receives no content replication (the Master replicates to DMZ servers)
+    replication = None if settings.role == "response" else credential(secret, BACKGROUND_REPLICATION)
     if settings.role in ("single", "master"):
         api = ConsumerApi(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)),
                           Signer.from_file(pki.signing_key), core_url=settings.core_http_url(),

@@ -21,13 +21,13 @@ import websockets
 from fastapi import APIRouter, HTTPException, Request, Response, WebSocket, WebSocketDisconnect
 
 from quanta.background.auth import AuthError, HostVerifier
-from quanta.internal import CORE_HTTP, CORE_SWITCH, credential, credentials_ok, http_client
+from quanta.internal import CORE_HTTP, CORE_SWITCH, Credentials, credential, credentials_ok, http_client
 
 log = logging.getLogger("quanta.web.core")
 RELAYED = re.compile(r"Instructions/[0-9]{1,18}/(Issue|Cancel|Wait)")
 
 
-def router(core_http: str, core_ws: str, secret: bytes, max_frame: int, hosts: HostVerifier) -> APIRouter:
+def router(core_http: str, core_ws: str, secret: bytes | Credentials, max_frame: int, hosts: HostVerifier) -> APIRouter:
     """``hosts``: the caller must also prove it is a host of this installation (its host
     certificate, ``X-Quanta-Host-*`` headers signed over the method and path)."""
     r = APIRouter()
