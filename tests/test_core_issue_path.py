@@ -11,6 +11,7 @@ import socket
 from quanta import protocol as p
 from quanta.core.service import Core, SwitchLink
 from quanta.db import store, tables
+from quanta.internal import poke_key
 
 from test_core_counter import _batch, _setup
 
@@ -172,4 +173,4 @@ def test_a_switch_whose_link_refuses_the_push_is_poked(db_url: str) -> None:
         data = asyncio.run(run())
     finally:
         listener.close()
-    assert p.check_poke(SECRET, data)
+    assert p.check_poke(poke_key(SECRET), data)  # made with the poke hop's key
