@@ -366,6 +366,16 @@ def _child_state(c: Component, rec: ChildRecord | None, supervisor: Component) -
         c.state = "failed" if rec.state == "failed" else "stopped"
 
 
+def running_supervisor(root: Path | str) -> int | None:
+    """The pid of the ``quanta server`` running on ``root`` (its record names it and it is that process), or None."""
+    try:
+        rec = read_record(status_path(root, SERVER))
+    except ValueError:
+        return None
+    return rec.supervisor.pid if rec and is_process(rec.supervisor.pid, rec.supervisor.started, rec.supervisor.argv) \
+        else None
+
+
 def _read(path: Path, problems: list[str]) -> Record | None:
     try:
         return read_record(path)
