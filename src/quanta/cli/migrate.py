@@ -41,6 +41,9 @@ def migrate(root: DirArg) -> None:
     from quanta.status import running_supervisor
 
     settings = load_settings_or_fail(root)
+    if settings.role == "dmz":  # no database: its settings name its Switches (the Master's database is migrated there)
+        out.print(f"{root} is a DMZ server: it has no database; nothing to migrate", highlight=False)
+        raise typer.Exit(0)
     pid = running_supervisor(root)
     if pid is not None:
         fail(f"error: the server in {root} runs (quanta server, pid {pid}): stop it before migrating", 2)
