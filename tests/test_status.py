@@ -94,6 +94,26 @@ def test_a_server_never_started_is_stopped_exit_3(made: Server) -> None:
     assert r.returncode == 2 and "--format" in r.stderr
 
 
+def test_the_components_listed_follow_the_role(made: Server) -> None:
+    from quanta.settings import load_settings, save_settings
+
+    settings = load_settings(made.root)
+    save_settings(made.root, settings.model_copy(update={"role": "master"}))
+    comps = by_name(status(made.root)[1])
+    assert {n for n, c in comps.items() if c["configured"]} == set(ROLE_COMPONENTS["master"])
+    assert not [n for n in comps if n.startswith("switch:")] and comps["core"]["state"] == "not configured"
+    assert comps["hub"]["ports"][0]["port"] == settings.port("hub") and "/Core" not in comps["web"]["serves"]
+    dmz = settings.model_copy(update={"role": "dmz", "local_switches": [
+        {"Name": "dmz-switch-1", "Host": "dmz.example", "Port": 4100, "Enabled": True}]})
+    save_settings(made.root, dmz)
+    rc, report = status(made.root)
+    comps = by_name(report)
+    assert rc == EXIT_NOT_RUNNING and {n for n, c in comps.items() if c["configured"]} == {
+        "switch-host", "web", "hub-client", "switch:dmz-switch-1"}
+    assert [p["port"] for p in comps["switch:dmz-switch-1"]["ports"]] == [4100, 4101]
+    assert comps["web"]["serves"] == "web tier: Background Channel"
+
+
 @pytest.mark.parametrize("content", [b"", b"{not json", b'{"version": 1}', b"\x00\xff" * 100,
                                      b'{"version": 1, "updated_at": 1, "supervisor": {"name": "server", "pid": -5, '
                                      b'"started": 1, "argv": [], "state": "running"}, "children": {}}',

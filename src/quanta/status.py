@@ -23,7 +23,6 @@ Readers take no lock.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import time
