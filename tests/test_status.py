@@ -21,7 +21,6 @@ import pytest
 
 from conftest import Server, make_server, quanta, wait_until
 from test_supervision import gone
-from quanta.runtime import port_holders
 from quanta.status import (EXIT_DEGRADED, EXIT_NOT_RUNNING, EXIT_RUNNING, EXIT_UNKNOWN, ROLE_COMPONENTS,
                            STARTUP_GRACE, StatusRecord, read_record, status_path)
 
@@ -230,7 +229,7 @@ def test_status_follows_a_killed_component_and_a_stop(server: Server) -> None:
             except OSError:
                 return False
 
-        wait_until(bound, 10, f"port {port} free to hold (held by {port_holders(port)})", server)
+        wait_until(bound, 10, f"port {port} free to hold (the coordinator's socket closed)", server)
         holder.listen()
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
