@@ -70,7 +70,7 @@ def init_server(root: Path, *, ports: dict[str, int] | None = None, database_url
     from quanta.accounts import Accounts, Actor, Conflict, Policy
     from quanta.catalog.app import KEY_FILE
     from quanta.catalog.db import catalog_db_url, open_catalog
-    from quanta.catalog.store import add_key
+    from quanta.catalog.store import add_key, remove_key
     from quanta.coordinator import SmtpConfig, save_smtp
     from quanta.db import make_engine, migrate, store
     from quanta.pki import Pki
@@ -117,8 +117,11 @@ def init_server(root: Path, *, ports: dict[str, int] | None = None, database_url
     except Conflict:  # a shared (PostgreSQL) database initialised before: the administrator again
         accounts.update_user(actor, "admin", role=FULL_ADMIN, disabled=False)
         accounts.reset_password(actor, "admin", password)
-    # a key for this Master's own use of the co-located Catalog (software normalisation)
-    _write_private(dd.root / KEY_FILE, add_key(open_catalog(catalog_db_url(dd.root, settings)), "master") + "\n")
+    # a key for this Master's own use of the co-located Catalog (software normalisation); a shared database
+    # initialised before has the earlier directory's key, which this one replaces
+    catalog = open_catalog(catalog_db_url(dd.root, settings))
+    remove_key(catalog, "master")
+    _write_private(dd.root / KEY_FILE, add_key(catalog, "master") + "\n")
     _write_private(dd.admin_credentials, f"username=admin\npassword={password}\n")
     store.audit(master, "quanta init", "init", str(dd.root), ports=settings.ports, switches=switches)
     return InitResult(dd.root, settings, dd.admin_credentials, warnings)

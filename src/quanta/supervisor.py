@@ -14,6 +14,9 @@ No orphan outlives its component, whichever level is killed:
 A child that exits EXIT_PORT_IN_USE on a restart (its port still held, usually by its killed
 predecessor's leftover) is retried with back-off for ``port_retry_window`` seconds; on a first start the
 same exit, like EXIT_CONFIGURATION at any time, is a configuration error that stops every component.
+
+A supervisor given a :class:`quanta.status.StatusRecord` records there each child's pid, start time, state
+(running, restarting, failed, stopped) and last error as they change; ``quanta status`` reads it.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
 from quanta.runtime import EXIT_CONFIGURATION, EXIT_PORT_IN_USE, SUPERVISED_ENV
+from quanta.status import StatusRecord, process_start
 
 log = logging.getLogger("quanta.supervisor")
 
@@ -66,6 +71,15 @@ def describe_exit(rc: int) -> str:
         except ValueError:
             return f"was killed by signal {-rc}"
     return f"exited with code {rc}"
+
+
+def exit_reason(rc: int) -> str:
+    """describe_exit, with what the codes of :mod:`quanta.runtime` mean (the child's log has the detail)."""
+    if rc == EXIT_CONFIGURATION:
+        return f"{describe_exit(rc)} (a configuration error; its log says which)"
+    if rc == EXIT_PORT_IN_USE:
+        return f"{describe_exit(rc)} (a port it binds is held by another process; its log names the holder)"
+    return describe_exit(rc)
 
 
 @functools.cache
@@ -140,20 +154,36 @@ class _Attempts:
 
 class Supervisor:
     def __init__(self, children: list[Child], *, stop_timeout: float = 10.0, port_retry_window: float = 60.0,
-                 min_delay: float = 0.5, max_delay: float = 10.0, restarted: bool | None = None) -> None:
+                 min_delay: float = 0.5, max_delay: float = 10.0, restarted: bool | None = None,
+                 status: StatusRecord | None = None) -> None:
         """``restarted``: this supervisor is itself a restarted child (default: read from SUPERVISED_ENV),
-        so a port still held at its children's first start is a leftover to wait for, not a setting."""
+        so a port still held at its children's first start is a leftover to wait for, not a setting.
+        ``status``: where to record the children's states for ``quanta status``."""
         self.children = children
         self.stop_timeout = stop_timeout
         self.port_retry_window = port_retry_window
         self.min_delay = min_delay
         self.max_delay = max_delay
         self.restarted = os.environ.get(SUPERVISED_ENV) == "restart" if restarted is None else restarted
+        self.status = status
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
         """Ask ``run`` to stop every child and return (what STOP_SIGNALS do)."""
-        self._stop.set()
+        if not self._stop.is_set():
+            self._stop.set()
+            self._note(None, state="stopping")
+
+    def _note(self, child: Child | None, **fields: Any) -> None:
+        """Record a change of the supervisor (``child`` None) or of a child in the status record, if kept."""
+        if self.status is None:
+            return
+        rec: Any = self.status.supervisor if child is None else self.status.child(child.name)
+        for name, value in fields.items():
+            setattr(rec, name, value)
+        if child is not None:
+            rec.restarts = child.restarts
+        self.status.write()
 
     async def run(self) -> int:
         """Run until stopped (0) or until a child fails in a way restarting cannot mend (its code, 2)."""
@@ -162,15 +192,18 @@ class Supervisor:
                         "when this thread ends")
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self.stop)
+        for c in self.children:
+            self._note(c, state="starting", argv=c.argv)
         code = 0
         for finished in asyncio.as_completed([asyncio.create_task(self._run_child(c)) for c in self.children]):
             rc = await finished
             if rc and not code:
                 code = rc
                 log.error("stopping every component")
-                self._stop.set()
+                self.stop()
         log.info("all components stopped")
+        self._note(None, state="stopped", exit_code=code)
         return code
 
     # ------------------------------------------------------------------ one child
@@ -183,14 +216,18 @@ class Supervisor:
                 return EXIT_CONFIGURATION
             rc = await self._watch(child, proc)
             if rc is None:
-                return 0
+                break
             delay = self._restart_delay(child, rc, attempts)
+            now = time.time()
+            self._note(child, state="failed" if delay is None else "restarting", last_error=exit_reason(rc),
+                       last_error_at=now, next_start_at=None if delay is None else now + delay)
             if delay is None:
                 return EXIT_CONFIGURATION
             if await self._stopped_within(delay):
-                return 0
+                break
             child.restarts += 1
             attempts.restart = True
+        self._note(child, state="stopped", next_start_at=None)
         return 0
 
     def _restart_delay(self, child: Child, rc: int, attempts: _Attempts) -> float | None:
@@ -227,10 +264,12 @@ class Supervisor:
                                                         preexec_fn=die_with_parent())
         except (OSError, subprocess.SubprocessError) as e:
             log.error("%s cannot be started (%s): %s", child.name, " ".join(child.argv), e)
+            self._note(child, state="failed", last_error=f"cannot be started: {e}", last_error_at=time.time())
             return None
         child.proc = proc
         child.started_at = time.monotonic()
         log.info("started %s (pid %d, process group %d)", child.name, proc.pid, proc.pid)
+        self._note(child, state="running", pid=proc.pid, started=process_start(proc.pid), next_start_at=None)
         return proc
 
     async def _watch(self, child: Child, proc: asyncio.subprocess.Process) -> int | None:

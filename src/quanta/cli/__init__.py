@@ -9,6 +9,9 @@
 * :mod:`quanta.cli.accounts` -- ``user ...``, ``audit``, ``role ...``, ``group ...``, ``smtp``
 * :mod:`quanta.cli.packs` -- ``pack ...``
 * :mod:`quanta.cli.host` -- ``host export``
+* :mod:`quanta.cli.status` -- ``status``
+* :mod:`quanta.cli.backup` -- ``backup``
+* :mod:`quanta.cli.migrate` -- ``migrate``
 
 ``quanta ask`` and ``quanta agent`` are dispatched by :mod:`quanta.entry` before this package is
 imported; ``quanta ask``'s arguments are defined once, in :mod:`quanta.ask`.
@@ -21,7 +24,7 @@ from typing import Annotated
 import typer
 
 from quanta.cli.common import _fail, _run_component, app, console, out  # noqa: F401  (used by component CLIs)
-from quanta.cli import components, provisioning, client_cmds, accounts, packs, host  # noqa: E402,F401  (register)
+from quanta.cli import components, provisioning, client_cmds, accounts, packs, host, status, backup, migrate  # noqa: E402,F401  (register)
 
 
 def _version(value: bool) -> None:

@@ -37,25 +37,20 @@ def server(root: DirArg, log_format: LogFormatOpt = None) -> None:
 
     from quanta.runtime import configure_logging
     from quanta.settings import DataDir
+    from quanta.status import ROLE_COMPONENTS, SERVER, StatusRecord, status_path
     from quanta.supervisor import Child, Supervisor, quanta_argv
 
     settings = _prepare(root, log_format)
     configure_logging("server", settings)
     log = logging.getLogger("quanta.server")
     r = str(DataDir(root).root)
-    by_role = {  # DESIGN §2 topologies: which components run on this host
-        "single": ("core", "switch-host", "coordinator", "web", "http", "integrate"),
-        "master": ("coordinator", "web", "http", "hub", "integrate"),
-        "response": ("core", "switch-host", "web", "hub-client"),
-        "dmz": ("switch-host", "web", "hub-client"),
-    }
-    children = [Child(name, quanta_argv(name, r)) for name in by_role[settings.role]]
+    children = [Child(name, quanta_argv(name, r)) for name in ROLE_COMPONENTS[settings.role]]
     log.info("%s server: %s", settings.role, ", ".join(c.name for c in children))
     log.info("ports: https %s:%d (Consumer API, Background), http %d (CRL), switches on %s: %s, "
              "core ws %s:%d, coordinator https %d", settings.bind_host, settings.port("https"), settings.port("http"),
              settings.bind_host, _switch_summary(root, settings), settings.internal_host,
              settings.port("core"), settings.port("coordinator"))
-    _run_component(Supervisor(children).run())
+    _run_component(Supervisor(children, status=StatusRecord(status_path(root, SERVER), SERVER)).run())
 
 
 def _switch_summary(root: Path, settings: Any) -> str:

@@ -26,4 +26,6 @@ async def serve(root: Path) -> int:
         log.error("error: no enabled Switch in SwitchConfiguration for this host (rows whose Host is this "
                   "server's name and Enabled is set); nothing to supervise")
         return EXIT_CONFIGURATION
-    return await Supervisor(children).run()
+    from quanta.status import SWITCH_HOST, StatusRecord, status_path
+
+    return await Supervisor(children, status=StatusRecord(status_path(root, SWITCH_HOST), SWITCH_HOST)).run()
