@@ -114,3 +114,18 @@ def test_a_plain_password_is_still_read_where_no_key_is_known(root: Path, tmp_pa
         assert load_smtp(other).password == "legacy-plain"
     assert _stored(other) == "legacy-plain" and "cannot be sealed here" in caplog.text
     assert "legacy-plain" not in caplog.text
+
+
+def test_quanta_smtp_after_the_key_is_lost_says_so_in_one_line_and_can_set_a_new_password(root: Path) -> None:
+    pw = root / "pw"
+    pw.write_text(PASSWORD)
+    quanta("smtp", str(root), "--password-file", str(pw))
+    DataDir(root).secrets_key.unlink()  # lost (or replaced): the stored password no longer decrypts
+    r = quanta("smtp", str(root), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "set it again with --password-file" in r.stderr
+    pw.write_text("new-password")
+    r = quanta("smtp", str(root), "--password-file", str(pw))
+    assert json.loads(r.stdout)["password"] == "***"
+    engine = make_engine(DataDir(root).master_url(load_settings(root)))
+    assert load_smtp(engine).password == "new-password"  # sealed with the new key

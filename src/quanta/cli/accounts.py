@@ -268,11 +268,18 @@ def smtp(root: DirArg, host: Annotated[Optional[str], typer.Option()] = None,
     """Show or change how the Coordinator sends email (anonymous on port 25 by default)."""
     import dataclasses
 
+    from quanta import secretbox
     from quanta.coordinator import load_smtp, save_smtp
     from quanta.db import store
 
     master = master_engine(root)
-    cfg = load_smtp(master)
+    try:
+        cfg = load_smtp(master)
+    except secretbox.SecretBoxError as e:
+        if password_file is None:
+            _fail(f"error: the stored SMTP password cannot be read: {e}; set it again with --password-file", 2)
+            return
+        cfg = load_smtp(master, password=False)  # it is being replaced: the old one need not be read
     if cfg is None:
         _fail("no SMTP settings row; run quanta init", 2)
         return

@@ -59,13 +59,18 @@ class SmtpConfig:
     require_approval_code: bool
 
 
-def load_smtp(engine: sa.Engine) -> SmtpConfig | None:
+def load_smtp(engine: sa.Engine, *, password: bool = True) -> SmtpConfig | None:
+    """The SMTP settings; ``password=False`` leaves the stored password unread (None), for replacing
+    one that no longer decrypts. Otherwise an undecryptable password raises ``SecretBoxError``."""
     with engine.connect() as c:
         row = c.execute(sa.select(smtp_settings).where(smtp_settings.c.id == 1)).first()
     if row is None:
         return None
-    cfg = SmtpConfig(row.enabled, row.host, row.port, row.username, secretbox.unseal(engine, row.password),
+    cfg = SmtpConfig(row.enabled, row.host, row.port, row.username,
+                     secretbox.unseal(engine, row.password) if password else None,
                      row.starttls, row.from_addr, row.require_approval_code)
+    if not password:
+        return cfg
     if secretbox.needs_resealing(row.password):  # written in clear before secrets were sealed: seal it now
         try:
             save_smtp(engine, cfg)
