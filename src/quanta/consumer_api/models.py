@@ -190,6 +190,8 @@ class DeviceInstruction(BaseModel):
 
 
 class DeviceDetail(Device):
+    address: str = Field(description="the IP address it last connected from, as its Switch saw it ('' if never)")
+    first_seen: float | None = None
     groups: list[str] = Field(description="management groups whose rule matches the device (those the caller "
                                           "may know of: all for administrators, else the caller's own)")
     instructions: list[DeviceInstruction] = Field(description="recent instructions that targeted it, newest first "

@@ -411,7 +411,8 @@ class ConsumerApi:
                                          state=r["state"], error=r["error"], created_by=i["created_by"],
                                          created_at=i["created_at"], updated_at=r["updated_at"])
                        for r in mine if (i := by_id.get(r["instruction_id"])) is not None]
-        return DeviceDetail(**device.model_dump(), groups=names, instructions=recent_rows)
+        return DeviceDetail(**device.model_dump(), address=rows[0]["address"] or "", first_seen=rows[0]["first_seen"],
+                            groups=names, instructions=recent_rows)
 
     def set_attributes(self, user: User, device_id: str, changes: dict[str, str | None]) -> dict[str, str]:
         try:
