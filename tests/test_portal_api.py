@@ -12,7 +12,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from quanta.db import tables
+from quanta.db import make_engine, migrate, store, tables
 from quanta.roles import FULL_ADMIN, ROLES
 from test_scoped_reads import ROLE_USERS, SECRET2, World, world  # noqa: F401  (world: the fixture)
 
@@ -170,3 +170,41 @@ def test_history_search_refuses_bad_input(world: World, params: dict) -> None:
     r = world.client.get("/Consumer/Instructions", params=params, headers=world.h("admin"))
     assert r.status_code == 422, (params, r.status_code, r.text)
     assert r.json()["detail"]
+
+
+# ---------------------------------------------------------------- the SQL, SQLite and PostgreSQL
+def test_history_match_and_device_results_on_every_backend(db_url: str) -> None:
+    """The history search and a device's recent results in SQL on both backends: a name part
+    matches in any case with LIKE wildcards taken literally, times bound [since, until)."""
+    migrate(db_url, "master")
+    migrate(db_url, "responses")
+    e = make_engine(db_url)
+    base = time.time() - 1000
+    rows = [("Disk 100%_ usage", "alice", base), ("disk free", "bob", base + 10), ("CPU", "alice", base + 20),
+            ("x'; DROP TABLE instructions; --", "mallory", base + 30)]
+    with e.begin() as c:
+        ids = [int(c.execute(tables.instructions.insert().values(
+            name=n, kind="question", payload="x", parameters={}, scope=None, created_by=by, created_at=at,
+            status="finished", targeted=1, instruction_set=None)).inserted_primary_key[0]) for n, by, at in rows]
+    M = store.InstructionMatch
+
+    def found(m: store.InstructionMatch) -> list[int]:
+        total, got = store.list_instructions(e, 0, 10, match=m)
+        assert total == len(got) and [i for i, _ in store.instruction_scopes(e, match=m)] == sorted(r["id"] for r in got)
+        return [r["id"] for r in got]
+
+    assert found(M(name="DISK")) == [ids[1], ids[0]]
+    assert found(M(name="%_")) == [ids[0]] and found(M(name="_")) == [ids[0]] and found(M(name="%")) == [ids[0]]
+    assert found(M(name="'; drop")) == [ids[3]]
+    assert found(M(created_by="alice")) == [ids[2], ids[0]] and found(M(created_by="Alice")) == []
+    assert found(M(since=base + 10, until=base + 20)) == [ids[1]]
+    assert found(M(created_by="alice", name="cpu", since=base)) == [ids[2]]
+    assert store.list_instructions(e, 0, 10)[0] == 4  # the table is still there
+    store.insert_targets(e, ids[0], {"dev1": True}, time.time() + 3600)
+    store.insert_targets(e, ids[2], {"dev1": True, "dev2": True}, time.time() + 3600)
+    store.ingest(e, [dict(instruction_id=ids[2], device_id="dev1", state="error", columns=None, rows=None, error="boom")])
+    got = store.device_results(e, "dev1", 10)
+    assert [(r["instruction_id"], r["state"], r["error"]) for r in got] == [(ids[2], "error", "boom"), (ids[0], "pending", None)]
+    assert [r["instruction_id"] for r in store.device_results(e, "dev1", 1)] == [ids[2]]
+    assert store.device_results(e, "dev2'--", 10) == []
+    e.dispose()
