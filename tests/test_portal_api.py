@@ -81,6 +81,8 @@ def test_a_group_administrator_sends_hostile_rules_and_names(world: World) -> No
 # ---------------------------------------------------------------- one device
 def test_device_detail_for_an_administrator(world: World) -> None:
     c, h = world.client, world.h("admin")
+    with world.api.master.begin() as conn:
+        conn.execute(tables.devices.update().where(tables.devices.c.device_id == "dev1").values(address="10.0.0.7"))
     c.put("/Consumer/Devices/dev1/Attributes", json={"site": "paris"}, headers=h).raise_for_status()
     c.put("/Consumer/ManagementGroups/g-paris", json={"attributes": {"site": "paris"}}, headers=h).raise_for_status()
     d = c.get("/Consumer/Devices/dev1", headers=h)
@@ -88,6 +90,7 @@ def test_device_detail_for_an_administrator(world: World) -> None:
     d = d.json()
     assert d["device_id"] == "dev1" and d["online"] is True and d["switch"] == "switch-1"
     assert d["attributes"] == {"site": "paris"} and d["groups"] == ["g-paris", "g1"]
+    assert d["address"] == "10.0.0.7" and "first_seen" in d
     assert [(i["id"], i["state"], i["status"]) for i in d["instructions"]] == [
         (world.i_software_set, "success", "finished"), (world.i_both, "success", "finished")]
     two = c.get("/Consumer/Devices/dev2", headers=h).json()

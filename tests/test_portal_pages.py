@@ -20,7 +20,7 @@ import httpx
 import pytest
 from conftest import Server
 
-from test_portal import PASSWORD, QUESTIONER, Page, admin_token, browser, portal_server  # noqa: F401  (fixtures)
+from test_portal import HOSTILE, PASSWORD, QUESTIONER, Page, admin_token, browser, portal_server  # noqa: F401  (fixtures)
 
 try:
     from playwright.sync_api import expect
@@ -162,6 +162,12 @@ def test_device_page_shows_the_device_and_its_instructions_live(page_of, http: h
     expect(pg.locator("#device-attributes .chip")).to_have_text(["owner=ops", "site=lyon"])
     expect(pg.locator("#device-groups")).not_to_contain_text("pages-paris")
     assert http.get("/Consumer/Devices/a1").json()["attributes"] == {"owner": "ops", "site": "lyon"}
+    # a hostile attribute value is shown as text, never parsed as markup
+    http.put("/Consumer/Devices/a1/Attributes", json={"note": HOSTILE}).raise_for_status()
+    pg.reload()
+    expect(pg.locator("#device-attributes")).to_contain_text(f"note={HOSTILE}")
+    assert pg.evaluate("document.querySelectorAll('#main img').length") == 0 and pg.evaluate("window.__pwned") is None
+    http.put("/Consumer/Devices/a1/Attributes", json={"note": None}).raise_for_status()
     # a device that does not exist (or is not one of the caller's): the API's 404, shown
     pg.goto("/Explorer/#/d/no-such-device")
     pg.wait_for_selector("#main .msg-error >> text=device no-such-device not found")

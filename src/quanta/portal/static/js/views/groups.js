@@ -23,7 +23,7 @@ export async function render(main, _args, signal) {
 
   // ---------------------------------------------------------------- the editor (create or edit)
   const fName = h("input", { id: "group-name", required: true, maxlength: "128", autocomplete: "off", placeholder: "e.g. Paris servers" });
-  const fDevices = h("input", { id: "group-devices", maxlength: "100000", placeholder: "device, device (empty: any)" });
+  const fDevices = h("input", { id: "group-devices", maxlength: "8000000", placeholder: "device, device (empty: any)" });
   const fOs = h("input", { id: "group-os", maxlength: "255", placeholder: "e.g. *debian* (empty: any)" });
   const fTags = h("textarea", { id: "group-tags", rows: "3", maxlength: "20000", placeholder: "site=paris", spellcheck: "false" });
   const fAttrs = h("textarea", { id: "group-attributes", rows: "3", maxlength: "20000", placeholder: "owner=ops", spellcheck: "false" });
