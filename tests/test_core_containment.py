@@ -14,7 +14,7 @@ import msgspec
 from quanta import protocol as p
 from quanta.core.service import Core, SwitchLink
 from quanta.db import held, store
-from test_core_counter import _nothing, _setup
+from test_core_counter import _setup
 
 
 class Link(SwitchLink):
@@ -40,7 +40,6 @@ def _answer(dev: str, iid: int = 7, **kw: Any) -> p.DeviceResponse:
 async def _core(engine: Any) -> Core:
     core = Core(engine, engine, b"s" * 32)
     await core.start()
-    core.poke_all = _nothing  # type: ignore[method-assign]
     await core.issue(7)
     return core
 

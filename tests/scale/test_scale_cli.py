@@ -77,7 +77,8 @@ def test_methods_command(capsys) -> None:
     methods_command(json_output=True)
     data = json.loads(capsys.readouterr().out)
     kp = next(m for m in data if m["module"] == "OperatingSystem" and m["name"] == "KillProcess")
-    assert kp["is_action"] is True and kp["params"][0] == {"name": "ProcessId", "type": "string", "required": True, "default": None, "aliases": []}
+    assert kp["is_action"] is True and kp["params"][0] == {"name": "ProcessId", "type": "string", "required": True, "default": None, "aliases": [],
+                                                           "description": "the process id, as a string"}
     methods_command()
     assert "Tagging.GetAll" in capsys.readouterr().out
 

@@ -203,20 +203,30 @@ class Agent:
             response = msgspec.structs.replace(response, elapsed_ms=(time.perf_counter() - started) * 1000)
         log.info("instruction %d (%s): %s", body.id, body.name, response.status)
         self.apply(self.session.completed(response, time.time()))
+        if body.kind == "action":  # only an action may change the tags (Tagging.Set, Clear, Delete)
+            self.tags_changed()
 
     # ------------------------------------------------------------------ connection
     def hello(self) -> p.Hello:
         """This device's hello, inside the protocol's bounds whatever the host reports: a Switch
         closes a connection whose hello does not fit, so an over-long name or too many tags would
         otherwise keep the device off the network."""
+        return p.Hello(device_id=self.cfg.device_name, fqdn=_clip(self.fqdn, 255), os=_clip(os_name(), 255),
+                       agent_version=_clip(quanta.__version__, 64), tags=self.tags())
+
+    def tags(self) -> dict[str, str]:
+        """This device's tags (``Tagging.Set``'s file) within the protocol's bounds, as the hello and a
+        TagReport carry them."""
         from quanta.scale import read_tags
 
         tags = read_tags(self.cfg.state)
         if len(tags) > p.MAX_TAGS:
             log.warning("this device has %d tags; only the first %d are reported", len(tags), p.MAX_TAGS)
-        tags = {_clip(k, 128): _clip(v, 1024) for k, v in list(tags.items())[:p.MAX_TAGS] if _clip(k, 128)}
-        return p.Hello(device_id=self.cfg.device_name, fqdn=_clip(self.fqdn, 255), os=_clip(os_name(), 255),
-                       agent_version=_clip(quanta.__version__, 64), tags=tags)
+        return {_clip(k, 128): _clip(v, 1024) for k, v in list(tags.items())[:p.MAX_TAGS] if _clip(k, 128)}
+
+    def tags_changed(self) -> None:
+        """Tell the Switch the tags now if they changed since it was last told (see AgentSession.tags)."""
+        self.apply(self.session.tags(self.tags(), time.time()))
 
     def tls(self) -> ResumingContext:
         """One client context across reconnects, so the next connection offers this one's TLS
@@ -302,6 +312,7 @@ class Agent:
         while True:
             await asyncio.sleep(5)
             self.apply(self.session.tick(time.time()))
+            self.tags_changed()  # tags.json changed some other way (restored, edited by hand)
 
 
 def start_inventory(cfg: AgentConfig) -> Any:

@@ -31,6 +31,11 @@ T = TypeVar("T")
 
 DB_OUTAGE = (sa.exc.OperationalError, sa.exc.InterfaceError)  # retried; any other error is the data's
 HELD_LOG_INTERVAL = 10.0  # held answers are logged at most this often (with their counts)
+# Tags devices report on their live connections are written at most this often, coalesced (each
+# device's latest, all in one statement): a flood of reports costs the master database one write
+# per interval, whatever the number of devices or reports.
+TAGS_WRITE_INTERVAL = 0.5
+TAGS_RETRY = 5.0  # after a database outage, the tags wait this long before the next attempt
 
 
 def _short(e: BaseException) -> str:
@@ -70,8 +75,12 @@ class Core:
         self._tasks: list[asyncio.Task[None]] = []
         self._finish_lock = asyncio.Lock()
         self._ended: dict[int, asyncio.Event] = {}  # active instruction -> set when it ends (see wait)
+        self._persisting: dict[int, asyncio.Future[None]] = {}  # handed out, target rows not yet committed
         self.stats: Counter[str] = Counter()  # held_late, held_refused, devices_refused
         self._held_logged = -HELD_LOG_INTERVAL
+        self._tags: dict[str, tuple[str, dict[str, str]]] = {}  # device -> (its Switch, its latest tags), to write
+        self._tags_wake = asyncio.Event()
+        self._tags_superseded: set[str] | None = None  # announced while a tags write is under way
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
@@ -101,7 +110,8 @@ class Core:
         for iid, left in (await self.db(store.unanswered_many, self.responses, list(self.active))).items():
             effects += self.ledger.recounted(iid, left)  # 0: answered in full before a crash, not yet ended
         log.info("core started with %d active instructions", len(self.active))
-        self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop())]
+        self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop()),
+                       asyncio.create_task(self._tags_loop())]
         await self._apply(effects)
 
     async def stop(self) -> None:
@@ -117,7 +127,14 @@ class Core:
 
     # -------------------------------------------------------------- issuing
     async def issue(self, instruction_id: int) -> dict[str, Any]:
-        """Activate a stored, signed instruction: target, persist, poke. Idempotent."""
+        """Activate a stored, signed instruction: target, persist, hand it to the Switches. Idempotent.
+
+        A question goes out first and is persisted while it travels (:meth:`_issue_at_once`); an
+        action is persisted first (its targets, then the compare-and-set to active), then handed
+        out, so that nothing changes a device before the database knows it was asked to."""
+        busy = self._persisting.get(instruction_id)
+        if busy is not None:  # issued a moment ago and still being written: answer as that issue does
+            await asyncio.shield(busy)
         row = await self.db(store.get_instruction, self.master, instruction_id)
         if row is None:
             raise KeyError(instruction_id)
@@ -126,31 +143,81 @@ class Core:
             if row["body"] is None or row["signature"] is None:
                 raise ValueError(f"instruction {instruction_id} is not signed")
             targets = await self.db(store.target_devices, self.master, row["scope"])
+            busy = self._persisting.get(instruction_id)
+            if busy is not None:  # a concurrent issue of the same instruction got there first
+                await asyncio.shield(busy)
+                return await self.issue(instruction_id)
+            if row["kind"] == "question" and targets and self.ledger.phase(instruction_id) is None:
+                return await self._issue_at_once(row, targets)
             existed = await self.db(store.insert_targets, self.responses, instruction_id, targets,
                                     row["response_expires_at"])
             # fresh rows, none answered yet (the instruction was never active): the hint is exact
             unanswered = len(targets) if existed == 0 else None
             if not await self.db(self._activate, instruction_id, len(targets)):
-                # cancelled (or expired unissued) between the read above and now: it never runs;
-                # the target rows just written end as expired, nothing is sent
-                await self.db(store.expire, self.responses, instruction_id)
-                now = await self.db(store.get_instruction, self.master, instruction_id)
-                log.info("instruction %d not issued: it is %s", instruction_id, now["status"] if now else "gone")
-                return {"id": instruction_id, "status": now["status"] if now else "gone", "targeted": 0}
+                return await self._not_issued(instruction_id)
             row["status"] = "active"
             row["targeted"] = len(targets)
             log.info("instruction %d issued: %d devices targeted (%d online)", instruction_id, len(targets),
                      sum(targets.values()))
         if row["status"] == "active":
+            item = None
             if instruction_id not in self.active:
                 if unanswered is None:
                     unanswered = await self.db(store.unanswered, self.responses, instruction_id)
-                self._cache(row, unanswered)
+                item = self._cache(row, unanswered)
             if row["targeted"] == 0:
                 await self.finish(instruction_id, "no devices in scope")
-            else:
-                await self.poke_all()
+            elif item is not None:
+                await self.hand_out(item)
         return {"id": instruction_id, "status": row["status"], "targeted": row["targeted"]}
+
+    async def _issue_at_once(self, row: dict[str, Any], targets: dict[str, bool]) -> dict[str, Any]:
+        """A question: open it in the ledger and hand it to the Switches *before* its target rows
+        are written (no per-device work before the first send), then write them and the
+        compare-and-set to active. Until that commit, every write that needs the target rows (the
+        answers' ingest, Delivered, the end) waits for it (:meth:`_written`), so nothing counted is
+        lost. A crash before the commit leaves the instruction ``created`` (never issued, later
+        ``expired``); the answers it drew are then held as for an unknown instruction, not lost."""
+        iid = row["id"]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._persisting[iid] = done
+        activated = False
+        try:
+            row = dict(row, status="active", targeted=len(targets))
+            item = self._cache(row, len(targets))
+            await self.hand_out(item)
+            existed = await self.db(store.insert_targets, self.responses, iid, targets, row["response_expires_at"])
+            activated = await self.db(self._activate, iid, len(targets))
+        finally:
+            del self._persisting[iid]
+            done.set_result(None)
+            if not activated:  # refused by the database, or cancelled meanwhile: call it back
+                self.ledger.close(iid)
+                await self._cancel_everywhere(iid)
+        if not activated:
+            return await self._not_issued(iid)
+        log.info("instruction %d issued: %d devices targeted (%d online)", iid, len(targets), sum(targets.values()))
+        if existed:  # rows of an earlier, interrupted issue: the database knows how many are open
+            await self._apply([Recount(iid)])
+        return {"id": iid, "status": "active", "targeted": len(targets)}
+
+    async def _not_issued(self, instruction_id: int) -> dict[str, Any]:
+        """Cancelled (or expired unissued) between the read and the compare-and-set: it never runs;
+        the target rows just written end as expired. (Activated by someone else meanwhile: its rows
+        are left as they are.)"""
+        now = await self.db(store.get_instruction, self.master, instruction_id)
+        if now is not None and now["status"] == "active":
+            return {"id": instruction_id, "status": "active", "targeted": now["targeted"]}
+        await self.db(store.expire, self.responses, instruction_id)
+        log.info("instruction %d not issued: it is %s", instruction_id, now["status"] if now else "gone")
+        return {"id": instruction_id, "status": now["status"] if now else "gone", "targeted": 0}
+
+    async def _written(self, instruction_ids: Any) -> None:
+        """Wait until the target rows of each of ``instruction_ids`` being issued are committed."""
+        for iid in instruction_ids:
+            busy = self._persisting.get(iid)
+            if busy is not None:
+                await asyncio.shield(busy)
 
     def _activate(self, instruction_id: int, targeted: int) -> bool:
         """created -> active, a compare-and-set: an instruction cancelled (or expired unissued) by
@@ -173,6 +240,7 @@ class Core:
     async def finish(self, instruction_id: int, why: str, status: str = "finished") -> bool:
         """End an active instruction with ``status`` (finished, or cancelled): open devices end
         as expired. False if it was not active."""
+        await self._written((instruction_id,))
         async with self._finish_lock:
             if not self.ledger.close(instruction_id):  # closed before the expiry is queued: see CoreLedger
                 row = await self.db(store.get_instruction, self.master, instruction_id)
@@ -185,10 +253,13 @@ class Core:
                 ended.set()
         metrics.core_instructions_ended.labels(status=status).inc()
         log.info("instruction %d %s: %s", instruction_id, status, why)
+        await self._cancel_everywhere(instruction_id)
+        return True
+
+    async def _cancel_everywhere(self, instruction_id: int) -> None:
         msg = p.encode(p.Cancel(instruction_ids=[instruction_id]))
         for link in list(self.switches.values()):
             await self._safe_send(link, msg)
-        return True
 
     async def wait(self, instruction_id: int, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for an active instruction to end; True once it is not
@@ -210,9 +281,23 @@ class Core:
             return False
         return await self.finish(instruction_id, "by request", status="cancelled")
 
-    # ---------------------------------------------------------------- pokes
-    async def poke_all(self) -> None:
-        await asyncio.gather(*(self.poke(link) for link in list(self.switches.values())))
+    # ----------------------------------------------------- handing out work
+    async def hand_out(self, item: p.WorkItem) -> None:
+        """Give a newly active instruction to every linked Switch over its open link (no extra
+        round trip). A Switch whose link cannot take it is poked on its poke port instead, the
+        seed's wake-up; it also fetches everything active on every (re)connect."""
+        msg = p.encode(p.Work(items=[item], active=list(self.active)))
+        links = list(self.switches.values())
+        pushed = await asyncio.gather(*(self._push(link, msg) for link in links))
+        await asyncio.gather(*(self.poke(link) for link, ok in zip(links, pushed) if not ok))
+
+    async def _push(self, link: SwitchLink, data: bytes) -> bool:
+        try:
+            await link.send(data)
+        except Exception as e:  # noqa: BLE001 - the link's reader notices the closed socket and cleans up
+            log.debug("push to switch %s failed: %s", link.name, e)
+            return False
+        return True
 
     async def poke(self, link: SwitchLink) -> None:
         port = poke_port(link.port)
@@ -222,11 +307,9 @@ class Core:
             await writer.drain()
             writer.close()
         except (OSError, asyncio.TimeoutError) as e:
-            # The Switch also fetches on every (re)connect, so a lost poke delays nothing for long;
-            # fall back to pushing over the open link.
-            log.warning("poke to switch %s at %s:%d failed (%s); pushing work over its link", link.name,
-                        link.host, port, e)
-            await self._send_work(link, known=())
+            # The Switch also fetches on every (re)connect, so a lost poke delays nothing for long.
+            log.warning("poke to switch %s at %s:%d failed (%s); it gets the work when its link is back",
+                        link.name, link.host, port, e)
 
     # ------------------------------------------------------- switch messages
     async def switch_connected(self, hello: p.SwitchHello, send: Callable[[bytes], Awaitable[None]]) -> SwitchLink:
@@ -257,17 +340,25 @@ class Core:
         elif isinstance(msg, p.Delivered):
             # only while the instruction is active: after it ended, 'offline' is final and a late
             # report must not turn it into 'sent'; the lock keeps finish() from ending it meanwhile
+            await self._written((msg.instruction_id,))
             async with self._finish_lock:
                 if msg.instruction_id in self.ledger:
                     await self.db(store.mark_sent, self.responses, msg.instruction_id, msg.device_ids)
         elif isinstance(msg, p.ResponseBatch):
             await self.ingest(link, msg)
+        elif isinstance(msg, p.DeviceTags):  # written by _tags_loop, coalesced
+            self._tags.update((d, (link.name, tags)) for d, tags in msg.devices.items() if d in link.devices)
+            self._tags_wake.set()
         elif isinstance(msg, p.SwitchHello):
             raise p.ProtocolError("duplicate switch hello")
 
     async def devices_online(self, link: SwitchLink, msg: p.DevicesOnline) -> None:
         """Register the devices a Switch announces (enrolled ones only) and tell it, per device, which
         active instructions are already answered, so that none is delivered to it again."""
+        for d in msg.devices:  # a hello's tags are newer than a report still waiting to be written
+            self._tags.pop(d.device_id, None)
+            if self._tags_superseded is not None:
+                self._tags_superseded.add(d.device_id)
         refused = list(await self.db(store.devices_online, self.master, link.name, msg.devices) or ())
         if refused:
             self.stats["devices_refused"] += len(refused)
@@ -294,6 +385,8 @@ class Core:
         final counts stay final), when its device is not on this Switch's link, when its
         instruction is unknown, or when the database refuses it (see ``quanta.db.held``)."""
         answers = batch.responses
+        if self._persisting:  # an answer may overtake its instruction's target rows: wait for them
+            await self._written({a.response.instruction_id for a in answers})
         refused_devices: set[str] = set()
         strangers = self.ledger.strangers(answers, link.devices)
         if strangers:  # an answer may be re-sent after its device went away: ask where it last was
@@ -396,6 +489,31 @@ class Core:
                     await self.finish(due.instruction_id, due.why)
                 except Exception:
                     log.exception("could not close instruction %d; will retry", due.instruction_id)
+
+    async def _tags_loop(self) -> None:
+        """Write the devices' reported tags: each device's latest, in one statement, at most every
+        TAGS_WRITE_INTERVAL. Not retried in place (as ``db`` would): after an outage what was not
+        written waits with the newer reports, except where a hello came meanwhile (its
+        DevicesOnline, written in between, is newer)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._tags_wake.wait()
+            await asyncio.sleep(TAGS_WRITE_INTERVAL)
+            self._tags_wake.clear()
+            pending, self._tags = self._tags, {}
+            self._tags_superseded = superseded = set()
+            try:
+                await loop.run_in_executor(self._db, store.set_device_tags, self.master, pending)
+            except DB_OUTAGE as e:
+                log.error("database unavailable: the tags of %d devices wait %.0fs (%s)", len(pending), TAGS_RETRY,
+                          _short(e))
+                self._tags = {**{d: t for d, t in pending.items() if d not in superseded}, **self._tags}
+                self._tags_wake.set()
+                await asyncio.sleep(TAGS_RETRY)
+            except Exception as e:  # noqa: BLE001 - the next hello carries them; never stop the loop
+                log.error("could not write the tags of %d devices: %s", len(pending), _short(e))
+            finally:
+                self._tags_superseded = None
 
     async def _purge_loop(self) -> None:
         while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
@@ -205,6 +205,21 @@ def devices_online(engine: sa.Engine, switch: str, infos: Sequence[DeviceInfo]) 
                  "addr": d.address, "yes": True, "now": now, "id": d.device_id, "no": False}
                 for d in latest.values()])
     return [d.device_id for d in infos if d.device_id not in enrolled]
+
+
+_TAGS_SQL = f"UPDATE devices SET tags = :tags WHERE device_id = :id AND switch = :sw AND {_ENROLLED_SQL}"
+
+
+def set_device_tags(engine: sa.Engine, updates: Mapping[str, tuple[str, Mapping[str, str]]]) -> None:
+    """The tags devices reported on their live connection: device id -> (its Switch, its tags in
+    full). A device is updated only if it is enrolled, not revoked, and last announced by that
+    Switch (a report that raced the device's move to another Switch changes nothing); one
+    driver-level ``executemany``."""
+    rows = [{"tags": _json_text(dict(tags)), "id": d, "sw": sw, "no": False}
+            for d, (sw, tags) in updates.items() if _fits(devices.c.device_id, d)]
+    if rows:
+        with engine.begin() as c:
+            c.exec_driver_sql(_driver_sql(engine, _TAGS_SQL, json_params=("tags",)), rows)
 
 
 def devices_offline(engine: sa.Engine, switch: str, device_ids: Iterable[str] | None) -> None:

@@ -63,7 +63,10 @@ def run(root: DirArg, connector: Annotated[str, typer.Option(help="connector nam
         print(msgspec.json.encode(reply).decode())
     elif reply.ok:
         print(f"connector {reply.connector}: {reply.created} created, {reply.updated} updated, "
-              f"{reply.unchanged} unchanged, {reply.removed} removed, {reply.skipped} skipped ({reply.seconds}s)")
+              f"{reply.unchanged} unchanged, {reply.removed} removed, {reply.skipped} skipped; attributes: "
+              f"{reply.attributes_set} set, {reply.attributes_removed} removed ({reply.seconds}s)")
+        for problem in reply.problems:
+            print(f"refused: {problem}")
     if not reply.ok:
         _fail(f"error: {reply.error}", 1)
 

@@ -13,6 +13,9 @@
     fqdn = "dns_name"
     os = "operating_system"
     tags = ["site", "owner"]           # copied into the device's tags
+    # server-assigned attributes (name -> source column/attribute): what management-group rules'
+    # "attributes" match; written with this connector as their source, never over an administrator's
+    attributes = { department = "ou", owner = "managedBy" }
 
     [[connector]]
     name = "assets-db"
@@ -43,7 +46,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from quanta.rbac import ATTRIBUTE_NAME, MAX_ATTRIBUTES
 
 CONFIG_FILE = "integrate.toml"
 LaxPath = Annotated[Path, Field(strict=False)]
@@ -61,6 +66,28 @@ class Fields(BaseModel):
     fqdn: str | None = None
     os: str | None = None
     tags: list[str] = Field(default_factory=list, max_length=64)
+    # attribute name -> the source field that gives its value
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("attributes")
+    @classmethod
+    def _attribute_names(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_ATTRIBUTES:
+            raise ValueError(f"{len(v)} attributes; a device has at most {MAX_ATTRIBUTES}")
+        for name, field in v.items():
+            if not ATTRIBUTE_NAME.fullmatch(name):
+                raise ValueError(f"attribute name {name[:80]!r}: 1-64 letters, digits, '_', '.', '-'")
+            if not 1 <= len(field) <= 255 or "\x00" in field:
+                raise ValueError(f"attribute {name!r}: the source field name is 1-255 characters, without NUL")
+        return v
+
+    @model_validator(mode="after")
+    def _attributes_are_not_tags(self) -> Fields:
+        both = sorted(set(self.attributes) & set(self.tags))
+        if both:
+            raise ValueError(f"{', '.join(repr(b) for b in both)} both a tag and an attribute: a tag is what a "
+                             "device may say of itself, an attribute only the server sets; choose one")
+        return self
 
 
 class _Base(BaseModel):
@@ -81,6 +108,7 @@ class _Base(BaseModel):
             if v is not None:
                 d[k] = v
         d["tags"] = list(self.fields.tags)
+        d["attributes"] = dict(self.fields.attributes)
         return d
 
 

@@ -16,9 +16,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from quanta.accounts.validate import has_control
+
 from .config import ConfigError, FileConnector, LdapConnector, SqlConnector
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
+MAX_ATTRIBUTE_VALUE = 255  # characters (device_attributes.value)
 _BAD_ID = re.compile(r"[/\\\x00-\x1f]")
 
 
@@ -28,10 +31,16 @@ class SourceError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
+    """One device from a source. ``attributes``: the server-assigned attributes the source gives it
+    (what it does not give, this connector removes), or None when they were refused (``problem``
+    says why; then the device's attributes are left as they were)."""
+
     device_id: str
     fqdn: str = ""
     os: str = ""
     tags: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, str] | None = field(default_factory=dict)
+    problem: str | None = None
 
 
 def _scrub(text: str, secret: str | None) -> str:
@@ -121,7 +130,8 @@ def read_ldap(c: LdapConnector) -> list[dict[str, Any]]:
     password = c.bind_password()
     secret = password.get_secret_value() if password else None
     fm = c.field_map()
-    attrs = sorted({v for k, v in fm.items() if k != "tags" and v} | set(fm["tags"]))
+    attrs = sorted({v for k, v in fm.items() if k not in ("tags", "attributes") and v} | set(fm["tags"])
+                   | set(fm["attributes"].values()))
     try:
         server = ldap3.Server(c.url, connect_timeout=c.timeout, get_info=ldap3.NONE)
         conn = ldap3.Connection(server, user=c.bind_dn, password=secret, auto_bind=True, raise_exceptions=True,
@@ -201,5 +211,29 @@ def to_records(c: FileConnector | SqlConnector | LdapConnector, rows: list[dict[
             v = row.get(t)
             if v is not None and _text(v) != "":
                 tags[t] = _text(v)[:255]
-        out.append(DeviceRecord(device_id, fqdn, os_, tags))
+        attributes, problem = _attributes(fm["attributes"], row)
+        out.append(DeviceRecord(device_id, fqdn, os_, tags, attributes,
+                                None if problem is None else f"{where} ({device_id}): {problem}"))
     return out
+
+
+def _attributes(mapping: dict[str, str], row: dict[str, Any]) -> tuple[dict[str, str] | None, str | None]:
+    """The attributes a source row gives (an empty or missing field gives none), or None and why
+    they are refused: a value that is not one scalar, longer than MAX_ATTRIBUTE_VALUE, or holding
+    control characters. One bad value refuses the device's attributes, not the run."""
+    out: dict[str, str] = {}
+    for name, source_field in mapping.items():
+        v = row.get(source_field)
+        if isinstance(v, (dict, list, tuple)):
+            return None, f"attribute {name!r} (field {source_field!r}): not a single value; attributes left unchanged"
+        text = _text(v).strip()
+        if not text:
+            continue
+        if len(text) > MAX_ATTRIBUTE_VALUE:
+            return None, (f"attribute {name!r} (field {source_field!r}): {len(text)} characters, at most "
+                          f"{MAX_ATTRIBUTE_VALUE}; attributes left unchanged")
+        if has_control(text):
+            return None, (f"attribute {name!r} (field {source_field!r}): control characters are not allowed; "
+                          "attributes left unchanged")
+        out[name] = text
+    return out, None

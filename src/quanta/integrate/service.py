@@ -56,6 +56,9 @@ class Result(msgspec.Struct, tag="result"):
     skipped: int = 0
     error: str | None = None
     seconds: float = 0.0
+    attributes_set: int = 0
+    attributes_removed: int = 0
+    problems: list[str] = []  # devices whose attributes were refused (the run went on), at most sync.MAX_PROBLEMS
 
 
 class ConnectorInfo(msgspec.Struct):
@@ -123,12 +126,18 @@ class IntegrateAgent:
             log.exception("could not record the run of connector %s", name)
         r = result or sync.SyncResult()
         out = Result(name, error is None, trigger, r.created, r.updated, r.unchanged, r.removed, r.skipped, error,
-                     round(time.time() - started, 3))
+                     round(time.time() - started, 3), r.attributes_set, r.attributes_removed, r.problems)
         if error:
             log.warning("%s", error)
         else:
-            log.info("connector %s (%s): %d created, %d updated, %d unchanged, %d removed, %d skipped in %.2fs",
-                     name, trigger, out.created, out.updated, out.unchanged, out.removed, out.skipped, out.seconds)
+            log.info("connector %s (%s): %d created, %d updated, %d unchanged, %d removed, %d skipped, "
+                     "%d attributes set, %d removed in %.2fs", name, trigger, out.created, out.updated,
+                     out.unchanged, out.removed, out.skipped, out.attributes_set, out.attributes_removed, out.seconds)
+            for problem in out.problems[:10]:
+                log.warning("connector %s: %s", name, problem)
+            if len(out.problems) > 10:
+                log.warning("connector %s: %d more devices with refused attributes (see the audit log)", name,
+                            len(out.problems) - 10)
         return out
 
     async def run(self, name: str, trigger: str, config: IntegrateConfig | None = None) -> Result:

@@ -12,18 +12,36 @@ Rules:
   agent, or released (``source`` back to null) if it has one. An empty source never removes anything
   unless ``allow_empty`` is set.
 
+Server-assigned attributes (``[connector.fields] attributes``), for every device the connector owns
+after the run:
+
+- they are written to ``device_attributes`` with ``set_by = "integrate:<connector>"`` (no user name
+  holds ':'), so the connector knows its own: it changes and removes only those, never one an
+  administrator set (nor another connector's). A name already set by someone else is not
+  overridden; that device's report says so.
+- an attribute the source no longer gives (an empty field, or the mapping removed) is removed; so
+  are all of this connector's attributes of a device it no longer lists.
+- a device whose attributes are refused (see ``connectors._attributes``), or would have more than
+  ``rbac.MAX_ATTRIBUTES`` in all, keeps its attributes as they were; the run goes on, and its
+  result names each such device (``problems``).
+- a run that changed anything writes one audit row (``integrate_sync``) in the same transaction,
+  summarising the changes (and the devices refused); a run that changed nothing writes none, so
+  a scheduled run of an unchanged source leaves the audit log as it was.
+
 Running the same import twice changes nothing the second time (every row counts as ``unchanged``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
 
-from quanta.db.tables import devices, integrate_runs
+from quanta.accounts import audit
+from quanta.db.tables import device_attributes, devices, integrate_runs
+from quanta.rbac import MAX_ATTRIBUTES
 
 from .connectors import DeviceRecord, SourceError
 
@@ -35,6 +53,22 @@ class SyncResult:
     unchanged: int = 0
     removed: int = 0
     skipped: int = 0
+    attributes_set: int = 0
+    attributes_removed: int = 0
+    problems: list[str] = field(default_factory=list)  # one line per device whose attributes were refused
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created or self.updated or self.removed or self.attributes_set or self.attributes_removed)
+
+
+MAX_PROBLEMS = 100  # device problems kept in a result and in its audit row (the count is exact)
+MAX_AUDITED_CHANGES = 200  # devices whose attribute changes the audit row lists one by one
+
+
+def owner(connector: str) -> str:
+    """``device_attributes.set_by`` of the attributes a connector sets (no user name holds ':')."""
+    return f"integrate:{connector}"
 
 
 def _has_agent(row: Any) -> bool:
@@ -57,15 +91,18 @@ def apply(engine: sa.Engine, connector: str, records: list[DeviceRecord], allow_
             raise SourceError(f"the source returned no devices; refusing to remove the {len(stale)} devices this "
                               "connector imported before (set allow_empty = true if that is intended)")
         inserts, updates = [], []
+        owned: list[DeviceRecord] = []  # the devices this connector holds after the run
         for rec in records:
             row = existing.get(rec.device_id)
             if row is None:
                 inserts.append(dict(device_id=rec.device_id, fqdn=rec.fqdn, os=rec.os, tags=dict(rec.tags),
                                     source=connector, online=False, revoked=False))
+                owned.append(rec)
                 continue
             if row.source not in (None, connector) and not _has_agent(row):
                 res.skipped += 1
                 continue
+            owned.append(rec)
             if _has_agent(row):
                 new = dict(fqdn=row.fqdn or rec.fqdn, os=row.os or rec.os, tags={**(row.tags or {}), **rec.tags})
             else:
@@ -92,7 +129,76 @@ def apply(engine: sa.Engine, connector: str, records: list[DeviceRecord], allow_
             c.execute(devices.update().where(devices.c.device_id.in_(released[i:i + 500]),
                                              devices.c.source == connector).values(source=None))
         res.removed = len(stale)
+        changes = _apply_attributes(c, connector, owned, [r.device_id for r in stale], res)
+        if res.changed:
+            audit.write(c, owner(connector), "", "integrate_sync", connector, details=dict(
+                created=res.created, updated=res.updated, removed=res.removed, skipped=res.skipped,
+                attributes_set=res.attributes_set, attributes_removed=res.attributes_removed,
+                refused=len(res.problems), problems=res.problems[:MAX_PROBLEMS],
+                attribute_changes=changes[:MAX_AUDITED_CHANGES], attribute_changes_total=len(changes)))
+    res.problems = res.problems[:MAX_PROBLEMS]
     return res
+
+
+def _apply_attributes(c: sa.Connection, connector: str, owned: list[DeviceRecord], stale: list[str],
+                      res: SyncResult) -> list[dict[str, Any]]:
+    """Make this connector's attributes of ``owned`` what the source gives, and remove its
+    attributes of the ``stale`` devices; returns the changes per device (for the audit row)."""
+    me = owner(connector)
+    ids = [r.device_id for r in owned]
+    current: dict[str, dict[str, tuple[str, str]]] = {}  # device -> name -> (value, set_by)
+    for i in range(0, len(ids), 500):
+        for dev, name, value, by in c.execute(
+                sa.select(device_attributes.c.device_id, device_attributes.c.name, device_attributes.c.value,
+                          device_attributes.c.set_by).where(device_attributes.c.device_id.in_(ids[i:i + 500]))):
+            current.setdefault(dev, {})[name] = (value, by)
+    now = time.time()
+    put: list[dict[str, Any]] = []
+    drop: list[dict[str, Any]] = []
+    changes: list[dict[str, Any]] = []
+    for rec in owned:
+        if rec.attributes is None:  # refused: left as they were
+            res.problems.append(rec.problem or f"{rec.device_id}: attributes refused")
+            continue
+        have = current.get(rec.device_id, {})
+        mine = {k: v for k, (v, by) in have.items() if by == me}
+        theirs = {k: by for k, (v, by) in have.items() if by != me}
+        taken = sorted(k for k in rec.attributes if k in theirs)
+        want = {k: v for k, v in rec.attributes.items() if k not in theirs}
+        if taken:
+            res.problems.append(f"{rec.device_id}: attribute(s) {', '.join(map(repr, taken))} already set by "
+                                + ", ".join(sorted({theirs[k] for k in taken})) + "; not overridden")
+        if len(theirs) + len(want) > MAX_ATTRIBUTES:
+            res.problems.append(f"{rec.device_id}: {len(theirs) + len(want)} attributes in all, at most "
+                                f"{MAX_ATTRIBUTES}; attributes left unchanged")
+            continue
+        changed = {k: v for k, v in want.items() if mine.get(k) != v}
+        gone = sorted(k for k in mine if k not in want)
+        drop += [dict(b_d=rec.device_id, b_n=k) for k in [*changed, *gone] if k in mine]
+        put += [dict(device_id=rec.device_id, name=k, value=v, set_by=me, set_at=now) for k, v in changed.items()]
+        res.attributes_set += len(changed)
+        res.attributes_removed += len(gone)
+        if changed or gone:
+            changes.append(dict(device=rec.device_id, set=changed, removed=gone))
+    if drop:
+        c.execute(device_attributes.delete().where(device_attributes.c.device_id == sa.bindparam("b_d"),
+                                                   device_attributes.c.name == sa.bindparam("b_n"),
+                                                   device_attributes.c.set_by == me), drop)
+    if put:
+        c.execute(device_attributes.insert(), put)
+    for i in range(0, len(stale), 500):
+        part = stale[i:i + 500]
+        gone_rows = c.execute(sa.select(device_attributes.c.device_id, device_attributes.c.name).where(
+            device_attributes.c.device_id.in_(part), device_attributes.c.set_by == me)).all()
+        if gone_rows:
+            c.execute(device_attributes.delete().where(device_attributes.c.device_id.in_(part),
+                                                       device_attributes.c.set_by == me))
+            res.attributes_removed += len(gone_rows)
+            by_dev: dict[str, list[str]] = {}
+            for dev, name in gone_rows:
+                by_dev.setdefault(dev, []).append(name)
+            changes += [dict(device=d, set={}, removed=sorted(n)) for d, n in by_dev.items()]
+    return changes
 
 
 def record_run(engine: sa.Engine, connector: str, trigger: str, started: float, result: SyncResult | None,

@@ -15,6 +15,10 @@ exercise the agent's own rules.
 * The journal's *storage* is a :class:`JournalStore`: the agent's append-only file log or the
   simulator's in-memory store (:mod:`quanta.agent.journal`).
 * :class:`Backoff`: when to dial again after a failed or lost connection.
+* Tags: the hello carries the device's tags; when they change on a welcomed connection
+  (:meth:`AgentSession.tags`) a :class:`~quanta.protocol.messages.TagReport` with all of them goes
+  at once, so the server need not wait for a reconnect. A change before the Welcome is reported at
+  the Welcome; without a connection the next hello carries it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 
 from quanta.protocol.messages import (Cancel, Deliver, Hello, InstructionBody, ProtocolError, Response, ResponseAck,
-                                      SignedInstruction, Welcome, decode_body, decode_from_switch_for_agent, encode)
+                                      SignedInstruction, TagReport, Welcome, decode_body, decode_from_switch_for_agent,
+                                      encode)
 
 # The limit until a Switch's Welcome tells its own (the Welcome's default: what Switches without
 # the field accept).
@@ -113,6 +118,7 @@ KEEP_AFTER_EXPIRY = 3600.0
 CANCELLED_KEEP = 60.0  # how long a cancel of an instruction never seen is remembered
 # A Switch that announces a smaller limit than this is not believed: even an error response must fit.
 MIN_MESSAGE_LIMIT = 4096
+_NO_TAGS: dict[str, str] = {}  # shared by every session until it knows its tags; never mutated
 PROTOCOL_ERROR = 1002  # WebSocket close codes
 GOING_AWAY = 1001
 
@@ -148,7 +154,7 @@ class Send(NamedTuple):
     """Send this message to the Switch (``resend``: a journalled response sent again). Without a
     connection the shell drops it: the response is journalled and goes again after the next Welcome."""
 
-    message: Hello | Response
+    message: Hello | Response | TagReport
     resend: bool = False
 
 
@@ -220,7 +226,8 @@ class AgentSession:
     it raise: a bad frame or a message out of order is a :class:`Close` effect, a bad instruction a
     refusal."""
 
-    __slots__ = ("store", "verifier", "backoff", "state", "max_message_bytes", "welcomed_at", "switch")
+    __slots__ = ("store", "verifier", "backoff", "state", "max_message_bytes", "welcomed_at", "switch", "_tags",
+                 "_tags_told")
 
     def __init__(self, store: JournalStore, verifier: SignatureCheck, backoff: Backoff) -> None:
         self.store = store
@@ -230,6 +237,8 @@ class AgentSession:
         self.max_message_bytes = DEFAULT_MAX_MESSAGE  # the last Welcome's
         self.welcomed_at: float | None = None
         self.switch = ""  # the welcoming Switch's name
+        self._tags: dict[str, str] = _NO_TAGS  # the device's tags, as the shell last read them
+        self._tags_told: dict[str, str] = _NO_TAGS  # what this connection's Switch was last told (hello or TagReport)
 
     # ------------------------------------------------------------------ state
     def _transition(self, event: str) -> None:
@@ -246,6 +255,7 @@ class AgentSession:
         """The WebSocket opened: say hello."""
         self._transition("connected")
         self.welcomed_at = None
+        self._tags = self._tags_told = hello.tags  # never mutated here: no copy per connection
         return [Send(hello)]
 
     def lost(self, reason: str, now: float) -> Retry:
@@ -288,7 +298,7 @@ class AgentSession:
             self.welcomed_at = now
             self.switch = msg.switch
             self.max_message_bytes = max(MIN_MESSAGE_LIMIT, msg.max_message_bytes)
-            return self._due(now, all_unacked=True)
+            return self._due(now, all_unacked=True) + self._tell_tags()
         if self.state is not State.READY:
             return [Close(PROTOCOL_ERROR, f"{type(msg).__name__} before the welcome")]
         if isinstance(msg, Deliver):
@@ -299,6 +309,21 @@ class AgentSession:
             self.cancel(msg.instruction_ids, now)
             return [Stop(list(msg.instruction_ids))]
         return [Close(PROTOCOL_ERROR, f"unexpected {type(msg).__name__}")]
+
+    # ------------------------------------------------------------------ tags
+    def tags(self, tags: dict[str, str], now: float) -> list[Effect]:
+        """The device's tags as they are now (the shell reads them after an action ran, and at
+        housekeeping; it bounds them as for the hello). A change goes to the Switch at once on a
+        welcomed connection; before the Welcome, at the Welcome; without a connection, in the next
+        hello. Reading the same tags again sends nothing."""
+        self._tags = dict(tags)
+        return self._tell_tags() if self.state is State.READY else []
+
+    def _tell_tags(self) -> list[Effect]:
+        if self._tags == self._tags_told:
+            return []
+        self._tags_told = self._tags
+        return [Send(TagReport(tags=self._tags))]
 
     # ------------------------------------------------------------------ the journal's decisions
     def deliver(self, signed: SignedInstruction, now: float) -> list[Effect]:

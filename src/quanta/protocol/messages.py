@@ -6,10 +6,10 @@ messages raises :class:`ProtocolError`, and the caller closes that one connectio
 
 Flows:
 
-* agent  -> Switch: :class:`Hello`, :class:`Response`
+* agent  -> Switch: :class:`Hello`, :class:`Response`, :class:`TagReport`
 * Switch -> agent : :class:`Welcome`, :class:`Deliver`, :class:`ResponseAck`, :class:`Cancel`
 * Switch -> Core  : :class:`SwitchHello`, :class:`DevicesOnline`, :class:`DevicesOffline`,
-  :class:`FetchWork`, :class:`Delivered`, :class:`ResponseBatch`
+  :class:`FetchWork`, :class:`Delivered`, :class:`ResponseBatch`, :class:`DeviceTags`
 * Core  -> Switch : :class:`Work`, :class:`BatchAck`, :class:`Cancel`, :class:`OnlineAck`
 """
 
@@ -32,6 +32,7 @@ __all__ = [
     "MAX_COLUMNS",
     "MAX_TAGS",
     "Hello",
+    "TagReport",
     "Welcome",
     "SignedInstruction",
     "InstructionBody",
@@ -44,6 +45,7 @@ __all__ = [
     "DevicesOnline",
     "OnlineAck",
     "DevicesOffline",
+    "DeviceTags",
     "FetchWork",
     "WorkItem",
     "Work",
@@ -125,6 +127,13 @@ class Hello(msgspec.Struct, tag="hello", frozen=True):
     protocol: Annotated[int, Meta(ge=0, le=2**16)] = PROTOCOL_VERSION
 
 
+class TagReport(msgspec.Struct, tag="tags", frozen=True):
+    """The device's tags changed (``Tagging.Set`` and the like) on a live connection: all of them,
+    bounded as the hello's. Sent only after the Welcome; the Switch coalesces a device's reports."""
+
+    tags: Tags = {}
+
+
 class Welcome(msgspec.Struct, tag="welcome", frozen=True):
     switch: str
     heartbeat_seconds: float
@@ -173,7 +182,7 @@ class Cancel(msgspec.Struct, tag="cancel", frozen=True):
     instruction_ids: list[InstructionId]
 
 
-AgentToSwitch = Hello | Response
+AgentToSwitch = Hello | Response | TagReport
 SwitchToAgent = Welcome | Deliver | ResponseAck | Cancel
 
 
@@ -216,6 +225,12 @@ class DevicesOffline(msgspec.Struct, tag="offline", frozen=True):
     device_ids: list[DeviceId]
 
 
+class DeviceTags(msgspec.Struct, tag="device_tags", frozen=True):
+    """Devices on this Switch whose tags changed since their hello: each one's latest tags, in full."""
+
+    devices: dict[DeviceId, Tags]
+
+
 class FetchWork(msgspec.Struct, tag="fetch", frozen=True):
     known: list[InstructionId] = []  # instruction ids the Switch already holds
 
@@ -251,7 +266,7 @@ class BatchAck(msgspec.Struct, tag="batch_ack", frozen=True):
     batch_id: int
 
 
-SwitchToCore = SwitchHello | DevicesOnline | DevicesOffline | FetchWork | Delivered | ResponseBatch
+SwitchToCore = SwitchHello | DevicesOnline | DevicesOffline | FetchWork | Delivered | ResponseBatch | DeviceTags
 CoreToSwitch = Work | BatchAck | Cancel | OnlineAck
 
 _enc = msgspec.msgpack.Encoder()
@@ -295,7 +310,7 @@ class _ResponseHead(msgspec.Struct, tag="response"):
 _dec_response_head = msgspec.msgpack.Decoder(_ResponseHead)
 
 
-def decode_from_agent(data: bytes | memoryview) -> Hello | Response:
+def decode_from_agent(data: bytes | memoryview) -> Hello | Response | TagReport:
     """One agent message. Raises :class:`ResponseRefused` for a response whose content is out of
     bounds but whose instruction id is valid, :class:`ProtocolError` for anything else malformed."""
     try:

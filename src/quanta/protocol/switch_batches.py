@@ -33,6 +33,12 @@ when to call again. The rules:
   announcement first (a device that came and went is announced, then reported offline), and
   both before the answers of the same flush; a new link announces everyone anyway (the shell
   sends that full ``DevicesOnline``), so what was gathered before is dropped then.
+* **Tags.** A device's TagReport (its tags changed on a live connection) is coalesced: only its
+  latest tags go, gathered for FLUSH_INTERVAL into one ``DeviceTags``, and at most once per
+  TAGS_MIN_INTERVAL per device, so a device that floods reports costs the Core one entry a
+  second and nothing more. A device whose hello is still to be announced has its announcement
+  carry the new tags instead; a new link's full announcement carries everyone's latest, so what
+  was gathered is dropped then.
 * Nothing is sent while the link is down (:meth:`link_lost` .. :meth:`link_up`).
 """
 
@@ -49,6 +55,7 @@ MAX_BATCH = 2000  # answers per batch
 DELIVERED_HOLD = 1.0
 ACK_IDLE = 0.25
 ACK_MAX_DELAY = 1.0
+TAGS_MIN_INTERVAL = 1.0  # a device's tags go to the Core at most this often (its latest, when due)
 
 
 # ------------------------------------------------------------------ effects
@@ -62,6 +69,13 @@ class Announce:
 @dataclass(frozen=True, slots=True)
 class ReportOffline:
     device_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportTags:
+    """Send the Core a ``DeviceTags``: these devices' latest tags."""
+
+    devices: dict[str, dict[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +98,13 @@ class AckDevice:
     instruction_ids: list[int]
 
 
-Effect = Announce | ReportOffline | SendBatch | ReportDelivered | AckDevice
+Effect = Announce | ReportOffline | ReportTags | SendBatch | ReportDelivered | AckDevice
 
 
 class SwitchBatches:
     __slots__ = ("max_message_bytes", "_linked", "_online", "_offline", "_report_due", "_responses", "_sizes",
                  "_bytes", "_gather_due", "_unacked", "_seq", "_acks", "_draining", "_ack_since", "_last_answer",
-                 "_delivered")
+                 "_delivered", "_tags", "_tags_next", "_tags_told", "_told_prune_at")
 
     def __init__(self, max_message_bytes: int) -> None:
         self.max_message_bytes = max_message_bytes
@@ -109,6 +123,10 @@ class SwitchBatches:
         self._ack_since: float | None = None  # when the acknowledgements now queued began to wait
         self._last_answer = float("-inf")
         self._delivered: dict[int, dict[str, float]] = {}  # instruction -> device -> when (in time order)
+        self._tags: dict[str, tuple[dict[str, str], int, float]] = {}  # device -> (latest tags, size, when due)
+        self._tags_next: float | None = None  # the earliest of those dues
+        self._tags_told: dict[str, float] = {}  # device -> when its tags last went (the last TAGS_MIN_INTERVAL)
+        self._told_prune_at = float("-inf")
 
     # ------------------------------------------------------------- queries
     @property
@@ -135,6 +153,8 @@ class SwitchBatches:
             if g is None:  # no batch awaited its ack when they came, or a batch is full
                 return float("-inf")
             due = g if due is None else min(due, g)
+        if self._tags_next is not None:
+            due = self._tags_next if due is None else min(due, self._tags_next)
         for pending in self._delivered.values():  # one entry per instruction with deliveries to report
             first = next(iter(pending.values()), None)
             if first is not None:
@@ -153,6 +173,7 @@ class SwitchBatches:
         """A device said hello. True if the flush is now due sooner (the shell re-arms its timer)."""
         self._offline.discard(info.device_id)
         self._online[info.device_id] = info
+        self._tags.pop(info.device_id, None)  # an older connection's report: the hello's tags are newer
         return self._report_soon(now)
 
     def device_offline(self, device_id: str, now: float) -> bool:
@@ -161,6 +182,29 @@ class SwitchBatches:
         device the Core knows came through this Switch, or they would be held as a stranger's."""
         self._offline.add(device_id)
         return self._report_soon(now)
+
+    def tags_changed(self, info: DeviceInfo, size: int, now: float) -> bool:
+        """A device's TagReport: ``info`` is its DeviceInfo with the new tags, ``size`` the report's
+        encoded size. Only the latest tags of a device go: with the reports gathering (FLUSH_INTERVAL
+        after the first), or TAGS_MIN_INTERVAL after its last ones, whichever is later. True if the
+        flush is now due sooner."""
+        dev = info.device_id
+        if dev in self._online:  # its announcement is still to go: it carries them
+            self._online[dev] = info
+            return False
+        pending = self._tags.get(dev)
+        if pending is not None:  # a report already waits: the newer tags take its place and its time
+            self._tags[dev] = (info.tags, size, pending[2])
+            return False
+        gather = now + FLUSH_INTERVAL
+        if self._tags_next is not None and self._tags_next < gather:  # joins the reports gathering
+            gather = self._tags_next
+        due = max(gather, self._tags_told.get(dev, float("-inf")) + TAGS_MIN_INTERVAL)
+        self._tags[dev] = (info.tags, size, due)
+        if self._tags_next is not None and self._tags_next <= due:
+            return False
+        self._tags_next = due
+        return self._linked
 
     def _report_soon(self, now: float) -> bool:
         if self._report_due is not None:
@@ -239,6 +283,8 @@ class SwitchBatches:
         self._online.clear()
         self._offline.clear()
         self._report_due = None
+        self._tags.clear()
+        self._tags_next = None
         return [SendBatch(b) for b in self._unacked.values()]
 
     # ---------------------------------------------------------- the clock
@@ -258,6 +304,8 @@ class SwitchBatches:
             if self._offline:
                 out.append(ReportOffline(sorted(self._offline)))
                 self._offline = set()
+        if self._tags_next is not None and self._tags_next <= now:
+            out += self._cut_tags(now)
         if self._responses and (self._gather_due is None or self._gather_due <= now or not self._unacked):
             out += self._cut()
         if self._delivered:  # after the answers: see DELIVERED_HOLD
@@ -274,6 +322,33 @@ class SwitchBatches:
                     del self._delivered[iid]
                 if due:
                     out.append(ReportDelivered(iid, due))
+        return out
+
+    def _cut_tags(self, now: float) -> list[Effect]:
+        """The tag reports due at ``now``, in DeviceTags of at most ``max_message_bytes`` each (at
+        least one device); the others wait for their time."""
+        if now >= self._told_prune_at:  # forget who reported over TAGS_MIN_INTERVAL ago, once a while
+            self._tags_told = {d: t for d, t in self._tags_told.items() if t + TAGS_MIN_INTERVAL > now}
+            self._told_prune_at = now + TAGS_MIN_INTERVAL
+        out: list[Effect] = []
+        chunk: dict[str, dict[str, str]] = {}
+        size = 0
+        waiting: dict[str, tuple[dict[str, str], int, float]] = {}
+        for dev, (tags, n, due) in self._tags.items():
+            if due > now:
+                waiting[dev] = (tags, n, due)
+                continue
+            n += len(dev) + 8
+            if chunk and size + n > self.max_message_bytes:
+                out.append(ReportTags(chunk))
+                chunk, size = {}, 0
+            chunk[dev] = tags
+            size += n
+            self._tags_told[dev] = now
+        if chunk:
+            out.append(ReportTags(chunk))
+        self._tags = waiting
+        self._tags_next = min((w[2] for w in waiting.values()), default=None)
         return out
 
     def _cut(self) -> list[Effect]:
@@ -314,5 +389,5 @@ class SwitchBatches:
         return out
 
 
-__all__ = ["SwitchBatches", "Announce", "ReportOffline", "SendBatch", "ReportDelivered", "AckDevice", "Effect",
-           "FLUSH_INTERVAL", "MAX_BATCH", "DELIVERED_HOLD", "ACK_IDLE", "ACK_MAX_DELAY"]
+__all__ = ["SwitchBatches", "Announce", "ReportOffline", "ReportTags", "SendBatch", "ReportDelivered", "AckDevice",
+           "Effect", "FLUSH_INTERVAL", "MAX_BATCH", "DELIVERED_HOLD", "ACK_IDLE", "ACK_MAX_DELAY", "TAGS_MIN_INTERVAL"]

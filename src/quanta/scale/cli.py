@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from .compiler import AnyParameters
-from . import AgentContext, Limits, ScaleError, compile_scale, method_reference, run_program
+from . import AgentContext, Limits, Program, ScaleError, compile_scale, method_reference, run_program
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Author and run SCALE payloads locally.")
 
@@ -95,16 +95,24 @@ def run_command(
     raise typer.Exit(0 if result.status == "success" else 1)
 
 
+def check_source(source: str) -> Program:
+    """Compile a payload as ``quanta scale check`` and ``POST /Consumer/Scale/Check`` do: any
+    instruction parameter is accepted, and the columns read from the Activity Record tables
+    (``$Process_Live`` etc.) are checked against their declaration. Raises :class:`ScaleError`."""
+    from .tablecheck import check_activity_columns
+
+    program = compile_scale(source, AnyParameters())
+    check_activity_columns(program)
+    return program
+
+
 @app.command("check")
 def check_command(file: str = typer.Argument(..., help="payload file, or - for standard input")) -> None:
     """Compile a payload and report the first error with its line and column."""
     source = _read_source(file)
     console = Console()
     try:
-        program = compile_scale(source, AnyParameters())
-        from .tablecheck import check_activity_columns
-
-        check_activity_columns(program)  # columns of $Process_Live etc., from their declaration
+        program = check_source(source)
     except ScaleError as e:
         _print_error(console, e)
         raise typer.Exit(1) from None
@@ -112,21 +120,27 @@ def check_command(file: str = typer.Argument(..., help="payload file, or - for s
     console.print(f"ok: {kind}" + (f" (calls {', '.join(a.method for a in program.actions)})" if program.is_action else ""))
 
 
+def methods_json() -> list[dict[str, object]]:
+    """The method reference as JSON values: what ``quanta methods --json`` prints and
+    ``GET /Consumer/Methods`` answers (one source: the method declarations)."""
+    return [
+        {
+            "module": s.module, "name": s.name, "description": s.description, "is_action": s.is_action,
+            "platforms": list(s.platforms), "dynamic_columns": s.dynamic_columns,
+            "params": [{"name": p.name, "type": p.type, "required": p.required, "default": p.default,
+                        "aliases": list(p.aliases), "description": p.description} for p in s.params],
+            "columns": [{"name": c.name, "type": c.type, "description": c.description} for c in s.columns],
+        }
+        for s in method_reference()
+    ]
+
+
 def methods_command(json_output: bool = False) -> None:
     """Print the method reference (``quanta methods``)."""
-    specs = method_reference()
     if json_output:
-        out = [
-            {
-                "module": s.module, "name": s.name, "description": s.description, "is_action": s.is_action,
-                "platforms": list(s.platforms),
-                "params": [{"name": p.name, "type": p.type, "required": p.required, "default": p.default, "aliases": list(p.aliases)} for p in s.params],
-                "columns": [{"name": c.name, "type": c.type} for c in s.columns],
-            }
-            for s in specs
-        ]
-        typer.echo(json.dumps(out, indent=2))
+        typer.echo(json.dumps(methods_json(), indent=2))
         return
+    specs = method_reference()
     console = Console()
     table = RichTable("Method", "Kind", "Parameters", "Columns", "Platforms")
     for s in specs:

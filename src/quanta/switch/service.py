@@ -27,6 +27,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import tenacity
 import websockets
 from cryptography import x509
@@ -37,7 +38,8 @@ from quanta import metrics
 from quanta import protocol as p
 from quanta.protocol import switch_batches as sb
 from quanta.protocol.switch_batches import ACK_IDLE, ACK_MAX_DELAY, DELIVERED_HOLD, FLUSH_INTERVAL  # noqa: F401
-from quanta.protocol.switch_batches import Announce, ReportDelivered, ReportOffline, SendBatch, SwitchBatches
+from quanta.protocol.switch_batches import (Announce, ReportDelivered, ReportOffline, ReportTags, SendBatch,
+                                            SwitchBatches)
 from quanta.protocol.switch_state import CancelTo, DeliverTo, Effect, SwitchState
 from quanta.internal import link_headers
 from quanta.pki import Pki, client_context, peer_device
@@ -157,6 +159,11 @@ class AgentConnection(WSListener):
                     self.close(WSCloseCode.PROTOCOL_ERROR, "response before hello")
                     return
                 self.switch.on_response(self.device_id, msg, frame.payload_size)
+            elif isinstance(msg, p.TagReport):
+                if self.device_id is None:
+                    self.close(WSCloseCode.PROTOCOL_ERROR, "tags before hello")
+                    return
+                self.switch.on_tags(self, msg, frame.payload_size)
             else:
                 self.on_hello(msg)
         elif t is WSMsgType.CLOSE:
@@ -409,6 +416,14 @@ class Switch:
                     if conn is not None:
                         conn.close(WSCloseCode.POLICY_VIOLATION, "device refused by the core: not enrolled, or revoked")
 
+    def on_tags(self, conn: AgentConnection, report: p.TagReport, size: int) -> None:
+        """A device's tags changed: kept as its connection's (a relink announces them), and reported
+        to the Core coalesced (see SwitchBatches.tags_changed: at most once a second per device)."""
+        assert conn.info is not None
+        conn.info = msgspec.structs.replace(conn.info, tags=report.tags or NO_TAGS)
+        if self.batches.tags_changed(conn.info, size, time.monotonic()):
+            self._flush_wake.set()
+
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
         self.state.answered(device_id, resp.instruction_id)
         self.stats["responses"] += 1
@@ -483,6 +498,8 @@ class Switch:
             return self._announce(e.devices)
         if isinstance(e, ReportOffline):
             return p.DevicesOffline(device_ids=e.device_ids)
+        if isinstance(e, ReportTags):
+            return p.DeviceTags(devices=e.devices)
         assert isinstance(e, ReportDelivered), e
         return p.Delivered(instruction_id=e.instruction_id, device_ids=e.device_ids)
 

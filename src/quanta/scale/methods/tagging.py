@@ -1,4 +1,9 @@
-"""SCALE module Tagging: name/value tags persisted in the agent's data directory (tags.json)."""
+"""SCALE module Tagging: name/value tags persisted in the agent's data directory (tags.json).
+
+The agent reports its tags to the server in its hello and, after each action it runs (these
+methods are actions), on its live connection when they changed (a ``TagReport``; see
+``quanta.protocol.agent_session.AgentSession.tags``), so the server sees a change within about a
+second. Tags are what a device says of itself; server-assigned attributes are not set here."""
 
 from __future__ import annotations
 
@@ -66,7 +71,8 @@ def _check_name(name: str) -> None:
 
 
 @method(
-    "Tagging", "Set", f"Set a tag (name up to {MAX_NAME} characters). Scopable tags share a {MAX_SCOPABLE_STORE}-character store.",
+    "Tagging", "Set", f"Set a tag (name up to {MAX_NAME} characters). Scopable tags share a {MAX_SCOPABLE_STORE}-character store. "
+    "The server sees the change at once (the agent reports it on its live connection).",
     params=(P("Name", "string", required=True), P("Value", "string", required=True), P("Scopable", "boolean", default=False)),
     columns=_COLUMNS, is_action=True,
 )

@@ -1,5 +1,6 @@
 import { api, ApiError, session } from "../api.js";
 import { clear, h, kindBadge, message } from "../dom.js";
+import { scaleEditor } from "./editor.js";
 
 const ADMIN = "Full Administrator";
 
@@ -150,9 +151,10 @@ export async function render(main, _args, signal, query = new URLSearchParams())
       h("label", { for: "scale" }, "SCALE"),
       h("div", { class: "examples" }, h("span", { class: "muted" }, "Examples:"),
         ...EXAMPLES.map(([label, text]) => h("button", { type: "button", class: "btn btn-link", onclick: () => {
-          editor.value = text; draft.payload = text; clearError(); drawParams(); editor.focus();
+          editor.value = text; clearError(); editor.focus();
+          editor.dispatchEvent(new Event("input")); // the draft, parameters, highlighting and check follow
         } }, label)))),
-    h("div", { class: "editor" }, gutter, editor),
+    scaleEditor(editor, gutter, signal),
     errorView,
     paramBox);
   const rawOptions = h("div", { hidden: draft.mode !== "raw" },
