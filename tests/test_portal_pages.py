@@ -223,15 +223,23 @@ def test_history_search_is_in_the_fragment_and_done_by_the_server(page_of, http:
 # ---------------------------------------------------------------- live badges and status
 def test_badges_and_an_instructions_status_follow_live(page_of, http: httpx.Client,  # type: ignore[no-untyped-def]
                                                        portal_server: Server) -> None:
-    bob = page_of("bob").page  # an Approver
+    bob = page_of("bob").page  # an Approver: lands on Approvals
+    bob.wait_for_selector("#nav a.active[data-route=approvals]")
+    bob.wait_for_selector("#main h1 >> text=Approvals")
     admin = page_of(*portal_server.admin).page  # type: ignore[attr-defined]
     admin.click("#nav a[data-route=history]")
-    admin.wait_for_selector("#history-table")
+    admin.wait_for_selector("#history-results > *")
     before = http.get("/Consumer/Instructions", params={"status": "pending_approval", "limit": 1}).json()["total"]
-    # an action waits for approval: the Approver's badge counts it without a reload
+    # an action waits for approval: the Approver's badge counts it and its card appears, no reload
     action = _issue(http, 'Tagging.Set(Name: "live", Value: "1");', "live-action")
     expect(bob.locator("#approvals-badge")).to_have_text(str(before + 1), timeout=40_000)
+    live_card = bob.locator(f"#approval-{action}")
+    expect(live_card.locator("[data-test=approve]")).to_be_visible(timeout=40_000)
+    # cancelled by its requester meanwhile: the open card says so, its buttons gone
     http.post(f"/Consumer/Instructions/{action}/Cancel").raise_for_status()
+    expect(live_card.locator(".approval-badge")).to_have_text("Cancelled", timeout=40_000)
+    expect(live_card.locator("[data-test=approve]")).to_have_count(0)
+    expect(live_card.locator(".decision-status")).to_contain_text(f"Cancelled by {portal_server.admin[0]}")  # type: ignore[attr-defined]
     if before == 0:
         expect(bob.locator("#approvals-badge")).to_be_hidden(timeout=40_000)
     else:
