@@ -198,8 +198,14 @@ def test_a_reader_limited_to_dev1_reads_nothing_of_dev2(world: World, role: str)
     # the stream: counts over dev1 only
     events = _stream_events(c, iid, h)
     assert events and all((e["targeted"], e["states"]) == (1, {"success": 1}) for e in events), events
-    # devices and switches: dev1 only
+    # devices and switches: dev1 only; dev2 on its own is 404, the same as a device that does not exist
     assert [d["device_id"] for d in c.get("/Consumer/Devices", headers=h).json()] == ["dev1"]
+    one = c.get("/Consumer/Devices/dev1", headers=h)
+    assert one.status_code == 200 and SECRET2 not in one.text and world.i_dev2 not in [
+        i["id"] for i in one.json()["instructions"]]
+    for hidden in ("dev2", "no-such-device"):
+        r = c.get(f"/Consumer/Devices/{hidden}", headers=h)
+        assert (r.status_code, r.json()) == (404, {"detail": f"device {hidden} not found"}), (role, hidden)
     assert [(s["devices"], s["online_devices"]) for s in c.get("/Consumer/Switches", headers=h).json()] == [(1, 1)]
     # the instruction list: only instructions touching dev1 (or every device), counts over dev1
     page = c.get("/Consumer/Instructions", headers=h).json()
@@ -246,6 +252,7 @@ def test_a_user_with_no_visible_device_gets_404_and_empty_lists(world: World) ->
             r = c.request(method, path, params=params, headers=h)
             assert r.status_code == 404, (method, path, r.text)
     assert c.get("/Consumer/Devices", headers=h).json() == []
+    assert all(c.get(f"/Consumer/Devices/{d}", headers=h).status_code == 404 for d in ("dev1", "dev2", "dev3"))
     assert c.get("/Consumer/Instructions", headers=h).json() == {"offset": 0, "limit": 50, "total": 0, "items": []}
     assert [s["devices"] for s in c.get("/Consumer/Switches", headers=h).json()] == [0]
 

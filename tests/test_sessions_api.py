@@ -193,14 +193,15 @@ def test_users_are_listed_changed_and_a_disabled_users_token_fails_at_once(c: ht
 
 
 def _admin_routes(srv: Server, tmp: Path) -> list[tuple[str, str]]:
-    """Every route whose access rule is admin, from the app the server runs (built in process)."""
+    """Every route whose access rule is admin (or the groups right, which a Viewer lacks too), from
+    the app the server runs (built in process)."""
     pki = Pki(srv.root / "pki")
     api = ConsumerApi(make_engine(f"sqlite:///{tmp / 'm.db'}"), make_engine(f"sqlite:///{tmp / 'r.db'}"),
                       Signer.from_file(pki.signing_key), core_url="https://127.0.0.1:9", core_token="t")
     rules = check_access_rules(create_app(api))
     out = []
     for key, rule in rules.items():
-        if rule == "admin":
+        if rule in ("admin", "right:groups"):
             methods, path = key.split(" ")
             out += [(m, path) for m in methods.split(",") if m != "HEAD"]
     return out

@@ -6,6 +6,8 @@ Every route declares exactly one **access rule**, a dependency from :data:`RULES
 - :func:`authenticated`: any signed-in user (the service checks finer rights itself, e.g. the
   Coordinator checks the approve right);
 - :func:`require_admin`: Full Administrators only;
+- :func:`require_right`: a right on every instruction set (``groups``: Full and Group
+  Administrators manage management groups);
 - :func:`visible_instruction`: the path's instruction as the caller may see it (404 otherwise);
 - :func:`scoped`: any signed-in user, every read filtered to the caller's scope
   (:class:`quanta.rbac.Access`: instruction sets they hold a right on, devices of their
@@ -166,12 +168,13 @@ def admin_only(what: str) -> Callable[..., Any]:
 require_admin = admin_only("this")
 
 
-def require_right(permission: rbac.Permission, instruction_set: str = "*") -> Callable[..., Any]:
-    """A rule: the caller holds ``permission`` on ``instruction_set``."""
+def require_right(permission: rbac.Permission, instruction_set: str = "*", what: str | None = None) -> Callable[..., Any]:
+    """A rule: the caller holds ``permission`` on ``instruction_set`` (``what`` names the refused
+    thing in the 403)."""
     @_rule(f"right:{permission}")
     async def check(user: CurrentUser, api: Api) -> User:
         if not await api.db(rbac.allowed, api.master, user.username, permission, instruction_set):
-            raise Forbidden(f"{user.username} may not {permission}")
+            raise Forbidden(f"{user.username} may not {what or permission}")
         return user
     return check
 

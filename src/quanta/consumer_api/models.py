@@ -175,6 +175,29 @@ class Device(BaseModel):
                                        description="server-assigned attributes (set by an administrator, not the device)")
 
 
+class DeviceInstruction(BaseModel):
+    """One recent instruction that targeted a device, with the device's own state in it."""
+
+    id: int
+    name: str
+    kind: str
+    status: str = Field(description="the instruction's status (active, finished, ...)")
+    state: str = Field(description="this device's state for it (pending, sent, success, error, ...)")
+    error: str | None = None
+    created_by: str
+    created_at: float
+    updated_at: float = Field(description="unix time this device's state last changed")
+
+
+class DeviceDetail(Device):
+    address: str = Field(description="the IP address it last connected from, as its Switch saw it ('' if never)")
+    first_seen: float | None = None
+    groups: list[str] = Field(description="management groups whose rule matches the device (those the caller "
+                                          "may know of: all for administrators, else the caller's own)")
+    instructions: list[DeviceInstruction] = Field(description="recent instructions that targeted it, newest first "
+                                                              "(those the caller may see)")
+
+
 class AttributesRequest(RootModel[dict[Annotated[str, Field(min_length=1, max_length=64)],
                                        Annotated[str, Field(max_length=255)] | None]]):
     """Attributes to set (a string) or remove (null); names 1-64 of [A-Za-z0-9_.-]."""

@@ -19,7 +19,7 @@ from quanta.accounts import Accounts, Policy, Session, audit
 from quanta.accounts import hash_password as hash_password  # noqa: PLC0414 - importable from here, as ever
 from quanta.background import ContentStore
 from quanta.consumer_api.errors import BadGateway, Forbidden, Invalid, NotFound, Unavailable, Upstream
-from quanta.consumer_api.models import (Device, DeviceResult, HeldAnswer, HeldPage, InstructionPage,
+from quanta.consumer_api.models import (Device, DeviceDetail, DeviceInstruction, DeviceResult, HeldAnswer, HeldPage, InstructionPage,
                                         InstructionStatus, InstructionSummary, IssueRequest, ResultRow, ResultsPage,
                                         TokenResponse, User)
 from quanta.consumer_api.models import ApprovalRecord
@@ -269,19 +269,20 @@ class ConsumerApi:
                                  instruction_set=row["instruction_set"], devices=devices)
 
     def list_instructions(self, access: rbac.Access, offset: int, limit: int,
-                          statuses: list[str] | None) -> InstructionPage:
+                          statuses: list[str] | None, match: store.InstructionMatch | None = None) -> InstructionPage:
         """Newest first: for a Full Administrator (or a reader of every set and device) one page
-        query, as ever; otherwise only the instructions :meth:`may_see` lets through."""
+        query, as ever; otherwise only the instructions :meth:`may_see` lets through. ``match``:
+        the history search (who, name, when), in SQL."""
         sets = None if access.all_sets else access.sets
         ids: set[int] | None = None
         if access.devices is not None:
-            candidates = store.instruction_scopes(self.master, statuses, sets=sets, raw=access.all_sets)
+            candidates = store.instruction_scopes(self.master, statuses, sets=sets, raw=access.all_sets, match=match)
             with_rows = store.instructions_with_rows(self.responses)
             seen = store.instructions_with_rows(self.responses, access.devices)
             ids = {i for i, scope in candidates
                    if ((i in seen) if i in with_rows else _scope_meets(scope, access.devices))}
         total, rows = store.list_instructions(self.master, offset, limit, statuses, sets=sets, raw=access.all_sets,
-                                              ids=ids)
+                                              ids=ids, match=match)
         counts = store.state_counts_many(self.responses, [r["id"] for r in rows], access.devices)
         items = []
         for r in rows:
@@ -387,6 +388,37 @@ class ConsumerApi:
         attrs = rbac.attributes_of(self.master)  # one read, whatever the number of devices
         return [Device(**{k: r[k] for k in Device.model_fields if k != "attributes"},
                        attributes=attrs.get(r["device_id"], {})) for r in rows]
+
+    def device(self, access: rbac.Access, device_id: str, recent: int) -> DeviceDetail:
+        """One device as the caller may see it: :class:`NotFound` for a device outside the caller's
+        management groups, the same answer as for one that does not exist. Its groups (all that
+        match it for a Full or Group Administrator; of the others', only the caller's own) and the
+        ``recent`` newest instructions that targeted it of the instruction sets the caller may view."""
+        from quanta.db.tables import management_groups, user_groups
+
+        rows = [] if access.devices is not None and device_id not in access.devices else \
+            store.list_devices(self.master, [device_id])
+        if not rows:
+            raise NotFound(f"device {device_id} not found")
+        attrs = rbac.attributes_of(self.master, [device_id]).get(device_id, {})
+        device = Device(**{k: rows[0][k] for k in Device.model_fields if k != "attributes"}, attributes=attrs)
+        with self.master.connect() as c:
+            groups = c.execute(sa.select(management_groups.c.name, management_groups.c.rule)
+                               .order_by(management_groups.c.name)).all()
+            known = None if access.admin or rbac.allowed(self.master, access.username, "groups", "*") else set(
+                c.execute(sa.select(user_groups.c.group_name).where(user_groups.c.username == access.username)).scalars())
+        as_rule = {**device.model_dump(), "attributes": attrs}
+        names = [g.name for g in groups if (known is None or g.name in known) and rbac.matches(g.rule or {}, as_rule)]
+        mine = store.device_results(self.responses, device_id, recent)
+        _, seen = store.list_instructions(self.master, 0, recent, sets=None if access.all_sets else access.sets,
+                                          raw=access.all_sets, ids=[r["instruction_id"] for r in mine])
+        by_id = {r["id"]: r for r in seen}
+        recent_rows = [DeviceInstruction(id=r["instruction_id"], name=i["name"], kind=i["kind"], status=i["status"],
+                                         state=r["state"], error=r["error"], created_by=i["created_by"],
+                                         created_at=i["created_at"], updated_at=r["updated_at"])
+                       for r in mine if (i := by_id.get(r["instruction_id"])) is not None]
+        return DeviceDetail(**device.model_dump(), address=rows[0]["address"] or "", first_seen=rows[0]["first_seen"],
+                            groups=names, instructions=recent_rows)
 
     def set_attributes(self, user: User, device_id: str, changes: dict[str, str | None]) -> dict[str, str]:
         try:

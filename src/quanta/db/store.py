@@ -298,11 +298,31 @@ def get_instruction(engine: sa.Engine, instruction_id: int) -> dict[str, Any] | 
         return dict(row._mapping) if row else None
 
 
+class InstructionMatch(NamedTuple):
+    """What a history search asks for (each None: any): who requested it, a case-insensitive part
+    of its name (LIKE wildcards in it match themselves), created at or after ``since`` and
+    before ``until`` (unix times)."""
+
+    created_by: str | None = None
+    name: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
 def _instruction_filter(statuses: Sequence[str] | None, sets: Collection[str] | None,
-                        raw: bool) -> list[sa.ColumnElement[bool]]:
+                        raw: bool, match: InstructionMatch | None = None) -> list[sa.ColumnElement[bool]]:
     where: list[sa.ColumnElement[bool]] = []
     if statuses:
         where.append(instructions.c.status.in_(list(statuses)))
+    if match is not None:
+        if match.created_by is not None:
+            where.append(instructions.c.created_by == match.created_by)
+        if match.name:
+            where.append(instructions.c.name.icontains(match.name, autoescape=True))
+        if match.since is not None:
+            where.append(instructions.c.created_at >= match.since)
+        if match.until is not None:
+            where.append(instructions.c.created_at < match.until)
     if sets is not None:  # only these instruction sets (and raw SCALE ones, which have none, if ``raw``)
         cond = instructions.c.instruction_set.in_(sorted(sets))
         where.append(sa.or_(cond, instructions.c.instruction_set.is_(None)) if raw else cond)
@@ -311,11 +331,13 @@ def _instruction_filter(statuses: Sequence[str] | None, sets: Collection[str] | 
 
 def list_instructions(engine: sa.Engine, offset: int, limit: int, statuses: Sequence[str] | None = None, *,
                       sets: Collection[str] | None = None, raw: bool = True,
-                      ids: Collection[int] | None = None) -> tuple[int, list[dict[str, Any]]]:
+                      ids: Collection[int] | None = None,
+                      match: InstructionMatch | None = None) -> tuple[int, list[dict[str, Any]]]:
     """(total, newest first page) of instructions, optionally only those in ``statuses``, of the
-    instruction ``sets`` (None: any; ``raw``: raw SCALE ones too) and with one of ``ids``."""
+    instruction ``sets`` (None: any; ``raw``: raw SCALE ones too), with one of ``ids`` and
+    matching ``match``."""
     cols = [c for c in instructions.c if c.name not in ("body", "signature")]
-    where = _instruction_filter(statuses, sets, raw)
+    where = _instruction_filter(statuses, sets, raw, match)
     with engine.connect() as c:
         if ids is not None:
             where.append(_in_scope(c, instructions.c.id, ids, _scope_ids))
@@ -325,10 +347,11 @@ def list_instructions(engine: sa.Engine, offset: int, limit: int, statuses: Sequ
 
 
 def instruction_scopes(engine: sa.Engine, statuses: Sequence[str] | None = None, *,
-                       sets: Collection[str] | None = None, raw: bool = True) -> list[tuple[int, list[str] | None]]:
+                       sets: Collection[str] | None = None, raw: bool = True,
+                       match: InstructionMatch | None = None) -> list[tuple[int, list[str] | None]]:
     """(id, requested device names or None) of the instructions :func:`list_instructions` would
     list, without their payloads: what a reader limited to management groups is matched against."""
-    q = sa.select(instructions.c.id, instructions.c.scope).where(*_instruction_filter(statuses, sets, raw))
+    q = sa.select(instructions.c.id, instructions.c.scope).where(*_instruction_filter(statuses, sets, raw, match))
     with engine.connect() as c:
         return [(int(i), sc) for i, sc in c.execute(q)]
 
@@ -648,6 +671,15 @@ def visible_rows(engine: sa.Engine, instruction_id: int, scope: Collection[str] 
         seen = c.execute(sa.select(results.c.device_id).where(
             results.c.instruction_id == instruction_id, _in_scope(c, results.c.device_id, scope)).limit(1)).first()
         return True, seen is not None
+
+
+def device_results(engine: sa.Engine, device_id: str, limit: int) -> list[dict[str, Any]]:
+    """The device's own state in the newest ``limit`` instructions that targeted it (newest
+    first): instruction_id, state, error, updated_at."""
+    q = (sa.select(results.c.instruction_id, results.c.state, results.c.error, results.c.updated_at)
+         .where(results.c.device_id == device_id).order_by(results.c.instruction_id.desc()).limit(limit))
+    with engine.connect() as c:
+        return [dict(r._mapping) for r in c.execute(q)]
 
 
 def instructions_with_rows(engine: sa.Engine, scope: Collection[str] | None = None) -> set[int]:

@@ -1,4 +1,5 @@
-"""Management groups (Full Administrators): list, create or replace a rule, delete.
+"""Management groups (Full Administrators and Group Administrators: the ``groups`` right on every
+instruction set, see :mod:`quanta.roles`): list, create or replace a rule, delete.
 
 A group's rule decides which devices its members reach (:mod:`quanta.rbac`); users are put in
 groups with ``PATCH /Consumer/Users/{name}`` (``groups``). Each change is one audit row with the
@@ -14,12 +15,12 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Response
 
 from quanta.accounts import audit, validate
-from quanta.consumer_api.deps import Api, CurrentActor, admin_only, bounded_body
+from quanta.consumer_api.deps import Api, CurrentActor, bounded_body, require_right
 from quanta.consumer_api.errors import Conflict, Invalid, NotFound
 from quanta.consumer_api.models import GroupOut, GroupRule
 from quanta.db.tables import management_groups, user_groups
 
-ADMIN = [Depends(admin_only("managing management groups"))]
+ADMIN = [Depends(require_right("groups", what="manage management groups"))]
 router = APIRouter(route_class=bounded_body(8 * 1024 * 1024))  # a rule may list 100,000 devices
 
 GroupName = Annotated[str, Path(min_length=1, max_length=128, description="management group name")]

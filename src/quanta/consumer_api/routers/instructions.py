@@ -10,9 +10,11 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from quanta import instructions as ins
+from quanta import states
+from quanta.accounts import validate
 from quanta.consumer_api.deps import (Api, CurrentUser, ScopedCaller, VisibleInstruction, authenticated, scoped,
                                       visible_instruction)
-from quanta.consumer_api.errors import ApiError, BadGateway, Conflict, Forbidden, NotFound
+from quanta.consumer_api.errors import ApiError, BadGateway, Conflict, Forbidden, Invalid, NotFound
 from quanta.consumer_api.models import DecisionRequest, InstructionPage, InstructionStatus, IssueRequest
 from quanta.consumer_api.service import ADMIN_ROLE
 from quanta.db import store
@@ -41,16 +43,36 @@ async def issue(req: IssueRequest, user: CurrentUser, api: Api) -> dict[str, Any
     return {"id": iid, "status": issued["status"], "targeted": issued["targeted"]}
 
 
+# An instruction's statuses (quanta.states), what ?status= may name.
+STATUSES = (states.NEW, states.PENDING_APPROVAL, states.SCHEDULED, states.READY, "active", "finished",
+            states.CANCELLED, states.REJECTED, states.APPROVAL_EXPIRED, states.NEVER_ISSUED)
+UnixTimeQuery = Annotated[float | None, Query(ge=0, le=2**34, description="unix time")]
+
+
 @router.get("/Consumer/Instructions", response_model=InstructionPage, dependencies=[Depends(scoped)])
 async def list_instructions(caller: ScopedCaller, api: Api, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                             limit: Annotated[int, Query(ge=1, le=500)] = 50,
                             status: Annotated[str | None, Query(max_length=1000,
-                                                                description="comma-separated statuses")] = None
-                            ) -> InstructionPage:
+                                                                description="comma-separated statuses")] = None,
+                            created_by: Annotated[str | None, Query(min_length=1, max_length=128,
+                                                                    description="requested by this user")] = None,
+                            name: Annotated[str | None, Query(min_length=1, max_length=255,
+                                                              description="part of the name, any case")] = None,
+                            since: UnixTimeQuery = None, until: UnixTimeQuery = None) -> InstructionPage:
     """Recent instructions the caller may see, newest first, with their counts per state over the
-    caller's devices (read-only; for the portal)."""
+    caller's devices (read-only; for the portal). The history search: ``status`` (any of these),
+    ``created_by``, ``name`` (a part of it) and created in [``since``, ``until``)."""
     statuses = [x.strip() for x in status.split(",") if x.strip()] if status else None
-    return await api.db(api.list_instructions, caller.access, offset, limit, statuses)
+    unknown = [x for x in statuses or [] if x not in STATUSES]
+    if unknown:
+        raise Invalid(f"unknown status {unknown[0][:40]!r}; statuses: {', '.join(STATUSES)}")
+    if any(validate.has_control(v) for v in (created_by or "", name or "")):
+        raise Invalid("created_by and name have no control characters")
+    if since is not None and until is not None and until <= since:
+        raise Invalid("until must be later than since")
+    match = store.InstructionMatch(created_by, name, since, until)
+    return await api.db(api.list_instructions, caller.access, offset, limit, statuses,
+                        None if match == store.InstructionMatch() else match)
 
 
 @router.get("/Consumer/Instructions/{instruction_id}", response_model=InstructionStatus,

@@ -101,3 +101,48 @@ export function pager({ offset, limit, total, onPage }) {
     h("button", { class: "btn btn-small", type: "button", disabled: offset + limit >= total, "data-test": "next",
       onclick: () => onPage(offset + limit) }, "Next ›"));
 }
+
+// "site=paris\nowner=ops" <-> {site: "paris", owner: "ops"} (tags and attributes as typed; NAME
+// as the API takes it: 1-64 of letters, digits, _ . -). A bad line is an Error naming it.
+const PAIR_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+
+export function parsePairs(what, text) {
+  const out = {};
+  for (const raw of text.split("\n")) {
+    const line = raw.trim();
+    if (!line) continue;
+    const eq = line.indexOf("=");
+    const k = eq < 0 ? line : line.slice(0, eq).trim();
+    if (eq < 0 || !PAIR_NAME.test(k)) throw new Error(`${what}: "${line.slice(0, 80)}" is not NAME=VALUE (NAME: letters, digits, _ . -)`);
+    out[k] = line.slice(eq + 1).trim();
+  }
+  return out;
+}
+
+export function pairsText(m) {
+  return Object.entries(m || {}).map(([k, v]) => `${k}=${v}`).join("\n");
+}
+
+// After a first load() that returned ``first``, loads again while more(result) says something may
+// still change: after FAST ms, then doubling while the result stays the same, up to SLOW (an
+// error: SLOW); stops when the view's signal aborts. For lists whose rows change state (the
+// history, a device's instructions): their status badges follow without a reload.
+export function keepLive(first, load, more, signal, { fast = 2000, slow = 30000 } = {}) {
+  let delay = fast;
+  let last = JSON.stringify(first);
+  const tick = async () => {
+    if (signal.aborted) return;
+    try {
+      const got = await load();
+      if (signal.aborted || !more(got)) return;
+      const key = JSON.stringify(got);
+      delay = key === last ? Math.min(delay * 2, slow) : fast;
+      last = key;
+    } catch (e) {
+      if (signal.aborted || e.name === "AbortError") return;
+      delay = slow;
+    }
+    setTimeout(tick, delay);
+  };
+  if (more(first)) setTimeout(tick, delay);
+}

@@ -1,5 +1,5 @@
 import { api, session } from "../api.js";
-import { clear, fmtTime, h, message, statusBadge } from "../dom.js";
+import { clear, fmtTime, h, keepLive, message, statusBadge } from "../dom.js";
 
 export async function render(main, _args, signal) {
   const me = session();
@@ -7,12 +7,32 @@ export async function render(main, _args, signal) {
   clear(main, h("div", { class: "page-head" }, h("h1", {}, "Approvals"),
     h("p", { class: "muted" }, "Actions change devices, so a second person approves each one before it runs. You cannot approve your own.")),
   list);
-  const page = await api("GET", "/Instructions?status=pending_approval&limit=100", undefined, { signal });
-  if (!page.items.length) { clear(list, h("section", { class: "card" }, h("p", { class: "empty" }, "Nothing is waiting for approval."))); return; }
+  const pending = () => api("GET", "/Instructions?status=pending_approval&limit=100", undefined, { signal });
+  const shown = new Map(); // id -> its card ({el, settle})
+  const empty = h("section", { class: "card", id: "approvals-empty" }, h("p", { class: "empty" }, "Nothing is waiting for approval."));
   // who approved so far (N of M) is in each instruction's status; read them side by side
-  const details = await Promise.all(page.items.map((it) =>
-    api("GET", `/Instructions/${it.id}`, undefined, { signal }).catch(() => null)));
-  clear(list, ...page.items.map((it, i) => card(it, me, details[i])));
+  const statuses = (items) => Promise.all(items.map((it) => api("GET", `/Instructions/${it.id}`, undefined, { signal }).catch(() => null)));
+  async function update(page) {
+    const fresh = page.items.filter((it) => !shown.has(it.id));
+    const details = await statuses(fresh);
+    fresh.forEach((it, i) => { shown.set(it.id, card(it, me, details[i])); });
+    // cards of actions decided (or cancelled, expired) meanwhile, elsewhere: their new status
+    const now = new Set(page.items.map((it) => it.id));
+    const gone = [...shown.keys()].filter((id) => !now.has(id));
+    const after = await statuses(gone.map((id) => ({ id })));
+    gone.forEach((id, i) => { if (after[i]) shown.get(id).settle(after[i]); });
+    const order = [...shown.keys()].sort((a, b) => b - a).map((id) => shown.get(id).el);
+    if (!order.length) clear(list, empty);
+    else if (order.some((el, i) => list.children[i] !== el)) clear(list, ...order);
+  }
+  const first = await pending();
+  await update(first);
+  // live: new actions appear, and decisions taken elsewhere show, without a reload (polled with backoff)
+  keepLive(first.items.map((it) => it.id), async () => {
+    const page = await pending();
+    await update(page);
+    return page.items.map((it) => it.id);
+  }, () => true, signal);
 }
 
 // "1 of 2 approvals: alice" (names in the order they approved)
@@ -24,11 +44,14 @@ export function approvalProgress(required, approvers) {
 
 const AFTER = { // the badge once a decision was answered, before the page is reloaded
   created: "Approved, not issued yet", scheduled: "Scheduled", active: "In progress", finished: "Finished",
-  rejected: "Rejected", cancelled: "Cancelled", expired: "Never issued",
+  rejected: "Rejected", cancelled: "Cancelled", expired: "Never issued", approval_expired: "Approval expired",
 };
 
+// An action's card: {el, settle(status)}; settle shows a decision taken elsewhere (another
+// approver, a cancel, the approval window ending) once it is no longer pending.
 function card(it, me, st) {
   const out = h("div", { class: "decision-status" });
+  let decided = false;
   const badge = h("span", { class: "approval-badge" }, statusBadge(it.status));
   const progress = h("p", { class: "approval-progress", "data-test": "approval-progress" },
     st ? approvalProgress(st.approvers_required, st.approvals) : "");
@@ -61,6 +84,7 @@ function card(it, me, st) {
         setBadge(r.status, AFTER[r.status]);
         clear(out, message("ok", `Approved: ${AFTER[r.status] || r.status}${r.targeted !== undefined ? `, sent to ${r.targeted} device(s)` : ""}. `, view));
       }
+      decided = true;
       form.remove();
       window.dispatchEvent(new CustomEvent("quanta:approvals-changed"));
     } catch (e) {
@@ -85,7 +109,15 @@ function card(it, me, st) {
     form.hidden = true;
     out.append(message("info", "You approved this action; it waits for other approvers."));
   }
-  return h("section", { class: "card approval", id: `approval-${it.id}`, "data-id": String(it.id) },
+  const settle = (now) => {
+    if (decided || now.status === "pending_approval") return;
+    decided = true;
+    setBadge(now.status, AFTER[now.status]);
+    form.remove();
+    clear(out, message("info", `${AFTER[now.status] || now.status}${now.decided_by ? ` by ${now.decided_by}` : ""}. `,
+      h("a", { href: `#/i/${it.id}` }, "View instruction")));
+  };
+  const el = h("section", { class: "card approval", id: `approval-${it.id}`, "data-id": String(it.id) },
     h("div", { class: "approval-head" },
       h("h2", {}, `#${it.id} `, h("span", { class: "title-name" }, it.name)), badge),
     progress,
@@ -96,4 +128,5 @@ function card(it, me, st) {
     h("pre", { class: "code-block" }, it.payload),
     Object.keys(it.parameters || {}).length ? h("p", { class: "muted" }, `Parameters: ${JSON.stringify(it.parameters)}`) : null,
     form, out);
+  return { el, settle };
 }

@@ -20,8 +20,9 @@ export async function render(main, _args, signal) {
       return hay.includes(f);
     });
     countLine.textContent = `${shown.length} shown`;
-    clear(tbody, ...shown.map((d) => h("tr", {},
-      h("td", { class: "device" }, d.device_id, d.fqdn && d.fqdn !== d.device_id ? h("div", { class: "muted small" }, d.fqdn) : null),
+    clear(tbody, ...shown.map((d) => h("tr", { class: "clickable", dataset: { device: d.device_id }, onclick: () => { location.hash = `#/d/${encodeURIComponent(d.device_id)}`; } },
+      h("td", { class: "device" }, h("a", { href: `#/d/${encodeURIComponent(d.device_id)}` }, d.device_id),
+        d.fqdn && d.fqdn !== d.device_id ? h("div", { class: "muted small" }, d.fqdn) : null),
       h("td", {}, d.revoked ? h("span", { class: "badge st-error" }, "Revoked")
         : h("span", { class: d.online ? "badge online" : "badge offline" }, d.online ? "Online" : "Offline")),
       h("td", {}, d.os || "—"), h("td", {}, d.switch || "—"),
