@@ -406,11 +406,15 @@ _STAGE_ANSWERS = ("CREATE TEMPORARY TABLE IF NOT EXISTS quanta_stage_answers "
 
 def _copy(c: sa.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
     """COPY ``rows`` in through psycopg's ``cursor.copy``, inside the connection's transaction."""
+    import psycopg
+
     cur = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     try:
         with cur.copy(sql) as cp:
             for row in rows:
                 cp.write_row(row)
+    except psycopg.Error as e:  # as SQLAlchemy raises it for execute: an outage is an OperationalError
+        raise sa.exc.DBAPIError.instance(sql, None, e, psycopg.Error, dialect=c.dialect) from e
     finally:
         cur.close()
 

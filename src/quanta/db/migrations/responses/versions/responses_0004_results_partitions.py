@@ -52,7 +52,7 @@ def upgrade() -> None:
     _indexes("results")
     days = [int(d) for d in bind.exec_driver_sql(
         "SELECT DISTINCT floor(expires_at / %(day)s)::bigint FROM results_unpartitioned "
-        "WHERE expires_at >= 0 AND expires_at < %(never)s", {"day": partitions.DAY, "never": partitions.NEVER_FROM})]
+        "WHERE expires_at >= 0 AND expires_at < %(never)s", {"day": partitions.DAY, "never": partitions.NEVER_FROM}).scalars()]
     partitions.ensure(bind, [d * partitions.DAY for d in days], ahead=partitions.AHEAD_DAYS)
     op.execute(f"INSERT INTO results ({COLUMNS}, expires_at) SELECT {COLUMNS}, COALESCE(expires_at, 'Infinity') "
                "FROM results_unpartitioned")
