@@ -18,7 +18,8 @@ dropped). ``--retained M`` (PostgreSQL): M answered rows of earlier instructions
 each, expiring over the next 7 days, so in 7 partitions) are in ``results`` before anything is
 measured, written by ``generate_series`` in the server; then the results-page queries
 (``store.page_result_rows``, first and last page, and ``store.state_counts``) are timed on the
-big store. ``--quick``: N = 1,000. The last line holds ``ratio=`` = Quanta rate / bare rate, the
+big store (``--compare-unpartitioned``: and on the same rows in the table before responses_0004,
+in a second scratch database). ``--quick``: N = 1,000. The last line holds ``ratio=`` = Quanta rate / bare rate, the
 lower of the databases measured (target ≥ 0.5; on PostgreSQL with 10 M retained, ≥ 0.8).
 """
 
@@ -174,7 +175,10 @@ def seed_retained(url: str, m: int) -> float:
 
     engine = make_engine(url)
     now = time.time()
-    partitions.ensure(engine, [now + 3600 + k * 86400 for k in range(7)])
+    with engine.connect() as c:
+        partitioned = partitions.is_partitioned(c)
+    if partitioned:
+        partitions.ensure(engine, [now + 3600 + k * 86400 for k in range(7)])
     t0 = time.perf_counter()
     for lo in range(0, m, SEED_CHUNK):
         with engine.begin() as c:
@@ -226,6 +230,8 @@ def main() -> None:
     ap.add_argument("--database-url", default=os.environ.get("QUANTA_TEST_PG_URL"))
     ap.add_argument("--retained", type=int, default=0, help="rows already in results (PostgreSQL)")
     ap.add_argument("--skip-sqlite", action="store_true")
+    ap.add_argument("--compare-unpartitioned", action="store_true",
+                    help="also time the results-page reads on the same retained rows in an unpartitioned table")
     ap.add_argument("--quick", action="store_true", help="N = 1,000")
     a = ap.parse_args()
     n = 1000 if a.quick else a.n
@@ -249,6 +255,15 @@ def main() -> None:
             rows.append(measure("PostgreSQL", url, url, n, size, a.repeat))
             rows[-1]["retained"] = a.retained
             pages = page_times(url, [1] + ([RETAINED_FIRST] if a.retained else []))
+        if a.compare_unpartitioned and a.retained:  # the same reads on the schema before responses_0004
+            from alembic import command
+
+            from quanta.db import alembic_config
+
+            with pg_database(a.database_url) as url:
+                command.upgrade(alembic_config(url, "responses"), "responses_0003")
+                seed_retained(url, a.retained)
+                pages += [f"{line} (unpartitioned, responses_0003)" for line in page_times(url, [RETAINED_FIRST])]
     else:
         print("# PostgreSQL skipped: pass --database-url or set QUANTA_TEST_PG_URL")
     print(f"# load average after {os.getloadavg()}")

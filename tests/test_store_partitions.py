@@ -324,3 +324,16 @@ def test_migration_converts_an_existing_table_and_back(request: pytest.FixtureRe
     command.upgrade(cfg, "heads")  # and up again
     assert len(_read_all(engine)) == len(back)
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_mark_sent_counts_each_open_row_once(request: pytest.FixtureRequest, tmp_path, backend: str) -> None:
+    url = request.getfixturevalue("pg") if backend == "postgresql" else f"sqlite:///{tmp_path / 'r.db'}"
+    engine = _engine(url)
+    store.insert_targets(engine, 1, {"a": True, "b": False, "c": True}, time.time() + 60)
+    store.ingest(engine, [_answer(1, "c")])
+    # repeats, strangers, an answered device and names no device can have: only a and b move
+    assert store.mark_sent(engine, 1, ["a", "a", "b", "c", "stranger", "x" * 300, "'; DROP TABLE results; --"]) == 2
+    assert store.state_counts(engine, 1) == {"sent": 2, "success": 1}
+    assert store.mark_sent(engine, 1, ["a", "b"]) == 0  # already sent
+    engine.dispose()
