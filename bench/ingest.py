@@ -19,7 +19,7 @@ each, expiring over the next 7 days, so in 7 partitions) are in ``results`` befo
 measured, written by ``generate_series`` in the server; then the results-page queries
 (``store.page_result_rows``, first and last page, and ``store.state_counts``) are timed on the
 big store (``--compare-unpartitioned``: and on the same rows in the table before responses_0004,
-in a second scratch database). ``--quick``: N = 1,000. The last line holds ``ratio=`` = Quanta rate / bare rate, the
+in a second scratch database), and the purge: whole days dropped, then a day row by row. ``--quick``: N = 1,000. The last line holds ``ratio=`` = Quanta rate / bare rate, the
 lower of the databases measured (target ≥ 0.5; on PostgreSQL with 10 M retained, ≥ 0.8).
 """
 
@@ -215,7 +215,27 @@ def page_times(url: str, iids: list[int]) -> list[str]:
                 fn()
                 ts.append(time.perf_counter() - t0)
             timings[what] = statistics.median(ts)
-        out.append(f"instruction {iid} ({total:,} rows): " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
+        out.append(f"results page, instruction {iid} ({total:,} rows): " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in timings.items()))
+    engine.dispose()
+    return out
+
+
+def purge_times(url: str) -> list[str]:
+    """The response-TTL purge on the big store: a cut-off at the start of the third retained day
+    (the first days end before it: their partitions are dropped whole), then one just after the
+    third day's rows expired (row by row in that day, 5,000 rows a transaction, for the purge's
+    1 s budget)."""
+    from quanta.db import make_engine, partitions, store
+
+    engine = make_engine(url)
+    first_day = int((time.time() + 3600) // partitions.DAY)
+    out = []
+    for what, cutoff in (("whole days", (first_day + 2) * partitions.DAY),
+                         ("row by row (1 s budget)", time.time() + 3600 + 2 * partitions.DAY)):
+        t0 = time.perf_counter()
+        n = store.purge_expired(engine, now=cutoff)
+        dt = time.perf_counter() - t0
+        out.append(f"purge {what}: {n:,} rows in {dt:.2f} s ({n / dt:,.0f} rows/s)")
     engine.dispose()
     return out
 
@@ -255,6 +275,8 @@ def main() -> None:
             rows.append(measure("PostgreSQL", url, url, n, size, a.repeat))
             rows[-1]["retained"] = a.retained
             pages = page_times(url, [1] + ([RETAINED_FIRST] if a.retained else []))
+            if a.retained:
+                pages += purge_times(url)
         if a.compare_unpartitioned and a.retained:  # the same reads on the schema before responses_0004
             from alembic import command
 
@@ -273,7 +295,7 @@ def main() -> None:
         print(f"| {x['db']} | {x.get('retained', 0):,} | {x['n']:,} | {size:,} | {x['quanta_s']:.3f} s | "
               f"{x['quanta_rate']:,.0f} | {x['bare_s']:.3f} s | {x['bare_rate']:,.0f} | {x['ratio']:.2f} |")
     for line in pages:
-        print(f"# results page, PostgreSQL: {line}")
+        print(f"# PostgreSQL: {line}")
     worst = min(rows, key=lambda x: x["ratio"])
     print(f"ingest N={n} " + " ".join(f"{x['db']}={x['quanta_rate']:.0f}/s(bare {x['bare_rate']:.0f}/s, "
                                        f"{x['ratio']:.2f})" for x in rows) + f" ratio={worst['ratio']:.2f}")
