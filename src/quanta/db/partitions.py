@@ -73,6 +73,28 @@ def _partitions(c: sa.Connection) -> dict[str, bool]:
         "WHERE i.inhparent = to_regclass('results')")}
 
 
+def holding(c: sa.Connection, instruction_ids: Iterable[int]) -> str | None:
+    """A condition on ``results.expires_at`` naming the partitions that hold rows of these
+    instructions (one index probe a partition), for a statement to be planned on those alone;
+    None if none does. Bounds are made here from integers, never from input."""
+    names = [n for n, pending in _partitions(c).items() if not pending]
+    if not names:
+        return None
+    probe = " UNION ALL ".join(f"SELECT '{n}' WHERE EXISTS (SELECT 1 FROM \"{n}\" WHERE instruction_id = ANY(%(i)s))"
+                               for n in names)
+    found = list(c.exec_driver_sql(probe, {"i": sorted(set(instruction_ids))}).scalars())
+    ranges = []
+    for n in found:
+        day = _day_from(n)
+        if n == PAST:
+            ranges.append("results.expires_at < 0")
+        elif n == NEVER:
+            ranges.append(f"results.expires_at >= {NEVER_FROM:.0f}")
+        elif day is not None:
+            ranges.append(f"(results.expires_at >= {day * DAY} AND results.expires_at < {(day + 1) * DAY})")
+    return "(" + " OR ".join(ranges) + ")" if ranges else None
+
+
 def _create(c: sa.Connection, table: str, bounds: str, suffix: str) -> None:
     """Create ``table`` beside ``results`` (same columns, key and indexes) and attach it with
     ``bounds``. Names and bounds are made here from integers, never from input."""

@@ -528,10 +528,15 @@ def _ingest_copy(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[int,
         _copy(c, "COPY quanta_stage_answers (i, d, s, c, r, e) FROM STDIN",
               ((r["instruction_id"], r["device_id"], r["state"], enc(r["columns"]), enc(r["rows"]), r["error"])
                for r in first.values()))
+        # Only the partitions holding these instructions' rows (usually the one day of their
+        # expiry) are looked in, rather than every day's for each answer.
+        where = partitions.holding(c, out)
+        if where is None:
+            return out
         for iid, n in c.exec_driver_sql(
                 "WITH moved AS (UPDATE results SET state = a.s, columns = CAST(a.c AS JSON), rows = CAST(a.r AS JSON), "
                 "error = a.e, updated_at = %(t)s FROM quanta_stage_answers a WHERE results.instruction_id = a.i "
-                f"AND results.device_id = a.d AND {_OPEN_BY_KEY} RETURNING results.instruction_id) "
+                f"AND results.device_id = a.d AND {_OPEN_BY_KEY} AND {where} RETURNING results.instruction_id) "
                 "SELECT instruction_id, count(*) FROM moved GROUP BY instruction_id", {"t": time.time()}):
             out[int(iid)] = int(n)
     return out
