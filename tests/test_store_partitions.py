@@ -337,3 +337,19 @@ def test_mark_sent_counts_each_open_row_once(request: pytest.FixtureRequest, tmp
     assert store.state_counts(engine, 1) == {"sent": 2, "success": 1}
     assert store.mark_sent(engine, 1, ["a", "b"]) == 0  # already sent
     engine.dispose()
+
+
+def test_answers_reach_a_partition_attached_by_hand(pg: str) -> None:
+    """A careless operator's own partition (not named by quanta.db.partitions): the batch UPDATE is
+    then planned on every partition, and its rows are answered all the same."""
+    engine = _engine(pg)
+    devs = [f"d{i:03d}" for i in range(store.COPY_MIN)]
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE \"results_by hand\" (LIKE results INCLUDING DEFAULTS)")
+        c.exec_driver_sql("ALTER TABLE results ATTACH PARTITION \"results_by hand\" "
+                          "FOR VALUES FROM ('100000000000000') TO ('100000086400000')")
+        c.exec_driver_sql("INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
+                          "SELECT 1, d, 'sent', 0, 100000000000005 FROM unnest(%(d)s::text[]) AS d", {"d": devs})
+    assert store.ingest_counted(engine, [_answer(1, d) for d in devs]) == {1: len(devs)}
+    assert store.state_counts(engine, 1) == {"success": len(devs)}
+    engine.dispose()

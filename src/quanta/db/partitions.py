@@ -76,16 +76,19 @@ def _partitions(c: sa.Connection) -> dict[str, bool]:
 def holding(c: sa.Connection, instruction_ids: Iterable[int]) -> str | None:
     """A condition on ``results.expires_at`` naming the partitions that hold rows of these
     instructions (one index probe a partition), for a statement to be planned on those alone;
-    None if none does. Call inside a transaction. Bounds are made here from integers, never from input."""
+    None if none does. Call inside a transaction. Bounds are made here from integers, never from
+    input; a partition this module did not name (attached by hand) makes it ``TRUE``: all."""
     names = [n for n, pending in _partitions(c).items() if not pending]
     if not names:
         return None
+    if any(n not in (PAST, NEVER) and _day_from(n) is None for n in names):
+        return "TRUE"
     probe = " UNION ALL ".join(f"SELECT '{n}' WHERE EXISTS (SELECT 1 FROM \"{n}\" WHERE instruction_id = ANY(%(i)s))"
                                for n in names)
     # by the index, never a scan: a partition without these instructions would be read whole
     c.exec_driver_sql("SET LOCAL enable_seqscan = off")
     found = list(c.exec_driver_sql(probe, {"i": sorted(set(instruction_ids))}).scalars())
-    c.exec_driver_sql("SET LOCAL enable_seqscan = on")
+    c.exec_driver_sql("SET LOCAL enable_seqscan TO DEFAULT")
     ranges = []
     for n in found:
         day = _day_from(n)
