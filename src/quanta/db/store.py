@@ -19,6 +19,7 @@ from sqlalchemy.dialects import postgresql
 from quanta.protocol import DeviceInfo
 from quanta.settings import switch_layout
 
+from . import partitions
 from .tables import device_certificates, devices, held_responses, instructions, results, switch_configuration
 
 _json_encode = msgspec.json.Encoder().encode
@@ -403,34 +404,95 @@ def target_devices(engine: sa.Engine, scope: list[str] | None) -> dict[str, bool
 
 # ---------------------------------------------------------------- responses
 def insert_targets(engine: sa.Engine, instruction_id: int, targets: dict[str, bool],
-                   response_expires_at: float) -> int:
+                   response_expires_at: float | None) -> int:
     """Create one row per targeted device; idempotent (existing rows are kept).
 
-    Returns how many target rows already existed (0 on a first issue). The insert is one
-    driver-level ``executemany`` (this runs before the Switches are poked, on the question's
-    critical path)."""
+    Returns how many target rows already existed (0 on a first issue). This runs before the
+    Switches are poked, on the question's critical path: on SQLite the insert is one driver-level
+    ``executemany``; on PostgreSQL the rows are COPY-ed into a temporary table and inserted from it
+    in one statement, into the partition of ``response_expires_at``'s day (made first if need be).
+    ``None`` (or NaN) means never: stored as +Infinity."""
+    expires_at = partitions.stored_expiry(response_expires_at)
     now = time.time()
+    if engine.dialect.name != "postgresql":
+        with engine.begin() as c:
+            existing = {r[0] for r in c.execute(sa.select(results.c.device_id)
+                                                .where(results.c.instruction_id == instruction_id))}
+            sql = _driver_sql(engine, "INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
+                                      "VALUES (:i, :d, :s, :t, :x)")
+            params = [{"i": instruction_id, "d": d, "s": "pending" if online else "offline", "t": now,
+                       "x": expires_at} for d, online in targets.items() if d not in existing]
+            if params:
+                c.exec_driver_sql(sql, params)
+            return len(existing)
+    for attempt in (1, 2):
+        partitions.ensure(engine, [expires_at])
+        try:
+            return _insert_targets_pg(engine, instruction_id, targets, expires_at, now)
+        except sa.exc.IntegrityError as e:  # its day's partition was dropped meanwhile (a past expiry)
+            if attempt == 2 or getattr(e.orig, "sqlstate", None) != _CHECK_VIOLATION:
+                raise
+    raise AssertionError("unreachable")
+
+
+_CHECK_VIOLATION = "23514"  # SQLSTATE of "no partition of relation found for row"
+_TARGET_LOCK = 0x5174  # pg advisory lock namespace (with the instruction id): its target rows
+_STAGE_TARGETS = "CREATE TEMPORARY TABLE IF NOT EXISTS quanta_stage_targets (d TEXT, s TEXT) ON COMMIT DELETE ROWS"
+_STAGE_ANSWERS = ("CREATE TEMPORARY TABLE IF NOT EXISTS quanta_stage_answers "
+                  "(i INTEGER, d TEXT, s TEXT, c TEXT, r TEXT, e TEXT) ON COMMIT DELETE ROWS")
+
+
+def _copy(c: sa.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+    """COPY ``rows`` in through psycopg's ``cursor.copy``, inside the connection's transaction."""
+    import psycopg
+
+    cur = c.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cur.copy(sql) as cp:
+            for row in rows:
+                cp.write_row(row)
+    except psycopg.Error as e:  # as SQLAlchemy raises it for execute: an outage is an OperationalError
+        raise sa.exc.DBAPIError.instance(sql, None, e, psycopg.Error, dialect=c.dialect) from e
+    finally:
+        cur.close()
+
+
+def _insert_targets_pg(engine: sa.Engine, instruction_id: int, targets: dict[str, bool], expires_at: float,
+                       now: float) -> int:
+    """The primary key holds the partition key, so it alone would allow a second row of a device
+    with another expiry: an advisory lock on the instruction serialises its target writes (another
+    Core issuing it too), and a device that has a row (whatever its expiry) is skipped."""
     with engine.begin() as c:
-        existing = {r[0] for r in c.execute(sa.select(results.c.device_id)
-                                            .where(results.c.instruction_id == instruction_id))}
-        sql = _driver_sql(engine, "INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
-                                  "VALUES (:i, :d, :s, :t, :x)")
-        params = [{"i": instruction_id, "d": d, "s": "pending" if online else "offline", "t": now,
-                   "x": response_expires_at} for d, online in targets.items() if d not in existing]
-        if params:
-            c.exec_driver_sql(sql, params)
-        return len(existing)
+        c.exec_driver_sql("SELECT pg_advisory_xact_lock(%(ns)s, %(i)s)", {"ns": _TARGET_LOCK, "i": instruction_id})
+        existing = int(c.execute(sa.select(sa.func.count()).select_from(results)
+                                 .where(results.c.instruction_id == instruction_id)).scalar_one())
+        if targets:
+            c.exec_driver_sql(_STAGE_TARGETS)
+            _copy(c, "COPY quanta_stage_targets (d, s) FROM STDIN",
+                  ((d, "pending" if online else "offline") for d, online in targets.items()))
+            c.exec_driver_sql(
+                "INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
+                "SELECT %(i)s, t.d, t.s, %(t)s, %(x)s FROM quanta_stage_targets t WHERE NOT EXISTS "
+                "(SELECT 1 FROM results r WHERE r.instruction_id = %(i)s AND r.device_id = t.d) "
+                "ON CONFLICT DO NOTHING", {"i": instruction_id, "t": now, "x": expires_at})
+        return existing
 
 
 def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str]) -> int:
-    """pending/offline -> sent for the devices a Switch delivered to (one driver executemany)."""
+    """pending/offline -> sent for the devices a Switch delivered to: on SQLite one driver
+    executemany, on PostgreSQL one UPDATE over an array of the ids (``= ANY``)."""
     if not device_ids:
         return 0
-    sql = _driver_sql(engine, "UPDATE results SET state = 'sent', updated_at = :t WHERE instruction_id = :i "
-                              "AND device_id = :d AND (state = 'pending' OR state = 'offline')")
     now = time.time()
     with engine.begin() as c:
-        r = c.exec_driver_sql(sql, [{"t": now, "i": instruction_id, "d": d} for d in device_ids])
+        if engine.dialect.name == "postgresql":
+            r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = %(t)s WHERE instruction_id = %(i)s "
+                                  "AND device_id = ANY(%(d)s) AND state IN ('pending', 'offline')",
+                                  {"t": now, "i": instruction_id, "d": list(device_ids)})
+        else:
+            r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = :t WHERE instruction_id = :i "
+                                  "AND device_id = :d AND (state = 'pending' OR state = 'offline')",
+                                  [{"t": now, "i": instruction_id, "d": d} for d in device_ids])
         return r.rowcount if r.rowcount is not None and r.rowcount >= 0 else 0
 
 
@@ -450,11 +512,16 @@ def ingest_counted(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[in
     driver's ``executemany`` rowcount), or -1 where the driver cannot tell.
 
     This is the hot path (one call per Switch batch): it runs one driver-level ``executemany``
-    with the JSON pre-encoded by msgspec, which is what the ``results`` JSON columns store.
+    with the JSON pre-encoded by msgspec, which is what the ``results`` JSON columns store; on
+    PostgreSQL a batch of :data:`COPY_MIN` answers or more is COPY-ed instead (see
+    :func:`_ingest_copy`), with the same outcome.
     """
     if not rows:
         return {}
-    opened = " OR ".join(f"state = '{s}'" for s in OPEN_STATES)  # constants, not input
+    if engine.dialect.name == "postgresql" and len(rows) >= COPY_MIN:
+        return _ingest_copy(engine, rows)
+    opened = _OPEN_BY_KEY if engine.dialect.name == "postgresql" else " OR ".join(
+        f"state = '{s}'" for s in OPEN_STATES)  # constants, not input
     sql = _driver_sql(engine, "UPDATE results SET state = :s, columns = :c, rows = :r, error = :e, updated_at = :t "
                               f"WHERE instruction_id = :i AND device_id = :d AND ({opened})", json_params=("c", "r"))
     now = time.time()
@@ -469,6 +536,47 @@ def ingest_counted(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[in
         for iid, prms in by_instruction.items():
             res = c.exec_driver_sql(sql, prms)
             out[iid] = res.rowcount if res.rowcount is not None and res.rowcount >= 0 else -1
+    return out
+
+
+COPY_MIN = 64  # answers in one batch from which PostgreSQL takes them through COPY
+# The open-state test of an answer's row on PostgreSQL, written so that the planner finds the row by
+# its key: ``ix_results_state`` looks selective for the open states (most retained rows are answered,
+# and a new instruction's rows have no statistics yet), but it would scan every open row of the
+# instruction for each answer (seconds a batch on a big store).
+_OPEN_BY_KEY = "(results.state || '') IN (" + ", ".join(f"'{s}'" for s in OPEN_STATES) + ")"  # constants
+
+
+def _ingest_copy(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[int, int]:
+    """:func:`ingest_counted` on PostgreSQL for a large batch: the answers are COPY-ed into a
+    temporary table, then one ``UPDATE ... FROM`` moves the open rows they name. As with the
+    ``executemany``, the first answer for an (instruction, device) wins (later ones would find it
+    answered): the duplicates are dropped here first, as one UPDATE may change a row only once."""
+    first: dict[tuple[int, str], dict[str, Any]] = {}
+    for r in rows:
+        first.setdefault((r["instruction_id"], r["device_id"]), r)
+    enc = _json_text
+    out = dict.fromkeys((r["instruction_id"] for r in rows), 0)
+    with engine.begin() as c:
+        c.exec_driver_sql(_STAGE_ANSWERS)
+        # Each answer's row by its key, whatever the statistics say: a hash join would read every
+        # partition whole for each batch (seen: 1 s a batch with 1 M rows retained). Reset at commit.
+        c.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+        c.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+        _copy(c, "COPY quanta_stage_answers (i, d, s, c, r, e) FROM STDIN",
+              ((r["instruction_id"], r["device_id"], r["state"], enc(r["columns"]), enc(r["rows"]), r["error"])
+               for r in first.values()))
+        # Only the partitions holding these instructions' rows (usually the one day of their
+        # expiry) are looked in, rather than every day's for each answer.
+        where = partitions.holding(c, out)
+        if where is None:
+            return out
+        for iid, n in c.exec_driver_sql(
+                "WITH moved AS (UPDATE results SET state = a.s, columns = CAST(a.c AS JSON), rows = CAST(a.r AS JSON), "
+                "error = a.e, updated_at = %(t)s FROM quanta_stage_answers a WHERE results.instruction_id = a.i "
+                f"AND results.device_id = a.d AND {_OPEN_BY_KEY} AND {where} RETURNING results.instruction_id) "
+                "SELECT instruction_id, count(*) FROM moved GROUP BY instruction_id", {"t": time.time()}):
+            out[int(iid)] = int(n)
     return out
 
 
@@ -723,15 +831,22 @@ def purge_expired(engine: sa.Engine, now: float | None = None, chunk: int = PURG
                   budget: float = PURGE_BUDGET) -> int:
     """Delete responses past their response TTL (``expires_at`` before ``now``); returns how many.
 
-    Each transaction deletes at most ``chunk`` rows (found through ``ix_results_expires_at``), so
-    the write lock is released between chunks and ingest goes on in between; after ``budget``
-    seconds the call stops and the rest is purged by the next one."""
+    On PostgreSQL the day partitions that ended by then are detached and dropped whole first, and
+    those of the days ahead made (see :mod:`quanta.db.partitions`); what is left to delete row by
+    row is in the one partition the cut-off falls in. Each transaction deletes at most ``chunk``
+    rows (found through ``ix_results_expires_at``), so the write lock is released between chunks
+    and ingest goes on in between; after ``budget`` seconds the call stops and the rest is purged
+    by the next one."""
     cutoff = time.time() if now is None else now
-    doomed = (sa.select(results.c.instruction_id, results.c.device_id)
-              .where(results.c.expires_at < cutoff).limit(chunk))
-    stmt = results.delete().where(sa.tuple_(results.c.instruction_id, results.c.device_id).in_(doomed))
-    deadline = time.monotonic() + budget
     total = 0
+    key: tuple[sa.Column[Any], ...] = (results.c.instruction_id, results.c.device_id)
+    if engine.dialect.name == "postgresql":
+        total += partitions.drop_expired(engine, cutoff)
+        partitions.ensure(engine, ahead=partitions.AHEAD_DAYS)  # from the clock's today, whatever ``now``
+        key += (results.c.expires_at,)  # the primary key: found in the partition, not in each one
+    doomed = sa.select(*key).where(results.c.expires_at < cutoff).limit(chunk)
+    stmt = results.delete().where(sa.tuple_(*key).in_(doomed))
+    deadline = time.monotonic() + budget
     while True:
         with engine.begin() as c:
             n = c.execute(stmt).rowcount or 0

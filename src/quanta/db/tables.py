@@ -218,6 +218,9 @@ integrate_runs = sa.Table(
 sa.Index("ix_integrate_runs_connector", integrate_runs.c.connector, integrate_runs.c.id)
 
 # One row per (instruction, device): the idempotency key of every write on the response path.
+# On PostgreSQL the table is partitioned by day of ``expires_at`` (quanta.db.partitions, migration
+# responses_0004), its primary key then (instruction_id, device_id, expires_at); the store keeps one
+# row per (instruction, device) all the same. ``expires_at`` +Infinity: never expires.
 results = sa.Table(
     "results", responses,
     sa.Column("instruction_id", sa.Integer, primary_key=True, autoincrement=False),
@@ -227,7 +230,7 @@ results = sa.Table(
     sa.Column("rows", sa.JSON, nullable=True),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("expires_at", sa.Float, nullable=True),  # response TTL
+    sa.Column("expires_at", sa.Float, nullable=False),  # response TTL
 )
 sa.Index("ix_results_state", results.c.instruction_id, results.c.state)
 sa.Index("ix_results_expires_at", results.c.expires_at)  # the response-TTL purge
