@@ -16,6 +16,14 @@ from quanta.settings import DataDir, load_settings
 from quanta.status import status_path
 
 
+def _heads(which: str) -> list[str]:
+    """This version's heads of one migration chain (read from its scripts, so a new migration needs
+    no change here)."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("sqlite://", which)).get_heads()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_migrate_applies_what_is_missing_and_then_nothing(tmp_path: Path, backend: str, request) -> None:
     extra = ("--database-url", request.getfixturevalue("pg_url")) if backend == "postgresql" else ()
@@ -30,8 +38,10 @@ def test_migrate_applies_what_is_missing_and_then_nothing(tmp_path: Path, backen
 
     r = quanta("migrate", str(root))
     said = " ".join(r.stdout.split())
-    assert "master: migrated" in said and "-> master_0003, master_0010_defs, master_0023_attrs" in said, said
-    assert "responses: migrated responses_0002 -> responses_0003" in said and "catalog: up to date" in said, said
+    master_heads = ", ".join(sorted(_heads("master")))
+    assert "master: migrated" in said and f"-> {master_heads}" in said, said
+    assert f"responses: migrated responses_0002 -> {_heads('responses')[0]}" in said, said
+    assert "catalog: up to date" in said, said
     assert "device_attributes" in sa.inspect(make_engine(dd.master_url(settings))).get_table_names()
 
     again = " ".join(quanta("migrate", str(root)).stdout.split())

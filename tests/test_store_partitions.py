@@ -80,7 +80,8 @@ def test_partitions_made_ahead_and_on_demand_concurrently(pg: str) -> None:
         assert c.exec_driver_sql("SELECT relkind FROM pg_class WHERE relname = 'results'").scalar() == "p"
         names = {r[0] for r in c.exec_driver_sql(
             f"SELECT indexname FROM pg_indexes WHERE tablename = '{partitions.name(today)}'")}
-    assert names == {f"{partitions.name(today)}_pkey", f"ix_results_state_d{today}", f"ix_results_expires_at_d{today}"}
+    assert names == {f"{partitions.name(today)}_pkey", f"ix_results_state_d{today}", f"ix_results_expires_at_d{today}",
+                     f"ix_results_device_d{today}"}
 
     far = (today + 40) * DAY + 7.5
     store.insert_targets(engine, 1, {"a": True, "b": False}, far)  # on demand: the day of its expiry

@@ -109,6 +109,7 @@ def _create(c: sa.Connection, table: str, bounds: str, suffix: str) -> None:
                       "PRIMARY KEY (instruction_id, device_id, expires_at)")
     c.exec_driver_sql(f'CREATE INDEX "ix_results_state_{suffix}" ON "{table}" (instruction_id, state)')
     c.exec_driver_sql(f'CREATE INDEX "ix_results_expires_at_{suffix}" ON "{table}" (expires_at)')
+    c.exec_driver_sql(f'CREATE INDEX "ix_results_device_{suffix}" ON "{table}" (device_id, instruction_id)')
     c.exec_driver_sql(f'ALTER TABLE results ATTACH PARTITION "{table}" FOR VALUES {bounds}')
 
 

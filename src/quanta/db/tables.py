@@ -234,6 +234,7 @@ results = sa.Table(
 )
 sa.Index("ix_results_state", results.c.instruction_id, results.c.state)
 sa.Index("ix_results_expires_at", results.c.expires_at)  # the response-TTL purge
+sa.Index("ix_results_device", results.c.device_id, results.c.instruction_id)  # a device's recent instructions
 
 # Answers the Core kept but did not count: "late" (the instruction had already ended: its final
 # counts stay final) or "refused" (it could not be stored, came through a Switch link the device
