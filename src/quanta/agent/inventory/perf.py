@@ -8,19 +8,18 @@ import threading
 import time
 from collections.abc import Callable
 
+from .pace import Capture
 from .settings import InventorySettings
 from .store import Store
 
 log = logging.getLogger("quanta.agent.inventory")
 
 
-class PerfCapture:
+class PerfCapture(Capture):
     def __init__(self, store: Store, settings: InventorySettings, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(settings)
         self.store = store
-        self.settings = settings
         self.clock = clock
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         if self.settings.source("DevicePerformance").enabled:
@@ -28,23 +27,12 @@ class PerfCapture:
         if self.settings.source("ProcessUsage").enabled:
             self._spawn("quanta-inventory-usage", self._usage)
 
-    def _spawn(self, name: str, fn: Callable[[], None]) -> None:
-        t = threading.Thread(target=fn, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(2)
-
     def _device(self) -> None:
         import psutil
 
-        interval = self.settings.source("DevicePerformance").interval
         psutil.cpu_percent(None)
         disk0, net0, t0 = psutil.disk_io_counters(), psutil.net_io_counters(), time.monotonic()
-        while not self._stop.wait(interval):
+        while not self.pace.sleep(self.settings.source("DevicePerformance").interval):
             try:
                 disk, net, t1 = psutil.disk_io_counters(), psutil.net_io_counters(), time.monotonic()
                 dt = max(t1 - t0, 1e-3)
@@ -64,7 +52,6 @@ class PerfCapture:
     def _usage(self) -> None:
         import psutil
 
-        interval = self.settings.source("ProcessUsage").interval
         before: dict[tuple[int, float], float] = {}
         first = True
         while True:
@@ -97,7 +84,7 @@ class PerfCapture:
                 before, first = after, False
             except Exception:  # noqa: BLE001
                 log.exception("process usage sample failed")
-            if self._stop.wait(interval):
+            if self.pace.sleep(self.settings.source("ProcessUsage").interval):
                 return
 
 

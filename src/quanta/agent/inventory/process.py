@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from .pace import Capture
 from .settings import InventorySettings
 from .store import Store
 
@@ -182,16 +183,14 @@ def open_connector() -> socket.socket:
     return sock
 
 
-class ProcessCapture:
+class ProcessCapture(Capture):
     def __init__(self, store: Store, settings: InventorySettings, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(settings)
         self.store = store
-        self.settings = settings
         self.clock = clock
         self.method = ""
         self.lost_events = 0  # the kernel's buffer overflowed (ENOBUFS)
         self.dropped = 0  # our hand-over queue was full
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=20_000)
         self._hasher = Hasher()
         self._started: dict[int, int] = {}  # pid -> Ts of its first row this session
@@ -210,33 +209,21 @@ class ProcessCapture:
                         self.settings.source("Process").interval)
         if not self.method:
             self.method = "poll"
-        targets: list[tuple[str, Callable[[], None]]] = [("quanta-inventory-process", self._consume)]
-        targets.append(("quanta-inventory-netlink", self._receive) if self.method == "netlink"
-                       else ("quanta-inventory-process-poll", self._poll))
-        for name, target in targets:
-            t = threading.Thread(target=self._guard(target), name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._spawn("quanta-inventory-process", self._consume)
+        if self.method == "netlink":
+            self._spawn("quanta-inventory-netlink", self._receive)
+        else:
+            self._spawn("quanta-inventory-process-poll", self._poll)
 
     def stop(self) -> None:
-        self._stop.set()
         self._hand(("stop", None))
-        for t in self._threads:
-            t.join(2)
+        super().stop()
         if self._sock is not None:
             try:
                 self._sock.send(listen_message(PROC_CN_MCAST_IGNORE))
             except OSError:
                 pass
             self._sock.close()
-
-    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - capture must never take the agent down
-                log.exception("process capture thread failed")
-        return run
 
     def _hand(self, item: tuple[str, Any]) -> None:
         try:
@@ -247,7 +234,7 @@ class ProcessCapture:
     # netlink ------------------------------------------------------------------------------
     def _receive(self) -> None:
         assert self._sock is not None
-        while not self._stop.is_set():
+        while not self.pace.stopped:
             try:
                 data = self._sock.recv(65536)
             except socket.timeout:
@@ -256,7 +243,7 @@ class ProcessCapture:
                 if e.errno == errno.ENOBUFS:
                     self.lost_events += 1
                     continue
-                if self._stop.is_set():
+                if self.pace.stopped:
                     return
                 raise
             for what, pid, tgid in parse_events(data):
@@ -278,7 +265,7 @@ class ProcessCapture:
         first = True
         # psutil derives start times from the boot time, which /proc/stat gives in whole seconds
         since = time.time() - self.settings.source("Process").interval - 2
-        while not self._stop.is_set():
+        while not self.pace.stopped:
             now = int(self.clock())
             seen: dict[int, float] = {}
             for p in psutil.process_iter(["pid", "create_time"]):
@@ -295,7 +282,7 @@ class ProcessCapture:
                 if seen.get(pid) != ct:
                     self._hand(("exit", (now, pid)))
             known, first = seen, False
-            self._stop.wait(self.settings.source("Process").interval)
+            self.pace.sleep(self.settings.source("Process").interval)
 
     # rows -----------------------------------------------------------------------------------
     def _consume(self) -> None:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .pace import Capture
 from .settings import InventorySettings
 from .store import Store
 
@@ -21,23 +22,15 @@ log = logging.getLogger("quanta.agent.inventory")
 OPEN_STATES = ("ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "CLOSING", "LAST_ACK")
 
 
-class TcpCapture:
+class TcpCapture(Capture):
     def __init__(self, store: Store, settings: InventorySettings, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(settings)
         self.store = store
-        self.settings = settings
         self.clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.polls = threading.Semaphore(0)  # released after every poll (tests wait on it)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="quanta-inventory-tcp", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
+        self._spawn("quanta-inventory-tcp", self._run)
 
     def _run(self) -> None:
         import psutil
@@ -45,7 +38,7 @@ class TcpCapture:
         open_: dict[tuple[str, int, str, int], int] = {}  # key -> last seen
         exe_cache: dict[int, tuple[float, str]] = {}
         pending: dict[tuple[str, int, str, int], tuple[dict[str, object], int]] = {}  # no process yet: row, polls
-        while not self._stop.is_set():
+        while not self.pace.stopped:
             try:
                 now = int(self.clock())
                 conns = psutil.net_connections(kind="tcp")
@@ -85,7 +78,7 @@ class TcpCapture:
             except Exception:  # noqa: BLE001 - capture must never take the agent down
                 log.exception("TCP capture poll failed")
             self.polls.release()
-            self._stop.wait(self.settings.source("TCP").interval)
+            self.pace.sleep(self.settings.source("TCP").interval)
 
 
 def _exe(pid: int, cache: dict[int, tuple[float, str]]) -> str:
