@@ -347,7 +347,7 @@ def run_instruction(body: p.InstructionBody, cfg: AgentConfig, interact: Any = N
             return program
     ctx = AgentContext(data_dir=cfg.state, config_path=cfg.conf_path, log_path=cfg.log_path,
                        agent_version=quanta.__version__, fetch_resource=BackgroundFetcher(cfg), interact=interact,
-                       instruction_id=body.id, instruction_name=body.name)
+                       instruction_id=body.id, instruction_name=body.name, storage_owner=body.owner or "adhoc")
     # the payload may run until the instruction's gather window closes (an answer after it is late),
     # between 1 s and the evaluator's default of 60 s
     limits = Limits(timeout_seconds=max(1.0, min(Limits().timeout_seconds, body.expires_at - time.time())))
