@@ -1,6 +1,6 @@
 """Benchmark: the Activity Record's capture overhead, store growth and history-question time.
 
-    python bench/inventory.py [--quick] [--seconds N]
+    python bench/inventory.py [--quick] [--seconds N] [--capture-only]
 
 1. Capture: a child process runs the Activity Record with its default settings (process events
    by netlink when run as root, TCP polled every 5 s, software, device performance, process
@@ -238,6 +238,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="20 s of load, a 5-day store")
     ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--capture-only", action="store_true", help="only the capture overhead (no history store)")
     args = ap.parse_args()
     seconds = args.seconds or (20.0 if args.quick else 120.0)
     days = 5 if args.quick else 30
@@ -256,6 +257,9 @@ def main() -> None:
           f"{float(on['warmup_cpu']):.2f} s of CPU once (the software's present set, first polls)")
     print(f"  rows captured at this load: {float(on.get('rows_per_day', 0)):,.0f} per day "
           "(software's one-off present set not counted)")
+    if args.capture_only:
+        print(f"capture_cpu_pct={extra:.2f} ratio={extra / 1.0:.2f}")
+        return
     h = history(days, 200)
     print(f"history: {days}-day store at 200 starts/min written and maintained in {h['write_s']:.0f} s: "
           f"{h['size'] / 1e6:.1f} MB, rows {h['counts']}")
