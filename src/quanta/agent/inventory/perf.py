@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 
@@ -53,14 +52,14 @@ class PerfCapture(Capture):
         import psutil
 
         before: dict[tuple[int, float], float] = {}
+        names: dict[tuple[int, float], tuple[str, str]] = {}  # a process's executable and user, read once
         first = True
         while True:
             try:
                 now = int(self.clock())
                 after: dict[tuple[int, float], float] = {}
                 acc: dict[tuple[str, str], list[float]] = {}
-                for p in psutil.process_iter(["name", "exe", "username", "cpu_times", "memory_info", "create_time"],
-                                             ad_value=None):
+                for p in psutil.process_iter(["cpu_times", "memory_info", "create_time"], ad_value=None):
                     ct, mem = p.info.get("cpu_times"), p.info.get("memory_info")
                     if ct is None:
                         continue
@@ -68,8 +67,10 @@ class PerfCapture(Capture):
                     used = ct.user + ct.system
                     after[key] = used
                     delta = used - before.get(key, 0.0 if not first else used)
-                    name = os.path.basename(p.info.get("exe") or "") or (p.info.get("name") or "")
-                    a = acc.setdefault((name, p.info.get("username") or ""), [0.0, 0, 0])
+                    ident = names.get(key)
+                    if ident is None:
+                        ident = names[key] = _identity(p)
+                    a = acc.setdefault(ident, [0.0, 0, 0])
                     a[0] += max(delta, 0.0)
                     a[1] = max(a[1], mem.rss if mem else 0)
                     a[2] += 1
@@ -82,10 +83,25 @@ class PerfCapture(Capture):
                                 "ProcessCount": int(count),
                             })
                 before, first = after, False
+                names = {k: v for k, v in names.items() if k in after}  # the processes gone are forgotten
             except Exception:  # noqa: BLE001
                 log.exception("process usage sample failed")
             if self.pace.sleep(self.settings.source("ProcessUsage").interval):
                 return
+
+
+def _identity(p: object) -> tuple[str, str]:
+    """(executable name, user name) of a psutil process; empty strings for what cannot be read."""
+    import psutil
+
+    values = []
+    for attr in ("exe", "name", "username"):
+        try:
+            values.append(getattr(p, attr)() or "")
+        except (psutil.Error, OSError):
+            values.append("")
+    exe, name, user = values
+    return os.path.basename(exe) or name, user
 
 
 def _rate(a: object, b: object, attr: str, dt: float) -> float | None:

@@ -1,17 +1,26 @@
-"""TCP capture: the connections in the kernel's socket table, polled (``psutil``).
+"""TCP capture: the connections in the kernel's socket table, polled.
 
 A connection is recorded when first seen (``Ts``) with its process; ``LastSeenTs`` is set when it
 is no longer seen. It is ``Inbound`` when its local port is one this device listens on,
 ``Outbound`` otherwise. A connection opened and closed between two polls is missed.
+
+On Linux the table is read from ``/proc/net/tcp`` and ``tcp6``, and a connection's process is
+looked up only when the connection is new, by its socket's inode in ``/proc/<pid>/fd``: first in
+the processes that owned the last connections (a busy client or server opens many), then in the
+others, and only until every new socket is found. (``psutil.net_connections``, used elsewhere,
+reads every process's descriptors at every poll.)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from .pace import Capture
 from .settings import InventorySettings
@@ -20,6 +29,104 @@ from .store import Store
 log = logging.getLogger("quanta.agent.inventory")
 
 OPEN_STATES = ("ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "CLOSING", "LAST_ACK")
+# /proc/net/tcp's state codes (include/net/tcp_states.h)
+_OPEN_CODES = frozenset({"01", "02", "03", "04", "05", "08", "09", "0B"})
+_LISTEN_CODE = "0A"
+PROC_NET = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+RECENT_OWNERS = 64  # processes whose descriptors are looked at first
+
+Key = tuple[str, int, str, int]  # local address, local port, remote address, remote port
+
+
+def decode_address(text: str) -> tuple[str, int]:
+    """``0100007F:1F90`` (or its 32-digit IPv6 form) as ("127.0.0.1", 8080): the kernel prints each
+    32-bit word of the address in host order (little-endian here)."""
+    addr, _, port = text.partition(":")
+    raw = bytes.fromhex(addr)
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[::-1]), int(port, 16)
+    if len(raw) != 16:
+        raise ValueError(f"not an address: {text!r}")
+    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))), int(port, 16)
+
+
+def read_proc_net(paths: Iterable[Path] = PROC_NET) -> tuple[set[int], dict[Key, int]]:
+    """The listening ports, and the open connections with their socket inodes (0: none)."""
+    listening: set[int] = set()
+    conns: dict[Key, int] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                next(f, None)
+                lines = f.readlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) < 10:
+                continue
+            state = parts[3]
+            try:
+                if state == _LISTEN_CODE:
+                    listening.add(int(parts[1].rpartition(":")[2], 16))
+                elif state in _OPEN_CODES:
+                    lip, lport = decode_address(parts[1])
+                    rip, rport = decode_address(parts[2])
+                    conns[(lip, lport, rip, rport)] = int(parts[9])
+            except ValueError:
+                continue
+    return listening, conns
+
+
+def socket_owners(inodes: set[int], first: Iterable[int] = ()) -> dict[int, int]:
+    """The process (pid) holding each socket inode, from ``/proc/<pid>/fd``: the pids in ``first``
+    are looked at first, the others only while some inode is still unfound."""
+    want = {f"socket:[{i}]": i for i in inodes if i}
+    found: dict[int, int] = {}
+
+    def scan(pid: int) -> None:
+        base = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(base)
+        except OSError:
+            return
+        for fd in fds:
+            try:
+                link = os.readlink(f"{base}/{fd}")
+            except OSError:
+                continue
+            inode = want.pop(link, None)
+            if inode is not None:
+                found[inode] = pid
+                if not want:
+                    return
+
+    looked: set[int] = set()
+    for pid in first:
+        if want:
+            looked.add(pid)
+            scan(pid)
+    if want:
+        try:
+            names = os.listdir("/proc")
+        except OSError:
+            names = []
+        for name in names:
+            if not want:
+                break
+            if name.isdigit() and int(name) not in looked:
+                scan(int(name))
+    return found
+
+
+def _psutil_snapshot() -> tuple[set[int], dict[Key, int | None]]:
+    """Elsewhere: psutil's table, with the process ids (not inodes)."""
+    import psutil
+
+    conns = psutil.net_connections(kind="tcp")
+    listening = {c.laddr.port for c in conns if c.status == "LISTEN" and c.laddr}
+    return listening, {(c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port): c.pid for c in conns
+                       if c.raddr and c.status in OPEN_STATES}
 
 
 class TcpCapture(Capture):
@@ -28,49 +135,57 @@ class TcpCapture(Capture):
         self.store = store
         self.clock = clock
         self.polls = threading.Semaphore(0)  # released after every poll (tests wait on it)
+        self.procfs = PROC_NET[0].exists()
 
     def start(self) -> None:
         self._spawn("quanta-inventory-tcp", self._run)
 
     def _run(self) -> None:
-        import psutil
-
-        open_: dict[tuple[str, int, str, int], int] = {}  # key -> last seen
+        open_: dict[Key, int] = {}  # key -> last seen
         exe_cache: dict[int, tuple[float, str]] = {}
-        pending: dict[tuple[str, int, str, int], tuple[dict[str, object], int]] = {}  # no process yet: row, polls
+        owners: OrderedDict[int, None] = OrderedDict()  # the processes of the last new connections
+        pending: dict[Key, tuple[dict[str, object], int]] = {}  # no process yet: row, polls
         while not self.pace.stopped:
             try:
                 now = int(self.clock())
-                conns = psutil.net_connections(kind="tcp")
-                listening = {c.laddr.port for c in conns if c.status == "LISTEN" and c.laddr}
-                seen: set[tuple[str, int, str, int]] = set()
-                for c in conns:
-                    if not c.raddr or c.status not in OPEN_STATES:
-                        continue
-                    key = (c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port)
-                    seen.add(key)
+                if self.procfs:
+                    listening, table = read_proc_net()
+                    new = {table[k] for k in table if k not in open_}
+                    pids: dict[int, int | None] = dict(socket_owners(new, reversed(owners))) if new else {}
+                    conns = {k: pids.get(inode) for k, inode in table.items() if k not in open_}
+                    for pid in pids.values():
+                        if pid is not None:
+                            owners[pid] = None
+                            owners.move_to_end(pid)
+                    while len(owners) > RECENT_OWNERS:
+                        owners.popitem(last=False)
+                else:
+                    listening, all_conns = _psutil_snapshot()
+                    table = all_conns  # type: ignore[assignment]
+                    conns = {k: pid for k, pid in all_conns.items() if k not in open_}
+                for key in table:
                     if key in open_:
                         open_[key] = now
-                        continue
-                    row = {"Ts": now, "LastSeenTs": now, "ProcessId": c.pid, "LocalAddress": c.laddr.ip,
-                           "LocalPort": c.laddr.port, "IpAddress": c.raddr.ip, "Port": c.raddr.port,
-                           "Direction": "Inbound" if c.laddr.port in listening else "Outbound",
+                for key, pid in conns.items():
+                    row = {"Ts": now, "LastSeenTs": now, "ProcessId": pid, "LocalAddress": key[0],
+                           "LocalPort": key[1], "IpAddress": key[2], "Port": key[3],
+                           "Direction": "Inbound" if key[1] in listening else "Outbound",
                            "CaptureMethod": "poll"}
                     earlier = pending.pop(key, None)
                     if earlier is not None:
                         row["Ts"] = earlier[0]["Ts"]
-                    if not c.pid and (earlier[1] if earlier else 0) < 2:
+                    if not pid and (earlier[1] if earlier else 0) < 2:
                         # its process not found yet (the socket's owner was being scanned as it
                         # opened): look again at the next polls before recording it without one
                         pending[key] = (row, (earlier[1] if earlier else 0) + 1)
                         continue
                     open_[key] = now
-                    path = _exe(c.pid, exe_cache) if c.pid else ""
+                    path = _exe(pid, exe_cache) if pid else ""
                     self.store.put("TCP_Live", {**row, "ExecutableName": os.path.basename(path), "ExecutablePath": path})
-                for key in [k for k in pending if k not in seen]:  # closed before its process was found
+                for key in [k for k in pending if k not in table]:  # closed before its process was found
                     row, _ = pending.pop(key)
                     self.store.put("TCP_Live", {**row, "ExecutableName": "", "ExecutablePath": ""})
-                for key in [k for k in open_ if k not in seen]:
+                for key in [k for k in open_ if k not in table]:
                     last = open_.pop(key)
                     self.store.update("tcp_seen", (last, key[1], key[3], key[0], key[2]))
                 if len(exe_cache) > 4096:
