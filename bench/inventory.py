@@ -151,6 +151,8 @@ def capture(seconds: float, on: bool) -> dict[str, object]:
         c = sqlite3.connect(db)
         out["process_rows"] = c.execute("SELECT count(*) FROM Process_Live WHERE ExecutableName = 'true'").fetchone()[0]
         out["unnamed_rows"] = c.execute("SELECT count(*) FROM Process_Live WHERE ExecutablePath = ''").fetchone()[0]
+        out["unnamed_with_parent"] = c.execute("SELECT count(*) FROM Process_Live WHERE ExecutablePath = '' "
+                                               "AND ParentProcessId IS NOT NULL").fetchone()[0]
         out["tcp_rows"] = c.execute("SELECT count(*) FROM TCP_Live").fetchone()[0]
         out["software_rows"] = c.execute("SELECT count(*) FROM Software_Live").fetchone()[0]
         out["perf_rows"] = sum(c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
@@ -251,7 +253,8 @@ def main() -> None:
     print(f"capture: {seconds:.0f} s, {on['starts']} starts ({on['starts'] / seconds * 60:.0f}/min), "
           f"{on['connections']} connections ({on['connections'] / seconds * 60:.0f}/min)")
     print(f"  process rows of the starts: {on.get('process_rows')} / {on['starts']} named (by {on.get('method')}), "
-          f"{on.get('unnamed_rows')} more of processes gone before /proc was read; TCP rows: {on.get('tcp_rows')}")
+          f"{on.get('unnamed_rows')} more of processes gone before /proc was read ({on.get('unnamed_with_parent')} of "
+          f"them with their parent, from the fork event); TCP rows: {on.get('tcp_rows')}")
     print(f"  child CPU after {WARMUP:.0f} s of warm-up: capture on {on['cpu_pct']:.2f} % of one core, "
           f"off {off['cpu_pct']:.2f} %, capture costs {extra:.2f} %; start and warm-up took "
           f"{float(on['warmup_cpu']):.2f} s of CPU once (the software's present set, first polls)")

@@ -199,7 +199,10 @@ def test_malformed_netlink_datagrams_are_skipped() -> None:
         return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
 
     good = msg(PROC_EVENT_EXEC, 10, 10) + msg(PROC_EVENT_EXIT, 11, 11)
-    assert parse_events(good) == [(PROC_EVENT_EXEC, 10, 10), (PROC_EVENT_EXIT, 11, 11)]
+    assert parse_events(good) == [(PROC_EVENT_EXEC, 10, 10, 0), (PROC_EVENT_EXIT, 11, 11, 0)]
+    fork = struct.pack("=IIQ", 1, 0, 0) + struct.pack("=IIII", 7, 7, 12, 12)  # parent 7 forks child 12
+    cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(fork), 0) + fork
+    assert parse_events(struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn) == [(1, 12, 12, 7)]
     assert parse_events(msg(PROC_EVENT_EXEC, 1, 1, idx=7)) == []  # another connector
     assert parse_events(good[:20]) == [] and parse_events(b"") == [] and parse_events(b"\xff" * 64) == []
     bad_len = struct.pack("=IHHII", 4, 3, 0, 0, 0) + good[16:]
@@ -209,7 +212,7 @@ def test_malformed_netlink_datagrams_are_skipped() -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="process events need root on Linux")
 def test_the_connector_socket_hears_execs_and_process_exits_not_threads_or_forks() -> None:
     """The socket as open_connector makes it (the kernel's event mask where it has one, and the
-    BPF filter): a child's exec and exit arrive; a thread's end and the fork do not."""
+    BPF filter): a child's fork, exec and exit arrive; a thread's start and end do not."""
     import select
     import threading
 
@@ -223,18 +226,19 @@ def test_the_connector_socket_hears_execs_and_process_exits_not_threads_or_forks
         t.join()  # a thread of this process ends: its exit (pid != tgid) must not arrive
         child = subprocess.Popen(["/bin/true"])
         child.wait()
-        got: list[tuple[int, int, int]] = []
+        got: list[tuple[int, int, int, int]] = []
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (PROC_EVENT_EXIT, child.pid, child.pid) not in got:
+        while time.monotonic() < deadline and (PROC_EVENT_EXIT, child.pid, child.pid, 0) not in got:
             select.select([sock], [], [], 0.5)
             while True:
                 try:
                     got += parse_events(sock.recv(65536))
                 except BlockingIOError:
                     break
-        assert (PROC_EVENT_EXEC, child.pid, child.pid) in got and (PROC_EVENT_EXIT, child.pid, child.pid) in got
-        assert all(pid == tgid for _, pid, tgid in got), "a thread's exit passed the filter"
-        assert {what for what, _, _ in got} <= {PROC_EVENT_EXEC, PROC_EVENT_EXIT}
+        assert (PROC_EVENT_EXEC, child.pid, child.pid, 0) in got and (PROC_EVENT_EXIT, child.pid, child.pid, 0) in got
+        assert (1, child.pid, child.pid, os.getpid()) in got  # its fork, with this process as the parent
+        assert all(pid == tgid for _, pid, tgid, _ in got), "a thread's start or end passed the filter"
+        assert {what for what, _, _, _ in got} <= {1, PROC_EVENT_EXEC, PROC_EVENT_EXIT}
     finally:
         sock.close()
 

@@ -38,6 +38,7 @@ CN_IDX_PROC = 1
 CN_VAL_PROC = 1
 PROC_CN_MCAST_LISTEN = 1
 PROC_CN_MCAST_IGNORE = 2
+PROC_EVENT_FORK = 0x00000001
 PROC_EVENT_EXEC = 0x00000002
 PROC_EVENT_EXIT = 0x80000000
 NLMSG_DONE = 3
@@ -46,8 +47,9 @@ SO_RCVBUFFORCE = 33
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 # one message as the kernel sends it: nlmsghdr, cn_msg, proc_event's what/cpu/timestamp, then
-# the first two words of the event (exec and exit: pid, tgid), unpacked at once
-_MESSAGE = struct.Struct("=IHHII" "IIIIHH" "IIQ" "II")
+# the first four words of the event (exec and exit: pid, tgid, ...; fork: parent pid, parent
+# tgid, child pid, child tgid), unpacked at once
+_MESSAGE = struct.Struct("=IHHII" "IIIIHH" "IIQ" "IIII")
 
 MAX_COMMAND_LINE = 32 * 1024
 MAX_HASHED_BYTES = 512 * 1024 * 1024
@@ -62,8 +64,9 @@ def listen_message(op: int, events: int | None = None) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, os.getpid()) + cn
 
 
-def parse_events(data: bytes | memoryview) -> list[tuple[int, int, int]]:
-    """The (what, pid, tgid) exec and exit events in one datagram; malformed parts are skipped."""
+def parse_events(data: bytes | memoryview) -> list[tuple[int, int, int, int]]:
+    """The (what, pid, tgid, parent) exec, exit and fork events in one datagram: for a fork, the
+    child's pid and tgid and the parent's tgid (0 for the others); malformed parts are skipped."""
     out = []
     off = 0
     end = len(data)
@@ -73,9 +76,13 @@ def parse_events(data: bytes | memoryview) -> list[tuple[int, int, int]]:
         if length < _NLMSGHDR.size or off + length > end:
             break
         if length >= size:
-            _l, _t, _f, _s, _p, idx, val, _cs, _ca, _cl, _cf, what, _cpu, _ts, pid, tgid = _MESSAGE.unpack_from(data, off)
-            if idx == CN_IDX_PROC and val == CN_VAL_PROC and (what == PROC_EVENT_EXEC or what == PROC_EVENT_EXIT):
-                out.append((what, pid, tgid))
+            _l, _t, _f, _s, _p, idx, val, _cs, _ca, _cl, _cf, what, _cpu, _ts, w0, w1, w2, w3 = \
+                _MESSAGE.unpack_from(data, off)
+            if idx == CN_IDX_PROC and val == CN_VAL_PROC:
+                if what == PROC_EVENT_EXEC or what == PROC_EVENT_EXIT:
+                    out.append((what, w0, w1, 0))
+                elif what == PROC_EVENT_FORK:
+                    out.append((what, w2, w3, w1))
         off += (length + 3) & ~3
     return out
 
@@ -178,25 +185,31 @@ SO_ATTACH_FILTER = 26
 
 
 def event_filter() -> bytes:
-    """A classic BPF program for the connector socket: it keeps exec events and the exits of
-    processes (an exit whose pid is its tgid), and drops the rest in the kernel (forks, every
-    thread's exit, id changes): on a busy machine most events are threads ending. The fields
-    are in host order; BPF loads words big-endian, so the constants are the host bytes read so."""
+    """A classic BPF program for the connector socket: it keeps exec events, and the forks and
+    exits of processes (not of threads: a child whose pid is its tgid, an exit whose pid is its
+    tgid), and drops the rest in the kernel (every thread's start and end, id changes): on a
+    busy machine most events are threads. The fields are in host order; BPF loads words
+    big-endian, so the constants are the host bytes read so."""
     def be(v: int) -> int:
         return int.from_bytes(struct.pack("=I", v), "big")
 
     what = _NLMSGHDR.size + _CN_MSG.size  # proc_event.what
-    pid = what + 16  # event_data.exec/exit: process_pid, then process_tgid
+    data = what + 16  # event_data: exec/exit: process_pid, process_tgid; fork: parent pid, tgid, child pid, tgid
     program = [
-        (0x20, 0, 0, what),  # A = what
-        (0x15, 5, 0, be(PROC_EVENT_EXEC)),  # exec: keep
-        (0x15, 0, 5, be(PROC_EVENT_EXIT)),  # not an exit: drop
-        (0x20, 0, 0, pid),  # A = pid
-        (0x07, 0, 0, 0),  # X = A
-        (0x20, 0, 0, pid + 4),  # A = tgid
-        (0x1D, 0, 1, 0),  # pid == tgid: keep, else (a thread) drop
-        (0x06, 0, 0, 0xFFFFFFFF),  # keep the whole message
-        (0x06, 0, 0, 0),  # drop
+        (0x20, 0, 0, what),  # 0: A = what
+        (0x15, 10, 0, be(PROC_EVENT_EXEC)),  # 1: exec: keep
+        (0x15, 0, 4, be(PROC_EVENT_EXIT)),  # 2: exit: compare its pid and tgid, else 7
+        (0x20, 0, 0, data),  # 3: A = pid
+        (0x07, 0, 0, 0),  # 4: X = A
+        (0x20, 0, 0, data + 4),  # 5: A = tgid
+        (0x05, 0, 0, 4),  # 6: to 11
+        (0x15, 0, 5, be(PROC_EVENT_FORK)),  # 7: fork: compare the child's pid and tgid, else drop
+        (0x20, 0, 0, data + 8),  # 8: A = child pid
+        (0x07, 0, 0, 0),  # 9: X = A
+        (0x20, 0, 0, data + 12),  # 10: A = child tgid
+        (0x1D, 0, 1, 0),  # 11: pid == tgid (a process, not a thread): keep, else drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # 12: keep the whole message
+        (0x06, 0, 0, 0),  # 13: drop
     ]
     return b"".join(struct.pack("=HBBI", *ins) for ins in program)
 
@@ -222,8 +235,8 @@ def open_connector() -> socket.socket:
         except (OSError, ImportError) as e:  # every event then reaches parse_events, which filters too
             log.info("process events: no socket filter (%s)", e)
         sock.bind((0, CN_IDX_PROC))
-        # only exec and exit: a loaded machine's forks (every new thread) never reach us
-        sock.send(listen_message(PROC_CN_MCAST_LISTEN, PROC_EVENT_EXEC | PROC_EVENT_EXIT
+        # only fork, exec and exit: a loaded machine's other events never reach us
+        sock.send(listen_message(PROC_CN_MCAST_LISTEN, PROC_EVENT_FORK | PROC_EVENT_EXEC | PROC_EVENT_EXIT
                                  if kernel_filters_events() else None))
     except OSError:
         sock.close()
@@ -291,6 +304,7 @@ class ProcessCapture(Capture):
         buf = bytearray(65536)
         view = memoryview(buf)
         live: dict[int, None] = {}  # processes started since capture started, not exited (oldest first)
+        forks: dict[int, int] = {}  # child pid -> parent tgid, until the child's exec (oldest first)
         while not self.pace.stopped:
             if not poller.poll(500):
                 continue
@@ -308,13 +322,23 @@ class ProcessCapture(Capture):
                     if self.pace.stopped:
                         return
                     raise
-                for what, pid, tgid in parse_events(view[:n]):
+                for what, pid, tgid, parent in parse_events(view[:n]):
                     if pid != tgid:
                         continue  # a thread, not a process
-                    if what == PROC_EVENT_EXEC:
+                    if what == PROC_EVENT_FORK:
+                        forks[pid] = parent
+                        if len(forks) > 10_000:  # children that never exec: forget the oldest
+                            for old in list(forks)[:1000]:
+                                del forks[old]
+                    elif what == PROC_EVENT_EXEC:
                         # recorded even when the process is gone before /proc is read (it lived well
-                        # under a millisecond): the start is not missed, its details are
-                        batch.append(("start", (now, read_proc(pid), "netlink")))
+                        # under a millisecond): the start is not missed, and the row keeps what the
+                        # events carry (its pid, its parent from the fork, the time)
+                        info = read_proc(pid)
+                        forked = forks.pop(pid, None)
+                        if info["ppid"] is None:
+                            info["ppid"] = forked
+                        batch.append(("start", (now, info, "netlink")))
                         live[pid] = None
                         if len(live) > 100_000:  # exits missed: forget the oldest
                             for old in list(live)[:10_000]:
