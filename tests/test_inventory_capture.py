@@ -297,12 +297,12 @@ def stat_mode(p: Path) -> int:
     return st.S_IMODE(os.stat(p).st_mode)
 
 
-def test_the_tcp_table_is_read_from_procfs_like_psutil_reads_it(tmp_path: Path) -> None:
-    """/proc/net/tcp and tcp6 as the TCP capture reads them, against psutil on the same sockets,
-    and a hostile table (short, garbled lines) read as far as it makes sense."""
+def test_the_tcp_table_is_read_from_the_kernel_like_psutil_reads_it(tmp_path: Path) -> None:
+    """The socket diagnostics and /proc/net/tcp{,6} as the TCP capture reads them, against psutil
+    on the same sockets, and a hostile table (short, garbled lines) read as far as it makes sense."""
     import psutil
 
-    from quanta.agent.inventory.tcp import decode_address, read_proc_net, socket_owners
+    from quanta.agent.inventory.tcp import decode_address, decode_diag, read_proc_net, read_sock_diag, socket_owners
 
     assert decode_address("0100007F:1F90") == ("127.0.0.1", 8080)
     assert decode_address("0000000000000000FFFF00000100007F:0016") == ("::ffff:127.0.0.1", 22)
@@ -319,6 +319,11 @@ def test_the_tcp_table_is_read_from_procfs_like_psutil_reads_it(tmp_path: Path) 
         ours = {(c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port) for c in psutil.net_connections("tcp")
                 if c.raddr and c.pid == os.getpid()}
         assert key in ours and ours <= set(table)  # every connection of this process psutil sees
+        # the kernel's socket diagnostics give the same connection, inode and listening port
+        diag_listening, raw = read_sock_diag()
+        diag = {decode_diag(r): inode for r, inode in raw.items()}
+        assert diag[key] == table[key] and listener.getsockname()[1] in diag_listening
+        assert ours <= set(diag)
     finally:
         for s in (client, server_side, listener):
             s.close()

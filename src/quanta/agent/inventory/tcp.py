@@ -4,7 +4,10 @@ A connection is recorded when first seen (``Ts``) with its process; ``LastSeenTs
 is no longer seen. It is ``Inbound`` when its local port is one this device listens on,
 ``Outbound`` otherwise. A connection opened and closed between two polls is missed.
 
-On Linux the table is read from ``/proc/net/tcp`` and ``tcp6``, and a connection's process is
+On Linux the table comes from the kernel's socket diagnostics (``NETLINK_SOCK_DIAG``, the
+``ss`` tool's interface: binary, and only the open and listening sockets, so the kernel skips the
+TIME_WAIT ones a busy machine has thousands of), or from ``/proc/net/tcp`` and ``tcp6`` when that
+is unavailable; an address is decoded only when its connection is new. A connection's process is
 looked up only when the connection is new, by its socket's inode in ``/proc/<pid>/fd``: first in
 the processes that owned the last connections (a busy client or server opens many), then in the
 others, and only until every new socket is found. (``psutil.net_connections``, used elsewhere,
@@ -16,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -48,6 +52,59 @@ def decode_address(text: str) -> tuple[str, int]:
     if len(raw) != 16:
         raise ValueError(f"not an address: {text!r}")
     return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))), int(port, 16)
+
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+_NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_DIAG_REQ = struct.Struct("=BBBBI" "HH16s16sI8s")  # inet_diag_req_v2
+_DIAG_MSG = struct.Struct("=BBBB" "2s2s16s16sI8s" "IIIII")  # inet_diag_msg (ports and addresses in network order)
+TCP_LISTEN = 10
+_DIAG_STATES = sum(1 << s for s in (1, 2, 3, 4, 5, 8, 9, 11, TCP_LISTEN))  # open ones and LISTEN
+
+
+def read_sock_diag() -> tuple[set[int], dict[tuple[int, bytes, bytes, bytes, bytes], int]]:
+    """The listening ports, and the open connections (raw keys: family, local address and port,
+    remote address and port, as the kernel gives them) with their socket inodes, by
+    ``NETLINK_SOCK_DIAG``; OSError when the kernel does not answer it."""
+    listening: set[int] = set()
+    conns: dict[tuple[int, bytes, bytes, bytes, bytes], int] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
+        sock.settimeout(5)
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, _DIAG_STATES, 0, 0, b"", b"", 0, b"")
+            sock.send(_NLMSG.pack(_NLMSG.size + len(req), SOCK_DIAG_BY_FAMILY, 0x301, seq, 0) + req)  # REQUEST|DUMP
+            done = False
+            while not done:
+                data = sock.recv(1 << 17)
+                off, end = 0, len(data)
+                if not data:
+                    raise OSError("socket diagnostics: empty answer")
+                while off + _NLMSG.size <= end:
+                    length, kind = _NLMSG.unpack_from(data, off)[:2]
+                    if length < _NLMSG.size or off + length > end:
+                        raise OSError("socket diagnostics: malformed answer")
+                    if kind == 3:  # NLMSG_DONE
+                        done = True
+                        break
+                    if kind == 2:  # NLMSG_ERROR
+                        raise OSError("socket diagnostics refused the request")
+                    if kind == SOCK_DIAG_BY_FAMILY and length >= _NLMSG.size + _DIAG_MSG.size:
+                        fam, state, _t, _r, sport, dport, src, dst, _if, _ck, _ex, _rq, _wq, _uid, inode = \
+                            _DIAG_MSG.unpack_from(data, off + _NLMSG.size)
+                        if state == TCP_LISTEN:
+                            listening.add(int.from_bytes(sport, "big"))
+                        else:
+                            conns[(fam, src, sport, dst, dport)] = inode
+                    off += (length + 3) & ~3
+    return listening, conns
+
+
+def decode_diag(raw: tuple[int, bytes, bytes, bytes, bytes]) -> Key:
+    fam, src, sport, dst, dport = raw
+    n = 4 if fam == socket.AF_INET else 16
+    return (socket.inet_ntop(fam, src[:n]), int.from_bytes(sport, "big"),
+            socket.inet_ntop(fam, dst[:n]), int.from_bytes(dport, "big"))
 
 
 def read_proc_net(paths: Iterable[Path] = PROC_NET) -> tuple[set[int], dict[Key, int]]:
@@ -136,6 +193,7 @@ class TcpCapture(Capture):
         self.clock = clock
         self.polls = threading.Semaphore(0)  # released after every poll (tests wait on it)
         self.procfs = PROC_NET[0].exists()
+        self.diag = self.procfs  # Linux: socket diagnostics, until the kernel refuses them
 
     def start(self) -> None:
         self._spawn("quanta-inventory-tcp", self._run)
@@ -145,11 +203,22 @@ class TcpCapture(Capture):
         exe_cache: dict[int, tuple[float, str]] = {}
         owners: OrderedDict[int, None] = OrderedDict()  # the processes of the last new connections
         pending: dict[Key, tuple[dict[str, object], int]] = {}  # no process yet: row, polls
+        decoded: dict[object, Key] = {}  # socket diagnostics' raw keys of the connections seen
         while not self.pace.stopped:
             try:
                 now = int(self.clock())
-                if self.procfs:
+                if self.diag:
+                    try:
+                        listening, raw = read_sock_diag()
+                    except OSError as e:
+                        log.info("TCP capture: socket diagnostics unavailable (%s); reading /proc/net/tcp", e)
+                        self.diag = False
+                        continue
+                    decoded = {r: decoded.get(r) or decode_diag(r) for r in raw}
+                    table = {decoded[r]: inode for r, inode in raw.items()}
+                if self.procfs and not self.diag:
                     listening, table = read_proc_net()
+                if self.procfs:
                     new = {table[k] for k in table if k not in open_}
                     pids: dict[int, int | None] = dict(socket_owners(new, reversed(owners))) if new else {}
                     conns = {k: pids.get(inode) for k, inode in table.items() if k not in open_}
