@@ -6,7 +6,6 @@ the agent's Verifier and run by the agent's run_instruction against one storage.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -112,7 +111,7 @@ def test_two_packs_by_different_signers_cannot_reach_each_others_tables(world) -
 
 
 def test_raw_scale_has_one_owner_per_issuing_server_apart_from_every_pack(world) -> None:
-    issue, packs, signer = world
+    issue, _, _ = world
     assert issue("Acme-Tools-Remember").status == "success"
     # raw SCALE named like the pack's instructions: not the pack's owner
     assert issue(None, GET, name="Acme-Tools-Recall").rows == []

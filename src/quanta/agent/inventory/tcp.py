@@ -1,8 +1,8 @@
 """TCP capture: the connections in the kernel's socket table, polled.
 
 A connection is recorded when first seen (``Ts``) with its process; ``LastSeenTs`` is set when it
-is no longer seen. It is ``Inbound`` when its local port is one this device listens on,
-``Outbound`` otherwise. A connection opened and closed between two polls is missed.
+is no longer seen (in two polls in a row). It is ``Inbound`` when its local port is one this
+device listens on, ``Outbound`` otherwise. A connection opened and closed between two polls is missed.
 
 On Linux the table comes from the kernel's socket diagnostics (``NETLINK_SOCK_DIAG``, the
 ``ss`` tool's interface: binary, and only the open and listening sockets, so the kernel skips the
@@ -204,6 +204,7 @@ class TcpCapture(Capture):
         owners: OrderedDict[int, None] = OrderedDict()  # the processes of the last new connections
         pending: dict[Key, tuple[dict[str, object], int]] = {}  # no process yet: row, polls
         decoded: dict[object, Key] = {}  # socket diagnostics' raw keys of the connections seen
+        missed: dict[Key, int] = {}  # open connections missing from the last table
         while not self.pace.stopped:
             try:
                 now = int(self.clock())
@@ -255,8 +256,15 @@ class TcpCapture(Capture):
                     row, _ = pending.pop(key)
                     self.store.put("TCP_Live", {**row, "ExecutableName": "", "ExecutablePath": ""})
                 for key in [k for k in open_ if k not in table]:
+                    # gone only when missing from two tables in a row: a dump of a socket table that
+                    # changes while it is read may skip an entry (it would come back as a new row)
+                    if missed.pop(key, 0) < 1:
+                        missed[key] = 1
+                        continue
                     last = open_.pop(key)
                     self.store.update("tcp_seen", (last, key[1], key[3], key[0], key[2]))
+                for key in [k for k in missed if k in table]:
+                    del missed[key]
                 if len(exe_cache) > 4096:
                     exe_cache.clear()
             except Exception:  # noqa: BLE001 - capture must never take the agent down
