@@ -2,7 +2,8 @@
 
 A connection is recorded when first seen (``Ts``) with its process; ``LastSeenTs`` is set when it
 is no longer seen (in two polls in a row). It is ``Inbound`` when its local port is one this
-device listens on, ``Outbound`` otherwise. A connection opened and closed between two polls is missed.
+device listens on, ``Outbound`` otherwise. A connection opened and closed between two polls is
+missed.
 
 On Linux the table comes from the kernel's socket diagnostics (``NETLINK_SOCK_DIAG``, the
 ``ss`` tool's interface: binary, and only the open and listening sockets, so the kernel skips the
