@@ -1,6 +1,6 @@
 """Benchmark: the Activity Record's capture overhead, store growth and history-question time.
 
-    python bench/inventory.py [--quick] [--seconds N]
+    python bench/inventory.py [--quick] [--seconds N] [--capture-only]
 
 1. Capture: a child process runs the Activity Record with its default settings (process events
    by netlink when run as root, TCP polled every 5 s, software, device performance, process
@@ -151,6 +151,8 @@ def capture(seconds: float, on: bool) -> dict[str, object]:
         c = sqlite3.connect(db)
         out["process_rows"] = c.execute("SELECT count(*) FROM Process_Live WHERE ExecutableName = 'true'").fetchone()[0]
         out["unnamed_rows"] = c.execute("SELECT count(*) FROM Process_Live WHERE ExecutablePath = ''").fetchone()[0]
+        out["unnamed_with_parent"] = c.execute("SELECT count(*) FROM Process_Live WHERE ExecutablePath = '' "
+                                               "AND ParentProcessId IS NOT NULL").fetchone()[0]
         out["tcp_rows"] = c.execute("SELECT count(*) FROM TCP_Live").fetchone()[0]
         out["software_rows"] = c.execute("SELECT count(*) FROM Software_Live").fetchone()[0]
         out["perf_rows"] = sum(c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
@@ -238,6 +240,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="20 s of load, a 5-day store")
     ap.add_argument("--seconds", type=float, default=None)
+    ap.add_argument("--capture-only", action="store_true", help="only the capture overhead (no history store)")
     args = ap.parse_args()
     seconds = args.seconds or (20.0 if args.quick else 120.0)
     days = 5 if args.quick else 30
@@ -250,12 +253,16 @@ def main() -> None:
     print(f"capture: {seconds:.0f} s, {on['starts']} starts ({on['starts'] / seconds * 60:.0f}/min), "
           f"{on['connections']} connections ({on['connections'] / seconds * 60:.0f}/min)")
     print(f"  process rows of the starts: {on.get('process_rows')} / {on['starts']} named (by {on.get('method')}), "
-          f"{on.get('unnamed_rows')} more of processes gone before /proc was read; TCP rows: {on.get('tcp_rows')}")
+          f"{on.get('unnamed_rows')} more of processes gone before /proc was read ({on.get('unnamed_with_parent')} of "
+          f"them with their parent, from the fork event); TCP rows: {on.get('tcp_rows')}")
     print(f"  child CPU after {WARMUP:.0f} s of warm-up: capture on {on['cpu_pct']:.2f} % of one core, "
           f"off {off['cpu_pct']:.2f} %, capture costs {extra:.2f} %; start and warm-up took "
           f"{float(on['warmup_cpu']):.2f} s of CPU once (the software's present set, first polls)")
     print(f"  rows captured at this load: {float(on.get('rows_per_day', 0)):,.0f} per day "
           "(software's one-off present set not counted)")
+    if args.capture_only:
+        print(f"capture_cpu_pct={extra:.2f} ratio={extra / 1.0:.2f}")
+        return
     h = history(days, 200)
     print(f"history: {days}-day store at 200 starts/min written and maintained in {h['write_s']:.0f} s: "
           f"{h['size'] / 1e6:.1f} MB, rows {h['counts']}")

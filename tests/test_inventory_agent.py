@@ -148,3 +148,76 @@ def test_a_bad_setting_leaves_capture_off_and_the_agent_answering(server: Server
     wait_until(lambda: "Module.Inventory.MaxSizeMB='lots' is not a number" in server.agent_log("inv4"), 10,
                "the error in the agent's log")
     assert not (d / "state" / "inventory.db").exists()
+
+
+def act(server: Server, payload: str, device: str, tmp_path: Path) -> dict:
+    """Run an action on one device through the server: issued by the admin, approved by a second
+    person (bob, an Approver), its response returned."""
+    from quanta.client import ConsumerClient
+
+    pw = tmp_path / "bob-pw"
+    if not pw.exists():
+        pw.write_text("a sufficiently long password")
+        quanta("user", "add", str(server.root), "--username", "bob", "--role", "Approver", "--password-file", str(pw))
+    asker = subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(server.root), payload, "--device", device,
+                              "--wait-approval", "--json", "--wait", "60"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        with ConsumerClient.for_data_dir(server.root) as api:
+            def pending() -> list[dict]:
+                return api.http.get("/Consumer/Instructions", params={"status": "pending_approval"}).json()["items"]
+
+            wait_until(pending, 30, "the action waiting for approval", server)
+            iid = pending()[0]["id"]
+        quanta("approve", str(server.root), str(iid), "--user", "bob", "--password-file", str(pw))
+        out, err = asker.communicate(timeout=120)
+    finally:
+        if asker.poll() is None:
+            asker.kill()
+            asker.wait(10)
+    assert asker.returncode == 0, err
+    return json.loads(out)
+
+
+def test_a_source_switched_off_and_on_while_the_agent_runs(server: Server, tmp_path: Path) -> None:
+    """Module.Inventory.Process.Enabled changed while the agent runs, by the Inventory.SetSetting
+    action and by a hand edit of agent.conf: process capture stops and resumes, no restart."""
+    d = server.enroll("inv5")
+    enable(d, **{"Software.Enabled": "false", "TCP.Enabled": "false", "ProcessUsage.Enabled": "false",
+                 "Logon.Enabled": "false", "Boot.Enabled": "false", "DevicePerformance.PollIntervalSeconds": "0.2"})
+    agent = server.start_agent("inv5")
+    server.wait_online({"inv5"})
+    wait_until(lambda: "processes by netlink" in server.agent_log("inv5"), 20, "capture started")
+
+    def recorded(cmdline: str) -> bool:
+        return bool(store_rows(d, "SELECT 1 FROM Process_Live WHERE CommandLine = ?", cmdline))
+
+    def written_after(t: float) -> bool:  # the writer committed a batch sampled after t
+        return bool(store_rows(d, 'SELECT 1 FROM DevicePerformance_Live WHERE "Ts" > ?', int(t) + 1))
+
+    subprocess.run(["sleep", "0.011"], check=True)
+    wait_until(lambda: recorded("sleep 0.011"), 20, "a process recorded while capture is on")
+
+    out = act(server, 'Inventory.SetSetting(Name: "Module.Inventory.Process.Enabled", Value: "false");', "inv5",
+              tmp_path)
+    r = out["responses"][0]
+    assert r["status"] == "success" and r["rows"] == [{"Name": "Module.Inventory.Process.Enabled", "OldValue": "true",
+                                                       "NewValue": "false", "Applied": True}], out
+    assert "Process capture stopped" in server.agent_log("inv5")
+    subprocess.run(["sleep", "0.012"], check=True)
+    ran = time.time()
+    wait_until(lambda: written_after(ran), 20, "a later batch of another source written")
+    assert not recorded("sleep 0.012"), "a process was recorded with its source switched off"
+
+    # on again, by editing agent.conf by hand (as an operator would): the agent notices within seconds
+    text = (d / "agent.conf").read_text().replace("Module.Inventory.Process.Enabled=false",
+                                                  "Module.Inventory.Process.Enabled=true")
+    (d / "agent.conf").write_text(text)
+    wait_until(lambda: "Process capture started" in server.agent_log("inv5"), 20, "process capture started again")
+    subprocess.run(["sleep", "0.013"], check=True)
+    wait_until(lambda: recorded("sleep 0.013"), 20, "a process recorded after capture resumed")
+    assert agent.poll() is None and server.agent_log("inv5").count("activity record capturing") == 1  # no restart
+    out = ask(server, '@s = Inventory.GetSettings(); '
+                      'SELECT Name, Value, Applied FROM @s WHERE Name = "Module.Inventory.Process.Enabled";')
+    assert out["responses"][0]["rows"] == [{"Name": "Module.Inventory.Process.Enabled", "Value": "true",
+                                            "Applied": True}], out

@@ -199,11 +199,56 @@ def test_malformed_netlink_datagrams_are_skipped() -> None:
         return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
 
     good = msg(PROC_EVENT_EXEC, 10, 10) + msg(PROC_EVENT_EXIT, 11, 11)
-    assert parse_events(good) == [(PROC_EVENT_EXEC, 10, 10), (PROC_EVENT_EXIT, 11, 11)]
+    assert parse_events(good) == [(PROC_EVENT_EXEC, 10, 10, 0), (PROC_EVENT_EXIT, 11, 11, 0)]
+    fork = struct.pack("=IIQ", 1, 0, 0) + struct.pack("=IIII", 7, 7, 12, 12)  # parent 7 forks child 12
+    cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(fork), 0) + fork
+    assert parse_events(struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn) == [(1, 12, 12, 7)]
     assert parse_events(msg(PROC_EVENT_EXEC, 1, 1, idx=7)) == []  # another connector
     assert parse_events(good[:20]) == [] and parse_events(b"") == [] and parse_events(b"\xff" * 64) == []
     bad_len = struct.pack("=IHHII", 4, 3, 0, 0, 0) + good[16:]
     assert parse_events(bad_len) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not sys.platform.startswith("linux"), reason="process events need root on Linux")
+def test_the_connector_socket_hears_execs_and_process_exits_not_threads_or_forks() -> None:
+    """The socket as open_connector makes it (the kernel's event mask where it has one, and the
+    BPF filter): a child's fork, exec and exit arrive; a thread's start and end do not."""
+    import select
+    import threading
+
+    from quanta.agent.inventory.process import open_connector
+
+    sock = open_connector()
+    sock.setblocking(False)
+    try:
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        t.join()  # a thread of this process ends: its exit (pid != tgid) must not arrive
+        child = subprocess.Popen(["/bin/true"])
+        child.wait()
+        got: list[tuple[int, int, int, int]] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (PROC_EVENT_EXIT, child.pid, child.pid, 0) not in got:
+            select.select([sock], [], [], 0.5)
+            while True:
+                try:
+                    got += parse_events(sock.recv(65536))
+                except BlockingIOError:
+                    break
+        assert (PROC_EVENT_EXEC, child.pid, child.pid, 0) in got and (PROC_EVENT_EXIT, child.pid, child.pid, 0) in got
+        assert (1, child.pid, child.pid, os.getpid()) in got  # its fork, with this process as the parent
+        assert all(pid == tgid for _, pid, tgid, _ in got), "a thread's start or end passed the filter"
+        assert {what for what, _, _, _ in got} <= {1, PROC_EVENT_EXEC, PROC_EVENT_EXIT}
+    finally:
+        sock.close()
+
+
+def test_kernel_event_filtering_is_asked_only_of_kernels_that_have_it() -> None:
+    from quanta.agent.inventory.process import kernel_filters_events
+
+    assert kernel_filters_events("6.6.0") and kernel_filters_events("6.18.44-fc-v669")
+    assert not kernel_filters_events("6.5.13") and not kernel_filters_events("5.15.0-91-generic")
+    assert not kernel_filters_events("weird") and not kernel_filters_events("")
 
 
 def test_logons_and_logoffs_from_wtmp_including_those_while_stopped(tmp_path: Path) -> None:
@@ -250,3 +295,44 @@ def stat_mode(p: Path) -> int:
     import stat as st
 
     return st.S_IMODE(os.stat(p).st_mode)
+
+
+def test_the_tcp_table_is_read_from_the_kernel_like_psutil_reads_it(tmp_path: Path) -> None:
+    """The socket diagnostics and /proc/net/tcp{,6} as the TCP capture reads them, against psutil
+    on the same sockets, and a hostile table (short, garbled lines) read as far as it makes sense."""
+    import psutil
+
+    from quanta.agent.inventory.tcp import decode_address, decode_diag, read_proc_net, read_sock_diag, socket_owners
+
+    assert decode_address("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert decode_address("0000000000000000FFFF00000100007F:0016") == ("::ffff:127.0.0.1", 22)
+    assert decode_address("00000000000000000000000001000000:01BB") == ("::1", 443)
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    server_side, _ = listener.accept()
+    try:
+        listening, table = read_proc_net()
+        key = (*client.getsockname(), *client.getpeername())
+        assert key in table and listener.getsockname()[1] in listening
+        owners = socket_owners({table[key]}, [os.getpid()])
+        assert owners == {table[key]: os.getpid()}
+        ours = {(c.laddr.ip, c.laddr.port, c.raddr.ip, c.raddr.port) for c in psutil.net_connections("tcp")
+                if c.raddr and c.pid == os.getpid()}
+        assert key in ours and ours <= set(table)  # every connection of this process psutil sees
+        # the kernel's socket diagnostics give the same connection, inode and listening port
+        diag_listening, raw = read_sock_diag()
+        diag = {decode_diag(r): inode for r, inode in raw.items()}
+        assert diag[key] == table[key] and listener.getsockname()[1] in diag_listening
+        assert ours <= set(diag)
+    finally:
+        for s in (client, server_side, listener):
+            s.close()
+    bad = tmp_path / "tcp"
+    bad.write_text("  sl  local_address rem_address   st\n"
+                   "   0: 0100007F:1F90 00000000:0000 0A 0:0 0:0 0 0 0 1 1\n"
+                   "   1: ZZZZ:1 0100007F:0016 01 0:0 0:0 0 0 0 7 1\n"  # not hex: skipped
+                   "   2: 0100007F:9C40 0100007F:0016 01\n"  # too short: skipped
+                   "   3: 0100007F:9C41 0100007F:0016 01 0:0 0:0 0 0 0 99 1\n"
+                   "\x00\xff garbage\n")
+    listening, table = read_proc_net([bad, tmp_path / "missing"])
+    assert listening == {8080} and table == {("127.0.0.1", 40001, "127.0.0.1", 22): 99}

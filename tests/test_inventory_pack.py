@@ -164,7 +164,7 @@ def test_settings_question_and_action(imported, agent) -> None:
     out = ask(engine, agent, "Quanta-Inventory-SetSetting",
               {"Name": "Module.Inventory.TCP.PollIntervalSeconds", "Value": "10"}, actions=True)
     assert out == [{"Name": "Module.Inventory.TCP.PollIntervalSeconds", "OldValue": "5", "NewValue": "10",
-                    "RestartRequired": True}]
+                    "Applied": False}]  # no agent runs this agent.conf here
     rows = {r["Name"]: r for r in ask(engine, agent, "Quanta-Inventory-GetSettings", {})}
     assert rows["Module.Inventory.TCP.PollIntervalSeconds"]["Value"] == "10"
     d = load_definition(engine, "Quanta-Inventory-SetSetting")

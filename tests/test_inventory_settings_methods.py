@@ -48,18 +48,77 @@ def test_set_setting_is_an_action_validated_atomic_and_0600(conf) -> None:
     r = run(conf, call)
     assert r.status == "error" and "not allowed" in str(r.error)
     r = run(conf, call, actions=True)
-    assert r.rows == [["Module.Inventory.Process.PollIntervalSeconds", "5", "2.5", True]], r.error
+    # no agent runs here (no switch for this agent.conf): nothing applies it
+    assert r.rows == [["Module.Inventory.Process.PollIntervalSeconds", "5", "2.5", False]], r.error
     assert stat.S_IMODE(os.stat(conf).st_mode) == 0o600
     text = conf.read_text()
     assert "# a comment that stays" in text and "Switch=127.0.0.1:4000" in text
     # the agent's own reader and parser see the change
     assert parse_settings(read_conf(conf)).source("Process").interval == 2.5
     assert settings(conf)["Module.Inventory.Process.PollIntervalSeconds"][0] == "2.5"
-    # setting it again replaces the line; the same value needs no restart
+    # setting it again replaces the line
     r = run(conf, call, actions=True)
     assert r.rows == [["Module.Inventory.Process.PollIntervalSeconds", "2.5", "2.5", False]]
     assert conf.read_text().lower().count("pollintervalseconds") == 1
     assert not list(conf.parent.glob(".agent-conf-*"))
+
+
+SOURCES_OFF = "".join(f"Module.Inventory.{n}.Enabled=false\n" for n in
+                      ("Process", "TCP", "Software", "DevicePerformance", "ProcessUsage", "Logon", "Boot"))
+
+
+def test_a_running_switch_applies_each_change_before_the_action_returns(conf) -> None:
+    """The agent's switch (quanta.agent.activity, as runtime.Agent runs it) with real capture
+    threads and store: every SetSetting is in force when the action returns, without a restart."""
+    from quanta.agent.activity import ActivityRecord
+
+    conf.write_text(BASE + SOURCES_OFF)
+    switch = ActivityRecord(conf, conf.parent / "state", check_seconds=3600)  # only the action applies
+    switch.start()
+    try:
+        inv = switch.inventory
+        assert inv is not None and inv.captures == {}
+
+        def set_(name: str, value: str) -> list:
+            r = run(conf, "Inventory.SetSetting(Name: %n%, Value: %v%);", actions=True, params={"n": name, "v": value})
+            assert r.status == "success", r.error
+            return r.rows[0]
+
+        assert set_("Module.Inventory.Software.Enabled", "true")[3] is True
+        assert "Software" in inv.captures and inv.captures["Software"].polls.acquire(timeout=10)
+        software = inv.captures["Software"]
+        assert set_("Module.Inventory.Software.PollIntervalSeconds", "0.2")[3] is True
+        assert inv.captures["Software"] is software  # the same capture, with its new interval
+        assert software.settings.source("Software").interval == 0.2
+        assert all(software.polls.acquire(timeout=5) for _ in range(3))  # polling at the new interval
+        assert set_("Module.Inventory.Software.Live.MaxRows", "123")[3] is True
+        assert inv.store.settings.source("Software").retention["Live"][1] == 123
+        assert set_("Module.Inventory.MaxSizeMB", "7")[3] is True
+        assert inv.store.settings.max_size_bytes == 7 * 1024 * 1024
+        assert set_("Module.Inventory.Software.Enabled", "false")[3] is True
+        assert "Software" not in inv.captures and not any(t.is_alive() for t in software._threads)
+        rows = {r[0]: r for r in settings_rows_of(conf)}
+        assert rows["Module.Inventory.Software.Enabled"][1] == "false" and rows["Module.Inventory.Software.Enabled"][4]
+        assert all(r[4] for r in rows.values()), "every value of agent.conf is the one in force"
+        # a hand edit the parser refuses changes nothing in force
+        with open(conf, "a") as f:
+            f.write("Module.Inventory.BatchRows=-5\n")
+        switch.check()
+        assert switch.inventory is inv and inv.settings.max_size_bytes == 7 * 1024 * 1024
+        conf.write_text(BASE + SOURCES_OFF)
+        # capture off entirely, then on again
+        assert set_("Module.Inventory.Enabled", "false")[3] is True
+        assert switch.inventory is None
+        assert set_("Module.Inventory.Enabled", "true")[3] is True
+        assert switch.inventory is not None and switch.inventory is not inv
+    finally:
+        switch.stop()
+
+
+def settings_rows_of(conf: Path) -> list[list]:
+    r = run(conf, "Inventory.GetSettings();")
+    assert r.status == "success", r.error
+    return r.rows
 
 
 @pytest.mark.parametrize("name,value,msg", [

@@ -34,7 +34,10 @@ INVENTORY = """## agent.conf: Activity Record (`Module.Inventory.*`)
 
 The agent's Activity Record (docs/architecture.md, "Activity Record") is set in `agent.conf`
 with `Key=Value` lines. Keys are case-insensitive, as in the model's client configuration
-(`Module.Inventory.enabled=true` works too). The agent reads them when it starts.
+(`Module.Inventory.enabled=true` works too). The agent reads them when it starts and applies a
+change of them while it runs, within a second and without a restart (`Inventory.SetSetting`
+applies its change before it returns): a source switched off stops, one switched on starts,
+intervals, retention, batching and the size cap change.
 
 | Key | Default | Meaning |
 |---|---|---|
@@ -51,8 +54,9 @@ with `Key=Value` lines. Keys are case-insensitive, as in the model's client conf
 | `Module.Inventory.<Source>.<Granularity>.MaxRows` | Live 50000 for Process and TCP, 100000 for the others' tables (smaller for Software, Logon, Boot and DevicePerformance) | Retention by rows per table: past it the oldest rows go. |
 
 A value that is not valid for its key (`Enabled=maybe`, `MaxSizeMB=lots`, `nan`, out of range) is
-reported in the agent's log with its key and leaves capture off; the agent itself starts and
-answers questions as usual. An unknown `Module.Inventory.*` key is reported and ignored.
+reported in the agent's log with its key and leaves capture off when the agent starts (the
+settings in force unchanged when the agent runs already); the agent itself answers questions as
+usual. An unknown `Module.Inventory.*` key is reported and ignored.
 
 Example:
 

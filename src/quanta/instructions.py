@@ -85,11 +85,32 @@ def create(engine: sa.Engine, *, created_by: str, name: str, kind: str, payload:
     return iid, status
 
 
-def _signed(signer: Signer, row: Any, now: float) -> dict[str, Any]:
+def storage_owner(c: sa.Connection, signer: Signer, row: Any) -> str:
+    """Who owns the ``Storage.*`` tables of instruction ``row`` on the devices (signed into its
+    body): for an instruction of a definition, the definition's pack and the fingerprint of its
+    publisher's key (``pack:Quanta-Inventory@<fingerprint>``), so no other pack, whatever its
+    definitions are called, and no other publisher, whatever its pack is called, shares them; for
+    raw SCALE, the server's own signing key (``adhoc@<fingerprint>``): every ad-hoc instruction of
+    this installation shares one owner, apart from every pack."""
+    from quanta.db.tables import definitions, publishers
+    from quanta.signing import fingerprint
+
+    if row.instruction_set is None:
+        return f"adhoc@{signer.fingerprint}"
+    found = c.execute(sa.select(definitions.c.pack, publishers.c.public_key)
+                      .join(publishers, publishers.c.name == definitions.c.publisher)
+                      .where(definitions.c.name == row.name)).first()
+    if found is None:  # its definition (or its publisher) was removed since it was created
+        return f"orphan@{signer.fingerprint}"
+    pack = found.pack.rsplit(" ", 1)[0]  # stored as "<name> <version>": the version does not count
+    return f"pack:{pack}@{fingerprint(found.public_key.encode())}"
+
+
+def _signed(signer: Signer, row: Any, now: float, owner: str) -> dict[str, Any]:
     """The columns that make ``row`` ready for the Core: its body signed with a window from now."""
     body = p.InstructionBody(id=row.id, name=row.name, kind=row.kind, payload=row.payload,
                              parameters=dict(row.parameters or {}), issued_at=now,
-                             expires_at=now + (row.instruction_ttl or 60))
+                             expires_at=now + (row.instruction_ttl or 60), owner=owner)
     raw = p.encode_body(body)
     return dict(body=raw, signature=signer.sign(raw), issued_at=now, expires_at=body.expires_at,
                 response_expires_at=now + (row.response_ttl or 7 * 86400), status=READY, issue_error=None)
@@ -106,7 +127,7 @@ def sign(engine: sa.Engine, signer: Signer, iid: int, *, expect: tuple[str, ...]
         if row is None or row.status not in expect:
             return False
         res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == row.status)
-                        .values(**_signed(signer, row, time.time())))
+                        .values(**_signed(signer, row, time.time(), storage_owner(c, signer, row))))
         return res.rowcount == 1
 
 
@@ -220,7 +241,7 @@ def approve(engine: sa.Engine, signer: Signer, iid: int, *, by: str, reason: str
         if row.scheduled_at and row.scheduled_at > now:
             values = dict(status=SCHEDULED, **decision)
         else:
-            values = dict(_signed(signer, row, now), **decision)
+            values = dict(_signed(signer, row, now, storage_owner(c, signer, row)), **decision)
         done = c.execute(instructions.update().where(instructions.c.id == iid,
                                                      instructions.c.status == PENDING_APPROVAL).values(**values))
         if done.rowcount != 1:  # cannot happen while the row lock is held; never decide twice

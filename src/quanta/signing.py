@@ -56,6 +56,14 @@ class Signer:
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(data)
 
+    @property
+    def fingerprint(self) -> str:
+        """:func:`fingerprint` of this key's public half."""
+        from cryptography.hazmat.primitives import serialization
+
+        return fingerprint(self._key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                               serialization.PublicFormat.SubjectPublicKeyInfo))
+
 
 class Verifier:
     """Ed25519 verification on the agent, with PyNaCl (libsodium). The PEM is checked at
@@ -83,6 +91,14 @@ class Verifier:
         except (BadSignatureError, ValueError, TypeError):  # a wrong-length signature is a ValueError
             return False
         return True
+
+
+def fingerprint(pub_pem: bytes) -> str:
+    """An Ed25519 public key's fingerprint: the first 32 hex digits of the SHA-256 of its 32 raw
+    bytes (ValueError when the PEM is not such a key)."""
+    import hashlib
+
+    return hashlib.sha256(_ed25519_public_raw(pub_pem)).hexdigest()[:32]
 
 
 def _ed25519_public_raw(pem: bytes) -> bytes:

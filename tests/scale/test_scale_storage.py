@@ -15,8 +15,12 @@ from quanta.scale.methods import storage
 ROWS3 = '@t = SELECT "a" AS K, 1 AS N UNION ALL SELECT "b", 2 UNION ALL SELECT "c", 3;'
 
 
-def ctx_for(tmp_path: Path, name: str | None) -> AgentContext:
-    return AgentContext(data_dir=tmp_path / "state", instruction_name=name)
+QI = "pack:Quanta-Inventory@" + "1" * 32  # owners as the server signs them (quanta.instructions.storage_owner)
+ACME = "pack:Acme-Tool@" + "2" * 32
+
+
+def ctx_for(tmp_path: Path, owner: str | None) -> AgentContext:
+    return AgentContext(data_dir=tmp_path / "state", storage_owner=owner)
 
 
 def run(ctx: AgentContext, text: str, actions: bool = True, params: dict | None = None, **kw) -> RunResult:
@@ -29,10 +33,10 @@ def ok(r: RunResult) -> RunResult:
 
 
 def test_set_get_check_delete_as_the_model_documents(tmp_path) -> None:
-    a = ctx_for(tmp_path, "Quanta-Inventory-Remember")
+    a = ctx_for(tmp_path, QI)
     assert ok(run(a, ROWS3 + 'Storage.Set(Name: "Seen.Oct2026", Value: @t);')).rows == [["Seen.Oct2026"]]
-    # another instruction of the same pack reads it, case-insensitively; a question may read
-    b = ctx_for(tmp_path, "Quanta-Inventory-Recall")
+    # another instruction of the same owner (pack) reads it, case-insensitively; a question may read
+    b = ctx_for(tmp_path, QI)
     r = ok(run(b, 'Storage.Get(Name: "seen.oct2026");', actions=False))
     assert r.columns == ["K", "N"] and r.rows == [["a", 1], ["b", 2], ["c", 3]]
     r = ok(run(b, '@f = Storage.Check(Name: "SEEN.OCT2026"); IF (@f) @g = Storage.Get(Name: "Seen.Oct2026"); '
@@ -42,7 +46,7 @@ def test_set_get_check_delete_as_the_model_documents(tmp_path) -> None:
     assert run(b, 'Storage.Get(Name: "Other");', actions=False).rows == []
     assert ok(run(b, "Storage.List();", actions=False)).rows[0][:2] == ["Seen.Oct2026", 3]
     # another owner sees nothing of it and cannot delete it
-    other = ctx_for(tmp_path, "Acme-Tool-Peek")
+    other = ctx_for(tmp_path, ACME)
     assert run(other, 'Storage.Get(Name: "Seen.Oct2026");', actions=False).rows == []
     assert ok(run(other, 'Storage.Delete(Name: "Seen.Oct2026");')).rows == [["Seen.Oct2026", False]]
     # replacing, then deleting
@@ -173,8 +177,9 @@ def test_storage_file_swapped_for_a_fifo_or_link(tmp_path) -> None:
     assert r.status == "error" and not (tmp_path / "elsewhere.db").exists()
 
 
-def test_the_agent_runs_storage_as_the_instructions_owner(tmp_path) -> None:
-    """run_instruction hands the signed instruction name to the payload: its pack owns the table."""
+def test_the_agent_runs_storage_as_the_signed_owner(tmp_path) -> None:
+    """run_instruction hands the signed body's owner to the payload, never its name: a name like
+    another pack's gets nothing; a body without an owner (an older server) is "adhoc"."""
     import time as _time
 
     from quanta.agent.config import AgentConfig, SwitchAddress
@@ -186,16 +191,19 @@ def test_the_agent_runs_storage_as_the_instructions_owner(tmp_path) -> None:
     cfg = AgentConfig(root=root, device_name="d1", switches=[SwitchAddress("127.0.0.1", 4000)], background_url="",
                       retry_min=1, retry_max=60, interaction_port=7766)
 
-    def body(i: int, name: str, kind: str, payload: str) -> p.InstructionBody:
+    def body(i: int, name: str, kind: str, payload: str, owner: str = "") -> p.InstructionBody:
         now = _time.time()
         return p.InstructionBody(id=i, name=name, kind=kind, payload=payload, parameters={}, issued_at=now,
-                                 expires_at=now + 30)
+                                 expires_at=now + 30, owner=owner)
 
-    r = run_instruction(body(1, "Acme-Tools-Remember", "action", '@t = SELECT "v1" AS V; Storage.Set(Name: "T", Value: @t);'), cfg)
+    r = run_instruction(body(1, "Acme-Tool-Remember", "action", '@t = SELECT "v1" AS V; Storage.Set(Name: "T", Value: @t);',
+                             ACME), cfg)
     assert r.status == "success", r.error
-    r = run_instruction(body(2, "Acme-Tools-Recall", "question", 'Storage.Get(Name: "T");'), cfg)
+    r = run_instruction(body(2, "Acme-Tool-Recall", "question", 'Storage.Get(Name: "T");', ACME), cfg)
     assert r.rows == [["v1"]]
-    r = run_instruction(body(3, "Other-Pack-Peek", "question", 'Storage.Get(Name: "T");'), cfg)
-    assert r.rows == []
-    r = run_instruction(body(4, "Acme-Tools-Sneak", "question", 'Storage.Delete(Name: "T");'), cfg)
+    r = run_instruction(body(3, "Acme-Tool-Peek", "question", 'Storage.Get(Name: "T");', "pack:Acme-Tool@" + "3" * 32), cfg)
+    assert r.rows == []  # the same pack name from another publisher's key
+    r = run_instruction(body(4, "Acme-Tool-Peek", "question", 'Storage.Get(Name: "T");'), cfg)
+    assert r.rows == []  # no owner signed: adhoc, not the name's pack
+    r = run_instruction(body(5, "Acme-Tool-Sneak", "question", 'Storage.Delete(Name: "T");', ACME), cfg)
     assert r.status == "error"  # an action in a question is refused before it runs

@@ -23,6 +23,7 @@ from quanta.protocol.agent_session import (AgentSession, Backoff, Close, Effect,
                                           retry_delay)
 from quanta.signing import ResumingContext, Verifier, client_context
 
+from .activity import ActivityRecord
 from .background import BackgroundFetcher
 from .config import AgentConfig, SwitchAddress
 from .interaction import InteractionHub, ensure_token, serve_interaction
@@ -137,7 +138,7 @@ class Agent:
         self.interaction = InteractionHub(ensure_token(cfg.state))
         self._tls: ResumingContext | None = None
         self._tls_stamp: tuple[int, ...] = ()
-        self.inventory: Any = None  # the Activity Record, when agent.conf enables it
+        self.inventory: ActivityRecord | None = None  # the Activity Record's switch (capture when agent.conf enables it)
 
     # ------------------------------------------------------------------ messages
     def send(self, msg: Any) -> bool:
@@ -254,7 +255,8 @@ class Agent:
         stop = stop or asyncio.Event()
         index = random.randrange(len(self.cfg.switches))  # spread agents over the Switch list
         housekeeping = asyncio.create_task(self._housekeeping())
-        self.inventory = start_inventory(self.cfg)
+        self.inventory = ActivityRecord(self.cfg.conf_path, self.cfg.state)  # Module.Inventory.*, applied live
+        self.inventory.start()
         try:
             await serve_interaction(self.interaction, self.cfg.interaction_port, self.cfg.interaction_cert,
                                     self.cfg.interaction_key)
@@ -315,38 +317,6 @@ class Agent:
             self.tags_changed()  # tags.json changed some other way (restored, edited by hand)
 
 
-def start_inventory(cfg: AgentConfig) -> Any:
-    """Start the Activity Record when ``Module.Inventory.Enabled=true`` in agent.conf (its package
-    is imported only then) and return it, else None. A bad ``Module.Inventory.*`` value leaves
-    capture off with an error in the log: the agent itself keeps running and answering."""
-    from .config import read_conf
-
-    try:
-        values = read_conf(cfg.conf_path)
-    except (OSError, ValueError) as e:
-        log.error("activity record off: cannot read %s: %s", cfg.conf_path, e)
-        return None
-    flag = next((v for k, v in values.items() if k.strip().lower() == "module.inventory.enabled"), "false")
-    if flag.strip().lower() not in ("true", "1", "yes", "on"):
-        return None
-    from .inventory import Inventory, InventoryConfigError, parse_settings
-
-    try:
-        settings = parse_settings(values)
-    except InventoryConfigError as e:
-        log.error("activity record off: %s: %s", cfg.conf_path, e)
-        return None
-    for warning in settings.warnings:
-        log.warning("activity record: %s: %s", cfg.conf_path, warning)
-    try:
-        inventory = Inventory(cfg.state, settings)
-        inventory.start()
-    except Exception:  # noqa: BLE001 - capture must never keep the agent from its work
-        log.exception("activity record could not start")
-        return None
-    return inventory
-
-
 def _clip(text: str, limit: int) -> str:
     """``text`` without control characters, at most ``limit`` characters (see p.Hello's bounds)."""
     return "".join(ch for ch in text if ch >= " " and ch != "\x7f")[:limit]
@@ -388,7 +358,7 @@ def run_instruction(body: p.InstructionBody, cfg: AgentConfig, interact: Any = N
             return program
     ctx = AgentContext(data_dir=cfg.state, config_path=cfg.conf_path, log_path=cfg.log_path,
                        agent_version=quanta.__version__, fetch_resource=BackgroundFetcher(cfg), interact=interact,
-                       instruction_id=body.id, instruction_name=body.name)
+                       instruction_id=body.id, instruction_name=body.name, storage_owner=body.owner or "adhoc")
     # the payload may run until the instruction's gather window closes (an answer after it is late),
     # between 1 s and the evaluator's default of 60 s
     limits = Limits(timeout_seconds=max(1.0, min(Limits().timeout_seconds, body.expires_at - time.time())))

@@ -157,6 +157,11 @@ class InstructionBody(msgspec.Struct, frozen=True):
     parameters: dict[str, Any]
     issued_at: float
     expires_at: float
+    # who owns the Storage.* tables this instruction makes and reads, set by the server that signs
+    # the body: "pack:<pack name>@<fingerprint of its publisher's key>" for an instruction of a pack's
+    # definition, "adhoc@<fingerprint of the server's signing key>" for raw SCALE (see
+    # quanta.instructions.storage_owner). Empty from a server that predates it.
+    owner: str = ""
 
 
 class Deliver(msgspec.Struct, tag="deliver", frozen=True):

@@ -66,8 +66,12 @@ class AgentContext:
     cancel: threading.Event = field(default_factory=threading.Event)
     # The instruction this payload answers: quanta.scale.cancel([id]) then sets ``cancel``.
     instruction_id: int | None = None
-    # The instruction's (signed) name: Storage.* tables belong to its owner (see methods/storage.py).
+    # The instruction's (signed) name.
     instruction_name: str | None = None
+    # Who owns the Storage.* tables this payload makes and reads: the signed body's ``owner``
+    # (its pack and publisher key, or the issuing server's key for raw SCALE; see
+    # methods/storage.py). None outside an agent: the owner is then "local".
+    storage_owner: str | None = None
 
 
 def compile_scale(text: str, parameters: dict[str, object] | None = None) -> Program:

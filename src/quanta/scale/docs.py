@@ -164,7 +164,8 @@ $Process_Live WHERE ExecutableName = "psexec" AND Ts > CAST(strftime('%s','now',
   agent's account (0600). On Linux the model polls every 30 seconds; Quanta uses the kernel's
   process events when it runs as root (`CaptureMethod` = `netlink`), so no start is missed (a
   process gone before its `/proc` entry could be read, one that lived well under a millisecond,
-  is recorded with its `ProcessId` and time only).
+  is recorded with what the kernel's events carry: its `ProcessId`, its `ParentProcessId` from
+  the fork event, and the time).
   DNS, ARP and the model's other sources are not captured yet.
 
 """

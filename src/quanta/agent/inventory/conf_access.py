@@ -3,8 +3,8 @@
 ``settings_rows`` lists every ``Module.Inventory.*`` setting with the value that the agent's own
 parser (:func:`.settings.parse_settings`) gives it; ``change_setting`` rewrites one key in
 ``agent.conf`` after checking the whole file still parses, atomically (a temporary file in the
-same directory, fsync, rename) and with mode 0600. The agent reads these settings when it starts,
-so a change takes effect at its next start; both say so (``PendingRestart``, ``RestartRequired``).
+same directory, fsync, rename) and with mode 0600. The running agent applies a change without a
+restart (:mod:`quanta.agent.activity`); ``Applied`` says whether it uses a value.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class SettingsAccessError(ValueError):
     """A setting that cannot be read or changed; the message says why."""
 
 
-def _flatten(s: InventorySettings) -> dict[str, str]:
+def flatten(s: InventorySettings) -> dict[str, str]:
     def num(v: float) -> str:
         return f"{v:g}"
 
@@ -53,7 +53,7 @@ def _flatten(s: InventorySettings) -> dict[str, str]:
     return out
 
 
-KNOWN_KEYS: dict[str, str] = {k.lower(): k for k in _flatten(parse_settings({}))}
+KNOWN_KEYS: dict[str, str] = {k.lower(): k for k in flatten(parse_settings({}))}
 
 
 def _read_lines(conf: Path) -> list[str]:
@@ -91,24 +91,19 @@ def _parse(values: dict[str, str], conf: Path) -> InventorySettings:
         raise SettingsAccessError(f"{conf}: {e}") from None
 
 
-def settings_rows(conf: Path, started_at: float | None = None) -> list[list[object]]:
-    """[Name, Value, Default, Configured, PendingRestart] per setting, from agent.conf as the agent parses it.
+def settings_rows(conf: Path, in_force: dict[str, str] | None = None) -> list[list[object]]:
+    """[Name, Value, Default, Configured, Applied] per setting, from agent.conf as the agent parses it.
 
-    ``Configured``: agent.conf sets the key. ``PendingRestart``: agent.conf changed after
-    ``started_at`` (the agent process's start), so the running agent may use older values."""
+    ``Configured``: agent.conf sets the key. ``Applied``: the running capture uses this value
+    (``in_force``: the values it uses, None outside a running agent)."""
     conf = Path(conf)
     lines = _read_lines(conf)
     values = _values(lines)
-    current = _flatten(_parse(values, conf))
-    defaults = _flatten(parse_settings({}))
+    current = flatten(_parse(values, conf))
+    defaults = flatten(parse_settings({}))
     configured = {k.strip().lower() for k in values}
-    pending = False
-    if started_at is not None:
-        try:
-            pending = os.stat(conf).st_mtime > started_at
-        except OSError:
-            pending = False
-    return [[k, v, defaults[k], k.lower() in configured, pending] for k, v in current.items()]
+    force = in_force or {}
+    return [[k, v, defaults[k], k.lower() in configured, force.get(k) == v] for k, v in current.items()]
 
 
 def change_setting(conf: Path, name: str, value: str) -> tuple[str, str, str]:
@@ -126,7 +121,7 @@ def change_setting(conf: Path, name: str, value: str) -> tuple[str, str, str]:
     with _LOCK:
         lines = _read_lines(conf)
         values = _values(lines)
-        old = _flatten(_parse(values, conf))[canonical]
+        old = flatten(_parse(values, conf))[canonical]
         out: list[str] = []
         replaced = False
         for line in lines:
@@ -140,7 +135,7 @@ def change_setting(conf: Path, name: str, value: str) -> tuple[str, str, str]:
         if not replaced:
             out.append(f"{canonical}={value}")
         new_settings = _parse(_values(out), conf)  # the agent's parser, on the whole new file
-        new = _flatten(new_settings)[canonical]
+        new = flatten(new_settings)[canonical]
         _write_atomic(conf, "\n".join(out) + "\n")
     return canonical, old, new
 

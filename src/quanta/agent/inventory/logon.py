@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .pace import Capture
 from .settings import InventorySettings
 from .store import Store, secure_file
 
@@ -57,26 +58,18 @@ def pack_record(kind: int, pid: int, line: str, user: str, host: str, ts: int) -
                      b"", b"")
 
 
-class LogonCapture:
+class LogonCapture(Capture):
     def __init__(self, store: Store, settings: InventorySettings, state_dir: Path,
                  clock: Callable[[], float] = time.time, wtmp: Path = WTMP) -> None:
+        super().__init__(settings)
         self.store = store
-        self.settings = settings
         self.clock = clock
         self.wtmp = wtmp
         self.state_path = Path(state_dir) / "inventory-wtmp.json"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.polls = threading.Semaphore(0)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="quanta-inventory-logon", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
+        self._spawn("quanta-inventory-logon", self._run)
 
     def _load(self) -> dict[str, Any]:
         try:
@@ -143,11 +136,10 @@ class LogonCapture:
 
     def _run(self) -> None:
         state = self._load()
-        interval = min(self.settings.source("Logon").interval, self.settings.source("Boot").interval)
-        while not self._stop.is_set():
+        while not self.pace.stopped:
             try:
                 state = self.poll_once(state)
             except Exception:  # noqa: BLE001
                 log.exception("logon capture poll failed")
             self.polls.release()
-            self._stop.wait(interval)
+            self.pace.sleep(min(self.settings.source("Logon").interval, self.settings.source("Boot").interval))

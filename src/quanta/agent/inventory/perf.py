@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 
+from .pace import Capture
 from .settings import InventorySettings
 from .store import Store
 
 log = logging.getLogger("quanta.agent.inventory")
 
 
-class PerfCapture:
+class PerfCapture(Capture):
     def __init__(self, store: Store, settings: InventorySettings, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(settings)
         self.store = store
-        self.settings = settings
         self.clock = clock
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         if self.settings.source("DevicePerformance").enabled:
@@ -28,23 +26,12 @@ class PerfCapture:
         if self.settings.source("ProcessUsage").enabled:
             self._spawn("quanta-inventory-usage", self._usage)
 
-    def _spawn(self, name: str, fn: Callable[[], None]) -> None:
-        t = threading.Thread(target=fn, name=name, daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(2)
-
     def _device(self) -> None:
         import psutil
 
-        interval = self.settings.source("DevicePerformance").interval
         psutil.cpu_percent(None)
         disk0, net0, t0 = psutil.disk_io_counters(), psutil.net_io_counters(), time.monotonic()
-        while not self._stop.wait(interval):
+        while not self.pace.sleep(self.settings.source("DevicePerformance").interval):
             try:
                 disk, net, t1 = psutil.disk_io_counters(), psutil.net_io_counters(), time.monotonic()
                 dt = max(t1 - t0, 1e-3)
@@ -64,16 +51,15 @@ class PerfCapture:
     def _usage(self) -> None:
         import psutil
 
-        interval = self.settings.source("ProcessUsage").interval
         before: dict[tuple[int, float], float] = {}
+        names: dict[tuple[int, float], tuple[str, str]] = {}  # a process's executable and user, read once
         first = True
         while True:
             try:
                 now = int(self.clock())
                 after: dict[tuple[int, float], float] = {}
                 acc: dict[tuple[str, str], list[float]] = {}
-                for p in psutil.process_iter(["name", "exe", "username", "cpu_times", "memory_info", "create_time"],
-                                             ad_value=None):
+                for p in psutil.process_iter(["cpu_times", "memory_info", "create_time"], ad_value=None):
                     ct, mem = p.info.get("cpu_times"), p.info.get("memory_info")
                     if ct is None:
                         continue
@@ -81,8 +67,10 @@ class PerfCapture:
                     used = ct.user + ct.system
                     after[key] = used
                     delta = used - before.get(key, 0.0 if not first else used)
-                    name = os.path.basename(p.info.get("exe") or "") or (p.info.get("name") or "")
-                    a = acc.setdefault((name, p.info.get("username") or ""), [0.0, 0, 0])
+                    ident = names.get(key)
+                    if ident is None:
+                        ident = names[key] = _identity(p)
+                    a = acc.setdefault(ident, [0.0, 0, 0])
                     a[0] += max(delta, 0.0)
                     a[1] = max(a[1], mem.rss if mem else 0)
                     a[2] += 1
@@ -95,10 +83,25 @@ class PerfCapture:
                                 "ProcessCount": int(count),
                             })
                 before, first = after, False
+                names = {k: v for k, v in names.items() if k in after}  # the processes gone are forgotten
             except Exception:  # noqa: BLE001
                 log.exception("process usage sample failed")
-            if self._stop.wait(interval):
+            if self.pace.sleep(self.settings.source("ProcessUsage").interval):
                 return
+
+
+def _identity(p: object) -> tuple[str, str]:
+    """(executable name, user name) of a psutil process; empty strings for what cannot be read."""
+    import psutil
+
+    values = []
+    for attr in ("exe", "name", "username"):
+        try:
+            values.append(getattr(p, attr)() or "")
+        except (psutil.Error, OSError):
+            values.append("")
+    exe, name, user = values
+    return os.path.basename(exe) or name, user
 
 
 def _rate(a: object, b: object, attr: str, dt: float) -> float | None:

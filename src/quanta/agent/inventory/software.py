@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .pace import Capture
 from .settings import InventorySettings
 from .store import Store, secure_file
 
@@ -80,26 +81,18 @@ def diff(before: dict[str, Package], after: dict[str, Package]) -> list[tuple[st
     return out
 
 
-class SoftwareCapture:
+class SoftwareCapture(Capture):
     def __init__(self, store: Store, settings: InventorySettings, state_dir: Path,
                  clock: Callable[[], float] = time.time, dpkg_status: Path = DPKG_STATUS) -> None:
+        super().__init__(settings)
         self.store = store
-        self.settings = settings
         self.clock = clock
         self.state_path = Path(state_dir) / "inventory-software.json"
         self.dpkg_status = dpkg_status
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.polls = threading.Semaphore(0)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="quanta-inventory-software", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
+        self._spawn("quanta-inventory-software", self._run)
 
     def _load(self) -> dict[str, dict[str, Package]] | None:
         try:
@@ -146,10 +139,10 @@ class SoftwareCapture:
     def _run(self) -> None:
         state = self._load()
         mtime = [0.0]
-        while not self._stop.is_set():
+        while not self.pace.stopped:
             try:
                 state = self.poll_once(state, mtime)
             except Exception:  # noqa: BLE001
                 log.exception("software capture poll failed")
             self.polls.release()
-            self._stop.wait(self.settings.source("Software").interval)
+            self.pace.sleep(self.settings.source("Software").interval)

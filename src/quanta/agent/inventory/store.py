@@ -126,6 +126,14 @@ class Store:
         """Aggregate, apply retention and the size cap now (``now`` defaults to the clock)."""
         self.call(lambda conn: self._maintain(conn, self.clock() if now is None else now), timeout)
 
+    def reconfigure(self, settings: InventorySettings) -> None:
+        """New settings, in force from now: batching at once, the next maintenance (retention, size
+        cap) within the new interval."""
+        with self._cond:
+            self.settings = settings
+            self._next_maintenance = min(self._next_maintenance, self.clock() + settings.maintenance_seconds)
+            self._cond.notify()
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="quanta-inventory-writer", daemon=True)
@@ -158,11 +166,11 @@ class Store:
 
     def _loop(self) -> None:
         self._next_maintenance = self.clock() + min(5.0, self.settings.maintenance_seconds)
-        deadline = time.monotonic() + self.settings.flush_seconds
+        flushed = time.monotonic()
         while True:
             with self._cond:
                 while not (self._stopping or self._controls or len(self._items) >= self.settings.batch_rows):
-                    left = deadline - time.monotonic()
+                    left = flushed + self.settings.flush_seconds - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
@@ -173,7 +181,7 @@ class Store:
                 stopping = self._stopping
             if items:
                 self._write(items)
-            deadline = time.monotonic() + self.settings.flush_seconds
+            flushed = time.monotonic()
             for fn, fut in controls:
                 try:
                     fut.set_result(fn(self._connection()))

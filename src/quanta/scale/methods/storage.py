@@ -7,11 +7,17 @@ later one loads it back (``Storage.Get``), checks for it (``Storage.Check``) or 
 reach of ``SELECT``: a payload reads a stored table only through ``Storage.Get``. Writing (``Set``,
 ``Delete``) is an action, so it needs the approval any action needs.
 
-Owner: a table belongs to the *owner* of the instruction that made it, the instruction's signed
-name up to its last ``-`` (``Quanta-Inventory-SeenHashes`` belongs to ``Quanta-Inventory``, as the
-model names instructions Vendor-Product-Instruction); a name without ``-`` is its own owner, and a
-payload run without an instruction (``quanta scale run``) belongs to ``local``. Instructions of one
-pack therefore share tables, and one owner never sees another's.
+Owner: a table belongs to the *owner* of the instruction that made it, recorded with the table
+when it is created, and only that owner reads, writes, checks, lists or deletes it (each owner has
+its own names: another owner's table of the same name is a different table, and cannot be seen).
+The owner is not taken from anything a pack chooses, such as its definitions' names: the server
+signs it into the instruction's body (``InstructionBody.owner``, see
+:func:`quanta.instructions.storage_owner`) from the identity it verified when the pack was
+imported: ``pack:<pack name>@<fingerprint of the publisher's key>``. A pack that names its
+definitions like another pack's, or calls itself by another publisher's pack name, therefore gets
+an owner of its own. Raw SCALE instructions (no definition) share ``adhoc@<fingerprint of the
+server's signing key>``; an instruction from a server that predates the owner field is ``adhoc``,
+and a payload run outside an agent (``quanta scale run``) is ``local``.
 
 Every statement here is a fixed text with bound parameters: table names are values in a column,
 never SQL identifiers, and are checked against a strict pattern as well.
@@ -39,7 +45,7 @@ MAX_BYTES_PER_TABLE = 8 * 1024 * 1024  # the table as stored (JSON)
 MAX_TOTAL_BYTES = 64 * 1024 * 1024  # every owner's tables together
 DEFAULT_MAX_ROW_COUNT = 1000  # the model's default when appending
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")  # the model: case-insensitive, up to 128 characters
-_OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,199}$")
 _LOCK = threading.Lock()
 
 _SCHEMA = """
@@ -49,13 +55,12 @@ CREATE TABLE IF NOT EXISTS storage_tables (
 """
 
 
-def owner_of(instruction_name: str | None) -> str:
-    if not instruction_name:
-        return "local"
-    if not _OWNER_RE.match(instruction_name):
-        raise MethodError("The instruction's name cannot own storage")
-    head, sep, _ = instruction_name.rpartition("-")
-    return head if sep and head else instruction_name
+def owner_of(context) -> str:
+    """The owner of this payload's tables (see the module's docstring)."""
+    owner = context.storage_owner or "local"
+    if not _OWNER_RE.match(owner):
+        raise MethodError("The instruction's owner cannot own storage")
+    return owner
 
 
 def storage_path(data_dir: Path) -> Path:
@@ -141,7 +146,7 @@ def _name(args: dict[str, object]) -> str:
 def _run(env: MethodEnv, work, write: bool = True):
     """``work(conn, owner)`` in one transaction. A read of a device that never stored anything
     creates nothing: it answers an empty table."""
-    owner = owner_of(env.context.instruction_name)
+    owner = owner_of(env.context)
     if not write and not os.path.lexists(storage_path(env.context.data_dir)):
         return None
     with _LOCK:
