@@ -83,7 +83,7 @@ def world(tmp_path: Path):
             payload, name, iset, kind = d.payload, d.name, d.instruction_set, d.type
         else:
             iset, kind = None, "action" if "Storage.Set" in payload or "Storage.Delete" in payload else "question"
-        iid = ins.create(engine, created_by="admin", name=name, kind=kind, payload=payload, parameters={},
+        iid, _ = ins.create(engine, created_by="admin", name=name, kind=kind, payload=payload, parameters={},
                          devices=None, instruction_ttl=60, response_ttl=3600, status=ins.NEW, instruction_set=iset)
         assert ins.sign(engine, signer, iid, expect=(ins.NEW,))
         with engine.connect() as c:

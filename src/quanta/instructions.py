@@ -76,9 +76,7 @@ def create(engine: sa.Engine, *, created_by: str, name: str, kind: str, payload:
             created_at=time.time(), status=status, instruction_ttl=instruction_ttl, response_ttl=response_ttl,
             scheduled_at=scheduled_at, approval_expires_at=approval_expires_at,
             instruction_set=instruction_set, approvers_required=required)).inserted_primary_key[0])
-        if signer is not None and status == NEW:
-            row = c.execute(sa.select(instructions).where(instructions.c.id == iid)).one()
-            c.execute(instructions.update().where(instructions.c.id == iid).values(**_signed(signer, row, time.time())))
+        if signer is not None and status == NEW and _sign_row(c, signer, iid, (NEW,)):
             status = READY
         if then is not None:
             then(c, iid, status)
@@ -123,12 +121,18 @@ def sign(engine: sa.Engine, signer: Signer, iid: int, *, expect: tuple[str, ...]
     issue it. Returns False if the instruction was not in such a state.
     """
     with engine.begin() as c:
-        row = c.execute(sa.select(instructions).where(instructions.c.id == iid)).first()
-        if row is None or row.status not in expect:
-            return False
-        res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == row.status)
-                        .values(**_signed(signer, row, time.time(), storage_owner(c, signer, row))))
-        return res.rowcount == 1
+        return _sign_row(c, signer, iid, expect)
+
+
+def _sign_row(c: sa.Connection, signer: Signer, iid: int, expect: tuple[str, ...]) -> bool:
+    """In the caller's transaction: sign instruction ``iid`` and make it READY, a compare-and-set
+    from one of ``expect``."""
+    row = c.execute(sa.select(instructions).where(instructions.c.id == iid)).first()
+    if row is None or row.status not in expect:
+        return False
+    res = c.execute(instructions.update().where(instructions.c.id == iid, instructions.c.status == row.status)
+                    .values(**_signed(signer, row, time.time(), storage_owner(c, signer, row))))
+    return res.rowcount == 1
 
 
 def decide(engine: sa.Engine, iid: int, *, status: str, by: str, reason: str | None, expect: str) -> bool:
