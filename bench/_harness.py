@@ -21,27 +21,36 @@ sys.path.insert(0, str(ROOT / "src"))
 PY = sys.executable
 
 
-def free_port(pair: bool = False) -> int:
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
     # SO_REUSEADDR as the servers themselves bind: a port with connections in TIME_WAIT (plenty
     # after a 10,000-connection run) is free for them.
-    for _ in range(200):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 64000:
-            continue
-        if not pair:
-            return port
-        ok = True
-        for extra in range(1, 8):  # room for several Switches: port, port+1, port+2, ...
-            with socket.socket() as s2:
-                s2.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s2.bind(("0.0.0.0", port + extra))
-                except OSError:
-                    ok = False
-        if ok:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(pair: bool = False) -> int:
+    """A free port *below* the kernel's ephemeral range: the floor rig's and the simulator's
+    thousands of client connections take their source ports from that range, and one of them on
+    a server port (a Switch's poke port, say) would stop the server from starting. ``pair``: the
+    next 7 ports are free too (room for several Switches: port, port+1, port+2, ...)."""
+    import random
+
+    high = _ephemeral_low() - 8
+    for _ in range(500):
+        port = random.randrange(20000, high)
+        if all(_bindable(port + extra) for extra in range(8 if pair else 1)):
             return port
     raise RuntimeError("no free port")
 
@@ -74,6 +83,10 @@ class BenchServer:
         self.https, self.switch, self.core = free_port(), free_port(pair=True), free_port()
         args = ["init", str(self.root), "--https-port", str(self.https), "--switch-port", str(self.switch),
                 "--port", f"core={self.core}", "--switches", str(self.switches), "--server-name", "localhost"]
+        # every other listener on a free port too, so another server on this machine (a test's, a
+        # leftover) cannot make the bench's fail to start
+        for name in ("http", "coordinator", "integrate", "hub"):
+            args += ["--port", f"{name}={free_port()}"]
         if self.database_url:
             args += ["--database-url", self.database_url]
         quanta(*args)
