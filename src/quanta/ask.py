@@ -243,12 +243,7 @@ def result_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[An
 def print_results(iid: int, status: dict[str, Any], results: list[dict[str, Any]], fmt: str = "table") -> None:
     columns, rows = result_table(results)
     if fmt == "csv":
-        import csv
-
-        w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(columns)
-        for row in rows:
-            w.writerow([cell(v) for v in row])
+        write_csv(columns, rows)
         return
     from rich.console import Console
 
@@ -256,6 +251,16 @@ def print_results(iid: int, status: dict[str, Any], results: list[dict[str, Any]
     states = ", ".join(f"{k} {v}" for k, v in sorted(status["states"].items()))
     out.print(f"instruction {iid}: {status['status']}; {status['targeted']} targeted; {states}", highlight=False)
     out.print(rich_table(columns, rows, out.width))
+
+
+def write_csv(columns: Sequence[str], rows: Any) -> None:
+    """A table as CSV on stdout, each value as :func:`cell` prints it (the CLI's one CSV writer)."""
+    import csv
+
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    w.writerow(columns)
+    for row in rows:
+        w.writerow([cell(v) for v in row])
 
 
 def cell(value: Any) -> str:

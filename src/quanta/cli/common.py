@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Annotated, Any, Iterable, Optional, Sequence
 import typer
 from rich.console import Console
 
-from quanta.ask import cell  # noqa: F401 - how a value prints in a table or CSV: one definition
+from quanta.ask import cell, write_csv  # noqa: F401 - how a value prints in a table or CSV: one definition
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Quanta: ask every device a question and get the answers in seconds.")
@@ -94,10 +93,7 @@ def print_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]], fmt: str =
         print(json.dumps(items, default=str))
         return
     if fmt == "csv":
-        w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(columns)
-        for r in rows:
-            w.writerow([cell(v) for v in r])
+        write_csv(columns, rows)
         return
     from quanta.ask import rich_table
 
