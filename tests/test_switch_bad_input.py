@@ -70,8 +70,12 @@ def test_bad_frames_close_only_that_connection(server: Server) -> None:
     assert {"good1", "good2"} <= server.online()
     # a flood of the same bad input is a few log lines, not one per connection
     before = server.log_text().count("closing agent connection")
-    for _ in range(40):
-        assert _closed_with(server, "rogue", lambda ws: ws.send(b"\xc1\x00garbage"))[0] == 1002
+    for i in range(40):
+        try:
+            got = _closed_with(server, "rogue", lambda ws: ws.send(b"\xc1\x00garbage"))[0]
+        except Exception as e:
+            raise AssertionError(f"flood connection {i}: {e!r}\n--- switch log tail ---\n{server.log_text()[-4000:]}") from e
+        assert got == 1002, i
     assert server.log_text().count("closing agent connection") - before <= 3
     r = quanta("ask", str(server.root), SUMMARY, "--json", "--wait", "20", "--device", "good1", "--device", "good2")
     out = json.loads(r.stdout)
