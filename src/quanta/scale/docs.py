@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .compiler import BUILTIN_TABLES
 from .spec import MethodSpec
-from .tables import GRANULARITIES, SOURCES
+from .tables import GRANULARITIES, MODEL_PAGES, SOURCES
 
 _HEADER = """# SCALE method reference
 
@@ -45,9 +45,14 @@ Value: @table)` saves a table (with `Append: true` adds to it, keeping the newes
 rows), `Storage.Get` loads it back with its own columns, `Storage.Check` gives one row when it
 exists (`IF (@found) ...`), `Storage.Delete` removes it; `Storage.List` (Quanta's) lists them.
 Names are case-insensitive, 1 to 128 letters, digits, `_`, `.` or `-`. A table belongs to the
-owner of the instruction that writes it: the instruction's signed name up to its last `-`
-(`Quanta-Inventory-SeenHashes` belongs to `Quanta-Inventory`), so the instructions of one pack
-share their tables and never see another owner's. Writing (`Set`, `Delete`) is an action and
+owner of the instruction that writes it, which the server signs into the instruction: for a
+definition, its pack and the fingerprint of the pack's publisher key (`pack:Quanta-Inventory@<fp>`),
+for raw SCALE the server's own key (`adhoc@<fp>`). The instructions of one pack share their tables
+and never see another owner's, whatever their names. Tables stored by an agent of an earlier
+version, owned by an instruction name's prefix (`Quanta-Inventory`), are not given to any new owner
+by their name, since a name is no identity: `quanta agent-storage DIR` lists them on the device,
+`--adopt OLD --to OWNER` gives them to an owner the operator names and `--drop OLD` removes them
+(see docs/operations.md). Writing (`Set`, `Delete`) is an action and
 needs approval like any action; `Get`, `Check` and `List` are questions. The tables live in
 `storage.db` (mode 0600) in the agent's state directory, apart from the Activity Record: a
 `SELECT` cannot name them, `Storage.Get` is the only way to read them. Caps: 64 tables per owner,
@@ -153,14 +158,19 @@ $Process_Live WHERE ExecutableName = "psexec" AND Ts > CAST(strftime('%s','now',
 - On a device without a store (capture off), or whose store cannot be read, a `SELECT` naming one
   of these tables fails with an error that says so ("Activity Record unavailable: ..."); every
   other question is unaffected.
-- Compared with the model (the 1E client's Activity Record): the source and table names are the
-  model's (`$Process_Live`, `$Process_Daily`, `$TCP_Live`, `$Software_Live`,
-  `$DevicePerformance_Live`, `$ProcessUsage_Daily`, ...). Columns marked *model* below carry the
-  names of the model's documented columns as far as they could be established (the public SDK
-  pages seen while writing this gave the feature's description and its
-  `Module.Inventory.Enabled` switch, not every column); columns marked *Quanta* are captured in
-  addition (for example `ExecutablePath`, `ExitTs` and `CaptureMethod` of `$Process_Live`). The
-  model encrypts and compresses its store; Quanta's is a plain SQLite file readable only by the
+- Compared with the model (the 1E client's Activity Record): the model's pages listed below
+  confirm the feature's shape (a live, an hourly, a daily and a monthly table per capture source,
+  read by SCALE as SQL tables, never writable by it; `Module.Inventory.Enabled`) and the names of
+  its capture sources (`Process`, `ProcessUsage`, `Software`, `DevicePerformance`, and `ARP`,
+  `DNS`, `BootPerformance`, `DeviceInteraction`, `DeviceResourceDemand`,
+  `OperatingSystemPerformance`, `ProcessStabilization` that Quanta does not capture). **No page of
+  the model that could be reached showed the columns of any table**, so no column name below is
+  confirmed against the model's documentation: columns marked *model (not confirmed)* are named as
+  the model's are believed to be named; columns marked *Quanta* are captured in addition (for
+  example `ExecutablePath`, `ExitTs` and `CaptureMethod` of `$Process_Live`). Each table says what
+  of it was confirmed. An instruction written for the model that names a column differently fails
+  at `quanta scale check` with the column's name and position, not on the devices. The model
+  encrypts and compresses its store; Quanta's is a plain SQLite file readable only by the
   agent's account (0600). On Linux the model polls every 30 seconds; Quanta uses the kernel's
   process events when it runs as root (`CaptureMethod` = `netlink`), so no start is missed (a
   process gone before its `/proc` entry could be read, one that lived well under a millisecond,
@@ -168,17 +178,21 @@ $Process_Live WHERE ExecutableName = "psexec" AND Ts > CAST(strftime('%s','now',
   the fork event, and the time).
   DNS, ARP and the model's other sources are not captured yet.
 
+The model's pages these tables (and `Storage.*`) were checked against:
 """
 
 
 def render_activity_record() -> str:
     """The Activity Record tables and their columns, from :mod:`quanta.scale.tables`."""
     out = [_ACTIVITY_HEADER]
+    out += [f"- {title}: <{url}>" for title, url in MODEL_PAGES] + [""]
     for src in SOURCES:
         out += [f"### ${src.table('Live')}", "", src.description, "",
+                f"Against the model's documentation: {src.documented}.", "",
                 "| Column | Type | Origin | Description |", "|---|---|---|---|"]
         for c in src.live:
-            out.append(f"| `{c.name}` | {c.type} | {'model' if c.model else 'Quanta'} | {c.description} |")
+            out.append(f"| `{c.name}` | {c.type} | {'model (not confirmed)' if c.model else 'Quanta'} | "
+                       f"{c.description} |")
         out.append("")
         for g in GRANULARITIES[1:]:
             out += [f"### ${src.table(g)}", "",

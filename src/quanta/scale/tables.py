@@ -10,6 +10,12 @@ capture code (``quanta.agent.inventory``), which imports it too.
 
 Times (``Ts`` and the other ``...Ts`` columns) are integers, seconds since 1970-01-01 UTC, as in
 the model; in an aggregated table ``Ts`` is the start of the hour, day or month (UTC).
+
+What of this is the model's (the 1E client's Activity Record) and what is Quanta's own is
+recorded here too, with where it was looked up (:data:`MODEL_PAGES`, ``Source.documented``), so
+the reference says it next to each table rather than claiming more than was found: the model's
+pages reachable when this was written name the capture sources and their four granularities, but
+none of them showed a table's columns.
 """
 
 from __future__ import annotations
@@ -26,13 +32,34 @@ PERIOD_SQL = {
 # Which table each aggregated table is computed from.
 FINER = {"Hourly": "Live", "Daily": "Hourly", "Monthly": "Daily"}
 
+# The model's pages these declarations were checked against (docs/scale.md lists them): each gives
+# the feature, its Module.Inventory.Enabled switch, a live, hourly, daily and monthly table per
+# capture source, and the capture sources by name; none reached showed the columns of a table.
+MODEL_PAGES = (
+    ("1E SDK, Tachyon Activity Record (reference)", "https://help.1e.com/display/TCNSDK/Tachyon+Activity+Record"),
+    ("1E 8.1, Tachyon Activity Record (reference)", "https://help.1e.com/TCN81/en/736741-738804-activity-record.html"),
+    ("1E 8.1, Tachyon Activity Record (capture sources by OS)",
+     "https://help.1e.com/TCN81/en/699397-700899-tachyon-activity-record.html"),
+    ("1E, Client Activity Record (capture sources by OS)",
+     "https://docs.1e.com/en/Content/endpoint-troubleshooting/using-endpoint-troubleshooting/client-activity-record.htm"),
+    ("1E 4.0, Tachyon Agent Historic Data Capture (capture sources)",
+     "https://help.1e.com/display/TCN40/Tachyon+Agent+Historic+Data+Capture"),
+    ("1E 8.1, User Defined Persistent Storage Tables",
+     "https://help.1e.com/TCN81/en/736741-738838-user-defined-persistent-storage-tables.html"),
+    ("1E 8.1, Storage.Set", "https://help.1e.com/TCN81/en/736741-765255-storage-set.html"),
+)
+_SOURCE_LISTED = ("the source is in the model's list of capture sources (the capture-source pages above); "
+                  "its columns are not confirmed against the model's documentation")
+
 
 @dataclass(frozen=True)
 class Column:
     name: str
     type: str  # integer | number | string
     description: str
-    model: bool = True  # a column of the model's documented table (False: Quanta captures more)
+    # True: named as the model's column is believed to be named (not confirmed: no page of the model
+    # reached showed a table's columns); False: a column Quanta captures in addition
+    model: bool = True
 
     @property
     def sql_type(self) -> str:
@@ -59,6 +86,9 @@ class Source:
     indexes: tuple[tuple[str, ...], ...] = ()  # extra live-table indexes (Ts is always indexed)
     # default retention per granularity: (max age in days, max rows)
     retention: dict[str, tuple[float, int]] = field(default_factory=dict)
+    # what of this table was confirmed against the model's documentation (docs/scale.md says it
+    # next to the table)
+    documented: str = "not confirmed against the model's documentation"
 
     def table(self, granularity: str) -> str:
         return f"{self.name}_{granularity}"
@@ -104,6 +134,7 @@ SOURCES: tuple[Source, ...] = (
                           "SUM(ExecutionCount)"),),
         indexes=(("ProcessId",), ("ExecutableName",)),
         retention=dict(_DEFAULT_RETENTION),
+        documented=_SOURCE_LISTED,
     ),
     Source(
         "TCP",
@@ -127,6 +158,9 @@ SOURCES: tuple[Source, ...] = (
                           "SUM(ConnectionCount)"),),
         indexes=(("LocalPort", "Port"), ("IpAddress",)),
         retention=dict(_DEFAULT_RETENTION),
+        documented="the table name is the one the issue gives for the model (`$TCP_Live`); the parts of the model's "
+                   "capture-source list that could be read did not reach a TCP row, so neither the name nor the "
+                   "columns are confirmed against the model's documentation",
     ),
     Source(
         "Software",
@@ -151,6 +185,7 @@ SOURCES: tuple[Source, ...] = (
         ),
         retention={"Live": (366.0, 100_000), "Hourly": (31.0, 50_000), "Daily": (366.0, 50_000),
                    "Monthly": (3 * 366.0, 50_000)},
+        documented=_SOURCE_LISTED + " (the model describes it as software installs, uninstalls and presence)",
     ),
     Source(
         "DevicePerformance",
@@ -178,6 +213,7 @@ SOURCES: tuple[Source, ...] = (
         ) + (Measure(_c("SampleCount", "integer", "Samples in the period"), "COUNT(*)", "SUM(SampleCount)"),),
         retention={"Live": (3.0, 20_000), "Hourly": (31.0, 10_000), "Daily": (366.0, 5_000),
                    "Monthly": (3 * 366.0, 1_000)},
+        documented=_SOURCE_LISTED + " (the model lists it for Windows only, from performance counters)",
     ),
     Source(
         "ProcessUsage",
@@ -201,6 +237,7 @@ SOURCES: tuple[Source, ...] = (
         indexes=(("ExecutableName",),),
         retention={"Live": (3.0, 100_000), "Hourly": (31.0, 100_000), "Daily": (366.0, 100_000),
                    "Monthly": (3 * 366.0, 50_000)},
+        documented=_SOURCE_LISTED + " (the model's is a summary of process launches and terminations, off by default)",
     ),
 )
 
@@ -222,6 +259,9 @@ SOURCES += (
                           "SUM(EventCount)"),),
         retention={"Live": (366.0, 50_000), "Hourly": (31.0, 50_000), "Daily": (366.0, 50_000),
                    "Monthly": (3 * 366.0, 10_000)},
+        documented="Quanta's own source: no Logon source is in the parts of the model's capture-source list that "
+                   "could be read, so the table name and its columns are not confirmed against the model's "
+                   "documentation",
     ),
     Source(
         "Boot",
@@ -236,6 +276,9 @@ SOURCES += (
                           "SUM(EventCount)"),),
         retention={"Live": (3 * 366.0, 10_000), "Hourly": (31.0, 10_000), "Daily": (366.0, 10_000),
                    "Monthly": (3 * 366.0, 10_000)},
+        documented="Quanta's own source: the model's nearest, BootPerformance, holds Windows boot performance "
+                   "metrics, not boot and shutdown times; the table name and its columns are not confirmed against "
+                   "the model's documentation",
     ),
 )
 
