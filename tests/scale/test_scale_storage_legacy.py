@@ -8,6 +8,7 @@ no ``storage_meta``."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -125,3 +126,16 @@ def test_quanta_agent_storage_command(state: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "quanta", "agent-storage", str(agent_dir / "nope")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not an agent directory" in (r.stdout + r.stderr)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to own files as another user")
+def test_run_as_root_the_store_stays_the_agents(state: Path) -> None:
+    """A careless operator runs the command as root on an agent that runs as another account: the
+    WAL files SQLite makes for it must stay that account's, or the agent could not open its store."""
+    for f in state.iterdir():
+        os.chown(f, 65534, 65534)
+    storage._CONNS.clear()
+    storage.owners(state)
+    for side in ("storage.db-wal", "storage.db-shm"):  # open while the connection is (WAL mode)
+        assert (state / side).stat().st_uid == 65534, side
+    assert (state / "storage.db").stat().st_uid == 65534
