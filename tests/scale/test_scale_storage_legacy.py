@@ -131,7 +131,9 @@ def test_quanta_agent_storage_command(state: Path) -> None:
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to own files as another user")
 def test_run_as_root_the_store_stays_the_agents(state: Path) -> None:
     """A careless operator runs the command as root on an agent that runs as another account: the
-    WAL files SQLite makes for it must stay that account's, or the agent could not open its store."""
+    WAL files SQLite makes for it must stay that account's, or the agent could not open its store.
+    (SQLite's own VFS gives a root process's journal and WAL files the database file's owner; this
+    holds it to that.)"""
     for f in state.iterdir():
         os.chown(f, 65534, 65534)
     storage._CONNS.clear()

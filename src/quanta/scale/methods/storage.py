@@ -384,25 +384,7 @@ def _admin(data_dir: Path, work):
             conn.execute("COMMIT")
         except sqlite3.DatabaseError as e:
             raise StorageAdminError(f"Storage error: {e}") from None
-        finally:
-            _keep_owner(path)
         return out
-
-
-def _keep_owner(path: Path) -> None:
-    """Run as root on a store the agent's account owns: the WAL files SQLite made stay the
-    agent's, or the agent could not open its store again."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    for side in ("-wal", "-shm"):
-        try:
-            os.chown(str(path) + side, st.st_uid, st.st_gid, follow_symlinks=False)
-        except OSError:
-            pass
 
 
 def owners(data_dir: Path) -> list[tuple[str, int, int, int]]:
