@@ -164,7 +164,8 @@ SOURCES: tuple[Source, ...] = (
     ),
     Source(
         "Software",
-        "Software installs, removals and upgrades from the package databases (dpkg, rpm), and the set present "
+        "Software installs, removals and upgrades from the package databases (Linux: dpkg, rpm; Windows: the "
+        "machine's Uninstall registry keys; macOS: the installer's receipts and /Applications), and the set present "
         "when capture first ran (Operation 'Present').",
         (
             TS,
@@ -174,7 +175,8 @@ SOURCES: tuple[Source, ...] = (
             _c("Architecture", "string", "Package architecture"),
             _c("Operation", "string", "'Install', 'Uninstall', 'Upgrade' or 'Present'", model=False),
             _c("PreviousVersion", "string", "Version before an upgrade", model=False),
-            _c("PackageManager", "string", "'dpkg' or 'rpm'", model=False),
+            _c("PackageManager", "string", "'dpkg', 'rpm', 'windows' (Uninstall keys), 'pkgutil' (receipts) or 'app' "
+                                             "(/Applications)", model=False),
         ),
         keys=("Product", "Publisher"),
         measures=(
