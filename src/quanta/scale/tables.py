@@ -247,7 +247,8 @@ SOURCES += (
     Source(
         "Logon",
         "User sessions starting and ending (Linux: the wtmp log, read from where it was last read, so "
-        "sessions while the agent was stopped are found with their own times).",
+        "sessions while the agent was stopped are found with their own times; macOS and Windows: the sessions the "
+        "system lists, compared between polls, a logoff timed when found gone).",
         (
             TS,
             _c("UserName", "string", "Account of the session", model=False),
