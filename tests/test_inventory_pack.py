@@ -171,3 +171,44 @@ def test_settings_question_and_action(imported, agent) -> None:
     for bad in ({"Name": "Switch", "Value": "x"}, {"Name": "Module.Inventory.Enabled", "Value": "true\nSwitch=evil"}):
         with pytest.raises(DefinitionError):
             bind_parameters(d, bad)
+
+
+SAMPLE = {"Quanta-Inventory-ConnectionsTo": {"IpAddress": "203.0.113.7"},
+          "Quanta-Inventory-UserLogons": {"UserName": "alice"},
+          "Quanta-Inventory-SetSetting": {"Name": "Module.Inventory.TCP.PollIntervalSeconds", "Value": "10"}}
+
+
+def test_every_definition_reads_only_declared_tables_and_columns(imported) -> None:
+    """One declaration (quanta.scale.tables): each definition's SELECTs over the Activity Record,
+    with its parameters bound, prepare against the declared tables, as `quanta scale check` checks
+    them; a column renamed away from the declaration is caught."""
+    from quanta.scale.errors import ScaleError
+    from quanta.scale.tablecheck import check_activity_columns
+
+    engine, pack, _ = imported
+    checked = 0
+    for d in pack.definitions:
+        prog = compile_scale(d.payload, bind_parameters(load_definition(engine, d.name), SAMPLE.get(d.name, {})))
+        check_activity_columns(prog)
+        checked += "$" in d.payload
+    assert checked == 5
+    d = next(d for d in pack.definitions if d.name == "Quanta-Inventory-ProcessHistory")
+    renamed = d.payload.replace("ExecutableHash", "FileHash")
+    with pytest.raises(ScaleError, match="no such column: FileHash"):
+        check_activity_columns(compile_scale(renamed, bind_parameters(load_definition(engine, d.name), {})))
+
+
+def test_scale_check_checks_the_definitions_columns_with_parameters_unbound(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src = pack_source() / "definitions" / "process_history.toml"
+    import tomllib
+
+    payload = tomllib.loads(src.read_text())["payload"]
+    for text, rc in ((payload, 0), (payload.replace("ExecutableHash", "FileHash"), 1)):
+        f = tmp_path / "q.scale"
+        f.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "quanta", "scale", "check", str(f)], capture_output=True, text=True)
+        assert r.returncode == rc, r.stdout + r.stderr
+    assert "no such column: FileHash" in r.stdout
