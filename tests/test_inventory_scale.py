@@ -93,6 +93,14 @@ HOSTILE = [
     (C("SELECT * FROM activity.sqlite_master, "), B("Process_Live")),
     (C("SELECT * FROM activity.TCP_Live, "), B("Process_Live")),  # a table the payload did not name as $
     (C("SELECT * FROM pragma_table_info('Process_Live', 'activity'), "), B("Process_Live")),
+    # the store's tables named as quoted, bracketed, back-ticked, spaced or re-cased identifiers
+    (C('DELETE FROM "activity"."Process_Live" /* '), B("Process_Live"), C(" */")),
+    (C("DELETE FROM [activity].[process_live] /* "), B("Process_Live"), C(" */")),
+    (C("DELETE FROM `ACTIVITY`.`PROCESS_LIVE` /* "), B("Process_Live"), C(" */")),
+    (C('INSERT INTO "activity" . "TCP_Live" (Ts) SELECT Ts FROM '), B("Process_Live")),
+    (C("WITH x AS (SELECT * FROM "), B("Process_Live"), C(') UPDATE activity."Process_Live" SET Ts = 0')),
+    # an alias named like the store's table, then a write through the name
+    (C("SELECT * FROM "), B("Process_Live"), C(' AS "activity.Process_Live"; DELETE FROM "activity.Process_Live"')),
 ]
 
 
@@ -105,6 +113,19 @@ def test_a_payload_can_never_change_detach_or_escape_the_store(data_dir: Path, p
     assert digest(data_dir) == before
     assert not Path("/tmp/quanta-inventory-hostile.db").exists()
     # the same evaluator path reads the store
+    assert run_sql(data_dir, C("SELECT count(*) FROM "), B("Process_Live"))[0] == "success"
+
+
+@pytest.mark.parametrize("column", ['"x""); DROP TABLE activity.Process_Live; --"',
+                                    "[Ts]]; DELETE FROM activity.Process_Live; --]",
+                                    '`Ts``; UPDATE activity.Process_Live SET Ts = 0; --`'])
+def test_a_column_name_with_sql_in_it_is_one_name(data_dir: Path, column: str) -> None:
+    """A quoted column name holding SQL is one identifier (or, double-quoted and unknown, one
+    string, as SQLite reads it): it reads or fails, and never runs what it holds."""
+    before = digest(data_dir)
+    status, error = run_sql(data_dir, C(f"SELECT {column} AS C FROM "), B("Process_Live"))
+    assert status == "success" and error == "None" or status == "error" and "SQL error" in error, (status, error)
+    assert digest(data_dir) == before
     assert run_sql(data_dir, C("SELECT count(*) FROM "), B("Process_Live"))[0] == "success"
 
 
