@@ -219,3 +219,18 @@ def test_the_reference_example_finds_recent_rows(tmp_path: Path) -> None:
     s.stop()
     r = run_program(compile_scale(example), context=AgentContext(data_dir=tmp_path))
     assert r.status == "success" and r.rows == [["psexec", "psexec \\\\h", "alice"]], (example, r)
+
+
+def test_quanta_methods_lists_the_tables_from_the_same_declaration() -> None:
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "quanta", "methods"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "1000"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") >= 3}
+    for src in SOURCES:
+        for g in ("Live", "Hourly", "Daily", "Monthly"):
+            line = lines["$" + src.table(g)]
+            for col in src.columns(g):
+                assert col.name in line, (src.table(g), col.name)
+    assert "not confirmed against the model's documentation" in lines["$Logon_Live"]
