@@ -46,29 +46,29 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> AgentContext:
     s = Store(state / "inventory.db", parse_settings({"Module.Inventory.FlushIntervalSeconds": "0.05"}), time.time)
     s.start()
     for i, (name, h) in enumerate([("psexec", HASH), ("bash", "cd" * 32), ("psexec", HASH)]):
-        s.put("Process_Live", {"Ts": NOW - 3600 * (i + 1), "ProcessId": 100 + i, "ExecutableName": name,
+        s.put("Process_Live", {"TS": NOW - 3600 * (i + 1), "ProcessId": 100 + i, "ExecutableName": name,
                                "ExecutablePath": f"/usr/bin/{name}", "CommandLine": f"{name} -x", "UserName": "alice",
                                "ExecutableHash": h, "CaptureMethod": "netlink"})
-    s.put("Process_Live", {"Ts": NOW - 10 * 86400, "ProcessId": 9, "ExecutableName": "psexec", "ExecutableHash": HASH,
+    s.put("Process_Live", {"TS": NOW - 10 * 86400, "ProcessId": 9, "ExecutableName": "psexec", "ExecutableHash": HASH,
                            "UserName": "old", "CaptureMethod": "poll"})  # outside every period asked
     for ts, prod, op, ver, prev in [(NOW - 86400, "curl", "Upgrade", "8.1", "8.0"), (NOW - 2 * 86400, "telnet", "Install", "1.0", None),
                                     (NOW - 3 * 86400, "telnet", "Uninstall", "1.0", None), (NOW - 30 * 86400, "vim", "Install", "9", None),
                                     (NOW - 86400, "zlib", "Present", "1.3", None)]:
-        s.put("Software_Live", {"Ts": ts, "Product": prod, "Operation": op, "Version": ver, "PreviousVersion": prev,
+        s.put("Software_Live", {"TS": ts, "Product": prod, "Operation": op, "Version": ver, "PreviousVersion": prev,
                                 "PackageManager": "dpkg", "Publisher": "Debian"})
     for ts, ip, port, exe in [(NOW - 600, "203.0.113.7", 443, "curl"), (NOW - 700, "203.0.113.7", 22, "ssh"),
                               (NOW - 800, "198.51.100.1", 443, "curl")]:
-        s.put("TCP_Live", {"Ts": ts, "LastSeenTs": ts + 30, "ProcessId": 5, "ExecutableName": exe, "IpAddress": ip,
+        s.put("TCP_Live", {"TS": ts, "LastSeenTs": ts + 30, "ProcessId": 5, "ExecutableName": exe, "IpAddress": ip,
                            "Port": port, "LocalAddress": "10.0.0.2", "LocalPort": 50000, "Direction": "Outbound",
                            "CaptureMethod": "poll"})
     for ts, user, op in [(NOW - 7200, "alice", "Logon"), (NOW - 3600, "alice", "Logoff"), (NOW - 1800, "bob", "Logon")]:
-        s.put("Logon_Live", {"Ts": ts, "UserName": user, "Operation": op, "Terminal": "pts/0", "RemoteHost": "192.0.2.9",
+        s.put("Logon_Live", {"TS": ts, "UserName": user, "Operation": op, "Terminal": "pts/0", "RemoteHost": "192.0.2.9",
                              "ProcessId": 77})
     hour = NOW - NOW % 3600
     for ts, exe, cpu in [(hour - 3 * 3600 + 5, "make", 100.0), (hour - 3 * 3600 + 65, "make", 50.0),
                          (hour - 2 * 3600 + 5, "python", 80.0), (hour - 3 * 3600 + 5, "sshd", 1.0),
                          (NOW - 1, "rustc", 500.0)]:  # this hour: not aggregated yet, read from the live table
-        s.put("ProcessUsage_Live", {"Ts": ts, "ExecutableName": exe, "UserName": "alice", "ProcessorTimeSeconds": cpu,
+        s.put("ProcessUsage_Live", {"TS": ts, "ExecutableName": exe, "UserName": "alice", "ProcessorTimeSeconds": cpu,
                                     "PeakMemoryBytes": 1000, "ProcessCount": 1})
     s.flush()
     s.maintain(now=NOW)

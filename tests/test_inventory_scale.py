@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     s = Store(d / "inventory.db", parse_settings({"Module.Inventory.FlushIntervalSeconds": "0.05"}), lambda: T0)
     s.start()
     for i in range(10):
-        s.put("Process_Live", {"Ts": T0 + i, "ProcessId": 100 + i, "ExecutableName": "psexec" if i % 2 else "bash",
+        s.put("Process_Live", {"TS": T0 + i, "ProcessId": 100 + i, "ExecutableName": "psexec" if i % 2 else "bash",
                                "CommandLine": f"cmd {i}", "UserName": "alice", "CaptureMethod": "netlink"})
     s.flush()
     s.maintain(now=T0 + 3 * 86400)
@@ -212,9 +212,9 @@ def test_the_reference_example_finds_recent_rows(tmp_path: Path) -> None:
     example = re.search(r"Example: `(SELECT .*?;)`", md, re.S).group(1).replace("\n", " ")  # type: ignore[union-attr]
     s = Store(tmp_path / "inventory.db", parse_settings({"Module.Inventory.FlushIntervalSeconds": "0.05"}))
     s.start()
-    s.put("Process_Live", {"Ts": int(time.time()) - 3600, "ExecutableName": "psexec", "CommandLine": "psexec \\\\h",
+    s.put("Process_Live", {"TS": int(time.time()) - 3600, "ExecutableName": "psexec", "CommandLine": "psexec \\\\h",
                            "UserName": "alice"})
-    s.put("Process_Live", {"Ts": int(time.time()) - 8 * 86400, "ExecutableName": "psexec", "UserName": "old"})
+    s.put("Process_Live", {"TS": int(time.time()) - 8 * 86400, "ExecutableName": "psexec", "UserName": "old"})
     s.flush()
     s.stop()
     r = run_program(compile_scale(example), context=AgentContext(data_dir=tmp_path))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .compiler import BUILTIN_TABLES
 from .spec import MethodSpec
-from .tables import GRANULARITIES, MODEL_PAGES, SOURCES
+from .tables import GRANULARITIES, MODEL_PAGES, SECONDARY_PAGES, SOURCES
 
 _HEADER = """# SCALE method reference
 
@@ -150,10 +150,11 @@ docs/configuration.md) the agent records what happens on the device into its own
 (`state/inventory.db`), and a `SELECT` reads it as `$Source_Granularity` tables: a live table per
 capture source and, aggregated from it on schedule (and after a downtime, for the periods missed),
 an hourly, a daily and a monthly table. Example: `SELECT ExecutableName, CommandLine, UserName FROM
-$Process_Live WHERE ExecutableName = "psexec" AND Ts > CAST(strftime('%s','now','-7 days') AS INTEGER);`
+$Process_Live WHERE ExecutableName = "psexec" AND TS > CAST(strftime('%s','now','-7 days') AS INTEGER);`
 
 - Table names are case-insensitive. Times are integers, seconds since the epoch (UTC); in an
-  aggregated table `Ts` is the start of its hour, day or month (UTC).
+  aggregated table `TS` is the start of its hour, day or month (UTC). Column names are
+  case-insensitive in a `SELECT` (`Ts` is `TS`); a result column is named as declared below.
 - The tables are read-only: the store is attached read-only for the `SELECT` that names them and
   the statement may only read the tables it names as `$Name`.
 - On a device without a store (capture off), or whose store cannot be read, a `SELECT` naming one
@@ -169,7 +170,11 @@ $Process_Live WHERE ExecutableName = "psexec" AND Ts > CAST(strftime('%s','now',
   confirmed against the model's documentation: columns marked *model (not confirmed)* are named as
   the model's are believed to be named; columns marked *Quanta* are captured in addition (for
   example `ExecutablePath`, `ExitTs` and `CaptureMethod` of `$Process_Live`). Each table says what
-  of it was confirmed. An instruction written for the model that names a column differently fails
+  of it was confirmed, also from the secondary sources listed below (public pages that are not the
+  model's own but show its names). Quanta aggregates the daily table from the hourly one and the
+  monthly from the daily (the same counts, sums and highest values; an average of averages where
+  the model, by the secondary source, averages the live rows). An instruction written for the model
+  that names a column differently fails
   at `quanta scale check` with the column's name and position, not on the devices. The model
   encrypts and compresses its store; Quanta's is a plain SQLite file readable only by the
   agent's account (0600). On Linux the model polls every 30 seconds; Quanta uses the kernel's
@@ -187,6 +192,8 @@ def render_activity_record() -> str:
     """The Activity Record tables and their columns, from :mod:`quanta.scale.tables`."""
     out = [_ACTIVITY_HEADER]
     out += [f"- {title}: <{url}>" for title, url in MODEL_PAGES] + [""]
+    out += ["Secondary sources (not the model's pages; what they name is said per table):", ""]
+    out += [f"- {title}: <{url}>" for title, url in SECONDARY_PAGES] + [""]
     for src in SOURCES:
         out += [f"### ${src.table('Live')}", "", src.description, "",
                 f"Against the model's documentation: {src.documented}.", "",
@@ -197,7 +204,7 @@ def render_activity_record() -> str:
         out.append("")
         for g in GRANULARITIES[1:]:
             out += [f"### ${src.table(g)}", "",
-                    f"One row per {g[:-2].lower() if g != 'Daily' else 'day'} (`Ts`, UTC)"
+                    f"One row per {g[:-2].lower() if g != 'Daily' else 'day'} (`TS`, UTC)"
                     + (f" and {', '.join(f'`{k}`' for k in src.keys)}" if src.keys else "")
                     + f", aggregated from ${src.table({'Hourly': 'Live', 'Daily': 'Hourly', 'Monthly': 'Daily'}[g])}.",
                     "", "| Column | Type | Description |", "|---|---|---|"]

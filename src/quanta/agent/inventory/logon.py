@@ -115,7 +115,7 @@ class LogonCapture(Capture):
 
         boot = int(psutil.boot_time())
         if abs(boot - int(state.get("boot", 0))) > 2:  # the boot time wobbles by a second
-            self.store.put("Boot_Live", {"Ts": boot, "Operation": "Boot", "KernelVersion": platform.release()})
+            self.store.put("Boot_Live", {"TS": boot, "Operation": "Boot", "KernelVersion": platform.release()})
             state["boot"] = boot
 
     def _sessions(self, state: dict[str, Any]) -> None:
@@ -145,12 +145,12 @@ class LogonCapture(Capture):
             before = {}
         for key, (name, term, host, started_i, pid) in now.items():
             if key not in before:
-                self.store.put("Logon_Live", {"Ts": started_i or int(self.clock()), "UserName": name,
+                self.store.put("Logon_Live", {"TS": started_i or int(self.clock()), "UserName": name,
                                               "Operation": "Logon", "Terminal": term, "RemoteHost": host,
                                               "ProcessId": pid})
         for key, old in before.items():
             if key not in now and isinstance(old, list) and len(old) == 5:
-                self.store.put("Logon_Live", {"Ts": int(self.clock()), "UserName": old[0], "Operation": "Logoff",
+                self.store.put("Logon_Live", {"TS": int(self.clock()), "UserName": old[0], "Operation": "Logoff",
                                               "Terminal": old[1], "RemoteHost": old[2], "ProcessId": old[4]})
         state["sessions"] = now
 
@@ -173,13 +173,13 @@ class LogonCapture(Capture):
         for r in records:
             if r["type"] == USER_PROCESS and self.settings.source("Logon").enabled:
                 lines[r["line"]] = r["user"]
-                self.store.put("Logon_Live", {"Ts": r["ts"], "UserName": r["user"], "Operation": "Logon",
+                self.store.put("Logon_Live", {"TS": r["ts"], "UserName": r["user"], "Operation": "Logon",
                                               "Terminal": r["line"], "RemoteHost": r["host"], "ProcessId": r["pid"]})
             elif r["type"] == DEAD_PROCESS and self.settings.source("Logon").enabled and r["line"] in lines:
-                self.store.put("Logon_Live", {"Ts": r["ts"], "UserName": lines.pop(r["line"]), "Operation": "Logoff",
+                self.store.put("Logon_Live", {"TS": r["ts"], "UserName": lines.pop(r["line"]), "Operation": "Logoff",
                                               "Terminal": r["line"], "RemoteHost": r["host"], "ProcessId": r["pid"]})
             elif r["type"] == RUN_LVL and r["user"] == "shutdown" and self.settings.source("Boot").enabled:
-                self.store.put("Boot_Live", {"Ts": r["ts"], "Operation": "Shutdown", "KernelVersion": ""})
+                self.store.put("Boot_Live", {"TS": r["ts"], "Operation": "Shutdown", "KernelVersion": ""})
         if len(lines) > 1024:
             lines = dict(list(lines.items())[-1024:])
         state.update(inode=st.st_ino, offset=offset + len(records) * UTMP.size, lines=lines)

@@ -293,8 +293,9 @@ class SoftwareCapture(Capture):
                 changes = diff(state[mgr], pkgs)
             for op, key, pkg, prev in changes:
                 self.store.put("Software_Live", {
-                    "Ts": now, "Product": key.rsplit(":", 1)[0], "Version": pkg[0], "Publisher": pkg[1],
-                    "Architecture": pkg[2], "Operation": op, "PreviousVersion": prev, "PackageManager": mgr,
+                    "TS": now, "Product": key.rsplit(":", 1)[0], "Version": pkg[0], "Publisher": pkg[1],
+                    "Architecture": pkg[2], "IsUninstall": int(op == "Uninstall"), "Operation": op,
+                    "PreviousVersion": prev, "PackageManager": mgr,
                 })
         if current != state:
             self._save(current)
