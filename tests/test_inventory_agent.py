@@ -84,7 +84,7 @@ def test_the_agent_records_a_50ms_process_and_answers_from_its_history(server: S
     out = ask(server, 'SELECT ExecutableName, ExecutionCount, Ts FROM $Process_Daily WHERE ExecutableName = "sleep";')
     r = out["responses"][0]
     assert r["status"] == "success" and r["rows"][0]["ExecutionCount"] >= 1
-    assert r["rows"][0]["Ts"] % 86400 == 0
+    assert r["rows"][0]["TS"] % 86400 == 0
 
 
 def test_kill_9_during_capture_then_restart_keeps_the_store_and_the_questions(server: Server) -> None:

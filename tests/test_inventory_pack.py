@@ -46,29 +46,29 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> AgentContext:
     s = Store(state / "inventory.db", parse_settings({"Module.Inventory.FlushIntervalSeconds": "0.05"}), time.time)
     s.start()
     for i, (name, h) in enumerate([("psexec", HASH), ("bash", "cd" * 32), ("psexec", HASH)]):
-        s.put("Process_Live", {"Ts": NOW - 3600 * (i + 1), "ProcessId": 100 + i, "ExecutableName": name,
+        s.put("Process_Live", {"TS": NOW - 3600 * (i + 1), "ProcessId": 100 + i, "ExecutableName": name,
                                "ExecutablePath": f"/usr/bin/{name}", "CommandLine": f"{name} -x", "UserName": "alice",
                                "ExecutableHash": h, "CaptureMethod": "netlink"})
-    s.put("Process_Live", {"Ts": NOW - 10 * 86400, "ProcessId": 9, "ExecutableName": "psexec", "ExecutableHash": HASH,
+    s.put("Process_Live", {"TS": NOW - 10 * 86400, "ProcessId": 9, "ExecutableName": "psexec", "ExecutableHash": HASH,
                            "UserName": "old", "CaptureMethod": "poll"})  # outside every period asked
     for ts, prod, op, ver, prev in [(NOW - 86400, "curl", "Upgrade", "8.1", "8.0"), (NOW - 2 * 86400, "telnet", "Install", "1.0", None),
                                     (NOW - 3 * 86400, "telnet", "Uninstall", "1.0", None), (NOW - 30 * 86400, "vim", "Install", "9", None),
                                     (NOW - 86400, "zlib", "Present", "1.3", None)]:
-        s.put("Software_Live", {"Ts": ts, "Product": prod, "Operation": op, "Version": ver, "PreviousVersion": prev,
+        s.put("Software_Live", {"TS": ts, "Product": prod, "Operation": op, "Version": ver, "PreviousVersion": prev,
                                 "PackageManager": "dpkg", "Publisher": "Debian"})
     for ts, ip, port, exe in [(NOW - 600, "203.0.113.7", 443, "curl"), (NOW - 700, "203.0.113.7", 22, "ssh"),
                               (NOW - 800, "198.51.100.1", 443, "curl")]:
-        s.put("TCP_Live", {"Ts": ts, "LastSeenTs": ts + 30, "ProcessId": 5, "ExecutableName": exe, "IpAddress": ip,
+        s.put("TCP_Live", {"TS": ts, "LastSeenTs": ts + 30, "ProcessId": 5, "ExecutableName": exe, "IpAddress": ip,
                            "Port": port, "LocalAddress": "10.0.0.2", "LocalPort": 50000, "Direction": "Outbound",
                            "CaptureMethod": "poll"})
     for ts, user, op in [(NOW - 7200, "alice", "Logon"), (NOW - 3600, "alice", "Logoff"), (NOW - 1800, "bob", "Logon")]:
-        s.put("Logon_Live", {"Ts": ts, "UserName": user, "Operation": op, "Terminal": "pts/0", "RemoteHost": "192.0.2.9",
+        s.put("Logon_Live", {"TS": ts, "UserName": user, "Operation": op, "Terminal": "pts/0", "RemoteHost": "192.0.2.9",
                              "ProcessId": 77})
     hour = NOW - NOW % 3600
     for ts, exe, cpu in [(hour - 3 * 3600 + 5, "make", 100.0), (hour - 3 * 3600 + 65, "make", 50.0),
                          (hour - 2 * 3600 + 5, "python", 80.0), (hour - 3 * 3600 + 5, "sshd", 1.0),
                          (NOW - 1, "rustc", 500.0)]:  # this hour: not aggregated yet, read from the live table
-        s.put("ProcessUsage_Live", {"Ts": ts, "ExecutableName": exe, "UserName": "alice", "ProcessorTimeSeconds": cpu,
+        s.put("ProcessUsage_Live", {"TS": ts, "ExecutableName": exe, "UserName": "alice", "ProcessorTimeSeconds": cpu,
                                     "PeakMemoryBytes": 1000, "ProcessCount": 1})
     s.flush()
     s.maintain(now=NOW)
@@ -171,3 +171,44 @@ def test_settings_question_and_action(imported, agent) -> None:
     for bad in ({"Name": "Switch", "Value": "x"}, {"Name": "Module.Inventory.Enabled", "Value": "true\nSwitch=evil"}):
         with pytest.raises(DefinitionError):
             bind_parameters(d, bad)
+
+
+SAMPLE = {"Quanta-Inventory-ConnectionsTo": {"IpAddress": "203.0.113.7"},
+          "Quanta-Inventory-UserLogons": {"UserName": "alice"},
+          "Quanta-Inventory-SetSetting": {"Name": "Module.Inventory.TCP.PollIntervalSeconds", "Value": "10"}}
+
+
+def test_every_definition_reads_only_declared_tables_and_columns(imported) -> None:
+    """One declaration (quanta.scale.tables): each definition's SELECTs over the Activity Record,
+    with its parameters bound, prepare against the declared tables, as `quanta scale check` checks
+    them; a column renamed away from the declaration is caught."""
+    from quanta.scale.errors import ScaleError
+    from quanta.scale.tablecheck import check_activity_columns
+
+    engine, pack, _ = imported
+    checked = 0
+    for d in pack.definitions:
+        prog = compile_scale(d.payload, bind_parameters(load_definition(engine, d.name), SAMPLE.get(d.name, {})))
+        check_activity_columns(prog)
+        checked += "$" in d.payload
+    assert checked == 5
+    d = next(d for d in pack.definitions if d.name == "Quanta-Inventory-ProcessHistory")
+    renamed = d.payload.replace("ExecutableHash", "FileHash")
+    with pytest.raises(ScaleError, match="no such column: FileHash"):
+        check_activity_columns(compile_scale(renamed, bind_parameters(load_definition(engine, d.name), {})))
+
+
+def test_scale_check_checks_the_definitions_columns_with_parameters_unbound(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src = pack_source() / "definitions" / "process_history.toml"
+    import tomllib
+
+    payload = tomllib.loads(src.read_text())["payload"]
+    for text, rc in ((payload, 0), (payload.replace("ExecutableHash", "FileHash"), 1)):
+        f = tmp_path / "q.scale"
+        f.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "quanta", "scale", "check", str(f)], capture_output=True, text=True)
+        assert r.returncode == rc, r.stdout + r.stderr
+    assert "no such column: FileHash" in r.stdout

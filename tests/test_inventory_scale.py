@@ -28,7 +28,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     s = Store(d / "inventory.db", parse_settings({"Module.Inventory.FlushIntervalSeconds": "0.05"}), lambda: T0)
     s.start()
     for i in range(10):
-        s.put("Process_Live", {"Ts": T0 + i, "ProcessId": 100 + i, "ExecutableName": "psexec" if i % 2 else "bash",
+        s.put("Process_Live", {"TS": T0 + i, "ProcessId": 100 + i, "ExecutableName": "psexec" if i % 2 else "bash",
                                "CommandLine": f"cmd {i}", "UserName": "alice", "CaptureMethod": "netlink"})
     s.flush()
     s.maintain(now=T0 + 3 * 86400)
@@ -93,6 +93,14 @@ HOSTILE = [
     (C("SELECT * FROM activity.sqlite_master, "), B("Process_Live")),
     (C("SELECT * FROM activity.TCP_Live, "), B("Process_Live")),  # a table the payload did not name as $
     (C("SELECT * FROM pragma_table_info('Process_Live', 'activity'), "), B("Process_Live")),
+    # the store's tables named as quoted, bracketed, back-ticked, spaced or re-cased identifiers
+    (C('DELETE FROM "activity"."Process_Live" /* '), B("Process_Live"), C(" */")),
+    (C("DELETE FROM [activity].[process_live] /* "), B("Process_Live"), C(" */")),
+    (C("DELETE FROM `ACTIVITY`.`PROCESS_LIVE` /* "), B("Process_Live"), C(" */")),
+    (C('INSERT INTO "activity" . "TCP_Live" (Ts) SELECT Ts FROM '), B("Process_Live")),
+    (C("WITH x AS (SELECT * FROM "), B("Process_Live"), C(') UPDATE activity."Process_Live" SET Ts = 0')),
+    # an alias named like the store's table, then a write through the name
+    (C("SELECT * FROM "), B("Process_Live"), C(' AS "activity.Process_Live"; DELETE FROM "activity.Process_Live"')),
 ]
 
 
@@ -105,6 +113,19 @@ def test_a_payload_can_never_change_detach_or_escape_the_store(data_dir: Path, p
     assert digest(data_dir) == before
     assert not Path("/tmp/quanta-inventory-hostile.db").exists()
     # the same evaluator path reads the store
+    assert run_sql(data_dir, C("SELECT count(*) FROM "), B("Process_Live"))[0] == "success"
+
+
+@pytest.mark.parametrize("column", ['"x""); DROP TABLE activity.Process_Live; --"',
+                                    "[Ts]]; DELETE FROM activity.Process_Live; --]",
+                                    '`Ts``; UPDATE activity.Process_Live SET Ts = 0; --`'])
+def test_a_column_name_with_sql_in_it_is_one_name(data_dir: Path, column: str) -> None:
+    """A quoted column name holding SQL is one identifier (or, double-quoted and unknown, one
+    string, as SQLite reads it): it reads or fails, and never runs what it holds."""
+    before = digest(data_dir)
+    status, error = run_sql(data_dir, C(f"SELECT {column} AS C FROM "), B("Process_Live"))
+    assert status == "success" and error == "None" or status == "error" and "SQL error" in error, (status, error)
+    assert digest(data_dir) == before
     assert run_sql(data_dir, C("SELECT count(*) FROM "), B("Process_Live"))[0] == "success"
 
 
@@ -191,10 +212,25 @@ def test_the_reference_example_finds_recent_rows(tmp_path: Path) -> None:
     example = re.search(r"Example: `(SELECT .*?;)`", md, re.S).group(1).replace("\n", " ")  # type: ignore[union-attr]
     s = Store(tmp_path / "inventory.db", parse_settings({"Module.Inventory.FlushIntervalSeconds": "0.05"}))
     s.start()
-    s.put("Process_Live", {"Ts": int(time.time()) - 3600, "ExecutableName": "psexec", "CommandLine": "psexec \\\\h",
+    s.put("Process_Live", {"TS": int(time.time()) - 3600, "ExecutableName": "psexec", "CommandLine": "psexec \\\\h",
                            "UserName": "alice"})
-    s.put("Process_Live", {"Ts": int(time.time()) - 8 * 86400, "ExecutableName": "psexec", "UserName": "old"})
+    s.put("Process_Live", {"TS": int(time.time()) - 8 * 86400, "ExecutableName": "psexec", "UserName": "old"})
     s.flush()
     s.stop()
     r = run_program(compile_scale(example), context=AgentContext(data_dir=tmp_path))
     assert r.status == "success" and r.rows == [["psexec", "psexec \\\\h", "alice"]], (example, r)
+
+
+def test_quanta_methods_lists_the_tables_from_the_same_declaration() -> None:
+    import os
+
+    r = subprocess.run([sys.executable, "-m", "quanta", "methods"], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "1000"}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.count("│") >= 3}
+    for src in SOURCES:
+        for g in ("Live", "Hourly", "Daily", "Monthly"):
+            line = lines["$" + src.table(g)]
+            for col in src.columns(g):
+                assert col.name in line, (src.table(g), col.name)
+    assert "not confirmed against the model's documentation" in lines["$Logon_Live"]

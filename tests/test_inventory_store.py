@@ -41,7 +41,7 @@ def settings(**kw: str):  # type: ignore[no-untyped-def]
 
 
 def proc_row(ts: int, name: str = "sleep", pid: int = 1) -> dict[str, object]:
-    return {"Ts": ts, "ProcessId": pid, "ParentProcessId": 1, "ExecutableName": name,
+    return {"TS": ts, "ProcessId": pid, "ParentProcessId": 1, "ExecutableName": name,
             "ExecutablePath": f"/usr/bin/{name}", "CommandLine": name, "UserName": "root",
             "ExecutableHash": "ab" * 32, "CaptureMethod": "poll"}
 
@@ -127,7 +127,7 @@ def test_retention_by_age_and_by_rows(tmp_path: Path) -> None:
         for d in range(10):
             s.put("Process_Live", proc_row(T0 + d * DAY + 5, pid=d))
         for i in range(12):
-            s.put("TCP_Live", {"Ts": T0 + 9 * DAY + i, "Port": i, "LocalPort": 1, "IpAddress": "1.2.3.4",
+            s.put("TCP_Live", {"TS": T0 + 9 * DAY + i, "Port": i, "LocalPort": 1, "IpAddress": "1.2.3.4",
                                "LocalAddress": "127.0.0.1"})
         s.flush()
         s.maintain()
@@ -234,7 +234,7 @@ WRITER = textwrap.dedent("""
     s.start()
     i = 0
     while True:
-        s.put("Process_Live", {"Ts": int(time.time()), "ProcessId": i, "CommandLine": "x" * 100})
+        s.put("Process_Live", {"TS": int(time.time()), "ProcessId": i, "CommandLine": "x" * 100})
         i += 1
         if i % 200 == 0:
             s.flush()
@@ -339,3 +339,32 @@ def test_a_full_disk_drops_a_batch_then_makes_room_and_never_corrupts(tmp_path: 
         assert hi == i - 1 and lo > 0, (lo, hi, i)  # the newest rows are there, the oldest went
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_store_of_an_earlier_version_gets_the_columns_declared_since(tmp_path: Path) -> None:
+    """Software_Live as the previous version made it (no IsUninstall, its time column Ts): the store
+    adds the column and renames Ts to TS when it opens, keeps the old rows (NULL there), writes new
+    rows with it, and SCALE reads it."""
+    db = tmp_path / "inventory.db"
+    c = sqlite3.connect(db)
+    c.execute('CREATE TABLE "Software_Live" ("Ts" INTEGER, "Product" TEXT, "Version" TEXT, "Publisher" TEXT, '
+              '"Architecture" TEXT, "Operation" TEXT, "PreviousVersion" TEXT, "PackageManager" TEXT)')
+    c.execute("INSERT INTO Software_Live VALUES (?, 'old', '1', '', 'all', 'Present', '', 'dpkg')", (T0 - 60,))
+    c.commit()
+    c.close()
+    s = Store(db, settings(), Clock(T0))
+    s.start()
+    s.put("Software_Live", {"TS": T0, "Product": "telnet", "Version": "2", "IsUninstall": 1, "Operation": "Uninstall"})
+    s.flush()
+    s.stop()
+    with ro(db) as c:
+        assert c.execute("SELECT Product, IsUninstall FROM Software_Live ORDER BY Ts").fetchall() == [
+            ("old", None), ("telnet", 1)]
+        # the time column took the declared casing, so SELECT * answers TS on every device
+        assert [r[1] for r in c.execute('PRAGMA table_info("Software_Live")')][:2] == ["TS", "Product"]
+    from quanta.scale import AgentContext, compile_scale, run_program
+
+    # the model's instructions write the time column TS; SQLite's names are case-insensitive
+    r = run_program(compile_scale(f"SELECT TS, Product FROM $Software_Live WHERE IsUninstall = 1 AND TS >= {T0};"),
+                    context=AgentContext(data_dir=tmp_path))
+    assert r.status == "success" and r.columns == ["TS", "Product"] and r.rows == [[T0, "telnet"]], r

@@ -159,6 +159,47 @@ def agent(agent_dir: Annotated[Path, typer.Argument(help="agent directory from '
         _fail(f"error: {e}", 2)
 
 
+@app.command("agent-storage")
+def agent_storage(
+        agent_dir: Annotated[Path, typer.Argument(help="the agent directory on this device")],
+        adopt: Annotated[Optional[str], typer.Option(
+            "--adopt", help="give the tables of this earlier agent's owner (as listed, legacy:NAME or NAME) to --to")] = None,
+        to: Annotated[Optional[str], typer.Option(
+            "--to", help="the owner to give them to, as listed (e.g. pack:Quanta-Inventory@<fingerprint>)")] = None,
+        drop: Annotated[Optional[str], typer.Option("--drop", help="delete the tables of this earlier agent's owner")] = None,
+) -> None:
+    """List the owners of this agent's Storage.* tables; adopt or drop those an earlier agent stored
+    under an instruction name's prefix (legacy:NAME), which no instruction reaches."""
+    from quanta.scale.methods import storage as st
+
+    state = agent_dir / "state"
+    if not (agent_dir / "agent.conf").is_file():
+        fail(f"error: {agent_dir} is not an agent directory (no agent.conf)", 2)
+    if (adopt is None) != (to is None):
+        fail("error: --adopt and --to go together", 2)
+    if adopt is not None and drop is not None:
+        fail("error: give --adopt or --drop, not both", 2)
+    try:
+        if adopt is not None:
+            moved, left = st.adopt_legacy(state, adopt, to or "")
+            typer.echo(f"{moved} table(s) given to {to}" + (f"; left (the owner has a table of that name): "
+                                                           f"{', '.join(left)}" if left else ""))
+            return
+        if drop is not None:
+            out.print(f"{st.drop_legacy(state, drop)} table(s) deleted", highlight=False)
+            return
+        rows = st.owners(state)
+    except st.StorageAdminError as e:
+        fail(f"error: {e}", 1)
+        return
+    if not rows:
+        out.print("no storage tables", highlight=False)
+        return
+    for owner, n, nrows, nbytes in rows:
+        note = "  (earlier agent's owner: no instruction reaches it)" if owner.startswith(st.LEGACY) else ""
+        typer.echo(f"{owner}\t{n} table(s)\t{nrows} row(s)\t{nbytes} bytes{note}")
+
+
 @app.command()
 def prompt(agent_dir: Annotated[Path, typer.Argument(help="the agent directory on this device")],
            answer: Annotated[Optional[str], typer.Option(help="answer every prompt with Yes or No (no questions asked)")] = None,

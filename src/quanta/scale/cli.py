@@ -148,3 +148,18 @@ def methods_command(json_output: bool = False) -> None:
         cols = ", ".join(c.name for c in s.columns)
         table.add_row(s.full_name, "action" if s.is_action else "question", params, cols, ", ".join(s.platforms))
     console.print(table)
+    console.print(activity_tables_table())
+
+
+def activity_tables_table() -> RichTable:
+    """The Activity Record tables and their columns (``quanta methods``), from the same
+    declarations as docs/scale.md and ``quanta scale check`` (:mod:`quanta.scale.tables`)."""
+    from .tables import GRANULARITIES, SOURCES
+
+    table = RichTable("Activity Record table", "Columns", "Against the model's documentation",
+                      title="Activity Record tables (SELECT ... FROM $Name; docs/scale.md)")
+    for src in SOURCES:
+        for g in GRANULARITIES:
+            cols = ", ".join(c.name + ("" if g != "Live" or c.model else " (Quanta)") for c in src.columns(g))
+            table.add_row("$" + src.table(g), cols, src.documented if g == "Live" else "as the live table")
+    return table

@@ -1,7 +1,7 @@
 """``quanta scale check``'s look at the columns: a ``SELECT`` that reads only Activity Record
 tables (``$Process_Live`` ...) and no ``@table`` is prepared against empty tables of the declared
 columns (:mod:`quanta.scale.tables`), so a misspelt column is reported before the payload is
-sent. A ``SELECT`` that also reads ``@tables`` is not checked here (their columns are known only
+sent; an instruction parameter not bound (``%Days%``, as in a pack's definition) stands for NULL. A ``SELECT`` that also reads ``@tables`` is not checked here (their columns are known only
 when it runs)."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def check_activity_columns(program: Program) -> None:
     conn: sqlite3.Connection | None = None
     try:
         for sel in _selects(program.script.statements):
-            if any(isinstance(p, (A.SqlVar, A.SqlParam)) for p in sel.parts):
+            if any(isinstance(p, A.SqlVar) for p in sel.parts):
                 continue
             builtins = [p for p in sel.parts if isinstance(p, A.SqlBuiltin)]
             if not builtins or any(p.name in BUILTIN_TABLES or lookup_table(p.name) is None for p in builtins):
@@ -51,6 +51,8 @@ def check_activity_columns(program: Program) -> None:
                     sql.append("'" + p.value.replace("'", "''") + "'")
                 elif isinstance(p, A.SqlLiteral):
                     sql.append(p.sql)
+                elif isinstance(p, A.SqlParam):  # an instruction parameter not bound here: any value will do
+                    sql.append("NULL")
                 elif isinstance(p, A.SqlBuiltin):
                     sql.append('"' + p.name + '"')
             try:

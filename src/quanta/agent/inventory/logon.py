@@ -9,6 +9,13 @@ records are read. A rotated or truncated file is read from its start.
 
 Boot: the kernel's boot time (``psutil.boot_time``), once per boot; a clean shutdown from wtmp's
 ``RUN_LVL`` record of user ``shutdown``.
+
+Elsewhere (macOS, Windows; behind the OS check) there is no wtmp: the sessions the system lists
+now (``psutil.users()``: utmpx on macOS, the terminal services sessions on Windows) are compared
+with those of the last poll, kept in the same state file: a new session is a ``Logon`` at its own
+start time, a session gone is a ``Logoff`` at the time it was found gone (at most one poll late).
+Sessions that began and ended while the agent was stopped are not seen there. Boot as on Linux
+(shutdowns are not recorded there).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import logging
 import os
 import platform
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -60,11 +68,14 @@ def pack_record(kind: int, pid: int, line: str, user: str, host: str, ts: int) -
 
 class LogonCapture(Capture):
     def __init__(self, store: Store, settings: InventorySettings, state_dir: Path,
-                 clock: Callable[[], float] = time.time, wtmp: Path = WTMP) -> None:
+                 clock: Callable[[], float] = time.time, wtmp: Path = WTMP, platform: str = sys.platform,
+                 users: Callable[[], list[Any]] | None = None) -> None:
         super().__init__(settings)
         self.store = store
         self.clock = clock
         self.wtmp = wtmp
+        self.platform = platform
+        self.users = users
         self.state_path = Path(state_dir) / "inventory-wtmp.json"
         self.polls = threading.Semaphore(0)
 
@@ -90,7 +101,10 @@ class LogonCapture(Capture):
         new = dict(state)
         if self.settings.source("Boot").enabled:
             self._boot(new)
-        if self.settings.source("Logon").enabled or self.settings.source("Boot").enabled:
+        if not self.platform.startswith("linux"):
+            if self.settings.source("Logon").enabled:
+                self._sessions(new)
+        elif self.settings.source("Logon").enabled or self.settings.source("Boot").enabled:
             self._wtmp(new)
         if new != state:
             self._save(new)
@@ -101,8 +115,44 @@ class LogonCapture(Capture):
 
         boot = int(psutil.boot_time())
         if abs(boot - int(state.get("boot", 0))) > 2:  # the boot time wobbles by a second
-            self.store.put("Boot_Live", {"Ts": boot, "Operation": "Boot", "KernelVersion": platform.release()})
+            self.store.put("Boot_Live", {"TS": boot, "Operation": "Boot", "KernelVersion": platform.release()})
             state["boot"] = boot
+
+    def _sessions(self, state: dict[str, Any]) -> None:
+        """macOS and Windows: the sessions listed now against those of the last poll."""
+        users = self.users
+        if users is None:
+            import psutil
+
+            users = psutil.users
+        try:
+            listed = users()
+        except Exception:  # noqa: BLE001  # psutil's errors differ by system: try again next poll
+            log.debug("listing the sessions failed", exc_info=True)
+            return
+        now: dict[str, list[Any]] = {}
+        for u in listed[:1024]:
+            name, term, host = (str(getattr(u, f, "") or "")[:256] for f in ("name", "terminal", "host"))
+            started, pid = getattr(u, "started", 0) or 0, getattr(u, "pid", None)
+            try:
+                started_i = int(started)
+            except (TypeError, ValueError, OverflowError):
+                started_i = 0
+            now[f"{name}\x1f{term}\x1f{host}\x1f{started_i}"] = [name, term, host, started_i,
+                                                                    pid if isinstance(pid, int) else None]
+        before: dict[str, list[Any]] = state.get("sessions") or {}
+        if not isinstance(before, dict):
+            before = {}
+        for key, (name, term, host, started_i, pid) in now.items():
+            if key not in before:
+                self.store.put("Logon_Live", {"TS": started_i or int(self.clock()), "UserName": name,
+                                              "Operation": "Logon", "Terminal": term, "RemoteHost": host,
+                                              "ProcessId": pid})
+        for key, old in before.items():
+            if key not in now and isinstance(old, list) and len(old) == 5:
+                self.store.put("Logon_Live", {"TS": int(self.clock()), "UserName": old[0], "Operation": "Logoff",
+                                              "Terminal": old[1], "RemoteHost": old[2], "ProcessId": old[4]})
+        state["sessions"] = now
 
     def _wtmp(self, state: dict[str, Any]) -> None:
         try:
@@ -123,13 +173,13 @@ class LogonCapture(Capture):
         for r in records:
             if r["type"] == USER_PROCESS and self.settings.source("Logon").enabled:
                 lines[r["line"]] = r["user"]
-                self.store.put("Logon_Live", {"Ts": r["ts"], "UserName": r["user"], "Operation": "Logon",
+                self.store.put("Logon_Live", {"TS": r["ts"], "UserName": r["user"], "Operation": "Logon",
                                               "Terminal": r["line"], "RemoteHost": r["host"], "ProcessId": r["pid"]})
             elif r["type"] == DEAD_PROCESS and self.settings.source("Logon").enabled and r["line"] in lines:
-                self.store.put("Logon_Live", {"Ts": r["ts"], "UserName": lines.pop(r["line"]), "Operation": "Logoff",
+                self.store.put("Logon_Live", {"TS": r["ts"], "UserName": lines.pop(r["line"]), "Operation": "Logoff",
                                               "Terminal": r["line"], "RemoteHost": r["host"], "ProcessId": r["pid"]})
             elif r["type"] == RUN_LVL and r["user"] == "shutdown" and self.settings.source("Boot").enabled:
-                self.store.put("Boot_Live", {"Ts": r["ts"], "Operation": "Shutdown", "KernelVersion": ""})
+                self.store.put("Boot_Live", {"TS": r["ts"], "Operation": "Shutdown", "KernelVersion": ""})
         if len(lines) > 1024:
             lines = dict(list(lines.items())[-1024:])
         state.update(inode=st.st_ino, offset=offset + len(records) * UTMP.size, lines=lines)

@@ -37,7 +37,7 @@ class PerfCapture(Capture):
                 dt = max(t1 - t0, 1e-3)
                 mem = psutil.virtual_memory()
                 self.store.put("DevicePerformance_Live", {
-                    "Ts": int(self.clock()), "ProcessorUtilization": round(psutil.cpu_percent(None), 2),
+                    "TS": int(self.clock()), "ProcessorUtilization": round(psutil.cpu_percent(None), 2),
                     "MemoryUtilization": round(mem.percent, 2), "MemoryAvailableBytes": mem.available,
                     "DiskReadBytesPerSecond": _rate(disk0, disk, "read_bytes", dt),
                     "DiskWriteBytesPerSecond": _rate(disk0, disk, "write_bytes", dt),
@@ -78,7 +78,7 @@ class PerfCapture(Capture):
                     for (name, user), (cpu, peak, count) in acc.items():
                         if cpu > 0:
                             self.store.put("ProcessUsage_Live", {
-                                "Ts": now, "ExecutableName": name, "UserName": user,
+                                "TS": now, "ExecutableName": name, "UserName": user,
                                 "ProcessorTimeSeconds": round(cpu, 3), "PeakMemoryBytes": int(peak),
                                 "ProcessCount": int(count),
                             })

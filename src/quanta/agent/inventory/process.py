@@ -390,7 +390,7 @@ class ProcessCapture(Capture):
             now, info, method = payload
             exe = info["exe"]
             row = {
-                "Ts": now, "ProcessId": info["pid"], "ParentProcessId": info["ppid"],
+                "TS": now, "ProcessId": info["pid"], "ParentProcessId": info["ppid"],
                 "ExecutableName": os.path.basename(exe) if exe else "", "ExecutablePath": exe,
                 "CommandLine": info["cmdline"], "UserName": user_name(info["uid"]),
                 "ExecutableHash": self._hasher.hash(info["key"], info["pid"], exe),

@@ -5,6 +5,25 @@ set seen last (kept in ``state/inventory-software.json``, 0600, so changes made 
 stopped are found at its next start). rpm: ``rpm -qa`` when ``rpm`` and ``/var/lib/rpm`` exist.
 The first run records the present set as ``Present`` rows. The time of a change is the time it
 was found (at most one poll interval late), not the package manager's own time.
+
+Behind the OS check, the other systems' package databases, compared the same way:
+
+- Windows (``PackageManager`` ``windows``): the machine's Uninstall keys,
+  ``HKLM\\SOFTWARE\\Microsoft\\Windows\\CurrentVersion\\Uninstall`` in its 64-bit and its 32-bit
+  view (what Programs and Features lists for all users; no user's own keys, so no user
+  identity): ``DisplayName``, ``DisplayVersion``, ``Publisher``; entries without a
+  ``DisplayName``, system components (``SystemComponent`` = 1) and updates of another entry
+  (``ParentKeyName``) are left out, as Programs and Features leaves them out.
+- macOS: the installer's receipts (``/var/db/receipts/*.plist``, what ``pkgutil --pkgs`` lists:
+  ``PackageIdentifier``, ``PackageVersion``; ``PackageManager`` ``pkgutil``) and the applications
+  in ``/Applications`` (``*.app/Contents/Info.plist``: ``CFBundleName``,
+  ``CFBundleShortVersionString``, the bundle identifier as the publisher; ``PackageManager``
+  ``app``).
+
+Each is bounded: at most :data:`MAX_PACKAGES` entries, text cut at :data:`MAX_TEXT`, a plist
+larger than :data:`MAX_PLIST_BYTES` or that does not parse is skipped. A database that reads as
+empty although it had entries (rpm failed, the registry or the receipts unreadable) keeps its last
+set: it is not recorded as every package removed.
 """
 
 from __future__ import annotations
@@ -12,12 +31,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import plistlib
 import shutil
+import stat
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from .pace import Capture
 from .settings import InventorySettings
@@ -29,6 +52,128 @@ DPKG_STATUS = Path("/var/lib/dpkg/status")
 MAX_STATUS_BYTES = 256 * 1024 * 1024
 
 Package = tuple[str, str, str]  # version, publisher, architecture
+MAX_PACKAGES = 50_000  # per package database
+MAX_TEXT = 1024  # characters of a name, version or publisher
+MAX_PLIST_BYTES = 1024 * 1024
+WINDOWS_UNINSTALL = r"SOFTWARE\Microsoft\Windows\CurrentVersion\Uninstall"
+MAC_RECEIPTS = Path("/var/db/receipts")
+MAC_APPLICATIONS = Path("/Applications")
+
+
+def _text(v: Any) -> str:
+    return ("" if v is None else str(v))[:MAX_TEXT]
+
+
+def read_windows_uninstall(winreg: Any = None) -> dict[str, Package]:
+    """Installed programs from the machine's Uninstall keys, both registry views, by
+    ``DisplayName:x64`` / ``DisplayName:x86``. ``winreg`` is the standard module on Windows (a
+    stand-in in tests)."""
+    if winreg is None:
+        import winreg  # type: ignore[import-not-found,no-redef]  # Windows only
+    out: dict[str, Package] = {}
+    for view, arch in ((winreg.KEY_WOW64_64KEY, "x64"), (winreg.KEY_WOW64_32KEY, "x86")):
+        try:
+            root = winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, WINDOWS_UNINSTALL, 0, winreg.KEY_READ | view)
+        except OSError:
+            continue
+        try:
+            i = 0
+            while len(out) < MAX_PACKAGES and i < 10 * MAX_PACKAGES:
+                try:
+                    sub = winreg.EnumKey(root, i)
+                except OSError:  # no more subkeys
+                    break
+                i += 1
+                try:
+                    key = winreg.OpenKey(root, sub, 0, winreg.KEY_READ | view)
+                except OSError:
+                    continue
+                try:
+                    values: dict[str, Any] = {}
+                    for name in ("DisplayName", "DisplayVersion", "Publisher", "SystemComponent", "ParentKeyName"):
+                        try:
+                            values[name] = winreg.QueryValueEx(key, name)[0]
+                        except OSError:
+                            pass
+                finally:
+                    winreg.CloseKey(key)
+                name = _text(values.get("DisplayName")).strip()
+                if not name or values.get("ParentKeyName") or str(values.get("SystemComponent", "0")) == "1":
+                    continue
+                out[f"{name}:{arch}"] = (_text(values.get("DisplayVersion")), _text(values.get("Publisher")), arch)
+        finally:
+            winreg.CloseKey(root)
+    return out
+
+
+def _plist(path: Path) -> dict[str, Any] | None:
+    """A plist file's top dictionary, or None (missing, not a regular file, too large, unparsable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_PLIST_BYTES:
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_PLIST_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        value = plistlib.loads(data)
+    except Exception:  # noqa: BLE001  # InvalidFileException, ExpatError, ValueError, OverflowError, ...
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _first(entries: Iterable[os.DirEntry[str]], limit: int) -> list[os.DirEntry[str]]:
+    out = []
+    for e in entries:
+        if len(out) >= limit:
+            break
+        out.append(e)
+    return out
+
+
+def read_macos_receipts(receipts: Path = MAC_RECEIPTS) -> dict[str, Package]:
+    """The installer's receipts (``pkgutil --pkgs``), by ``PackageIdentifier:``."""
+    out: dict[str, Package] = {}
+    try:
+        with os.scandir(receipts) as it:
+            entries = _first((e for e in it if e.name.endswith(".plist")), MAX_PACKAGES)
+    except OSError:
+        return out
+    for e in sorted(entries, key=lambda e: e.name):
+        d = _plist(Path(e.path))
+        if d is None:
+            continue
+        ident = _text(d.get("PackageIdentifier")).strip()
+        if ident:
+            out[f"{ident}:"] = (_text(d.get("PackageVersion")), "", "")
+    return out
+
+
+def read_macos_applications(apps: Path = MAC_APPLICATIONS) -> dict[str, Package]:
+    """The applications in ``/Applications`` (``*.app/Contents/Info.plist``), by name."""
+    out: dict[str, Package] = {}
+    try:
+        with os.scandir(apps) as it:
+            entries = _first((e for e in it if e.name.endswith(".app") and e.is_dir(follow_symlinks=False)),
+                             MAX_PACKAGES)
+    except OSError:
+        return out
+    for e in sorted(entries, key=lambda e: e.name):
+        d = _plist(Path(e.path) / "Contents" / "Info.plist")
+        if d is None:
+            continue
+        name = _text(d.get("CFBundleName") or d.get("CFBundleDisplayName") or e.name[:-4]).strip()
+        version = d.get("CFBundleShortVersionString") or d.get("CFBundleVersion")
+        if name:
+            out[f"{name}:"] = (_text(version), _text(d.get("CFBundleIdentifier")), "")
+    return out
 
 
 def parse_dpkg_status(text: str) -> dict[str, Package]:
@@ -83,13 +228,27 @@ def diff(before: dict[str, Package], after: dict[str, Package]) -> list[tuple[st
 
 class SoftwareCapture(Capture):
     def __init__(self, store: Store, settings: InventorySettings, state_dir: Path,
-                 clock: Callable[[], float] = time.time, dpkg_status: Path = DPKG_STATUS) -> None:
+                 clock: Callable[[], float] = time.time, dpkg_status: Path = DPKG_STATUS,
+                 platform: str = sys.platform, winreg: Any = None, mac_receipts: Path = MAC_RECEIPTS,
+                 mac_applications: Path = MAC_APPLICATIONS) -> None:
         super().__init__(settings)
         self.store = store
         self.clock = clock
         self.state_path = Path(state_dir) / "inventory-software.json"
         self.dpkg_status = dpkg_status
+        self.platform = platform
+        self.winreg = winreg
+        self.mac_receipts = mac_receipts
+        self.mac_applications = mac_applications
         self.polls = threading.Semaphore(0)
+
+    def read_other(self) -> dict[str, dict[str, Package]]:
+        """The package databases of Windows and macOS, behind the OS check."""
+        if self.platform == "win32":
+            return {"windows": read_windows_uninstall(self.winreg)}
+        if self.platform == "darwin":
+            return {"pkgutil": read_macos_receipts(self.mac_receipts), "app": read_macos_applications(self.mac_applications)}
+        return {}
 
     def start(self) -> None:
         self._spawn("quanta-inventory-software", self._run)
@@ -119,9 +278,14 @@ class SoftwareCapture(Capture):
                 mtime[0] = st.st_mtime
         except OSError:
             pass
-        rpm = read_rpm()
-        if rpm:
-            current["rpm"] = rpm
+        others = {"rpm": read_rpm()} if self.platform.startswith("linux") else {}
+        others.update(self.read_other())
+        for mgr, pkgs in others.items():
+            if pkgs:
+                current[mgr] = pkgs
+            elif state is not None and mgr in state:
+                # read nothing (rpm failed, the registry or receipts unreadable): not "all removed"
+                current[mgr] = state[mgr]
         for mgr, pkgs in current.items():
             if state is None or mgr not in state:
                 changes = [("Present", k, p, "") for k, p in pkgs.items()]
@@ -129,8 +293,9 @@ class SoftwareCapture(Capture):
                 changes = diff(state[mgr], pkgs)
             for op, key, pkg, prev in changes:
                 self.store.put("Software_Live", {
-                    "Ts": now, "Product": key.split(":")[0], "Version": pkg[0], "Publisher": pkg[1],
-                    "Architecture": pkg[2], "Operation": op, "PreviousVersion": prev, "PackageManager": mgr,
+                    "TS": now, "Product": key.rsplit(":", 1)[0], "Version": pkg[0], "Publisher": pkg[1],
+                    "Architecture": pkg[2], "IsUninstall": int(op == "Uninstall"), "Operation": op,
+                    "PreviousVersion": prev, "PackageManager": mgr,
                 })
         if current != state:
             self._save(current)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quanta.scale.tables import GRANULARITIES, SOURCE_BY_NAME, SOURCES, aggregate_sql, ddl, period_start
+from quanta.scale.tables import (GRANULARITIES, SOURCE_BY_NAME, SOURCES, aggregate_sql, ddl, missing_columns_sql,
+                                 period_start, table_names)
 from .settings import InventorySettings
 
 log = logging.getLogger("quanta.agent.inventory")
@@ -40,10 +41,19 @@ DB_NAME = "inventory.db"
 _UPDATES = {
     # the process's exit: every row of this pid recorded since it started (an exec replaces the
     # image of a running process, so one process may have several rows)
-    "process_exit": 'UPDATE "Process_Live" SET "ExitTs" = ? WHERE "ProcessId" = ? AND "ExitTs" IS NULL AND "Ts" >= ?',
+    "process_exit": 'UPDATE "Process_Live" SET "ExitTs" = ? WHERE "ProcessId" = ? AND "ExitTs" IS NULL AND "TS" >= ?',
     "tcp_seen": 'UPDATE "TCP_Live" SET "LastSeenTs" = ? WHERE rowid = (SELECT max(rowid) FROM "TCP_Live" WHERE '
                 '"LocalPort" = ? AND "Port" = ? AND "LocalAddress" = ? AND "IpAddress" = ?)',
 }
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A store made by an earlier version gets the columns declared since (NULL in its old rows)
+    and the declared casing of their names (``TS``)."""
+    existing = {t: [r[1] for r in conn.execute(f'PRAGMA table_info("{t}")')] for t in table_names()}
+    existing = {t: cols for t, cols in existing.items() if cols}
+    for stmt in missing_columns_sql(existing):
+        conn.execute(stmt)
+
+
 _INSERTS = {
     s.table("Live"): (tuple(c.name for c in s.live),
                       f'INSERT INTO "{s.table("Live")}" ({", ".join(chr(34) + c.name + chr(34) for c in s.live)}) '
@@ -228,6 +238,7 @@ class Store:
             conn.execute("PRAGMA journal_size_limit=1048576")
             for stmt in ddl():
                 conn.execute(stmt)
+            _add_missing_columns(conn)
             conn.execute('CREATE TABLE IF NOT EXISTS "_Meta" (key TEXT PRIMARY KEY, value INTEGER)')
         except sqlite3.DatabaseError as e:
             conn.close()
@@ -362,7 +373,7 @@ class Store:
                 row = conn.execute('SELECT value FROM "_Meta" WHERE key = ?', (key,)).fetchone()
                 start = row[0] if row else None
                 if start is None:
-                    first = conn.execute(f'SELECT min("Ts") FROM "{src.table(finer)}"').fetchone()[0]
+                    first = conn.execute(f'SELECT min("TS") FROM "{src.table(finer)}"').fetchone()[0]
                     if first is None:
                         continue
                     start = period_start(g, int(first))
@@ -384,10 +395,10 @@ class Store:
             for g in GRANULARITIES:
                 days, rows = retention.get(g, src.retention[g])
                 t = src.table(g)
-                conn.execute(f'DELETE FROM "{t}" WHERE "Ts" < ?', (now - int(days * 86400),))
+                conn.execute(f'DELETE FROM "{t}" WHERE "TS" < ?', (now - int(days * 86400),))
                 n = conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
                 if n > rows:
-                    conn.execute(f'DELETE FROM "{t}" WHERE rowid IN (SELECT rowid FROM "{t}" ORDER BY "Ts", rowid '
+                    conn.execute(f'DELETE FROM "{t}" WHERE rowid IN (SELECT rowid FROM "{t}" ORDER BY "TS", rowid '
                                  f'LIMIT ?)', (n - rows,))
 
     @staticmethod
@@ -411,7 +422,7 @@ class Store:
             for src in SOURCES:
                 for g in GRANULARITIES:
                     t = src.table(g)
-                    ts = conn.execute(f'SELECT min("Ts") FROM "{t}"').fetchone()[0]
+                    ts = conn.execute(f'SELECT min("TS") FROM "{t}"').fetchone()[0]
                     if ts is not None and (oldest is None or ts < oldest[0]):
                         oldest = (ts, t)
             if oldest is None:
@@ -419,7 +430,7 @@ class Store:
             t = oldest[1]
             n = conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
             chunk = max(100, n // 20)
-            cur = conn.execute(f'DELETE FROM "{t}" WHERE rowid IN (SELECT rowid FROM "{t}" ORDER BY "Ts", rowid '
+            cur = conn.execute(f'DELETE FROM "{t}" WHERE rowid IN (SELECT rowid FROM "{t}" ORDER BY "TS", rowid '
                                f'LIMIT ?)', (chunk,))
             self.stats.trimmed_for_size += max(cur.rowcount, 0)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # the file shrinks now (unless read)

@@ -238,13 +238,13 @@ class TcpCapture(Capture):
                     if key in open_:
                         open_[key] = now
                 for key, pid in conns.items():
-                    row = {"Ts": now, "LastSeenTs": now, "ProcessId": pid, "LocalAddress": key[0],
+                    row = {"TS": now, "LastSeenTs": now, "ProcessId": pid, "LocalAddress": key[0],
                            "LocalPort": key[1], "IpAddress": key[2], "Port": key[3],
                            "Direction": "Inbound" if key[1] in listening else "Outbound",
                            "CaptureMethod": "poll"}
                     earlier = pending.pop(key, None)
                     if earlier is not None:
-                        row["Ts"] = earlier[0]["Ts"]
+                        row["TS"] = earlier[0]["TS"]
                     if not pid and (earlier[1] if earlier else 0) < 2:
                         # its process not found yet (the socket's owner was being scanned as it
                         # opened): look again at the next polls before recording it without one

@@ -19,6 +19,19 @@ an owner of its own. Raw SCALE instructions (no definition) share ``adhoc@<finge
 server's signing key>``; an instruction from a server that predates the owner field is ``adhoc``,
 and a payload run outside an agent (``quanta scale run``) is ``local``.
 
+Tables of an earlier agent: before owners were signed, an agent recorded as a table's owner the
+instruction's name up to its last ``-`` (``Quanta-Inventory-Seen`` -> ``Quanta-Inventory``). Such a
+name is no identity (any pack, any publisher could name its instructions so), so these tables are
+never handed to a signed owner by their name, not even when exactly one pack's name matches. The
+first time a store is opened by this version its tables of that form are moved into their own name
+space, ``legacy:<old owner>`` (the store records that it was done, in ``storage_meta``), where no
+instruction reaches them: no signed owner may start with ``legacy:``. ``adhoc`` is moved too, since
+an old agent gave it to an instruction named ``adhoc-...`` and it now means an instruction from a
+server without signed owners; ``local`` meant and means a payload run outside an agent. They still
+count towards the total size cap. The device's operator lists them with ``quanta agent-storage
+DIR``, gives them to an owner with ``--adopt OLD --to OWNER`` or deletes them with ``--drop OLD``
+(:func:`owners`, :func:`adopt_legacy`, :func:`drop_legacy`).
+
 Every statement here is a fixed text with bound parameters: table names are values in a column,
 never SQL identifiers, and are checked against a strict pattern as well.
 """
@@ -52,15 +65,37 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS storage_tables (
     owner TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL, columns TEXT NOT NULL, rows TEXT NOT NULL,
     nrows INTEGER NOT NULL, bytes INTEGER NOT NULL, updated INTEGER NOT NULL, PRIMARY KEY (owner, key));
+CREATE TABLE IF NOT EXISTS storage_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+LEGACY = "legacy:"
+OWNERS_VERSION = "signed"  # storage_meta 'owners': the old owners were moved to legacy:<old owner>
+# an owner an earlier agent recorded: an instruction name's prefix (no ':' or '@'), or 'adhoc'
+_OLD_FORM_SQL = "instr(owner, ':') = 0 AND instr(owner, '@') = 0 AND owner <> 'local'"
 
 
 def owner_of(context) -> str:
     """The owner of this payload's tables (see the module's docstring)."""
     owner = context.storage_owner or "local"
-    if not _OWNER_RE.match(owner):
+    if not _OWNER_RE.match(owner) or owner.lower().startswith(LEGACY):
         raise MethodError("The instruction's owner cannot own storage")
     return owner
+
+
+def _migrate_owners(conn: sqlite3.Connection) -> None:
+    """Once per store: move the tables of an earlier agent's owners to ``legacy:<owner>``."""
+    if conn.execute("SELECT 1 FROM storage_meta WHERE key = 'owners'").fetchone():
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if not conn.execute("SELECT 1 FROM storage_meta WHERE key = 'owners'").fetchone():
+            conn.execute(f"UPDATE OR IGNORE storage_tables SET owner = '{LEGACY}' || owner WHERE {_OLD_FORM_SQL}")
+            # left only where a legacy:<owner> row of the same name was already there (a crafted file)
+            conn.execute(f"DELETE FROM storage_tables WHERE {_OLD_FORM_SQL}")
+            conn.execute("INSERT INTO storage_meta (key, value) VALUES ('owners', ?)", (OWNERS_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def storage_path(data_dir: Path) -> Path:
@@ -91,6 +126,7 @@ def _connect(data_dir: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last commits, never the file
         conn.execute("PRAGMA trusted_schema=OFF")
         conn.executescript(_SCHEMA)
+        _migrate_owners(conn)
     except sqlite3.DatabaseError as e:
         conn.close()
         raise MethodError(f"Storage unavailable: {e}") from None
@@ -320,3 +356,88 @@ def list_tables(env: MethodEnv, args: dict[str, object]):
 
     found = _run(env, work, write=False) or []
     return [env.take([n, r, b, iso(u)]) for n, r, b, u in found]
+
+
+# --- the device operator's view (``quanta agent-storage``), not reachable from SCALE --------------
+
+
+class StorageAdminError(ValueError):
+    """An operator's request that cannot be done; the message says why."""
+
+
+def _admin(data_dir: Path, work):
+    path = storage_path(data_dir)
+    if not os.path.lexists(path):
+        return work(None)
+    with _LOCK:
+        try:
+            conn = _connection(data_dir)
+        except MethodError as e:
+            raise StorageAdminError(str(e)) from None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = work(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            raise StorageAdminError(f"Storage error: {e}") from None
+        return out
+
+
+def owners(data_dir: Path) -> list[tuple[str, int, int, int]]:
+    """Every owner of the store's tables: (owner, tables, rows, bytes); earlier agents' owners are
+    ``legacy:<owner>``."""
+    def work(conn):
+        if conn is None:
+            return []
+        return [tuple(r) for r in conn.execute(
+            "SELECT owner, COUNT(*), SUM(nrows), SUM(bytes) FROM storage_tables GROUP BY owner ORDER BY owner")]
+
+    return _admin(data_dir, work)
+
+
+def _legacy(old: str) -> str:
+    old = old[len(LEGACY):] if old.lower().startswith(LEGACY) else old
+    if not _OWNER_RE.match(old) or ":" in old or "@" in old:
+        raise StorageAdminError(f"{old!r} is not an earlier agent's owner (an instruction name's prefix)")
+    return LEGACY + old
+
+
+def adopt_legacy(data_dir: Path, old: str, new_owner: str) -> tuple[int, list[str]]:
+    """Give the tables of the earlier agent's owner ``old`` to ``new_owner`` (an owner as the
+    server signs it, e.g. ``pack:Quanta-Inventory@<fingerprint>``). A table whose name the new
+    owner has already is left where it was. Returns (tables moved, names left)."""
+    src = _legacy(old)
+    if not _OWNER_RE.match(new_owner) or new_owner.lower().startswith(LEGACY):
+        raise StorageAdminError(f"{new_owner!r} is not an owner a signed instruction can have")
+
+    def work(conn):
+        if conn is None:
+            raise StorageAdminError("this agent has no storage.db")
+        names = [r[0] for r in conn.execute("SELECT key FROM storage_tables WHERE owner = ? ORDER BY key", (src,))]
+        if not names:
+            raise StorageAdminError(f"no tables of {src}")
+        taken = {r[0] for r in conn.execute("SELECT key FROM storage_tables WHERE owner = ?", (new_owner,))}
+        move = [k for k in names if k not in taken]
+        if len(taken) + len(move) > MAX_TABLES_PER_OWNER:
+            raise StorageAdminError(f"{new_owner} would have more than {MAX_TABLES_PER_OWNER} tables")
+        for k in move:
+            conn.execute("UPDATE storage_tables SET owner = ? WHERE owner = ? AND key = ?", (new_owner, src, k))
+        return len(move), [k for k in names if k in taken]
+
+    return _admin(data_dir, work)
+
+
+def drop_legacy(data_dir: Path, old: str) -> int:
+    """Delete the tables of the earlier agent's owner ``old``; returns how many."""
+    src = _legacy(old)
+
+    def work(conn):
+        if conn is None:
+            return 0
+        return conn.execute("DELETE FROM storage_tables WHERE owner = ?", (src,)).rowcount
+
+    return _admin(data_dir, work)
