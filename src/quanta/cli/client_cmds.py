@@ -247,8 +247,9 @@ EXPORT_FORMATS = ("csv", "json", "ndjson")
 
 
 def _export_rows(api: Any, iid: int) -> Iterator[dict[str, Any]]:
-    """Every visible row from paging /Responses (a server without the Export route): one per
-    device and result row, with device and status columns."""
+    """Every visible row from paging /Responses by device (``api.results``: ``paging=device``,
+    which a server without the Export route, older than row paging, answers as its only shape):
+    one per device and result row, with device and status columns."""
     offset = 0
     while True:
         page = api._retrying(api.results, iid, offset, 1000)
