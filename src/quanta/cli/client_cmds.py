@@ -267,7 +267,7 @@ def _write_fallback(api: Any, iid: int, fmt: str, sink: Any) -> None:
     import csv
     import io
 
-    from quanta.ask import cell
+    from quanta.consumer_api.routers.export import csv_cell  # the server's cells: formula-safe
 
     rows = _export_rows(api, iid)
     text = io.TextIOWrapper(sink, encoding="utf-8", newline="", write_through=True)
@@ -288,10 +288,10 @@ def _write_fallback(api: Any, iid: int, fmt: str, sink: Any) -> None:
                     if k not in columns:
                         columns.append(k)
             columns = ["device", "status", *[c for c in columns if c not in ("device", "status", "error")], "error"]
-            w = csv.writer(text, lineterminator="\n")
-            w.writerow(columns)
+            w = csv.writer(text, lineterminator="\r\n")  # as the Export route writes it
+            w.writerow([csv_cell(c) for c in columns])
             for r in materialised:
-                w.writerow([cell(r.get(c)) for c in columns])
+                w.writerow([csv_cell(r.get(c)) for c in columns])
     finally:
         text.detach()
 

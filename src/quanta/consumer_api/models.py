@@ -125,7 +125,7 @@ class ResultRow(BaseModel):
 
 
 class ResultsPage(BaseModel):
-    """``/Responses`` (the default, ``paging=rows``): one row per device and result row, paged,
+    """``/Responses`` (``paging=rows``, the default): one row per device and result row, paged,
     sorted and filtered server-side, with the total of matching rows the caller may see."""
 
     instruction_id: int
