@@ -23,11 +23,9 @@ from quanta.rbac import Access
 router = APIRouter(dependencies=[Depends(visible_instruction)])
 
 MAX_OFFSET = 2**31 - 1
+MAX_LIMIT = 10_000  # rows (or devices, paging=device) one page may ask for; more is a 422, not clamped
 # fields of InstructionStatus the progress stream leaves out (they do not change; the payload may be large)
 STATIC_STATUS_FIELDS = {"payload", "parameters", "instruction_set", "devices"}
-
-
-MAX_LIMIT = 10_000  # rows (or devices, paging=device) one page may ask for; more is a 422
 
 
 @router.get("/Consumer/Instructions/{instruction_id}/Responses", response_model=ResultsPage | DeviceResultsPage,
