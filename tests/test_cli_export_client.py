@@ -42,7 +42,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         Handler.seen.append(self.path)
         assert self.headers["Authorization"] == "Bearer tok"
-        if self.mode == "no-route":
+        if self.mode == "old-server" and "/Responses?" in self.path:
+            # a server older than row paging and the Export route: it pages by device whatever it
+            # is asked (an unknown query parameter is ignored); two devices, the second page empty
+            offset = int(self.path.split("offset=")[1].split("&")[0])
+            items = [{"device": "dev1", "status": "success", "columns": ["N", "Name"], "rows": [[1, "=x"], [2, "b"]],
+                      "error": None},
+                     {"device": "dev2", "status": "error", "columns": None, "rows": None, "error": "boom"}]
+            self._json(200, {"instruction_id": 7, "offset": offset, "limit": 1000, "items": items[offset:]})
+        elif self.mode in ("no-route", "old-server"):
             self._json(404, {"detail": "Not Found"})
         elif self.mode == "no-instruction":
             self._json(404, {"detail": "no instruction 7"})
@@ -92,3 +100,23 @@ def test_a_missing_route_falls_back_but_a_missing_instruction_is_an_error(api: C
     Handler.mode = "bad-format"
     with pytest.raises(ApiError, match="422"):
         api.export(7, "xml", io.BytesIO())
+
+
+def test_the_fallback_pages_by_device_by_name(api: ConsumerClient) -> None:
+    """Against a server without the Export route, ``quanta export`` pages ``/Responses`` asking
+    ``paging=device`` by name (today's servers page by rows unless asked)."""
+    from quanta.cli.client_cmds import _write_fallback
+
+    Handler.mode = "old-server"
+    Handler.seen.clear()
+    assert api.export(7, "csv", io.BytesIO()) is False
+    sink = io.BytesIO()
+    _write_fallback(api, 7, "csv", sink)
+    pages = [p for p in Handler.seen if "/Responses?" in p]
+    assert pages == ["/Consumer/Instructions/7/Responses?paging=device&offset=0&limit=1000"]
+    # the Export route's CSV: CRLF, and a cell a spreadsheet would run as a formula made text
+    assert sink.getvalue().decode() == "device,status,N,Name,error\r\ndev1,success,1,'=x,\r\ndev1,success,2,b,\r\n" \
+        "dev2,error,,,boom\r\n"
+    sink = io.BytesIO()
+    _write_fallback(api, 7, "ndjson", sink)
+    assert [json.loads(x) for x in sink.getvalue().splitlines()][2] == {"device": "dev2", "status": "error", "error": "boom"}

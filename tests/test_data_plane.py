@@ -123,7 +123,7 @@ def test_a_late_answer_is_held_and_the_final_counts_stay_final(server: Server) -
     assert iid in _next(ghost, p.ResponseAck).instruction_ids  # kept, so acknowledged
     page = _api(server, f"/Consumer/Instructions/{iid}/Responses")
     assert page["held"] == {"late": 1}
-    assert {r["device"]: r["status"] for r in page["items"]} == {"dev1": "success", "ghost": "offline"}
+    assert {r["device"]: r["status"] for r in page["rows"]} == {"dev1": "success", "ghost": "offline"}
     [h] = _api(server, f"/Consumer/Instructions/{iid}/Held")["items"]
     assert h["device"] == "ghost" and h["rows"] == [["late"]] and "had already ended" in h["reason"]
     assert _api(server, f"/Consumer/Instructions/{iid}")["states"] == {"success": 1, "offline": 1}

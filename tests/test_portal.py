@@ -287,7 +287,7 @@ def test_ask_watch_live_page_and_aggregate(tab: Page, portal_server: Server, tmp
     expect(pg.locator("#results-table tbody tr")).to_have_count(2)
     devices = pg.locator("#results-table tbody td.device").all_text_contents()
     assert sorted(devices) == ["a1", "a2"]
-    # paging: one device per page, linkable
+    # paging by result rows (one per device here), linkable
     pg.goto(f"/Explorer/#/i/{iid}?limit=1")
     pg.wait_for_selector(".pager-info >> text=1–1 of 2")
     first = pg.text_content("#results-table tbody td.device")

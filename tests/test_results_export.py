@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def world(tmp_path: Path) -> Iterator[tuple[TestClient, int, dict[str, str]]]:
 
 
 def _rows(client: TestClient, iid: int, h: dict[str, str], **params: object) -> dict:  # type: ignore[type-arg]
-    r = client.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "rows", **params}, headers=h)
+    r = client.get(f"/Consumer/Instructions/{iid}/Responses", params=params, headers=h)  # rows: the default
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -79,9 +80,15 @@ def test_row_paging_has_a_total_and_aligns_every_layout(world) -> None:  # type:
     assert by[("d3", None)] == {"device": "d3", "status": "error", "cells": [None, None], "error": "=cmd|' /C calc'!A0",
                                 "index": None}
     assert by[("d4", None)]["status"] == "pending"
-    # the old shape is unchanged (device paging), with a total of devices added
-    old = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"limit": 2}, headers=h).json()
-    assert [x["device"] for x in old["items"]] == ["d1", "d2"] and old["total"] == 4 and old["paging"] == "device"
+    assert page["paging"] == "rows" and "items" not in page  # one shape by default: rows
+    # the by-device view only when asked for by name (the CLI's): a total of devices
+    by_device = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "device", "limit": 2}, headers=h).json()
+    assert [x["device"] for x in by_device["items"]] == ["d1", "d2"] and by_device["total"] == 4
+    assert by_device["paging"] == "device" and "rows" not in by_device
+    assert by_device["items"][1] == {"device": "d2", "status": "success", "columns": ["Size", "Name"],
+                                     "rows": [[100, "c"], [-7, "it's; DROP TABLE results;--"]], "error": None}
+    assert [x["device"] for x in c.get(f"/Consumer/Instructions/{iid}/Responses", params={
+        "paging": "device", "state": "error"}, headers=h).json()["items"]] == ["d3"]
 
 
 def test_sort_on_result_columns_device_and_status(world) -> None:  # type: ignore[no-untyped-def]
@@ -146,18 +153,21 @@ def test_export_json_and_ndjson(world) -> None:  # type: ignore[no-untyped-def]
 def test_unknown_columns_and_operators_are_422_naming_the_valid_ones(world) -> None:  # type: ignore[no-untyped-def]
     c, iid, h = world
     base = f"/Consumer/Instructions/{iid}"
-    for path, params in ((f"{base}/Responses", {"paging": "rows", "sort": "-Nope"}),
-                         (f"{base}/Responses", {"paging": "rows", "filter": "Nope:eq:1"}),
+    for path, params in ((f"{base}/Responses", {"sort": "-Nope"}),
+                         (f"{base}/Responses", {"filter": "Nope:eq:1"}),
                          (f"{base}/Export", {"sort": "Nope"})):
         r = c.get(path, params=params, headers=h)
         assert r.status_code == 422 and "Nope" in r.text and "device, status, error, Name, Size" in r.text, r.text
     for bad in ("Name:like:x", "Name", "Name::x", "status:eq:bogus"):
-        assert c.get(f"{base}/Responses", params={"paging": "rows", "filter": bad}, headers=h).status_code == 422, bad
-    assert c.get(f"{base}/Responses", params={"paging": "rows", "status": "bogus"}, headers=h).status_code == 422
-    assert c.get(f"{base}/Responses", params={"sort": "Name"}, headers=h).status_code == 422  # needs paging=rows
-    assert c.get(f"{base}/Responses", params={"paging": "rows", "sort": ["Name"] * 5}, headers=h).status_code == 422
-    assert c.get(f"{base}/Responses", params={"paging": "rows", "filter": ["Name:empty"] * 9},
-                 headers=h).status_code == 422
+        assert c.get(f"{base}/Responses", params={"filter": bad}, headers=h).status_code == 422, bad
+    assert c.get(f"{base}/Responses", params={"status": "bogus"}, headers=h).status_code == 422
+    assert c.get(f"{base}/Responses", params={"state": "bogus"}, headers=h).status_code == 422
+    # the by-device view has no sort or filter: a 422 that says where they are
+    for params in ({"sort": "Name"}, {"filter": "Name:empty"}, {"device": "d1"}, {"status": "success"}):
+        r = c.get(f"{base}/Responses", params={"paging": "device", **params}, headers=h)
+        assert r.status_code == 422 and "leave out paging=device" in r.text, (params, r.text)
+    assert c.get(f"{base}/Responses", params={"sort": ["Name"] * 5}, headers=h).status_code == 422
+    assert c.get(f"{base}/Responses", params={"filter": ["Name:empty"] * 9}, headers=h).status_code == 422
 
 
 def test_hostile_values_are_bound_not_pasted(world) -> None:  # type: ignore[no-untyped-def]
@@ -170,7 +180,7 @@ def test_hostile_values_are_bound_not_pasted(world) -> None:  # type: ignore[no-
     # 60 KB: httpx refuses a longer query string; the bound is 1,000 characters a value
     for params in ({"filter": "Name:eq:a\x00b"}, {"filter": "Name:eq:" + "x" * 60_000}, {"device": "a\x00"},
                    {"device": "x" * 60_000}, {"sort": "x" * 60_000}):
-        r = c.get(f"{base}/Responses", params={"paging": "rows", **params}, headers=h)
+        r = c.get(f"{base}/Responses", params=params, headers=h)
         assert r.status_code == 422, (params, r.status_code)
     assert _rows(c, iid, h)["total"] == 13
 
@@ -178,16 +188,60 @@ def test_hostile_values_are_bound_not_pasted(world) -> None:  # type: ignore[no-
 def test_out_of_range_and_bad_formats_are_422_and_hidden_is_404(world) -> None:  # type: ignore[no-untyped-def]
     c, iid, h = world
     base = f"/Consumer/Instructions/{iid}"
-    for params in ({"offset": -1}, {"offset": 2**31}, {"limit": 0}, {"limit": 10_001}, {"limit": "x"}):
-        assert c.get(f"{base}/Responses", params={"paging": "rows", **params}, headers=h).status_code == 422, params
+    for params in ({"offset": -1}, {"offset": 2**31}, {"limit": 0}, {"limit": -5}, {"limit": 10_001}, {"limit": "x"},
+                   {"limit": 10**30}, {"offset": "1e3"}):
+        for paging in ({}, {"paging": "device"}):
+            r = c.get(f"{base}/Responses", params={**paging, **params}, headers=h)
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", next(iter(params))], (params, r.text)
     for fmt in ("xml", "CSV", "", "csv;drop"):
         assert c.get(f"{base}/Export", params={"format": fmt}, headers=h).status_code == 422, fmt
         assert c.get(f"{base}/Responses", params={"format": fmt}, headers=h).status_code == 422, fmt
-    assert c.get(f"{base}/Responses", params={"paging": "pages"}, headers=h).status_code == 422
+    for paging in ("pages", "ROWS", "", "rows;drop", "device\x00"):
+        assert c.get(f"{base}/Responses", params={"paging": paging}, headers=h).status_code == 422, paging
     for missing in (999_999, 0):
         r = c.get(f"/Consumer/Instructions/{missing}/Export", headers=h)
         assert r.status_code == 404 and r.json() == {"detail": f"instruction {missing} not found"}
     assert c.get(f"{base}/Export").status_code == 401
+
+
+def test_pages_past_the_end_the_largest_page_and_pages_that_add_up(world) -> None:  # type: ignore[no-untyped-def]
+    c, iid, h = world
+    every = _rows(c, iid, h, limit=10_000)  # the largest page there is
+    assert every["total"] == 13 and len(every["rows"]) == 13 and every["limit"] == 10_000
+    for params in ({}, {"sort": "-Size"}, {"filter": "Size:ge:0"}, {"status": "success"}, {"sort": "-device"}):
+        want = _rows(c, iid, h, limit=100, **params)
+        # an offset at or past the end: no rows, the total still right (device order seeks, other orders count)
+        for off in (want["total"], want["total"] + 1, 2**31 - 1):
+            page = _rows(c, iid, h, offset=off, limit=5, **params)
+            assert (page["rows"], page["total"], page["offset"]) == ([], want["total"], off), (params, off)
+        # pages of 4 add up to the whole, each row once, in order
+        pages = [r for off in range(0, want["total"], 4) for r in _rows(c, iid, h, offset=off, limit=4, **params)["rows"]]
+        assert pages == want["rows"], params
+    last = _rows(c, iid, h, offset=12, limit=5)
+    assert len(last["rows"]) == 1 and last["rows"][0]["device"] == "d4"
+    by_device = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "device", "offset": 4}, headers=h).json()
+    assert (by_device["items"], by_device["total"]) == ([], 4)
+
+
+def test_sort_and_filter_names_are_checked_and_values_literal(world) -> None:  # type: ignore[no-untyped-def]
+    c, iid, h = world
+    base = f"/Consumer/Instructions/{iid}/Responses"
+    for bad in ("Name; DROP TABLE results", "Name --", "(SELECT 1)", "-", "", "--Name", "Name\x00", "Name ",
+                "columns", "rows", "state", "device_id", "1", "x" * 5000):
+        r = c.get(base, params={"sort": bad}, headers=h)
+        assert r.status_code == 422, (bad, r.text)
+        assert len(r.text) < 2000, "the 422 cuts what it echoes"
+        r = c.get(base, params={"filter": f"{bad}:eq:1"}, headers=h)
+        assert r.status_code == 422, (bad, r.text)
+    for v in ("*", "?", "%", "%%", "_", "[a-z]", "a*", "\\%"):  # wildcards of any dialect are plain characters
+        for op in ("eq", "contains", "startswith"):
+            assert _rows(c, iid, h, filter=f"Name:{op}:{v}")["total"] == 0, (op, v)
+        assert _rows(c, iid, h, device=v)["total"] == 0, v
+    assert _rows(c, iid, h, filter="Name:contains:DROP TABLE")["total"] == 1  # the text is there, and found as text
+    assert _rows(c, iid, h, filter="Name:eq:" + "x" * 992)["total"] == 0  # the longest term allowed: 1,000 characters
+    r = c.get(base, params={"filter": "Name:eq:" + "x" * 993}, headers=h)
+    assert (r.status_code, r.json()) == (422, {"detail": "filter is longer than 1000 characters"})
+    assert _rows(c, iid, h)["total"] == 13
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -227,20 +281,16 @@ def test_store_row_queries_on_every_backend(tmp_path: Path, backend: str) -> Non
         c.execute(tables.results.delete().where(tables.results.c.instruction_id == iid))
 
 
-def test_a_client_leaving_mid_export_touches_only_its_own_request(tmp_path: Path) -> None:
-    """A real uvicorn on loopback: 20 exports abandoned after their first chunk, then the API
-    answers, a writer commits, and a full export is whole."""
+@contextmanager
+def _uvicorn(api: ConsumerApi) -> Iterator[int]:
+    """The Consumer API in a real uvicorn on a free loopback port (its port)."""
     import socket
     import threading
 
-    import httpx
     import uvicorn
 
-    api, iid = _world(tmp_path)
-    big = [f"m{i:05d}" for i in range(3000)]
-    store.insert_targets(api.responses, iid, dict.fromkeys(big, True), time.time() + 3600)
-    store.ingest(api.responses, [dict(instruction_id=iid, device_id=d, state="success", columns=["Name", "Size"],
-                                      rows=[[f"p{r}", r] for r in range(10)], error=None) for d in big])
+    from conftest import wait_until
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -248,10 +298,55 @@ def test_a_client_leaving_mid_export_touches_only_its_own_request(tmp_path: Path
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
+        wait_until(lambda: server.started or not thread.is_alive(), 30, "uvicorn to start")
+        assert thread.is_alive(), "uvicorn did not start"
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_a_10_mb_query_is_refused_and_touches_only_its_own_request(tmp_path: Path) -> None:
+    """A real uvicorn: a 10 MB filter value (and a 10 MB device and sort) in the request line is
+    refused with a 4xx on its own connection; the next request is answered."""
+    import socket
+
+    import httpx
+
+    api, iid = _world(tmp_path)
+    with _uvicorn(api) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+        token = c.post("/Consumer/Authentication/Token", json={"username": "admin", "password": PASSWORD}).json()["token"]
+        for name, value in (("filter", "Name:eq:"), ("device", ""), ("sort", ""), ("filter", "Name:contains:%00")):
+            line = (f"GET /Consumer/Instructions/{iid}/Responses?{name}={value}{'x' * 10_000_000} HTTP/1.1\r\n"
+                    f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                try:
+                    s.sendall(line)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the server may stop reading and answer before the line ends
+                answer = b""
+                try:
+                    while chunk := s.recv(65536):
+                        answer += chunk
+                except ConnectionResetError:
+                    pass
+            status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
+            assert status is not None and 400 <= status < 500, (name, answer[:200])
+        r = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"limit": 1}, headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json()["total"] == 13
+
+
+def test_a_client_leaving_mid_export_touches_only_its_own_request(tmp_path: Path) -> None:
+    """A real uvicorn on loopback: 20 exports abandoned after their first chunk, then the API
+    answers, a writer commits, and a full export is whole."""
+    import httpx
+
+    api, iid = _world(tmp_path)
+    big = [f"m{i:05d}" for i in range(3000)]
+    store.insert_targets(api.responses, iid, dict.fromkeys(big, True), time.time() + 3600)
+    store.ingest(api.responses, [dict(instruction_id=iid, device_id=d, state="success", columns=["Name", "Size"],
+                                      rows=[[f"p{r}", r] for r in range(10)], error=None) for d in big])
+    with _uvicorn(api) as port:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
             token = c.post("/Consumer/Authentication/Token", json={"username": "admin", "password": PASSWORD}).json()["token"]
             h = {"Authorization": f"Bearer {token}"}
@@ -259,12 +354,9 @@ def test_a_client_leaving_mid_export_touches_only_its_own_request(tmp_path: Path
                 with c.stream("GET", f"/Consumer/Instructions/{iid}/Export", params={"format": "csv"}, headers=h) as r:
                     assert r.status_code == 200
                     next(r.iter_raw())
-            assert c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "rows", "limit": 1},
+            assert c.get(f"/Consumer/Instructions/{iid}/Responses", params={"limit": 1},
                          headers=h).json()["total"] == 13 + 3000 * 10
             store.ingest(api.responses, [dict(instruction_id=iid, device_id="d4", state="success", columns=["Name"],
                                               rows=[["late"]], error=None)])
             whole = c.get(f"/Consumer/Instructions/{iid}/Export", params={"format": "csv"}, headers=h).text
             assert len(list(csv.reader(io.StringIO(whole)))) == 1 + 13 + 3000 * 10 and "d4,success,late" in whole
-    finally:
-        server.should_exit = True
-        thread.join(10)

@@ -149,7 +149,8 @@ def _instruction_routes(iid: int) -> list[tuple[str, str, dict[str, Any]]]:
     return [("GET", base, {}), ("GET", f"{base}/Wait", {"timeout": 0}), ("GET", f"{base}/Responses", {}),
             ("GET", f"{base}/Aggregate", {"by": "X"}), ("GET", f"{base}/Software", {}),
             ("GET", f"{base}/Held", {}), ("GET", f"{base}/Stream", {}), ("POST", f"{base}/Cancel", {}),
-            ("GET", f"{base}/Responses", {"paging": "rows", "sort": "-device"}),
+            ("GET", f"{base}/Responses", {"sort": "-device", "device": "dev", "filter": "X:nonempty"}),
+            ("GET", f"{base}/Responses", {"paging": "device"}),
             ("GET", f"{base}/Export", {"format": "csv"}), ("GET", f"{base}/Export", {"format": "ndjson"})]
 
 
@@ -168,14 +169,17 @@ def test_a_reader_limited_to_dev1_reads_nothing_of_dev2(world: World, role: str)
         s = c.get(path, params=params, headers=h)
         assert s.status_code == 200, s.text
         assert (s.json()["targeted"], s.json()["states"]) == (1, {"success": 1}), s.json()
-    # responses: dev1's rows only, and only dev1's held answers counted
+    # responses (rows, the default): dev1's rows only, counted alone, and only dev1's held answers
     r = c.get(f"/Consumer/Instructions/{iid}/Responses", headers=h).json()
-    assert [x["device"] for x in r["items"]] == ["dev1"] and r["held"] == {"late": 1, "refused": 1}
+    assert (r["total"], [x["device"] for x in r["rows"]]) == (1, ["dev1"]) and r["held"] == {"late": 1, "refused": 1}
     assert SECRET2 not in json.dumps(r)
     assert [x["device"] for x in c.get(f"/Consumer/Instructions/{iid}/Responses", params={"state": "success"},
-                                       headers=h).json()["items"]] == ["dev1"]
-    # row paging and the export (every format, sorted or filtered): dev1's rows only
-    rows = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "rows", "sort": "-X"}, headers=h).json()
+                                       headers=h).json()["rows"]] == ["dev1"]
+    by_device = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "device"}, headers=h).json()
+    assert (by_device["total"], [x["device"] for x in by_device["items"]]) == (1, ["dev1"])
+    assert SECRET2 not in json.dumps(by_device)
+    # sorted or filtered, and the export (every format): dev1's rows only
+    rows = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"sort": "-X"}, headers=h).json()
     assert (rows["total"], [x["device"] for x in rows["rows"]]) == (1, ["dev1"]) and SECRET2 not in json.dumps(rows)
     for params in ({"format": "csv"}, {"format": "json"}, {"format": "ndjson"}, {"format": "csv", "sort": "-X"},
                    {"format": "json", "filter": "X:contains:dev"}):
@@ -223,11 +227,53 @@ def test_a_reader_limited_to_dev1_reads_nothing_of_dev2(world: World, role: str)
             assert r.json() == {"detail": f"instruction {hidden} not found"}
 
 
+@pytest.mark.parametrize("role", ["Viewer", "Questioner"])
+def test_filters_on_a_device_or_column_the_reader_cannot_see_reveal_nothing(world: World, role: str) -> None:
+    """dev2 is outside the reader's groups: naming it (or a column only its answer has) in a
+    device filter, a filter or a sort answers exactly as a device or column that does not exist,
+    and every total counts the reader's rows only."""
+    api, c, h = world.api, world.client, world.h(ROLE_USERS[role])
+    iid = _instruction(api, iset="Processes", targets=["dev1", "dev2"])
+    store.ingest(api.responses, [
+        dict(instruction_id=iid, device_id="dev1", state="success", columns=["X"], rows=[["a"], ["b"]], error=None),
+        dict(instruction_id=iid, device_id="dev2", state="success", columns=["X", "Dev2Only"],
+             rows=[[SECRET2, 1]] * 5, error=None)])
+    base = f"/Consumer/Instructions/{iid}/Responses"
+
+    def get(**params: Any) -> httpx.Response:
+        return c.get(base, params=params, headers=h)
+
+    every = get().json()
+    assert (every["total"], every["columns"], {x["device"] for x in every["rows"]}) == (2, ["X"], {"dev1"})
+    assert get(sort="-device").json()["total"] == 2 and get(status="success").json()["total"] == 2
+    for hidden, unknown in (({"device": "dev2"}, {"device": "nosuch"}),
+                            ({"filter": "device:eq:dev2"}, {"filter": "device:eq:nosuch"}),
+                            ({"filter": "device:startswith:dev2"}, {"filter": "device:startswith:nosuch"}),
+                            ({"filter": f"X:eq:{SECRET2}"}, {"filter": "X:eq:nosuch"})):
+        a, b = get(**hidden), get(**unknown)
+        assert (a.status_code, a.json()["total"], a.json()["rows"], a.json()["columns"]) == \
+            (b.status_code, b.json()["total"], b.json()["rows"], b.json()["columns"]) == (200, 0, [], ["X"]), hidden
+    # dev1 matches "dev": one device of two, and only its 2 rows are counted
+    assert get(device="dev").json()["total"] == 2 and get(filter="device:ne:dev1").json()["total"] == 0
+    # a column only dev2's answer has is as unknown as one no answer has: the same 422, naming only X
+    for term in ("sort", "filter"):
+        a = get(**{term: "Dev2Only" if term == "sort" else "Dev2Only:eq:1"})
+        b = get(**{term: "Nosuch00" if term == "sort" else "Nosuch00:eq:1"})
+        assert a.status_code == b.status_code == 422
+        assert a.text.replace("Dev2Only", "Nosuch00") == b.text and "device, status, error, X" in a.text
+    for r in (get(device="dev2"), get(filter="Dev2Only:eq:1"), get(sort="Dev2Only"), get(offset=2)):
+        assert SECRET2 not in r.text and "Dev2Only" not in r.text.replace("'Dev2Only'", ""), r.text
+    # the CSV stream and the by-device view count the same rows
+    assert c.get(base, params={"format": "csv", "device": "dev2"}, headers=h).text.splitlines() == ["device,status,X,error"]
+    assert get(paging="device").json()["total"] == 1
+
+
 def test_an_administrator_sees_everything(world: World) -> None:
     c, h, iid = world.client, world.h("admin"), world.i_both
     assert c.get(f"/Consumer/Instructions/{iid}", headers=h).json()["targeted"] == 2
     r = c.get(f"/Consumer/Instructions/{iid}/Responses", headers=h).json()
-    assert [x["device"] for x in r["items"]] == ["dev1", "dev2"] and r["held"] == {"late": 2, "refused": 2}
+    assert [x["device"] for x in r["rows"]] == ["dev1", "dev2"] and r["held"] == {"late": 2, "refused": 2}
+    assert r["total"] == 2 and SECRET2 in json.dumps(r)
     assert c.get(f"/Consumer/Instructions/{iid}/Aggregate", params={"by": "X"}, headers=h).json()["devices"] == 2
     sw = c.get(f"/Consumer/Instructions/{iid}/Software", headers=h).json()
     assert sw["raw_entries"] == 2 and sw["unmatched_installations"] == 1
@@ -291,10 +337,9 @@ def test_a_large_group_is_filtered_in_sql_without_one_parameter_per_device(world
     s = c.get(f"/Consumer/Instructions/{iid}", headers=h).json()
     assert s["targeted"] == 15_000 and s["states"] == {"success": 15_000}
     r = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"offset": 14_999, "limit": 10}, headers=h).json()
-    assert [x["device"] for x in r["items"]] == [many[14_999]]
+    assert [x["device"] for x in r["rows"]] == [many[14_999]] and r["total"] == 15_000
     assert c.get(f"/Consumer/Instructions/{iid}/Aggregate", params={"by": "X"}, headers=h).json()["devices"] == 15_000
-    rows = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"paging": "rows", "sort": "-X", "limit": 2},
-                 headers=h).json()
+    rows = c.get(f"/Consumer/Instructions/{iid}/Responses", params={"sort": "-X", "limit": 2}, headers=h).json()
     assert rows["total"] == 15_000 and [x["device"] for x in rows["rows"]] == [many[14_999], many[14_998]]
     export = c.get(f"/Consumer/Instructions/{iid}/Export", params={"format": "csv"}, headers=h).text.splitlines()
     assert len(export) == 15_001 and export[-1].startswith(many[14_999] + ",") and many[15_000] not in export[-1]
@@ -402,8 +447,8 @@ def test_scoped_reads_on_a_real_server(tmp_path: Path) -> None:
                        30, "dev1's answer")
             st = c.get(f"/Consumer/Instructions/{iid}/Wait", params={"timeout": 0}, headers=h).json()
             assert st["targeted"] == 1
-            items = c.get(f"/Consumer/Instructions/{iid}/Responses", headers=h).json()["items"]
-            assert [x["device"] for x in items] == ["dev1"]
+            page = c.get(f"/Consumer/Instructions/{iid}/Responses", headers=h).json()
+            assert [x["device"] for x in page["rows"]] == ["dev1"] and page["total"] == 1
             assert [d["device_id"] for d in c.get("/Consumer/Devices", headers=h).json()] == ["dev1"]
             assert "dev2" not in c.get(f"/Consumer/Instructions/{iid}/Stream", headers=h).text
             assert c.get("/Consumer/Instructions/99999999999999999999", headers=h).status_code == 422

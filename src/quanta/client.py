@@ -380,10 +380,15 @@ class ConsumerClient:
         return self._call("POST", f"/Consumer/Instructions/{iid}/{verb}", json=body)
 
     def results(self, iid: int, offset: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        """One page of devices, each device's answer whole: ``/Responses?paging=device``, asked by
+        name (the route's default pages by result rows). Device order is stable while answers
+        arrive, so paging through every device sees each once. A server older than row paging
+        ignores the parameter and answers this shape anyway."""
         return self._call("GET", f"/Consumer/Instructions/{iid}/Responses",
-                          params={"offset": offset, "limit": limit})["items"]
+                          params={"paging": "device", "offset": offset, "limit": limit})["items"]
 
     def all_results(self, iid: int) -> list[dict[str, Any]]:
+        """Every device's answer (of the devices the caller may see), by :meth:`results`."""
         out: list[dict[str, Any]] = []
         while True:
             page = self._retrying(self.results, iid, len(out), 1000)

@@ -247,8 +247,9 @@ EXPORT_FORMATS = ("csv", "json", "ndjson")
 
 
 def _export_rows(api: Any, iid: int) -> Iterator[dict[str, Any]]:
-    """Every visible row from paging /Responses (a server without the Export route): one per
-    device and result row, with device and status columns."""
+    """Every visible row from paging /Responses by device (``api.results``: ``paging=device``,
+    which a server without the Export route, older than row paging, answers as its only shape):
+    one per device and result row, with device and status columns."""
     offset = 0
     while True:
         page = api._retrying(api.results, iid, offset, 1000)
@@ -266,7 +267,7 @@ def _write_fallback(api: Any, iid: int, fmt: str, sink: Any) -> None:
     import csv
     import io
 
-    from quanta.ask import cell
+    from quanta.consumer_api.routers.export import csv_cell  # the server's cells: formula-safe
 
     rows = _export_rows(api, iid)
     text = io.TextIOWrapper(sink, encoding="utf-8", newline="", write_through=True)
@@ -287,10 +288,10 @@ def _write_fallback(api: Any, iid: int, fmt: str, sink: Any) -> None:
                     if k not in columns:
                         columns.append(k)
             columns = ["device", "status", *[c for c in columns if c not in ("device", "status", "error")], "error"]
-            w = csv.writer(text, lineterminator="\n")
-            w.writerow(columns)
+            w = csv.writer(text, lineterminator="\r\n")  # as the Export route writes it
+            w.writerow([csv_cell(c) for c in columns])
             for r in materialised:
-                w.writerow([cell(r.get(c)) for c in columns])
+                w.writerow([csv_cell(r.get(c)) for c in columns])
     finally:
         text.detach()
 

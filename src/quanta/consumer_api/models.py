@@ -4,7 +4,7 @@ beyond what the database stores (2^63 and up) is a 422 too, never a 500."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
@@ -125,21 +125,35 @@ class ResultRow(BaseModel):
 
 
 class ResultsPage(BaseModel):
+    """``/Responses`` (``paging=rows``, the default): one row per device and result row, paged,
+    sorted and filtered server-side, with the total of matching rows the caller may see."""
+
     instruction_id: int
-    offset: int
-    limit: int
-    # paging=device (the default, as before): ``items``, one per device; paging=rows: ``rows``,
-    # one per device and result row, sorted and filtered server-side.
-    items: list[DeviceResult]
+    paging: Literal["rows"] = "rows"
+    offset: int = Field(description="rows skipped (past the last row: an empty page, the total still right)")
+    limit: int = Field(description="rows asked for, 1-10,000")
+    total: int = Field(description="rows that match the filters, of the caller's devices only")
+    columns: list[str] = Field(description="the result columns of the answers, in order of first appearance")
+    rows: list[ResultRow]
+    sort: list[str] = []
+    filters: list[str] = []
     # Answers kept but not counted, by kind (late: after the instruction ended; refused: see
     # /Held). Their rows are at /Consumer/Instructions/{id}/Held.
     held: dict[str, int] = {}
-    paging: str = "device"
-    total: int | None = None  # matching devices (paging=device) or result rows (paging=rows)
-    columns: list[str] = []  # the result columns of the answers, in order of first appearance
-    rows: list[ResultRow] = []
-    sort: list[str] = []
-    filters: list[str] = []
+
+
+class DeviceResultsPage(BaseModel):
+    """``/Responses?paging=device``, the named alternative for clients that want each device's
+    answer whole (the CLI): one item per device in device order, ``offset``/``limit`` in devices.
+    Stable while answers arrive (row offsets move when a pending device's rows land)."""
+
+    instruction_id: int
+    paging: Literal["device"] = "device"
+    offset: int
+    limit: int
+    total: int = Field(description="matching devices, of the caller's devices only")
+    items: list[DeviceResult]
+    held: dict[str, int] = {}
 
 
 class HeldAnswer(BaseModel):

@@ -19,7 +19,8 @@ from quanta.accounts import Accounts, Policy, Session, audit
 from quanta.accounts import hash_password as hash_password  # noqa: PLC0414 - importable from here, as ever
 from quanta.background import ContentStore
 from quanta.consumer_api.errors import BadGateway, Forbidden, Invalid, NotFound, Unavailable, Upstream
-from quanta.consumer_api.models import (Device, DeviceDetail, DeviceInstruction, DeviceResult, HeldAnswer, HeldPage, InstructionPage,
+from quanta.consumer_api.models import (Device, DeviceDetail, DeviceInstruction, DeviceResult, DeviceResultsPage,
+                                        HeldAnswer, HeldPage, InstructionPage,
                                         InstructionStatus, InstructionSummary, IssueRequest, ResultRow, ResultsPage,
                                         TokenResponse, User)
 from quanta.consumer_api.models import ApprovalRecord
@@ -300,16 +301,16 @@ class ConsumerApi:
                 decision_reason=r["decision_reason"]))
         return InstructionPage(offset=offset, limit=limit, total=total, items=items)
 
-    def responses_page(self, iid: int, access: rbac.Access, offset: int, limit: int,
-                       state: str | None) -> ResultsPage:
-        """paging=device: one item per device (``total``: the matching devices)."""
+    def device_results_page(self, iid: int, access: rbac.Access, offset: int, limit: int,
+                            state: str | None) -> DeviceResultsPage:
+        """paging=device (named, not the default): one item per device (``total``: the matching devices)."""
         rows = store.page_results(self.responses, iid, offset, limit, state, access.devices)
         held = store.held_counts(self.responses, iid, access.devices)
         counts = store.state_counts(self.responses, iid, access.devices)
         total = counts.get(state, 0) if state else sum(counts.values())
-        return ResultsPage(instruction_id=iid, offset=offset, limit=limit, held=held, total=total,
-                           items=[DeviceResult(device=r["device_id"], status=r["state"], columns=r["columns"],
-                                               rows=r["rows"], error=r["error"]) for r in rows])
+        return DeviceResultsPage(instruction_id=iid, offset=offset, limit=limit, held=held, total=total,
+                                 items=[DeviceResult(device=r["device_id"], status=r["state"], columns=r["columns"],
+                                                     rows=r["rows"], error=r["error"]) for r in rows])
 
     def row_query(self, iid: int, access: rbac.Access, sort: list[str], filters: list[str], device: str | None,
                   states: list[str]) -> tuple[list[store.Layout], store.RowQuery]:
@@ -319,14 +320,15 @@ class ConsumerApi:
 
     def result_rows_page(self, iid: int, access: rbac.Access, offset: int, limit: int, sort: list[str],
                          filters: list[str], device: str | None, states: list[str]) -> ResultsPage:
-        """paging=rows: one row per device and result row, sorted and filtered in SQL."""
+        """The default page: one row per device and result row, sorted and filtered in SQL, with
+        the total of matching rows (all of the caller's devices only)."""
         layouts, q = self.row_query(iid, access, sort, filters, device, states)
         columns = store.result_columns(layouts)
         total, rows = store.page_result_rows(self.responses, iid, offset, limit, access.devices, layouts, q)
         held = store.held_counts(self.responses, iid, access.devices)
         align = Aligner(columns)
-        return ResultsPage(instruction_id=iid, offset=offset, limit=limit, held=held, paging="rows", total=total,
-                           columns=columns, items=[], sort=list(sort), filters=list(filters),
+        return ResultsPage(instruction_id=iid, offset=offset, limit=limit, held=held, total=total,
+                           columns=columns, sort=list(sort), filters=list(filters),
                            rows=[ResultRow(device=r["device_id"], status=r["state"], error=r["error"],
                                            index=r["index"], cells=align(r["columns"], r["row"])) for r in rows])
 

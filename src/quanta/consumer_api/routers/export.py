@@ -151,6 +151,6 @@ async def export(seen: VisibleInstruction, api: Api,
                  device: Annotated[str | None, Query(max_length=255)] = None,
                  status: Annotated[list[str] | None, Query(max_length=16)] = None) -> StreamingResponse:
     """Every result row of the caller's devices (optionally sorted and filtered like
-    ``/Responses?paging=rows``), streamed as ``format``."""
+    ``/Responses``), streamed as ``format``."""
     layouts, q = await api.db(api.row_query, seen.id, seen.access, sort or [], filter or [], device, status or [])
     return export_response(api, seen.id, seen.access, format, layouts, q)

@@ -16,51 +16,58 @@ from quanta.consumer_api.deps import Api, VisibleInstruction, visible_instructio
 from quanta.consumer_api.errors import Invalid
 from quanta.consumer_api.feed import Snapshot, StatusFeed
 from quanta.consumer_api.routers.export import export_response
-from quanta.consumer_api.models import HeldPage, ResultsPage
+from quanta.consumer_api.models import DeviceResultsPage, HeldPage, ResultsPage
 from quanta.consumer_api.service import ConsumerApi
 from quanta.rbac import Access
 
 router = APIRouter(dependencies=[Depends(visible_instruction)])
 
 MAX_OFFSET = 2**31 - 1
+MAX_LIMIT = 10_000  # rows (or devices, paging=device) one page may ask for; more is a 422, not clamped
 # fields of InstructionStatus the progress stream leaves out (they do not change; the payload may be large)
 STATIC_STATUS_FIELDS = {"payload", "parameters", "instruction_set", "devices"}
 
 
-@router.get("/Consumer/Instructions/{instruction_id}/Responses", response_model=ResultsPage,
+@router.get("/Consumer/Instructions/{instruction_id}/Responses", response_model=ResultsPage | DeviceResultsPage,
             responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}})
 async def responses(seen: VisibleInstruction, api: Api, request: Request,
                     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-                    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+                    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 1000,
                     state: Annotated[str | None, Query(max_length=32)] = None,
-                    paging: Annotated[Literal["device", "rows"], Query()] = "device",
+                    paging: Annotated[Literal["rows", "device"], Query()] = "rows",
                     sort: Annotated[list[str] | None, Query(max_length=4)] = None,
                     filter: Annotated[list[str] | None, Query(max_length=8)] = None,  # noqa: A002
                     device: Annotated[str | None, Query(max_length=255)] = None,
                     status: Annotated[list[str] | None, Query(max_length=16)] = None,
                     format: Annotated[Literal["json", "csv", "ndjson"] | None, Query()] = None,  # noqa: A002
                     ) -> Any:
-    """paging=device (the default): one item per device, ``offset``/``limit`` in devices.
-    paging=rows: one row per device and result row, ``offset``/``limit`` in rows, with ``total``,
-    sorted (``sort=NAME`` / ``sort=-NAME``, repeatable) and filtered (``device=`` substring,
-    ``status=`` repeatable, ``filter=NAME:OP:VALUE`` repeatable) server-side; NAME is device,
-    status, error or a result column (a 422 names the valid ones). ``format=csv|ndjson`` (or
-    ``Accept: text/csv``) streams every matching row as ``/Export`` does."""
+    """One row per device and result row (a device without rows: one row of empty cells), of the
+    caller's devices only: ``offset``/``limit`` in rows (limit 1-10,000, offset 0-2^31-1; outside:
+    422; past the last row: no rows, the total still right), ``total`` = the matching rows,
+    sorted (``sort=NAME`` / ``sort=-NAME``, up to 4) and filtered (``device=`` substring,
+    ``status=`` repeatable, ``state=`` one more status, ``filter=NAME:OP:VALUE`` up to 8)
+    server-side; NAME is device, status, error or a result column (a 422 names the valid ones).
+    ``format=csv|ndjson`` (or ``Accept: text/csv``) streams every matching row as ``/Export``
+    does (not paged, whatever ``paging``).
+
+    ``paging=device`` is the named alternative for a client that wants each device's answer whole
+    (the CLI): ``items``, one per device in device order, ``offset``/``limit`` in devices,
+    ``state=`` only (no sort or filter)."""
     if state is not None and state not in p.ALL_STATES:
-        raise Invalid(f"unknown state {state!r}; known: {', '.join(p.ALL_STATES)}")
+        raise Invalid(f"unknown state {state[:100]!r}; known: {', '.join(p.ALL_STATES)}")
     states = [*(status or []), *([state] if state else [])]
     if format is None and "text/csv" in request.headers.get("accept", "") and \
             "application/json" not in request.headers.get("accept", ""):
         format = "csv"  # noqa: A001
-    if format in ("csv", "ndjson"):
+    if format in ("csv", "ndjson"):  # a stream of every matching row: not paged
         layouts, q = await api.db(api.row_query, seen.id, seen.access, sort or [], filter or [], device, states)
         return export_response(api, seen.id, seen.access, format, layouts, q)
-    if paging == "rows":
-        return await api.db(api.result_rows_page, seen.id, seen.access, offset, limit, sort or [], filter or [],
-                            device, states)
-    if sort or filter or device or status:
-        raise Invalid("sort, filter, device and status need paging=rows")
-    return await api.db(api.responses_page, seen.id, seen.access, offset, limit, state)
+    if paging == "device":
+        if sort or filter or device or status:
+            raise Invalid("sort, filter, device and status page by rows: leave out paging=device")
+        return await api.db(api.device_results_page, seen.id, seen.access, offset, limit, state)
+    return await api.db(api.result_rows_page, seen.id, seen.access, offset, limit, sort or [], filter or [],
+                        device, states)
 
 
 @router.get("/Consumer/Instructions/{instruction_id}/Aggregate")

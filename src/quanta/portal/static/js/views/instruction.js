@@ -119,7 +119,7 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
   }
 
   // ------------------------------------------------------------- results
-  // The grid's query: rows paged, sorted and filtered by the server (?paging=rows).
+  // The grid's query: rows paged, sorted and filtered by the server (/Responses' only paging).
   function rowQuery() {
     const q = new URLSearchParams();
     if (view.state) q.set("status", view.state);
@@ -131,7 +131,6 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
 
   async function loadRows() {
     const q = rowQuery();
-    q.set("paging", "rows");
     q.set("offset", String(view.offset));
     q.set("limit", String(view.limit));
     return api("GET", `/Instructions/${id}/Responses?${q}`, undefined, { signal });
@@ -165,18 +164,11 @@ export async function render(main, args, signal, query = new URLSearchParams()) 
     }
   }
 
-  // The columns answers have (from a first page of successful answers), for the group-by choices.
+  // The columns the answers have (a one-row page names them all), for the group-by choices.
   async function sampleColumns() {
     if (view.columns.length) return;
-    const page = await api("GET", `/Instructions/${id}/Responses?state=success&limit=50`, undefined, { signal });
-    columnsOf(page.items);
-  }
-
-  function columnsOf(items) {
-    const cols = [];
-    for (const it of items) for (const c of it.columns || []) if (!cols.includes(c)) cols.push(c);
-    for (const c of cols) if (!view.columns.includes(c)) view.columns.push(c);
-    return cols;
+    const page = await api("GET", `/Instructions/${id}/Responses?status=success&limit=1`, undefined, { signal });
+    for (const c of page.columns) if (!view.columns.includes(c)) view.columns.push(c);
   }
 
   function toolbar() {
