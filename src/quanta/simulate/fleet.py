@@ -55,7 +55,7 @@ GAUGES = ("window", "in_flight")
 
 # The handshake window (see ConnectWindow): in-flight handshakes per process follow the rate they
 # achieve times WINDOW_TARGET seconds, between WINDOW_MIN and the configured maximum.
-WINDOW_TARGET = 1.0
+WINDOW_TARGET = 2.0
 WINDOW_MIN = 8
 WINDOW_INITIAL = 32
 WINDOW_SPAN = 2.0  # seconds of completions the rate is measured over
