@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import ssl
@@ -115,6 +116,17 @@ class ConnectWindow:
         if r is None:
             return
         self.limit = max(self.minimum, min(self.maximum, round(r * self.target)))
+
+
+def load_cert_chain(ctx: ssl.SSLContext, pem: bytes) -> None:
+    """``ctx.load_cert_chain`` from bytes: Python's ssl reads a key and certificate only from a
+    path, so they are handed over through an anonymous in-memory file (no file per device)."""
+    fd = os.memfd_create("quanta-device", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 class SimConfig(msgspec.Struct, frozen=True):
@@ -354,7 +366,7 @@ class Simulator:
             ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_verify_locations(cadata=self.cadata)
-            ctx.load_cert_chain(self.fleet.pem(dev.name))
+            load_cert_chain(ctx, self.fleet.pem_bytes(dev.name))
             dev.ctx = ctx
         return dev.ctx
 
