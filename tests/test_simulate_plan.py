@@ -63,8 +63,8 @@ def test_the_window_stays_within_its_bounds_and_starts_small() -> None:
     w = ConnectWindow(4)
     assert w.limit == 4 and w.minimum == 4  # a maximum below the usual minimum wins
     w = ConnectWindow(256)
-    assert w.limit == 32 and w.rate(0.0) is None  # no history yet
-    for _ in range(32):
+    assert w.limit == 64 and w.rate(0.0) is None  # no history yet
+    for _ in range(64):
         w.started(0.0)
     assert not w.may_start()
 
