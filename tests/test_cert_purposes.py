@@ -335,11 +335,12 @@ def test_batch_enrolment_follows_the_same_rule(tmp_path: Path) -> None:
 
     server = make_server(tmp_path)
     fleet, _ = enroll_batch(server.root, "b-", 3, tmp_path / "fleet")
-    before = {n: fleet.pem(n).read_bytes() for n in fleet.names}
+    before = {n: fleet.pem_bytes(n) for n in fleet.names}
     with pytest.raises(store.DeviceAlreadyEnrolled):
         enroll_batch(server.root, "b-", 5, tmp_path / "fleet")  # b-000001..3 are enrolled
-    assert {n: fleet.pem(n).read_bytes() for n in fleet.names} == before
-    assert not (tmp_path / "fleet" / "devices" / "b-000004.pem").exists()
+    assert {n: Fleet.load(tmp_path / "fleet").pem_bytes(n) for n in fleet.names} == before
+    with pytest.raises(KeyError):
+        Fleet.load(tmp_path / "fleet").pem_bytes("b-000004")
     r = quanta("enroll-batch", str(server.root), "--count", "2", "--prefix", "b-", "--out", str(tmp_path / "fleet"),
                check=False)
     assert r.returncode == 2 and "already enrolled: 'b-000001', 'b-000002'" in r.stderr and "--replace" in r.stderr
@@ -348,8 +349,8 @@ def test_batch_enrolment_follows_the_same_rule(tmp_path: Path) -> None:
     old = {x509.load_pem_x509_certificate(pem[pem.index(b"-----BEGIN CERTIFICATE"):]).serial_number
            for pem in before.values()}
     assert old <= crl
-    for n in Fleet.load(tmp_path / "fleet").names:
-        pem = (tmp_path / "fleet" / "devices" / f"{n}.pem").read_bytes()
+    for n in (again := Fleet.load(tmp_path / "fleet")).names:
+        pem = again.pem_bytes(n)
         cert = x509.load_pem_x509_certificate(pem[pem.index(b"-----BEGIN CERTIFICATE"):])
         assert cert.serial_number not in crl and device_refusal(cert) is None
 

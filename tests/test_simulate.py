@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,7 @@ def test_enroll_batch_issues_one_certificate_per_device(tmp_path: Path) -> None:
     assert len(fleet.names) == 25 and len(fleet.switches) == 2
     serials, names = set(), set()
     for n in fleet.names:
-        pem = fleet.pem(n).read_bytes()
+        pem = fleet.pem_bytes(n)
         assert b"PRIVATE KEY" in pem
         cert = x509.load_pem_x509_certificate(pem[pem.index(b"-----BEGIN CERTIFICATE"):])
         names.add(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
@@ -156,3 +158,93 @@ def test_source_ip_binds_each_worker_to_its_own_loopback_address(tmp_path: Path)
     finally:
         runner.stop()
         server.stop()
+
+
+# ------------------------------------------------------------------ hostile: stalled connections, bad plans
+def _stalled(port: int, n: int) -> list[socket.socket]:
+    """n TCP connections to the Switch that never send a byte (their TLS handshake never starts)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        socks.append(s)
+    return socks
+
+
+def _closed_by_peer(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:  # reset
+        return True
+
+
+@pytest.mark.slow
+def test_devices_get_in_through_a_flood_of_half_open_connections(tmp_path: Path) -> None:
+    """2,000 connections that never start TLS and one that stops half-way through its ClientHello
+    are held while 300 real devices connect: every device is welcomed meanwhile, and the Switch
+    closes each stalled connection at its TLS handshake timeout (it holds a descriptor no longer)."""
+    from quanta.switch.service import TLS_HANDSHAKE_TIMEOUT
+
+    server = make_server(tmp_path)
+    fleet, _ = enroll_batch(server.root, "flood-", 300, tmp_path / "fleet")
+    server.start()
+    runner = None
+    flood = _stalled(server.switch, 2000)
+    partial = socket.create_connection(("127.0.0.1", server.switch), 5)
+    # a TLS record header announcing a 512-byte ClientHello, and only its first bytes
+    partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 16)
+    partial.setblocking(False)
+    t0 = time.monotonic()
+    try:
+        runner = FleetRunner(fleet, SimConfig(seed=5, retry_min=0.5, retry_max=2.0), processes=1)
+        runner.start()
+        wait_until(lambda: runner.poll()["connected"] == 300, 60, "300 devices connected through the flood", server)
+        if time.monotonic() - t0 < TLS_HANDSHAKE_TIMEOUT - 2:  # ... while the flood was still held
+            assert not [s for s in flood if _closed_by_peer(s)], "the Switch dropped stalled connections early"
+        wait_until(lambda: _closed_by_peer(partial), TLS_HANDSHAKE_TIMEOUT + 15, "the partial ClientHello closed",
+                   server)
+        open_ = [s for s in flood if not _closed_by_peer(s)]
+        wait_until(lambda: not [s for s in open_ if not _closed_by_peer(s)], TLS_HANDSHAKE_TIMEOUT + 15,
+                   "every stalled connection closed by the Switch", server)
+        closed_after = time.monotonic() - t0
+        assert closed_after >= TLS_HANDSHAKE_TIMEOUT - 1, closed_after  # not before its timeout
+        assert runner.poll()["connected"] == 300  # the devices stayed
+    finally:
+        for s in flood:
+            s.close()
+        partial.close()
+        if runner is not None:
+            runner.stop()
+        server.stop()
+
+
+def test_a_plan_the_addresses_or_descriptors_cannot_carry_is_refused_clearly(tmp_path: Path) -> None:
+    """`quanta simulate` refuses, before it starts a worker, a fleet that its source addresses or a
+    process's open-file limit cannot carry, and says what to change (exit code 2)."""
+    import resource
+
+    server = make_server(tmp_path)
+    quanta("enroll-batch", str(server.root), "--count", "700", "--prefix", "plan-", "--out", str(tmp_path / "fleet"))
+    fleet = str(tmp_path / "fleet")
+    r = quanta("simulate", fleet, "--processes", "3", "--source-ip", "127.255.255.254", "--duration", "1",
+               "--no-progress", check=False)
+    assert r.returncode == 2 and "outside the loopback network 127.0.0.0/8" in r.stderr, r
+    r = quanta("simulate", fleet, "--source-ip", "192.0.2.7", "--duration", "1", "--no-progress", check=False)
+    assert r.returncode == 2 and "source address 192.0.2.7 cannot be bound" in r.stderr, r
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1000, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    r = quanta("simulate", fleet, "--processes", "1", "--duration", "1", "--no-progress", check=False,
+               preexec_fn=low_limit)
+    assert r.returncode == 2 and "700 connections per process" in r.stderr and "--processes 2 or more" in r.stderr, r
+    # without --processes the same limit gives enough processes: it runs
+    r = quanta("simulate", fleet, "--count", "10", "--duration", "0.5", "--no-progress", check=False,
+               preexec_fn=low_limit)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("simulate: "), r

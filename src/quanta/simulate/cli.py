@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         churn_downtime: Annotated[float, typer.Option(min=0, help="seconds a churned device stays away")] = 5.0,
         retry_min: Annotated[float, typer.Option(min=0, help="reconnect back-off minimum, seconds")] = 1.0,
         retry_max: Annotated[float, typer.Option(min=0, help="reconnect back-off maximum, seconds")] = 60.0,
-        connect_concurrency: Annotated[int, typer.Option(min=1, help="handshakes in flight per process")] = 256,
+        connect_concurrency: Annotated[int, typer.Option(min=1, help="the most handshakes in flight per process; below it the window follows the achieved rate (about 2 s of handshakes)")] = 256,
         resume: Annotated[bool, typer.Option(help="offer the previous TLS session on reconnect")] = True,
         seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
         source_ip: Annotated[Optional[str], typer.Option(help="bind worker W's connections to this IPv4 address + W "
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run many protocol-true simulated agents (real TLS, certificates, hello, signed instructions)."""
         from quanta.simulate.fleet import SimConfig, latency_sampler
-        from quanta.simulate.runner import run_simulation
+        from quanta.simulate.runner import PlanError, run_simulation
 
         import random
 
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         try:
             summary = run_simulation(fleet_dir, cfg, count=count, processes=processes, duration=duration,
                                      status_file=status_file, progress=progress, log_level=log_level.upper())
-        except FileNotFoundError as e:
-            print(f"error: {e}")
+        except (FileNotFoundError, PlanError) as e:
+            print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
         print(summary.line(), flush=True)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -47,8 +49,84 @@ WELCOME_TIMEOUT = 30.0
 WATCHDOG_INTERVAL = 5.0
 # Shared counters, one block per worker (see runner.py).
 COUNTERS = ("connected", "connects", "connect_failures", "deliveries", "executions", "responses",
-            "resends", "acks", "disconnects", "churned", "resumed", "welcome_timeouts")
+            "resends", "acks", "disconnects", "churned", "resumed", "welcome_timeouts",
+            "window", "in_flight")  # the last two are gauges: this process's handshake window and its use
 C = {name: i for i, name in enumerate(COUNTERS)}
+GAUGES = ("window", "in_flight")
+
+# The handshake window (see ConnectWindow): in-flight handshakes per process follow the rate they
+# achieve times WINDOW_TARGET seconds, between WINDOW_MIN and the configured maximum.
+WINDOW_TARGET = 2.0
+WINDOW_MIN = 8
+WINDOW_INITIAL = 64  # a small fleet (up to 64 per process) dials at once, as before the window
+WINDOW_SPAN = 2.0  # seconds of completions the rate is measured over
+
+
+class ConnectWindow:
+    """How many handshakes one simulator process keeps in flight: the rate it achieves times a
+    target latency (Little's law), so that the handshakes wait about WINDOW_TARGET seconds each
+    however many processes share the Switches' CPU.
+
+    A fixed window (it was 256 per process) does not scale: with P processes the Switches hold
+    P x 256 handshakes at once, each waits P x 256 / rate seconds, and past the handshake timeouts
+    (the Switch's 15 s, the client's 30 s) the work is thrown away and done again after a back-off.
+    Here an unsaturated Switch answers quickly, the measured rate exceeds window / target and the
+    window grows (to ``maximum``); a saturated one answers at its rate and the window settles at
+    rate x target. A failed handshake is not a completion, so failures shrink the window too. Pure:
+    the caller passes the time."""
+
+    def __init__(self, maximum: int, *, minimum: int = WINDOW_MIN, initial: int = WINDOW_INITIAL,
+                 target: float = WINDOW_TARGET, span: float = WINDOW_SPAN) -> None:
+        self.maximum = max(1, maximum)
+        self.minimum = max(1, min(minimum, self.maximum))
+        self.target = target
+        self.span = span
+        self.limit = max(self.minimum, min(initial, self.maximum))
+        self.in_flight = 0
+        self._done: deque[float] = deque()
+        self._since: float | None = None  # when the first handshake of this busy period started
+
+    def rate(self, now: float) -> float | None:
+        """Completions per second over the last ``span`` seconds, once there is that much history."""
+        while self._done and self._done[0] < now - self.span:
+            self._done.popleft()
+        if self._since is None or now - self._since < self.span:
+            return None
+        return len(self._done) / self.span
+
+    def may_start(self) -> bool:
+        return self.in_flight < self.limit
+
+    def started(self, now: float) -> None:
+        if self._since is None:
+            self._since = now
+        self.in_flight += 1
+
+    def finished(self, ok: bool, now: float) -> None:
+        self.in_flight -= 1
+        if ok:
+            self._done.append(now)
+        self._adjust(now)
+        if self.in_flight == 0:
+            self._since = None  # idle: the next burst measures afresh
+            self._done.clear()
+
+    def _adjust(self, now: float) -> None:
+        r = self.rate(now)
+        if r is None:
+            return
+        self.limit = max(self.minimum, min(self.maximum, round(r * self.target)))
+
+
+def load_cert_chain(ctx: ssl.SSLContext, pem: bytes) -> None:
+    """``ctx.load_cert_chain`` from bytes: Python's ssl reads a key and certificate only from a
+    path, so they are handed over through an anonymous in-memory file (no file per device)."""
+    fd = os.memfd_create("quanta-device", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, pem)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 class SimConfig(msgspec.Struct, frozen=True):
@@ -59,7 +137,7 @@ class SimConfig(msgspec.Struct, frozen=True):
     nocontent_rate: float = 0.0
     churn: float = 0.0  # fraction of the fleet that leaves per minute
     churn_downtime: float = 5.0
-    connect_concurrency: int = 256
+    connect_concurrency: int = 256  # the most handshakes in flight per process (see ConnectWindow)
     retry_min: float = 1.0
     retry_max: float = 60.0
     resume: bool = True  # offer the last TLS session on reconnect (TLS 1.3 tickets)
@@ -249,7 +327,8 @@ class Simulator:
         self.stopping = False
         self.unacked: set[SimDevice] = set()
         self._verified: dict[tuple[bytes, bytes], bool] = {}
-        self._sem: asyncio.Semaphore | None = None
+        self.window = ConnectWindow(cfg.connect_concurrency)
+        self._waiting: deque[asyncio.Future[None]] = deque()  # connects waiting for the window
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._payload = "x" * cfg.row_size
         self._tags = {"simulated": "true"}
@@ -287,7 +366,7 @@ class Simulator:
             ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.load_verify_locations(cadata=self.cadata)
-            ctx.load_cert_chain(self.fleet.pem(dev.name))
+            load_cert_chain(ctx, self.fleet.pem_bytes(dev.name))
             dev.ctx = ctx
         return dev.ctx
 
@@ -309,11 +388,47 @@ class Simulator:
             if dev.transport is not None:
                 dev.pending = False
 
+    async def _enter_window(self) -> None:
+        """Wait for room in the handshake window, first come first served."""
+        w = self.window
+        first = True
+        while not w.may_start() or (first and self._waiting):
+            fut = self.loop.create_future()
+            if first:
+                self._waiting.append(fut)
+            else:  # woken but the window shrank meanwhile: keep its place at the head
+                self._waiting.appendleft(fut)
+            first = False
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut in self._waiting:
+                    self._waiting.remove(fut)
+                raise
+        w.started(time.monotonic())
+        self._gauge()
+
+    def _leave_window(self, ok: bool) -> None:
+        w = self.window
+        w.finished(ok, time.monotonic())
+        self._gauge()
+        free = w.limit - w.in_flight
+        while free > 0 and self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                free -= 1
+
+    def _gauge(self) -> None:
+        self.counters[self.offset + C["window"]] = self.window.limit
+        self.counters[self.offset + C["in_flight"]] = self.window.in_flight
+
     async def _connect(self, dev: SimDevice) -> None:
-        assert self._sem is not None
-        async with self._sem:
+        await self._enter_window()
+        ok = False
+        try:
             if self.stopping or dev.transport is not None:
-                return
+                return  # no handshake: neither a completion nor a failure for the window's rate
             host, port = self.switches[dev.switch_index % len(self.switches)]
             try:
                 await asyncio.wait_for(open_ws(
@@ -321,6 +436,7 @@ class Simulator:
                     websocket_handshake_timeout=20, enable_auto_ping=True, auto_ping_idle_timeout=60,
                     auto_ping_reply_timeout=30, use_aiofastnet=False, max_frame_size=16 * 1024 * 1024,
                     read_buffer_init_size=1024, **self.connect_kw), 30)
+                ok = True
                 return
             except Exception as e:  # noqa: BLE001 - refused, TLS failure, timeout: fail over and back off
                 log.debug("%s: cannot connect to %s:%d: %s", dev.name, host, port, e)
@@ -332,6 +448,8 @@ class Simulator:
                     # a refused or timed-out connect keeps the session: the Switch that issued it
                     # (or its restarted successor) takes it back once it is up; a TLS failure does not
                     dev.ctx.session = None
+        finally:
+            self._leave_window(ok)
         self.schedule_connect(dev, retry.delay)
 
     # ------------------------------------------------------------------ loops
@@ -384,7 +502,7 @@ class Simulator:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.loop = asyncio.get_running_loop()
-        self._sem = asyncio.Semaphore(self.cfg.connect_concurrency)
+        self._gauge()
         tasks = [asyncio.create_task(self._housekeeping())]
         if self.cfg.churn > 0:
             tasks.append(asyncio.create_task(self._churn()))

@@ -20,15 +20,108 @@ from typing import Any
 import msgspec
 
 from .enroll import Fleet
-from .fleet import C, COUNTERS, SimConfig, worker_main
+from .fleet import C, COUNTERS, GAUGES, SimConfig, worker_main
 
 PER_PROCESS_MAX = 12_000  # leaves headroom under a 20,000 open-file limit
+FD_HEADROOM = 500  # descriptors a worker keeps for itself (certificates, logs, the event loop)
+# Of the kernel's ephemeral port range, the share the simulator plans to use: the rest is for
+# connections still in TIME_WAIT after a reconnect, and for every other program on the machine.
+PORT_SHARE = 0.9
 
 
-def default_processes(n: int) -> int:
+class PlanError(ValueError):
+    """The fleet does not fit the processes, source addresses or ports asked for; the message says
+    what to change."""
+
+
+def ephemeral_ports() -> int:
+    """How many ports the kernel's ephemeral range holds (net.ipv4.ip_local_port_range)."""
+    try:
+        lo, hi = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return hi - lo + 1
+    except (OSError, ValueError):
+        return 28_232  # Linux's default range, 32768-60999
+
+
+def open_file_limit() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    per = min(PER_PROCESS_MAX, max(100, soft - 500)) if soft > 0 else PER_PROCESS_MAX
+    return soft if soft > 0 else 1 << 20
+
+
+def per_process_limit(nofile: int) -> int:
+    return min(PER_PROCESS_MAX, max(100, nofile - FD_HEADROOM))
+
+
+def default_processes(n: int, *, source_ip: str | None = None, nofile: int | None = None,
+                      ports: int | None = None) -> int:
+    """Enough worker processes that none runs out of descriptors and, with ``source_ip`` (one source
+    address per process), none runs out of ports: a connection from an address bound before the
+    connect holds its port against every destination."""
+    per = per_process_limit(open_file_limit() if nofile is None else nofile)
+    if source_ip is not None:
+        per = min(per, int((ephemeral_ports() if ports is None else ports) * PORT_SHARE))
     return max(1, math.ceil(n / per))
+
+
+def source_addresses(source_ip: str | None, processes: int) -> list[str] | None:
+    """Worker W's source address, source_ip + W; None without --source-ip."""
+    if source_ip is None:
+        return None
+    import ipaddress
+
+    first = ipaddress.IPv4Address(source_ip)
+    try:
+        last = first + (processes - 1)
+    except ipaddress.AddressValueError:
+        raise PlanError(f"--source-ip {source_ip} + {processes - 1} workers runs past 255.255.255.255") from None
+    if first.is_loopback and not last.is_loopback:
+        raise PlanError(f"--source-ip {source_ip}: {processes} workers need {processes} addresses, but "
+                        f"{last} is outside the loopback network 127.0.0.0/8; start lower")
+    return [str(first + w) for w in range(processes)]
+
+
+def check_plan(n: int, processes: int, switches: int, source_ip: str | None, *, nofile: int, ports: int) -> None:
+    """Refuse, with what to change, a fleet that some process or source address cannot carry: more
+    devices in one process than its open-file limit, more connections from one source address than
+    the ephemeral port range (per Switch port without --source-ip: the kernel then picks the address
+    and the port per destination). Pure."""
+    if n <= 0 or processes <= 0:
+        raise PlanError("nothing to simulate: no devices or no processes")
+    per_proc = math.ceil(n / processes)
+    limit = nofile - FD_HEADROOM
+    if per_proc > limit:
+        raise PlanError(f"{n} devices over {processes} processes is {per_proc} connections per process, more than "
+                        f"the open-file limit ({nofile}, less {FD_HEADROOM} kept spare) allows; use --processes "
+                        f"{math.ceil(n / max(1, limit))} or more, or raise the limit (ulimit -n)")
+    usable = int(ports * PORT_SHARE)
+    if source_ip is not None:
+        if per_proc > usable:
+            raise PlanError(f"{per_proc} connections per source address ({n} devices over {processes} processes, "
+                            f"one address each from --source-ip {source_ip}) exceed {usable} ports "
+                            f"({PORT_SHARE:.0%} of the {ports}-port ephemeral range); use --processes "
+                            f"{math.ceil(n / usable)} or more")
+        source_addresses(source_ip, processes)
+    else:
+        per_pair = math.ceil(n / max(1, switches))
+        if per_pair > usable:
+            raise PlanError(f"{per_pair} connections from one source address to one Switch port ({n} devices over "
+                            f"{switches} Switches, no --source-ip) exceed {usable} ports ({PORT_SHARE:.0%} of the "
+                            f"{ports}-port ephemeral range); pass --source-ip 127.0.0.2 (one address per process) "
+                            f"or add Switches")
+
+
+def check_addresses(addresses: list[str]) -> None:
+    """Every source address can be bound here (a loopback address always can; another must be this
+    host's)."""
+    import socket
+
+    for a in addresses:
+        with socket.socket() as s:
+            try:
+                s.bind((a, 0))
+            except OSError as e:
+                raise PlanError(f"source address {a} cannot be bound ({e.strerror}): each simulator process needs "
+                                f"its own address, --source-ip and the next ones; use 127.0.0.2 on loopback") from None
 
 
 @dataclass
@@ -59,7 +152,12 @@ class FleetRunner:
         self.fleet = fleet
         self.cfg = cfg
         self.names = fleet.names[:count] if count else fleet.names
-        self.processes = processes or default_processes(len(self.names))
+        self.processes = processes or default_processes(len(self.names), source_ip=cfg.source_ip)
+        check_plan(len(self.names), self.processes, len(fleet.switches), cfg.source_ip, nofile=open_file_limit(),
+                   ports=ephemeral_ports())
+        addresses = source_addresses(cfg.source_ip, self.processes)
+        if addresses:
+            check_addresses(addresses)
         self.ctx = mp.get_context("spawn")
         self.counters = self.ctx.RawArray("q", len(COUNTERS) * self.processes)
         self.stop_event = self.ctx.Event()
@@ -69,7 +167,7 @@ class FleetRunner:
         self.connected_at: float | None = None
 
     def totals(self) -> dict[str, int]:
-        k = len(COUNTERS)
+        k = len(COUNTERS)  # gauges (the handshake windows) add up too: the fleet's window
         return {name: sum(self.counters[w * k + i] for w in range(self.processes)) for i, name in enumerate(COUNTERS)}
 
     def start(self) -> None:
@@ -158,4 +256,4 @@ def run_simulation(fleet_root: Path, cfg: SimConfig, *, count: int | None, proce
     return summary
 
 
-__all__ = ["C", "FleetRunner", "Summary", "run_simulation"]
+__all__ = ["C", "GAUGES", "FleetRunner", "PlanError", "Summary", "check_plan", "default_processes", "run_simulation"]

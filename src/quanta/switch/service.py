@@ -50,6 +50,11 @@ from quanta.settings import core_link_max_bytes, poke_port
 log = logging.getLogger("quanta.switch")
 
 HELLO_TIMEOUT = 10.0
+# A connection must finish its TLS handshake within TLS_HANDSHAKE_TIMEOUT of being accepted, and its
+# WebSocket upgrade within UPGRADE_TIMEOUT after that, or the Switch closes it: a device that
+# connects and stalls (or a flood of half-open connections) holds a descriptor that long, no longer.
+TLS_HANDSHAKE_TIMEOUT = 15.0
+UPGRADE_TIMEOUT = 10.0
 HEARTBEAT = 60.0
 # Liveness without a timer per connection (picows' auto-ping runs a task per connection, ~2 KiB
 # each): every frame, pings included, stamps the connection with the Switch's sweep tick; every
@@ -662,7 +667,7 @@ class Switch:
             self._upgrade, sock=client_sock, backlog=LISTEN_BACKLOG, ssl=self._tls, use_aiofastnet=True,
             max_frame_size=self.max_message_bytes, read_buffer_init_size=1024,
             enable_auto_ping=False, enable_auto_pong=False,  # liveness: see SWEEP
-            websocket_handshake_timeout=10, ssl_handshake_timeout=15)
+            websocket_handshake_timeout=UPGRADE_TIMEOUT, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         poke_server = await asyncio.start_server(self._on_poke, sock=poke_sock, backlog=LISTEN_BACKLOG)
         log.info("switch %s listening: wss %s:%d (agents), poke tcp %s:%d (core)", self.name, self.bind_host,
                  self.port, self.bind_host, pokes)

@@ -31,10 +31,62 @@ def direct_engine_available() -> bool:
     return getattr(ssl_transport, "SSLEngineDirect", None) is not None
 
 
+# aiofastnet's engine decodes every peer certificate into a dict when a handshake completes (its
+# transports' ``peercert`` extra), by writing the certificate to a temporary file and reading it
+# back with ssl's test decoder: measured here 0.3-0.6 ms of CPU per handshake and a file created
+# and removed in the temporary directory (on a busy disk the event loop waits for it), and the
+# dict is kept for the connection's life. The Switch never reads that dict: it parses the
+# certificate itself from its DER (``quanta.pki.peer_device``). ``skip_peer_decoding`` makes the
+# engine's decode an empty dict with no file, by giving that one module a ``tempfile`` whose
+# NamedTemporaryFile writes nothing and an ``ssl`` whose test decoder returns {}; every other name
+# in its ``ssl`` is the real module's. Applied only when the module still holds the real modules.
+
+
+class _NoFile:
+    name = ""  # aiofastnet removes the file only ``if path``
+
+    def __enter__(self) -> _NoFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def write(self, data: str) -> int:
+        return len(data)
+
+
+def skip_peer_decoding() -> bool:
+    """Make aiofastnet's direct engine skip decoding peer certificates (see above); True once done."""
+    import tempfile
+    import types
+
+    try:
+        from aiofastnet import ssl_engine_direct as engine
+    except ImportError:  # pragma: no cover - depends on the OpenSSL aiofastnet finds
+        return False
+    if getattr(engine, "_quanta_skip_peer_decoding", False):
+        return True
+    if getattr(engine, "tempfile", None) is not tempfile or getattr(engine, "ssl", None) is not ssl:
+        log.warning("aiofastnet's engine is not the one this was written for; peer certificates are decoded "
+                    "at every handshake as before")
+        return False
+    fake_ssl = types.ModuleType("ssl")
+    fake_ssl.__dict__.update(ssl.__dict__)
+    fake_ssl._ssl = types.SimpleNamespace(_test_decode_cert=lambda path: {})  # type: ignore[attr-defined]
+    fake_ssl.DER_cert_to_PEM_cert = lambda der: ""  # type: ignore[attr-defined]
+    fake_tempfile = types.SimpleNamespace(NamedTemporaryFile=lambda *a, **kw: _NoFile())
+    engine.ssl = fake_ssl  # type: ignore[attr-defined]
+    engine.tempfile = fake_tempfile  # type: ignore[attr-defined]
+    engine._quanta_skip_peer_decoding = True  # type: ignore[attr-defined]
+    return True
+
+
 def lean_tls(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    """Mark a server context for aiofastnet's socket-BIO engine when it is available."""
+    """Mark a server context for aiofastnet's socket-BIO engine when it is available, and skip the
+    engine's decoding of every peer certificate (``skip_peer_decoding``)."""
     if direct_engine_available():
         ctx._aiofastnet_force_socket_bio = True  # type: ignore[attr-defined]
+        skip_peer_decoding()
     else:  # pragma: no cover - depends on the OpenSSL aiofastnet finds
         log.warning("aiofastnet's direct OpenSSL engine is unavailable; TLS uses memory BIOs "
                     "(more memory per connection)")
