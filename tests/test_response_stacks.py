@@ -322,7 +322,10 @@ def test_hub_refuses_a_stack_posing_as_another(tmp_path: Path, shared_pg: str) -
         shutil.copytree(tmp_path / "b", lying)
         (lying / "quanta.toml").write_text(toml)
         procs.append(_hub_client(lying, tmp_path / "lying-hub.log"))
-        wait_until(lambda: "the registered host must be the certificate's" in master.text(), 30, "name refused")
+        wait_until(lambda: f"registered as '{A}' with the host certificate of '{B}'" in master.text(), 30,
+                   "name refused")
+        wait_until(lambda: "the registered host must be the certificate's" in (tmp_path / "lying-hub.log").read_text(),
+                   30, "the liar told why")
         # a stack of another installation: its certificate is not this CA's, refused at the handshake
         procs[-1].kill()
         o = tmp_path / "other-master"
