@@ -9,7 +9,10 @@ on the Core's own path for what a Switch sends, as ``bench/ingest.py`` does: N t
 inserted as ``issue`` does, then N answers (one row of 3 columns, 32 bytes of payload, as
 ``quanta simulate`` sends by default) in ``ResponseBatch`` frames of ``--batch`` answers, decoded,
 committed (COPY into a temporary table and one ``UPDATE ... FROM``) and acknowledged until the
-instruction finishes. Every stack has its own instruction, so the rows are distinct. Rounds are
+instruction finishes. Every stack has its own instruction, so the rows are distinct. ``ANALYZE
+results`` runs after the target rows are written (``--no-analyze``: not): on a fresh database the
+planner has no statistics for the new rows and the batch UPDATE took 19 s a batch (see
+docs/benchmarks.md); on a live store autovacuum has analysed the day's partition. Rounds are
 interleaved (alone, together, alone, together, ...) and the medians are reported.
 
 Size: after the rounds, ``pg_total_relation_size`` of every partition of ``results`` (heap, TOAST,
@@ -63,7 +66,7 @@ def pg_database(server_url: str, prefix: str = "stacks_bench_"):  # type: ignore
     return cm()
 
 
-async def one_stack(url: str, n: int, size: int, iid: int) -> float:
+async def one_stack(url: str, n: int, size: int, iid: int, analyze: bool = True) -> float:
     from quanta import protocol as p
     from quanta.core.service import SwitchLink
     from quanta.core.stacks import StackCore
@@ -72,6 +75,9 @@ async def one_stack(url: str, n: int, size: int, iid: int) -> float:
     master, responses = make_engine(url), make_engine(url)
     store.insert_targets(responses, iid, {f"sim-{i:06d}": True for i in range(n)}, time.time() + 3600)
     store.mark_sent(responses, iid, [f"sim-{i:06d}" for i in range(n)])
+    if analyze:  # as autovacuum would have by then on a live store (see the module's docstring)
+        with responses.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.exec_driver_sql("ANALYZE results")
     core = StackCore(master, responses, b"s" * 32, expiry_interval=3600, purge_interval=3600)
 
     async def send(data: bytes) -> None:
@@ -93,15 +99,16 @@ async def one_stack(url: str, n: int, size: int, iid: int) -> float:
     return dt
 
 
-def _worker(url: str, n: int, size: int, iid: int, start: mp.synchronize.Barrier, out: mp.Queue) -> None:
+def _worker(url: str, n: int, size: int, iid: int, start: mp.synchronize.Barrier, out: mp.Queue,
+            analyze: bool) -> None:
     start.wait()
-    out.put((iid, asyncio.run(one_stack(url, n, size, iid))))
+    out.put((iid, asyncio.run(one_stack(url, n, size, iid, analyze))))
 
 
-def run_round(url: str, n: int, size: int, iids: list[int]) -> list[float]:
+def run_round(url: str, n: int, size: int, iids: list[int], analyze: bool = True) -> list[float]:
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(len(iids)), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(url, n, size, iid, start, out)) for iid in iids]
+    procs = [ctx.Process(target=_worker, args=(url, n, size, iid, start, out, analyze)) for iid in iids]
     for p in procs:
         p.start()
     got = [out.get(timeout=600) for _ in procs]
@@ -129,6 +136,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stacks", type=int, default=2)
+    ap.add_argument("--no-analyze", action="store_true")
     ap.add_argument("--database-url", default=os.environ.get("QUANTA_TEST_PG_URL"))
     a = ap.parse_args()
     if not a.database_url:
@@ -143,10 +151,10 @@ def main() -> None:
         migrate(url, "responses")
         iid = 1
         for r in range(a.rounds):
-            rate = run_round(url, a.n, a.batch, [iid])
+            rate = run_round(url, a.n, a.batch, [iid], not a.no_analyze)
             iid += 1
             alone += rate
-            rates = run_round(url, a.n, a.batch, list(range(iid, iid + a.stacks)))
+            rates = run_round(url, a.n, a.batch, list(range(iid, iid + a.stacks)), not a.no_analyze)
             iid += a.stacks
             together += rates
             print(f"round {r + 1}: alone {rate[0]:,.0f}/s; {a.stacks} at once "

@@ -326,6 +326,13 @@ def test_hub_refuses_a_stack_posing_as_another(tmp_path: Path, shared_pg: str) -
                    "name refused")
         wait_until(lambda: "the registered host must be the certificate's" in (tmp_path / "lying-hub.log").read_text(),
                    30, "the liar told why")
+        # b with its own certificate and name, but another role than it was exported with: refused
+        procs[-1].kill()
+        role = tmp_path / "role"
+        shutil.copytree(tmp_path / "b", role)
+        (role / "quanta.toml").write_text((role / "quanta.toml").read_text().replace('role = "response"', 'role = "dmz"'))
+        procs.append(_hub_client(role, tmp_path / "role-hub.log"))
+        wait_until(lambda: f"host {B} was exported as a response host, not 'dmz'" in master.text(), 30, "role refused")
         # a stack of another installation: its certificate is not this CA's, refused at the handshake
         procs[-1].kill()
         o = tmp_path / "other-master"
