@@ -5,8 +5,8 @@ data directory and ports, exported with ``quanta host export``, all on ONE Postg
 a simulated fleet (real TLS, real certificates, protocol-true agents) on each stack's Switch.
 One question through the Master's Consumer API reaches every device on both stacks and each
 answer is committed once; an action approved once runs once on every device of both; a cancel
-reaches both; a stack killed with SIGKILL mid-question and restarted loses and double-counts
-nothing. The purge run by several stacks at once drops each ended partition once. Hostile
+reaches both; a stack killed with SIGKILL mid-question and restarted (the other stack, then the
+one the Master issues through) loses and double-counts nothing. The purge run by several stacks at once drops each ended partition once. Hostile
 inputs: two stacks exported with one name or one set of ports, a stack registering with the hub
 under another stack's name or with a copy of its certificate, a stack of another installation.
 """
@@ -239,10 +239,20 @@ def test_one_question_two_stacks_every_device_once(installation: dict) -> None:
         assert status["status"] == "finished" and status["states"] == {"success": n}, status
         assert len(_results_rows(pg, q)) == n and {c for _, c in _results_rows(pg, q)} == {1}
         assert sorted(r["device"] for r in api.all_results(q)) == everyone
-        # five instructions, each run at most once per device (the journal keeps a re-delivery
+        # 5. the stack the Master issues through (a) killed mid-question: the question goes on on b,
+        # a comes back, its devices answer; nothing lost or doubled
+        q5 = api.issue("@x = Device.GetSummary();", instruction_ttl=90)["id"]
+        wait_until(lambda: f"instruction {q5} issued on another stack" in hosts["b"].text(), 20, "b follows q5")
+        hosts["a"].kill9()
+        assert api.status(q5)["states"].get("success", 0) < n, "the question ended before the kill"
+        hosts["a"].start()
+        status = api.wait(q5, 80)
+        assert status["status"] == "finished" and status["states"] == {"success": n}, status
+        assert len(_results_rows(pg, q5)) == n and {c for _, c in _results_rows(pg, q5)} == {1}
+        # six instructions, each run at most once per device (the journal keeps a re-delivery
         # after the kill from running again); all but the cancelled one by every device
         runs = sum(runners[x].poll()["executions"] for x in "ab")
-        assert 4 * n + final.get("success", 0) <= runs <= 5 * n, (runs, final)
+        assert 5 * n + final.get("success", 0) <= runs <= 6 * n, (runs, final)
     assert "Traceback" not in hosts["a"].text()
 
 
