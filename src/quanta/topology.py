@@ -18,7 +18,10 @@ and stops); :func:`apply_export` does it. Copy the directory to that host and ru
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,76 @@ from quanta.settings import DataDir, Settings, load_settings, save_settings, swi
 
 class TopologyError(ValueError):
     pass
+
+
+HOSTS_FILE = "hosts.json"  # in the Master's data directory: every host exported from it
+
+
+def exported_hosts(master_root: Path) -> dict[str, dict[str, Any]]:
+    """name -> {role, out, listens: {what: port}} of every host exported from this Master."""
+    f = Path(master_root) / HOSTS_FILE
+    if not f.exists():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise TopologyError(f"{f} is unreadable ({e}): it lists the hosts exported from this Master; "
+                            "repair or remove it") from None
+    return {str(k): v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def _record_host(plan: ExportPlan) -> None:
+    hosts = exported_hosts(plan.master_root)
+    hosts[plan.server_name] = {"role": plan.role, "out": str(plan.out.resolve()), "listens": listens(plan.settings)}
+    write_private(Path(plan.master_root) / HOSTS_FILE, (json.dumps(hosts, indent=1, sort_keys=True) + "\n").encode())
+
+
+def listens(settings: Settings) -> dict[str, int]:
+    """The ports ``quanta server`` opens on a host of this role (quanta.status.ROLE_COMPONENTS),
+    by what listens there."""
+    out = {"https": settings.port("https")}
+    if settings.role in ("single", "response"):
+        out["core"] = settings.port("core")
+    if settings.role in ("single", "master"):
+        out |= {k: settings.port(k) for k in ("http", "hub", "coordinator", "integrate")}
+    if settings.role != "master":
+        base = settings.port("switch")
+        for i in range(max(1, settings.switches)):
+            out[f"switch {i + 1}"] = base + 2 * i
+            out[f"switch {i + 1} poke"] = base + 2 * i + 1
+    return out
+
+
+def _addresses(name: str) -> set[str]:
+    try:
+        return {str(a[4][0]) for a in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return {name}
+
+
+def same_machine(a: str, b: str) -> bool:
+    """True when two host names are this one machine: an address in common, or both loopback
+    (127.0.0.2 and 127.0.0.3 are the same kernel: a port bound on 0.0.0.0 is taken on both)."""
+    if a == b:
+        return True
+    aa, bb = _addresses(a), _addresses(b)
+    if aa & bb:
+        return True
+
+    def loopback(xs: set[str]) -> bool:
+        try:
+            return bool(xs) and all(ipaddress.ip_address(x).is_loopback for x in xs)
+        except ValueError:
+            return False
+    return loopback(aa) and loopback(bb)
+
+
+def _port_clash(mine: dict[str, int], theirs: dict[str, int]) -> tuple[str, str, int] | None:
+    by_port = {v: k for k, v in theirs.items()}
+    for what, port in sorted(mine.items(), key=lambda kv: kv[1]):
+        if port in by_port:
+            return what, by_port[port], port
+    return None
 
 
 @dataclass
@@ -72,8 +145,13 @@ class ExportPlan:
 
 def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, https_port: int,
                 switch_port: int, switches: int = 1, ports: dict[str, int] | None = None,
-                response_url: str | None = None) -> ExportPlan:
-    """Check everything and say what an export would change; nothing is written."""
+                response_url: str | None = None, replace: bool = False) -> ExportPlan:
+    """Check everything and say what an export would change; nothing is written.
+
+    Several Response Stacks may be exported from one Master (they share its PostgreSQL
+    databases; ``quanta.core.stacks``). Refused, with one error and nothing written: a name
+    already exported to another directory (unless ``replace``), and a host that would listen on a
+    port another host exported from this Master (or the Master itself) opens on the same machine."""
     master = load_settings(master_root)
     mdd = DataDir(master_root)
     if role not in ("response", "dmz"):
@@ -95,6 +173,12 @@ def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, ht
             if prior is None or prior.server_name != server_name or prior.role != role:
                 raise TopologyError(f"{out} is not empty")
             reuse = True  # an earlier export of the same host: only the Master's side is left to do
+    hosts = exported_hosts(master_root)
+    prior_host = hosts.get(server_name)
+    if prior_host is not None and not replace and Path(prior_host.get("out", "")) != out.resolve():
+        raise TopologyError(f"a {prior_host.get('role')} host named {server_name!r} was already exported from this "
+                            f"Master to {prior_host.get('out')}: give each host its own --server-name, or export "
+                            f"it again into {prior_host.get('out')}, or pass --replace to make this one replace it")
     hub = f"wss://{master.server_name}:{master.port('hub')}/Hub"  # mutual TLS (quanta.hub)
     merged = dict(master.ports) | (ports or {}) | {"https": https_port, "switch": switch_port}
     rows = switch_layout(server_name, switch_port, switches, prefix=f"{server_name}-")
@@ -116,6 +200,18 @@ def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, ht
                             switch_core_url=core_link, local_switches=rows, switches=switches)
     if reuse:
         settings = load_settings(out)
+    mine = listens(settings)
+    others = [(n, f"{h.get('role', '?')} host", h.get("listens") or {}) for n, h in hosts.items() if n != server_name]
+    # the Master as it is once told (--update-master): a Master runs no Core and no Switch
+    as_master = master.model_copy(update={"role": "master"})
+    others.append((master.server_name, "the Master", listens(as_master)))
+    for name, other_role, theirs in others:
+        clash = _port_clash(mine, {str(k): int(v) for k, v in theirs.items()})
+        if clash is not None and same_machine(server_name, name):
+            what, their_what, port = clash
+            raise TopologyError(f"{server_name} would listen on port {port} ({what}), which {other_role} {name} "
+                                f"on the same machine already uses ({their_what}): give this host other ports "
+                                "(--https-port, --switch-port, --port core=...)")
     plan = ExportPlan(master_root, out, role, server_name, settings, rows, reuse_out=reuse,
                       drop_secret=reuse and (out / "pki" / "internal.secret").exists())
     with make_engine(mdd.master_url(master)).connect() as c:
@@ -125,7 +221,14 @@ def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, ht
         plan.master_changes["role"] = "master"
         plan.drop_master_switches = sorted(r["Name"] for r in existing if r["Host"] == master.server_name)
     if role == "response":
-        plan.master_changes["core_url"] = f"https://{server_name}:{https_port}"
+        # the Master sends each instruction to one Core; the other stacks' Cores follow it from the
+        # shared database (quanta.core.stacks). The first stack stays that Core unless it is re-exported.
+        current = master.core_url
+        primary = f"https://{server_name}:{https_port}"
+        keep = (current is not None and current.startswith("https://") and current != primary
+                and _url_host(current) != server_name and _url_host(current) in hosts)
+        if not keep:
+            plan.master_changes["core_url"] = primary
     else:
         wanted = sorted(set(master.replicate_to) | {f"https://{server_name}:{https_port}"})
         if wanted != sorted(master.replicate_to):
@@ -133,8 +236,16 @@ def plan_export(master_root: Path, out: Path, *, role: str, server_name: str, ht
     return plan
 
 
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
 def write_host_dir(plan: ExportPlan) -> None:
-    """The exported host's data directory (certificates issued by the Master's CA)."""
+    """The exported host's data directory (certificates issued by the Master's CA), recorded in
+    the Master's ``hosts.json``."""
+    _record_host(plan)
     if plan.reuse_out:
         if plan.drop_secret:  # exported before hosts were given only their hops' credentials
             write_credentials(plan)
@@ -187,9 +298,10 @@ def apply_export(plan: ExportPlan, *, update: bool) -> None:
 
 def export_host(master_root: Path, out: Path, *, role: str, server_name: str, https_port: int,
                 switch_port: int, switches: int = 1, ports: dict[str, int] | None = None,
-                response_url: str | None = None, update: bool = False) -> Settings:
+                response_url: str | None = None, update: bool = False, replace: bool = False) -> Settings:
     """Plan and apply in one call (the Master is changed only with ``update``); the host's settings."""
     plan = plan_export(master_root, out, role=role, server_name=server_name, https_port=https_port,
-                       switch_port=switch_port, switches=switches, ports=ports, response_url=response_url)
+                       switch_port=switch_port, switches=switches, ports=ports, response_url=response_url,
+                       replace=replace)
     apply_export(plan, update=update)
     return plan.settings

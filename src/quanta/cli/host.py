@@ -26,7 +26,10 @@ def host_export(master_root: Annotated[Path, typer.Argument(help="the Master's d
                 update_master: Annotated[bool, typer.Option(
                     "--update-master", help="also change the Master as listed (its SwitchConfiguration and "
                                             "quanta.toml); without it the Master is left as it is")] = False,
-                dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would change; write nothing")] = False) -> None:
+                dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would change; write nothing")] = False,
+                replace: Annotated[bool, typer.Option(
+                    "--replace", help="this export replaces an earlier host of the same name exported to "
+                                      "another directory")] = False) -> None:
     """Write the data directory of a remote Response Stack or DMZ server; with --update-master, tell the Master.
 
     The changes are printed first. On a single server, --update-master makes it a Master: it stops
@@ -40,7 +43,8 @@ def host_export(master_root: Annotated[Path, typer.Argument(help="the Master's d
     try:
         extra = parse_ports(port)
         plan = plan_export(master_root, out_dir, role=role, server_name=server_name, https_port=https_port,
-                           switch_port=switch_port, switches=switches, ports=extra, response_url=response_url)
+                           switch_port=switch_port, switches=switches, ports=extra, response_url=response_url,
+                           replace=replace)
     except (TopologyError, ProvisioningError, ValueError) as e:
         fail(f"error: {e}", 2)
         return

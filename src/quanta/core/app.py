@@ -23,6 +23,7 @@ from quanta.internal import (CORE_HTTP, CORE_SWITCH, POKE, Credentials, Internal
 from quanta.datadir import tighten
 from quanta.metrics import serve_metrics
 from quanta.runtime import bind_socket, configure_logging
+from quanta.core.stacks import StackCore
 from quanta.settings import DataDir, core_link_max_bytes, load_settings
 
 from .service import Core
@@ -123,7 +124,9 @@ async def serve(root: Path) -> None:
         log.warning("made %d path(s) of %s private (they were open to other users): %s%s", len(loose), root,
                     ", ".join(str(p) for p in loose[:5]), " ..." if len(loose) > 5 else "")
     secret = host_credentials(root, *CORE_HTTP, *CORE_SWITCH, POKE)
-    core = Core(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)), secret)
+    # several Response Stacks share one database: each follows what the others issue and end
+    core_cls = StackCore if settings.role == "response" else Core
+    core = core_cls(make_engine(dd.master_url(settings)), make_engine(dd.responses_url(settings)), secret)
     app = create_app(core, secret)
     sock = bind_socket(settings.internal_host, settings.port("core"), "core")
     log.info("core listening on ws/http %s:%d", settings.internal_host, settings.port("core"))

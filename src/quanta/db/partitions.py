@@ -155,9 +155,12 @@ def _ensure(c: sa.Connection, days: set[int]) -> list[str]:
     return made
 
 
-def drop_expired(engine: sa.Engine, cutoff: float) -> int:
+def drop_expired(engine: sa.Engine, cutoff: float) -> int | None:
     """Detach and drop every day partition that ends at or before ``cutoff`` (all its rows are
-    expired); returns how many rows they held. Another Core doing it meanwhile: this one skips.
+    expired); returns how many rows they held. Another Core doing it meanwhile (several Response
+    Stacks share the database): this one skips and returns None, and must not purge row by row
+    either, or it would delete, one row at a time, the rows of the partitions being dropped (and
+    both would count them).
 
     ``DETACH ... CONCURRENTLY`` waits for transactions that may still read the partition (at most
     :data:`DETACH_TIMEOUT`); if it is interrupted the partition stays "detach pending" and the next
@@ -167,7 +170,7 @@ def drop_expired(engine: sa.Engine, cutoff: float) -> int:
     dropped = 0
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         if not c.exec_driver_sql(f"SELECT pg_try_advisory_lock({LOCK_KEY})").scalar():
-            return 0
+            return None
         try:
             c.exec_driver_sql(f"SET lock_timeout = '{DETACH_TIMEOUT}'")
             for table, pending in sorted(_partitions(c).items()):

@@ -836,12 +836,16 @@ def purge_expired(engine: sa.Engine, now: float | None = None, chunk: int = PURG
     row is in the one partition the cut-off falls in. Each transaction deletes at most ``chunk``
     rows (found through ``ix_results_expires_at``), so the write lock is released between chunks
     and ingest goes on in between; after ``budget`` seconds the call stops and the rest is purged
-    by the next one."""
+    by the next one. While another Core (another Response Stack on the same database) holds the
+    partitions' lock, this call purges nothing and returns 0: that Core's purge does it all."""
     cutoff = time.time() if now is None else now
     total = 0
     key: tuple[sa.Column[Any], ...] = (results.c.instruction_id, results.c.device_id)
     if engine.dialect.name == "postgresql":
-        total += partitions.drop_expired(engine, cutoff)
+        dropped = partitions.drop_expired(engine, cutoff)
+        if dropped is None:  # another Core (another Response Stack) is purging right now: its turn
+            return 0
+        total += dropped
         partitions.ensure(engine, ahead=partitions.AHEAD_DAYS)  # from the clock's today, whatever ``now``
         key += (results.c.expires_at,)  # the primary key: found in the partition, not in each one
     doomed = sa.select(*key).where(results.c.expires_at < cutoff).limit(chunk)

@@ -111,6 +111,14 @@ def _peer_host(conn: ServerConnection) -> tuple[str | None, str | None]:
     return (str(cn[0].value) if cn else ""), None
 
 
+DUPLICATE_PING = 5.0  # seconds a registered host has to answer before a new link of its name replaces it
+
+
+def _addr(conn: ServerConnection) -> str:
+    a = conn.remote_address
+    return f"{a[0]}:{a[1]}" if isinstance(a, tuple) and len(a) >= 2 else str(a)
+
+
 class Hub:
     def __init__(self, root: Path) -> None:
         self.dd = DataDir(root)
@@ -142,6 +150,11 @@ class Hub:
                         conn.remote_address, reg.host[:100], host)
             await conn.close(1008, "the registered host must be the certificate's")
             return
+        why = await self._refusal(reg)
+        if why is not None:
+            log.warning("hub peer %s refused: %s", conn.remote_address, why)
+            await conn.close(1008, why[:120])
+            return
         self.peers[conn] = reg
         log.info("%s host %s registered with the hub", reg.role, reg.host)
         try:
@@ -150,6 +163,35 @@ class Hub:
         finally:
             self.peers.pop(conn, None)
             log.info("%s host %s left the hub", reg.role, reg.host)
+
+    async def _refusal(self, reg: Register) -> str | None:
+        """Why a registration (already matched to its certificate) is refused, or None. A host is
+        registered once: a second link under a name that is live (it answers a ping within
+        :data:`DUPLICATE_PING`) is refused, so a copied host certificate cannot take over a running
+        stack; a link that does not answer is dropped for the new one (a host that restarted). A
+        host exported from this Master (``hosts.json``, quanta.topology) must register its own role."""
+        from quanta.topology import TopologyError, exported_hosts
+
+        try:
+            exported = exported_hosts(self.dd.root).get(reg.host)
+        except TopologyError as e:
+            log.error("%s", e)
+            exported = None
+        if exported is not None and exported.get("role") != reg.role:
+            return (f"host {reg.host} was exported as a {exported.get('role')} host, not {reg.role[:20]!r}")
+        for old, other in list(self.peers.items()):
+            if other.host != reg.host:
+                continue
+            try:
+                await asyncio.wait_for(await old.ping(), DUPLICATE_PING)
+            except (asyncio.TimeoutError, websockets.ConnectionClosed):
+                log.warning("%s host %s registered again; its earlier link did not answer and is dropped", reg.role,
+                            reg.host)
+                self.peers.pop(old, None)
+                await old.close(1001, "replaced by a new link of the same host")
+                continue
+            return f"host {reg.host} is already registered from {_addr(old)}"
+        return None
 
     async def watch_crl(self) -> None:
         crl = self.dd.pki / "crl.pem"
