@@ -133,6 +133,7 @@ class Core:
         A question goes out first and is persisted while it travels (:meth:`_issue_at_once`); an
         action is persisted first (its targets, then the compare-and-set to active), then handed
         out, so that nothing changes a device before the database knows it was asked to."""
+        metrics.core_milestones.start(instruction_id, "issue")
         busy = self._persisting.get(instruction_id)
         if busy is not None:  # issued a moment ago and still being written: answer as that issue does
             await asyncio.shield(busy)
@@ -144,6 +145,7 @@ class Core:
             if row["body"] is None or row["signature"] is None:
                 raise ValueError(f"instruction {instruction_id} is not signed")
             targets = await self.db(store.target_devices, self.master, row["scope"])
+            metrics.core_milestones.mark(instruction_id, "targets_read")
             busy = self._persisting.get(instruction_id)
             if busy is not None:  # a concurrent issue of the same instruction got there first
                 await asyncio.shield(busy)
@@ -187,8 +189,11 @@ class Core:
             row = dict(row, status="active", targeted=len(targets))
             item = self._cache(row, len(targets))
             await self.hand_out(item)
+            metrics.core_milestones.mark(iid, "handed_out")
             existed = await self.db(store.insert_targets, self.responses, iid, targets, row["response_expires_at"])
+            metrics.core_milestones.mark(iid, "targets_written")
             activated = await self.db(self._activate, iid, len(targets))
+            metrics.core_milestones.mark(iid, "activated")
         finally:
             del self._persisting[iid]
             done.set_result(None)
@@ -253,6 +258,7 @@ class Core:
             if ended is not None:
                 ended.set()
         metrics.core_instructions_ended.labels(status=status).inc()
+        metrics.core_milestones.mark(instruction_id, "finished")
         log.info("instruction %d %s: %s", instruction_id, status, why)
         await self._cancel_everywhere(instruction_id)
         return True
@@ -386,6 +392,10 @@ class Core:
         final counts stay final), when its device is not on this Switch's link, when its
         instruction is unknown, or when the database refuses it (see ``quanta.db.held``)."""
         answers = batch.responses
+        ms, latest = metrics.core_milestones, metrics.core_milestones.instruction_id
+        first = ms.due("first_commit") and any(a.response.instruction_id == latest for a in answers)
+        if first:
+            ms.mark(latest, "first_batch")
         if self._persisting:  # an answer may overtake its instruction's target rows: wait for them
             await self._written({a.response.instruction_id for a in answers})
         refused_devices: set[str] = set()
@@ -403,6 +413,8 @@ class Core:
         t0 = time.perf_counter()
         moved, refused = await self.db(self._store_answers, link.name, rows)
         metrics.core_commit_latency.observe(time.perf_counter() - t0)
+        if first:
+            ms.mark(latest, "first_commit")
         metrics.core_answers.inc(sum(n for n in moved.values() if n > 0))
         held = [self._held(h.kind, link, h.answer, h.reason) for h in sorted_.held] + refused
         if held:

@@ -396,11 +396,14 @@ class Switch:
                 frame = self._frames[e.instruction_id]
                 conns = self.conns
                 sent = []
+                metrics.switch_milestones.mark(e.instruction_id, "first_deliver")
                 for dev in e.devices:
                     conn = conns.get(dev)
                     if conn is not None:
                         conn.send(frame)
                         sent.append(dev)
+                if sent:
+                    metrics.switch_milestones.mark(e.instruction_id, "last_deliver")
                 # their 'sent' is reported DELIVERED_HOLD later, unless they answer first
                 if sent and self.batches.delivered(e.instruction_id, sent, now):
                     self._flush_wake.set()
@@ -425,6 +428,7 @@ class Switch:
             self._flush_wake.set()
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
+        metrics.switch_milestones.mark(resp.instruction_id, "first_answer")
         self.state.answered(device_id, resp.instruction_id)
         self.stats["responses"] += 1
         if self.batches.answered(device_id, resp, size, time.monotonic()):
@@ -443,6 +447,7 @@ class Switch:
     # ------------------------------------------------------------------ core events
     def on_work(self, work: p.Work) -> None:
         for item in work.items:
+            metrics.switch_milestones.start(item.id, "work")
             if item.id not in self._frames:
                 self._frames[item.id] = p.encode(p.Deliver(instruction=item.instruction))
         effects = self.state.work(work.items, work.active, time.time())
@@ -523,11 +528,18 @@ class Switch:
     async def _flush_once(self) -> None:
         try:
             for e in self.batches.flush(time.monotonic()):
-                if isinstance(e, SendBatch):
-                    self._batch_sent.setdefault(e.batch.batch_id, time.monotonic())
+                self._note_sent(e)
                 await self._send_core(self._to_core(e))
         except websockets.ConnectionClosed:
             pass  # the unacknowledged batches go again on the next link (SwitchBatches.link_up)
+
+    def _note_sent(self, e: sb.Effect) -> None:
+        if isinstance(e, SendBatch):
+            self._batch_sent.setdefault(e.batch.batch_id, time.monotonic())
+            if (ms := metrics.switch_milestones).due("first_batch"):
+                latest = ms.instruction_id
+                if any(r.response.instruction_id == latest for r in e.batch.responses):
+                    ms.mark(latest, "first_batch")
 
     async def _core_link(self) -> None:
         """Keep a link to the Core: dial, link, serve it until it drops, and dial again with
