@@ -144,14 +144,18 @@ class Core:
         if row["status"] == "created":
             if row["body"] is None or row["signature"] is None:
                 raise ValueError(f"instruction {instruction_id} is not signed")
+            busy = self._persisting.get(instruction_id)
+            if busy is not None:  # a concurrent issue of the same instruction got there first
+                await asyncio.shield(busy)
+                return await self.issue(instruction_id)
+            if row["kind"] == "question" and self.ledger.phase(instruction_id) is None:
+                return await self._issue_at_once(row)
             targets = await self.db(store.target_devices, self.master, row["scope"])
             metrics.core_milestones.mark(instruction_id, "targets_read")
             busy = self._persisting.get(instruction_id)
             if busy is not None:  # a concurrent issue of the same instruction got there first
                 await asyncio.shield(busy)
                 return await self.issue(instruction_id)
-            if row["kind"] == "question" and targets and self.ledger.phase(instruction_id) is None:
-                return await self._issue_at_once(row, targets)
             existed = await self.db(store.insert_targets, self.responses, instruction_id, targets,
                                     row["response_expires_at"])
             # fresh rows, none answered yet (the instruction was never active): the hint is exact
@@ -174,22 +178,29 @@ class Core:
                 await self.hand_out(item)
         return {"id": instruction_id, "status": row["status"], "targeted": row["targeted"]}
 
-    async def _issue_at_once(self, row: dict[str, Any], targets: dict[str, bool]) -> dict[str, Any]:
-        """A question: open it in the ledger and hand it to the Switches *before* its target rows
-        are written (no per-device work before the first send), then write them and the
-        compare-and-set to active. Until that commit, every write that needs the target rows (the
-        answers' ingest, Delivered, the end) waits for it (:meth:`_written`), so nothing counted is
-        lost. A crash before the commit leaves the instruction ``created`` (never issued, later
-        ``expired``); the answers it drew are then held as for an unknown instruction, not lost."""
+    async def _issue_at_once(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A question: open it in the ledger and hand it to the Switches *before* its targets are
+        even read (no per-device work before the first send: a Switch delivers to the ready devices
+        in the instruction's scope, which the Core has vetted, and needs no target list), then read
+        the targets, write their rows and the compare-and-set to active. Until that commit, every
+        write that needs the target rows (the answers' ingest, Delivered, the end) waits for it
+        (:meth:`_written`), so nothing counted is lost, and the open-target hint is set from the
+        targets before any answer can count. A crash before the commit leaves the instruction
+        ``created`` (never issued, later ``expired``); the answers it drew are then held as for an
+        unknown instruction, not lost."""
         iid = row["id"]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._persisting[iid] = done
         activated = False
+        targets: dict[str, bool] = {}
         try:
-            row = dict(row, status="active", targeted=len(targets))
-            item = self._cache(row, len(targets))
+            row = dict(row, status="active")
+            item = self._cache(row, None)  # the hint once the targets are read (below)
             await self.hand_out(item)
             metrics.core_milestones.mark(iid, "handed_out")
+            targets = await self.db(store.target_devices, self.master, row["scope"])
+            metrics.core_milestones.mark(iid, "targets_read")
+            self.ledger.open(item, len(targets))  # exact: nothing counts before the commit below
             existed = await self.db(store.insert_targets, self.responses, iid, targets, row["response_expires_at"])
             metrics.core_milestones.mark(iid, "targets_written")
             activated = await self.db(self._activate, iid, len(targets))
@@ -203,7 +214,9 @@ class Core:
         if not activated:
             return await self._not_issued(iid)
         log.info("instruction %d issued: %d devices targeted (%d online)", iid, len(targets), sum(targets.values()))
-        if existed:  # rows of an earlier, interrupted issue: the database knows how many are open
+        if not targets:
+            await self.finish(iid, "no devices in scope")
+        elif existed:  # rows of an earlier, interrupted issue: the database knows how many are open
             await self._apply([Recount(iid)])
         return {"id": iid, "status": "active", "targeted": len(targets)}
 
