@@ -68,7 +68,8 @@ PHASES = (("post->core issue", "core", "issue"), ("targets read", "core", "targe
           ("targets written", "core", "targets_written"), ("activated", "core", "activated"),
           ("first answer at switch", "switch", "first_answer"), ("first batch sent", "switch", "first_batch"),
           ("first batch at core", "core", "first_batch"), ("first commit", "core", "first_commit"),
-          ("finished", "core", "finished"))
+          ("last answer at switch", "switch", "last_answer"), ("last batch sent", "switch", "last_batch"),
+          ("last commit", "core", "last_commit"), ("finished", "core", "finished"))
 
 
 def phase_times(server: BenchServer, iid: int, t0: float) -> dict[str, float]:
@@ -78,8 +79,8 @@ def phase_times(server: BenchServer, iid: int, t0: float) -> dict[str, float]:
     for label, comp, event in PHASES:
         ts = [times[event] for name, (i, times) in got.items()
               if name.startswith(comp) and i == iid and event in times]
-        if ts:
-            out[label] = min(ts) - t0
+        if ts:  # the earliest Switch's first, the latest Switch's last
+            out[label] = (max(ts) if event.startswith("last") else min(ts)) - t0
     return out
 
 

@@ -73,6 +73,11 @@ class Milestones:
         if instruction_id == self.instruction_id and event not in self.times:
             self.times[event] = time.time() if now is None else now
 
+    def again(self, instruction_id: int, event: str, now: float | None = None) -> None:
+        """Record ``event`` every time (its last occurrence: the last answer, the last commit)."""
+        if instruction_id == self.instruction_id:
+            self.times[event] = time.time() if now is None else now
+
     def due(self, event: str) -> bool:
         """True while ``event`` is still to be recorded for the latest instruction (cheap guard for a
         mark whose test costs more than a comparison)."""
@@ -95,15 +100,18 @@ class Milestones:
 
 
 CORE_MILESTONES = ("issue", "targets_read", "handed_out", "targets_written", "activated", "first_batch",
-                   "first_commit", "finished")
+                   "first_commit", "last_commit", "finished")
 """issue: the Core's issue call began; targets_read: the target devices read; handed_out: the Work
 pushed to every linked Switch; targets_written / activated: the target rows committed, then
 created -> active; first_batch: the first ResponseBatch with an answer to it arrived; first_commit:
-that batch committed (BatchAck follows); finished: the instruction ended."""
-SWITCH_MILESTONES = ("work", "first_deliver", "last_deliver", "first_answer", "first_batch")
+that batch committed (BatchAck follows); last_commit: the last batch with an answer to it committed
+(so far); finished: the instruction ended."""
+SWITCH_MILESTONES = ("work", "first_deliver", "last_deliver", "first_answer", "first_batch", "last_answer",
+                     "last_batch")
 """work: the Work carrying it arrived; first_deliver / last_deliver: its Deliver frame written to the
 first / last connected device of the fan-out; first_answer: the first answer to it read from a device;
-first_batch: the first ResponseBatch carrying an answer to it written to the Core link."""
+first_batch: the first ResponseBatch carrying an answer to it written to the Core link; last_answer /
+last_batch: the last of those (so far)."""
 core_milestones = Milestones("core", CORE_MILESTONES)
 switch_milestones = Milestones("switch", SWITCH_MILESTONES)
 

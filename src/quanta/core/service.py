@@ -406,8 +406,8 @@ class Core:
         instruction is unknown, or when the database refuses it (see ``quanta.db.held``)."""
         answers = batch.responses
         ms, latest = metrics.core_milestones, metrics.core_milestones.instruction_id
-        first = ms.due("first_commit") and any(a.response.instruction_id == latest for a in answers)
-        if first:
+        carries = any(a.response.instruction_id == latest for a in answers)
+        if carries:
             ms.mark(latest, "first_batch")
         if self._persisting:  # an answer may overtake its instruction's target rows: wait for them
             await self._written({a.response.instruction_id for a in answers})
@@ -426,8 +426,9 @@ class Core:
         t0 = time.perf_counter()
         moved, refused = await self.db(self._store_answers, link.name, rows)
         metrics.core_commit_latency.observe(time.perf_counter() - t0)
-        if first:
+        if carries:
             ms.mark(latest, "first_commit")
+            ms.again(latest, "last_commit")
         metrics.core_answers.inc(sum(n for n in moved.values() if n > 0))
         held = [self._held(h.kind, link, h.answer, h.reason) for h in sorted_.held] + refused
         if held:

@@ -429,7 +429,11 @@ class Switch:
             self._flush_wake.set()
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
-        metrics.switch_milestones.mark(resp.instruction_id, "first_answer")
+        ms = metrics.switch_milestones
+        if resp.instruction_id == ms.instruction_id:
+            now = time.time()
+            ms.mark(resp.instruction_id, "first_answer", now)
+            ms.again(resp.instruction_id, "last_answer", now)
         self.state.answered(device_id, resp.instruction_id)
         self.stats["responses"] += 1
         if self.batches.answered(device_id, resp, size, time.monotonic()) and not self._flush_now():
@@ -540,10 +544,11 @@ class Switch:
     def _note_sent(self, e: sb.Effect) -> None:
         if isinstance(e, SendBatch):
             self._batch_sent.setdefault(e.batch.batch_id, time.monotonic())
-            if (ms := metrics.switch_milestones).due("first_batch"):
-                latest = ms.instruction_id
-                if any(r.response.instruction_id == latest for r in e.batch.responses):
-                    ms.mark(latest, "first_batch")
+            ms = metrics.switch_milestones
+            latest = ms.instruction_id
+            if any(r.response.instruction_id == latest for r in e.batch.responses):
+                ms.mark(latest, "first_batch")
+                ms.again(latest, "last_batch")
 
     def _flush_now(self) -> bool:
         """Flush what is due *in this turn of the event loop*, from the callback that made it due (an
