@@ -91,6 +91,14 @@ class BenchServer:
             args += ["--database-url", self.database_url]
         quanta(*args)
         self.log = self.root / "server.log"
+        # Prometheus endpoints for the Core and the Switches (Switch n on switch + n - 1): the bench
+        # reads each question's milestones there (quanta.metrics.Milestones)
+        from quanta.settings import load_settings, save_settings
+
+        s = load_settings(self.root)
+        self.metrics_core, self.metrics_switch = free_port(), free_port(pair=True)
+        save_settings(self.root, s.model_copy(update={"metrics_ports": {
+            **s.metrics_ports, "core": self.metrics_core, "switch": self.metrics_switch}}))
 
     def start(self) -> None:
         env = dict(os.environ, QUANTA_LOG_LEVEL="WARNING")
@@ -106,6 +114,14 @@ class BenchServer:
             return httpx.get(f"https://127.0.0.1:{self.https}/Consumer/health", verify=False, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def milestones(self) -> dict[str, tuple[int, dict[str, float]]]:
+        """component ("core", "switch-1", ...) -> (instruction id, {event: Unix time}) from each
+        component's /metrics (see quanta.metrics.Milestones)."""
+        out = {"core": scrape_milestones(self.metrics_core, "core")}
+        for i in range(self.switches):
+            out[f"switch-{i + 1}"] = scrape_milestones(self.metrics_switch + i, "switch")
+        return out
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -142,6 +158,21 @@ class BenchServer:
             pass
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def scrape_milestones(port: int, component: str) -> tuple[int, dict[str, float]]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    iid, times = -1, {}
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == f"quanta_{component}_milestone_instruction":
+                iid = int(smp.value)
+            elif smp.name == f"quanta_{component}_milestone_seconds":
+                times[smp.labels["event"]] = smp.value
+    return iid, times
 
 
 def cpu_of(procs: dict[str, psutil.Process]) -> dict[str, float]:

@@ -15,6 +15,14 @@ the run moves both sides of each ratio alike. Also reported: the issue call, the
 committed answer beside the floor's time to its first reply, 50/95/100 % committed (from the rows'
 ``updated_at``), and CPU seconds per component. The last line holds ``ratio=`` (median per-round
 ratio) and ``first_excess=`` (median first answer minus floor first reply, seconds).
+
+Where the first answer's time goes: each round also reads the milestones the Core and the Switches
+export on their /metrics (``quanta.metrics.Milestones``, always on; the bench gives them ports) and
+reports them from the POST's start: the Core's ``issue`` call, ``handed_out`` (the Work pushed),
+``targets_written`` and ``activated``; the Switch's ``work`` (received), ``first_deliver`` /
+``last_deliver`` (the fan-out's first and last Deliver written to a socket), ``first_answer`` (read
+from a device), ``first_batch`` (written to the Core link); the Core's ``first_batch`` (received)
+and ``first_commit``. The floor's counterpart of ``first_deliver -> first_answer`` is its first reply.
 """
 
 from __future__ import annotations
@@ -51,6 +59,29 @@ def commit_times(server: BenchServer, iid: int, t0: float) -> list[float]:
             results.c.instruction_id == iid, results.c.state == "success")))
     eng.dispose()
     return ts
+
+
+# (label, component, event) in the order of one question's life; "switch" is the earliest Switch
+PHASES = (("post->core issue", "core", "issue"), ("targets read", "core", "targets_read"),
+          ("work pushed", "core", "handed_out"), ("switch got work", "switch", "work"),
+          ("first Deliver", "switch", "first_deliver"), ("last Deliver", "switch", "last_deliver"),
+          ("targets written", "core", "targets_written"), ("activated", "core", "activated"),
+          ("first answer at switch", "switch", "first_answer"), ("first batch sent", "switch", "first_batch"),
+          ("first batch at core", "core", "first_batch"), ("first commit", "core", "first_commit"),
+          ("last answer at switch", "switch", "last_answer"), ("last batch sent", "switch", "last_batch"),
+          ("last commit", "core", "last_commit"), ("finished", "core", "finished"))
+
+
+def phase_times(server: BenchServer, iid: int, t0: float) -> dict[str, float]:
+    """label -> seconds from the POST's start (missing if a component did not record it)."""
+    got = server.milestones()
+    out: dict[str, float] = {}
+    for label, comp, event in PHASES:
+        ts = [times[event] for name, (i, times) in got.items()
+              if name.startswith(comp) and i == iid and event in times]
+        if ts:  # the earliest Switch's first, the latest Switch's last
+            out[label] = (max(ts) if event.startswith("last") else min(ts)) - t0
+    return out
 
 
 def pct(ts: list[float], q: float) -> float:
@@ -97,15 +128,18 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                     assert s["states"] == {"success": n}, s
                     ts = commit_times(server, iid, t0)
                     assert len(ts) == n
+                    ph = phase_times(server, iid, t0)
                     row = {"e2e": e2e, "floor": floor_sum, "floor_first": fl["first"], "ratio": e2e / floor_sum,
                            "issue": issued, "first": ts[0], "p50": pct(ts, .5), "p95": pct(ts, .95),
-                           "p100": ts[-1], "cpu": cpu}
+                           "p100": ts[-1], "cpu": cpu, "phases": ph}
                     out.append(row)
                     if verbose:
                         print(f"#  round {r + 1}: floor {floor_sum:.3f}s (first reply {fl['first']:.3f}), question "
                               f"{e2e:.3f}s = {row['ratio']:.2f}x (issue call {issued:.3f}s, first {ts[0]:.3f}, "
                               f"50% {row['p50']:.3f}, 95% {row['p95']:.3f}, 100% {ts[-1]:.3f}); CPU " +
                               ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())), flush=True)
+                        print("#    from POST: " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in ph.items()) + " ms",
+                              flush=True)
                     time.sleep(SETTLE)  # let the previous round's acknowledgements (sent when answers pause) pass
         finally:
             runner.stop()
@@ -119,6 +153,8 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
             "floor_first": statistics.median(r["floor_first"] for r in out),
             "first_excess": statistics.median(r["first"] - r["floor_first"] for r in out),
             "issue": statistics.median(r["issue"] for r in out),
+            "phases": {label: statistics.median(r["phases"][label] for r in out if label in r["phases"])
+                       for label, _, _ in PHASES if any(label in r["phases"] for r in out)},
             "rounds": out, "mid": mid, "connect_s": connect_s, "enrol_s": enrol_s, "floor_info": rig.info}
 
 
@@ -149,6 +185,17 @@ def main() -> None:
               f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['issue'] * 1000:.0f} ms | "
               f"{r['first']:.3f} / {r['floor_first']:.3f} s | {m['p50']:.3f} | {m['p95']:.3f} | {m['p100']:.3f} | " +
               ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())) + " |")
+    print()
+    print("Milestones, median of rounds, ms from the POST's start (floor: first reply after its first send):")
+    print("| N | " + " | ".join(label for label, _, _ in PHASES) + " | deliver->answer / floor first reply |")
+    print("|---:|" + "---:|" * (len(PHASES) + 1))
+    for r in results:
+        ph = r["phases"]
+        da = [x["phases"]["first answer at switch"] - x["phases"]["first Deliver"] for x in r["rounds"]
+              if "first answer at switch" in x["phases"] and "first Deliver" in x["phases"]]
+        tail = f"{statistics.median(da) * 1000:.0f} / {r['floor_first'] * 1000:.0f}" if da else "-"
+        print(f"| {r['n']:,} | " + " | ".join(f"{ph[label] * 1000:.0f}" if label in ph else "-"
+                                              for label, _, _ in PHASES) + f" | {tail} |")
     r = results[-1]
     print(f"question N={r['n']} switches={r['switches']} median={r['median']:.3f}s floor={r['floor_sum']:.3f}s "
           f"ratio={r['ratio']:.2f} spread={r['ratio_min']:.2f}-{r['ratio_max']:.2f} "

@@ -76,6 +76,51 @@ def test_a_question_goes_out_before_its_target_rows_and_answers_overtaking_them_
     assert row["status"] == "finished" and row["targeted"] == 20
 
 
+def test_a_question_goes_out_before_its_targets_are_even_read(db_url: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    engine = _setup(db_url, DEVS)
+    order: list[str] = []
+    real = store.target_devices
+
+    def target_devices(*args):  # type: ignore[no-untyped-def] - the real read, its moment noted
+        order.append("targets read")
+        return real(*args)
+
+    monkeypatch.setattr(store, "target_devices", target_devices)
+
+    async def run() -> None:
+        core = Core(engine, engine, SECRET)
+        await core.start()
+        sw = _Switch(core, lambda _w: order.append("work sent"))
+        assert await core.issue(7) == {"id": 7, "status": "active", "targeted": 20}
+        assert core.ledger.unanswered(7) == 20  # the hint from the targets, once read
+        await core.ingest(sw.link, _batch(1, DEVS[:5]))
+        assert core.ledger.unanswered(7) == 15
+        await core.stop()
+
+    asyncio.run(run())
+    assert order == ["work sent", "targets read"]
+
+
+def test_a_question_with_no_device_in_scope_goes_out_and_ends_at_once(db_url: str) -> None:
+    engine = _setup(db_url, DEVS)
+    with engine.begin() as c:  # names no enrolled device: nothing to target
+        c.execute(tables.instructions.update().where(tables.instructions.c.id == 7).values(scope=["nobody"]))
+
+    async def run() -> None:
+        core = Core(engine, engine, SECRET)
+        await core.start()
+        sw = _Switch(core)
+        assert await core.issue(7) == {"id": 7, "status": "active", "targeted": 0}
+        assert 7 not in core.active
+        assert [type(m) for m in sw.msgs] == [p.Work, p.Cancel]  # handed out, then called back
+        await core.stop()
+
+    asyncio.run(run())
+    row = store.get_instruction(engine, 7)
+    assert row["status"] == "finished" and row["targeted"] == 0
+    assert store.state_counts(engine, 7) == {}
+
+
 def test_an_action_is_written_and_active_before_it_is_handed_out(db_url: str) -> None:
     engine = _setup(db_url, DEVS)
     _kind(engine, "action")

@@ -41,6 +41,90 @@ core_commit_latency = Histogram("quanta_core_commit_latency_seconds", "Time to c
                                 buckets=LATENCY_BUCKETS)
 core_held = Counter("quanta_core_held_answers", "Answers held aside instead of counted (late or refused)", ["kind"])
 
+
+# ------------------------------------------------- one question's milestones
+class Milestones:
+    """The wall-clock time (``time.time()``) at which each of a fixed set of events first happened for
+    the *latest* instruction this process handles, so that a benchmark (or an operator) can see where a
+    question's first answer spends its time: exported as ``quanta_<component>_milestone_seconds{event}``
+    beside ``quanta_<component>_milestone_instruction`` (the instruction's id).
+
+    Only :meth:`start` moves it to a newer instruction (the Core at issue, a Switch at the ``Work``
+    carrying it); :meth:`mark` records an event once, and only for that instruction, so answers a
+    device sends for any other instruction (a flood, duplicates, late ones) change nothing. Constant
+    memory and a comparison per call: always on."""
+
+    __slots__ = ("component", "events", "instruction_id", "times")
+
+    def __init__(self, component: str, events: tuple[str, ...]) -> None:
+        self.component = component
+        self.events = events
+        self.instruction_id = -1
+        self.times: dict[str, float] = {}
+
+    def start(self, instruction_id: int, event: str, now: float | None = None) -> None:
+        """A newer instruction than the latest (an older one changes nothing), and its first event."""
+        if instruction_id > self.instruction_id:
+            self.instruction_id = instruction_id
+            self.times = {}
+        self.mark(instruction_id, event, now)
+
+    def mark(self, instruction_id: int, event: str, now: float | None = None) -> None:
+        if instruction_id == self.instruction_id and event not in self.times:
+            self.times[event] = time.time() if now is None else now
+
+    def again(self, instruction_id: int, event: str, now: float | None = None) -> None:
+        """Record ``event`` every time (its last occurrence: the last answer, the last commit)."""
+        if instruction_id == self.instruction_id:
+            self.times[event] = time.time() if now is None else now
+
+    def due(self, event: str) -> bool:
+        """True while ``event`` is still to be recorded for the latest instruction (cheap guard for a
+        mark whose test costs more than a comparison)."""
+        return self.instruction_id >= 0 and event not in self.times
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        if self.instruction_id < 0:
+            return
+        yield GaugeMetricFamily(f"quanta_{self.component}_milestone_instruction",
+                                "The instruction whose milestones are exported", value=self.instruction_id)
+        g = GaugeMetricFamily(f"quanta_{self.component}_milestone_seconds",
+                              "When each event first happened for that instruction (Unix time)", labels=["event"])
+        for event in self.events:
+            t = self.times.get(event)
+            if t is not None:
+                g.add_metric([event], t)
+        yield g
+
+
+CORE_MILESTONES = ("issue", "targets_read", "handed_out", "targets_written", "activated", "first_batch",
+                   "first_commit", "last_commit", "finished")
+"""issue: the Core's issue call began; targets_read: the target devices read; handed_out: the Work
+pushed to every linked Switch; targets_written / activated: the target rows committed, then
+created -> active; first_batch: the first ResponseBatch with an answer to it arrived; first_commit:
+that batch committed (BatchAck follows); last_commit: the last batch with an answer to it committed
+(so far); finished: the instruction ended."""
+SWITCH_MILESTONES = ("work", "first_deliver", "last_deliver", "first_answer", "first_batch", "last_answer",
+                     "last_batch")
+"""work: the Work carrying it arrived; first_deliver / last_deliver: its Deliver frame written to the
+first / last connected device of the fan-out; first_answer: the first answer to it read from a device;
+first_batch: the first ResponseBatch carrying an answer to it written to the Core link; last_answer /
+last_batch: the last of those (so far)."""
+core_milestones = Milestones("core", CORE_MILESTONES)
+switch_milestones = Milestones("switch", SWITCH_MILESTONES)
+
+
+def _register_milestones() -> None:
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(core_milestones)
+    REGISTRY.register(switch_milestones)
+
+
+_register_milestones()
+
 # --------------------------------------------------------------------- web
 web_requests = Histogram("quanta_web_request_seconds", "Consumer API request latency by route template",
                          ["method", "route", "status"], buckets=LATENCY_BUCKETS)

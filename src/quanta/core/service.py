@@ -133,6 +133,7 @@ class Core:
         A question goes out first and is persisted while it travels (:meth:`_issue_at_once`); an
         action is persisted first (its targets, then the compare-and-set to active), then handed
         out, so that nothing changes a device before the database knows it was asked to."""
+        metrics.core_milestones.start(instruction_id, "issue")
         busy = self._persisting.get(instruction_id)
         if busy is not None:  # issued a moment ago and still being written: answer as that issue does
             await asyncio.shield(busy)
@@ -143,13 +144,18 @@ class Core:
         if row["status"] == "created":
             if row["body"] is None or row["signature"] is None:
                 raise ValueError(f"instruction {instruction_id} is not signed")
-            targets = await self.db(store.target_devices, self.master, row["scope"])
             busy = self._persisting.get(instruction_id)
             if busy is not None:  # a concurrent issue of the same instruction got there first
                 await asyncio.shield(busy)
                 return await self.issue(instruction_id)
-            if row["kind"] == "question" and targets and self.ledger.phase(instruction_id) is None:
-                return await self._issue_at_once(row, targets)
+            if row["kind"] == "question" and self.ledger.phase(instruction_id) is None:
+                return await self._issue_at_once(row)
+            targets = await self.db(store.target_devices, self.master, row["scope"])
+            metrics.core_milestones.mark(instruction_id, "targets_read")
+            busy = self._persisting.get(instruction_id)
+            if busy is not None:  # a concurrent issue of the same instruction got there first
+                await asyncio.shield(busy)
+                return await self.issue(instruction_id)
             existed = await self.db(store.insert_targets, self.responses, instruction_id, targets,
                                     row["response_expires_at"])
             # fresh rows, none answered yet (the instruction was never active): the hint is exact
@@ -172,23 +178,33 @@ class Core:
                 await self.hand_out(item)
         return {"id": instruction_id, "status": row["status"], "targeted": row["targeted"]}
 
-    async def _issue_at_once(self, row: dict[str, Any], targets: dict[str, bool]) -> dict[str, Any]:
-        """A question: open it in the ledger and hand it to the Switches *before* its target rows
-        are written (no per-device work before the first send), then write them and the
-        compare-and-set to active. Until that commit, every write that needs the target rows (the
-        answers' ingest, Delivered, the end) waits for it (:meth:`_written`), so nothing counted is
-        lost. A crash before the commit leaves the instruction ``created`` (never issued, later
-        ``expired``); the answers it drew are then held as for an unknown instruction, not lost."""
+    async def _issue_at_once(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A question: open it in the ledger and hand it to the Switches *before* its targets are
+        even read (no per-device work before the first send: a Switch delivers to the ready devices
+        in the instruction's scope, which the Core has vetted, and needs no target list), then read
+        the targets, write their rows and the compare-and-set to active. Until that commit, every
+        write that needs the target rows (the answers' ingest, Delivered, the end) waits for it
+        (:meth:`_written`), so nothing counted is lost, and the open-target hint is set from the
+        targets before any answer can count. A crash before the commit leaves the instruction
+        ``created`` (never issued, later ``expired``); the answers it drew are then held as for an
+        unknown instruction, not lost."""
         iid = row["id"]
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._persisting[iid] = done
         activated = False
+        targets: dict[str, bool] = {}
         try:
-            row = dict(row, status="active", targeted=len(targets))
-            item = self._cache(row, len(targets))
+            row = dict(row, status="active")
+            item = self._cache(row, None)  # the hint once the targets are read (below)
             await self.hand_out(item)
+            metrics.core_milestones.mark(iid, "handed_out")
+            targets = await self.db(store.target_devices, self.master, row["scope"])
+            metrics.core_milestones.mark(iid, "targets_read")
+            self.ledger.open(item, len(targets))  # exact: nothing counts before the commit below
             existed = await self.db(store.insert_targets, self.responses, iid, targets, row["response_expires_at"])
+            metrics.core_milestones.mark(iid, "targets_written")
             activated = await self.db(self._activate, iid, len(targets))
+            metrics.core_milestones.mark(iid, "activated")
         finally:
             del self._persisting[iid]
             done.set_result(None)
@@ -198,7 +214,9 @@ class Core:
         if not activated:
             return await self._not_issued(iid)
         log.info("instruction %d issued: %d devices targeted (%d online)", iid, len(targets), sum(targets.values()))
-        if existed:  # rows of an earlier, interrupted issue: the database knows how many are open
+        if not targets:
+            await self.finish(iid, "no devices in scope")
+        elif existed:  # rows of an earlier, interrupted issue: the database knows how many are open
             await self._apply([Recount(iid)])
         return {"id": iid, "status": "active", "targeted": len(targets)}
 
@@ -253,6 +271,7 @@ class Core:
             if ended is not None:
                 ended.set()
         metrics.core_instructions_ended.labels(status=status).inc()
+        metrics.core_milestones.mark(instruction_id, "finished")
         log.info("instruction %d %s: %s", instruction_id, status, why)
         await self._cancel_everywhere(instruction_id)
         return True
@@ -386,6 +405,10 @@ class Core:
         final counts stay final), when its device is not on this Switch's link, when its
         instruction is unknown, or when the database refuses it (see ``quanta.db.held``)."""
         answers = batch.responses
+        ms, latest = metrics.core_milestones, metrics.core_milestones.instruction_id
+        carries = any(a.response.instruction_id == latest for a in answers)
+        if carries:
+            ms.mark(latest, "first_batch")
         if self._persisting:  # an answer may overtake its instruction's target rows: wait for them
             await self._written({a.response.instruction_id for a in answers})
         refused_devices: set[str] = set()
@@ -403,6 +426,9 @@ class Core:
         t0 = time.perf_counter()
         moved, refused = await self.db(self._store_answers, link.name, rows)
         metrics.core_commit_latency.observe(time.perf_counter() - t0)
+        if carries:
+            ms.mark(latest, "first_commit")
+            ms.again(latest, "last_commit")
         metrics.core_answers.inc(sum(n for n in moved.values() if n > 0))
         held = [self._held(h.kind, link, h.answer, h.reason) for h in sorted_.held] + refused
         if held:

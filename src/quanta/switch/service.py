@@ -253,6 +253,7 @@ class Switch:
         # acknowledgements owed to devices: the pure rules (quanta.protocol.switch_batches).
         self.batches = SwitchBatches(max_message_bytes)
         self._flush_wake = asyncio.Event()  # the flush may be due sooner than the flusher sleeps
+        self._flushing = False  # the flusher is sending a flush's messages (see _flush_now)
         self._ack_wake = asyncio.Event()
         self._fetch = asyncio.Event()
         self._link: Any = None
@@ -401,11 +402,14 @@ class Switch:
                 frame = self._frames[e.instruction_id]
                 conns = self.conns
                 sent = []
+                metrics.switch_milestones.mark(e.instruction_id, "first_deliver")
                 for dev in e.devices:
                     conn = conns.get(dev)
                     if conn is not None:
                         conn.send(frame)
                         sent.append(dev)
+                if sent:
+                    metrics.switch_milestones.mark(e.instruction_id, "last_deliver")
                 # their 'sent' is reported DELIVERED_HOLD later, unless they answer first
                 if sent and self.batches.delivered(e.instruction_id, sent, now):
                     self._flush_wake.set()
@@ -430,9 +434,14 @@ class Switch:
             self._flush_wake.set()
 
     def on_response(self, device_id: str, resp: p.Response, size: int) -> None:
+        ms = metrics.switch_milestones
+        if resp.instruction_id == ms.instruction_id:
+            now = time.time()
+            ms.mark(resp.instruction_id, "first_answer", now)
+            ms.again(resp.instruction_id, "last_answer", now)
         self.state.answered(device_id, resp.instruction_id)
         self.stats["responses"] += 1
-        if self.batches.answered(device_id, resp, size, time.monotonic()):
+        if self.batches.answered(device_id, resp, size, time.monotonic()) and not self._flush_now():
             self._flush_wake.set()
 
     def refused_response(self, conn: AgentConnection, refused: p.ResponseRefused) -> None:
@@ -448,6 +457,7 @@ class Switch:
     # ------------------------------------------------------------------ core events
     def on_work(self, work: p.Work) -> None:
         for item in work.items:
+            metrics.switch_milestones.start(item.id, "work")
             if item.id not in self._frames:
                 self._frames[item.id] = p.encode(p.Deliver(instruction=item.instruction))
         effects = self.state.work(work.items, work.active, time.time())
@@ -465,7 +475,10 @@ class Switch:
         if sent is not None:
             metrics.switch_batch_latency.observe(time.monotonic() - sent)
         if self.batches.batch_acked(ack.batch_id, time.monotonic()):
-            self._flush_wake.set()  # answers gathered while the batch awaited its acknowledgement
+            # answers gathered while the batch awaited its acknowledgement: left to the flusher, which
+            # runs after the turn's other callbacks, so under load the next batch gathers what they
+            # read too (flushing them here at once measured slower at 10,000 devices: smaller batches)
+            self._flush_wake.set()
         if self.batches.acks_pending():
             self._ack_wake.set()
 
@@ -526,13 +539,46 @@ class Switch:
             await self._flush_once()
 
     async def _flush_once(self) -> None:
+        self._flushing = True
         try:
             for e in self.batches.flush(time.monotonic()):
-                if isinstance(e, SendBatch):
-                    self._batch_sent.setdefault(e.batch.batch_id, time.monotonic())
+                self._note_sent(e)
                 await self._send_core(self._to_core(e))
         except websockets.ConnectionClosed:
             pass  # the unacknowledged batches go again on the next link (SwitchBatches.link_up)
+        finally:
+            self._flushing = False
+
+    def _note_sent(self, e: sb.Effect) -> None:
+        if isinstance(e, SendBatch):
+            self._batch_sent.setdefault(e.batch.batch_id, time.monotonic())
+            ms = metrics.switch_milestones
+            latest = ms.instruction_id
+            if any(r.response.instruction_id == latest for r in e.batch.responses):
+                ms.mark(latest, "first_batch")
+                ms.again(latest, "last_batch")
+
+    def _flush_now(self) -> bool:
+        """Flush what is due *in this turn of the event loop*, from the callback that made it due (an
+        answer on an idle link: the first answers of a question; a full batch), rather than waking the
+        flusher task: that wake runs only after every other callback of the turn, and with thousands of
+        devices answering at once a turn reads hundreds of answers first (tens of ms; see
+        docs/benchmarks.md, "where the first answer's time goes"). Done only when the link takes
+        the messages at once (open, not paused by flow control, no send of the flusher's under way, so
+        the order of the messages is the flush's own); True if flushed, False to leave it to the
+        flusher."""
+        ws = self._link
+        if self._flushing or ws is None or not self._link_up.is_set() or not _writable_now(ws):
+            return False
+        now = time.monotonic()
+        due = self.batches.flush_at()
+        if due is None or due > now:
+            return False
+        for e in self.batches.flush(now):
+            self._note_sent(e)
+            ws.protocol.send_binary(p.encode(self._to_core(e)))
+        ws.send_data()
+        return True
 
     async def _core_link(self) -> None:
         """Keep a link to the Core: dial, link, serve it until it drops, and dial again with
@@ -698,6 +744,17 @@ class Switch:
                 {"Sec-WebSocket-Version": WEBSOCKET_VERSION})
             return WSUpgradeResponseWithListener(refusal, None)
         return AgentConnection(self)
+
+
+def _writable_now(ws: Any) -> bool:
+    """The Core link (a websockets asyncio connection) can take a message without waiting: open, no
+    fragmented send under way, not paused by flow control. Then ``ws.protocol.send_binary(data)``
+    and ``ws.send_data()`` are what ``await ws.send(data)`` does before it waits for the drain."""
+    try:
+        return (ws.protocol.state is websockets.protocol.State.OPEN and ws.send_in_progress is None
+                and not ws.paused and not ws.transport.is_closing())
+    except AttributeError:  # another websockets implementation: the flusher sends, as before
+        return False
 
 
 class LinkClosed(ConnectionError):
