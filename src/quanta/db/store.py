@@ -470,11 +470,12 @@ def _insert_targets_pg(engine: sa.Engine, instruction_id: int, targets: dict[str
             c.exec_driver_sql(_STAGE_TARGETS)
             _copy(c, "COPY quanta_stage_targets (d, s) FROM STDIN",
                   ((d, "pending" if online else "offline") for d, online in targets.items()))
-            c.exec_driver_sql(
+            written = c.exec_driver_sql(
                 "INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
                 "SELECT %(i)s, t.d, t.s, %(t)s, %(x)s FROM quanta_stage_targets t WHERE NOT EXISTS "
                 "(SELECT 1 FROM results r WHERE r.instruction_id = %(i)s AND r.device_id = t.d) "
-                "ON CONFLICT DO NOTHING", {"i": instruction_id, "t": now, "x": expires_at})
+                "ON CONFLICT DO NOTHING", {"i": instruction_id, "t": now, "x": expires_at}).rowcount
+            partitions.analyze_if_unknown(c, expires_at, written or 0)
         return existing
 
 
