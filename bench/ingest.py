@@ -56,7 +56,10 @@ def batches(n: int, size: int, iid: int) -> list[bytes]:
     return out
 
 
-async def quanta_once(master_url: str, responses_url: str, n: int, size: int, iid: int) -> float:
+async def quanta_once(master_url: str, responses_url: str, n: int, size: int, iid: int,
+                      core_class: type | None = None) -> float:
+    """The Core's own path for ``n`` answers to instruction ``iid`` (``core_class``: the Core, or a
+    subclass such as a Response Stack's ``StackCore``); seconds from the first batch to the last."""
     from quanta import protocol as p
     from quanta.core.service import Core, SwitchLink
     from quanta.db import make_engine, store
@@ -64,14 +67,14 @@ async def quanta_once(master_url: str, responses_url: str, n: int, size: int, ii
     master, responses = make_engine(master_url), make_engine(responses_url)
     store.insert_targets(responses, iid, {f"sim-{i:06d}": True for i in range(n)}, time.time() + 3600)
     store.mark_sent(responses, iid, [f"sim-{i:06d}" for i in range(n)])
-    core = Core(master, responses, b"s" * 32, expiry_interval=3600, purge_interval=3600)
+    core = (core_class or Core)(master, responses, b"s" * 32, expiry_interval=3600, purge_interval=3600)
     acks = []
 
     async def send(data: bytes) -> None:
         acks.append(data)
 
     # every simulated device said hello through this link (the Core holds answers from strangers)
-    link = SwitchLink("bench", "localhost", 1, "x", send, {f"sim-{i:06d}" for i in range(n)})
+    link = SwitchLink(f"bench-{iid}", "localhost", 1, "x", send, {f"sim-{i:06d}" for i in range(n)})
     core.ledger.open(p.WorkItem(instruction=p.SignedInstruction(body=b"", signature=b""), id=iid,
                                 expires_at=time.time() + 3600, devices=None), n)
     frames = batches(n, size, iid)
@@ -125,7 +128,8 @@ def bare_once(url: str, n: int, size: int, table: str) -> float:
     return dt
 
 
-def pg_database(server_url: str):  # type: ignore[no-untyped-def]
+def pg_database(server_url: str, prefix: str = "quanta_bench_"):  # type: ignore[no-untyped-def]
+    """A scratch database (``prefix`` + random) on ``server_url`` for the run, dropped after it."""
     import contextlib
 
     import sqlalchemy as sa
@@ -134,7 +138,7 @@ def pg_database(server_url: str):  # type: ignore[no-untyped-def]
 
     @contextlib.contextmanager
     def cm():  # type: ignore[no-untyped-def]
-        name = f"quanta_bench_{uuid.uuid4().hex[:10]}"
+        name = f"{prefix}{uuid.uuid4().hex[:10]}"  # generated here, never input
         admin = sa.create_engine(normalise_url(server_url), isolation_level="AUTOCOMMIT")
         with admin.connect() as c:
             c.execute(sa.text(f'CREATE DATABASE "{name}"'))

@@ -9,11 +9,10 @@ on the Core's own path for what a Switch sends, as ``bench/ingest.py`` does: N t
 inserted as ``issue`` does, then N answers (one row of 3 columns, 32 bytes of payload, as
 ``quanta simulate`` sends by default) in ``ResponseBatch`` frames of ``--batch`` answers, decoded,
 committed (COPY into a temporary table and one ``UPDATE ... FROM``) and acknowledged until the
-instruction finishes. Every stack has its own instruction, so the rows are distinct. ``ANALYZE
-results`` runs after the target rows are written (``--no-analyze``: not): on a fresh database the
-planner had no statistics for the new rows and the batch UPDATE took 19 s a batch (see
-docs/benchmarks.md); writing the targets now analyses a partition whose statistics know fewer rows
-(``partitions.analyze_if_unknown``), so ``--no-analyze`` measures that path. Rounds are
+instruction finishes (``ingest.quanta_once``). Every stack has its own instruction, so the rows are
+distinct. No ``ANALYZE`` is run by the bench: writing the targets analyses a day partition whose
+statistics know fewer rows than were written (``partitions.analyze_if_unknown``; before it, a
+fresh database's batch UPDATE took 19 s a batch, see docs/benchmarks.md). Rounds are
 interleaved (alone, together, alone, together, ...) and the medians are reported.
 
 Size: after the rounds, ``pg_total_relation_size`` of every partition of ``results`` (heap, TOAST,
@@ -31,85 +30,30 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
-import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness  # noqa: E402,F401  (puts src/ on the path)
 
 from _harness import machine  # noqa: E402
-from ingest import batches  # noqa: E402
+from ingest import pg_database, quanta_once  # noqa: E402
 
 
-def pg_database(server_url: str, prefix: str = "stacks_bench_"):  # type: ignore[no-untyped-def]
-    """A scratch database on ``server_url`` for the run, dropped after it."""
-    import contextlib
-
-    import sqlalchemy as sa
-
-    from quanta.db import normalise_url
-
-    @contextlib.contextmanager
-    def cm():  # type: ignore[no-untyped-def]
-        name = f"{prefix}{uuid.uuid4().hex[:10]}"
-        admin = sa.create_engine(normalise_url(server_url), isolation_level="AUTOCOMMIT")
-        with admin.connect() as c:
-            c.execute(sa.text(f'CREATE DATABASE "{name}"'))  # generated above, never input
-        try:
-            yield sa.engine.make_url(normalise_url(server_url)).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as c:
-                c.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                          {"n": name})
-                c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-            admin.dispose()
-    return cm()
-
-
-async def one_stack(url: str, n: int, size: int, iid: int, analyze: bool = True) -> float:
-    from quanta import protocol as p
-    from quanta.core.service import SwitchLink
+async def one_stack(url: str, n: int, size: int, iid: int) -> float:
     from quanta.core.stacks import StackCore
-    from quanta.db import make_engine, store
 
-    master, responses = make_engine(url), make_engine(url)
-    store.insert_targets(responses, iid, {f"sim-{i:06d}": True for i in range(n)}, time.time() + 3600)
-    store.mark_sent(responses, iid, [f"sim-{i:06d}" for i in range(n)])
-    if analyze:  # as autovacuum would have by then on a live store (see the module's docstring)
-        with responses.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.exec_driver_sql("ANALYZE results")
-    core = StackCore(master, responses, b"s" * 32, expiry_interval=3600, purge_interval=3600)
-
-    async def send(data: bytes) -> None:
-        pass
-
-    link = SwitchLink(f"stack-{iid}", "localhost", 1, "x", send, {f"sim-{i:06d}" for i in range(n)})
-    core.ledger.open(p.WorkItem(instruction=p.SignedInstruction(body=b"", signature=b""), id=iid,
-                                expires_at=time.time() + 3600, devices=None), n)
-    frames = batches(n, size, iid)
-    t0 = time.perf_counter()
-    for f in frames:
-        await core.handle(link, p.decode_from_switch(f))
-    dt = time.perf_counter() - t0
-    assert iid not in core.active, "instruction did not finish"
-    assert store.state_counts(responses, iid) == {"success": n}
-    await core.stop()
-    master.dispose()
-    responses.dispose()
-    return dt
+    return await quanta_once(url, url, n, size, iid, StackCore)
 
 
-def _worker(url: str, n: int, size: int, iid: int, start: mp.synchronize.Barrier, out: mp.Queue,
-            analyze: bool) -> None:
+def _worker(url: str, n: int, size: int, iid: int, start: mp.synchronize.Barrier, out: mp.Queue) -> None:
     start.wait()
-    out.put((iid, asyncio.run(one_stack(url, n, size, iid, analyze))))
+    out.put((iid, asyncio.run(one_stack(url, n, size, iid))))
 
 
-def run_round(url: str, n: int, size: int, iids: list[int], analyze: bool = True) -> list[float]:
+def run_round(url: str, n: int, size: int, iids: list[int]) -> list[float]:
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(len(iids)), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(url, n, size, iid, start, out, analyze)) for iid in iids]
+    procs = [ctx.Process(target=_worker, args=(url, n, size, iid, start, out)) for iid in iids]
     for p in procs:
         p.start()
     got = [out.get(timeout=600) for _ in procs]
@@ -137,7 +81,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--stacks", type=int, default=2)
-    ap.add_argument("--no-analyze", action="store_true")
     ap.add_argument("--database-url", default=os.environ.get("QUANTA_TEST_PG_URL"))
     a = ap.parse_args()
     if not a.database_url:
@@ -147,15 +90,15 @@ def main() -> None:
     print(f"# {machine()}; load {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     alone: list[float] = []
     together: list[float] = []
-    with pg_database(a.database_url) as url:
+    with pg_database(a.database_url, "stacks_bench_") as url:
         migrate(url, "master")
         migrate(url, "responses")
         iid = 1
         for r in range(a.rounds):
-            rate = run_round(url, a.n, a.batch, [iid], not a.no_analyze)
+            rate = run_round(url, a.n, a.batch, [iid])
             iid += 1
             alone += rate
-            rates = run_round(url, a.n, a.batch, list(range(iid, iid + a.stacks)), not a.no_analyze)
+            rates = run_round(url, a.n, a.batch, list(range(iid, iid + a.stacks)))
             iid += a.stacks
             together += rates
             print(f"round {r + 1}: alone {rate[0]:,.0f}/s; {a.stacks} at once "
