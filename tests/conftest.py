@@ -218,3 +218,15 @@ def server(tmp_path: Path) -> Iterator[Server]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture
+def pki(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A server PKI for ``localhost`` with an empty CRL, as a Switch needs (a test file that wants
+    another one defines its own ``pki``)."""
+    from quanta.pki import Pki
+
+    made = Pki(tmp_path / "pki")
+    made.create("localhost")
+    made.write_crl()
+    return made

@@ -10,9 +10,7 @@ device."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
-import pytest
 import websockets
 
 from conftest import free_port
@@ -20,14 +18,6 @@ from quanta import protocol as p
 from quanta.pki import Pki
 from quanta.protocol.switch_batches import MAX_BATCH
 from quanta.switch.service import Switch
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    pki = Pki(tmp_path / "pki")
-    pki.create("localhost")
-    pki.write_crl()
-    return pki
 
 
 class _Core:

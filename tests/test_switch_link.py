@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,14 +13,6 @@ from conftest import free_port
 from quanta.pki import Pki
 from quanta.switch import service
 from quanta.switch.service import LINK_RETRY_JITTER, LINK_RETRY_MIN, Switch
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    pki = Pki(tmp_path / "pki")
-    pki.create("localhost")
-    pki.write_crl()
-    return pki
 
 
 async def _dial_times(pki: Pki, seconds: float) -> tuple[list[float], Switch]:

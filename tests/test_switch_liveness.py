@@ -48,14 +48,6 @@ async def _connect(pki: Pki, tmp: Path, port: int, name: str, *, answers_pings: 
     return transport, agent  # type: ignore[return-value]
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> Pki:
-    pki = Pki(tmp_path / "pki")
-    pki.create("localhost")
-    pki.write_crl()
-    return pki
-
-
 def _switch(pki: Pki, port: int) -> Switch:
     """A Switch whose Core link points at a closed port (it would keep retrying it)."""
     return Switch(name="s1", host="localhost", port=port, bind_host="127.0.0.1", pki=pki,
