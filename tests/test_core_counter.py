@@ -111,10 +111,10 @@ def test_wait_returns_the_moment_the_instruction_ends(db_url: str) -> None:
         await core.ingest(_Link(), _batch(1, ["a"]))
         await asyncio.sleep(0.05)
         assert not waiter.done()  # one answer missing
-        t = time.monotonic()
-        await core.ingest(_Link(), _batch(2, ["b"]))
+        await core.ingest(_Link(), _batch(2, ["b"]))  # the last answer: committed, status final
+        t = time.monotonic()  # from the commit, not before it (the commit's own time varies with load)
         assert await asyncio.wait_for(waiter, 5) is True
-        assert time.monotonic() - t < 1
+        assert time.monotonic() - t < 0.5
         assert store.get_instruction(engine, 7)["status"] == "finished"
         assert await core.wait(7, 30) is True  # not active: at once
         assert await core.wait(12345, 30) is True  # unknown here: at once
