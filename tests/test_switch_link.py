@@ -1,5 +1,6 @@
 """The Switch's link to the Core: dialled again with exponential back-off, jitter and a cap
-(tenacity), and its failures logged once per interval with a count, not once per attempt."""
+(tenacity), and its failures logged once per interval with a count, not once per attempt; what a
+broken Core sends ends the link (not the Switch) with its reason."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from conftest import free_port
+from quanta import protocol as p
 from quanta.pki import Pki
 from quanta.switch import service
 from quanta.switch.service import LINK_RETRY_JITTER, LINK_RETRY_MIN, Switch
@@ -59,3 +61,43 @@ def test_the_core_link_back_off_is_capped(pki: Pki, monkeypatch: pytest.MonkeyPa
     assert len(gaps) >= 6, gaps  # uncapped, 3 s would hold 4 attempts
     assert all(g <= 0.3 + LINK_RETRY_JITTER + 0.3 for g in gaps[2:]), gaps
     assert len({round(g, 3) for g in gaps[2:]}) > 1, gaps  # jittered: not one fixed delay
+
+
+async def _link_against(pki: Pki, behave) -> tuple[BaseException, list[bytes]]:
+    """Run one Switch core link (CoreLink over a real socket) against a websockets server that
+    reads the Switch's first message and then does ``behave(ws)``; what the link raised, and what
+    the server received."""
+    from websockets.asyncio.server import serve
+
+    got: list[bytes] = []
+
+    async def handler(ws) -> None:  # type: ignore[no-untyped-def]
+        got.append(await ws.recv())
+        await behave(ws)
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, max_size=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        sw = Switch(name="s1", host="localhost", port=free_port(), bind_host="127.0.0.1", pki=pki,
+                    core_url=f"ws://127.0.0.1:{port}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 16)
+        with pytest.raises(BaseException) as caught:
+            await asyncio.wait_for(sw._link_once(), 10)
+        assert sw._link is None and not sw._link_up.is_set()  # nothing sends into the dead link
+        sw.link_failures.close()
+    return caught.value, got
+
+
+@pytest.mark.parametrize("behave, want", [
+    (lambda ws: ws.send("hello"), "text frame from core"),
+    (lambda ws: ws.send(b"\xc1garbage"), "malformed message"),
+    (lambda ws: ws.send([b"frag", b"ment"]), "fragmented message from core"),
+    (lambda ws: ws.close(4000, "go away"), "closed by the core (4000: go away)"),
+    (lambda ws: ws.send(b"x" * (4 * (1 << 16) + 1)), "exceeding max allowed size"),
+], ids=["text", "garbage", "fragmented", "close", "oversized"])
+def test_a_core_that_breaks_the_protocol_ends_only_the_link_with_its_reason(pki: Pki, behave, want: str) -> None:
+    """What a broken or hostile Core sends ends the link with a reason the back-off logs (one of
+    LINK_DOWN, so the Switch dials again), never the Switch; the Switch's hello went first."""
+    error, got = asyncio.run(_link_against(pki, behave))
+    assert isinstance(error, service.LINK_DOWN), repr(error)
+    assert want in str(error), repr(error)
+    assert p.decode_from_switch(got[0]).__class__ is p.SwitchHello

@@ -173,13 +173,20 @@ def test_ticket_keys_are_shared_and_rotate(tmp_path: Path) -> None:
 
 
 class _CoreLink:
-    """Stands in for the websocket to the Core: records what the Switch sends."""
+    """Stands in for the Switch's CoreLink in these unit tests of the flusher (no Core is served):
+    the same interface, recording what the Switch sends; never paused."""
 
     def __init__(self) -> None:
         self.batches: list[p.ResponseBatch] = []
         self.sent: list[object] = []
 
-    async def send(self, data: bytes) -> None:
+    def writable(self) -> bool:
+        return True
+
+    async def drained(self) -> None:
+        return None
+
+    def send(self, data: bytes) -> None:
         msg = p.decode_from_switch(data)
         self.sent.append(msg)
         if isinstance(msg, p.ResponseBatch):

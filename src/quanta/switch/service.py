@@ -29,10 +29,9 @@ from typing import Any
 
 import msgspec
 import tenacity
-import websockets
 from cryptography import x509
-from picows import (WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, WSUpgradeResponse,
-                    WSUpgradeResponseWithListener, ws_create_server)
+from picows import (WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, WSUpgradeResponse,
+                    WSUpgradeResponseWithListener, ws_connect, ws_create_server)
 
 from quanta import metrics
 from quanta import protocol as p
@@ -507,7 +506,11 @@ class Switch:
 
     # ------------------------------------------------------------------ core link
     async def _send_core(self, msg: Any) -> None:
-        await self._link.send(p.encode(msg))
+        link = self._link
+        if link is None:
+            raise LinkClosed("no link to the core")
+        link.send(p.encode(msg))
+        await link.drained()
 
     def _to_core(self, e: sb.Effect) -> Any:
         if isinstance(e, SendBatch):
@@ -544,7 +547,7 @@ class Switch:
             for e in self.batches.flush(time.monotonic()):
                 self._note_sent(e)
                 await self._send_core(self._to_core(e))
-        except websockets.ConnectionClosed:
+        except LinkClosed:
             pass  # the unacknowledged batches go again on the next link (SwitchBatches.link_up)
         finally:
             self._flushing = False
@@ -567,8 +570,8 @@ class Switch:
         the messages at once (open, not paused by flow control, no send of the flusher's under way, so
         the order of the messages is the flush's own); True if flushed, False to leave it to the
         flusher."""
-        ws = self._link
-        if self._flushing or ws is None or not self._link_up.is_set() or not _writable_now(ws):
+        link = self._link
+        if self._flushing or link is None or not self._link_up.is_set() or not link.writable():
             return False
         now = time.monotonic()
         due = self.batches.flush_at()
@@ -576,8 +579,7 @@ class Switch:
             return False
         for e in self.batches.flush(now):
             self._note_sent(e)
-            ws.protocol.send_binary(p.encode(self._to_core(e)))
-        ws.send_data()
+            link.send(p.encode(self._to_core(e)))
         return True
 
     async def _core_link(self) -> None:
@@ -611,16 +613,19 @@ class Switch:
         tls = client_context(self.pki.ca_crt) if self.core_url.startswith("wss:") else None
         up_since: float | None = None
         try:
-            async with websockets.connect(self.core_url, additional_headers=link_headers(self.pki.root, self.core_url, headers),
-                                          ssl=tls,
-                                          max_size=core_link_max_bytes(self.max_message_bytes),
-                                          ping_interval=20, open_timeout=10) as ws:
-                self._link = ws
-                await ws.send(p.encode(p.SwitchHello(name=self.name, host=self.host, port=self.port,
-                                                     incarnation=self.incarnation)))
+            transport, link = await ws_connect(
+                lambda: CoreLink(self), self.core_url, ssl_context=tls,
+                extra_headers=link_headers(self.pki.root, self.core_url, headers),
+                max_frame_size=core_link_max_bytes(self.max_message_bytes), websocket_handshake_timeout=10,
+                enable_auto_ping=True, auto_ping_idle_timeout=LINK_PING_IDLE, auto_ping_reply_timeout=LINK_PING_REPLY)
+            assert isinstance(link, CoreLink)
+            try:
+                self._link = link
+                link.send(p.encode(p.SwitchHello(name=self.name, host=self.host, port=self.port,
+                                                 incarnation=self.incarnation)))
                 # Work first: its ``active`` drops what ended while the link was down, before the
                 # OnlineAck makes the devices ready (SwitchState gives nothing until it arrives).
-                await ws.send(p.encode(p.FetchWork(known=[])))
+                link.send(p.encode(p.FetchWork(known=[])))
                 # Everyone again, and every connection waits for this announcement's OnlineAck:
                 # acknowledgements of earlier ones were lost with the old link. Then the batches
                 # not acknowledged (the Core dedups), after the announcement of their devices.
@@ -630,28 +635,22 @@ class Switch:
                 everyone = p.DevicesOnline(devices=[c.info for c in self.conns.values() if c.info is not None],
                                            seq=seq)
                 again = self.batches.link_up()
-                await ws.send(p.encode(everyone))
+                link.send(p.encode(everyone))
                 for e in again:
-                    await ws.send(p.encode(e.batch))
+                    link.send(p.encode(e.batch))
                 self._link_up.set()
                 self._flush_wake.set()
                 up_since = time.monotonic()
                 failed, self._link_failed, self._link_bug = self._link_failed, 0, None
                 log.info("linked to core at %s%s", self.core_url,
                          f" after {failed} failed attempts" if failed else "")
-                async for data in ws:
-                    if isinstance(data, str):
-                        raise p.ProtocolError("text frame from core")
-                    msg = p.decode_from_core(data)
-                    if isinstance(msg, p.Work):
-                        self.on_work(msg)
-                    elif isinstance(msg, p.BatchAck):
-                        self.on_batch_ack(msg)
-                    elif isinstance(msg, p.Cancel):
-                        self.on_cancel(msg)
-                    elif isinstance(msg, p.OnlineAck):
-                        self.on_online_ack(msg)
-                raise LinkClosed(f"closed by the core ({ws.close_code}: {ws.close_reason or 'no reason'})")
+                await transport.wait_disconnected()
+                raise link.why_closed()
+            finally:
+                self._link = None
+                if not transport.is_disconnected:  # stopping (cancelled): say so to the Core
+                    transport.send_close(WSCloseCode.GOING_AWAY, b"switch stopping")
+                    transport.disconnect()
         except LINK_DOWN:
             if up_since is not None and time.monotonic() - up_since >= LINK_STABLE:
                 log.warning("core link down (%s); linking again", _link_reason(sys.exc_info()[1]))
@@ -668,7 +667,7 @@ class Switch:
             await self._link_up.wait()
             try:
                 await self._send_core(p.FetchWork(known=self.state.active_ids()))
-            except websockets.ConnectionClosed:
+            except LinkClosed:
                 pass
 
     # ------------------------------------------------------------------ poke port
@@ -746,22 +745,108 @@ class Switch:
         return AgentConnection(self)
 
 
-def _writable_now(ws: Any) -> bool:
-    """The Core link (a websockets asyncio connection) can take a message without waiting: open, no
-    fragmented send under way, not paused by flow control. Then ``ws.protocol.send_binary(data)``
-    and ``ws.send_data()`` are what ``await ws.send(data)`` does before it waits for the drain."""
-    try:
-        return (ws.protocol.state is websockets.protocol.State.OPEN and ws.send_in_progress is None
-                and not ws.paused and not ws.transport.is_closing())
-    except AttributeError:  # another websockets implementation: the flusher sends, as before
-        return False
-
-
 class LinkClosed(ConnectionError):
-    """The Core closed the link."""
+    """The link to the Core is closed (by the Core, the network, or this end)."""
 
 
-LINK_DOWN = (OSError, websockets.WebSocketException, asyncio.TimeoutError, p.ProtocolError)
+LINK_PING_IDLE = 20.0  # seconds without a frame from the Core before the link pings it
+LINK_PING_REPLY = 20.0  # seconds the Core has to answer that ping before the link is dropped
+
+
+class CoreLink(WSListener):
+    """The Switch's end of its link to the Core (a picows client connection, like the agents' on the
+    other side): decodes the Core's messages into the Switch's ``on_*`` handlers as frames arrive,
+    sends at once (``send``), and follows the transport's flow control (``pause_writing`` /
+    ``resume_writing``) so that a caller can tell whether a message goes out without waiting
+    (``writable``) and wait for the drain (``drained``). A frame the protocol does not allow ends
+    the link with the reason kept for ``why_closed``."""
+
+    def __init__(self, switch: Switch) -> None:
+        self.switch = switch
+        self.transport: WSTransport | None = None
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._close_from_core: tuple[Any, str] | None = None
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._closed = True
+        self._resumed.set()  # a drain waiter sees the closed link
+
+    def pause_writing(self) -> None:
+        self._resumed.clear()
+
+    def resume_writing(self) -> None:
+        self._resumed.set()
+
+    def writable(self) -> bool:
+        """A message sent now goes out without waiting: open, not paused by flow control."""
+        return not self._closed and self._resumed.is_set()
+
+    def send(self, data: bytes) -> None:
+        if self._closed or self.transport is None:
+            raise LinkClosed("the link to the core is closed")
+        self.transport.send(WSMsgType.BINARY, data)
+
+    async def drained(self) -> None:
+        """Wait until the transport takes more (at once when not paused); LinkClosed if it closed."""
+        await self._resumed.wait()
+        if self._closed:
+            raise LinkClosed("the link to the core is closed")
+
+    def _fail(self, code: WSCloseCode, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        if self.transport is not None:
+            self.transport.send_close(code, str(error).encode()[:120])
+            self.transport.disconnect()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        t = frame.msg_type
+        if t is WSMsgType.BINARY:
+            if not frame.fin:
+                self._fail(WSCloseCode.UNSUPPORTED_DATA, p.ProtocolError("fragmented message from core"))
+                return
+            try:
+                msg = p.decode_from_core(frame.get_payload_as_memoryview())
+            except p.ProtocolError as e:
+                self._fail(WSCloseCode.PROTOCOL_ERROR, e)
+                return
+            sw = self.switch
+            if isinstance(msg, p.Work):
+                sw.on_work(msg)
+            elif isinstance(msg, p.BatchAck):
+                sw.on_batch_ack(msg)
+            elif isinstance(msg, p.Cancel):
+                sw.on_cancel(msg)
+            elif isinstance(msg, p.OnlineAck):
+                sw.on_online_ack(msg)
+        elif t is WSMsgType.CLOSE:
+            self._close_from_core = (frame.get_close_code(), frame.get_close_message().decode("utf-8", "replace"))
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+        elif t is WSMsgType.PING:
+            transport.send_pong(frame.get_payload_as_bytes())
+        elif t is WSMsgType.PONG:
+            pass
+        else:
+            self._fail(WSCloseCode.UNSUPPORTED_DATA, p.ProtocolError(f"{t.name.lower()} frame from core"))
+
+    def why_closed(self) -> BaseException:
+        """Why the link ended: the protocol error this end found, the Core's close, or the network."""
+        if self._error is not None:
+            return self._error
+        if self._close_from_core is not None:
+            code, reason = self._close_from_core
+            return LinkClosed(f"closed by the core ({int(code)}: {reason or 'no reason'})")
+        return LinkClosed("the connection to the core was lost")
+
+
+LINK_DOWN = (OSError, WSError, asyncio.TimeoutError, p.ProtocolError)
 
 
 def _link_reason(e: BaseException | None) -> str:
