@@ -63,7 +63,7 @@ def test_the_core_link_back_off_is_capped(pki: Pki, monkeypatch: pytest.MonkeyPa
     assert len({round(g, 3) for g in gaps[2:]}) > 1, gaps  # jittered: not one fixed delay
 
 
-async def _link_against(pki: Pki, behave) -> tuple[BaseException, list[bytes]]:
+async def _link_against(pki: Pki, behave, prepare=lambda sw: None) -> tuple[BaseException, list[bytes]]:
     """Run one Switch core link (CoreLink over a real socket) against a websockets server that
     reads the Switch's first message and then does ``behave(ws)``; what the link raised, and what
     the server received."""
@@ -80,6 +80,7 @@ async def _link_against(pki: Pki, behave) -> tuple[BaseException, list[bytes]]:
         port = server.sockets[0].getsockname()[1]
         sw = Switch(name="s1", host="localhost", port=free_port(), bind_host="127.0.0.1", pki=pki,
                     core_url=f"ws://127.0.0.1:{port}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 16)
+        prepare(sw)
         with pytest.raises(BaseException) as caught:
             await asyncio.wait_for(sw._link_once(), 10)
         assert sw._link is None and not sw._link_up.is_set()  # nothing sends into the dead link
@@ -101,3 +102,42 @@ def test_a_core_that_breaks_the_protocol_ends_only_the_link_with_its_reason(pki:
     assert isinstance(error, service.LINK_DOWN), repr(error)
     assert want in str(error), repr(error)
     assert p.decode_from_switch(got[0]).__class__ is p.SwitchHello
+
+
+def test_a_bug_in_handling_a_core_message_ends_the_link_as_a_bug(pki: Pki) -> None:
+    """An exception in the Switch's own handling of a good message is not a link outage: it ends
+    the link with that exception (not one of LINK_DOWN), which the back-off logs with its traceback."""
+    def prepare(sw: Switch) -> None:
+        def broken(ack: p.BatchAck) -> None:
+            raise RuntimeError("handler bug")
+        sw.on_batch_ack = broken  # type: ignore[method-assign]
+
+    error, _ = asyncio.run(_link_against(pki, lambda ws: ws.send(p.encode(p.BatchAck(batch_id=1))), prepare))
+    assert isinstance(error, RuntimeError) and not isinstance(error, service.LINK_DOWN), repr(error)
+
+
+def test_a_core_that_accepts_and_never_answers_times_out_the_dial(pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TCP accepted, then silence (no upgrade answer): the dial gives up after LINK_OPEN."""
+    monkeypatch.setattr(service, "LINK_OPEN", 0.5)
+    held: list[asyncio.StreamWriter] = []
+
+    async def run() -> float:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            held.append(writer)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sw = Switch(name="s1", host="localhost", port=free_port(), bind_host="127.0.0.1", pki=pki,
+                    core_url=f"ws://127.0.0.1:{port}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 16)
+        t = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await sw._link_once()
+        took = time.monotonic() - t
+        for w in held:
+            w.close()
+        server.close()
+        sw.link_failures.close()
+        return took
+
+    took = asyncio.run(run())
+    assert 0.4 <= took < 5, took

@@ -613,11 +613,12 @@ class Switch:
         tls = client_context(self.pki.ca_crt) if self.core_url.startswith("wss:") else None
         up_since: float | None = None
         try:
-            transport, link = await ws_connect(
+            transport, link = await asyncio.wait_for(ws_connect(  # the whole dial: TCP, TLS and upgrade
                 lambda: CoreLink(self), self.core_url, ssl_context=tls,
                 extra_headers=link_headers(self.pki.root, self.core_url, headers),
-                max_frame_size=core_link_max_bytes(self.max_message_bytes), websocket_handshake_timeout=10,
-                enable_auto_ping=True, auto_ping_idle_timeout=LINK_PING_IDLE, auto_ping_reply_timeout=LINK_PING_REPLY)
+                max_frame_size=core_link_max_bytes(self.max_message_bytes), websocket_handshake_timeout=LINK_OPEN,
+                enable_auto_ping=True, auto_ping_idle_timeout=LINK_PING_IDLE, auto_ping_reply_timeout=LINK_PING_REPLY),
+                LINK_OPEN)
             assert isinstance(link, CoreLink)
             try:
                 self._link = link
@@ -749,6 +750,7 @@ class LinkClosed(ConnectionError):
     """The link to the Core is closed (by the Core, the network, or this end)."""
 
 
+LINK_OPEN = 10.0  # seconds for a dial of the Core (TCP connect, TLS and the WebSocket upgrade)
 LINK_PING_IDLE = 20.0  # seconds without a frame from the Core before the link pings it
 LINK_PING_REPLY = 20.0  # seconds the Core has to answer that ping before the link is dropped
 
@@ -817,14 +819,17 @@ class CoreLink(WSListener):
                 self._fail(WSCloseCode.PROTOCOL_ERROR, e)
                 return
             sw = self.switch
-            if isinstance(msg, p.Work):
-                sw.on_work(msg)
-            elif isinstance(msg, p.BatchAck):
-                sw.on_batch_ack(msg)
-            elif isinstance(msg, p.Cancel):
-                sw.on_cancel(msg)
-            elif isinstance(msg, p.OnlineAck):
-                sw.on_online_ack(msg)
+            try:
+                if isinstance(msg, p.Work):
+                    sw.on_work(msg)
+                elif isinstance(msg, p.BatchAck):
+                    sw.on_batch_ack(msg)
+                elif isinstance(msg, p.Cancel):
+                    sw.on_cancel(msg)
+                elif isinstance(msg, p.OnlineAck):
+                    sw.on_online_ack(msg)
+            except Exception as e:  # a bug, not the Core's fault: the back-off logs its traceback once
+                self._fail(WSCloseCode.INTERNAL_ERROR, e)
         elif t is WSMsgType.CLOSE:
             self._close_from_core = (frame.get_close_code(), frame.get_close_message().decode("utf-8", "replace"))
             transport.send_close(frame.get_close_code(), frame.get_close_message())
