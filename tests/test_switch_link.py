@@ -17,6 +17,13 @@ from quanta.switch import service
 from quanta.switch.service import LINK_RETRY_JITTER, LINK_RETRY_MIN, Switch
 
 
+def _switch(pki: Pki, core_port: int, max_message_bytes: int) -> Switch:
+    """A Switch (never served) whose Core link dials 127.0.0.1:core_port."""
+    return Switch(name="s1", host="localhost", port=free_port(), bind_host="127.0.0.1", pki=pki,
+                  core_url=f"ws://127.0.0.1:{core_port}/Core/switch", secret=b"k" * 32,
+                  max_message_bytes=max_message_bytes)
+
+
 async def _dial_times(pki: Pki, seconds: float) -> tuple[list[float], Switch]:
     """Run a Switch's core link for ``seconds`` against a port that accepts each connection and
     closes it at once (a Core that is not there, or not itself); when each attempt came."""
@@ -28,8 +35,7 @@ async def _dial_times(pki: Pki, seconds: float) -> tuple[list[float], Switch]:
 
     server = await asyncio.start_server(refuse, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    sw = Switch(name="s1", host="localhost", port=free_port(), bind_host="127.0.0.1", pki=pki,
-                core_url=f"ws://127.0.0.1:{port}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 20)
+    sw = _switch(pki, port, 1 << 20)
     task = asyncio.create_task(sw._core_link())
     await asyncio.sleep(seconds)
     task.cancel()
@@ -78,8 +84,7 @@ async def _link_against(pki: Pki, behave, prepare=lambda sw: None) -> tuple[Base
 
     async with serve(handler, "127.0.0.1", 0, max_size=None) as server:
         port = server.sockets[0].getsockname()[1]
-        sw = Switch(name="s1", host="localhost", port=free_port(), bind_host="127.0.0.1", pki=pki,
-                    core_url=f"ws://127.0.0.1:{port}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 16)
+        sw = _switch(pki, port, 1 << 16)
         prepare(sw)
         with pytest.raises(BaseException) as caught:
             await asyncio.wait_for(sw._link_once(), 10)
@@ -127,8 +132,7 @@ def test_a_core_that_accepts_and_never_answers_times_out_the_dial(pki: Pki, monk
 
         server = await asyncio.start_server(silent, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        sw = Switch(name="s1", host="localhost", port=free_port(), bind_host="127.0.0.1", pki=pki,
-                    core_url=f"ws://127.0.0.1:{port}/Core/switch", secret=b"k" * 32, max_message_bytes=1 << 16)
+        sw = _switch(pki, port, 1 << 16)
         t = time.monotonic()
         with pytest.raises(asyncio.TimeoutError):
             await sw._link_once()
@@ -141,3 +145,11 @@ def test_a_core_that_accepts_and_never_answers_times_out_the_dial(pki: Pki, monk
 
     took = asyncio.run(run())
     assert 0.4 <= took < 5, took
+
+
+def test_a_close_reason_is_cut_to_120_bytes_of_valid_utf8() -> None:
+    assert service.close_reason("short") == b"short"
+    cut = service.close_reason("é" * 100)  # 200 bytes: cut at 120, a whole number of characters
+    assert len(cut) == 120 and cut.decode("utf-8") == "é" * 60
+    odd = service.close_reason("x" + "é" * 100)  # byte 120 falls inside a character: it is dropped
+    assert len(odd) == 119 and odd.decode("utf-8") == "x" + "é" * 59

@@ -217,7 +217,7 @@ class AgentConnection(WSListener):
         self.switch.note_close(code, reason, f"from {self.peer[0]}:{self.peer[1]}, device "
                                f"{self.device_id or self._cn or '?'}: {reason}")
         if self.transport is not None:
-            self.transport.send_close(code, reason.encode()[:120])
+            self.transport.send_close(code, close_reason(reason))
             self.transport.disconnect()
 
     def _hello_timeout(self) -> None:
@@ -616,7 +616,7 @@ class Switch:
             transport, link = await asyncio.wait_for(ws_connect(  # the whole dial: TCP, TLS and upgrade
                 lambda: CoreLink(self), self.core_url, ssl_context=tls,
                 extra_headers=link_headers(self.pki.root, self.core_url, headers),
-                max_frame_size=core_link_max_bytes(self.max_message_bytes), websocket_handshake_timeout=LINK_OPEN,
+                max_frame_size=core_link_max_bytes(self.max_message_bytes), websocket_handshake_timeout=None,
                 enable_auto_ping=True, auto_ping_idle_timeout=LINK_PING_IDLE, auto_ping_reply_timeout=LINK_PING_REPLY),
                 LINK_OPEN)
             assert isinstance(link, CoreLink)
@@ -746,6 +746,11 @@ class Switch:
         return AgentConnection(self)
 
 
+def close_reason(text: str) -> bytes:
+    """A close frame's reason: at most 120 bytes of UTF-8 (RFC 6455 allows 123), not cut inside a character."""
+    return text.encode()[:120].decode("utf-8", "ignore").encode()
+
+
 class LinkClosed(ConnectionError):
     """The link to the Core is closed (by the Core, the network, or this end)."""
 
@@ -804,7 +809,7 @@ class CoreLink(WSListener):
         if self._error is None:
             self._error = error
         if self.transport is not None:
-            self.transport.send_close(code, str(error).encode()[:120])
+            self.transport.send_close(code, close_reason(str(error)))
             self.transport.disconnect()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -834,10 +839,8 @@ class CoreLink(WSListener):
             self._close_from_core = (frame.get_close_code(), frame.get_close_message().decode("utf-8", "replace"))
             transport.send_close(frame.get_close_code(), frame.get_close_message())
             transport.disconnect()
-        elif t is WSMsgType.PING:
-            transport.send_pong(frame.get_payload_as_bytes())
         elif t is WSMsgType.PONG:
-            pass
+            pass  # unsolicited: picows answers pings (auto-pong) and takes the pongs of its own pings
         else:
             self._fail(WSCloseCode.UNSUPPORTED_DATA, p.ProtocolError(f"{t.name.lower()} frame from core"))
 
