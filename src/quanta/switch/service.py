@@ -616,7 +616,7 @@ class Switch:
             transport, link = await asyncio.wait_for(ws_connect(  # the whole dial: TCP, TLS and upgrade
                 lambda: CoreLink(self), self.core_url, ssl_context=tls,
                 extra_headers=link_headers(self.pki.root, self.core_url, headers),
-                max_frame_size=core_link_max_bytes(self.max_message_bytes), websocket_handshake_timeout=None,
+                max_frame_size=core_link_max_bytes(self.max_message_bytes), websocket_handshake_timeout=LINK_OPEN,
                 enable_auto_ping=True, auto_ping_idle_timeout=LINK_PING_IDLE, auto_ping_reply_timeout=LINK_PING_REPLY),
                 LINK_OPEN)
             assert isinstance(link, CoreLink)
