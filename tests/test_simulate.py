@@ -3,10 +3,14 @@ answers with the configured mix, churn, and the CLI's one-line summary."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import random
 import socket
 import sqlite3
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -248,3 +252,116 @@ def test_a_plan_the_addresses_or_descriptors_cannot_carry_is_refused_clearly(tmp
     r = quanta("simulate", fleet, "--count", "10", "--duration", "0.5", "--no-progress", check=False,
                preexec_fn=low_limit)
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("simulate: "), r
+
+
+# ------------------------------------------------------------------ stopping while devices dial
+def _stop_mid_dial(sim, arm) -> list[str]:  # type: ignore[no-untyped-def]
+    """Run ``sim`` until the stop ``arm(stop)`` sets (from a callback, at the moment that matters),
+    and return every error that reached the event loop's exception handler or was logged as a
+    warning or worse, up to
+    half a second after the simulator stopped (dials still under way end meanwhile)."""
+    import asyncio
+    import logging
+
+    errors: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:  # picows reports a listener's exception as a warning
+                errors.append(record.getMessage() + (repr(record.exc_info[1]) if record.exc_info else ""))
+
+    catch = Catch()
+    logging.getLogger().addHandler(catch)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(f"{ctx.get('message')}: {ctx.get('exception')!r}"))
+        stop = asyncio.Event()
+        arm(loop, stop)
+        task = asyncio.create_task(sim.run(stop))
+        await asyncio.wait_for(stop.wait(), 30)
+        await task
+        await asyncio.sleep(0.5)
+
+    try:
+        asyncio.run(main())
+    finally:
+        logging.getLogger().removeHandler(catch)
+    return errors
+
+
+def test_stopping_while_devices_dial_raises_nothing_and_leaves_nothing_open(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator stops the moment the first device's WebSocket opens, while the others' dials
+    are still under way: each dial that opens after the stop is closed at once, without a protocol
+    error from its already closed session (it used to raise LocalProtocolError)."""
+    from quanta.simulate import fleet as sf
+
+    server = make_server(tmp_path)
+    fleet, _ = enroll_batch(server.root, "stopdial-", 60, tmp_path / "fleet")
+    server.start()
+    late: list[str] = []  # devices whose WebSocket opened after the simulator had closed their session
+    real = sf.SimDevice.on_ws_connected
+
+    def arm(loop, stop) -> None:  # type: ignore[no-untyped-def]
+        def on_ws_connected(self, transport):  # type: ignore[no-untyped-def]
+            if self.session.state is sf.State.CLOSED:
+                late.append(self.name)
+            stop.set()  # the first one to open stops the simulator; run() sees it after this turn
+            real(self, transport)
+        monkeypatch.setattr(sf.SimDevice, "on_ws_connected", on_ws_connected)
+
+    try:
+        counters = [0] * len(sf.COUNTERS)
+        sim = sf.Simulator(fleet, fleet.names, 0, SimConfig(seed=5), counters, 0)
+        errors = _stop_mid_dial(sim, arm)
+    finally:
+        server.stop()
+    assert errors == []
+    assert late, "no dial opened after the stop: the test did not test the race"
+    assert counters[sf.C["connects"]] < 60, counters  # stopped mid-way: not every device was welcomed
+    assert all(d.transport is None or d.transport.is_disconnected for d in sim.devices)
+
+
+def test_stopping_while_dials_fail_raises_nothing(tmp_path: Path) -> None:
+    """As above, where the dials fail after the stop: a listener in place of the Switch takes the
+    TCP connections and resets them only once the simulator has stopped."""
+    from quanta.simulate import fleet as sf
+
+    server = make_server(tmp_path)  # its PKI and Switch port; the server itself is not started
+    fleet, _ = enroll_batch(server.root, "faildial-", 20, tmp_path / "fleet")
+    listener = socket.create_server(("127.0.0.1", server.switch), backlog=64)
+    accepted: list[socket.socket] = []
+    release = threading.Event()
+
+    def arm(loop, stop) -> None:  # type: ignore[no-untyped-def]
+        def accept() -> None:
+            listener.settimeout(0.1)
+            while len(accepted) < 20:
+                with contextlib.suppress(TimeoutError):
+                    accepted.append(listener.accept()[0])
+            loop.call_soon_threadsafe(stop.set)  # every device is mid-handshake: stop
+            release.wait(10)
+            for s in accepted:  # then reset them all: their handshakes fail after the stop
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+        threading.Thread(target=accept, daemon=True).start()
+        loop.call_soon(lambda: asyncio.ensure_future(_release_after_stop(stop, release)))
+
+    counters = [0] * len(sf.COUNTERS)
+    sim = sf.Simulator(fleet, fleet.names, 0, SimConfig(seed=6), counters, 0)
+    try:
+        errors = _stop_mid_dial(sim, arm)
+    finally:
+        release.set()
+        listener.close()
+    assert len(accepted) == 20
+    assert errors == []
+    assert counters[sf.C["connects"]] == 0 and counters[sf.C["connect_failures"]] == 0, counters
+
+
+async def _release_after_stop(stop: asyncio.Event, release: threading.Event) -> None:
+    await stop.wait()
+    await asyncio.sleep(0)  # run() has closed the sessions by the next turn
+    await asyncio.sleep(0.02)
+    release.set()

@@ -193,6 +193,10 @@ class SimDevice(WSListener):
 
     # --------------------------------------------------------------- picows callbacks
     def on_ws_connected(self, transport: WSTransport) -> None:
+        if self.session.state is State.CLOSED:  # the simulator stopped while this dial was under way
+            transport.send_close(WSCloseCode.GOING_AWAY, b"agent stopping")
+            transport.disconnect()
+            return
         self.transport = transport
         self.opened_at = time.monotonic()
         self.close_reason = ""
@@ -439,6 +443,8 @@ class Simulator:
                 ok = True
                 return
             except Exception as e:  # noqa: BLE001 - refused, TLS failure, timeout: fail over and back off
+                if dev.session.state is State.CLOSED:  # the simulator stopped while this dial was under way
+                    return
                 log.debug("%s: cannot connect to %s:%d: %s", dev.name, host, port, e)
                 self.count(C["connect_failures"])
                 retry = dev.session.failed(f"cannot connect: {e or type(e).__name__}")
