@@ -189,6 +189,21 @@ def _https_ok(port: int) -> bool:
         return False
 
 
+
+def half_open(port: int, n: int) -> list[socket.socket]:
+    """n TCP connections to 127.0.0.1:port that never send a byte (a TLS handshake never starts):
+    a flood of half-open connections, as a hostile or broken client leaves them."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        socks.append(s)
+    return socks
+
 def wait_until(cond, timeout: float, what: str, server: Server | None = None) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

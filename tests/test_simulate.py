@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from conftest import make_server, quanta, wait_until
+from conftest import half_open, make_server, quanta, wait_until
 from quanta.client import ConsumerClient
 from quanta.simulate import Fleet, FleetRunner, SimConfig, enroll_batch, latency_sampler
 
@@ -165,20 +165,6 @@ def test_source_ip_binds_each_worker_to_its_own_loopback_address(tmp_path: Path)
 
 
 # ------------------------------------------------------------------ hostile: stalled connections, bad plans
-def _stalled(port: int, n: int) -> list[socket.socket]:
-    """n TCP connections to the Switch that never send a byte (their TLS handshake never starts)."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        socks.append(s)
-    return socks
-
-
 def _closed_by_peer(s: socket.socket) -> bool:
     try:
         return s.recv(1) == b""
@@ -199,7 +185,7 @@ def test_devices_get_in_through_a_flood_of_half_open_connections(tmp_path: Path)
     fleet, _ = enroll_batch(server.root, "flood-", 300, tmp_path / "fleet")
     server.start()
     runner = None
-    flood = _stalled(server.switch, 2000)
+    flood = half_open(server.switch, 2000)
     partial = socket.create_connection(("127.0.0.1", server.switch), 5)
     # a TLS record header announcing a 512-byte ClientHello, and only its first bytes
     partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 16)

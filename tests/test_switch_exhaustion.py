@@ -24,7 +24,7 @@ import logging
 import psutil
 import pytest
 
-from conftest import Server, make_server, quanta, wait_until
+from conftest import Server, half_open, make_server, quanta, wait_until
 from quanta import protocol as p
 from quanta.datadir import DataDir
 from quanta.internal import poke_key
@@ -281,19 +281,6 @@ def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
-def _half_open(port: int, n: int) -> list[socket.socket]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", port))
-        except BlockingIOError:
-            pass
-        socks.append(s)
-    return socks
-
-
 @pytest.mark.slow
 def test_at_the_open_file_limit_the_switch_refuses_cleanly_and_recovers(server: Server) -> None:
     server.enroll("dev1")
@@ -305,7 +292,7 @@ def test_at_the_open_file_limit_the_switch_refuses_cleanly_and_recovers(server: 
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (LIMIT, hard))
     steady = _rss(pid)
     start = time.monotonic()
-    flood = _half_open(server.switch, LIMIT + 1000)
+    flood = half_open(server.switch, LIMIT + 1000)
     try:
         wait_until(lambda: _lines(server, "agent connections refused: out of file descriptors"), 20,
                    "the first refusal line", server)
