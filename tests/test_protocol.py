@@ -94,3 +94,11 @@ def test_poke_authentication():
     assert not p.check_poke(secret, poke, now=1000.0 + 3600), "stale"
     assert not p.check_poke(secret, poke[:-1] + bytes([poke[-1] ^ 1]), now=1000.0), "tampered"
     assert not p.check_poke(secret, b"POKE", now=1000.0), "short"
+
+
+def test_a_close_reason_is_cut_to_120_bytes_of_valid_utf8() -> None:
+    assert p.close_reason("short") == b"short"
+    cut = p.close_reason("é" * 100)  # 200 bytes: cut at 120, a whole number of characters
+    assert len(cut) == 120 and cut.decode("utf-8") == "é" * 60
+    odd = p.close_reason("x" + "é" * 100)  # byte 120 falls inside a character: it is dropped
+    assert len(odd) == 119 and odd.decode("utf-8") == "x" + "é" * 59

@@ -147,9 +147,3 @@ def test_a_core_that_accepts_and_never_answers_times_out_the_dial(pki: Pki, monk
     assert 0.4 <= took < 5, took
 
 
-def test_a_close_reason_is_cut_to_120_bytes_of_valid_utf8() -> None:
-    assert service.close_reason("short") == b"short"
-    cut = service.close_reason("é" * 100)  # 200 bytes: cut at 120, a whole number of characters
-    assert len(cut) == 120 and cut.decode("utf-8") == "é" * 60
-    odd = service.close_reason("x" + "é" * 100)  # byte 120 falls inside a character: it is dropped
-    assert len(odd) == 119 and odd.decode("utf-8") == "x" + "é" * 59

@@ -27,6 +27,8 @@ from pathlib import Path
 import msgspec
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
+from quanta import protocol as p
+
 log = logging.getLogger("quanta.agent.interaction")
 
 
@@ -132,7 +134,7 @@ class _Session(WSListener):
     def _close(self, reason: str) -> None:
         log.warning("interaction session closed: %s", reason)
         assert self.t is not None
-        self.t.send_close(WSCloseCode.POLICY_VIOLATION, reason.encode())
+        self.t.send_close(WSCloseCode.POLICY_VIOLATION, p.close_reason(reason))
         self.t.disconnect()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:

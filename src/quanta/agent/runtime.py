@@ -178,7 +178,7 @@ class Agent:
                         "closing the connection: %s", e.reason)
                 t = self.transport
                 if t is not None and not t.is_disconnected:
-                    t.send_close(WSCloseCode(e.code), e.reason.encode()[:120])
+                    t.send_close(WSCloseCode(e.code), p.close_reason(e.reason))
                     t.disconnect()
             elif isinstance(e, Stop):
                 from quanta.scale import cancel

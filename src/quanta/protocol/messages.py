@@ -63,6 +63,8 @@ __all__ = [
     "check_poke",
     "poke_problem",
     "credential",
+    "close_reason",
+    "CLOSE_REASON_MAX",
     "PROTOCOL_VERSION",
     "Status",
     "AgentToSwitch",
@@ -380,6 +382,17 @@ def poke_problem(key: bytes, data: bytes, now: float | None = None) -> str | Non
 
 def check_poke(key: bytes, data: bytes, now: float | None = None) -> bool:
     return poke_problem(key, data, now) is None
+
+
+CLOSE_REASON_MAX = 120  # bytes; RFC 6455 allows 123 after the two-byte code
+
+
+def close_reason(text: str) -> bytes:
+    """A close frame's reason: at most CLOSE_REASON_MAX bytes of UTF-8, never cut inside a character.
+
+    Every end of every WebSocket link (agent, simulator, Switch, CoreLink) builds its close reason here,
+    so that a long or non-ASCII error text can never make a frame the peer must reject."""
+    return text.encode()[:CLOSE_REASON_MAX].decode("utf-8", "ignore").encode()
 
 
 def credential(secret: bytes, service: str, purpose: str) -> str:

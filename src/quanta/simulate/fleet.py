@@ -264,7 +264,7 @@ class SimDevice(WSListener):
                         self.name, e.reason)
                 t = self.transport
                 if t is not None and not t.is_disconnected:
-                    t.send_close(WSCloseCode(e.code), e.reason.encode()[:120])
+                    t.send_close(WSCloseCode(e.code), p.close_reason(e.reason))
                     t.disconnect()
 
     def on_welcome(self, transport: WSTransport) -> None:

@@ -217,7 +217,7 @@ class AgentConnection(WSListener):
         self.switch.note_close(code, reason, f"from {self.peer[0]}:{self.peer[1]}, device "
                                f"{self.device_id or self._cn or '?'}: {reason}")
         if self.transport is not None:
-            self.transport.send_close(code, close_reason(reason))
+            self.transport.send_close(code, p.close_reason(reason))
             self.transport.disconnect()
 
     def _hello_timeout(self) -> None:
@@ -746,11 +746,6 @@ class Switch:
         return AgentConnection(self)
 
 
-def close_reason(text: str) -> bytes:
-    """A close frame's reason: at most 120 bytes of UTF-8 (RFC 6455 allows 123), not cut inside a character."""
-    return text.encode()[:120].decode("utf-8", "ignore").encode()
-
-
 class LinkClosed(ConnectionError):
     """The link to the Core is closed (by the Core, the network, or this end)."""
 
@@ -809,7 +804,7 @@ class CoreLink(WSListener):
         if self._error is None:
             self._error = error
         if self.transport is not None:
-            self.transport.send_close(code, close_reason(str(error)))
+            self.transport.send_close(code, p.close_reason(str(error)))
             self.transport.disconnect()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
