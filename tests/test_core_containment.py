@@ -5,11 +5,12 @@ acknowledged, and a Switch link answers only for devices whose hello came throug
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
 import msgspec
-
+import sqlalchemy as sa
 
 from quanta import protocol as p
 from quanta.core.service import Core, SwitchLink
@@ -155,3 +156,71 @@ def test_held_answers_are_purged_after_their_keeping_time(db_url: str) -> None:
                             reason="r", response=resp)], now=time.time() - held.HOLD_SECONDS - 10)
     assert held.held_counts(engine, 7) == {"late": 1}
     assert held.purge_held(engine) == 1 and held.held_counts(engine, 7) == {}
+
+
+async def _while_the_writer_is_busy(core: Core, batches: list[tuple[Link, p.ResponseBatch]]) -> None:
+    """Ingest ``batches`` concurrently while the Core's writer thread is held busy, and release it
+    only once every batch has joined the queued write; then wait for them all."""
+    gate = threading.Event()
+    busy = core._db.submit(gate.wait, 10)  # the writer thread is in another job meanwhile
+    tasks = [asyncio.create_task(core.ingest(link, b)) for link, b in batches]
+    deadline = time.monotonic() + 10
+    while core._group is None or len(core._group.batches) < len(batches):
+        assert time.monotonic() < deadline, "the batches never joined one queued write"
+        assert not any(t.done() for t in tasks), [t for t in tasks if t.done()]
+        await asyncio.sleep(0.005)
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert busy.result() is True
+
+
+def test_batches_arriving_while_the_writer_is_busy_are_committed_in_one_transaction(db_url: str) -> None:
+    """Group commit: the three Switches' batches that wait for the writer are written in one
+    transaction, each is acknowledged, and the counts (all given to the group's first batch) still
+    end the instruction exactly when its last device answers."""
+    devices = ["a", "b", "c", "d", "e", "f", "last"]
+    engine = _setup(db_url, devices)
+    commits: list[float] = []
+    sa.event.listen(engine, "commit", lambda _conn: commits.append(time.monotonic()))
+
+    async def run() -> None:
+        core = await _core(engine)
+        links = [Link(f"sw-{k}", devices=set(devices)) for k in range(3)]
+        commits.clear()
+        await _while_the_writer_is_busy(core, [
+            (links[0], p.ResponseBatch(batch_id=1, responses=[_answer("a"), _answer("b")])),
+            (links[1], p.ResponseBatch(batch_id=1, responses=[_answer("d"), _answer("c"), _answer("a", rows=[[2]])])),
+            (links[2], p.ResponseBatch(batch_id=9, responses=[_answer("f"), _answer("e")]))])
+        assert len(commits) == 1, commits  # one transaction for the three batches
+        assert [lk.acks() for lk in links] == [[1], [1], [9]]
+        assert 7 in core.active  # "last" has not answered
+        await core.ingest(links[0], p.ResponseBatch(batch_id=2, responses=[_answer("last")]))
+        assert 7 not in core.active  # every targeted device answered: it ended, no sooner and no later
+        await core.stop()
+
+    asyncio.run(run())
+    assert store.state_counts(engine, 7) == {"success": len(devices)}
+    rows = {r["device_id"]: r["rows"] for r in store.page_results(engine, 7, 0, 10)}
+    assert rows["a"] == [[1]]  # of two answers of one device, the first to arrive is kept
+
+
+def test_a_refused_answer_in_a_group_costs_only_its_own_batch(db_url: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    engine = _setup(db_url, ["a", "b", "c", "d"])
+
+    async def run() -> None:
+        core = await _core(engine)
+        links = [Link(f"sw-{k}", devices={"a", "b", "c", "d"}) for k in range(2)]
+        bad = _answer("c", rows=[[msgspec.msgpack.Ext(1, b"x")]])
+        await _while_the_writer_is_busy(core, [
+            (links[0], p.ResponseBatch(batch_id=1, responses=[_answer("a"), _answer("b")])),
+            (links[1], p.ResponseBatch(batch_id=4, responses=[bad, _answer("d")]))])
+        assert [lk.acks() for lk in links] == [[1], [4]]
+        await core.stop()
+
+    asyncio.run(run())
+    states = {r["device_id"]: r["state"] for r in store.page_results(engine, 7, 0, 10)}
+    assert states == {"a": "success", "b": "success", "c": "error", "d": "success"}
+    [h] = held.list_held(engine, instruction_id=7, kind="refused")
+    assert h["device_id"] == "c" and h["switch"] == "sw-1" and "the database refused it" in h["reason"]
+    assert "refused a group of 2 batches" in caplog.text
+    assert caplog.text.count("storing them one by one") == 1  # only the bad answer's batch took the slow path

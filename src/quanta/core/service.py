@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +59,18 @@ class SwitchLink:
     devices: set[str] = field(default_factory=set)
 
 
+_Stored = tuple[dict[int, int], list[dict[str, Any]]]  # answered counts per instruction, answers held
+
+
+@dataclass
+class _AnswerGroup:
+    """Switch batches written together by one writer-thread call (:meth:`Core._queue_answers`)."""
+
+    batches: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)  # (switch, rows)
+    started: bool = False  # the writer has taken it: nothing more may join
+    result: asyncio.Future[list[_Stored]] | None = None
+
+
 class Core:
     def __init__(self, master: sa.Engine, responses: sa.Engine, secret: bytes | Credentials,
                  expiry_interval: float = 0.2, purge_interval: float = 60.0) -> None:
@@ -77,16 +90,19 @@ class Core:
         self._finish_lock = asyncio.Lock()
         self._ended: dict[int, asyncio.Event] = {}  # active instruction -> set when it ends (see wait)
         self._persisting: dict[int, asyncio.Future[None]] = {}  # handed out, target rows not yet committed
+        self._group: _AnswerGroup | None = None  # answers queued for one write that has not started
+        self._group_lock = threading.Lock()  # the loop appends to a group, the writer thread starts it
         self.stats: Counter[str] = Counter()  # held_late, held_refused, devices_refused
         self._held_logged = -HELD_LOG_INTERVAL
         self._tags: dict[str, tuple[str, dict[str, str]]] = {}  # device -> (its Switch, its latest tags), to write
         self._tags_wake = asyncio.Event()
         self._tags_superseded: set[str] | None = None  # announced while a tags write is under way
 
-    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+    async def db(self, fn: Callable[..., T], *args: Any, first: asyncio.Future[T] | None = None) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
         retry (0.5 s doubling to 5 s, jittered), for as long as it takes: nothing is acknowledged
-        until it is committed, so an outage delays, never loses."""
+        until it is committed, so an outage delays, never loses. ``first``: the first attempt,
+        already queued on the writer thread (see :meth:`_queue_answers`)."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         retrying = tenacity.AsyncRetrying(
@@ -98,7 +114,11 @@ class Core:
                 rs.next_action.sleep if rs.next_action else 0.0))
         async for attempt in retrying:
             with attempt:
-                result = await loop.run_in_executor(self._db, fn, *args)
+                if first is not None:
+                    queued, first = first, None
+                    result = await queued
+                else:
+                    result = await loop.run_in_executor(self._db, fn, *args)
         if retrying.statistics.get("attempt_number", 1) > 1:
             log.warning("database back after %.1fs", time.monotonic() - started)
         return result
@@ -424,7 +444,8 @@ class Core:
                      state=STATUS_TO_STATE[a.response.status], columns=a.response.columns, rows=a.response.rows,
                      error=a.response.error, _response=a.response) for a in sorted_.count]
         t0 = time.perf_counter()
-        moved, refused = await self.db(self._store_answers, link.name, rows)
+        group, index = self._queue_answers(link.name, rows)
+        moved, refused = (await asyncio.shield(group))[index]
         metrics.core_commit_latency.observe(time.perf_counter() - t0)
         if carries:
             ms.mark(latest, "first_commit")
@@ -449,6 +470,40 @@ class Core:
     def _held(kind: str, link: SwitchLink, r: p.DeviceResponse, reason: str) -> dict[str, Any]:
         return dict(kind=kind, instruction_id=r.response.instruction_id, device_id=r.device_id, switch=link.name,
                     state=STATUS_TO_STATE[r.response.status], reason=reason, response=r.response)
+
+    def _queue_answers(self, switch: str, rows: list[dict[str, Any]]) -> tuple[asyncio.Future[_Stored], int]:
+        """Queue a Switch batch's counted answers for the writer thread, at once (no ``await``: see
+        CoreLedger.sort). Group commit: batches that arrive while the writer is busy join one group,
+        written in one transaction when the writer comes to it, so that under load the Core commits
+        once per writer turn, not once per batch, and touches each database page once for many
+        answers. Returns the group's result (one entry per batch) and this batch's index in it."""
+        with self._group_lock:
+            g = self._group
+            if g is None or g.started:
+                g = self._group = _AnswerGroup()
+                queued = asyncio.get_running_loop().run_in_executor(self._db, self._write_group, g)
+                g.result = asyncio.ensure_future(self.db(self._write_group, g, first=queued))
+            g.batches.append((switch, rows))
+            return g.result, len(g.batches) - 1  # type: ignore[return-value]
+
+    def _write_group(self, g: _AnswerGroup) -> list[_Stored]:
+        """On the writer thread: every batch of the group in one transaction; if the database refuses
+        it (not an outage: those are retried by ``db``, the group whole), each batch alone, so that
+        one bad answer costs only its own batch the slow path. The counts of a group written whole
+        are all given to its first batch: the ledger needs only the totals."""
+        with self._group_lock:
+            g.started = True  # from now on, new batches go to the next group
+        batches = g.batches
+        if len(batches) > 1:
+            try:
+                moved = store.ingest_counted(self.responses, [r for _, rows in batches for r in rows])
+                return [(moved, [])] + [({}, [])] * (len(batches) - 1)
+            except DB_OUTAGE:
+                raise
+            except Exception as e:  # noqa: BLE001 - a value the database cannot take
+                log.warning("the database refused a group of %d batches (%s); storing each batch alone",
+                            len(batches), _short(e))
+        return [self._store_answers(switch, rows) for switch, rows in batches]
 
     def _store_answers(self, switch: str, rows: list[dict[str, Any]]
                        ) -> tuple[dict[int, int], list[dict[str, Any]]]:
