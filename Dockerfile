@@ -1,9 +1,11 @@
 # The Quanta server image: one container runs a whole single server (`quanta server`: Core, Switch Host
 # and Switches, Coordinator, web tier, HTTP tier, Integrate Agent) on a data volume, on PostgreSQL.
 # compose.yaml runs it with a PostgreSQL service; docs/operations.md ("Container") explains both.
-# This image was written without a container engine at hand: it has not been built here
-# (tests/test_container.py checks what can be checked without one).
-FROM python:3.11-slim
+# BASE_IMAGE: any image with Python 3.11+ whose `python` and `pip` are on PATH and install into a
+# writable prefix (python:3.11-slim from Docker Hub by default). A machine without Docker Hub can pass
+# a local one; docs/operations.md ("Container") shows how this image was built and run that way.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
