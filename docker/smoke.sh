@@ -20,7 +20,11 @@ set -euo pipefail
 
 : "${QUANTA_SMOKE_DATABASE_URL:?set QUANTA_SMOKE_DATABASE_URL to an empty PostgreSQL database the container can reach}"
 BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim}"
-read -r HTTPS HTTP SWITCH <<< "${QUANTA_SMOKE_PORTS:-18443 18080 14000}"
+read -r HTTPS HTTP SWITCH EXTRA <<< "${QUANTA_SMOKE_PORTS:-18443 18080 14000}"
+for port in "$HTTPS" "$HTTP" "$SWITCH"; do
+    [[ "$port" =~ ^[1-9][0-9]{0,4}$ && "$port" -le 65535 && -z "${EXTRA:-}" ]] \
+        || { echo "smoke: QUANTA_SMOKE_PORTS must be three port numbers (1-65535): HTTPS HTTP SWITCH" >&2; exit 2; }
+done
 QUANTA="${QUANTA:-quanta}"
 IMAGE="${QUANTA_SMOKE_IMAGE:-quanta:latest}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -60,7 +64,7 @@ ask() {  # the one device answers, through the published HTTPS port and a login 
 step "building the image on $BASE_IMAGE"
 docker build -q --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$IMAGE" "$HERE" >/dev/null
 
-step "first start (initialises the volume on $QUANTA_SMOKE_DATABASE_URL)"
+step "first start (initialises the volume on the database of QUANTA_SMOKE_DATABASE_URL)"  # not printed: it may hold a password
 docker run -d --name "$NAME" -v "$NAME:/var/lib/quanta" \
     -e QUANTA_DATABASE_URL="$QUANTA_SMOKE_DATABASE_URL" -e QUANTA_SERVER_NAME=localhost \
     -e QUANTA_INIT_ARGS="--port https=$HTTPS --port http=$HTTP --port switch=$SWITCH" \

@@ -1,6 +1,6 @@
-"""The container image, checked without a container engine (the test machine runs none; docker/smoke.sh builds
-and runs the image where one runs, docs/operations.md "Container"): compose.yaml parses and wires the Dockerfile, the database and the ports; the Dockerfile
-copies what exists and runs as a non-root user; the entrypoint passes ``bash -n`` and, run directly on this
+"""The container image, checked without a container engine (the test machine runs none; docker/smoke.sh
+builds and runs the image where one runs, docs/operations.md "Container"): compose.yaml parses and wires
+the Dockerfile, the database and the ports; the Dockerfile copies what exists and runs as a non-root user; the entrypoint passes ``bash -n`` and, run directly on this
 machine against a real PostgreSQL, initialises a data directory once, is a no-op the second time, starts a
 real server that the HEALTHCHECK script finds healthy, and stops it on SIGTERM."""
 
