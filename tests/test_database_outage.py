@@ -40,7 +40,7 @@ def test_postgres_outage_mid_question_loses_nothing(tmp_path, pg_url, pg_server_
         server.wait_online(set(names))
         proc = subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(server.root), SLOW, "--json", "--wait", "60"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: "delivered to 3 connected devices" in server.log_text(), 20, "delivery", server)
+        wait_until(lambda: "delivering to 3 connected devices" in server.log_text(), 20, "delivery", server)
         _block(admin, db, allow=False)
         wait_until(lambda: "database unavailable" in server.log_text(), 30, "the outage to be noticed", server)
         # the API says so plainly instead of failing obscurely

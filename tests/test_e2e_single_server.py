@@ -153,7 +153,7 @@ def test_switch_killed_mid_instruction_loses_and_duplicates_nothing(server: Serv
             "SELECT MAX(x) AS M FROM c);")
     proc = subprocess.Popen([sys.executable, "-m", "quanta", "ask", str(server.root), slow, "--json", "--wait", "60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: "delivered to 5 connected devices" in server.log_text(), 20, "delivery", server)
+    wait_until(lambda: "delivering to 5 connected devices" in server.log_text(), 20, "delivery", server)
     [switch_pid] = server.pids(f"quanta switch {server.root}")
     os.kill(switch_pid, signal.SIGKILL)
     # the Switch Host restarts it and the agents reconnect

@@ -75,6 +75,35 @@ def test_switch_killed_during_a_1000_device_question_loses_nothing(tmp_path: Pat
     assert "1000/1000 devices connected" in summary.line()
 
 
+def test_one_switch_gives_a_question_to_more_devices_than_one_fanout_slice(tmp_path: Path) -> None:
+    """The Switch writes Delivers FANOUT_SLICE per loop turn, reading answers in between: with
+    more devices than two slices on one Switch, every device is still given the question once and
+    answers once, and the answers read meanwhile are committed with the rest."""
+    from quanta.protocol.switch_state import FANOUT_SLICE
+
+    n = 2 * FANOUT_SLICE + 77  # two whole slices and a part
+    server = make_server(tmp_path)
+    fleet, _ = enroll_batch(server.root, "fan-", n, tmp_path / "fleet")
+    server.start()
+    runner = FleetRunner(fleet, SimConfig(seed=3), processes=2)
+    runner.start()
+    try:
+        wait_until(lambda: _connected(runner) == n, 60, f"{n} simulated devices connected", server)
+        with ConsumerClient.for_data_dir(server.root) as api:
+            iid = api.issue("@x = Device.GetSummary();", instruction_ttl=50)["id"]
+            status = api.wait(iid, 45)
+            assert status["status"] == "finished" and status["states"] == {"success": n}, status
+            results = api.all_results(iid)
+        assert sorted(r["device"] for r in results) == sorted(fleet.names)
+        wait_until(lambda: runner.poll()["acks"] >= n, 20, "every answer acknowledged", server)
+        totals = runner.poll()
+        assert totals["deliveries"] == n and totals["executions"] == n, totals
+        assert "delivering to %d connected devices" % n in server.log_text()
+    finally:
+        runner.stop()
+        server.stop()
+
+
 def test_devices_spread_over_switches_and_fail_over(tmp_path: Path) -> None:
     """Agents with a Switch= list spread over the Switches; when one is down they use another."""
     server = make_server(tmp_path, "--switches", "3")

@@ -19,7 +19,8 @@ from quanta import protocol as p
 from quanta.protocol.switch_batches import (ACK_IDLE, ACK_MAX_DELAY, DELIVERED_HOLD, FLUSH_INTERVAL, MAX_BATCH,
                                             AckDevice, Announce, ReportDelivered, ReportOffline, SendBatch,
                                             SwitchBatches)
-from quanta.protocol.switch_state import EARLY_IDS, CancelTo, DeliverTo, Readiness, Refuse, SwitchState
+from quanta.protocol.switch_state import (EARLY_IDS, FANOUT_SLICE, CancelTo, DeliverTo, FanOut, Readiness, Refuse,
+                                          SwitchState)
 
 DEVICES = [f"d{i}" for i in range(5)]
 
@@ -543,3 +544,42 @@ class BatchesAgainstACore(RuleBasedStateMachine):
 
 TestBatchesAgainstACore = BatchesAgainstACore.TestCase
 TestBatchesAgainstACore.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+# ------------------------------------------------------------------ FanOut: the Delivers in slices
+def test_fanout_hands_out_slices_in_order_and_ends_each_effect() -> None:
+    f = FanOut()
+    f.add(DeliverTo(1, [f"a{i}" for i in range(5)]))
+    f.add(DeliverTo(2, ["b0", "b1"]))
+    assert len(f) == 7
+    assert f.take(3, {1, 2}) == [(1, ["a0", "a1", "a2"], True, False)]
+    assert f.take(3, {1, 2}) == [(1, ["a3", "a4"], False, True), (2, ["b0"], True, False)]
+    assert f.take(3, {1, 2}) == [(2, ["b1"], False, True)]
+    assert not f and len(f) == 0 and f.take(3, {1, 2}) == []
+
+
+def test_fanout_effect_that_fits_is_handed_out_whole_without_a_copy() -> None:
+    devices = ["a", "b"]
+    f = FanOut()
+    f.add(DeliverTo(1, devices))
+    [(iid, part, first, last)] = f.take(FANOUT_SLICE, {1})
+    assert (iid, first, last) == (1, True, True) and part is devices
+
+
+def test_fanout_drops_the_rest_of_an_instruction_cancelled_midway() -> None:
+    f = FanOut()
+    f.add(DeliverTo(1, ["a", "b", "c", "d"]))
+    f.add(DeliverTo(2, ["x"]))
+    assert f.take(2, {1, 2}) == [(1, ["a", "b"], True, False)]
+    # instruction 1 cancelled (or ended) between two loop turns: c and d are not given it
+    assert f.take(2, {2}) == [(2, ["x"], True, True)]
+    assert not f
+
+
+def test_fanout_ignores_empty_effects_and_a_zero_budget() -> None:
+    f = FanOut()
+    f.add(DeliverTo(1, []))
+    assert not f
+    f.add(DeliverTo(1, ["a"]))
+    assert f.take(0, {1}) == [] and len(f) == 1
+    assert f.take(-5, {1}) == [] and len(f) == 1

@@ -39,7 +39,7 @@ from quanta.protocol import switch_batches as sb
 from quanta.protocol.switch_batches import ACK_IDLE, ACK_MAX_DELAY, DELIVERED_HOLD, FLUSH_INTERVAL  # noqa: F401
 from quanta.protocol.switch_batches import (Announce, ReportDelivered, ReportOffline, ReportTags, SendBatch,
                                             SwitchBatches)
-from quanta.protocol.switch_state import CancelTo, DeliverTo, Effect, SwitchState
+from quanta.protocol.switch_state import FANOUT_SLICE, CancelTo, DeliverTo, Effect, FanOut, SwitchState
 from quanta.internal import SWITCH_TO_CORE, Credentials, credential, link_headers, poke_key
 from quanta.pki import Pki, client_context, peer_device
 from quanta.switch.tls import TicketKeys, lean_tls
@@ -247,6 +247,8 @@ class Switch:
         # class is the shell that turns their effects into frames.
         self.state = SwitchState()
         self._frames: dict[int, bytes] = {}  # instruction -> its Deliver frame, encoded once
+        self._fanout = FanOut()  # the Delivers still to be written, a slice per loop turn (_pump)
+        self._pump_handle: asyncio.Handle | None = None
         self.revoked_serials: set[int] = set()
         # What goes to the Core (devices on- and offline, answers in batches, deliveries) and the
         # acknowledgements owed to devices: the pure rules (quanta.protocol.switch_batches).
@@ -395,23 +397,9 @@ class Switch:
         self._apply(self.state.online_ack(ack.seq, ack.answered, ack.refused))
 
     def _apply(self, effects: list[Effect]) -> None:
-        now = time.monotonic()
         for e in effects:
             if isinstance(e, DeliverTo):
-                frame = self._frames[e.instruction_id]
-                conns = self.conns
-                sent = []
-                metrics.switch_milestones.mark(e.instruction_id, "first_deliver")
-                for dev in e.devices:
-                    conn = conns.get(dev)
-                    if conn is not None:
-                        conn.send(frame)
-                        sent.append(dev)
-                if sent:
-                    metrics.switch_milestones.mark(e.instruction_id, "last_deliver")
-                # their 'sent' is reported DELIVERED_HOLD later, unless they answer first
-                if sent and self.batches.delivered(e.instruction_id, sent, now):
-                    self._flush_wake.set()
+                self._fanout.add(e)  # written by _pump, FANOUT_SLICE per loop turn
             elif isinstance(e, CancelTo):
                 frame = p.encode(p.Cancel(instruction_ids=[e.instruction_id]))
                 for dev in e.devices:
@@ -423,6 +411,35 @@ class Switch:
                     conn = self.conns.get(dev)
                     if conn is not None:
                         conn.close(WSCloseCode.POLICY_VIOLATION, "device refused by the core: not enrolled, or revoked")
+        if self._fanout and self._pump_handle is None:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Write the next FANOUT_SLICE Deliver frames (quanta.protocol.switch_state.FanOut), and
+        again on the next turn of the loop while some are left, so that what arrived meanwhile
+        (the first answers above all) is read in between. An instruction cancelled or ended
+        meanwhile has no frame any more, and its remaining devices are not given it."""
+        self._pump_handle = None
+        now = time.monotonic()
+        conns = self.conns
+        ms = metrics.switch_milestones
+        for iid, devices, first, _last in self._fanout.take(FANOUT_SLICE, self._frames):
+            frame = self._frames[iid]
+            if first:
+                ms.mark(iid, "first_deliver")
+            sent = []
+            for dev in devices:
+                conn = conns.get(dev)
+                if conn is not None:
+                    conn.send(frame)
+                    sent.append(dev)
+            if sent:
+                ms.again(iid, "last_deliver")
+                # their 'sent' is reported DELIVERED_HOLD later, unless they answer first
+                if self.batches.delivered(iid, sent, now):
+                    self._flush_wake.set()
+        if self._fanout:
+            self._pump_handle = asyncio.get_running_loop().call_soon(self._pump)
 
     def on_tags(self, conn: AgentConnection, report: p.TagReport, size: int) -> None:
         """A device's tags changed: kept as its connection's (a relink announces them), and reported
@@ -467,7 +484,7 @@ class Switch:
         self.batches.ended(gone)
         for e in effects:
             if isinstance(e, DeliverTo):
-                log.info("instruction %d delivered to %d connected devices", e.instruction_id, len(e.devices))
+                log.info("instruction %d: delivering to %d connected devices", e.instruction_id, len(e.devices))
 
     def on_batch_ack(self, ack: p.BatchAck) -> None:
         sent = self._batch_sent.pop(ack.batch_id, None)
@@ -724,6 +741,8 @@ class Switch:
         finally:
             for t in tasks:
                 t.cancel()
+            if self._pump_handle is not None:
+                self._pump_handle.cancel()
             server.close()
             poke_server.close()
             self.refused.close()
