@@ -180,14 +180,25 @@ class FloorRig:
         time.sleep(0.5)
         return self
 
+    def _clients_cpu(self) -> float:
+        import psutil
+
+        total = 0.0
+        for pr in self._procs[1:]:
+            t = psutil.Process(pr.pid).cpu_times()
+            total += t.user + t.system
+        return total
+
     def round(self) -> dict:
-        """One fan-out/fan-in: {"seconds", "first" (to the first reply), "cpu" (server CPU seconds)}."""
+        """One fan-out/fan-in: {"seconds", "first" (to the first reply), "cpu" (server CPU seconds),
+        "clients_cpu" (the echo clients' CPU seconds over the round)}."""
+        c0 = self._clients_cpu()
         self.control.put("round")
         while True:
             kind, val = self.q.get(timeout=600)
             if kind == "round":
                 total, first, cpu = val
-                return {"seconds": total, "first": first, "cpu": cpu}
+                return {"seconds": total, "first": first, "cpu": cpu, "clients_cpu": self._clients_cpu() - c0}
 
     def __exit__(self, *exc: object) -> None:
         for pr in self._procs:

@@ -13,8 +13,11 @@ fleet simulator, then runs ``--rounds`` rounds of: one floor round, one question
 report gives the median of those per-round ratios with their spread, so a machine that drifts during
 the run moves both sides of each ratio alike. Also reported: the issue call, the time to the first
 committed answer beside the floor's time to its first reply, 50/95/100 % committed (from the rows'
-``updated_at``), and CPU seconds per component. The last line holds ``ratio=`` (median per-round
-ratio) and ``first_excess=`` (median first answer minus floor first reply, seconds).
+``updated_at``), and CPU seconds per component, summed beside the floor's (its server and its echo
+clients, x S): on 2 cores the floor's round already keeps both busy, so the question cannot be
+faster than its share of the CPU allows, and ``cpu_ratio`` says how far that is. The last line holds
+``ratio=`` (median per-round ratio), ``first_excess=`` (median first answer minus floor first reply,
+seconds) and ``cpu_ratio=`` (median per-round question CPU over floor CPU).
 
 Where the first answer's time goes: each round also reads the milestones the Core and the Switches
 export on their /metrics (``quanta.metrics.Milestones``, always on; the bench gives them ports) and
@@ -117,6 +120,7 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                 for r in range(rounds):
                     fl = rig.round()  # the floor of this round, on this round's machine state
                     floor_sum = fl["seconds"] * switches
+                    floor_cpu = (fl["cpu"] + fl["clients_cpu"]) * switches  # server and echo clients
                     time.sleep(0.3)
                     c0 = cpu_of(procs)
                     t0 = time.time()
@@ -130,6 +134,7 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                     assert len(ts) == n
                     ph = phase_times(server, iid, t0)
                     row = {"e2e": e2e, "floor": floor_sum, "floor_first": fl["first"], "ratio": e2e / floor_sum,
+                           "cpu_floor": floor_cpu, "cpu_question": sum(cpu.values()),
                            "issue": issued, "first": ts[0], "p50": pct(ts, .5), "p95": pct(ts, .95),
                            "p100": ts[-1], "cpu": cpu, "phases": ph}
                     out.append(row)
@@ -137,7 +142,9 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                         print(f"#  round {r + 1}: floor {floor_sum:.3f}s (first reply {fl['first']:.3f}), question "
                               f"{e2e:.3f}s = {row['ratio']:.2f}x (issue call {issued:.3f}s, first {ts[0]:.3f}, "
                               f"50% {row['p50']:.3f}, 95% {row['p95']:.3f}, 100% {ts[-1]:.3f}); CPU " +
-                              ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())), flush=True)
+                              ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())) +
+                              f" = {row['cpu_question']:.2f} s against the floor's {floor_cpu:.2f} (server and "
+                              f"clients) = {row['cpu_question'] / floor_cpu:.2f}x", flush=True)
                         print("#    from POST: " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in ph.items()) + " ms",
                               flush=True)
                     time.sleep(SETTLE)  # let the previous round's acknowledgements (sent when answers pause) pass
@@ -153,6 +160,7 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
             "floor_first": statistics.median(r["floor_first"] for r in out),
             "first_excess": statistics.median(r["first"] - r["floor_first"] for r in out),
             "issue": statistics.median(r["issue"] for r in out),
+            "cpu_ratio": statistics.median(r["cpu_question"] / r["cpu_floor"] for r in out),
             "phases": {label: statistics.median(r["phases"][label] for r in out if label in r["phases"])
                        for label, _, _ in PHASES if any(label in r["phases"] for r in out)},
             "rounds": out, "mid": mid, "connect_s": connect_s, "enrol_s": enrol_s, "floor_info": rig.info}
@@ -173,8 +181,9 @@ def main() -> None:
         sw = a.switches or (1 if n <= 15000 else 3)
         results.append(run(n, sw, a.rounds, a.database_url))
     print("| N | Switches | median question | median floor (x Switches) | ratio: median of rounds (min-max) "
-          "| issue call | first answer / floor first reply | 50% | 95% | 100% | CPU s (median round) |")
-    print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|")
+          "| issue call | first answer / floor first reply | 50% | 95% | 100% | CPU s (median round) "
+          "| CPU s question / floor, median of rounds |")
+    print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---|---|")
     for r in results:
         m = r["mid"]
         cpu: dict[str, float] = {}
@@ -184,7 +193,8 @@ def main() -> None:
         print(f"| {r['n']:,} | {r['switches']} | {r['median']:.3f} s | {r['floor_sum']:.3f} s | "
               f"{r['ratio']:.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['issue'] * 1000:.0f} ms | "
               f"{r['first']:.3f} / {r['floor_first']:.3f} s | {m['p50']:.3f} | {m['p95']:.3f} | {m['p100']:.3f} | " +
-              ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())) + " |")
+              ", ".join(f"{k} {v:.2f}" for k, v in sorted(cpu.items())) +
+              f" | {m['cpu_question']:.2f} / {m['cpu_floor']:.2f} ({r['cpu_ratio']:.2f}x) |")
     print()
     print("Milestones, median of rounds, ms from the POST's start (floor: first reply after its first send):")
     print("| N | " + " | ".join(label for label, _, _ in PHASES) + " | deliver->answer / floor first reply |")
@@ -199,7 +209,7 @@ def main() -> None:
     r = results[-1]
     print(f"question N={r['n']} switches={r['switches']} median={r['median']:.3f}s floor={r['floor_sum']:.3f}s "
           f"ratio={r['ratio']:.2f} spread={r['ratio_min']:.2f}-{r['ratio_max']:.2f} "
-          f"first_excess={r['first_excess']:.3f}s")
+          f"first_excess={r['first_excess']:.3f}s cpu_ratio={r['cpu_ratio']:.2f}")
 
 
 if __name__ == "__main__":
