@@ -1,4 +1,5 @@
-"""The responses hot path's writes on SQLite: one statement over a JSON array (``store.SQLITE_BULK``)
+"""The responses store on SQLite: target rows, deliveries and the fleet read as one statement over a
+JSON array (``store.SQLITE_BULK``)
 and the ``executemany`` kept for SQLite libraries older than 3.38 must store the same rows, count
 the same moves and refuse the same things, whatever the answers hold. The module constant is
 switched here, per test, to run the older path on this machine's newer library."""

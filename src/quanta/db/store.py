@@ -504,7 +504,7 @@ def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str])
             r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = %(t)s WHERE instruction_id = %(i)s "
                                   "AND device_id = ANY(%(d)s) AND state IN ('pending', 'offline')",
                                   {"t": now, "i": instruction_id, "d": list(device_ids)})
-        elif SQLITE_BULK and not any("\x00" in d for d in device_ids):  # see SQLITE_BULK and _has_nul
+        elif SQLITE_BULK and not any("\x00" in d for d in device_ids):  # a NUL: see SQLITE_BULK
             r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = ? WHERE instruction_id = ? "
                                   "AND device_id IN (SELECT value FROM json_each(?)) "
                                   "AND (state = 'pending' OR state = 'offline')",
@@ -549,8 +549,7 @@ def ingest_counted(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[in
         if prms is None:
             prms = by_instruction[iid] = []
         prms.append((r["state"], enc(r["columns"]), enc(r["rows"]), r["error"], now, iid, r["device_id"]))
-    pg = engine.dialect.name == "postgresql"
-    sql = _INGEST_SQL[pg]
+    sql = _INGEST_SQL[engine.dialect.name == "postgresql"]
     out: dict[int, int] = {}
     with engine.begin() as c:  # one transaction, one statement per instruction (usually one)
         for iid, prms in by_instruction.items():
@@ -558,11 +557,10 @@ def ingest_counted(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[in
             # index) are touched far less often when neighbours are written together (3.5x faster at
             # 100,000 open rows). Stable: of two answers of one device, the first still wins.
             prms.sort(key=_device_of)
-            if SQLITE_BULK and not pg and not any(_has_nul(p) for p in prms):
-                res = c.exec_driver_sql(_INGEST_SQLITE, (now, iid, _json_encode(
-                    [(p[6], p[0], p[1], p[2], p[3]) for p in prms]).decode()))
-            else:
-                res = c.exec_driver_sql(sql, prms)
+            # An executemany, not a JSON-array statement as for the targets (SQLITE_BULK): measured
+            # at 50,000 devices on 3 Switches, the upsert over json_each cost the Core 25 % more CPU
+            # a question (6.5 s against 5.2 s) and ended later, though its writer held the GIL less.
+            res = c.exec_driver_sql(sql, prms)
             out[iid] = res.rowcount if res.rowcount is not None and res.rowcount >= 0 else -1
     return out
 
@@ -587,36 +585,19 @@ _INGEST_SQL = (
 )
 
 
-# The SQLite hot-path writes as one statement over a JSON array parameter (json_each), not as a
-# driver ``executemany``. The Python sqlite3 module releases the GIL around every row's step of an
-# executemany and takes it back after; the Core's writer thread runs these while its event loop
-# decodes the Switches' batches, and each row then waits for the loop's thread to give the GIL up
-# (up to the 5 ms switch interval). Measured (2 cores, 50,000 rows, the loop thread busy in Python):
-# executemany 36-40 s, the single statement 0.1-0.7 s, which also runs whole without the GIL, in
-# parallel with the loop; unloaded, the insert is 2.5x faster and the update the same. Needs the
-# built-in JSON functions and ``->>`` (SQLite 3.38); older libraries keep the executemany.
+# The SQLite writes of a question's targets and deliveries, and the read of the fleet's targets, as
+# one statement over a JSON array (json_each) rather than a driver ``executemany`` / ``fetchall``.
+# The sqlite3 module releases the GIL around every row's step and takes it back after; the Core's
+# writer thread runs these while its event loop decodes the Switches' batches, and each row then
+# waits for the loop's thread to give the GIL up. Measured (2 cores, 50,000 target rows): unloaded
+# 0.12 s against 0.21 s; the loop busy half the time 0.18 s against 0.46 s; at 50,000 devices on
+# 3 Switches the targets were written 0.84 s after the POST instead of 1.57 s. The answers' UPDATE
+# stays an executemany (see ingest_counted). Needs the built-in JSON functions (SQLite 3.38);
+# older libraries keep the executemany, as does an id holding a NUL (``j.value`` would cut it short).
 SQLITE_BULK = sqlite3.sqlite_version_info >= (3, 38, 0)
 # (instruction_id, state, updated_at, expires_at, JSON array of device ids); an existing row is kept
 _TARGETS_SQLITE = ("INSERT INTO results (instruction_id, device_id, state, updated_at, expires_at) "
                    "SELECT ?1, j.value, ?2, ?3, ?4 FROM json_each(?5) AS j WHERE true ON CONFLICT DO NOTHING")
-# (updated_at, instruction_id, JSON array of [device_id, state, columns, rows, error], columns and
-# rows as their JSON text): only a row that exists and is open moves (EXISTS: an answer from a device
-# that was not targeted inserts nothing; the DO UPDATE's WHERE: a final row stays final, and of two
-# answers of one device the first wins). The count of changed rows is the count moved.
-_INGEST_SQLITE = (
-    "INSERT INTO results (instruction_id, device_id, state, columns, rows, error, updated_at, expires_at) "
-    "SELECT ?2, j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, ?1, 0 "
-    "FROM json_each(?3) AS j WHERE EXISTS (SELECT 1 FROM results r WHERE r.instruction_id = ?2 "
-    "AND r.device_id = j.value ->> 0) ON CONFLICT (instruction_id, device_id) DO UPDATE SET "
-    "state = excluded.state, columns = excluded.columns, rows = excluded.rows, error = excluded.error, "
-    "updated_at = excluded.updated_at WHERE " + " OR ".join(f"results.state = '{s}'" for s in OPEN_STATES))
-
-
-def _has_nul(prm: tuple[Any, ...]) -> bool:
-    """A NUL in a plain text value (the device id, the error: the protocol allows neither, but the
-    store does not rely on it), which SQLite's ``->>`` would cut short; such a batch takes the
-    executemany. Columns and rows travel as JSON text, where a NUL is escaped."""
-    return "\x00" in prm[6] or (prm[3] is not None and "\x00" in prm[3])
 
 
 def _ingest_copy(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[int, int]:
