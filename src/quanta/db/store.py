@@ -551,7 +551,7 @@ def ingest_counted(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> dict[in
         prms.append((r["state"], enc(r["columns"]), enc(r["rows"]), r["error"], now, iid, r["device_id"]))
     sql = _INGEST_SQL[engine.dialect.name == "postgresql"]
     out: dict[int, int] = {}
-    with engine.begin() as c:  # one transaction, one statement per instruction (usually one)
+    with engine.begin() as c:  # one transaction, one executemany per instruction (usually one)
         for iid, prms in by_instruction.items():
             # In key order: the answers arrive in no order, and SQLite's pages (the rows, the state
             # index) are touched far less often when neighbours are written together (3.5x faster at
