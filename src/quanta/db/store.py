@@ -508,7 +508,7 @@ def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str])
             r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = ? WHERE instruction_id = ? "
                                   "AND device_id IN (SELECT value FROM json_each(?)) "
                                   "AND (state = 'pending' OR state = 'offline')",
-                                  (now, instruction_id, _json_encode(sorted(device_ids)).decode()))
+                                  (now, instruction_id, _json_encode(list(device_ids)).decode()))  # IN: any order
         else:
             r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = :t WHERE instruction_id = :i "
                                   "AND device_id = :d AND (state = 'pending' OR state = 'offline')",
