@@ -494,26 +494,38 @@ def _insert_targets_pg(engine: sa.Engine, instruction_id: int, targets: dict[str
 
 
 def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str]) -> int:
-    """pending/offline -> sent for the devices a Switch delivered to: on SQLite one driver
-    executemany, on PostgreSQL one UPDATE over an array of the ids (``= ANY``)."""
+    """pending/offline -> sent for the devices a Switch delivered to: on PostgreSQL one UPDATE over
+    an array of the ids (``= ANY``), on SQLite one over a JSON array of them (``SQLITE_BULK``) or a
+    driver executemany. Each row is found by its key (see ``_MARK_SENT_SQL``)."""
     if not device_ids:
         return 0
     now = time.time()
     with engine.begin() as c:
         if engine.dialect.name == "postgresql":
-            r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = %(t)s WHERE instruction_id = %(i)s "
-                                  "AND device_id = ANY(%(d)s) AND state IN ('pending', 'offline')",
-                                  {"t": now, "i": instruction_id, "d": list(device_ids)})
+            r = c.exec_driver_sql(_MARK_SENT_SQL["postgresql"], {"t": now, "i": instruction_id, "d": list(device_ids)})
         elif SQLITE_BULK and not any("\x00" in d for d in device_ids):  # a NUL: see SQLITE_BULK
-            r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = ? WHERE instruction_id = ? "
-                                  "AND device_id IN (SELECT value FROM json_each(?)) "
-                                  "AND (state = 'pending' OR state = 'offline')",
+            r = c.exec_driver_sql(_MARK_SENT_SQL["sqlite_bulk"],
                                   (now, instruction_id, _json_encode(list(device_ids)).decode()))  # IN: any order
         else:
-            r = c.exec_driver_sql("UPDATE results SET state = 'sent', updated_at = :t WHERE instruction_id = :i "
-                                  "AND device_id = :d AND (state = 'pending' OR state = 'offline')",
-                                  [{"t": now, "i": instruction_id, "d": d} for d in sorted(device_ids)])  # key order
+            r = c.exec_driver_sql(_MARK_SENT_SQL["sqlite"], [{"t": now, "i": instruction_id, "d": d}
+                                                             for d in sorted(device_ids)])  # key order
         return r.rowcount if r.rowcount is not None and r.rowcount >= 0 else 0
+
+
+# mark_sent's UPDATE, by dialect and path. The state test is written as an expression (``state ||
+# ''``) so that no planner takes ``ix_results_state`` (instruction_id, state) for it: with the ids
+# in a list or subquery, SQLite chose that index and scanned every pending row of the instruction
+# for each call (7.5 ms for 10 ids with 50,000 rows open, against 1.1 ms by the key; at 50,000
+# devices on 3 Switches these reports took a quarter of the Core's time). Constants, not input.
+_SENT_FROM = "(state || '') IN ('pending', 'offline')"
+_MARK_SENT_SQL = {
+    "postgresql": "UPDATE results SET state = 'sent', updated_at = %(t)s WHERE instruction_id = %(i)s "
+                  f"AND device_id = ANY(%(d)s) AND {_SENT_FROM}",
+    "sqlite_bulk": "UPDATE results SET state = 'sent', updated_at = ? WHERE instruction_id = ? "
+                   f"AND device_id IN (SELECT value FROM json_each(?)) AND {_SENT_FROM}",
+    "sqlite": f"UPDATE results SET state = 'sent', updated_at = :t WHERE instruction_id = :i AND device_id = :d "
+              f"AND {_SENT_FROM}",
+}
 
 
 def ingest(engine: sa.Engine, rows: Sequence[dict[str, Any]]) -> int:
