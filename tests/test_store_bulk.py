@@ -125,7 +125,7 @@ def test_deliveries_find_each_row_by_its_key_not_by_scanning_the_open_rows(tmp_p
     """A delivery report names a few devices of an instruction with many open rows: each
     statement of mark_sent must look its rows up by the (instruction, device) key. With the ids in a
     subquery SQLite preferred ix_results_state and read every pending row of the instruction per
-    report (a quarter of the Core's time at 50,000 devices)."""
+    report (7.5 ms for 10 ids with 50,000 rows open, against 1.1 ms by the key)."""
     url = f"sqlite:///{tmp_path / 'r.db'}"
     migrate(url, "responses")
     eng = make_engine(url)

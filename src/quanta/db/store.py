@@ -515,8 +515,8 @@ def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str])
 # mark_sent's UPDATE, by dialect and path. The state test is written as an expression (``state ||
 # ''``) so that no planner takes ``ix_results_state`` (instruction_id, state) for it: with the ids
 # in a list or subquery, SQLite chose that index and scanned every pending row of the instruction
-# for each call (7.5 ms for 10 ids with 50,000 rows open, against 1.1 ms by the key; at 50,000
-# devices on 3 Switches these reports took a quarter of the Core's time). Constants, not input.
+# for each call (7.5 ms for 10 ids with 50,000 rows open, against 1.1 ms by the key; a report of
+# thousands of ids costs about the same either way). Constants, not input.
 _SENT_FROM = "(state || '') IN ('pending', 'offline')"
 _MARK_SENT_SQL = {
     "postgresql": "UPDATE results SET state = 'sent', updated_at = %(t)s WHERE instruction_id = %(i)s "

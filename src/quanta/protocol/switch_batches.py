@@ -56,8 +56,8 @@ MAX_BATCH = 2000  # answers per batch
 # How long a delivery waits for its device's answer before it is reported as 'sent'. An answer
 # supersedes it, and each report is a write of the device's row as costly as the answer's: at 1 s,
 # a question to 50,000 devices on 3 Switches on 2 cores (3.5 s of answers, each device answering
-# up to 3 s after its Deliver) cost the Core about 1.7 s of its 3.6 s CPU in 'sent' writes and the
-# question took 6.6-7.5 s; at 5 s, 1.9 s of CPU and 4.9 s (docs/benchmarks.md). 'sent' is a progress
+# up to 3 s after its Deliver) wrote most rows twice: the Core spent 3.6 s of CPU a question and
+# the question took 6.6-7.5 s; at 5 s, 2.0 s and 4.7-4.9 s (docs/benchmarks.md). 'sent' is a progress
 # state only (an unanswered delivery expires as a pending one does), shown 5 s after the delivery.
 DELIVERED_HOLD = 5.0
 ACK_IDLE = 0.25
