@@ -512,12 +512,18 @@ def mark_sent(engine: sa.Engine, instruction_id: int, device_ids: Sequence[str])
         return r.rowcount if r.rowcount is not None and r.rowcount >= 0 else 0
 
 
+def _state_in_by_key(states: Sequence[str]) -> str:
+    """``results.state IN (states)`` written so that no planner answers it from ``ix_results_state``
+    (see _MARK_SENT_SQL and _OPEN_BY_KEY); ``states`` are the module's constants, not input."""
+    return "(results.state || '') IN (" + ", ".join(f"'{s}'" for s in states) + ")"
+
+
 # mark_sent's UPDATE, by dialect and path. The state test is written as an expression (``state ||
 # ''``) so that no planner takes ``ix_results_state`` (instruction_id, state) for it: with the ids
 # in a list or subquery, SQLite chose that index and scanned every pending row of the instruction
 # for each call (7.5 ms for 10 ids with 50,000 rows open, against 1.1 ms by the key; a report of
 # thousands of ids costs about the same either way). Constants, not input.
-_SENT_FROM = "(state || '') IN ('pending', 'offline')"
+_SENT_FROM = _state_in_by_key(("pending", "offline"))
 _MARK_SENT_SQL = {
     "postgresql": "UPDATE results SET state = 'sent', updated_at = %(t)s WHERE instruction_id = %(i)s "
                   f"AND device_id = ANY(%(d)s) AND {_SENT_FROM}",
@@ -586,7 +592,7 @@ COPY_MIN = 64  # answers in one batch from which PostgreSQL takes them through C
 # its key: ``ix_results_state`` looks selective for the open states (most retained rows are answered,
 # and a new instruction's rows have no statistics yet), but it would scan every open row of the
 # instruction for each answer (seconds a batch on a big store).
-_OPEN_BY_KEY = "(results.state || '') IN (" + ", ".join(f"'{s}'" for s in OPEN_STATES) + ")"  # constants
+_OPEN_BY_KEY = _state_in_by_key(OPEN_STATES)
 # ingest_counted's UPDATE with positional parameters (state, columns, rows, error, updated_at,
 # instruction_id, device_id): [SQLite (qmark), PostgreSQL (psycopg's format)]. Constants, not input.
 _INGEST_SQL = (
