@@ -138,3 +138,16 @@ def test_deliveries_find_each_row_by_its_key_not_by_scanning_the_open_rows(tmp_p
             assert "ix_results_state" not in plan, (name, plan)
     assert store.mark_sent(eng, 1, [f"d{i:05d}" for i in range(0, 5000, 7)] + ["stranger"]) == len(range(0, 5000, 7))
     assert store.state_counts(eng, 1) == {"sent": len(range(0, 5000, 7)), "pending": 5000 - len(range(0, 5000, 7))}
+
+
+def test_delivery_reports_of_hostile_device_ids_move_exactly_their_own_rows(engine: sa.Engine) -> None:
+    """The ids of a Delivered go into a JSON array (or, with a NUL, an executemany): quotes,
+    backslashes, JSON and SQL lookalikes and long ids each match their own row and nothing else."""
+    ids = HOSTILE + ["plain"]
+    store.insert_targets(engine, 5, {d: True for d in ids}, time.time() + 60)
+    reported = HOSTILE[::2] + ["not targeted", "json lookalike: [1, 2"]  # the last: a prefix of a real id
+    assert store.mark_sent(engine, 5, reported) == len(HOSTILE[::2])
+    with engine.connect() as c:
+        got = dict(c.execute(sa.text("SELECT device_id, state FROM results WHERE instruction_id = 5")).all())
+    assert got == {d: "sent" if d in HOSTILE[::2] else "pending" for d in ids}
+    assert store.mark_sent(engine, 5, reported) == 0  # a repeated report moves nothing again
