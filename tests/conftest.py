@@ -31,10 +31,16 @@ def _ephemeral_range() -> tuple[int, int]:
         return _EPHEMERAL
 
 
+_GIVEN: set[int] = set()  # ports this test process has handed out (bound or not yet)
+
+
 def free_port(pair: bool = False, span: int = 1) -> int:
     """A free TCP port for a test listener, chosen BELOW the kernel's ephemeral range, so that no
     outgoing connection can take it between this check and the server binding it. With ``pair``
-    (a Switch: client port + poke port) or ``span`` the following ports are free too."""
+    (a Switch: client port + poke port) or ``span`` the following ports are free too. A port once
+    handed out is not handed out again by this process: a server's ports are chosen one after the
+    other before any is bound, and a Switch's poke port (client port + 1) once came out as the
+    same server's HTTPS port."""
     import random
 
     span = max(span, 2 if pair else 1)
@@ -42,12 +48,15 @@ def free_port(pair: bool = False, span: int = 1) -> int:
     hi = min(_ephemeral_range()[0], 32768) - span - 1
     for _ in range(500):
         port = random.randrange(lo, hi)
+        if _GIVEN.intersection(range(port, port + span)):
+            continue
         socks = []
         try:
             for p in range(port, port + span):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("0.0.0.0", p))
+            _GIVEN.update(range(port, port + span))
             return port
         except OSError:
             continue
