@@ -60,11 +60,13 @@ def test_the_agent_records_a_50ms_process_and_answers_from_its_history(server: S
     del p
     q = 'SELECT ProcessId, ExecutableName, CommandLine, CaptureMethod, ExitTs FROM $Process_Live ' \
         'WHERE CommandLine = "sleep 0.05";'
+    # the start and the exit are written by separate flushes (the exit is an UPDATE of the row the
+    # start wrote), so a question can see the row before its exit: wait for both
     deadline = time.monotonic() + 30
     while True:
         out = ask(server, q)
         rows = out["responses"][0]["rows"] if out["responses"] else []
-        if rows or time.monotonic() > deadline:
+        if (rows and rows[0]["ExitTs"] is not None) or time.monotonic() > deadline:
             break
     assert out["responses"][0]["status"] == "success", out
     row = rows[0]
