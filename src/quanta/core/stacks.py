@@ -57,7 +57,7 @@ class StackCore(Core):
         self._follow_interval = follow_interval
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core-follow")
         self._dirty: set[int] = set()  # instructions this Core committed answers to since the last turn
-        self._dirty_lock = threading.Lock()  # _store_answers runs on the writer thread
+        self._dirty_lock = threading.Lock()  # _write_group runs on the writer thread
         self.followed = 0  # instructions opened here because another stack issued them (tests read it)
 
     async def start(self) -> None:
@@ -71,11 +71,15 @@ class StackCore(Core):
     async def _read(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
-    def _store_answers(self, switch: str, rows: list[dict[str, Any]]) -> tuple[dict[int, int], list[dict[str, Any]]]:
-        moved, held = super()._store_answers(switch, rows)
-        with self._dirty_lock:
-            self._dirty.update(iid for iid, n in moved.items() if n)
-        return moved, held
+    def _write_group(self, g: Any) -> Any:
+        """Every write of answers goes through here (a group written whole, each batch alone, each
+        answer alone): whatever it committed, and even if it failed part way, its instructions are
+        recounted on the next turn (after the commit, so that the count sees it)."""
+        try:
+            return super()._write_group(g)
+        finally:
+            with self._dirty_lock:
+                self._dirty.update({r["instruction_id"] for _, rows in g.batches for r in rows})
 
     def _set_status(self, instruction_id: int, status: str, targeted: int | None = None) -> None:
         """active -> ``status`` only: another stack may have ended it first, and its word stands."""
