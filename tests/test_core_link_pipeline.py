@@ -1,15 +1,106 @@
-"""A Response Stack's Core recounts every instruction it committed answers to, however the answers
-were written, on SQLite and PostgreSQL."""
+"""What a Switch link's messages cost each other at the Core, on SQLite and PostgreSQL: a batch the
+database takes nothing of fails alone (the other batches of its group are acknowledged), delivery
+reports are written after the answers and never over one, and a Response Stack's Core recounts
+every instruction it committed answers to, however the answers were written."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+
+import sqlalchemy as sa
 
 from quanta import protocol as p
 from quanta.core.stacks import StackCore
 from quanta.db import store
-from test_core_containment import Link, _answer, _while_the_writer_is_busy
+from test_core_containment import Link, _answer, _core, _while_the_writer_is_busy
 from test_core_counter import _setup
+
+
+def _refuse_every_write_of(engine: sa.Engine, device: str) -> None:
+    """The database refuses any change to ``device``'s row, even the ``error`` that replaces an
+    answer it refused: the batch cannot be committed at all."""
+    with engine.begin() as c:
+        if engine.dialect.name == "postgresql":
+            c.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION quanta_test_refuse() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'refused by the test trigger'; END $$ LANGUAGE plpgsql")
+            c.exec_driver_sql(f"CREATE TRIGGER refuse BEFORE UPDATE ON results FOR EACH ROW "
+                              f"WHEN (OLD.device_id = '{device}') EXECUTE FUNCTION quanta_test_refuse()")
+        else:
+            c.exec_driver_sql(f"CREATE TRIGGER refuse BEFORE UPDATE ON results WHEN OLD.device_id = '{device}' "
+                              "BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END")
+
+
+def test_a_batch_that_cannot_be_stored_fails_alone_and_is_not_acknowledged(db_url: str) -> None:
+    """Two Switches' batches in one group; the database takes nothing of one of them: that batch
+    fails (its link's reader ends, so its Switch keeps it and sends it again on its next link),
+    the other is committed and acknowledged."""
+    engine = _setup(db_url, ["a", "b", "stuck"])
+
+    async def run() -> None:
+        core = await _core(engine)
+        _refuse_every_write_of(engine, "stuck")
+        bad, good = Link("sw-bad", {"a", "stuck"}), Link("sw-good", {"b"})
+        gate = threading.Event()
+        busy = core._db.submit(gate.wait, 20)  # the writer is busy: both batches join one group
+        tasks = [asyncio.create_task(core.handle(bad, p.ResponseBatch(batch_id=1, responses=[
+                     _answer("a"), _answer("stuck")]))),
+                 asyncio.create_task(core.handle(good, p.ResponseBatch(batch_id=5, responses=[_answer("b")])))]
+        while core._group is None or len(core._group.batches) < 2:
+            assert not any(t.done() for t in tasks)
+            await asyncio.sleep(0.005)
+        gate.set()
+        outcome = await asyncio.gather(*tasks, return_exceptions=True)
+        assert busy.result() is True
+        assert isinstance(outcome[0], sa.exc.DatabaseError) and "refused by the test trigger" in str(outcome[0])
+        assert outcome[1] is None
+        assert bad.acks() == [] and good.acks() == [5]
+        assert 7 in core.active  # "stuck" is still open
+        await core.stop()
+
+    asyncio.run(run())
+    states = {r["device_id"]: r["state"] for r in store.page_results(engine, 7, 0, 10)}
+    assert states["b"] == "success" and states["stuck"] == "pending"
+
+
+def test_deliveries_are_written_after_the_answers_and_never_over_one(db_url: str) -> None:
+    engine = _setup(db_url, ["a", "b", "c"])
+    hostile = ["ghost", "a' OR '1'='1", "b\\", '["c"]', "x" * 10_000, ""]
+
+    async def run() -> None:
+        core = await _core(engine)
+        link = Link(devices={"a", "b", "c"})
+        await core.handle(link, p.Delivered(instruction_id=7, device_ids=["a", "b", *hostile]))
+        await core.handle(link, p.Delivered(instruction_id=99, device_ids=["a", "b", "c"]))  # not active here
+        # nothing is written on the link's reader: the answer that comes next is first
+        assert store.state_counts(engine, 7) == {"pending": 3}
+        await core.ingest(link, p.ResponseBatch(batch_id=1, responses=[_answer("a")]))
+        await core.write_deliveries()
+        await core.stop()
+
+    asyncio.run(run())
+    states = {r["device_id"]: r["state"] for r in store.page_results(engine, 7, 0, 10)}
+    assert states == {"a": "success", "b": "sent", "c": "pending"}
+    assert store.state_counts(engine, 99) == {}
+
+
+def test_a_delivery_gathered_before_the_end_is_not_written_after_it(db_url: str) -> None:
+    engine = _setup(db_url, ["a", "away"])
+    store.devices_offline(engine, "sw", ["away"])
+
+    async def run() -> None:
+        core = await _core(engine)
+        link = Link(devices={"a", "away"})
+        await core.handle(link, p.Delivered(instruction_id=7, device_ids=["away"]))
+        await core.ingest(link, p.ResponseBatch(batch_id=1, responses=[_answer("a")]))
+        await core.finish(7, "gather window closed")
+        before = store.state_counts(engine, 7)
+        await core.write_deliveries()
+        assert store.state_counts(engine, 7) == before and "sent" not in before
+        await core.stop()
+
+    asyncio.run(run())
 
 
 def test_a_response_stack_recounts_what_a_group_commit_answered(db_url: str) -> None:

@@ -38,6 +38,13 @@ HELD_LOG_INTERVAL = 10.0  # held answers are logged at most this often (with the
 # per interval, whatever the number of devices or reports.
 TAGS_WRITE_INTERVAL = 0.5
 TAGS_RETRY = 5.0  # after a database outage, the tags wait this long before the next attempt
+# Delivery reports ('sent', a progress state only, best effort: see quanta.protocol.switch_batches)
+# are gathered for this long and written together, after the answers: a device's answer that comes
+# first removes it from them, and while answers wait for the writer the reports wait (at most
+# SENT_YIELD_MAX), so that a Switch link's reader never waits for them and they never delay an
+# answer's commit.
+SENT_WRITE_INTERVAL = 0.25
+SENT_YIELD_MAX = 2.0
 
 
 def _short(e: BaseException) -> str:
@@ -60,6 +67,7 @@ class SwitchLink:
 
 
 _Stored = tuple[dict[int, int], list[dict[str, Any]]]  # answered counts per instruction, answers held
+_BatchResult = _Stored | Exception  # an Exception: the database took none of it (that batch alone fails)
 
 
 @dataclass
@@ -68,7 +76,7 @@ class _AnswerGroup:
 
     batches: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)  # (switch, rows)
     started: bool = False  # the writer has taken it: nothing more may join
-    result: asyncio.Future[list[_Stored]] | None = None
+    result: asyncio.Future[list[_BatchResult]] | None = None
 
 
 class Core:
@@ -97,6 +105,8 @@ class Core:
         self._tags: dict[str, tuple[str, dict[str, str]]] = {}  # device -> (its Switch, its latest tags), to write
         self._tags_wake = asyncio.Event()
         self._tags_superseded: set[str] | None = None  # announced while a tags write is under way
+        self._sent: dict[int, set[str]] = {}  # instruction -> devices delivered to, to be written as 'sent'
+        self._sent_wake = asyncio.Event()
 
     async def db(self, fn: Callable[..., T], *args: Any, first: asyncio.Future[T] | None = None) -> T:
         """Run a database call on the writer thread. If the database is unreachable, wait and
@@ -137,7 +147,7 @@ class Core:
             effects += self.ledger.recounted(iid, left)  # 0: answered in full before a crash, not yet ended
         log.info("core started with %d active instructions", len(self.active))
         self._tasks = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._purge_loop()),
-                       asyncio.create_task(self._tags_loop())]
+                       asyncio.create_task(self._tags_loop()), asyncio.create_task(self._sent_loop())]
         await self._apply(effects)
 
     async def stop(self) -> None:
@@ -383,12 +393,9 @@ class Core:
         elif isinstance(msg, p.FetchWork):
             await self._send_work(link, msg.known)
         elif isinstance(msg, p.Delivered):
-            # only while the instruction is active: after it ended, 'offline' is final and a late
-            # report must not turn it into 'sent'; the lock keeps finish() from ending it meanwhile
-            await self._written((msg.instruction_id,))
-            async with self._finish_lock:
-                if msg.instruction_id in self.ledger:
-                    await self.db(store.mark_sent, self.responses, msg.instruction_id, msg.device_ids)
+            if msg.instruction_id in self.ledger:  # written by write_deliveries, after the answers
+                self._sent.setdefault(msg.instruction_id, set()).update(msg.device_ids)
+                self._sent_wake.set()
         elif isinstance(msg, p.ResponseBatch):
             await self.ingest(link, msg)
         elif isinstance(msg, p.DeviceTags):  # written by _tags_loop, coalesced
@@ -448,9 +455,18 @@ class Core:
         rows = [dict(instruction_id=a.response.instruction_id, device_id=a.device_id,
                      state=STATUS_TO_STATE[a.response.status], columns=a.response.columns, rows=a.response.rows,
                      error=a.response.error, _response=a.response) for a in sorted_.count]
+        if self._sent:  # answered: its 'sent' need not be written
+            sent = self._sent
+            for a in sorted_.count:
+                ids = sent.get(a.response.instruction_id)
+                if ids:
+                    ids.discard(a.device_id)
         t0 = time.perf_counter()
         group, index = self._queue_answers(link.name, rows)
-        moved, refused = (await asyncio.shield(group))[index]
+        stored = (await asyncio.shield(group))[index]
+        if isinstance(stored, Exception):  # not acknowledged: the link drops, its Switch sends it again
+            raise stored
+        moved, refused = stored
         metrics.core_commit_latency.observe(time.perf_counter() - t0)
         if carries:
             ms.mark(latest, "first_commit")
@@ -476,7 +492,7 @@ class Core:
         return dict(kind=kind, instruction_id=r.response.instruction_id, device_id=r.device_id, switch=link.name,
                     state=STATUS_TO_STATE[r.response.status], reason=reason, response=r.response)
 
-    def _queue_answers(self, switch: str, rows: list[dict[str, Any]]) -> tuple[asyncio.Future[_Stored], int]:
+    def _queue_answers(self, switch: str, rows: list[dict[str, Any]]) -> tuple[asyncio.Future[list[_BatchResult]], int]:
         """Queue a Switch batch's counted answers for the writer thread, at once (no ``await``: see
         CoreLedger.sort). Group commit: batches that arrive while the writer is busy join one group,
         written in one transaction when the writer comes to it, so that under load the Core commits
@@ -491,11 +507,13 @@ class Core:
             g.batches.append((switch, rows))
             return g.result, len(g.batches) - 1  # type: ignore[return-value]
 
-    def _write_group(self, g: _AnswerGroup) -> list[_Stored]:
+    def _write_group(self, g: _AnswerGroup) -> list[_BatchResult]:
         """On the writer thread: every batch of the group in one transaction; if the database refuses
         it (not an outage: those are retried by ``db``, the group whole), each batch alone, so that
-        one bad answer costs only its own batch the slow path. The counts of a group written whole
-        are all given to its first batch: the ledger needs only the totals."""
+        one bad answer costs only its own batch the slow path, and a batch that cannot be stored at
+        all fails alone (its entry is the exception; the other Switches' batches are acknowledged).
+        The counts of a group written whole are all given to its first batch: the ledger needs only
+        the totals."""
         with self._group_lock:
             g.started = True  # from now on, new batches go to the next group
         batches = g.batches
@@ -508,7 +526,15 @@ class Core:
             except Exception as e:  # noqa: BLE001 - a value the database cannot take
                 log.warning("the database refused a group of %d batches (%s); storing each batch alone",
                             len(batches), _short(e))
-        return [self._store_answers(switch, rows) for switch, rows in batches]
+        out: list[_BatchResult] = []
+        for switch, rows in batches:
+            try:
+                out.append(self._store_answers(switch, rows))
+            except DB_OUTAGE:
+                raise
+            except Exception as e:  # noqa: BLE001 - even its answers' replacements refused: see ingest
+                out.append(e)
+        return out
 
     def _store_answers(self, switch: str, rows: list[dict[str, Any]]
                        ) -> tuple[dict[int, int], list[dict[str, Any]]]:
@@ -601,6 +627,35 @@ class Core:
                 log.error("could not write the tags of %d devices: %s", len(pending), _short(e))
             finally:
                 self._tags_superseded = None
+
+    async def _sent_loop(self) -> None:
+        while True:
+            await self._sent_wake.wait()
+            await asyncio.sleep(SENT_WRITE_INTERVAL)
+            self._sent_wake.clear()
+            await self.write_deliveries()
+
+    async def write_deliveries(self) -> None:
+        """Write the delivery reports gathered since the last call (pending/offline -> sent), after
+        the answers waiting for the writer (at most SENT_YIELD_MAX). Only while the instruction is
+        active: after it ended, 'offline' is final and a late report must not turn it into 'sent';
+        the lock keeps finish() from ending it meanwhile. Best effort, as the reports are: what a
+        crash loses here stays pending until the device answers or the instruction ends."""
+        yield_until = time.monotonic() + SENT_YIELD_MAX
+        while (g := self._group) is not None and not g.started and time.monotonic() < yield_until:
+            await asyncio.wait([g.result], timeout=yield_until - time.monotonic())  # type: ignore[list-item]
+        pending, self._sent = self._sent, {}
+        for iid, ids in pending.items():
+            if not ids:
+                continue
+            try:
+                await self._written((iid,))
+                async with self._finish_lock:
+                    if iid in self.ledger:
+                        await self.db(store.mark_sent, self.responses, iid, sorted(ids))
+            except Exception as e:  # noqa: BLE001 - a progress state: never stop the loop for it
+                log.error("could not write the deliveries of instruction %d to %d devices: %s", iid, len(ids),
+                          _short(e))
 
     async def _purge_loop(self) -> None:
         while True:
