@@ -11,6 +11,7 @@ import threading
 import sqlalchemy as sa
 
 from quanta import protocol as p
+from quanta.core.service import BatchNotStored
 from quanta.core.stacks import StackCore
 from quanta.db import store
 from test_core_containment import Link, _answer, _core, _while_the_writer_is_busy
@@ -53,7 +54,9 @@ def test_a_batch_that_cannot_be_stored_fails_alone_and_is_not_acknowledged(db_ur
         gate.set()
         outcome = await asyncio.gather(*tasks, return_exceptions=True)
         assert busy.result() is True
-        assert isinstance(outcome[0], sa.exc.DatabaseError) and "refused by the test trigger" in str(outcome[0])
+        assert isinstance(outcome[0], BatchNotStored) and "batch 1 could not be stored" in str(outcome[0])
+        assert isinstance(outcome[0].__cause__, sa.exc.DatabaseError)
+        assert "refused by the test trigger" in str(outcome[0].__cause__)
         assert outcome[1] is None
         assert bad.acks() == [] and good.acks() == [5]
         assert 7 in core.active  # "stuck" is still open
@@ -73,6 +76,8 @@ def test_deliveries_are_written_after_the_answers_and_never_over_one(db_url: str
         link = Link(devices={"a", "b", "c"})
         await core.handle(link, p.Delivered(instruction_id=7, device_ids=["a", "b", *hostile]))
         await core.handle(link, p.Delivered(instruction_id=99, device_ids=["a", "b", "c"]))  # not active here
+        other = Link("sw-other", devices={"elsewhere"})
+        await core.handle(other, p.Delivered(instruction_id=7, device_ids=["c"]))  # not a device of that link
         # nothing is written on the link's reader: the answer that comes next is first
         assert store.state_counts(engine, 7) == {"pending": 3}
         await core.ingest(link, p.ResponseBatch(batch_id=1, responses=[_answer("a")]))

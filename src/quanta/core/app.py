@@ -26,7 +26,7 @@ from quanta.runtime import bind_socket, configure_logging
 from quanta.core.stacks import StackCore
 from quanta.settings import DataDir, core_link_max_bytes, load_settings
 
-from .service import Core
+from .service import BatchNotStored, Core
 
 log = logging.getLogger("quanta.core")
 WAIT_MAX = 30.0  # longest Wait the Core holds; the web tier's /Core relay allows 60 s
@@ -102,6 +102,9 @@ def create_app(core: Core, secret: bytes | Credentials) -> Any:
         except (p.ProtocolError, KeyError) as e:
             log.error("closing switch link %s: %s", link.name if link else ws.client, e)
             await ws.close(code=1008)
+        except BatchNotStored as e:
+            log.error("closing switch link %s: %s", link.name if link else ws.client, e)
+            await ws.close(code=1011)
         finally:
             if link is not None:
                 await core.switch_disconnected(link)

@@ -47,6 +47,16 @@ SENT_WRITE_INTERVAL = 0.25
 SENT_YIELD_MAX = 2.0
 
 
+class BatchNotStored(Exception):
+    """The database took nothing of a Switch's batch (not even the ``error`` rows that replace the
+    answers it refused): the batch is not acknowledged, and the link that carried it is dropped so
+    that its Switch sends it again on its next one (``__cause__``: the database's error)."""
+
+    def __init__(self, switch: str, batch_id: int, error: Exception) -> None:
+        super().__init__(f"switch {switch}: batch {batch_id} could not be stored ({_short(error)}); "
+                         "not acknowledged")
+
+
 def _short(e: BaseException) -> str:
     text = str(getattr(e, "orig", None) or e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200] if text else ''}"
@@ -393,9 +403,12 @@ class Core:
         elif isinstance(msg, p.FetchWork):
             await self._send_work(link, msg.known)
         elif isinstance(msg, p.Delivered):
-            if msg.instruction_id in self.ledger:  # written by write_deliveries, after the answers
-                self._sent.setdefault(msg.instruction_id, set()).update(msg.device_ids)
-                self._sent_wake.set()
+            # a link speaks for its own devices only; written by write_deliveries, after the answers
+            if msg.instruction_id in self.ledger:
+                mine = link.devices.intersection(msg.device_ids)
+                if mine:
+                    self._sent.setdefault(msg.instruction_id, set()).update(mine)
+                    self._sent_wake.set()
         elif isinstance(msg, p.ResponseBatch):
             await self.ingest(link, msg)
         elif isinstance(msg, p.DeviceTags):  # written by _tags_loop, coalesced
@@ -464,8 +477,8 @@ class Core:
         t0 = time.perf_counter()
         group, index = self._queue_answers(link.name, rows)
         stored = (await asyncio.shield(group))[index]
-        if isinstance(stored, Exception):  # not acknowledged: the link drops, its Switch sends it again
-            raise stored
+        if isinstance(stored, Exception):
+            raise BatchNotStored(link.name, batch.batch_id, stored) from stored
         moved, refused = stored
         metrics.core_commit_latency.observe(time.perf_counter() - t0)
         if carries:

@@ -36,7 +36,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from quanta.core.service import DB_OUTAGE, Core, _short
+from quanta.core.service import DB_OUTAGE, Core, _AnswerGroup, _BatchResult, _short
 from quanta.db import store
 from quanta.db.tables import instructions as t_instructions
 
@@ -71,7 +71,7 @@ class StackCore(Core):
     async def _read(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
-    def _write_group(self, g: Any) -> Any:
+    def _write_group(self, g: _AnswerGroup) -> list[_BatchResult]:
         """Every write of answers goes through here (a group written whole, each batch alone, each
         answer alone): whatever it committed, and even if it failed part way, its instructions are
         recounted on the next turn (after the commit, so that the count sees it)."""
