@@ -1,13 +1,15 @@
 """What a Switch link's messages cost each other at the Core, on SQLite and PostgreSQL: a batch the
 database takes nothing of fails alone (the other batches of its group are acknowledged), delivery
-reports are written after the answers and never over one, and a Response Stack's Core recounts
-every instruction it committed answers to, however the answers were written."""
+reports are written after the answers and never over one, a write retried after an outage
+recounts what it touched, and a Response Stack's Core recounts every instruction it committed
+answers to, however the answers were written."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
+import msgspec
 import sqlalchemy as sa
 
 from quanta import protocol as p
@@ -131,3 +133,53 @@ def test_a_response_stack_recounts_what_a_group_commit_answered(db_url: str) -> 
 
     asyncio.run(run())
     assert store.state_counts(engine, 7) == {"success": 3}
+
+
+def _outage_once_on_the_error_row(engine: sa.Engine) -> None:
+    """The database goes away once, while the Core writes the ``error`` row that replaces an answer
+    it refused: after the answer before it in the same batch was committed alone."""
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as c:
+            c.exec_driver_sql("CREATE SEQUENCE quanta_test_once")
+            c.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION quanta_test_outage() RETURNS trigger AS $$ BEGIN "
+                "IF nextval('quanta_test_once') = 1 THEN "  # a sequence is not rolled back
+                "RAISE EXCEPTION 'the test outage' USING ERRCODE = '08006'; END IF; RETURN NEW; END $$ "
+                "LANGUAGE plpgsql")
+            c.exec_driver_sql("CREATE TRIGGER outage BEFORE UPDATE ON results FOR EACH ROW "
+                              "WHEN (NEW.state = 'error') EXECUTE FUNCTION quanta_test_outage()")
+        return
+    calls = []
+
+    def once() -> int:
+        calls.append(1)
+        if len(calls) == 1:  # raised in a user function: sqlite3.OperationalError, as an outage is
+            raise RuntimeError("the test outage")
+        return 0
+
+    sa.event.listen(engine, "connect", lambda dbapi, _rec: dbapi.create_function("quanta_test_once", 0, once))
+    engine.dispose()  # the connections made from now on have the function
+    with engine.begin() as c:
+        c.exec_driver_sql("CREATE TRIGGER outage BEFORE UPDATE ON results WHEN NEW.state = 'error' "
+                          "BEGIN SELECT quanta_test_once(); END")
+
+
+def test_a_write_retried_after_an_outage_recounts_so_the_instruction_still_ends(db_url: str, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The batch is refused whole (one bad answer), so its answers are written one by one; the
+    first is committed, then the database goes away. The retry finds that answer already answered
+    (it counts 0 for it): without a recount the Core would wait for a device that has answered."""
+    engine = _setup(db_url, ["a", "bad"])
+
+    async def run() -> None:
+        core = await _core(engine)
+        _outage_once_on_the_error_row(engine)
+        link = Link(devices={"a", "bad"})
+        bad = _answer("bad", rows=[[msgspec.msgpack.Ext(1, b"x")]])
+        await asyncio.wait_for(core.ingest(link, p.ResponseBatch(batch_id=1, responses=[_answer("a"), bad])), 30)
+        assert link.acks() == [1]
+        assert 7 not in core.active  # both devices are final: the recount ended it
+        await core.stop()
+
+    asyncio.run(run())
+    assert "database unavailable during _write_group" in caplog.text
+    assert store.state_counts(engine, 7) == {"success": 1, "error": 1}

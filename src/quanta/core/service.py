@@ -86,6 +86,7 @@ class _AnswerGroup:
 
     batches: list[tuple[str, list[dict[str, Any]]]] = field(default_factory=list)  # (switch, rows)
     started: bool = False  # the writer has taken it: nothing more may join
+    attempts: int = 0  # writes of it begun (more than one: ``db`` retried it after an outage)
     result: asyncio.Future[list[_BatchResult]] | None = None
 
 
@@ -526,10 +527,22 @@ class Core:
         one bad answer costs only its own batch the slow path, and a batch that cannot be stored at
         all fails alone (its entry is the exception; the other Switches' batches are acknowledged).
         The counts of a group written whole are all given to its first batch: the ledger needs only
-        the totals."""
+        the totals. A write retried after an outage (``db``) counts nothing it finds already
+        answered, which may be what the attempt cut short committed: its instructions are then
+        recounted from the database instead (-1), so that one still ends when its last device answers."""
         with self._group_lock:
             g.started = True  # from now on, new batches go to the next group
-        batches = g.batches
+        g.attempts += 1
+        out = self._write_batches(g.batches)
+        if g.attempts > 1:  # what an attempt cut short by the outage committed is not in these counts
+            unknown: dict[int, int] = {r["instruction_id"]: -1 for _, rows in g.batches for r in rows}
+            for i, r in enumerate(out):  # -1: the ledger recounts from the database (given once)
+                if not isinstance(r, Exception):
+                    out[i], unknown = (unknown, r[1]), {}
+        return out
+
+    def _write_batches(self, batches: list[tuple[str, list[dict[str, Any]]]]) -> list[_BatchResult]:
+        """One attempt of :meth:`_write_group`."""
         if len(batches) > 1:
             try:
                 moved = store.ingest_counted(self.responses, [r for _, rows in batches for r in rows])
