@@ -479,6 +479,9 @@ class Core:
         group, index = self._queue_answers(link.name, rows)
         stored = (await asyncio.shield(group))[index]
         if isinstance(stored, Exception):
+            # answers stored one by one before the one that failed are committed: a re-send counts
+            # nothing for them, so their instructions are recounted from the database now
+            await self._apply(self.ledger.committed({r["instruction_id"]: -1 for r in rows}))
             raise BatchNotStored(link.name, batch.batch_id, stored) from stored
         moved, refused = stored
         metrics.core_commit_latency.observe(time.perf_counter() - t0)
