@@ -80,6 +80,12 @@ _Stored = tuple[dict[int, int], list[dict[str, Any]]]  # answered counts per ins
 _BatchResult = _Stored | Exception  # an Exception: the database took none of it (that batch alone fails)
 
 
+def _uncounted(rows: Any) -> dict[int, int]:
+    """Counts the ledger cannot trust for these answer rows: -1 for each of their instructions, so
+    that each is recounted from the database (CoreLedger.committed)."""
+    return {r["instruction_id"]: -1 for r in rows}
+
+
 @dataclass
 class _AnswerGroup:
     """Switch batches written together by one writer-thread call (:meth:`Core._queue_answers`)."""
@@ -481,7 +487,7 @@ class Core:
         if isinstance(stored, Exception):
             # answers stored one by one before the one that failed are committed: a re-send counts
             # nothing for them, so their instructions are recounted from the database now
-            await self._apply(self.ledger.committed({r["instruction_id"]: -1 for r in rows}))
+            await self._apply(self.ledger.committed(_uncounted(rows)))
             raise BatchNotStored(link.name, batch.batch_id, stored) from stored
         moved, refused = stored
         metrics.core_commit_latency.observe(time.perf_counter() - t0)
@@ -538,7 +544,7 @@ class Core:
         g.attempts += 1
         out = self._write_batches(g.batches)
         if g.attempts > 1:  # what an attempt cut short by the outage committed is not in these counts
-            unknown: dict[int, int] = {r["instruction_id"]: -1 for _, rows in g.batches for r in rows}
+            unknown = _uncounted(r for _, rows in g.batches for r in rows)
             for i, r in enumerate(out):  # -1: the ledger recounts from the database (given once)
                 if not isinstance(r, Exception):
                     out[i], unknown = (unknown, r[1]), {}
