@@ -44,8 +44,9 @@ from _harness import BenchServer, cpu_delta, cpu_of, machine, sim_procs, wait_un
 from floor import FloorRig  # noqa: E402
 
 PAYLOAD = "@x = Device.GetSummary();"
-SETTLE = 2.0  # seconds between rounds: the Switch acknowledges answers once they pause (250 ms), and
-# those acknowledgements belong to the round that caused them, not to the next one
+ACKED_TIMEOUT = 60.0  # after a round, every device's ResponseAck must arrive within this long: the
+# Switches send them once answers pause, and they belong to the round that caused them, not to the
+# next floor round (the bench waits for them before it goes on)
 
 
 def commit_times(server: BenchServer, iid: int, t0: float) -> list[float]:
@@ -147,7 +148,9 @@ def run(n: int, switches: int, rounds: int, database_url: str | None, verbose: b
                               f"clients) = {row['cpu_question'] / floor_cpu:.2f}x", flush=True)
                         print("#    from POST: " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in ph.items()) + " ms",
                               flush=True)
-                    time.sleep(SETTLE)  # let the previous round's acknowledgements (sent when answers pause) pass
+                    acked = n * (r + 1)  # each device acknowledged its answer of every round so far
+                    wait_until(lambda: runner.poll()["acks"] >= acked, ACKED_TIMEOUT,
+                               f"round {r + 1}'s acknowledgements at the devices")
         finally:
             runner.stop()
             server.stop()

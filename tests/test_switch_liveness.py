@@ -223,9 +223,8 @@ def test_answers_go_at_once_on_an_idle_link_and_gather_while_a_batch_is_unacknow
         assert [len(b.responses) for b in link.batches] == [1]
         for dev in ("b", "c", "d"):
             answer(dev)
-        # batch 1 unacknowledged: gather (until its ack, or for FLUSH_INTERVAL: the flusher re-arms)
-        assert sw.batches.flush_at() not in (None, float("-inf"))
-        sw._flush_wake.clear()
+        # batch 1 unacknowledged: gather until its ack, with no timer (nothing for the flusher)
+        assert sw.batches.flush_at() is None and not sw._flush_wake.is_set()
         sw.on_batch_ack(p.BatchAck(batch_id=999))  # an unknown ack changes nothing
         assert not sw._flush_wake.is_set()
         sw.on_batch_ack(p.BatchAck(batch_id=link.batches[0].batch_id))
@@ -292,7 +291,7 @@ def test_the_ack_drain_sends_each_ack_once_in_order_and_yields_between_slices(pk
 def test_the_flusher_sleeps_while_there_is_nothing_to_send(pki: Pki) -> None:
     """Idle, the flusher does not wake (it woke every FLUSH_INTERVAL); a device coming online is
     reported after one gather of FLUSH_INTERVAL; answers gather only while a batch awaits its ack,
-    and with nothing gathered the flusher sleeps even then; a delivery is reported once
+    and the flusher sleeps then (the ack wakes it); a delivery is reported once
     DELIVERED_HOLD old, with one wake-up for it."""
     sw = _switch(pki, 1)
     link = _CoreLink()
@@ -330,18 +329,19 @@ def test_the_flusher_sleeps_while_there_is_nothing_to_send(pki: Pki) -> None:
         await asyncio.sleep(window)
         assert flushes == 1  # idle again
         # an answer on an idle link goes at once; while its batch awaits the ack, the flusher
-        # sleeps if nothing gathers, and sends what gathers after FLUSH_INTERVAL; acknowledged, it
-        # sleeps again
+        # sleeps, whether answers gather or not; the ack sends what gathered, with one wake-up;
+        # acknowledged, it sleeps again
         sw.on_response("dev1", p.Response(instruction_id=1, status="success"), 10)
         await until(lambda: len(link.batches) == 1)
         before = flushes
         await asyncio.sleep(window)
         assert flushes == before
-        t0 = time.monotonic()
         sw.on_response("dev2", p.Response(instruction_id=1, status="success"), 10)
-        await until(lambda: len(link.batches) == 2)
-        assert time.monotonic() - t0 >= FLUSH_INTERVAL * 0.9 and flushes == before + 1
+        await asyncio.sleep(window)
+        assert flushes == before and len(link.batches) == 1  # gathered: no timer sends it
         sw.on_batch_ack(p.BatchAck(batch_id=link.batches[0].batch_id))
+        await until(lambda: len(link.batches) == 2)
+        assert flushes == before + 1 and [r.device_id for r in link.batches[1].responses] == ["dev2"]
         sw.on_batch_ack(p.BatchAck(batch_id=link.batches[1].batch_id))
         await asyncio.sleep(2 * FLUSH_INTERVAL)  # the wake-up already under way, if any
         before = flushes

@@ -309,12 +309,29 @@ def test_an_idle_link_sends_an_answer_at_once_and_a_busy_one_gathers() -> None:
     assert b.answered("a", _resp(1), 10, now=0.0) is True  # no batch awaits an ack: at once
     [first] = _batches(b.flush(0.0))
     assert [r.device_id for r in first.responses] == ["a"] and b.unacked() == [first.batch_id]
-    assert b.answered("b", _resp(1), 10, now=0.001) is True  # a batch awaits its ack: gather from now
-    assert b.answered("c", _resp(1), 10, now=0.005) is False  # (joins the gather)
-    assert b.flush(0.002) == [] and b.flush_at() == 0.001 + FLUSH_INTERVAL
-    assert b.batch_acked(first.batch_id, now=0.01) is True  # the ack: what gathered goes at once
-    [second] = _batches(b.flush(0.01))
+    assert b.answered("b", _resp(1), 10, now=0.001) is False  # a batch awaits its ack: gather
+    assert b.answered("c", _resp(1), 10, now=0.005) is False
+    assert b.flush_at() is None and b.flush(60.0) == []  # no timer: however long the Core takes
+    assert b.batch_acked(first.batch_id, now=61) is True  # the ack: what gathered goes at once
+    [second] = _batches(b.flush(61))
     assert [r.device_id for r in second.responses] == ["b", "c"]
+
+
+def test_answers_that_fill_a_batch_go_while_another_awaits_its_ack() -> None:
+    """A slow Core is sent full batches, not a queue of small ones: one batch in flight that is
+    not full at most, the others full (by count, or by bytes)."""
+    b = _linked(limit=MAX_BATCH * 10)
+    b.answered("a", _resp(1), 10, now=0)
+    [first] = _batches(b.flush(0))
+    for i in range(MAX_BATCH - 1):
+        assert b.answered(f"d{i}", _resp(1), 1, now=1) is False
+    assert b.answered("last", _resp(1), 1, now=1) is True  # the MAX_BATCH-th gathered: full
+    [full] = _batches(b.flush(1))
+    assert len(full.responses) == MAX_BATCH and b.unacked() == [first.batch_id, full.batch_id]
+    assert b.answered("x", _resp(1), MAX_BATCH * 6, now=2) is False
+    assert b.answered("y", _resp(1), MAX_BATCH * 6, now=2) is True  # over max_message_bytes gathered
+    assert [[r.device_id for r in x.responses] for x in _batches(b.flush(2))] == [["x"], ["y"]]
+    assert b.batch_acked(first.batch_id, now=3) is False  # nothing gathered: nothing to send
 
 
 def test_batches_are_cut_by_size_and_count_but_hold_at_least_one_answer() -> None:
@@ -334,10 +351,11 @@ def test_a_device_is_acknowledged_only_what_the_core_committed() -> None:
     b = _linked()
     b.answered("a", _resp(1), 10, now=0)
     [batch] = _batches(b.flush(0))
-    b.answered("a", _resp(2), 10, now=0.9)
-    b.flush(1)  # batch 2 carries a's answer to 2; not acknowledged
+    b.answered("a", _resp(2), 10, now=0.9)  # gathers while batch 1 awaits its ack
     assert b.take_acks(now=100, limit=10) == []
-    assert b.batch_acked(999, now=1) is False and b.batch_acked(batch.batch_id, now=1) is False
+    assert b.batch_acked(999, now=1) is False
+    assert b.batch_acked(batch.batch_id, now=1) is True  # batch 2, with a's answer to 2, goes now
+    b.flush(1)  # not acknowledged: a is owed only its answer to 1
     assert b.acks_at() == 0.9 + ACK_IDLE and b.take_acks(now=1.1, limit=10) == []  # answers first
     assert b.take_acks(now=1.15, limit=10) == [AckDevice("a", [1])]
     b.batch_acked(batch.batch_id, now=3)  # a repeated ack changes nothing
@@ -358,7 +376,7 @@ def test_acknowledgements_wait_while_answers_keep_arriving_for_at_most_the_max_d
 
 
 def test_unacknowledged_batches_go_again_after_a_relink_and_nothing_while_down() -> None:
-    b = _linked()
+    b = _linked(limit=10)  # each answer fills a batch: three in flight
     for i in range(3):
         b.answered("a", _resp(i), 10, now=i)
         b.flush(i + 0.5)

@@ -19,9 +19,11 @@ when to call again. The rules:
   Switch that dies loses nothing the devices do not still hold.
 * **Batching.** While no batch awaits the Core's acknowledgement, answers go at once (an idle
   link: the first answers of a question, or its last ones, wait for nothing); while one does, they
-  gather for FLUSH_INTERVAL, until that acknowledgement, or until a batch is full (MAX_BATCH
-  answers or ``max_message_bytes``), whichever comes first. Under load the batches grow with the
-  Core's commit time.
+  gather until that acknowledgement, or until they fill a batch (MAX_BATCH answers or
+  ``max_message_bytes``), whichever comes first. So a link carries at most one batch that is not
+  full, and under load the batches grow with the Core's commit time: a Core that commits slowly
+  (a busy machine, a large transaction, the target rows of a new question) is sent fewer, larger
+  batches, each of which it commits more cheaply per answer, instead of a queue of small ones.
 * **Answers first.** Acknowledgements to devices wait while answers keep arriving (one in the
   last ACK_IDLE seconds), for at most ACK_MAX_DELAY, and go out ``limit`` at a time
   (:meth:`take_acks`), so waking every device never competes with reading answers. Draining N
@@ -110,7 +112,7 @@ Effect = Announce | ReportOffline | ReportTags | SendBatch | ReportDelivered | A
 
 class SwitchBatches:
     __slots__ = ("max_message_bytes", "_linked", "_online", "_offline", "_report_due", "_responses", "_sizes",
-                 "_bytes", "_gather_due", "_unacked", "_seq", "_acks", "_draining", "_ack_since", "_last_answer",
+                 "_bytes", "_unacked", "_seq", "_acks", "_draining", "_ack_since", "_last_answer",
                  "_delivered", "_tags", "_tags_next", "_tags_told", "_told_prune_at")
 
     def __init__(self, max_message_bytes: int) -> None:
@@ -122,7 +124,6 @@ class SwitchBatches:
         self._responses: list[DeviceResponse] = []
         self._sizes: list[int] = []
         self._bytes = 0
-        self._gather_due: float | None = None  # when the gathered answers are due (a batch awaits its ack)
         self._unacked: dict[int, ResponseBatch] = {}  # in the order sent
         self._seq = 0
         self._acks: dict[str, list[int]] = {}  # device -> committed instructions, to acknowledge
@@ -155,11 +156,8 @@ class SwitchBatches:
         if not self._linked:
             return None
         due = self._report_due
-        if self._responses:
-            g = self._gather_due
-            if g is None:  # no batch awaited its ack when they came, or a batch is full
-                return float("-inf")
-            due = g if due is None else min(due, g)
+        if self._responses and self._answers_due():
+            return float("-inf")
         if self._tags_next is not None:
             due = self._tags_next if due is None else min(due, self._tags_next)
         for pending in self._delivered.values():  # one entry per instruction with deliveries to report
@@ -231,10 +229,14 @@ class SwitchBatches:
             pending[d] = now
         return sooner
 
+    def _answers_due(self) -> bool:
+        """Whether the gathered answers go now: no batch awaits its acknowledgement, or they fill one."""
+        return not self._unacked or self._bytes >= self.max_message_bytes or len(self._responses) >= MAX_BATCH
+
     def answered(self, device_id: str, response: Response, size: int, now: float) -> bool:
         """A device's answer (``size``: its encoded size), to go to the Core. True if the flush is
-        now due sooner: at once (the link is idle, or a batch is full), or FLUSH_INTERVAL from now
-        (the first answer to gather while a batch awaits its acknowledgement)."""
+        now due (at once: the link is idle, or the gathered answers fill a batch); False while
+        they wait for the acknowledgement of the batch in flight."""
         self._last_answer = now
         pending = self._delivered.get(response.instruction_id)
         if pending is not None:
@@ -242,13 +244,7 @@ class SwitchBatches:
         self._responses.append(DeviceResponse(device_id=device_id, response=response))
         self._sizes.append(size)
         self._bytes += size
-        if not self._unacked or self._bytes >= self.max_message_bytes or len(self._responses) >= MAX_BATCH:
-            self._gather_due = None
-            return self._linked
-        if len(self._responses) == 1:  # the first to gather sets the deadline; the others join it
-            self._gather_due = now + FLUSH_INTERVAL
-            return self._linked
-        return False
+        return self._linked and self._answers_due()
 
     # --------------------------------------------------------- core events
     def batch_acked(self, batch_id: int, now: float) -> bool:
@@ -267,10 +263,7 @@ class SwitchBatches:
                 ids.append(r.response.instruction_id)
         if batch.responses and self._ack_since is None:
             self._ack_since = now
-        if self._responses and not self._unacked:
-            self._gather_due = None
-            return self._linked
-        return False
+        return self._linked and bool(self._responses) and not self._unacked
 
     def ended(self, instruction_ids: Iterable[int]) -> None:
         """These instructions ended (the Core's Cancel, or no longer active in its Work): their
@@ -313,7 +306,7 @@ class SwitchBatches:
                 self._offline = set()
         if self._tags_next is not None and self._tags_next <= now:
             out += self._cut_tags(now)
-        if self._responses and (self._gather_due is None or self._gather_due <= now or not self._unacked):
+        if self._responses and self._answers_due():
             out += self._cut()
         if self._delivered:  # after the answers: see DELIVERED_HOLD
             for iid in list(self._delivered):
@@ -372,7 +365,7 @@ class SwitchBatches:
             self._unacked[batch.batch_id] = batch
             out.append(SendBatch(batch))
             i = j
-        self._responses, self._sizes, self._bytes, self._gather_due = [], [], 0, None
+        self._responses, self._sizes, self._bytes = [], [], 0
         return out
 
     def take_acks(self, now: float, limit: int) -> list[AckDevice]:
