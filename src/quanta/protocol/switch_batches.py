@@ -65,9 +65,10 @@ DELIVERED_HOLD = 5.0
 # A device's ResponseAck waits until the Switch read no answer for ACK_IDLE, for at most
 # ACK_MAX_DELAY after the Core's commit. Each one wakes its device and costs the Switch a write as
 # dear as reading an answer: at 50,000 devices on 3 Switches on 2 cores, sent at most 1 s after the
-# commit they went out in the middle of the question and it took 6.6 s; at most 10 s, after its
-# last answers, and it took 4.5 s (docs/benchmarks.md). 10 s keeps well inside the agent's
-# RESEND_AFTER (30 s), after which it would send an unacknowledged answer again.
+# commit they went out in the middle of the question: 3.27x the floors, 10.3-12.5 CPU-s a round;
+# at most 10 s, after its last answers: 3.07x, 8.0-9.3 CPU-s, the acknowledgements' own CPU then
+# following the round (docs/benchmarks.md). 10 s keeps well inside the agent's RESEND_AFTER (30 s),
+# after which it would send an unacknowledged answer again.
 ACK_IDLE = 0.25
 ACK_MAX_DELAY = 10.0
 TAGS_MIN_INTERVAL = 1.0  # a device's tags go to the Core at most this often (its latest, when due)
